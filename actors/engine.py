@@ -1,0 +1,331 @@
+"""The engine: requests in, tokens out, one `step()` at a time (continuous batching)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import torch
+
+from baton.actors.block_manager import BlockManager
+from baton.actors.detokenizer import IncrementalDetokenizer
+from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
+from baton.actors.model_runner import ModelRunner, load_model
+from baton.actors.model_source import resolve
+from baton.actors.sampler import sample
+from baton.actors.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from baton.actors.sequence import Sequence
+from baton.errors import (
+    ConfigError,
+    ContextLengthError,
+    InvalidRequestError,
+    RequestNotFoundError,
+)
+from baton.outputs import RequestOutput
+from baton.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+GiB = 1 << 30
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything that shapes one engine; validated on construction.
+
+    `kv_cache_memory` (bytes) sizes the paged cache unless `num_kv_blocks` is given.
+    `num_threads` pins torch's intra-op threads (two engines on one CPU box get disjoint counts).
+    """
+
+    model: str = "default"
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    num_threads: int | None = None
+    block_size: int = 16
+    kv_cache_memory: int = 1 * GiB
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    long_prefill_token_threshold: int = 0
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' asked for, but CUDA is not available here")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+
+class Engine:
+    """Runs one model on one device with a paged KV cache.
+
+    Single-threaded: `add_request`, `abort` and `step` are called from one thread (a worker actor
+    wraps it). `step()` returns news for every request that produced text or finished.
+    """
+
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None, **overrides):
+        if config is None:
+            names = {f.name for f in fields(EngineConfig)}
+            unknown = set(overrides) - names
+            if unknown:
+                raise ConfigError(f"unknown engine option(s) {sorted(unknown)}")
+            config = EngineConfig(**({"model": model} if model else {}), **overrides)
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.source = resolve(config.model)
+        t0 = time.monotonic()
+        self.model, self.tokenizer = load_model(self.source, self.dtype, self.device)
+        log.info("loaded %s in %.1fs", self.source.name, time.monotonic() - t0)
+
+        text_config = self.model.config.get_text_config()
+        self.vocab_size = text_config.vocab_size
+        limit = getattr(text_config, "max_position_embeddings", None) or 4096
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        spec = KVCacheSpec.from_model_config(self.model.config, config.block_size, self.dtype)
+        num_blocks = config.num_kv_blocks or min(
+            spec.num_blocks_for(config.kv_cache_memory),
+            -(-self.max_model_len // config.block_size) * config.max_num_seqs,
+        )
+        self.cache = PagedKVCache(spec, num_blocks, self.device)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                            config.long_prefill_token_threshold),
+            self.blocks,
+        )
+        self.runner = ModelRunner(self.model, self.cache, self.device)
+        self.eos_ids = self._eos_ids()
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self._pending: list[RequestOutput] = []
+        self._ids = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; raises a `baton.errors` type if it can never run, touching nothing."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a baton.SamplingParams")
+        prompt_ids = self._encode(prompt)
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ContextLengthError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is "
+                f"{total}, over the model's context of {self.max_model_len}; shorten the prompt "
+                "or lower max_tokens"
+            )
+        if self.blocks.blocks_needed(total) > self.blocks.num_blocks:
+            raise ContextLengthError(
+                f"prompt plus max_tokens ({total} tokens) exceeds the whole KV cache "
+                f"({self.blocks.num_blocks * self.blocks.block_size} tokens); lower max_tokens "
+                "or give the engine more KV memory"
+            )
+        request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        if request_id in self._seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, prompt_ids, params)
+        self._seqs[request_id] = seq
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
+        if params.seed is not None:
+            self._generators[request_id] = torch.Generator(device=self.device).manual_seed(
+                params.seed
+            )
+        self.scheduler.add(seq)
+        return request_id
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty; send at least one character")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            if not ids:
+                raise InvalidRequestError("prompt encodes to no tokens")
+            return list(ids)
+        if not isinstance(prompt, list | tuple) or not prompt:
+            raise InvalidRequestError("prompt must be a non-empty string or list of token ids")
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}"
+            )
+        return list(prompt)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its final output (finish_reason 'abort') comes with the next step."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            raise RequestNotFoundError(f"no running request {request_id!r}")
+        self.scheduler.finish(seq, "abort")
+        self._pending.append(self._finish_output(seq))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and report what changed."""
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if not sched:
+            return outputs
+        try:
+            logits = self.runner.run(sched)
+        except Exception as exc:  # one bad batch must not take the engine down
+            log.exception("model step failed; failing its %d requests", len(sched.seqs))
+            for seq in list(sched.seqs):
+                seq.error = f"{type(exc).__name__}: {exc}"
+                self.scheduler.finish(seq, "error")
+                outputs.append(self._finish_output(seq))
+            return outputs
+        self.scheduler.update(sched)
+        outputs.extend(self._postprocess(sched, logits))
+        return outputs
+
+    def _postprocess(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+        done = [s for s in sched.seqs if s.num_computed_tokens == len(s)]
+        if not done:
+            return []
+        params = [s.params for s in done]
+        gens = [self._generators.get(s.request_id) for s in done]
+        tokens, logprobs = sample(logits, params, gens)
+        now = time.monotonic()
+        outputs = []
+        for seq, token, lp in zip(done, tokens, logprobs, strict=True):
+            seq.token_ids.append(token)
+            if seq.metrics.first_token is None:
+                seq.metrics.first_token = now
+            if seq.logprobs is not None and lp is not None:
+                seq.logprobs.append(lp)
+            detok = self._detok[seq.request_id]
+            stopped = detok.add(token)
+            reason = self._finish_reason(seq, token, stopped)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                outputs.append(self._finish_output(seq))
+            else:
+                outputs.append(self._output(seq, [token], detok.delta(False)))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int, stopped: bool) -> str | None:
+        p = seq.params
+        if stopped or token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence, delta_ids: list[int], delta_text: str) -> RequestOutput:
+        detok = self._detok[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id,
+            delta_text=delta_text,
+            delta_token_ids=delta_ids,
+            text=detok.text[: detok.emitted],
+            token_ids=seq.output_token_ids,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            metrics=seq.metrics,
+            logprobs=seq.logprobs,
+            error=seq.error,
+        )
+
+    def _finish_output(self, seq: Sequence) -> RequestOutput:
+        detok = self._detok.pop(seq.request_id)
+        self._seqs.pop(seq.request_id, None)
+        self._generators.pop(seq.request_id, None)
+        if seq.finish_reason != "stop" or not detok.stop:
+            detok.flush()
+        out_ids = seq.output_token_ids
+        self._detok[seq.request_id] = detok  # _output reads it once more
+        out = self._output(seq, out_ids[-1:] if seq.finish_reason in ("stop", "length") else [],
+                           detok.delta(True))
+        del self._detok[seq.request_id]
+        return out
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (self.model.generation_config, self.model.config):
+            eos = getattr(src, "eos_token_id", None)
+            if eos is not None:
+                ids.update(eos if isinstance(eos, list) else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # -- conveniences -----------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[str | list[int]], params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
+        """Run `prompts` to completion together; final outputs in the same order."""
+        ids = [self.add_request(p, params) for p in prompts]
+        final: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        while wanted - final.keys():
+            for out in self.step():
+                if out.finished and out.request_id in wanted:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def stream(
+        self, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
+        """Yield one request's outputs as they come (other queued requests advance too)."""
+        rid = self.add_request(prompt, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            if rid in self._seqs:
+                self.abort(rid)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError(f"model {self.source.name} has no chat template")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    def block_violations(self) -> list[str]:
+        """Broken 'every block is free or owned' facts; empty when the cache is consistent."""
+        return self.blocks.violations(self.scheduler.live())
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)

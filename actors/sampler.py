@@ -1,0 +1,64 @@
+"""Next-token choice for a batch whose rows each carry their own sampling parameters."""
+
+from __future__ import annotations
+
+import torch
+
+from baton.outputs import TokenLogprob
+from baton.sampling import SamplingParams
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+    """Mask (to -inf) what falls outside each row's top-k and nucleus; k=0 / p=1 keep all."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
+    drop = ranks >= k.unsqueeze(-1)
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(-1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Pick one token per row of `logits [N, V]`.
+
+    A row with a generator draws from it alone, so a seeded request gives the same tokens
+    whatever else is in its batch. Log-probabilities are those of the model's raw distribution.
+    """
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        idx = torch.tensor(rows, device=logits.device)
+        sub = logits.index_select(0, idx)
+        temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)
+        sub = sub / temps.unsqueeze(-1)
+        top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device)
+        top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
+        if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+            sub = _filter_top_k_top_p(sub, top_k, top_p)
+        probs = sub.softmax(dim=-1)
+        for j, i in enumerate(rows):
+            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+    token_list = tokens.tolist()
+
+    logprobs: list[TokenLogprob | None] = [None] * len(params)
+    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if want:
+        lp = logits.index_select(0, torch.tensor(want, device=logits.device)).log_softmax(-1)
+        for j, i in enumerate(want):
+            tok = token_list[i]
+            top: dict[int, float] = {}
+            k = params[i].logprobs or 0
+            if k:
+                vals, ids = lp[j].topk(k)
+                top = dict(zip(ids.tolist(), vals.tolist(), strict=True))
+            logprobs[i] = TokenLogprob(tok, float(lp[j, tok]), top)
+    return token_list, logprobs

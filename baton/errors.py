@@ -1,0 +1,63 @@
+"""Typed errors: each says what went wrong and what to change, and maps to one gRPC status."""
+
+from __future__ import annotations
+
+
+class BatonError(Exception):
+    """Base of every error Baton raises on purpose.
+
+    `grpc_status` names the `grpc.StatusCode` member the router answers with, so the mapping lives
+    beside the error rather than in a table somewhere else.
+    """
+
+    grpc_status: str = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequestError(BatonError):
+    """The request itself is malformed: empty prompt, bad sampling value, unknown field."""
+
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class ContextLengthError(InvalidRequestError):
+    """Prompt plus max tokens does not fit the model's context (or the whole KV cache)."""
+
+
+class ModelNotFoundError(BatonError):
+    """The model named by the caller does not exist at that path, in the cache or on the hub."""
+
+    grpc_status = "NOT_FOUND"
+
+
+class ModelLoadError(BatonError):
+    """The model exists but cannot be loaded: a corrupt file, an unsupported architecture."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class ConfigError(BatonError):
+    """A configuration value is out of range or inconsistent with the machine."""
+
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class CapacityError(BatonError):
+    """No room now: queue full, or no KV blocks for a request that would otherwise fit."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class RequestNotFoundError(BatonError):
+    """A request id that the engine does not know (finished long ago, or never added)."""
+
+    grpc_status = "NOT_FOUND"
+
+
+class EngineError(BatonError):
+    """The engine failed while running a batch; the requests in that batch end with this error."""
+
+    grpc_status = "INTERNAL"

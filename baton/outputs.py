@@ -1,0 +1,58 @@
+"""What the engine hands back per request and step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """Log-probability of the chosen token and the most likely alternatives at that position."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """Timestamps (time.monotonic seconds) and counts for one request."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    def tpot(self, num_output_tokens: int) -> float | None:
+        """Mean seconds per output token after the first."""
+        if self.first_token is None or self.finished is None or num_output_tokens < 2:
+            return None
+        return (self.finished - self.first_token) / (num_output_tokens - 1)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One step's news for one request.
+
+    `delta_text` / `delta_token_ids` are what is new since the last output for this request (for
+    streaming); `text` / `token_ids` are everything generated so far. `finish_reason` is `stop`
+    (EOS, stop token or stop string), `length` (max_tokens), `abort` or `error` once finished.
+    """
+
+    request_id: str
+    delta_text: str
+    delta_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    metrics: RequestMetrics
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
