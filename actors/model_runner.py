@@ -7,6 +7,7 @@ import logging
 import torch
 
 from baton.actors import paged_attention
+from baton.actors.cpu_linear import pack_linears, packing_supported
 from baton.actors.kv_cache import PagedKVCache
 from baton.actors.model_source import ModelSource
 from baton.actors.scheduler import SchedulerOutput
@@ -22,7 +23,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device):
         from baton.actors.tiny import tiny_model, tiny_tokenizer
 
         arch = source.spec.split(":", 1)[1]
-        return tiny_model(arch, dtype, attn).to(device), tiny_tokenizer()
+        model = tiny_model(arch, dtype, attn).to(device)
+        return prepare_for_inference(model, dtype, device), tiny_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -42,7 +44,14 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device):
         ) from exc
     if model.config.is_encoder_decoder:
         raise ModelLoadError(f"{source.spec!r} is an encoder-decoder model; Baton serves decoders")
-    return model.to(device).eval(), tokenizer
+    return prepare_for_inference(model.to(device).eval(), dtype, device), tokenizer
+
+
+def prepare_for_inference(model, dtype: torch.dtype, device: torch.device):
+    """Run-time conversions that keep the model's results: packed CPU linears."""
+    if packing_supported(dtype, device):
+        pack_linears(model)
+    return model
 
 
 class ModelRunner:
