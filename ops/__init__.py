@@ -1,0 +1,1 @@
+"""Operator tooling: the `baton` CLI, benchmarks, Ray job entry points."""

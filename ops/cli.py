@@ -1,0 +1,135 @@
+"""The `baton` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from baton.errors import BatonError
+
+app = typer.Typer(
+    name="baton",
+    help="Baton: distributed LLM serving on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks against a baseline measured in the same run.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+err = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m",
+        help="'default' (SmolLM2-135M-Instruct), a transformers directory, a .gguf file, "
+        "a hub id, or tiny:<arch>",
+    ),
+]
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt (or the user message with --chat)")],
+    model: ModelOpt = "default",
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, (0, 1]")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k likeliest tokens; 0 keeps all")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable)")] = None,
+    chat: Annotated[bool, typer.Option(help="Apply the model's chat template")] = False,
+    logprobs: Annotated[int | None, typer.Option(help="Return top-k logprobs per token")] = None,
+    output: Annotated[str, typer.Option(help="text (streamed) or json")] = "text",
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for the engine")] = None,
+) -> None:
+    """Generate text from one prompt, streaming it as it comes."""
+    from baton.actors.engine import Engine
+    from baton.sampling import SamplingParams
+
+    if output not in ("text", "json"):
+        raise BatonError(f"--output must be 'text' or 'json', got {output!r}")
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        stop=stop or [], logprobs=logprobs,
+    )
+    engine = Engine(model=model, dtype=dtype, device=device, num_threads=threads,
+                    max_num_seqs=1)
+    text = engine.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+    final = None
+    for out in engine.stream(text, params):
+        if output == "text" and out.delta_text:
+            sys.stdout.write(out.delta_text)
+            sys.stdout.flush()
+        final = out
+    assert final is not None
+    if output == "text":
+        sys.stdout.write("\n")
+        return
+    m = final.metrics
+    report = {
+        "model": engine.source.name,
+        "text": final.text,
+        "token_ids": final.token_ids,
+        "finish_reason": final.finish_reason,
+        "usage": {
+            "prompt_tokens": m.num_prompt_tokens,
+            "completion_tokens": len(final.token_ids),
+            "cached_tokens": m.num_cached_tokens,
+        },
+        "ttft_s": m.ttft,
+        "tpot_s": m.tpot(len(final.token_ids)),
+    }
+    if final.logprobs is not None:
+        report["logprobs"] = [
+            {"token_id": lp.token_id, "logprob": lp.logprob,
+             "top": {str(k): v for k, v in lp.top.items()}}
+            for lp in final.logprobs
+        ]
+    sys.stdout.write(json.dumps(report) + "\n")
+
+
+@app.command("prepare-model")
+def prepare_model(model: ModelOpt = "default") -> None:
+    """Resolve a model once (GGUF is converted into the local cache) and print where it lives."""
+    from baton.actors.model_source import resolve
+
+    source = resolve(model)
+    typer.echo(str(source.path or source.spec))
+
+
+@bench_app.command("engine")
+def bench_engine(
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,
+    model: ModelOpt = "default",
+    num_prompts: Annotated[int, typer.Option(help="Prompts in the workload")] = 16,
+    dtype: Annotated[str, typer.Option(help="Same dtype for every system")] = "bfloat16",
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
+    seed: Annotated[int, typer.Option(help="Workload seed")] = 0,
+) -> None:
+    """Baton's engine against transformers generate, static batching and generate_batch."""
+    from baton.ops.bench import engine as bench
+
+    bench.main(json_path=json_path, model=model, num_prompts=num_prompts, dtype=dtype,
+               threads=threads, seed=seed)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except BatonError as exc:
+        err.print(f"[bold red]error[/]: {type(exc).__name__}: {exc.message}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

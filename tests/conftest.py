@@ -1,0 +1,49 @@
+"""Shared fixtures: engines start once per session; every test ends with the block invariant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from baton.actors.engine import Engine
+
+
+def assert_no_leaks(engine: Engine) -> None:
+    """Every KV block is free or owned; with nothing in flight, every block is free."""
+    problems = engine.block_violations()
+    assert not problems, problems
+    if not engine.has_unfinished():
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool) -> list[int]:
+    """transformers `generate`, greedy, one request: the reference Baton must match."""
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)
+    if not stop_at_eos:
+        # An id the model never produces: generate would otherwise fall back to the config's EOS.
+        cfg.eos_token_id = model.config.get_text_config().vocab_size + 1
+        cfg.pad_token_id = 0
+    else:
+        cfg.eos_token_id = model.generation_config.eos_token_id or model.config.eos_token_id
+        cfg.pad_token_id = cfg.eos_token_id
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():  # an explicit mask: a prompt may contain the pad id
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def default_engine() -> Engine:
+    """The embedded default model in bf16, as `baton generate` runs it."""
+    return Engine(num_threads=2)
+
+
+@pytest.fixture(autouse=True)
+def _engines_end_clean(request):
+    yield
+    for name in ("default_engine", "engine"):
+        if name in request.fixturenames:
+            engine = request.getfixturevalue(name)
+            if isinstance(engine, Engine):
+                assert_no_leaks(engine)
