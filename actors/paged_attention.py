@@ -110,6 +110,13 @@ def paged_attention_forward(
     b, qlen = batch.batch_size, batch.max_query_len
     keys = gather_kv(k_cache, batch.block_tables, batch.max_context_len)
     values = gather_kv(v_cache, batch.block_tables, batch.max_context_len)
+    if b == 1 and not sliding_window and (qlen == 1 or qlen == batch.max_context_len):
+        # One request with nothing cached before its queries: plain causal attention, the very
+        # call transformers' own sdpa path makes (so single-request results match it bit for bit).
+        out = F.scaled_dot_product_attention(
+            query, keys, values, is_causal=qlen > 1, scale=scaling, enable_gqa=groups > 1
+        )
+        return out.transpose(1, 2), None
     q = query[0].transpose(0, 1)  # [T, H, D]
     if batch.q_index is not None:
         padded = q.new_zeros(b * qlen, n_heads, d)

@@ -1,13 +1,14 @@
-"""A deterministic benchmark workload: token-id prompts of mixed lengths, each with its own length.
+"""A deterministic benchmark workload, and what a system's run over it measured.
 
-Every system in a benchmark gets the very same token ids and output lengths, and decodes with EOS
-ignored, so each one does the same work and token counts compare one to one.
+Every system in a benchmark gets the very same token-id prompts (mixed lengths) and output lengths,
+and decodes with EOS ignored, so each one does the same work and token counts compare one to one.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 MIN_OUTPUT_TOKENS = 32
@@ -145,3 +146,47 @@ def _encode(tokenizer, question: str, context: list[str]) -> list[int]:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(tokenizer.encode(text, add_special_tokens=False))
     return list(tokenizer.encode(content, add_special_tokens=True))
+
+
+@dataclass(slots=True)
+class RequestTiming:
+    """One request as its client saw it: seconds to the first token, seconds per later token."""
+
+    ttft: float
+    tpot: float | None
+    tokens: int
+
+
+@dataclass(slots=True)
+class SystemResult:
+    """One system's run over the whole workload."""
+
+    timings: list[RequestTiming]
+    wall_s: float
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        ttfts = [t.ttft for t in self.timings]
+        tpots = [t.tpot for t in self.timings if t.tpot is not None]
+        tokens = sum(t.tokens for t in self.timings)
+        return {
+            "output_tokens": tokens,
+            "output_tok_s": tokens / self.wall_s,
+            "ttft_p50_s": percentile(ttfts, 50),
+            "ttft_p99_s": percentile(ttfts, 99),
+            "tpot_p50_s": percentile(tpots, 50),
+            "tpot_p99_s": percentile(tpots, 99),
+            "wall_s": self.wall_s,
+            "num_requests": len(self.timings),
+            **self.notes,
+        }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default); None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
