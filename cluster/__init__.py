@@ -1,0 +1,1 @@
+"""Bringing a cluster up: Ray connection, pools and placement, controller, Redis state, planner."""

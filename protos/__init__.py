@@ -1,0 +1,1 @@
+"""`.proto` files and their generated stubs."""

@@ -1,0 +1,59 @@
+"""`baton generate` as a user runs it: a real subprocess, streamed text, JSON, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BATON = [str(Path(sys.executable).parent / "baton")]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*BATON, *args], capture_output=True, text=True, timeout=timeout,
+                          env=ENV)
+
+
+def test_generate_streams_an_answer_from_the_default_model():
+    res = run("generate", "What is the capital of France? Answer in one word.", "--chat",
+              "--max-tokens", "12", "--threads", "2")
+    assert res.returncode == 0, res.stderr
+    assert "Paris" in res.stdout
+
+
+def test_generate_json_with_sampling_options_is_reproducible():
+    args = ["generate", "Tell me a story.", "--chat", "--max-tokens", "16", "--temperature",
+            "0.9", "--top-p", "0.9", "--top-k", "40", "--seed", "3", "--output", "json",
+            "--logprobs", "2"]
+    first, second = run(*args), run(*args)
+    assert first.returncode == 0, first.stderr
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"]
+    assert a["usage"]["completion_tokens"] == len(a["token_ids"]) <= 16
+    assert a["finish_reason"] in ("stop", "length")
+    assert len(a["logprobs"]) == len(a["token_ids"])
+    assert a["model"] == "SmolLM2-135M-Instruct"
+
+
+def test_stop_string_and_tiny_model():
+    res = run("generate", "abc", "--model", "tiny:qwen2", "--max-tokens", "30", "--output",
+              "json", "--stop", "x", "--stop", "y")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert "x" not in out["text"] and "y" not in out["text"]
+
+
+def test_bad_input_exits_2_with_a_message_that_says_what_to_change():
+    for args, says in [
+        (["generate", "", "--model", "tiny:llama"], "prompt is empty"),
+        (["generate", "hi", "--model", "tiny:llama", "--max-tokens", "0"], "max_tokens"),
+        (["generate", "hi", "--model", "/nope/model"], "not found"),
+        (["generate", "hi", "--model", "tiny:llama", "--output", "xml"], "--output"),
+    ]:
+        res = run(*args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert says in res.stderr.replace("\n", " "), res.stderr
+        assert "Traceback" not in res.stderr

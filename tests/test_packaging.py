@@ -1,0 +1,29 @@
+"""A non-editable install carries every subpackage (the package-dir mapping is easy to break)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_contains_every_subpackage(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )
+    wheel = next(tmp_path.glob("baton-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for pkg in ("baton", "baton/actors", "baton/router", "baton/cluster", "baton/kernels",
+                "baton/protos", "baton/ops", "baton/ops/bench"):
+        assert f"{pkg}/__init__.py" in names, f"{pkg} missing from the wheel"
+    code_dirs = {"actors", "router", "cluster", "kernels", "protos", "ops"}
+    for d in code_dirs:
+        for src in (ROOT / d).rglob("*.py"):
+            rel = src.relative_to(ROOT)
+            assert f"baton/{rel.as_posix()}" in names, f"{rel} missing from the wheel"
+    assert any(n.endswith("entry_points.txt") for n in names)
