@@ -104,6 +104,9 @@ def convert_gguf(gguf: Path) -> Path:
     log.info("converting %s to safetensors in %s (once)", gguf, target)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))

@@ -47,3 +47,12 @@ def _engines_end_clean(request):
             engine = request.getfixturevalue(name)
             if isinstance(engine, Engine):
                 assert_no_leaks(engine)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

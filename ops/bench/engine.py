@@ -28,6 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from baton.actors.engine import Engine
 from baton.actors.model_source import ModelSource, resolve
+from baton.errors import ConfigError
 from baton.ops.bench.workload import RequestTiming, SystemResult, Workload, build_workload
 from baton.sampling import SamplingParams
 
@@ -294,12 +295,14 @@ def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16
         progress: Console | None = None) -> dict[str, Any]:
     """Run every system over one workload and return the JSON report."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if num_prompts < 1 or (threads is not None and threads < 1):
+        raise ConfigError("--num-prompts and --threads must be >= 1")
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     say = progress.print if progress else log.info
     source = resolve(model)
-    say(f"loading {source.name} for transformers ({dtype}, {threads} threads)")
+    say(f"loading {source.name} for transformers ({dtype}, threads={threads})")
     hf_model, tokenizer = load_hf(source, DTYPES[dtype])
     limit = getattr(hf_model.config.get_text_config(), "max_position_embeddings", 4096) or 4096
     wl = build_workload(tokenizer, num_prompts, seed, limit)
@@ -313,11 +316,13 @@ def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16
                      ("hf_generate_batch", run_hf_generate_batch)):
         say(f"running {name}")
         systems[name] = fn(hf_model, wl)
+        say(f"  {systems[name].wall_s:.0f} s")
     del hf_model
     gc.collect()
     for c in CONCURRENCY:
         say(f"running baton_c{c}")
         systems[f"baton_c{c}"] = run_baton(model, dtype, threads, wl, c)
+        say(f"  {systems[f'baton_c{c}'].wall_s:.0f} s")
     summary = {name: res.summary() for name, res in systems.items()}
     roofline_tok_s = bandwidth * 1e9 / bytes_per_token
     c1_tpot = summary["baton_c1"]["tpot_p50_s"]
@@ -369,7 +374,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(f"roofline: {roof['read_bandwidth_gbps']:.1f} GB/s / "
                   f"{roof['bytes_per_token'] / 1e6:.1f} MB per token = "
                   f"{roof['roofline_tok_s']:.1f} tok/s; baton_c1 decode reaches "
-                  + ("-" if frac is None else f"{frac:.0%}"))
+                  + ("-" if frac is None else f"{frac:.1%}"))
 
 
 def main(*, json_path: str | None = None, model: str = "default", num_prompts: int = 16,

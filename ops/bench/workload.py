@@ -11,6 +11,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from baton.errors import ConfigError
+
 MIN_OUTPUT_TOKENS = 32
 MAX_OUTPUT_TOKENS = 256
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -96,6 +98,7 @@ class Workload:
             "total_prompt_tokens": sum(prompt_lens),
             "total_output_tokens": sum(outs),
             "output_tokens_range": [MIN_OUTPUT_TOKENS, MAX_OUTPUT_TOKENS],
+            "output_tokens_distribution": "log-uniform over the range",
             "ignore_eos": True,
             "sampling": "greedy",
         }
@@ -107,7 +110,7 @@ def build_workload(tokenizer, num_prompts: int, seed: int, max_model_len: int) -
     The same (tokenizer, num_prompts, seed) always gives the same token ids.
     """
     if num_prompts < 1:
-        raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+        raise ConfigError(f"num_prompts must be >= 1, got {num_prompts}")
     rng = random.Random(seed)
     kinds = ["short", "long"] * (num_prompts // 2 + 1)
     kinds = kinds[:num_prompts]
@@ -117,10 +120,17 @@ def build_workload(tokenizer, num_prompts: int, seed: int, max_model_len: int) -
         question = rng.choice(QUESTIONS)
         target = 0 if kind == "short" else rng.randint(150, 450)
         ids = _prompt_ids(tokenizer, question, target, rng)
-        out = rng.randint(MIN_OUTPUT_TOKENS, MAX_OUTPUT_TOKENS)
+        out = _output_length(rng)
         room = max_model_len - out
         requests.append(BenchRequest(ids[-room:], out))
     return Workload(requests, seed)
+
+
+def _output_length(rng: random.Random) -> int:
+    # Log-uniform: more short answers than long ones, as in chat traffic; it also keeps the
+    # single-stream baselines (the slow part of the run) to about half the whole benchmark.
+    low, high = math.log(MIN_OUTPUT_TOKENS), math.log(MAX_OUTPUT_TOKENS)
+    return min(MAX_OUTPUT_TOKENS, max(MIN_OUTPUT_TOKENS, round(math.exp(rng.uniform(low, high)))))
 
 
 def _prompt_ids(tokenizer, question: str, target_tokens: int, rng: random.Random) -> list[int]:

@@ -68,7 +68,7 @@ def test_preemption_frees_the_newest_and_requeues_it_first():
     finish_step(s, s.schedule())
     out = s.schedule()
     assert out.preempted == ["b"]
-    assert list(out.num_scheduled_tokens) == ["a"]
+    assert list(out.num_scheduled_tokens) == ["a"] and len(a.block_table) == 3
     assert b.status is SequenceStatus.WAITING and b.block_table == []
     assert b.num_computed_tokens == 0 and len(b) == 9  # its sampled token is kept
     assert s.waiting[0] is b and b.metrics.num_preemptions == 1
