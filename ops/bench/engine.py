@@ -10,6 +10,7 @@ machines are shared and noisy.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -18,6 +19,8 @@ import os
 import platform
 import time
 from collections import deque
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +32,25 @@ from transformers.generation.streamers import BaseStreamer
 from baton.actors.engine import Engine
 from baton.actors.model_source import ModelSource, resolve
 from baton.errors import ConfigError
-from baton.ops.bench.workload import RequestTiming, SystemResult, Workload, build_workload
+from baton.ops.bench.workload import (
+    RequestTiming,
+    SystemResult,
+    Workload,
+    build_workload,
+    cpu_seconds,
+)
 from baton.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 CONCURRENCY = (1, 4, 16)
 BANDWIDTH_BYTES = 1 << 30
+NOISY = 0.15  # other processes' share of the CPU above which a result is flagged
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class StepClock(BaseStreamer):
-    """Streamer noting when `generate` hands out each step's tokens (the first put: the prompt)."""
+    """Streamer noting when `generate` hands out each step's tokens."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -52,7 +62,7 @@ class StepClock(BaseStreamer):
         pass
 
     @property
-    def steps(self) -> list[float]:
+    def steps(self) -> list[float]:  # the first put is the prompt
         return self.times[1:]
 
 
@@ -76,12 +86,9 @@ def load_hf(source: ModelSource, dtype: torch.dtype):
 
 
 def _pad_id(model) -> int:
-    for cfg in (model.generation_config, model.config):
-        for name in ("pad_token_id", "eos_token_id"):
-            value = getattr(cfg, name, None)
-            if value is not None:
-                return value[0] if isinstance(value, list) else value
-    return 0
+    cfg = model.generation_config
+    value = next((v for v in (cfg.pad_token_id, cfg.eos_token_id) if v is not None), 0)
+    return value[0] if isinstance(value, list) else value
 
 
 def _generate(model, ids: torch.Tensor, mask: torch.Tensor, n: int, clock: StepClock | None):
@@ -272,19 +279,32 @@ def bytes_per_decode_token(model) -> int:
     return total
 
 
+def _measure(name: str, fn: Callable[[], SystemResult], say: Callable[[str], Any]) -> SystemResult:
+    """Run one system, noting the share of the CPU other processes (or the hypervisor) took."""
+    say(f"running {name}")
+    before, t0 = cpu_seconds(), time.perf_counter()
+    result = fn()
+    after, elapsed = cpu_seconds(), time.perf_counter() - t0
+    other = None
+    if before is not None and after is not None:
+        busy = (after[0] - before[0]) - (after[1] - before[1])
+        other = max(0.0, busy / (elapsed * (os.cpu_count() or 1)))
+    result.notes["other_cpu_busy"] = other
+    say(f"  {result.wall_s:.0f} s" + ("" if other is None else f", others used {other:.0%} of CPU"))
+    return result
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import transformers
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
 
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": threads}
@@ -314,15 +334,12 @@ def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16
     warm_hf(hf_model, wl)
     for name, fn in (("hf_generate", run_hf_generate), ("hf_static_batch", run_hf_static_batch),
                      ("hf_generate_batch", run_hf_generate_batch)):
-        say(f"running {name}")
-        systems[name] = fn(hf_model, wl)
-        say(f"  {systems[name].wall_s:.0f} s")
-    del hf_model
+        systems[name] = _measure(name, partial(fn, hf_model, wl), say)
+    del hf_model  # free the baseline's weights before Baton loads its own
     gc.collect()
     for c in CONCURRENCY:
-        say(f"running baton_c{c}")
-        systems[f"baton_c{c}"] = run_baton(model, dtype, threads, wl, c)
-        say(f"  {systems[f'baton_c{c}'].wall_s:.0f} s")
+        run_c = partial(run_baton, model, dtype, threads, wl, c)
+        systems[f"baton_c{c}"] = _measure(f"baton_c{c}", run_c, say)
     summary = {name: res.summary() for name, res in systems.items()}
     roofline_tok_s = bandwidth * 1e9 / bytes_per_token
     c1_tpot = summary["baton_c1"]["tpot_p50_s"]
@@ -367,6 +384,12 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         table.add_row(name, f"{s['output_tok_s']:.1f}", ms(s["ttft_p50_s"]), ms(s["ttft_p99_s"]),
                       ms(s["tpot_p50_s"]), ms(s["tpot_p99_s"]), f"{s['wall_s']:.1f}")
     console.print(table)
+    busy = {n: s["other_cpu_busy"] for n, s in report["systems"].items()
+            if (s.get("other_cpu_busy") or 0) > NOISY}
+    if busy:
+        console.print("[yellow]other processes were busy during "
+                      + ", ".join(f"{n} ({v:.0%} of the CPU)" for n, v in busy.items())
+                      + ": those figures are skewed; rerun on a quiet machine[/]")
     for name, value in report["ratios"].items():
         console.print(f"{name}: {value:.2f}x")
     roof = report["roofline"]

@@ -7,8 +7,10 @@ and decodes with EOS ignored, so each one does the same work and token counts co
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from baton.errors import ConfigError
@@ -200,3 +202,13 @@ def percentile(values: list[float], q: float) -> float | None:
     pos = (len(xs) - 1) * q / 100
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU-seconds of the whole machine incl. steal, CPU-seconds of this process)."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK"), sum(os.times()[:2])
