@@ -1,4 +1,8 @@
-"""The paged KV cache tensors: per layer, `[num_blocks, block_size, num_kv_heads, head_dim]`."""
+"""The paged KV cache tensors: per layer, `[num_kv_heads, num_blocks, block_size, head_dim]`.
+
+Heads come first so that gathering a batch's blocks (`index_select` on dim 1) lands directly in
+the `[heads, batch, tokens, head_dim]` layout attention multiplies with: one copy, no permute.
+"""
 
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ class PagedKVCache:
             )
         self.spec = spec
         self.num_blocks = num_blocks
-        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        shape = (spec.num_kv_heads, num_blocks, spec.block_size, spec.head_dim)
         self.keys = [torch.zeros(shape, dtype=spec.dtype, device=device)
                      for _ in range(spec.num_layers)]
         self.values = [torch.zeros(shape, dtype=spec.dtype, device=device)

@@ -4,6 +4,9 @@ Every request's new tokens run packed into one sequence (`[1, T]`); the attentio
 their keys and values into the paged cache at `slot_mapping`, gathers each request's blocks, and
 attends with per-request masks. Per-step metadata (`AttentionBatch`) is built once by the model
 runner and shared by all layers; it reaches the attention function through a context variable.
+
+Shapes inside: the batch runs as `[kv_heads, B, ...]` (the cache's own order), each kv head's
+query group folded into the query axis, so grouped-query attention never repeats keys.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from transformers import AttentionInterface
 from baton.actors.kv_cache import PagedKVCache
 
 ATTN_IMPLEMENTATION = "baton_paged"
+# Up to this many query rows per kv head, explicit matmuls beat SDPA's CPU kernel (decode).
+_MATMUL_MAX_ROWS = 64
 
 
 @dataclass(slots=True)
@@ -27,7 +32,9 @@ class AttentionBatch:
     """Where this step's tokens go in the cache and what each may attend to.
 
     `q_index` scatters packed tokens into a `[B * max_query_len]` padded layout; it is None when
-    every request runs exactly one token (pure decode), where packed and padded coincide.
+    every request runs exactly one token (pure decode), where packed and padded coincide. Keys are
+    gathered whole blocks at a time, so the key axis is `max_blocks * block_size` long and the
+    mask hides what lies past each request's context.
     """
 
     cache: PagedKVCache
@@ -38,30 +45,29 @@ class AttentionBatch:
     max_context_len: int
     max_query_len: int
     q_index: torch.Tensor | None
-    _masks: dict[tuple[int, int], torch.Tensor | None] = field(default_factory=dict)
+    _masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
         return self.block_tables.shape[0]
 
-    def mask(self, groups: int, window: int | None) -> torch.Tensor | None:
-        """Boolean mask `[B, 1, groups * max_query_len, max_context_len]`, built once per step."""
+    @property
+    def kv_len(self) -> int:
+        return self.block_tables.shape[1] * self.cache.spec.block_size
+
+    def mask(self, groups: int, window: int | None) -> torch.Tensor:
+        """Boolean mask `[1, B, groups * max_query_len, kv_len]`, built once per step."""
         key = (groups, window or 0)
-        if key in self._masks:
-            return self._masks[key]
-        if self.batch_size == 1 and self.max_query_len == 1 and not window:
-            m = None  # one decoding request sees its whole context
-        else:
-            kpos = torch.arange(self.max_context_len, device=self.query_pos.device)
+        if key not in self._masks:
+            kpos = torch.arange(self.kv_len, device=self.query_pos.device)
             qpos = self.query_pos.unsqueeze(-1)  # [B, Q, 1]
             m = kpos <= qpos
             if window:
                 m &= kpos > qpos - window
             m &= kpos < self.context_lens.view(-1, 1, 1)
             m[:, :, 0] |= self.query_pos < 0  # padded query rows attend to something: no NaN
-            m = m.unsqueeze(1).repeat(1, 1, groups, 1) if groups > 1 else m.unsqueeze(1)
-        self._masks[key] = m
-        return m
+            self._masks[key] = m.repeat(1, groups, 1).unsqueeze(0)
+        return self._masks[key]
 
 
 _current: ContextVar[AttentionBatch | None] = ContextVar("baton_attention_batch", default=None)
@@ -76,11 +82,25 @@ def attention_batch(batch: AttentionBatch) -> Iterator[None]:
         _current.reset(token)
 
 
-def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
-    """Blocks `[N, bs, Hkv, D]` of each row of `block_tables` -> `[B, Hkv, length, D]`."""
+def write_kv(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
+    """Store `new [Hkv, T, D]` at flat `slots` of a `[Hkv, N, bs, D]` cache."""
+    hkv, n, bs, d = cache.shape
+    cache.view(hkv, n * bs, d).index_copy_(1, slots, new.to(cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """The blocks of each row of `block_tables [B, nb]` -> `[Hkv, B, nb * bs, D]` (one copy)."""
     b, nb = block_tables.shape
-    _, bs, hkv, d = cache.shape
-    return cache[block_tables].view(b, nb * bs, hkv, d)[:, :length].transpose(1, 2)
+    hkv, _, bs, d = cache.shape
+    return cache.index_select(1, block_tables.flatten()).view(hkv, b, nb * bs, d)
+
+
+def _matmul_attention(q, keys, values, mask, scaling):
+    # transformers' eager recipe: scores in the model dtype, softmax in float32.
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, values)
 
 
 def paged_attention_forward(
@@ -102,32 +122,38 @@ def paged_attention_forward(
     _, n_heads, t, d = query.shape
     n_kv = key.shape[1]
     groups = n_heads // n_kv
-    flat_k = k_cache.view(-1, n_kv, d)
-    flat_v = v_cache.view(-1, n_kv, d)
-    flat_k.index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
-    flat_v.index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+    scaling = d**-0.5 if scaling is None else scaling
+    write_kv(k_cache, batch.slot_mapping, key[0])
+    write_kv(v_cache, batch.slot_mapping, value[0])
+    keys = gather_kv(k_cache, batch.block_tables)
+    values = gather_kv(v_cache, batch.block_tables)
 
     b, qlen = batch.batch_size, batch.max_query_len
-    keys = gather_kv(k_cache, batch.block_tables, batch.max_context_len)
-    values = gather_kv(v_cache, batch.block_tables, batch.max_context_len)
     if b == 1 and not sliding_window and (qlen == 1 or qlen == batch.max_context_len):
         # One request with nothing cached before its queries: plain causal attention, the very
         # call transformers' own sdpa path makes (so single-request results match it bit for bit).
+        length = batch.max_context_len
+        k1 = keys[:, :, :length].transpose(0, 1)
+        v1 = values[:, :, :length].transpose(0, 1)
         out = F.scaled_dot_product_attention(
-            query, keys, values, is_causal=qlen > 1, scale=scaling, enable_gqa=groups > 1
+            query, k1, v1, is_causal=qlen > 1, scale=scaling, enable_gqa=groups > 1
         )
         return out.transpose(1, 2), None
+
     q = query[0].transpose(0, 1)  # [T, H, D]
     if batch.q_index is not None:
         padded = q.new_zeros(b * qlen, n_heads, d)
         padded.index_copy_(0, batch.q_index, q)
         q = padded
-    # Fold each kv head's query group into the query axis: no KV repeat for grouped-query attn.
-    q = q.view(b, qlen, n_kv, groups, d).permute(0, 2, 3, 1, 4).reshape(b, n_kv, groups * qlen, d)
-    out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=batch.mask(groups, sliding_window), scale=scaling
-    )
-    out = out.view(b, n_kv, groups, qlen, d).permute(0, 3, 1, 2, 4).reshape(b * qlen, n_heads, d)
+    # [B*Q, Hkv*G, D] -> [Hkv, B, G*Q, D]
+    q = q.view(b, qlen, n_kv, groups, d).permute(2, 0, 3, 1, 4).reshape(n_kv, b, groups * qlen, d)
+    mask = batch.mask(groups, sliding_window)
+    if groups * qlen <= _MATMUL_MAX_ROWS:
+        out = _matmul_attention(q, keys, values, mask, scaling)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+    # [Hkv, B, G*Q, D] -> [B*Q, H, D]
+    out = out.view(n_kv, b, groups, qlen, d).permute(1, 3, 0, 2, 4).reshape(b * qlen, n_heads, d)
     if batch.q_index is not None:
         out = out.index_select(0, batch.q_index)
     return out.unsqueeze(0), None
