@@ -23,6 +23,7 @@ class IncrementalDetokenizer:
         self.emitted = 0
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
+        self.stopped = False
         self._search_from = 0
 
     def _decode(self, ids: list[int]) -> str:
@@ -46,12 +47,12 @@ class IncrementalDetokenizer:
         self._search_from = len(self.text)
         if hits:
             self.text = self.text[: min(hits)]
-            return True
-        return False
+            self.stopped = True
+        return self.stopped
 
     def flush(self) -> None:
         """At the end, release whatever complete characters were waiting for more bytes."""
-        if self.read_offset >= len(self.ids):
+        if self.stopped or self.read_offset >= len(self.ids):
             return
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         tail = self._decode(self.ids[self.prefix_offset :])[len(prefix) :].replace(REPLACEMENT, "")

@@ -228,7 +228,7 @@ class Engine:
             reason = self._finish_reason(seq, token, stopped)
             if reason:
                 self.scheduler.finish(seq, reason)
-                outputs.append(self._finish_output(seq))
+                outputs.append(self._finish_output(seq, [token]))
             else:
                 outputs.append(self._output(seq, [token], detok.delta(False)))
         return outputs
@@ -256,17 +256,12 @@ class Engine:
             error=seq.error,
         )
 
-    def _finish_output(self, seq: Sequence) -> RequestOutput:
-        detok = self._detok.pop(seq.request_id)
-        self._seqs.pop(seq.request_id, None)
+    def _finish_output(self, seq: Sequence, delta_ids: list[int] | None = None) -> RequestOutput:
+        detok = self._detok[seq.request_id]
+        detok.flush()
+        out = self._output(seq, delta_ids or [], detok.delta(True))
+        del self._detok[seq.request_id], self._seqs[seq.request_id]
         self._generators.pop(seq.request_id, None)
-        if seq.finish_reason != "stop" or not detok.stop:
-            detok.flush()
-        out_ids = seq.output_token_ids
-        self._detok[seq.request_id] = detok  # _output reads it once more
-        out = self._output(seq, out_ids[-1:] if seq.finish_reason in ("stop", "length") else [],
-                           detok.delta(True))
-        del self._detok[seq.request_id]
         return out
 
     def _eos_ids(self) -> set[int]:
