@@ -50,7 +50,14 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device):
 
 
 def prepare_for_inference(model, dtype: torch.dtype, device: torch.device):
-    """Run-time conversions that keep the model's results: packed CPU linears."""
+    """Check the model fits Baton's attention, then apply run-time conversions that keep its
+    results (packed CPU linears)."""
+    text = model.config.get_text_config()
+    if getattr(text, "attn_logit_softcapping", None):
+        raise ModelLoadError(
+            f"{type(model).__name__} caps attention logits (attn_logit_softcapping), which "
+            "Baton's paged attention does not support yet; choose another model"
+        )
     if packing_supported(dtype, device):
         pack_linears(model)
     return model

@@ -118,6 +118,8 @@ def paged_attention_forward(
     batch = _current.get()
     if batch is None:
         raise RuntimeError("baton_paged attention called outside an engine step")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("baton_paged attention has no logit soft-capping")
     k_cache, v_cache = batch.cache.layer(module.layer_idx)
     _, n_heads, t, d = query.shape
     n_kv = key.shape[1]

@@ -79,3 +79,17 @@ def test_cache_dir_follows_baton_cache(tmp_path, monkeypatch):
     target = model_source.convert_gguf(gguf)
     assert target.parent == tmp_path / "models"
     assert (target / "tokenizer.json").is_file()
+
+
+def test_models_with_attention_softcapping_are_refused(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from baton.actors.tiny import tiny_tokenizer
+
+    cfg = AutoConfig.for_model("gemma2", vocab_size=257, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                               head_dim=16)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="softcapping"):
+        Engine(str(tmp_path))
