@@ -51,6 +51,7 @@ redis:
 	fi
 
 lint: $(STAMPS)/venv
+	$(BIN)/python protos/generate.py --check
 	$(BIN)/ruff check .
 	$(BIN)/mypy baton ops/cli.py actors/block_manager.py actors/scheduler.py actors/sequence.py
 

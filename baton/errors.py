@@ -61,3 +61,9 @@ class EngineError(BatonError):
     """The engine failed while running a batch; the requests in that batch end with this error."""
 
     grpc_status = "INTERNAL"
+
+
+class KVTransferError(BatonError):
+    """A KV transfer was rejected or did not complete: bad chunk, wrong shape, stalled, refused."""
+
+    grpc_status = "ABORTED"

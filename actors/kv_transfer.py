@@ -1,0 +1,44 @@
+"""Gather and scatter between paged KV blocks and contiguous transfer buffers.
+
+The one place the KV link touches cache memory: a layer's blocks for one request are packed into
+a single contiguous `[2, kv_heads, num_blocks, block_size, head_dim]` payload (keys, then values)
+that goes on the wire as raw bytes, and unpacked into whichever blocks the receiver reserved.
+A CUDA kernel can take these two functions over without the link noticing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
+
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def payload_shape(spec: KVCacheSpec, num_blocks: int) -> tuple[int, ...]:
+    return (2, spec.num_kv_heads, num_blocks, spec.block_size, spec.head_dim)
+
+
+def payload_nbytes(spec: KVCacheSpec, num_blocks: int) -> int:
+    return spec.bytes_per_block // spec.num_layers * num_blocks
+
+
+def pack_layer(cache: PagedKVCache, layer: int, block_ids: torch.Tensor) -> torch.Tensor:
+    """One layer's keys and values in `block_ids`, as a contiguous byte tensor (on the CPU)."""
+    keys, values = cache.layer(layer)
+    ids = block_ids.to(keys.device)
+    payload = torch.stack((keys.index_select(1, ids), values.index_select(1, ids)))
+    return payload.cpu().view(torch.uint8).reshape(-1)
+
+
+def unpack_layer(
+    cache: PagedKVCache, layer: int, block_ids: torch.Tensor, payload: torch.Tensor
+) -> None:
+    """Write a `pack_layer` payload into `block_ids` of this cache (sizes checked by the caller)."""
+    keys, values = cache.layer(layer)
+    shape = payload_shape(cache.spec, len(block_ids))
+    data = payload.view(keys.dtype).view(shape).to(keys.device)
+    ids = block_ids.to(keys.device)
+    keys.index_copy_(1, ids, data[0])
+    values.index_copy_(1, ids, data[1])

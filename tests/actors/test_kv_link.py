@@ -1,0 +1,144 @@
+"""The KV link over real gRPC on loopback: layers land in the reserved blocks, and every kind of
+bad push is refused with a clear error."""
+
+from __future__ import annotations
+
+import threading
+import zlib
+
+import grpc
+import pytest
+import torch
+
+from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
+from baton.actors.kv_link import TOKEN_HEADER, KVReceiver, KVSender, layer_feed
+from baton.errors import KVTransferError
+from baton.protos import kv_link_pb2, kv_link_pb2_grpc
+
+SPEC = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=16, block_size=8, dtype=torch.bfloat16)
+TOKEN = "s3cret"
+
+
+@pytest.fixture()
+def src() -> PagedKVCache:
+    cache = PagedKVCache(SPEC, 16, torch.device("cpu"))
+    for t in (*cache.keys, *cache.values):
+        t.copy_(torch.randn(t.shape).to(t.dtype))
+    return cache
+
+
+@pytest.fixture()
+def receiver():
+    r = KVReceiver(PagedKVCache(SPEC, 20, torch.device("cpu")), token=TOKEN)
+    yield r
+    r.stop(None)
+
+
+def _same_blocks(src, dst, src_ids, dst_ids) -> bool:
+    return all(
+        torch.equal(dst.keys[layer][:, d], src.keys[layer][:, s])
+        and torch.equal(dst.values[layer][:, d], src.values[layer][:, s])
+        for layer in range(SPEC.num_layers)
+        for s, d in zip(src_ids, dst_ids, strict=True)
+    )
+
+
+def test_push_lands_every_layer_in_the_reserved_blocks(src, receiver):
+    src_ids, dst_ids = [3, 9, 1], [17, 0, 5]
+    receiver.expect("t1", "r1", dst_ids, timeout_s=10)
+    # Small chunks: each layer crosses in several messages.
+    sender = KVSender(receiver.address, TOKEN, chunk_bytes=1000)
+    result = sender.push(src, "t1", "r1", src_ids, dst_ids, range(SPEC.num_layers), timeout_s=10)
+    assert result.layers_received == SPEC.num_layers
+    receiver.wait("t1")
+    assert _same_blocks(src, receiver.cache, src_ids, dst_ids)
+    sender.close()
+
+
+def test_layers_stream_as_they_are_produced(src, receiver):
+    receiver.expect("t2", "r2", [4, 5], timeout_s=10)
+    feed, layers = layer_feed()
+    sender = KVSender(receiver.address, TOKEN)
+    done = {}
+    thread = threading.Thread(
+        target=lambda: done.setdefault("r", sender.push(src, "t2", "r2", [0, 1], [4, 5], layers,
+                                                        timeout_s=10)))
+    thread.start()
+    transfer = receiver._transfers["t2"]
+    for layer in range(SPEC.num_layers):
+        feed.put(layer)
+        # The receiver holds each layer before the producer has made the next one.
+        for _ in range(200):
+            if layer in transfer.layers_done:
+                break
+            threading.Event().wait(0.01)
+        assert transfer.layers_done == set(range(layer + 1))
+    feed.put(None)
+    thread.join(10)
+    assert done["r"].layers_received == SPEC.num_layers
+    receiver.wait("t2")
+
+
+def _raw_push(receiver, chunks, token=TOKEN):
+    with grpc.insecure_channel(receiver.address) as ch:
+        stub = kv_link_pb2_grpc.KVLinkStub(ch)
+        return stub.Push(iter(chunks), timeout=5, metadata=((TOKEN_HEADER, token),))
+
+
+def _chunk(**kw):
+    data = kw.pop("data", b"\x00" * 64)
+    fields = dict(transfer_id="t", request_id="r", layer=0, block_ids=[2], dtype="bfloat16",
+                  shape=[2, 2, 1, 8, 16], offset=0, total_bytes=2 * 2 * 8 * 16 * 2, data=data,
+                  crc32=zlib.crc32(data))
+    fields.update(kw)
+    return kv_link_pb2.KVChunk(**fields)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "says"),
+    [
+        (_chunk(crc32=1), "checksum"),
+        (_chunk(block_ids=[3]), "block ids"),
+        (_chunk(shape=[2, 2, 1, 8, 8]), "shape"),
+        (_chunk(dtype="float32"), "dtype"),
+        (_chunk(request_id="other"), "another transfer"),
+        (_chunk(transfer_id="unknown"), "no transfer"),
+        (_chunk(layer=9), "layer"),
+        (_chunk(offset=64), "offset"),
+    ],
+)
+def test_bad_chunks_are_refused_and_the_transfer_fails(receiver, chunk, says):
+    receiver.expect("t", "r", [2], timeout_s=5)
+    with pytest.raises(grpc.RpcError) as info:
+        _raw_push(receiver, [chunk])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert says in info.value.details()
+    if chunk.transfer_id == "t":
+        with pytest.raises(KVTransferError, match=says):
+            receiver.wait("t")
+    assert not receiver.cache.keys[0].any()  # nothing was written
+
+
+def test_wrong_token_is_refused(src, receiver):
+    receiver.expect("t3", "r3", [1], timeout_s=5)
+    sender = KVSender(receiver.address, "not-the-token")
+    with pytest.raises(KVTransferError, match="UNAUTHENTICATED"):
+        sender.push(src, "t3", "r3", [0], [1], range(SPEC.num_layers), timeout_s=5)
+
+
+def test_push_that_stops_early_fails_the_transfer(src, receiver):
+    receiver.expect("t4", "r4", [1], timeout_s=5)
+    sender = KVSender(receiver.address, TOKEN)
+    with pytest.raises(KVTransferError, match="ended after 2 of 4 layers"):
+        sender.push(src, "t4", "r4", [0], [1], range(2), timeout_s=5)
+    with pytest.raises(KVTransferError, match="ended after"):
+        receiver.wait("t4")
+
+
+def test_stalled_transfer_times_out(receiver):
+    receiver.expect("t5", "r5", [1], timeout_s=0.2)
+    with pytest.raises(KVTransferError, match="deadline"):
+        receiver.wait("t5")
+    # Once given up on, late chunks are refused.
+    with pytest.raises(grpc.RpcError):
+        _raw_push(receiver, [_chunk(transfer_id="t5", request_id="r5", block_ids=[1])])
