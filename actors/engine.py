@@ -6,7 +6,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -25,7 +25,7 @@ from baton.errors import (
     InvalidRequestError,
     RequestNotFoundError,
 )
-from baton.outputs import RequestOutput
+from baton.outputs import RequestOutput, TokenLogprob
 from baton.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,14 @@ class Engine:
         request_id: str | None = None,
     ) -> str:
         """Queue a request; raises a `baton.errors` type if it can never run, touching nothing."""
+        seq = self._new_sequence(prompt, params, request_id)
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def _new_sequence(
+        self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None
+    ) -> Sequence:
+        """Validate a request and register its per-request state (not yet scheduled)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a baton.SamplingParams")
@@ -156,8 +164,7 @@ class Engine:
             self._generators[request_id] = torch.Generator(device=self.device).manual_seed(
                 params.seed
             )
-        self.scheduler.add(seq)
-        return request_id
+        return seq
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -196,17 +203,26 @@ class Engine:
         if not sched:
             return outputs
         try:
-            logits = self.runner.run(sched)
+            logits = self.runner.run(sched, self._layer_hook(sched))
         except Exception as exc:  # one bad batch must not take the engine down
             log.exception("model step failed; failing its %d requests", len(sched.seqs))
+            self._forward_done(sched)
             for seq in list(sched.seqs):
                 seq.error = f"{type(exc).__name__}: {exc}"
                 self.scheduler.finish(seq, "error")
                 outputs.append(self._finish_output(seq))
             return outputs
+        self._forward_done(sched)
         self.scheduler.update(sched)
         outputs.extend(self._postprocess(sched, logits))
         return outputs
+
+    def _layer_hook(self, sched: SchedulerOutput) -> Callable[[int], None] | None:
+        """Called by each layer once it has written this step's KV (None: no one listens)."""
+        return None
+
+    def _forward_done(self, sched: SchedulerOutput) -> None:
+        """The step's forward pass ended (or failed)."""
 
     def _postprocess(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
         done = [s for s in sched.seqs if s.num_computed_tokens == len(s)]
@@ -218,20 +234,24 @@ class Engine:
         now = time.monotonic()
         outputs = []
         for seq, token, lp in zip(done, tokens, logprobs, strict=True):
-            seq.token_ids.append(token)
-            if seq.metrics.first_token is None:
-                seq.metrics.first_token = now
-            if seq.logprobs is not None and lp is not None:
-                seq.logprobs.append(lp)
-            detok = self._detok[seq.request_id]
-            stopped = detok.add(token)
-            reason = self._finish_reason(seq, token, stopped)
-            if reason:
-                self.scheduler.finish(seq, reason)
-                outputs.append(self._finish_output(seq, [token]))
-            else:
-                outputs.append(self._output(seq, [token], detok.delta(False)))
+            outputs.extend(self._emit(seq, token, lp, now))
         return outputs
+
+    def _emit(self, seq: Sequence, token: int, lp: TokenLogprob | None,
+              now: float) -> list[RequestOutput]:
+        """Append a sampled token to `seq`, finish it if it should stop, and report it."""
+        seq.token_ids.append(token)
+        if seq.metrics.first_token is None:
+            seq.metrics.first_token = now
+        if seq.logprobs is not None and lp is not None:
+            seq.logprobs.append(lp)
+        detok = self._detok[seq.request_id]
+        stopped = detok.add(token)
+        reason = self._finish_reason(seq, token, stopped)
+        if reason:
+            self.scheduler.finish(seq, reason)
+            return [self._finish_output(seq, [token])]
+        return [self._output(seq, [token], detok.delta(False))]
 
     def _finish_reason(self, seq: Sequence, token: int, stopped: bool) -> str | None:
         p = seq.params
@@ -313,9 +333,13 @@ class Engine:
 
     # -- introspection ----------------------------------------------------------------------------
 
+    def _live(self) -> list[Sequence]:
+        """Every unfinished sequence that may hold KV blocks."""
+        return self.scheduler.live()
+
     def block_violations(self) -> list[str]:
         """Broken 'every block is free or owned' facts; empty when the cache is consistent."""
-        return self.blocks.violations(self.scheduler.live())
+        return self.blocks.violations(self._live())
 
     @property
     def num_running(self) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from baton.actors.kv_cache import PagedKVCache
+from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
 from baton.actors.kv_transfer import (
     DTYPE_NAMES,
     pack_layer,
@@ -194,16 +194,15 @@ class KVSender:
     def close(self) -> None:
         self._channel.close()
 
-    def push(self, cache: PagedKVCache, transfer_id: str, request_id: str,
-             src_block_ids: list[int], dst_block_ids: list[int], layers: Iterable[int],
+    def push(self, transfer_id: str, request_id: str, dst_block_ids: list[int],
+             layers: Iterable[tuple[int, torch.Tensor]], spec: KVCacheSpec,
              timeout_s: float) -> kv_link_pb2.PushResult:
-        """Send each layer of `layers` (in the order it yields them) and wait for the answer.
+        """Send each `(layer, payload)` as `layers` yields it, then wait for the answer.
 
         `layers` may block between items: a prefill worker yields a layer as soon as the model
-        has written it, so transfer overlaps the compute of later layers.
+        has written it (`pack_layer`), so the transfer overlaps the compute of later layers.
         """
-        chunks = self._chunks(cache, transfer_id, request_id, src_block_ids, dst_block_ids,
-                              layers)
+        chunks = self._chunks(transfer_id, request_id, dst_block_ids, layers, spec)
         try:
             return self._stub.Push(chunks, timeout=timeout_s,
                                    metadata=((TOKEN_HEADER, self.token),))
@@ -211,13 +210,19 @@ class KVSender:
             raise KVTransferError(f"KV push {transfer_id} to {self.address} failed: "
                                   f"{exc.code().name}: {exc.details()}") from exc
 
-    def _chunks(self, cache, transfer_id, request_id, src_block_ids, dst_block_ids,
-                layers) -> Iterator[kv_link_pb2.KVChunk]:
-        spec = cache.spec
+    def push_blocks(self, cache: PagedKVCache, transfer_id: str, request_id: str,
+                    src_block_ids: list[int], dst_block_ids: list[int],
+                    timeout_s: float) -> kv_link_pb2.PushResult:
+        """Send every layer of blocks that are already computed."""
         src = torch.tensor(src_block_ids)
-        shape = payload_shape(spec, len(src_block_ids))
-        for layer in layers:
-            data = pack_layer(cache, layer, src).numpy().tobytes()
+        layers = ((i, pack_layer(cache, i, src)) for i in range(cache.spec.num_layers))
+        return self.push(transfer_id, request_id, dst_block_ids, layers, cache.spec, timeout_s)
+
+    def _chunks(self, transfer_id, request_id, dst_block_ids, layers,
+                spec: KVCacheSpec) -> Iterator[kv_link_pb2.KVChunk]:
+        shape = payload_shape(spec, len(dst_block_ids))
+        for layer, payload in layers:
+            data = payload.numpy().tobytes()
             for offset in range(0, len(data), self.chunk_bytes):
                 piece = data[offset : offset + self.chunk_bytes]
                 first = offset == 0
@@ -229,11 +234,11 @@ class KVSender:
                 )
 
 
-def layer_feed() -> tuple[queue.Queue, Iterator[int]]:
-    """A queue a model step puts finished layer indices into (None ends it), and its iterator."""
+def layer_feed() -> tuple[queue.Queue, Iterator[tuple[int, torch.Tensor]]]:
+    """A queue a model step puts `(layer, payload)` into (None ends it), and its iterator."""
     q: queue.Queue = queue.Queue()
 
-    def drain() -> Iterator[int]:
+    def drain() -> Iterator[tuple[int, torch.Tensor]]:
         while (item := q.get()) is not None:
             yield item
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -122,9 +123,14 @@ class ModelRunner:
         return input_ids, position_ids, batch, sample_rows
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput) -> torch.Tensor:
-        """Logits `[R, V]` (float32) for the requests whose last scheduled token is their last."""
+    def run(self, out: SchedulerOutput,
+            on_layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Logits `[R, V]` (float32) for the requests whose last scheduled token is their last.
+
+        `on_layer_done(layer)` runs as soon as each layer has written this step's KV.
+        """
         input_ids, position_ids, batch, rows = self.prepare(out)
+        batch.on_layer_done = on_layer_done
         if not rows:
             keep = torch.tensor([0], device=self.device)  # nothing to sample: keep it cheap
         else:

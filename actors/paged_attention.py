@@ -12,7 +12,7 @@ query group folded into the query axis, so grouped-query attention never repeats
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -45,6 +45,7 @@ class AttentionBatch:
     max_context_len: int
     max_query_len: int
     q_index: torch.Tensor | None
+    on_layer_done: Callable[[int], None] | None = None
     _masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -127,6 +128,8 @@ def paged_attention_forward(
     scaling = d**-0.5 if scaling is None else scaling
     write_kv(k_cache, batch.slot_mapping, key[0])
     write_kv(v_cache, batch.slot_mapping, value[0])
+    if batch.on_layer_done is not None:
+        batch.on_layer_done(module.layer_idx)
     keys = gather_kv(k_cache, batch.block_tables)
     values = gather_kv(v_cache, batch.block_tables)
 

@@ -104,7 +104,7 @@ def test_failed_step_fails_its_requests_and_engine_keeps_serving(engine, monkeyp
     rid = engine.add_request("boom", SamplingParams(max_tokens=4))
     real_run = engine.runner.run
 
-    def broken(out):
+    def broken(out, hook=None):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(engine.runner, "run", broken)

@@ -12,6 +12,7 @@ import torch
 
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
 from baton.actors.kv_link import TOKEN_HEADER, KVReceiver, KVSender, layer_feed
+from baton.actors.kv_transfer import pack_layer
 from baton.errors import KVTransferError
 from baton.protos import kv_link_pb2, kv_link_pb2_grpc
 
@@ -48,7 +49,7 @@ def test_push_lands_every_layer_in_the_reserved_blocks(src, receiver):
     receiver.expect("t1", "r1", dst_ids, timeout_s=10)
     # Small chunks: each layer crosses in several messages.
     sender = KVSender(receiver.address, TOKEN, chunk_bytes=1000)
-    result = sender.push(src, "t1", "r1", src_ids, dst_ids, range(SPEC.num_layers), timeout_s=10)
+    result = sender.push_blocks(src, "t1", "r1", src_ids, dst_ids, timeout_s=10)
     assert result.layers_received == SPEC.num_layers
     receiver.wait("t1")
     assert _same_blocks(src, receiver.cache, src_ids, dst_ids)
@@ -61,12 +62,12 @@ def test_layers_stream_as_they_are_produced(src, receiver):
     sender = KVSender(receiver.address, TOKEN)
     done = {}
     thread = threading.Thread(
-        target=lambda: done.setdefault("r", sender.push(src, "t2", "r2", [0, 1], [4, 5], layers,
+        target=lambda: done.setdefault("r", sender.push("t2", "r2", [4, 5], layers, SPEC,
                                                         timeout_s=10)))
     thread.start()
     transfer = receiver._transfers["t2"]
     for layer in range(SPEC.num_layers):
-        feed.put(layer)
+        feed.put((layer, pack_layer(src, layer, torch.tensor([0, 1]))))
         # The receiver holds each layer before the producer has made the next one.
         for _ in range(200):
             if layer in transfer.layers_done:
@@ -123,14 +124,15 @@ def test_wrong_token_is_refused(src, receiver):
     receiver.expect("t3", "r3", [1], timeout_s=5)
     sender = KVSender(receiver.address, "not-the-token")
     with pytest.raises(KVTransferError, match="UNAUTHENTICATED"):
-        sender.push(src, "t3", "r3", [0], [1], range(SPEC.num_layers), timeout_s=5)
+        sender.push_blocks(src, "t3", "r3", [0], [1], timeout_s=5)
 
 
 def test_push_that_stops_early_fails_the_transfer(src, receiver):
     receiver.expect("t4", "r4", [1], timeout_s=5)
     sender = KVSender(receiver.address, TOKEN)
     with pytest.raises(KVTransferError, match="ended after 2 of 4 layers"):
-        sender.push(src, "t4", "r4", [0], [1], range(2), timeout_s=5)
+        layers = ((i, pack_layer(src, i, torch.tensor([0]))) for i in range(2))
+        sender.push("t4", "r4", [1], layers, SPEC, timeout_s=5)
     with pytest.raises(KVTransferError, match="ended after"):
         receiver.wait("t4")
 
