@@ -8,6 +8,8 @@ TORCH_VERSION := 2.13.0
 # A CPU wheel shipped on this machine's disk, if any (pip's find-links).
 TORCH_LOCAL_WHEEL := $(firstword $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu-*.whl))
 PYTEST_ARGS ?=
+# The engine's control plane, type-checked (model code and tensors are left to the tests).
+MYPY_ACTORS := block_manager.py scheduler.py sequence.py engine_loop.py worker.py kv_link.py
 
 .PHONY: setup venv model redis lint test demo bench clean
 
@@ -53,7 +55,7 @@ redis:
 lint: $(STAMPS)/venv
 	$(BIN)/python protos/generate.py --check
 	$(BIN)/ruff check .
-	$(BIN)/mypy baton ops/cli.py actors/block_manager.py actors/scheduler.py actors/sequence.py
+	$(BIN)/mypy baton cluster ops/cli.py $(addprefix actors/,$(MYPY_ACTORS))
 
 test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

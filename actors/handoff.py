@@ -107,6 +107,11 @@ class HandoffEngine(Engine):
         return ImportReservation(seq.request_id, seq.block_table[len(cached) :], len(cached),
                                  len(seq))
 
+    def uncached_tokens(self, prompt_ids: list[int]) -> int:
+        """Prompt tokens this engine would have to compute (the rest are prefix-cache hits)."""
+        probe = Sequence("probe", prompt_ids, SamplingParams(max_tokens=1))
+        return len(prompt_ids) - len(self.blocks.match_prefix(probe)) * self.blocks.block_size
+
     def complete_import(self, request_id: str, first_token: int) -> None:
         """The prompt's KV has landed intact: decode on from `first_token`."""
         seq = self._take_import(request_id)
@@ -122,6 +127,12 @@ class HandoffEngine(Engine):
         seq.error = reason
         self.scheduler.finish(seq, "error")
         self._pending.append(self._finish_output(seq))
+
+    def cancel_import(self, request_id: str) -> Sequence:
+        """Drop a reservation silently (the caller will prefill the request another way)."""
+        seq = self._take_import(request_id)
+        self._forget(seq)
+        return seq
 
     def abort(self, request_id: str) -> None:
         if request_id in self._imports:

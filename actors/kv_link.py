@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import grpc
 import torch
@@ -105,7 +106,7 @@ class KVReceiver(kv_link_pb2_grpc.KVLinkServicer):
 
     def Push(self, request_iterator, context):  # noqa: N802 (gRPC method name)
         if dict(context.invocation_metadata()).get(TOKEN_HEADER) != self.token:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong KV link token")
+            _refuse(context, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong KV link token")
         transfer: Transfer | None = None
         partial: dict[int, bytearray] = {}
         try:
@@ -117,14 +118,14 @@ class KVReceiver(kv_link_pb2_grpc.KVLinkServicer):
         except KVTransferError as exc:
             if transfer is not None:
                 self._fail(transfer, exc.message)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message)
         if transfer is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty push")
+            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "empty push")
         if not transfer.done.is_set():
             msg = (f"push for {transfer.transfer_id} ended after {len(transfer.layers_done)} of "
                    f"{self.cache.spec.num_layers} layers")
             self._fail(transfer, msg)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
+            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, msg)
         return kv_link_pb2.PushResult(
             transfer_id=transfer.transfer_id, layers_received=len(transfer.layers_done),
             bytes_received=transfer.bytes_received,
@@ -177,6 +178,11 @@ class KVReceiver(kv_link_pb2_grpc.KVLinkServicer):
             t.error = message
             log.warning("KV transfer %s failed: %s", t.transfer_id, message)
         t.done.set()
+
+
+def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("unreachable: grpc abort raises")
 
 
 class KVSender:

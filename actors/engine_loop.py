@@ -1,0 +1,79 @@
+"""Runs an engine on its own thread, so a worker can take calls while the engine steps.
+
+The engine is single-threaded: every touch goes through `call` (run on the loop thread between
+steps). Outputs are routed to per-request subscribers as the engine produces them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+from baton.actors.handoff import HandoffEngine
+from baton.outputs import RequestOutput
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineLoop:
+    """Owns a `HandoffEngine` and the thread that steps it."""
+
+    def __init__(self, engine: HandoffEngine):
+        self.engine = engine
+        self._calls: queue.Queue = queue.Queue()
+        self._subscribers: dict[str, Callable[[RequestOutput], None]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[HandoffEngine], T]) -> Future[T]:
+        """Run `fn(engine)` on the loop thread; the future holds its result or exception."""
+        fut: Future[T] = Future()
+        self._calls.put((fn, fut))
+        return fut
+
+    async def acall(self, fn: Callable[[HandoffEngine], T]) -> T:
+        return await asyncio.wrap_future(self.call(fn))
+
+    def subscribe(self, request_id: str, sink: Callable[[RequestOutput], None]) -> None:
+        """Route `request_id`'s outputs to `sink` (call this on the loop thread, via `call`)."""
+        self._subscribers[request_id] = sink
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._calls.put(None)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            # Idle: sleep until a call comes. Busy: take whatever calls are waiting, then step.
+            block = not self.engine.has_unfinished()
+            while True:
+                try:
+                    item = self._calls.get(block=block)
+                except queue.Empty:
+                    break
+                if item is None:
+                    return
+                self._apply(*item)
+                block = False
+            for out in self.engine.step():
+                sink = self._subscribers.get(out.request_id)
+                if out.finished:
+                    self._subscribers.pop(out.request_id, None)
+                if sink is not None:
+                    sink(out)
+
+    def _apply(self, fn: Callable[[HandoffEngine], object], fut: Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(self.engine))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            fut.set_exception(exc)

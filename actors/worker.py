@@ -1,0 +1,196 @@
+"""A Baton worker: one engine in a Ray actor, in a prefill, decode or combined role.
+
+Decode first (DistServe, Splitwise): the decode worker admits a request and reserves its KV
+blocks, then asks a prefill worker to compute the prompt and push the KV straight into those
+blocks over the gRPC KV link, and decodes it in its continuous batch, streaming outputs back (a
+Ray streaming generator). Prompts with few uncached tokens are prefilled locally. When the
+handoff fails (prefill worker gone, transfer refused or stalled) the reservation is freed and the
+request is prefilled locally instead, so a caller sees its tokens or one clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from baton.actors.engine_loop import EngineLoop
+from baton.actors.handoff import HandoffEngine, ImportReservation
+from baton.actors.kv_link import KVReceiver, KVSender
+from baton.errors import BatonError, CapacityError, ConfigError, KVTransferError
+from baton.outputs import RequestOutput
+from baton.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "both")
+
+
+@dataclass(slots=True)
+class WorkerSpec:
+    """What one worker runs: its role, model and engine options, and the KV link settings."""
+
+    role: str = "both"
+    model: str = "default"
+    engine: dict[str, Any] = field(default_factory=dict)
+    kv_token: str = ""
+    kv_host: str = "127.0.0.1"
+    kv_timeout_s: float = 30.0
+    # Prompts with fewer uncached tokens than this are prefilled on the decode worker itself.
+    prefill_threshold: int = 64
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
+        if not self.kv_token:
+            raise ConfigError("kv_token is required: the KV link refuses unauthenticated pushes")
+
+
+class Worker:
+    """The actor class (wrapped with `ray.remote` by the cluster): engine, loop, KV link ends."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.engine = HandoffEngine(spec.model, **spec.engine)
+        self.loop = EngineLoop(self.engine)
+        self.receiver = (
+            KVReceiver(self.engine.cache, spec.kv_token, spec.kv_host)
+            if spec.role in ("decode", "both") else None
+        )
+        self._senders: dict[str, KVSender] = {}
+        log.info("worker %s ready (pid %d)", spec.role, os.getpid())
+
+    async def info(self) -> dict[str, Any]:
+        return {
+            "role": self.spec.role,
+            "pid": os.getpid(),
+            "kv_address": self.receiver.address if self.receiver else None,
+            "model": self.engine.source.name,
+            "num_running": self.engine.num_running,
+            "num_waiting": self.engine.num_waiting,
+            "kv_usage": self.engine.blocks.usage,
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+    async def block_violations(self) -> list[str]:
+        return await self.loop.acall(lambda e: e.block_violations())
+
+    async def abort(self, request_id: str) -> None:
+        await self.loop.acall(lambda e: e.abort(request_id))
+
+    # -- decode side ------------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt: str | list[int],
+                       params: SamplingParams, prefill: Any = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; with a prefill worker handle, long prompts go through it."""
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        aloop = asyncio.get_running_loop()
+
+        def sink(out: RequestOutput) -> None:
+            aloop.call_soon_threadsafe(outputs.put_nowait, out)
+
+        remote = prefill is not None and self.receiver is not None
+        reservation = await self.loop.acall(
+            lambda e: self._admit(e, request_id, prompt, params, sink, remote)
+        )
+        if reservation is not None:
+            await self._handoff(reservation, prompt, params, prefill, sink)
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:  # the caller went away: free the request's blocks
+                await self.loop.acall(lambda e: _abort_quietly(e, request_id))
+
+    def _admit(self, engine: HandoffEngine, request_id: str, prompt, params, sink,
+               remote: bool) -> ImportReservation | None:
+        """On the loop thread: reserve for a remote prefill, or queue for a local one."""
+        self.loop.subscribe(request_id, sink)
+        if remote:
+            ids = engine._encode(prompt)
+            if engine.uncached_tokens(ids) >= self.spec.prefill_threshold:
+                try:
+                    return engine.reserve_import(ids, params, request_id)
+                except CapacityError:
+                    log.info("no blocks to reserve for %s; prefilling locally", request_id)
+        engine.add_request(prompt, params, request_id)
+        return None
+
+    async def _handoff(self, res: ImportReservation, prompt, params, prefill, sink) -> None:
+        assert self.receiver is not None
+        transfer_id = f"{res.request_id}/{uuid.uuid4().hex[:8]}"
+        self.receiver.expect(transfer_id, res.request_id, res.block_ids, self.spec.kv_timeout_s)
+        try:
+            first = await prefill.prefill.remote(
+                transfer_id, res.request_id, prompt, params, self.receiver.address,
+                res.block_ids, res.skip_blocks,
+            )
+            await asyncio.to_thread(self.receiver.wait, transfer_id)
+        except Exception as exc:  # prefill actor died, transfer refused or stalled
+            self.receiver.forget(transfer_id)
+            log.warning("handoff of %s failed (%s); prefilling locally", res.request_id, exc)
+
+            def local(e: HandoffEngine) -> None:
+                e.cancel_import(res.request_id)
+                e.add_request(prompt, params, res.request_id)
+
+            await self.loop.acall(local)
+            return
+        await self.loop.acall(lambda e: e.complete_import(res.request_id, first))
+
+    # -- prefill side -----------------------------------------------------------------------------
+
+    async def prefill(self, transfer_id: str, request_id: str, prompt: str | list[int],
+                      params: SamplingParams, kv_address: str, dst_block_ids: list[int],
+                      skip_blocks: int) -> int:
+        """Compute a prompt, push its KV layer by layer to `kv_address`; return the first token."""
+        aloop = asyncio.get_running_loop()
+        first: asyncio.Future[RequestOutput] = aloop.create_future()
+        local_id = f"{request_id}/prefill/{transfer_id.rsplit('/', 1)[-1]}"
+
+        def sink(out: RequestOutput) -> None:
+            if out.finished:
+                aloop.call_soon_threadsafe(first.set_result, out)
+
+        def start(e: HandoffEngine):
+            self.loop.subscribe(local_id, sink)
+            return e.add_export(prompt, params, skip_blocks, local_id)
+
+        _, export = await self.loop.acall(start)
+        sender = self._sender(kv_address)
+        push = asyncio.to_thread(sender.push, transfer_id, request_id, dst_block_ids,
+                                 _drain(export.feed), self.engine.cache.spec,
+                                 self.spec.kv_timeout_s)
+        _, out = await asyncio.gather(push, first)
+        if out.finish_reason == "error" or not out.token_ids:
+            raise KVTransferError(f"prefill of {request_id} failed: {out.error}")
+        return out.token_ids[0]
+
+    def _sender(self, address: str) -> KVSender:
+        if address not in self._senders:
+            self._senders[address] = KVSender(address, self.spec.kv_token)
+        return self._senders[address]
+
+
+def _drain(feed):
+    while (item := feed.get()) is not None:
+        yield item
+
+
+def _abort_quietly(engine: HandoffEngine, request_id: str) -> None:
+    try:
+        engine.abort(request_id)
+    except BaseException as exc:  # already finished: nothing to free
+        if not isinstance(exc, BatonError):
+            raise
+
+

@@ -1,0 +1,81 @@
+"""The cluster's YAML config, parsed into pydantic models with errors that say what to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from baton.errors import ConfigError
+
+
+class PoolConfig(BaseModel):
+    """One pool of identical workers: its role and where its replicas may run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    role: Literal["prefill", "decode", "both"]
+    replicas: int = Field(1, ge=0)
+    model: str | None = None  # defaults to the cluster's model
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    device: Literal["cpu", "cuda"] = "cpu"
+    accelerator_type: str | None = None  # Ray's `accelerator_type:<T>` resource
+    num_gpus: float = Field(0, ge=0)
+    num_cpus: float = Field(1, gt=0)  # also the engine's thread count on CPU
+    engine: dict[str, Any] = Field(default_factory=dict)  # further EngineConfig options
+
+    @model_validator(mode="after")
+    def _gpu_matches_device(self) -> PoolConfig:
+        if self.device == "cuda" and self.num_gpus <= 0:
+            raise ValueError(f"pool {self.name!r}: device cuda needs num_gpus > 0")
+        return self
+
+
+class ClusterConfig(BaseModel):
+    """A whole cluster: the model, its pools, and how requests are split between them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "default"
+    pools: list[PoolConfig] = Field(default_factory=lambda: [
+        PoolConfig(name="prefill", role="prefill"), PoolConfig(name="decode", role="decode"),
+    ])
+    prefill_threshold: int = Field(64, ge=0)  # uncached prompt tokens worth a remote prefill
+    kv_timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _pools_make_sense(self) -> ClusterConfig:
+        names = [p.name for p in self.pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pool names must be unique, got {names}")
+        roles = {p.role for p in self.pools if p.replicas}
+        if not roles & {"decode", "both"}:
+            raise ValueError("at least one pool with replicas must have role decode or both")
+        return self
+
+
+def load_config(source: str | Path | dict[str, Any] | None) -> ClusterConfig:
+    """Parse a YAML file (or an already-loaded dict); None gives the default local cluster."""
+    if source is None:
+        return ClusterConfig()
+    if isinstance(source, dict):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"cluster config {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cluster config {path} is not valid YAML: {exc}") from exc
+    try:
+        return ClusterConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid cluster config: {problems}") from exc

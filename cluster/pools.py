@@ -1,0 +1,65 @@
+"""Pools of worker actors placed by Ray resources: accelerator type and GPUs, or CPU cores."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from baton.actors.worker import Worker, WorkerSpec
+from baton.cluster.config import ClusterConfig, PoolConfig
+
+log = logging.getLogger(__name__)
+
+# Asking for a sliver of the resource places the actor on a node advertising that type without
+# using up the node's count of it.
+ACCELERATOR_SHARE = 0.001
+
+
+@dataclass(slots=True)
+class Pools:
+    """The live workers of a cluster, by pool name, and the token their KV link shares."""
+
+    config: ClusterConfig
+    kv_token: str
+    workers: dict[str, list[Any]] = field(default_factory=dict)
+
+    def by_role(self, *roles: str) -> list[Any]:
+        return [w for pool in self.config.pools if pool.role in roles
+                for w in self.workers.get(pool.name, [])]
+
+
+def actor_options(pool: PoolConfig) -> dict[str, Any]:
+    """Ray actor options that place one replica of `pool` where it belongs."""
+    options: dict[str, Any] = {"num_cpus": pool.num_cpus, "max_restarts": 0}
+    if pool.num_gpus:
+        options["num_gpus"] = pool.num_gpus
+    if pool.accelerator_type:
+        options["resources"] = {f"accelerator_type:{pool.accelerator_type}": ACCELERATOR_SHARE}
+    return options
+
+
+def worker_spec(config: ClusterConfig, pool: PoolConfig, kv_token: str) -> WorkerSpec:
+    engine = {"dtype": pool.dtype, "device": pool.device, **pool.engine}
+    if pool.device == "cpu":
+        engine.setdefault("num_threads", max(int(pool.num_cpus), 1))
+    return WorkerSpec(role=pool.role, model=pool.model or config.model, engine=engine,
+                      kv_token=kv_token, kv_timeout_s=config.kv_timeout_s,
+                      prefill_threshold=config.prefill_threshold)
+
+
+def start_pools(config: ClusterConfig, kv_token: str | None = None) -> Pools:
+    """Create every pool's replicas and wait until each has loaded its model."""
+    pools = Pools(config, kv_token or secrets.token_urlsafe(24))
+    remote = ray.remote(Worker)
+    for pool in config.pools:
+        spec = worker_spec(config, pool, pools.kv_token)
+        pools.workers[pool.name] = [
+            remote.options(**actor_options(pool)).remote(spec) for _ in range(pool.replicas)
+        ]
+    ray.get([w.info.remote() for ws in pools.workers.values() for w in ws])
+    log.info("pools up: %s", {k: len(v) for k, v in pools.workers.items()})
+    return pools
