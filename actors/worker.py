@@ -64,6 +64,8 @@ class Worker:
             if spec.role in ("decode", "both") else None
         )
         self._senders: dict[str, KVSender] = {}
+        self.handoffs = 0
+        self.handoff_failures = 0
         log.info("worker %s ready (pid %d)", spec.role, os.getpid())
 
     async def info(self) -> dict[str, Any]:
@@ -76,6 +78,8 @@ class Worker:
             "num_waiting": self.engine.num_waiting,
             "kv_usage": self.engine.blocks.usage,
             "node_id": ray.get_runtime_context().get_node_id(),
+            "handoffs": self.handoffs,
+            "handoff_failures": self.handoff_failures,
         }
 
     async def block_violations(self) -> list[str]:
@@ -128,6 +132,7 @@ class Worker:
     async def _handoff(self, res: ImportReservation, prompt, params, prefill, sink) -> None:
         assert self.receiver is not None
         transfer_id = f"{res.request_id}/{uuid.uuid4().hex[:8]}"
+        self.handoffs += 1
         self.receiver.expect(transfer_id, res.request_id, res.block_ids, self.spec.kv_timeout_s)
         try:
             first = await prefill.prefill.remote(
@@ -137,6 +142,7 @@ class Worker:
             await asyncio.to_thread(self.receiver.wait, transfer_id)
         except Exception as exc:  # prefill actor died, transfer refused or stalled
             self.receiver.forget(transfer_id)
+            self.handoff_failures += 1
             log.warning("handoff of %s failed (%s); prefilling locally", res.request_id, exc)
 
             def local(e: HandoffEngine) -> None:

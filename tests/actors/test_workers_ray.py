@@ -58,6 +58,8 @@ def test_prefill_decode_over_the_kv_link_matches_one_engine(workers):
             for i, p in enumerate(prompts)]
     got = [[ray.get(r) for r in stream][-1].token_ids for stream in refs]
     assert got == expected
+    info = ray.get(decode.info.remote())
+    assert info["handoffs"] == 4 and info["handoff_failures"] == 0  # prompts of 17+ tokens
     assert ray.get(prefill.block_violations.remote()) == []
     assert ray.get(decode.block_violations.remote()) == []
 
@@ -71,4 +73,42 @@ def test_killed_prefill_worker_falls_back_to_local_prefill(ray_local):
     out = _generate(decode, "after-kill", prompt, params, prefill)
     assert out.token_ids == expected and out.finish_reason == "length"
     assert ray.get(decode.block_violations.remote()) == []
-    assert ray.get(decode.info.remote())["num_running"] == 0
+    info = ray.get(decode.info.remote())
+    assert info["num_running"] == 0 and info["handoff_failures"] == 1
+
+
+def test_prefill_worker_killed_mid_request_falls_back_and_leaks_nothing(ray_local):
+    # A budget of 4 tokens per step makes the 1500-token prompt take hundreds of steps on the
+    # prefill worker, so the kill lands while the decode worker is waiting on it.
+    slow = dict(ENGINE, max_num_batched_tokens=4)
+    spec = WorkerSpec(role="prefill", model=MODEL, engine=slow, kv_token="tok",
+                      prefill_threshold=16)
+    prefill = RemoteWorker.options(num_cpus=1).remote(spec)
+    ray.get(prefill.info.remote())
+    decode = _spawn("decode", kv_timeout_s=10)
+    prompt = _prompts(4, (1500,))[0]
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    stream = decode.generate.options(num_returns="streaming").remote("mid", prompt, params,
+                                                                      prefill)
+    while ray.get(prefill.info.remote())["num_running"] == 0:
+        pass  # the prefill worker has the request in its batch
+    ray.kill(prefill)
+    out = [ray.get(r) for r in stream][-1]
+    expected = Engine(MODEL, **ENGINE).generate([prompt], params)[0].token_ids
+    assert out.token_ids == expected and out.finish_reason == "length"
+    assert ray.get(decode.block_violations.remote()) == []
+    info = ray.get(decode.info.remote())
+    assert info["handoffs"] == 1 and info["handoff_failures"] == 1
+
+
+def test_killed_decode_worker_ends_the_stream_with_a_clear_error(ray_local):
+    decode = _spawn("decode")
+    params = SamplingParams(max_tokens=1000, ignore_eos=True)
+    stream = decode.generate.options(num_returns="streaming").remote("doomed", [1, 2, 3], params,
+                                                                      None)
+    first = ray.get(next(stream))
+    assert not first.finished
+    ray.kill(decode)
+    with pytest.raises(ray.exceptions.RayActorError):
+        for ref in stream:
+            ray.get(ref, timeout=30)
