@@ -44,6 +44,8 @@ class WorkerSpec:
     kv_timeout_s: float = 30.0
     # Prompts with fewer uncached tokens than this are prefilled on the decode worker itself.
     prefill_threshold: int = 64
+    # CPU cores this worker's process is pinned to (two workers on one box get disjoint sets).
+    cpu_affinity: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -57,6 +59,9 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
+        if spec.cpu_affinity:
+            # Before the engine starts torch's thread pool, so its threads inherit the mask.
+            os.sched_setaffinity(0, spec.cpu_affinity)
         self.engine = HandoffEngine(spec.model, **spec.engine)
         self.loop = EngineLoop(self.engine)
         self.receiver = (
@@ -80,6 +85,7 @@ class Worker:
             "node_id": ray.get_runtime_context().get_node_id(),
             "handoffs": self.handoffs,
             "handoff_failures": self.handoff_failures,
+            "cpu_affinity": sorted(os.sched_getaffinity(0)),
         }
 
     async def block_violations(self) -> list[str]:

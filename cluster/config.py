@@ -25,12 +25,19 @@ class PoolConfig(BaseModel):
     accelerator_type: str | None = None  # Ray's `accelerator_type:<T>` resource
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(1, gt=0)  # also the engine's thread count on CPU
+    # Cores to pin this pool's replicas to, num_cpus each in order (one machine, CPU pools).
+    cpu_cores: list[int] | None = None
     engine: dict[str, Any] = Field(default_factory=dict)  # further EngineConfig options
 
     @model_validator(mode="after")
     def _gpu_matches_device(self) -> PoolConfig:
         if self.device == "cuda" and self.num_gpus <= 0:
             raise ValueError(f"pool {self.name!r}: device cuda needs num_gpus > 0")
+        if self.cpu_cores is not None:
+            need = int(self.num_cpus) * self.replicas
+            if int(self.num_cpus) != self.num_cpus or len(self.cpu_cores) != need:
+                raise ValueError(f"pool {self.name!r}: cpu_cores needs {need} cores "
+                                 f"(num_cpus x replicas, whole cores), got {len(self.cpu_cores)}")
         return self
 
 
@@ -51,6 +58,9 @@ class ClusterConfig(BaseModel):
         names = [p.name for p in self.pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique, got {names}")
+        pinned = [c for p in self.pools for c in p.cpu_cores or []]
+        if len(set(pinned)) != len(pinned):
+            raise ValueError(f"cpu_cores overlap between pools: {sorted(pinned)}")
         roles = {p.role for p in self.pools if p.replicas}
         if not roles & {"decode", "both"}:
             raise ValueError("at least one pool with replicas must have role decode or both")

@@ -42,13 +42,18 @@ def actor_options(pool: PoolConfig) -> dict[str, Any]:
     return options
 
 
-def worker_spec(config: ClusterConfig, pool: PoolConfig, kv_token: str) -> WorkerSpec:
+def worker_spec(config: ClusterConfig, pool: PoolConfig, kv_token: str,
+                replica: int = 0) -> WorkerSpec:
     engine = {"dtype": pool.dtype, "device": pool.device, **pool.engine}
     if pool.device == "cpu":
         engine.setdefault("num_threads", max(int(pool.num_cpus), 1))
+    cores = None
+    if pool.cpu_cores:
+        n = int(pool.num_cpus)
+        cores = pool.cpu_cores[replica * n : (replica + 1) * n]
     return WorkerSpec(role=pool.role, model=pool.model or config.model, engine=engine,
                       kv_token=kv_token, kv_timeout_s=config.kv_timeout_s,
-                      prefill_threshold=config.prefill_threshold)
+                      prefill_threshold=config.prefill_threshold, cpu_affinity=cores)
 
 
 def start_pools(config: ClusterConfig, kv_token: str | None = None) -> Pools:
@@ -56,9 +61,10 @@ def start_pools(config: ClusterConfig, kv_token: str | None = None) -> Pools:
     pools = Pools(config, kv_token or secrets.token_urlsafe(24))
     remote = ray.remote(Worker)
     for pool in config.pools:
-        spec = worker_spec(config, pool, pools.kv_token)
+        options = actor_options(pool)
         pools.workers[pool.name] = [
-            remote.options(**actor_options(pool)).remote(spec) for _ in range(pool.replicas)
+            remote.options(**options).remote(worker_spec(config, pool, pools.kv_token, i))
+            for i in range(pool.replicas)
         ]
     ray.get([w.info.remote() for ws in pools.workers.values() for w in ws])
     log.info("pools up: %s", {k: len(v) for k, v in pools.workers.items()})

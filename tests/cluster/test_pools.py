@@ -72,11 +72,27 @@ def test_pools_land_on_their_accelerator_and_kv_crosses_nodes(cluster):
         ({"pools": [{"name": "d", "role": "decode", "device": "cuda"}]}, "num_gpus"),
         ({"pools": [{"name": "d", "role": "decode"}, {"name": "d", "role": "both"}]}, "unique"),
         ({"poolz": []}, "poolz"),
+        ({"pools": [{"name": "d", "role": "decode", "replicas": 2, "cpu_cores": [0]}]},
+         "cpu_cores"),
+        ({"pools": [{"name": "p", "role": "prefill", "cpu_cores": [1]},
+                    {"name": "d", "role": "decode", "cpu_cores": [1]}]}, "overlap"),
     ],
 )
 def test_bad_config_says_what_to_fix(raw, says):
     with pytest.raises(ConfigError, match=says):
         load_config(raw)
+
+
+def test_workers_on_one_cpu_box_get_disjoint_cores(cluster):
+    pools = start_pools(load_config({
+        "model": "tiny:llama",
+        "pools": [{"name": "p", "role": "prefill", "cpu_cores": [0], "num_cpus": 1,
+                   "accelerator_type": "A100"},
+                  {"name": "d", "role": "decode", "cpu_cores": [1], "num_cpus": 1,
+                   "accelerator_type": "L4"}],
+    }))
+    infos = ray.get([w.info.remote() for ws in pools.workers.values() for w in ws])
+    assert [i["cpu_affinity"] for i in infos] == [[0], [1]]
 
 
 def test_yaml_file_round_trip(tmp_path):
