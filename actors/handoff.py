@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,11 @@ class KVExport:
 
     skip_blocks: int
     feed: queue.Queue
+
+    def layers(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """`(layer, payload)` as the engine computes them, until the feed is closed."""
+        while (item := self.feed.get()) is not None:
+            yield item
 
 
 @dataclass(slots=True, frozen=True)

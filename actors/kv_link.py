@@ -11,7 +11,6 @@ with a status that says what, and the transfer's waiter gets a `KVTransferError`
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import zlib
@@ -238,14 +237,3 @@ class KVSender:
                     shape=shape if first else [], offset=offset, total_bytes=len(data),
                     data=piece, crc32=zlib.crc32(piece),
                 )
-
-
-def layer_feed() -> tuple[queue.Queue, Iterator[tuple[int, torch.Tensor]]]:
-    """A queue a model step puts `(layer, payload)` into (None ends it), and its iterator."""
-    q: queue.Queue = queue.Queue()
-
-    def drain() -> Iterator[tuple[int, torch.Tensor]]:
-        while (item := q.get()) is not None:
-            yield item
-
-    return q, drain()

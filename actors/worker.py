@@ -180,7 +180,7 @@ class Worker:
         _, export = await self.loop.acall(start)
         sender = self._sender(kv_address)
         push = asyncio.to_thread(sender.push, transfer_id, request_id, dst_block_ids,
-                                 _drain(export.feed), self.engine.cache.spec,
+                                 export.layers(), self.engine.cache.spec,
                                  self.spec.kv_timeout_s)
         _, out = await asyncio.gather(push, first)
         if out.finish_reason == "error" or not out.token_ids:
@@ -191,11 +191,6 @@ class Worker:
         if address not in self._senders:
             self._senders[address] = KVSender(address, self.spec.kv_token)
         return self._senders[address]
-
-
-def _drain(feed):
-    while (item := feed.get()) is not None:
-        yield item
 
 
 def _abort_quietly(engine: HandoffEngine, request_id: str) -> None:

@@ -17,6 +17,16 @@ def assert_no_leaks(engine: Engine) -> None:
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
+def run_to_completion(engine: Engine) -> dict:
+    """Step until nothing is left; the final output of every request that ended, by id."""
+    final = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return final
+
+
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool) -> list[int]:
     """transformers `generate`, greedy, one request: the reference Baton must match."""
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)

@@ -12,21 +12,13 @@ from baton.errors import (
     RequestNotFoundError,
 )
 from baton.sampling import SamplingParams
-from tests.conftest import assert_no_leaks
+from tests.conftest import assert_no_leaks, run_to_completion
 
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
     return Engine("tiny:llama", dtype="float32", max_model_len=256, num_kv_blocks=64)
 
-
-def _drain(engine: Engine) -> dict:
-    final = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-    return final
 
 
 @pytest.mark.parametrize(
@@ -53,7 +45,7 @@ def test_bad_request_is_rejected_and_others_keep_running(engine, prompt, params,
     with pytest.raises(error, match=says) as info:
         engine.add_request(prompt, SamplingParams(**params))
     assert info.value.grpc_status in ("INVALID_ARGUMENT",)
-    final = _drain(engine)
+    final = run_to_completion(engine)
     assert final[good].finish_reason == "length" and len(final[good].token_ids) == 6
 
 
@@ -77,7 +69,7 @@ def test_duplicate_request_id_is_rejected(engine):
     engine.add_request("a", SamplingParams(max_tokens=2), request_id="same")
     with pytest.raises(InvalidRequestError, match="already in use"):
         engine.add_request("b", SamplingParams(max_tokens=2), request_id="same")
-    _drain(engine)
+    run_to_completion(engine)
 
 
 def test_abort_frees_blocks_and_reports_abort(engine):
@@ -87,7 +79,7 @@ def test_abort_frees_blocks_and_reports_abort(engine):
     engine.step()
     engine.abort(gone)
     assert_no_leaks(engine)
-    final = _drain(engine)
+    final = run_to_completion(engine)
     assert final[gone].finish_reason == "abort"
     assert final[keep].finish_reason == "length" and len(final[keep].token_ids) == 12
     with pytest.raises(RequestNotFoundError):
@@ -97,7 +89,7 @@ def test_abort_frees_blocks_and_reports_abort(engine):
 def test_abort_while_waiting(engine):
     rid = engine.add_request("never scheduled", SamplingParams(max_tokens=5))
     engine.abort(rid)
-    assert _drain(engine)[rid].finish_reason == "abort"
+    assert run_to_completion(engine)[rid].finish_reason == "abort"
 
 
 def test_failed_step_fails_its_requests_and_engine_keeps_serving(engine, monkeypatch):
@@ -125,7 +117,7 @@ def test_seed_reproduces_and_different_seeds_differ(engine):
     b = engine.generate(["sample me"], p)[0].token_ids
     c = engine.generate(["sample me"], SamplingParams(max_tokens=24, temperature=1.0,
                                                       seed=124, ignore_eos=True))[0].token_ids
-    _drain(engine)
+    run_to_completion(engine)
     assert a == b
     assert a != c
 

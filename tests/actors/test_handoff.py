@@ -14,7 +14,7 @@ from baton.actors.kv_link import KVReceiver, KVSender
 from baton.actors.kv_transfer import payload_nbytes
 from baton.errors import KVTransferError
 from baton.sampling import SamplingParams
-from tests.conftest import assert_no_leaks
+from tests.conftest import assert_no_leaks, run_to_completion
 
 TOKEN = "handoff-token"
 MODEL = "tiny:qwen2"
@@ -31,11 +31,6 @@ def pair():
     receiver.stop(None)
 
 
-def _drain(feed):
-    while (item := feed.get()) is not None:
-        yield item
-
-
 def handoff(prefill, decode, receiver, sender, prompt, params, tid):
     """What a decode worker and a prefill worker do for one request (decode first)."""
     res = decode.reserve_import(prompt, params)
@@ -45,7 +40,7 @@ def handoff(prefill, decode, receiver, sender, prompt, params, tid):
 
     def push():
         try:
-            result["push"] = sender.push(tid, res.request_id, res.block_ids, _drain(export.feed),
+            result["push"] = sender.push(tid, res.request_id, res.block_ids, export.layers(),
                                          prefill.cache.spec, timeout_s=20)
         except KVTransferError as exc:
             result["error"] = exc
@@ -63,14 +58,6 @@ def handoff(prefill, decode, receiver, sender, prompt, params, tid):
     return res, result["push"]
 
 
-def _finish_all(engine):
-    final = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-    return final
-
 
 def test_handoff_gives_the_single_engine_tokens(pair):
     prefill, decode, receiver, sender = pair
@@ -80,7 +67,7 @@ def test_handoff_gives_the_single_engine_tokens(pair):
     alone = Engine(MODEL, dtype="float32").generate(prompts, params)
     reservations = [handoff(prefill, decode, receiver, sender, p, params, f"x{i}")[0]
                     for i, p in enumerate(prompts)]
-    final = _finish_all(decode)  # all five decode together in one batch
+    final = run_to_completion(decode)  # all five decode together in one batch
     got = [final[r.request_id].token_ids for r in reservations]
     assert got == [o.token_ids for o in alone]
     assert all(final[r.request_id].finish_reason == "length" for r in reservations)
@@ -93,9 +80,9 @@ def test_cached_prefix_is_not_sent_again(pair):
     shared = list(range(30, 70))  # 40 tokens = 5 full blocks of 8
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     first, push1 = handoff(prefill, decode, receiver, sender, shared + [1, 2, 3], params, "p1")
-    _finish_all(decode)
+    run_to_completion(decode)
     second, push2 = handoff(prefill, decode, receiver, sender, shared + [9, 9, 9], params, "p2")
-    out = _finish_all(decode)[second.request_id]
+    out = run_to_completion(decode)[second.request_id]
     assert first.skip_blocks == 0 and second.skip_blocks == 5
     per_block = payload_nbytes(decode.cache.spec, 1) * decode.cache.spec.num_layers
     assert push1.bytes_received == len(first.block_ids) * per_block
@@ -113,7 +100,7 @@ def test_failed_transfer_frees_the_reservation(pair):
     with pytest.raises(KVTransferError, match="deadline"):
         receiver.wait("dead")
     decode.fail_import(res.request_id, "prefill worker lost")
-    final = _finish_all(decode)[res.request_id]
+    final = run_to_completion(decode)[res.request_id]
     assert final.finish_reason == "error" and "prefill worker lost" in final.error
     assert_no_leaks(decode)
 
@@ -122,5 +109,5 @@ def test_abort_while_waiting_for_kv(pair):
     _, decode, _, _ = pair
     res = decode.reserve_import([5] * 20, SamplingParams(max_tokens=5))
     decode.abort(res.request_id)
-    assert _finish_all(decode)[res.request_id].finish_reason == "abort"
+    assert run_to_completion(decode)[res.request_id].finish_reason == "abort"
     assert_no_leaks(decode)

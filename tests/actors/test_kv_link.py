@@ -3,6 +3,7 @@ bad push is refused with a clear error."""
 
 from __future__ import annotations
 
+import queue
 import threading
 import zlib
 
@@ -10,8 +11,9 @@ import grpc
 import pytest
 import torch
 
+from baton.actors.handoff import KVExport
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
-from baton.actors.kv_link import TOKEN_HEADER, KVReceiver, KVSender, layer_feed
+from baton.actors.kv_link import TOKEN_HEADER, KVReceiver, KVSender
 from baton.actors.kv_transfer import pack_layer
 from baton.errors import KVTransferError
 from baton.protos import kv_link_pb2, kv_link_pb2_grpc
@@ -58,7 +60,8 @@ def test_push_lands_every_layer_in_the_reserved_blocks(src, receiver):
 
 def test_layers_stream_as_they_are_produced(src, receiver):
     receiver.expect("t2", "r2", [4, 5], timeout_s=10)
-    feed, layers = layer_feed()
+    export = KVExport(skip_blocks=0, feed=queue.Queue())
+    feed, layers = export.feed, export.layers()
     sender = KVSender(receiver.address, TOKEN)
     done = {}
     thread = threading.Thread(
