@@ -122,6 +122,21 @@ def bench_engine(
                threads=threads, seed=seed)
 
 
+@bench_app.command("kv")
+def bench_kv(
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,
+    sizes: Annotated[list[float] | None, typer.Option(
+        "--size", help="Payload MiB, all layers (repeatable; default 1, 4, 16, 64)")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per system and size")] = 15,
+    overlap_mib: Annotated[float, typer.Option(help="Payload MiB for the overlap run")] = 16,
+) -> None:
+    """Baton's KV link against raw TCP and Ray's object store, and its compute overlap."""
+    from baton.ops.bench import kv as bench
+
+    bench.main(json_path=json_path, sizes_mib=tuple(sizes or bench.SIZES_MIB), repeats=repeats,
+               overlap_mib=overlap_mib)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

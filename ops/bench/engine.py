@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from baton.ops.bench.hf_baselines import (
     run_hf_static_batch,
     warm_hf,
 )
+from baton.ops.bench.report import run_and_report
 from baton.ops.bench.workload import (
     RequestTiming,
     SystemResult,
@@ -262,13 +262,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 def main(*, json_path: str | None = None, model: str = "default", num_prompts: int = 16,
          dtype: str = "bfloat16", threads: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Run the benchmark, write the JSON report to `json_path` (if given), print a table."""
-    t0 = time.perf_counter()
-    report = run(model=model, num_prompts=num_prompts, dtype=dtype, threads=threads, seed=seed,
-                 progress=Console(stderr=True))
-    report["bench_wall_s"] = time.perf_counter() - t0
-    if json_path:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-    print_report(report, Console())
-    return report
+    return run_and_report(
+        lambda progress: run(model=model, num_prompts=num_prompts, dtype=dtype, threads=threads,
+                             seed=seed, progress=progress),
+        print_report, json_path)
