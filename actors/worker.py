@@ -110,7 +110,7 @@ class Worker:
             lambda e: self._admit(e, request_id, prompt, params, sink, remote)
         )
         if reservation is not None:
-            await self._handoff(reservation, prompt, params, prefill, sink)
+            await self._handoff(reservation, prompt, params, prefill)
         finished = False
         try:
             while not finished:
@@ -123,19 +123,24 @@ class Worker:
 
     def _admit(self, engine: HandoffEngine, request_id: str, prompt, params, sink,
                remote: bool) -> ImportReservation | None:
-        """On the loop thread: reserve for a remote prefill, or queue for a local one."""
-        self.loop.subscribe(request_id, sink)
+        """On the loop thread: reserve for a remote prefill, or queue for a local one.
+
+        Subscribes only once the engine accepted the request (a rejected one raises to the caller).
+        """
+        reservation = None
         if remote:
             ids = engine._encode(prompt)
             if engine.uncached_tokens(ids) >= self.spec.prefill_threshold:
                 try:
-                    return engine.reserve_import(ids, params, request_id)
+                    reservation = engine.reserve_import(ids, params, request_id)
                 except CapacityError:
                     log.info("no blocks to reserve for %s; prefilling locally", request_id)
-        engine.add_request(prompt, params, request_id)
-        return None
+        if reservation is None:
+            engine.add_request(prompt, params, request_id)
+        self.loop.subscribe(request_id, sink)
+        return reservation
 
-    async def _handoff(self, res: ImportReservation, prompt, params, prefill, sink) -> None:
+    async def _handoff(self, res: ImportReservation, prompt, params, prefill) -> None:
         assert self.receiver is not None
         transfer_id = f"{res.request_id}/{uuid.uuid4().hex[:8]}"
         self.handoffs += 1

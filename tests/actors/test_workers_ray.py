@@ -9,6 +9,7 @@ import ray
 
 from baton.actors.engine import Engine
 from baton.actors.worker import Worker, WorkerSpec
+from baton.errors import ContextLengthError
 from baton.sampling import SamplingParams
 
 MODEL = "tiny:llama"
@@ -112,3 +113,15 @@ def test_killed_decode_worker_ends_the_stream_with_a_clear_error(ray_local):
     with pytest.raises(ray.exceptions.RayActorError):
         for ref in stream:
             ray.get(ref, timeout=30)
+
+
+def test_bad_request_raises_a_typed_error_and_the_worker_keeps_serving(workers):
+    prefill, decode = workers
+    bad = decode.generate.options(num_returns="streaming").remote(
+        "bad", [1] * 3000, SamplingParams(max_tokens=10), prefill)
+    with pytest.raises(ContextLengthError, match="context"):
+        for ref in bad:
+            ray.get(ref)
+    out = _generate(decode, "good", [1, 2, 3], SamplingParams(max_tokens=3), prefill)
+    assert out.finish_reason == "length"
+    assert ray.get(decode.block_violations.remote()) == []
