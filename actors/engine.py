@@ -140,7 +140,7 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a baton.SamplingParams")
-        prompt_ids = self._encode(prompt)
+        prompt_ids = self.encode(prompt)
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ContextLengthError(
@@ -166,7 +166,8 @@ class Engine:
             )
         return seq
 
-    def _encode(self, prompt: str | list[int]) -> list[int]:
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt (text or ids), validated; raises `InvalidRequestError`."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty; send at least one character")

@@ -129,7 +129,7 @@ class Worker:
         """
         reservation = None
         if remote:
-            ids = engine._encode(prompt)
+            ids = engine.encode(prompt)
             if engine.uncached_tokens(ids) >= self.spec.prefill_threshold:
                 try:
                     reservation = engine.reserve_import(ids, params, request_id)
