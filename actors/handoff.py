@@ -77,11 +77,9 @@ class HandoffEngine(Engine):
             n = sched.num_scheduled_tokens[seq.request_id]
             if export is not None and seq.num_computed_tokens + n == seq.num_prompt_tokens:
                 ready.append((export, torch.tensor(seq.block_table[export.skip_blocks :])))
+                self._feeding.append(seq.request_id)
         if not ready:
             return None
-        self._feeding = [seq.request_id for seq in sched.seqs if seq.request_id in self._exports
-                         and seq.num_computed_tokens + sched.num_scheduled_tokens[seq.request_id]
-                         == seq.num_prompt_tokens]
 
         def hook(layer: int) -> None:
             for export, src in ready:
