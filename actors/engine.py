@@ -235,11 +235,11 @@ class Engine:
         now = time.monotonic()
         outputs = []
         for seq, token, lp in zip(done, tokens, logprobs, strict=True):
-            outputs.extend(self._emit(seq, token, lp, now))
+            outputs.append(self._emit(seq, token, lp, now))
         return outputs
 
     def _emit(self, seq: Sequence, token: int, lp: TokenLogprob | None,
-              now: float) -> list[RequestOutput]:
+              now: float) -> RequestOutput:
         """Append a sampled token to `seq`, finish it if it should stop, and report it."""
         seq.token_ids.append(token)
         if seq.metrics.first_token is None:
@@ -251,8 +251,8 @@ class Engine:
         reason = self._finish_reason(seq, token, stopped)
         if reason:
             self.scheduler.finish(seq, reason)
-            return [self._finish_output(seq, [token])]
-        return [self._output(seq, [token], detok.delta(False))]
+            return self._finish_output(seq, [token])
+        return self._output(seq, [token], detok.delta(False))
 
     def _finish_reason(self, seq: Sequence, token: int, stopped: bool) -> str | None:
         p = seq.params

@@ -12,6 +12,7 @@ decoding from the first token the prefill worker sampled; `fail_import` frees ev
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ import torch
 from baton.actors.engine import Engine
 from baton.actors.kv_transfer import pack_layer
 from baton.actors.scheduler import SchedulerOutput
-from baton.actors.sequence import Sequence, SequenceStatus
+from baton.actors.sequence import Sequence
 from baton.errors import CapacityError, RequestNotFoundError
 from baton.sampling import SamplingParams
 
@@ -64,7 +65,7 @@ class HandoffEngine(Engine):
     def add_export(self, prompt: list[int], params: SamplingParams, skip_blocks: int,
                    request_id: str | None = None) -> tuple[str, KVExport]:
         """Compute `prompt` for another worker; its first token comes back as a normal output."""
-        params = SamplingParams(**{**_fields(params), "max_tokens": 1})
+        params = dataclasses.replace(params, max_tokens=1)
         export = KVExport(skip_blocks, queue.Queue())
         rid = self.add_request(prompt, params, request_id)
         self._exports[rid] = export
@@ -105,7 +106,6 @@ class HandoffEngine(Engine):
         if not self.blocks.allocate_slots(seq, uncached, cached):
             self._forget(seq)
             raise CapacityError(f"no KV blocks free for a {len(seq)}-token prompt; retry later")
-        seq.status = SequenceStatus.WAITING
         self._imports[seq.request_id] = seq
         return ImportReservation(seq.request_id, seq.block_table[len(cached) :], len(cached),
                                  len(seq))
@@ -122,7 +122,7 @@ class HandoffEngine(Engine):
         self.blocks.commit(seq)
         seq.metrics.first_scheduled = seq.metrics.first_scheduled or time.monotonic()
         self.scheduler.add_running(seq)
-        self._pending.extend(self._emit(seq, first_token, None, time.monotonic()))
+        self._pending.append(self._emit(seq, first_token, None, time.monotonic()))
 
     def fail_import(self, request_id: str, reason: str) -> None:
         """The handoff failed: free the reservation and end the request with `reason`."""
@@ -160,7 +160,3 @@ class HandoffEngine(Engine):
 
     def _live(self) -> list[Sequence]:
         return [*super()._live(), *self._imports.values()]
-
-
-def _fields(params: SamplingParams) -> dict:
-    return {name: getattr(params, name) for name in params.__slots__}

@@ -11,6 +11,7 @@ request is prefilled locally instead, so a caller sees its tokens or one clear e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
@@ -199,10 +200,7 @@ class Worker:
 
 
 def _abort_quietly(engine: HandoffEngine, request_id: str) -> None:
-    try:
+    with contextlib.suppress(BatonError):  # already finished: nothing to free
         engine.abort(request_id)
-    except BaseException as exc:  # already finished: nothing to free
-        if not isinstance(exc, BatonError):
-            raise
 
 
