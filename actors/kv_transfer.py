@@ -3,7 +3,8 @@
 The one place the KV link touches cache memory: a layer's blocks for one request are packed into
 a single contiguous `[2, kv_heads, num_blocks, block_size, head_dim]` payload (keys, then values)
 that goes on the wire as raw bytes, and unpacked into whichever blocks the receiver reserved.
-A CUDA kernel can take these two functions over without the link noticing.
+The copies go through `baton.kernels.kv_blocks`: a Triton kernel on CUDA, `index_select` and
+`index_copy_` on the CPU, bit for bit alike.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
+from baton.kernels.kv_blocks import gather_blocks, scatter_blocks
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
@@ -27,8 +29,7 @@ def payload_nbytes(spec: KVCacheSpec, num_blocks: int) -> int:
 def pack_layer(cache: PagedKVCache, layer: int, block_ids: torch.Tensor) -> torch.Tensor:
     """One layer's keys and values in `block_ids`, as a contiguous byte tensor (on the CPU)."""
     keys, values = cache.layer(layer)
-    ids = block_ids.to(keys.device)
-    payload = torch.stack((keys.index_select(1, ids), values.index_select(1, ids)))
+    payload = gather_blocks([keys], [values], block_ids)[0]
     return payload.cpu().view(torch.uint8).reshape(-1)
 
 
@@ -37,8 +38,19 @@ def unpack_layer(
 ) -> None:
     """Write a `pack_layer` payload into `block_ids` of this cache (sizes checked by the caller)."""
     keys, values = cache.layer(layer)
-    shape = payload_shape(cache.spec, len(block_ids))
-    data = payload.view(keys.dtype).view(shape).to(keys.device)
-    ids = block_ids.to(keys.device)
-    keys.index_copy_(1, ids, data[0])
-    values.index_copy_(1, ids, data[1])
+    shape = (1, *payload_shape(cache.spec, len(block_ids)))
+    scatter_blocks([keys], [values], block_ids, payload.view(keys.dtype).view(shape))
+
+
+def pack_all_layers(cache: PagedKVCache, block_ids: torch.Tensor) -> torch.Tensor:
+    """Every layer's `pack_layer` payload, in layer order, as one byte tensor (on the CPU)."""
+    payload = gather_blocks(cache.keys, cache.values, block_ids)
+    return payload.cpu().view(torch.uint8).reshape(-1)
+
+
+def unpack_all_layers(cache: PagedKVCache, block_ids: torch.Tensor,
+                      payload: torch.Tensor) -> None:
+    """Write a `pack_all_layers` payload into `block_ids` of this cache."""
+    shape = (cache.spec.num_layers, *payload_shape(cache.spec, len(block_ids)))
+    scatter_blocks(cache.keys, cache.values, block_ids,
+                   payload.view(cache.spec.dtype).view(shape))

@@ -1,0 +1,84 @@
+"""Gather a request's KV blocks into one contiguous buffer, and scatter such a buffer back.
+
+The KV link's packing: for layers `0..L-1` of a paged cache (each `[kv_heads, num_blocks,
+block_size, head_dim]`, keys and values apart), the blocks named by `block_ids` become one
+`[L, 2, kv_heads, n, block_size, head_dim]` buffer (keys, then values, per layer), and go back into
+whichever blocks the receiver reserved. Copies are bit for bit on every path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from baton.errors import KVTransferError
+from baton.kernels.dispatch import backend
+
+
+def payload_shape(keys: list[torch.Tensor], num_blocks: int) -> tuple[int, ...]:
+    hkv, _, bs, d = keys[0].shape
+    return (len(keys), 2, hkv, num_blocks, bs, d)
+
+
+def gather_blocks(keys: list[torch.Tensor], values: list[torch.Tensor],
+                  block_ids: torch.Tensor) -> torch.Tensor:
+    """`block_ids` of every layer's keys and values as one contiguous buffer on their device."""
+    ids = _checked_ids(keys, values, block_ids)
+    if backend(keys[0].device) == "triton":
+        from baton.kernels.kv_blocks_triton import copy_blocks
+
+        out = keys[0].new_empty(payload_shape(keys, len(ids)))
+        copy_blocks(keys, values, ids, out, to_payload=True)
+        return out
+    return gather_blocks_reference(keys, values, ids)
+
+
+def scatter_blocks(keys: list[torch.Tensor], values: list[torch.Tensor],
+                   block_ids: torch.Tensor, payload: torch.Tensor) -> None:
+    """Write a `gather_blocks` buffer into `block_ids` of every layer's keys and values."""
+    ids = _checked_ids(keys, values, block_ids)
+    shape = payload_shape(keys, len(ids))
+    if tuple(payload.shape) != shape or payload.dtype != keys[0].dtype:
+        raise KVTransferError(f"KV payload is {tuple(payload.shape)} {payload.dtype}, this cache "
+                              f"expects {shape} {keys[0].dtype}")
+    payload = payload.to(keys[0].device).contiguous()
+    if backend(keys[0].device) == "triton":
+        from baton.kernels.kv_blocks_triton import copy_blocks
+
+        copy_blocks(keys, values, ids, payload, to_payload=False)
+        return
+    scatter_blocks_reference(keys, values, ids, payload)
+
+
+def gather_blocks_reference(keys: list[torch.Tensor], values: list[torch.Tensor],
+                            block_ids: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.stack((k.index_select(1, block_ids), v.index_select(1, block_ids)))
+                        for k, v in zip(keys, values, strict=True)])
+
+
+def scatter_blocks_reference(keys: list[torch.Tensor], values: list[torch.Tensor],
+                             block_ids: torch.Tensor, payload: torch.Tensor) -> None:
+    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+        k.index_copy_(1, block_ids, payload[layer, 0])
+        v.index_copy_(1, block_ids, payload[layer, 1])
+
+
+def _checked_ids(keys: list[torch.Tensor], values: list[torch.Tensor],
+                 block_ids: torch.Tensor) -> torch.Tensor:
+    """Block ids on the cache's device, after checking the layers agree and the ids fit."""
+    if not keys or len(keys) != len(values):
+        raise KVTransferError(f"need the same number (>= 1) of key and value layers, got "
+                              f"{len(keys)} and {len(values)}")
+    first = keys[0]
+    for t in (*keys, *values):
+        if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+            raise KVTransferError("every KV layer must share one shape, dtype and device")
+        if not t.is_contiguous():
+            raise KVTransferError("KV cache layers must be contiguous")
+    num_blocks = first.shape[1]
+    if block_ids.dim() != 1:
+        raise KVTransferError(f"block_ids must be 1-D, got shape {tuple(block_ids.shape)}")
+    if block_ids.device.type == "cpu" and len(block_ids) and (
+            int(block_ids.min()) < 0 or int(block_ids.max()) >= num_blocks):
+        raise KVTransferError(f"block ids {block_ids.tolist()} outside this cache's "
+                              f"{num_blocks} blocks")
+    return block_ids.to(device=first.device, dtype=torch.long)
