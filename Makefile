@@ -55,7 +55,7 @@ redis:
 lint: $(STAMPS)/venv
 	$(BIN)/python protos/generate.py --check
 	$(BIN)/ruff check .
-	$(BIN)/mypy baton cluster ops/cli.py $(addprefix actors/,$(MYPY_ACTORS))
+	$(BIN)/mypy baton cluster router ops/cli.py $(addprefix actors/,$(MYPY_ACTORS))
 
 test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
@@ -29,6 +30,7 @@ class EngineLoop:
         self._calls: queue.Queue = queue.Queue()
         self._subscribers: dict[str, Callable[[RequestOutput], None]] = {}
         self._stop = threading.Event()
+        self.finished: Counter[str] = Counter()  # requests ended, by finish reason
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -67,6 +69,7 @@ class EngineLoop:
                 sink = self._subscribers.get(out.request_id)
                 if out.finished:
                     self._subscribers.pop(out.request_id, None)
+                    self.finished[out.finish_reason or "unknown"] += 1
                 if sink is not None:
                     sink(out)
 

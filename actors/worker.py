@@ -86,6 +86,7 @@ class Worker:
             "node_id": ray.get_runtime_context().get_node_id(),
             "handoffs": self.handoffs,
             "handoff_failures": self.handoff_failures,
+            "finished": dict(self.loop.finished),
             "cpu_affinity": sorted(os.sched_getaffinity(0)),
         }
 

@@ -67,3 +67,12 @@ class KVTransferError(BatonError):
     """A KV transfer was rejected or did not complete: bad chunk, wrong shape, stalled, refused."""
 
     grpc_status = "ABORTED"
+
+
+class WorkerUnavailableError(BatonError):
+    """No live worker could take the request, or its worker died after tokens were streamed.
+
+    Nothing of the request is left in the cluster; sending it again is safe.
+    """
+
+    grpc_status = "UNAVAILABLE"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import ray
 import torch
 from transformers import GenerationConfig
 
@@ -41,6 +42,15 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bo
     with torch.inference_mode():  # an explicit mask: a prompt may contain the pad id
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
     return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A Ray instance of this process's own (never one already running on the machine)."""
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

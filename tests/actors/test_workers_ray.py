@@ -17,14 +17,6 @@ ENGINE = {"dtype": "float32", "block_size": 8, "num_threads": 1}
 RemoteWorker = ray.remote(Worker)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
-
-
 def _spawn(role: str, **kw):
     spec = WorkerSpec(role=role, model=MODEL, engine=ENGINE, kv_token="tok",
                       prefill_threshold=16, **kw)

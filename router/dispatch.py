@@ -1,0 +1,122 @@
+"""Sends each request to a decode worker (and, for its prompt, a prefill worker) and streams back.
+
+Worker choice here is by load: the live worker with the fewest of this dispatcher's requests in
+flight, ties broken in turn. A decode worker that dies before the request's first token was
+streamed is marked dead and the request goes to another one; once tokens have reached the caller
+a death ends the stream with `WorkerUnavailableError` (re-running would repeat text the caller
+already has). A caller that stops reading aborts the request in its worker, freeing its blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from baton.errors import WorkerUnavailableError
+from baton.outputs import RequestOutput
+from baton.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class WorkerSet:
+    """Actor handles of one role with this dispatcher's in-flight count each; dead ones drop out."""
+
+    def __init__(self, workers: Sequence[Any]):
+        self._load: dict[Any, int] = {w: 0 for w in workers}
+        self._turn = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._load)
+
+    def pick(self, exclude: Sequence[Any] = ()) -> Any | None:
+        live = [w for w in self._load if w not in exclude]
+        if not live:
+            return None
+        low = min(self._load[w] for w in live)
+        least = [w for w in live if self._load[w] == low]
+        return least[next(self._turn) % len(least)]
+
+    @contextlib.contextmanager
+    def hold(self, worker: Any):
+        self._load[worker] += 1
+        try:
+            yield worker
+        finally:
+            if worker in self._load:
+                self._load[worker] -= 1
+
+    def drop(self, worker: Any) -> None:
+        self._load.pop(worker, None)
+
+    def add(self, worker: Any) -> None:
+        self._load.setdefault(worker, 0)
+
+
+class Dispatcher:
+    """Streams requests through a cluster's decode workers, prefilling long prompts elsewhere.
+
+    `decode` are workers of role decode or both; `prefill` are prefill workers (none: every
+    prompt is prefilled where it decodes). Called from one asyncio loop.
+    """
+
+    def __init__(self, decode: Sequence[Any], prefill: Sequence[Any] = (), max_attempts: int = 2):
+        self.decode = WorkerSet(decode)
+        self.prefill = WorkerSet(prefill)
+        self.max_attempts = max_attempts
+        self.retries = 0
+
+    @classmethod
+    def for_pools(cls, pools, **kw) -> Dispatcher:
+        return cls(pools.by_role("decode", "both"), pools.by_role("prefill"), **kw)
+
+    async def generate(self, request_id: str, prompt: str | list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        tried: list[Any] = []
+        while True:
+            worker = self.decode.pick(exclude=tried)
+            if worker is None or len(tried) >= self.max_attempts:
+                raise WorkerUnavailableError(
+                    f"no live decode worker could take {request_id} "
+                    f"(tried {len(tried)}); add or restart decode workers, then send it again")
+            tried.append(worker)
+            streamed = False
+            try:
+                async for out in self._stream(worker, request_id, prompt, params):
+                    streamed = True
+                    yield out
+                return
+            except RayActorError as exc:
+                self.decode.drop(worker)
+                if streamed:
+                    raise WorkerUnavailableError(
+                        f"the decode worker of {request_id} died after streaming tokens ({exc}); "
+                        "send the request again") from exc
+                self.retries += 1
+                log.warning("decode worker died before %s's first token; retrying", request_id)
+
+    async def _stream(self, worker: Any, request_id: str, prompt, params) -> AsyncIterator[
+            RequestOutput]:
+        prefill = self.prefill.pick()
+        with self.decode.hold(worker), (self.prefill.hold(prefill) if prefill is not None
+                                        else contextlib.nullcontext()):
+            stream = worker.generate.options(num_returns="streaming").remote(
+                request_id, prompt, params, prefill)
+            finished = False
+            try:
+                async for ref in stream:
+                    out: RequestOutput = await ref
+                    finished = out.finished
+                    yield out
+            finally:
+                if not finished:
+                    # The caller left (or the worker failed): make sure nothing stays reserved.
+                    with contextlib.suppress(Exception):
+                        ray.cancel(stream)
+                        await worker.abort.remote(request_id)

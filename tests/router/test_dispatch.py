@@ -1,0 +1,132 @@
+"""The dispatcher over real Ray workers (tiny model, KV over real gRPC): choice, retry, abort."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import ray
+
+from baton.actors.engine import Engine
+from baton.actors.worker import Worker, WorkerSpec
+from baton.errors import WorkerUnavailableError
+from baton.router.dispatch import Dispatcher
+from baton.sampling import SamplingParams
+
+MODEL = "tiny:llama"
+ENGINE = {"dtype": "float32", "block_size": 8, "num_threads": 1}
+RemoteWorker = ray.remote(Worker)
+
+
+def spawn(role: str):
+    spec = WorkerSpec(role=role, model=MODEL, engine=ENGINE, kv_token="tok",
+                      prefill_threshold=16, kv_timeout_s=10)
+    actor = RemoteWorker.options(num_cpus=1).remote(spec)
+    ray.get(actor.info.remote())
+    return actor
+
+
+def prompts(seed: int, lengths) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(n)] for n in lengths]
+
+
+async def collect(dispatcher: Dispatcher, rid: str, prompt, params):
+    outs = [o async for o in dispatcher.generate(rid, prompt, params)]
+    assert outs[-1].finished
+    return outs[-1]
+
+
+def assert_clean(*workers) -> None:
+    for w in workers:
+        assert ray.get(w.block_violations.remote()) == []
+        assert ray.get(w.info.remote())["num_running"] == 0
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_local):
+    return spawn("prefill"), spawn("decode"), spawn("decode")
+
+
+def test_requests_spread_over_decode_workers_and_match_one_engine(cluster):
+    prefill, *decodes = cluster
+    ps = prompts(0, (5, 12, 30, 50, 70, 90))
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    expected = [o.token_ids for o in Engine(MODEL, **ENGINE).generate(ps, params)]
+    before = [ray.get(d.info.remote())["handoffs"] for d in decodes]
+
+    async def run():
+        d = Dispatcher(decodes, [prefill])
+        return await asyncio.gather(*(collect(d, f"s{i}", p, params) for i, p in enumerate(ps)))
+
+    got = asyncio.run(run())
+    assert [o.token_ids for o in got] == expected
+    handoffs = [ray.get(d.info.remote())["handoffs"] - b for d, b in
+                zip(decodes, before, strict=True)]
+    assert sum(handoffs) == 4 and all(h > 0 for h in handoffs)  # both decode workers served
+    assert_clean(prefill, *decodes)
+
+
+def test_a_dead_decode_worker_before_the_first_token_is_retried_elsewhere(cluster):
+    prefill, _, alive = cluster
+    dead = spawn("decode")
+    ray.kill(dead)
+    prompt = prompts(1, (40,))[0]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    expected = Engine(MODEL, **ENGINE).generate([prompt], params)[0].token_ids
+
+    async def run():
+        d = Dispatcher([dead, alive], [prefill])  # the first pick is the dead one
+        out = await collect(d, "retry", prompt, params)
+        again = await collect(d, "after", prompt, params)  # the dead worker left the rotation
+        return d, out, again
+
+    d, out, again = asyncio.run(run())
+    assert out.token_ids == expected == again.token_ids
+    assert d.retries == 1 and len(d.decode) == 1
+    assert_clean(prefill, alive)
+
+
+def test_a_decode_worker_dying_mid_stream_ends_it_with_a_clear_error(ray_local):
+    doomed = spawn("decode")
+    params = SamplingParams(max_tokens=1500, ignore_eos=True)
+
+    async def run():
+        d = Dispatcher([doomed])
+        stream = d.generate("doomed", [1, 2, 3], params)
+        first = await stream.__anext__()
+        assert first.token_ids and not first.finished
+        ray.kill(doomed)
+        with pytest.raises(WorkerUnavailableError, match="send the request again"):
+            await asyncio.wait_for(_drain(stream), timeout=30)
+        with pytest.raises(WorkerUnavailableError, match="no live decode worker"):
+            await collect(d, "nobody", [1, 2, 3], params)
+
+    asyncio.run(run())
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
+def test_a_caller_that_stops_reading_frees_the_request_in_its_worker(cluster):
+    prefill, decode, _ = cluster
+    params = SamplingParams(max_tokens=1500, ignore_eos=True)
+
+    aborted = ray.get(decode.info.remote())["finished"].get("abort", 0)
+
+    async def run():
+        d = Dispatcher([decode], [prefill])
+        stream = d.generate("left", prompts(2, (60,))[0], params)
+        await stream.__anext__()
+        await stream.aclose()
+        for _ in range(200):  # the abort reaches the worker's loop thread shortly after
+            if ray.get(decode.info.remote())["num_running"] == 0:
+                break
+            await asyncio.sleep(0.05)
+
+    asyncio.run(run())
+    assert ray.get(decode.info.remote())["finished"]["abort"] == aborted + 1
+    assert_clean(prefill, decode)
