@@ -76,3 +76,9 @@ class WorkerUnavailableError(BatonError):
     """
 
     grpc_status = "UNAVAILABLE"
+
+
+class RedisStartError(BatonError):
+    """The local redis-server did not start: binary missing, port taken, or it never answered."""
+
+    grpc_status = "UNAVAILABLE"

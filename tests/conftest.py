@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import ray
 import torch
 from transformers import GenerationConfig
 
 from baton.actors.engine import Engine
+from baton.cluster.redis_server import RedisServer
 
 
 def assert_no_leaks(engine: Engine) -> None:
@@ -51,6 +54,17 @@ def ray_local():
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A real redis-server (loopback, password, append-only) for the session; its client URL.
+
+    Shared: tests isolate themselves by cluster name, and never stop it (start their own
+    `RedisServer` for that).
+    """
+    with RedisServer(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
