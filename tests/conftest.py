@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
-import pytest
-import ray
 import torch
-from transformers import GenerationConfig
 
-from baton.actors.engine import Engine
-from baton.cluster.redis_server import RedisServer
+# Without CUDA, kernel tests run Triton's CPU interpreter. It must be on before anything imports
+# triton (transformers does), or triton's own library functions are compiled for a GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+from transformers import GenerationConfig  # noqa: E402
+
+from baton.actors.engine import Engine  # noqa: E402
+from baton.cluster.redis_server import RedisServer  # noqa: E402
 
 
 def assert_no_leaks(engine: Engine) -> None:
