@@ -7,6 +7,8 @@ runner and shared by all layers; it reaches the attention function through a con
 
 Shapes inside: the batch runs as `[kv_heads, B, ...]` (the cache's own order), each kv head's
 query group folded into the query axis, so grouped-query attention never repeats keys.
+On CUDA, decode steps (one query per request) run `baton.kernels.paged_attention` straight on the
+blocks instead, gathering nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from baton.actors.kv_cache import PagedKVCache
+from baton.kernels.dispatch import backend
+from baton.kernels.paged_attention import paged_attention
 
 ATTN_IMPLEMENTATION = "baton_paged"
 # Up to this many query rows per kv head, explicit matmuls beat SDPA's CPU kernel (decode).
@@ -130,6 +134,10 @@ def paged_attention_forward(
     write_kv(v_cache, batch.slot_mapping, value[0])
     if batch.on_layer_done is not None:
         batch.on_layer_done(module.layer_idx)
+    if batch.max_query_len == 1 and backend(query.device) == "triton":
+        out = paged_attention(query[0].transpose(0, 1), k_cache, v_cache, batch.block_tables,
+                              batch.context_lens, scale=scaling, sliding_window=sliding_window)
+        return out.unsqueeze(0), None
     keys = gather_kv(k_cache, batch.block_tables)
     values = gather_kv(v_cache, batch.block_tables)
 
