@@ -41,17 +41,38 @@ class PoolConfig(BaseModel):
         return self
 
 
+class RedisConfig(BaseModel):
+    """Where the cluster's shared state lives: an external Redis, or a local redis-server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # An external Redis, password in the URL (redis://:PASSWORD@HOST:PORT/DB); None: `baton up`
+    # starts a local redis-server with a generated password.
+    url: str | None = None
+    data_dir: str | None = None  # the local server's data; None: ~/.baton/<cluster name>/redis
+    port: int = Field(0, ge=0, le=65535)  # the local server's port; 0 picks a free one
+    heartbeat_ttl_s: float = Field(10.0, gt=0)  # a worker silent this long drops out
+    journal_maxlen: int = Field(100_000, gt=0)  # request journal events kept (about)
+    history_maxlen: int = Field(100_000, gt=0)  # performance records kept (about)
+
+    def data_path(self, cluster: str) -> Path:
+        """The local server's data dir, for the cluster of that name."""
+        return Path(self.data_dir or f"~/.baton/{cluster}/redis").expanduser()
+
+
 class ClusterConfig(BaseModel):
     """A whole cluster: the model, its pools, and how requests are split between them."""
 
     model_config = ConfigDict(extra="forbid")
 
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")  # namespaces its Redis keys
     model: str = "default"
     pools: list[PoolConfig] = Field(default_factory=lambda: [
         PoolConfig(name="prefill", role="prefill"), PoolConfig(name="decode", role="decode"),
     ])
     prefill_threshold: int = Field(64, ge=0)  # uncached prompt tokens worth a remote prefill
     kv_timeout_s: float = Field(30.0, gt=0)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
 
     @model_validator(mode="after")
     def _pools_make_sense(self) -> ClusterConfig:
