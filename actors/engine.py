@@ -16,6 +16,7 @@ from baton.actors.detokenizer import IncrementalDetokenizer
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
 from baton.actors.model_runner import ModelRunner, load_model
 from baton.actors.model_source import resolve
+from baton.actors.quantized_linear import QUANTIZATIONS
 from baton.actors.sampler import sample
 from baton.actors.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from baton.actors.sequence import Sequence
@@ -25,6 +26,7 @@ from baton.errors import (
     InvalidRequestError,
     RequestNotFoundError,
 )
+from baton.kernels.quantized_matmul import INT4_GROUP_SIZES
 from baton.outputs import RequestOutput, TokenLogprob
 from baton.sampling import SamplingParams
 
@@ -40,6 +42,8 @@ class EngineConfig:
 
     `kv_cache_memory` (bytes) sizes the paged cache unless `num_kv_blocks` is given.
     `num_threads` pins torch's intra-op threads (two engines on one CPU box get disjoint counts).
+    `quantization` ("int8" per channel, "int4" in groups of `quant_group_size`) stores the model's
+    linear weights (not embeddings or the output head) quantized; activations keep `dtype`.
     """
 
     model: str = "default"
@@ -55,6 +59,8 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    quantization: str | None = None
+    quant_group_size: int = 128
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -68,6 +74,12 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ConfigError(f"quantization must be None or one of {QUANTIZATIONS}, "
+                              f"got {self.quantization!r}")
+        if self.quantization == "int4" and self.quant_group_size not in INT4_GROUP_SIZES:
+            raise ConfigError(f"quant_group_size must be one of {INT4_GROUP_SIZES}, "
+                              f"got {self.quant_group_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
 
@@ -93,7 +105,8 @@ class Engine:
         self.dtype = DTYPES[config.dtype]
         self.source = resolve(config.model)
         t0 = time.monotonic()
-        self.model, self.tokenizer = load_model(self.source, self.dtype, self.device)
+        self.model, self.tokenizer = load_model(self.source, self.dtype, self.device,
+                                                config.quantization, config.quant_group_size)
         log.info("loaded %s in %.1fs", self.source.name, time.monotonic() - t0)
 
         text_config = self.model.config.get_text_config()

@@ -11,21 +11,28 @@ from baton.actors import paged_attention
 from baton.actors.cpu_linear import pack_linears, packing_supported
 from baton.actors.kv_cache import PagedKVCache
 from baton.actors.model_source import ModelSource
+from baton.actors.quantized_linear import quantize_linears
 from baton.actors.scheduler import SchedulerOutput
 from baton.errors import ModelLoadError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device):
-    """(model, tokenizer) for a resolved source, with Baton's paged attention plugged in."""
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
+               quantization: str | None = None, group_size: int = 128):
+    """(model, tokenizer) for a resolved source, with Baton's paged attention plugged in.
+
+    `quantization` ("int8" or "int4" in groups of `group_size`) makes the linears weight-only
+    quantized.
+    """
+    quant = (quantization, group_size)
     attn = paged_attention.ATTN_IMPLEMENTATION
     if source.kind == "tiny":
         from baton.actors.tiny import tiny_model, tiny_tokenizer
 
         arch = source.spec.split(":", 1)[1]
         model = tiny_model(arch, dtype, attn).to(device)
-        return prepare_for_inference(model, dtype, device), tiny_tokenizer()
+        return prepare_for_inference(model, dtype, device, *quant), tiny_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -47,18 +54,21 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device):
         ) from exc
     if model.config.is_encoder_decoder:
         raise ModelLoadError(f"{source.spec!r} is an encoder-decoder model; Baton serves decoders")
-    return prepare_for_inference(model.to(device).eval(), dtype, device), tokenizer
+    return prepare_for_inference(model.to(device).eval(), dtype, device, *quant), tokenizer
 
 
-def prepare_for_inference(model, dtype: torch.dtype, device: torch.device):
-    """Check the model fits Baton's attention, then apply run-time conversions that keep its
-    results (packed CPU linears)."""
+def prepare_for_inference(model, dtype: torch.dtype, device: torch.device,
+                          quantization: str | None = None, group_size: int = 128):
+    """Check the model fits Baton's attention, then apply run-time conversions: weight-only
+    quantization if asked for, then packed CPU linears (which keep results bit for bit)."""
     text = model.config.get_text_config()
     if getattr(text, "attn_logit_softcapping", None):
         raise ModelLoadError(
             f"{type(model).__name__} caps attention logits (attn_logit_softcapping), which "
             "Baton's paged attention does not support yet; choose another model"
         )
+    if quantization:
+        quantize_linears(model, quantization, group_size)
     if packing_supported(dtype, device):
         pack_linears(model)
     return model
