@@ -138,3 +138,14 @@ def convert_gguf(gguf: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def load_tokenizer(source: ModelSource):
+    """The tokenizer alone (for clients and benchmarks that send token ids)."""
+    if source.kind == "tiny":
+        from baton.actors.tiny import tiny_tokenizer
+
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.path)

@@ -88,6 +88,7 @@ class Worker:
             "handoff_failures": self.handoff_failures,
             "finished": dict(self.loop.finished),
             "cpu_affinity": sorted(os.sched_getaffinity(0)),
+            "niceness": os.getpriority(os.PRIO_PROCESS, 0),
         }
 
     async def block_violations(self) -> list[str]:

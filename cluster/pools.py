@@ -34,7 +34,12 @@ class Pools:
 
 def actor_options(pool: PoolConfig) -> dict[str, Any]:
     """Ray actor options that place one replica of `pool` where it belongs."""
-    options: dict[str, Any] = {"num_cpus": pool.num_cpus, "max_restarts": 0}
+    options: dict[str, Any] = {
+        "num_cpus": pool.num_cpus, "max_restarts": 0,
+        # Ray lowers its workers' CPU priority (niceness 15) by default; serving workers are the
+        # cluster's main work and must not yield their cores to every other process.
+        "runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}},
+    }
     if pool.num_gpus:
         options["num_gpus"] = pool.num_gpus
     if pool.accelerator_type:

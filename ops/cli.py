@@ -137,6 +137,28 @@ def bench_kv(
                overlap_mib=overlap_mib)
 
 
+@bench_app.command("pd")
+def bench_pd(
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,
+    model: ModelOpt = "default",
+    dtype: Annotated[str, typer.Option(help="Both systems' dtype")] = "bfloat16",
+    rates: Annotated[list[float] | None, typer.Option(
+        "--rate", help="Request rate per second (repeatable; default 0.25 to 2)")] = None,
+    num_requests: Annotated[int, typer.Option(help="Requests per rate")] = 32,
+    ttft_scale: Annotated[float, typer.Option(
+        help="TTFT SLO as a multiple of the longest prompt's TTFT alone")] = 3.0,
+    tpot_scale: Annotated[float, typer.Option(
+        help="TPOT SLO as a multiple of one request's TPOT alone")] = 2.5,
+    seed: Annotated[int, typer.Option(help="Workload and arrival seed")] = 0,
+) -> None:
+    """Disaggregated prefill/decode against colocated workers: goodput, TTFT and TPOT."""
+    from baton.ops.bench import pd as bench
+
+    bench.main(json_path=json_path, model=model, dtype=dtype,
+               rates=tuple(rates or bench.RATES), num_requests=num_requests,
+               ttft_scale=ttft_scale, tpot_scale=tpot_scale, seed=seed)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -8,7 +8,7 @@ import time
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from baton.actors.model_source import ModelSource
+from baton.actors.model_source import ModelSource, load_tokenizer
 from baton.ops.bench.workload import RequestTiming, SystemResult, Workload
 
 
@@ -34,15 +34,15 @@ class StepClock(BaseStreamer):
 
 def load_hf(source: ModelSource, dtype: torch.dtype):
     """(model, tokenizer) from the very source Baton's engine loads, with SDPA attention."""
+    tokenizer = load_tokenizer(source)
     if source.kind == "tiny":
-        from baton.actors.tiny import tiny_model, tiny_tokenizer
+        from baton.actors.tiny import tiny_model
 
-        return tiny_model(source.spec.split(":", 1)[1], dtype, "sdpa"), tiny_tokenizer()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        return tiny_model(source.spec.split(":", 1)[1], dtype, "sdpa"), tokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype,
                                                  attn_implementation="sdpa")
     return model.eval(), tokenizer

@@ -121,7 +121,7 @@ def build_workload(tokenizer, num_prompts: int, seed: int, max_model_len: int) -
     for kind in kinds:
         question = rng.choice(QUESTIONS)
         target = 0 if kind == "short" else rng.randint(150, 450)
-        ids = _prompt_ids(tokenizer, question, target, rng)
+        ids = chat_prompt_ids(tokenizer, question, target, rng)
         out = _output_length(rng)
         room = max_model_len - out
         requests.append(BenchRequest(ids[-room:], out))
@@ -135,23 +135,29 @@ def _output_length(rng: random.Random) -> int:
     return min(MAX_OUTPUT_TOKENS, max(MIN_OUTPUT_TOKENS, round(math.exp(rng.uniform(low, high)))))
 
 
-def _prompt_ids(tokenizer, question: str, target_tokens: int, rng: random.Random) -> list[int]:
-    """Token ids of a chat prompt whose context paragraphs bring it to about `target_tokens`."""
+def chat_prompt_ids(tokenizer, question: str, target_tokens: int, rng: random.Random,
+                    header: str = "") -> list[int]:
+    """Token ids of a chat prompt whose context paragraphs bring it to about `target_tokens`.
+
+    `header` opens the user turn (a distinct one per request keeps prompts from sharing cached
+    prefixes past the system prompt).
+    """
     order = rng.sample(PARAGRAPHS, len(PARAGRAPHS))
     context: list[str] = []
-    ids = _encode(tokenizer, question, context)
+    ids = _encode(tokenizer, question, context, header)
     i = 0
     while len(ids) < target_tokens:
         context.append(order[i % len(order)])  # repeats paragraphs once the pool runs out
         i += 1
-        ids = _encode(tokenizer, question, context)
+        ids = _encode(tokenizer, question, context, header)
     return ids
 
 
-def _encode(tokenizer, question: str, context: list[str]) -> list[int]:
+def _encode(tokenizer, question: str, context: list[str], header: str = "") -> list[int]:
     content = question
     if context:
         content = "Read these notes, then answer.\n\n" + "\n\n".join(context) + "\n\n" + question
+    content = header + content
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": SYSTEM_PROMPT},
                     {"role": "user", "content": content}]

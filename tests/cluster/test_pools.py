@@ -83,7 +83,7 @@ def test_bad_config_says_what_to_fix(raw, says):
         load_config(raw)
 
 
-def test_workers_on_one_cpu_box_get_disjoint_cores(cluster):
+def test_workers_on_one_cpu_box_get_disjoint_cores_at_full_priority(cluster):
     pools = start_pools(load_config({
         "model": "tiny:llama",
         "pools": [{"name": "p", "role": "prefill", "cpu_cores": [0], "num_cpus": 1,
@@ -93,6 +93,7 @@ def test_workers_on_one_cpu_box_get_disjoint_cores(cluster):
     }))
     infos = ray.get([w.info.remote() for ws in pools.workers.values() for w in ws])
     assert [i["cpu_affinity"] for i in infos] == [[0], [1]]
+    assert [i["niceness"] for i in infos] == [0, 0]  # not Ray's default 15 for workers
 
 
 def test_yaml_file_round_trip(tmp_path):

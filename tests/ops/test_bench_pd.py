@@ -1,0 +1,55 @@
+"""`baton bench pd` end to end on the tiny model, and the open-loop arithmetic it rests on."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from baton.ops.bench import pd
+from baton.ops.bench.openloop import SLO, goodput, poisson_arrivals, summarize
+from baton.ops.bench.workload import RequestTiming
+
+
+def test_poisson_arrivals_keep_the_rate_and_the_seed():
+    a = poisson_arrivals(4000, 2.0, seed=1)
+    gaps = [y - x for x, y in zip(a, a[1:], strict=False)]
+    assert a[0] == 0.0 and all(g > 0 for g in gaps)
+    assert statistics.mean(gaps) == pytest.approx(0.5, rel=0.05)
+    assert statistics.stdev(gaps) == pytest.approx(0.5, rel=0.1)  # exponential: sd = mean
+    assert poisson_arrivals(10, 2.0, seed=1) == a[:10]
+
+
+def test_attainment_needs_both_slos_and_goodput_stops_at_the_first_miss():
+    slo = SLO(ttft_s=1.0, tpot_s=0.1)
+    timings = [RequestTiming(0.5, 0.05, 10), RequestTiming(2.0, 0.05, 10),
+               RequestTiming(0.5, 0.2, 10), RequestTiming(0.9, None, 1)]
+    s = summarize(timings, wall_s=2.0, slo=slo)
+    assert s["attainment"] == 0.5 and s["ttft_attainment"] == 0.75
+    assert s["tpot_attainment"] == 0.75 and s["output_tok_s"] == 15.5
+    by_rate = {1.0: {"attainment": 1.0}, 2.0: {"attainment": 0.95}, 3.0: {"attainment": 0.5},
+               4.0: {"attainment": 0.92}}
+    assert goodput(by_rate, 0.9) == 2.0  # 4.0 met it again, but past a miss it does not count
+    assert goodput({1.0: {"attainment": 0.2}}, 0.9) == 0.0
+
+
+def test_bench_pd_runs_both_systems_and_reports_ratios(tmp_path, capsys):
+    out = tmp_path / "pd.json"
+    pd.main(json_path=str(out), model="tiny:llama", dtype="float32", rates=(2.0,),
+            num_requests=5, seed=3)
+    report = json.loads(out.read_text())
+    assert set(report["systems"]) == {"colocated", "disaggregated"}
+    for system in report["systems"].values():
+        (run,) = system["rates"].values()
+        assert run["num_requests"] == 5 and 0 <= run["attainment"] <= 1
+        assert len(run["timings"]) == 5 and all(t[2] >= 16 for t in run["timings"])
+    assert report["slo"]["ttft_s"] == pytest.approx(3.0 * report["slo"]["solo_ttft_s"])
+    assert report["ratios"]["tpot_p99_pd_vs_colocated"] > 0
+    for health in report["health"].values():
+        assert health["block_violations"] == []
+        assert all(w["num_running"] == 0 for w in health["workers"])
+    decode = [w for w in report["health"]["disaggregated"]["workers"] if w["role"] == "decode"]
+    long_n = report["workload"]["long_requests"]
+    assert decode[0]["handoffs"] >= long_n and decode[0]["handoff_failures"] == 0
+    assert "goodput_pd_vs_colocated" in capsys.readouterr().out
