@@ -17,7 +17,7 @@ from baton.cluster.redis_server import RedisServer
 from baton.cluster.state import ClusterState, PerfRecord, WorkerInfo, WorkerLoad
 from baton.errors import ConfigError
 
-TTL = 0.3  # heartbeat TTL in these tests: long enough for a beat, short enough to wait out
+TTL = 1.0  # heartbeat TTL here: outlasts a busy machine's pauses, short enough to wait out
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
