@@ -11,6 +11,7 @@ from baton.actors import paged_attention
 from baton.actors.cpu_linear import pack_linears, packing_supported
 from baton.actors.kv_cache import PagedKVCache
 from baton.actors.model_source import ModelSource
+from baton.actors.moe_experts import use_grouped_experts
 from baton.actors.quantized_linear import quantize_linears
 from baton.actors.scheduler import SchedulerOutput
 from baton.errors import ModelLoadError, ModelNotFoundError
@@ -59,14 +60,16 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
 
 def prepare_for_inference(model, dtype: torch.dtype, device: torch.device,
                           quantization: str | None = None, group_size: int = 128):
-    """Check the model fits Baton's attention, then apply run-time conversions: weight-only
-    quantization if asked for, then packed CPU linears (which keep results bit for bit)."""
+    """Check the model fits Baton's attention, then apply run-time conversions: MoE layers on
+    Baton's grouped GEMM (CUDA), weight-only quantization if asked for, then packed CPU linears
+    (which keep results bit for bit)."""
     text = model.config.get_text_config()
     if getattr(text, "attn_logit_softcapping", None):
         raise ModelLoadError(
             f"{type(model).__name__} caps attention logits (attn_logit_softcapping), which "
             "Baton's paged attention does not support yet; choose another model"
         )
+    use_grouped_experts(model, device)
     if quantization:
         quantize_linears(model, quantization, group_size)
     if packing_supported(dtype, device):
