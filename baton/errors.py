@@ -82,3 +82,15 @@ class RedisStartError(BatonError):
     """The local redis-server did not start: binary missing, port taken, or it never answered."""
 
     grpc_status = "UNAVAILABLE"
+
+
+class ClusterNotRunningError(BatonError):
+    """No Baton cluster (its controller actor) is running where the caller looked."""
+
+    grpc_status = "UNAVAILABLE"
+
+
+class WorkerNotFoundError(BatonError):
+    """A worker id the controller does not know: never started, or already stopped."""
+
+    grpc_status = "NOT_FOUND"
