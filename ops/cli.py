@@ -159,6 +159,16 @@ def bench_pd(
                ttft_scale=ttft_scale, tpot_scale=tpot_scale, seed=seed)
 
 
+@bench_app.command("kernels")
+def bench_kernels(
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,
+) -> None:
+    """Each Triton kernel against its PyTorch reference and the device's peak bandwidth (CUDA)."""
+    from baton.ops.bench import kernels as bench
+
+    bench.main(json_path=json_path)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,0 +1,39 @@
+"""`baton bench kernels`: on CUDA a timing per kernel; without CUDA a report saying so, exit 0."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from baton.ops.cli import app
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here: the benchmark would run")
+def test_bench_kernels_without_cuda_says_it_needs_cuda_and_succeeds(tmp_path):
+    out = tmp_path / "kernels.json"
+    result = CliRunner().invoke(app, ["bench", "kernels", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "needs CUDA" in result.output
+    report = json.loads(out.read_text())
+    assert report["status"] == "skipped" and "CUDA" in report["reason"]
+    assert report["cases"] == []
+
+
+@pytest.mark.gpu
+def test_bench_kernels_on_cuda_times_every_kernel(tmp_path):
+    out = tmp_path / "kernels.json"
+    result = CliRunner().invoke(app, ["bench", "kernels", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["status"] == "ok" and report["peak_bandwidth_gb_s"] > 0
+    names = {c["kernel"] for c in report["cases"]}
+    assert names == {"paged_attention", "paged_attention_verify", "kv_gather", "kv_scatter",
+                     "int8_matmul", "int4_matmul", "moe_grouped_gemm"}
+    for case in report["cases"]:
+        assert case["kernel_ms"] > 0 and case["reference_ms"] > 0
+        assert 0 < case["fraction_of_peak"] < 1.5  # sanity: caches can beat DRAM a little
+    attention = [c for c in report["cases"] if c["kernel"].startswith("paged_attention")]
+    assert all(c["sdpa_contiguous_ms"] > 0 for c in attention)
