@@ -28,6 +28,7 @@ from baton.errors import (
 )
 from baton.kernels.quantized_matmul import INT4_GROUP_SIZES
 from baton.outputs import RequestOutput, TokenLogprob
+from baton.prompts import chat_prompt, check_context, encode_prompt
 from baton.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -154,13 +155,8 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a baton.SamplingParams")
         prompt_ids = self.encode(prompt)
+        check_context(len(prompt_ids), params.max_tokens, self.max_model_len)
         total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ContextLengthError(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is "
-                f"{total}, over the model's context of {self.max_model_len}; shorten the prompt "
-                "or lower max_tokens"
-            )
         if self.blocks.blocks_needed(total) > self.blocks.num_blocks:
             raise ContextLengthError(
                 f"prompt plus max_tokens ({total} tokens) exceeds the whole KV cache "
@@ -181,21 +177,7 @@ class Engine:
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt (text or ids), validated; raises `InvalidRequestError`."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty; send at least one character")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-            if not ids:
-                raise InvalidRequestError("prompt encodes to no tokens")
-            return list(ids)
-        if not isinstance(prompt, list | tuple) or not prompt:
-            raise InvalidRequestError("prompt must be a non-empty string or list of token ids")
-        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}"
-            )
-        return list(prompt)
+        return encode_prompt(self.tokenizer, self.vocab_size, prompt)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now; its final output (finish_reason 'abort') comes with the next step."""
@@ -340,10 +322,7 @@ class Engine:
                 self.abort(rid)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError(f"model {self.source.name} has no chat template")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
+        return chat_prompt(self.tokenizer, self.source.name, messages)
 
     # -- introspection ----------------------------------------------------------------------------
 

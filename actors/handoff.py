@@ -115,9 +115,11 @@ class HandoffEngine(Engine):
         probe = Sequence("probe", prompt_ids, SamplingParams(max_tokens=1))
         return len(prompt_ids) - len(self.blocks.match_prefix(probe)) * self.blocks.block_size
 
-    def complete_import(self, request_id: str, first_token: int) -> None:
-        """The prompt's KV has landed intact: decode on from `first_token`."""
+    def complete_import(self, request_id: str, first_token: int, kv_bytes: int = 0) -> None:
+        """The prompt's KV (`kv_bytes` of it) has landed intact: decode on from `first_token`."""
         seq = self._take_import(request_id)
+        seq.metrics.prefill_path = "disaggregated"
+        seq.metrics.kv_bytes_received = kv_bytes
         seq.num_computed_tokens = len(seq)
         self.blocks.commit(seq)
         seq.metrics.first_scheduled = seq.metrics.first_scheduled or time.monotonic()

@@ -24,7 +24,13 @@ import ray
 from baton.actors.engine_loop import EngineLoop
 from baton.actors.handoff import HandoffEngine, ImportReservation
 from baton.actors.kv_link import KVReceiver, KVSender
-from baton.errors import BatonError, CapacityError, ConfigError, KVTransferError
+from baton.errors import (
+    BatonError,
+    CapacityError,
+    ConfigError,
+    KVTransferError,
+    RequestNotFoundError,
+)
 from baton.outputs import RequestOutput
 from baton.sampling import SamplingParams
 
@@ -94,8 +100,17 @@ class Worker:
     async def block_violations(self) -> list[str]:
         return await self.loop.acall(lambda e: e.block_violations())
 
-    async def abort(self, request_id: str) -> None:
-        await self.loop.acall(lambda e: e.abort(request_id))
+    async def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; False when this worker does not hold it."""
+
+        def stop(e: HandoffEngine) -> bool:
+            try:
+                e.abort(request_id)
+            except RequestNotFoundError:
+                return False
+            return True
+
+        return await self.loop.acall(stop)
 
     # -- decode side ------------------------------------------------------------------------------
 
@@ -153,7 +168,7 @@ class Worker:
                 transfer_id, res.request_id, prompt, params, self.receiver.address,
                 res.block_ids, res.skip_blocks,
             )
-            await asyncio.to_thread(self.receiver.wait, transfer_id)
+            transfer = await asyncio.to_thread(self.receiver.wait, transfer_id)
         except Exception as exc:  # prefill actor died, transfer refused or stalled
             self.receiver.forget(transfer_id)
             self.handoff_failures += 1
@@ -165,7 +180,8 @@ class Worker:
 
             await self.loop.acall(local)
             return
-        await self.loop.acall(lambda e: e.complete_import(res.request_id, first))
+        await self.loop.acall(
+            lambda e: e.complete_import(res.request_id, first, transfer.bytes_received))
 
     # -- prefill side -----------------------------------------------------------------------------
 

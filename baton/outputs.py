@@ -25,6 +25,9 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    # "local" (prefilled where it decodes) or "disaggregated" (KV pushed from a prefill worker).
+    prefill_path: str = "local"
+    kv_bytes_received: int = 0
 
     @property
     def ttft(self) -> float | None:

@@ -9,6 +9,7 @@ already has). A caller that stops reading aborts the request in its worker, free
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -35,6 +36,9 @@ class WorkerSet:
     def __len__(self) -> int:
         return len(self._load)
 
+    def __iter__(self):
+        return iter(list(self._load))
+
     def pick(self, exclude: Sequence[Any] = ()) -> Any | None:
         live = [w for w in self._load if w not in exclude]
         if not live:
@@ -52,11 +56,15 @@ class WorkerSet:
             if worker in self._load:
                 self._load[worker] -= 1
 
+    def load(self, worker: Any) -> int:
+        return self._load.get(worker, 0)
+
     def drop(self, worker: Any) -> None:
         self._load.pop(worker, None)
 
-    def add(self, worker: Any) -> None:
-        self._load.setdefault(worker, 0)
+    def replace(self, workers: Sequence[Any]) -> None:
+        """Take a fresh worker list (from the controller): keep known loads, forget the gone."""
+        self._load = {w: self._load.get(w, 0) for w in workers}
 
 
 class Dispatcher:
@@ -71,6 +79,20 @@ class Dispatcher:
         self.prefill = WorkerSet(prefill)
         self.max_attempts = max_attempts
         self.retries = 0
+        self._where: dict[str, Any] = {}  # request id -> the decode worker streaming it
+
+    def update(self, decode: Sequence[Any], prefill: Sequence[Any]) -> None:
+        self.decode.replace(decode)
+        self.prefill.replace(prefill)
+
+    async def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it runs (every decode worker is asked when this dispatcher
+        did not send it: another router may have); False when no worker held it."""
+        worker = self._where.get(request_id)
+        targets = [worker] if worker is not None else list(self.decode)
+        done = await asyncio.gather(*(w.abort.remote(request_id) for w in targets),
+                                    return_exceptions=True)
+        return any(d is True for d in done)
 
     @classmethod
     def for_pools(cls, pools, **kw) -> Dispatcher:
@@ -109,12 +131,14 @@ class Dispatcher:
             stream = worker.generate.options(num_returns="streaming").remote(
                 request_id, prompt, params, prefill)
             finished = False
+            self._where[request_id] = worker
             try:
                 async for ref in stream:
                     out: RequestOutput = await ref
                     finished = out.finished
                     yield out
             finally:
+                self._where.pop(request_id, None)
                 if not finished:
                     # The caller left (or the worker failed): make sure nothing stays reserved.
                     with contextlib.suppress(Exception):

@@ -151,7 +151,6 @@ def run(*, model: str = "default", dtype: str = "bfloat16", rates: Sequence[floa
     say = progress.print if progress else log.info
     source = resolve(model)
     tokenizer = load_tokenizer(source)
-    requests = build_requests(tokenizer, num_requests, seed)
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
     try:
@@ -163,26 +162,32 @@ def run(*, model: str = "default", dtype: str = "bfloat16", rates: Sequence[floa
         slo = SLO(ttft_s=ttft_scale * solo_ttft, tpot_s=tpot_scale * solo_tpot)
         say(f"SLOs: TTFT {slo.ttft_s:.2f} s, TPOT {slo.tpot_s * 1000:.0f} ms "
             f"(solo {solo_ttft:.2f} s, {solo_tpot * 1000:.0f} ms)")
-        results = _sweep(systems, requests, sorted(rates), slo, seed, say)
+        results = _sweep(systems, tokenizer, num_requests, sorted(rates), slo, seed, say)
         health = {name: {"block_violations": s.violations(), "workers": s.info()}
                   for name, s in systems.items()}
     finally:
         ray.shutdown()
-    return _report(source.name, dtype, requests, slo, (solo_ttft, solo_tpot),
+    return _report(source.name, dtype, num_requests, slo, (solo_ttft, solo_tpot),
                    (ttft_scale, tpot_scale), results, health)
 
 
-def _sweep(systems: dict[str, System], requests: Sequence[BenchRequest], rates: list[float],
+def _sweep(systems: dict[str, System], tokenizer, num_requests: int, rates: list[float],
            slo: SLO, seed: int, say) -> dict[str, dict[float, dict[str, Any]]]:
+    """Each rate gets requests of its own (a prompt seen at an earlier rate would be a prefix
+    cache hit); both systems get the same ones, on the same arrival schedule."""
     results: dict[str, dict[float, dict[str, Any]]] = {name: {} for name in systems}
     live = list(systems)
     for k, rate in enumerate(rates):
+        requests = build_requests(tokenizer, num_requests, seed + 1000 * (k + 1))
         arrivals = poisson_arrivals(len(requests), rate, seed + k)
         order = live if k % 2 == 0 else live[::-1]  # take turns going first
         for name in order:
             timings, wall = systems[name].run(requests, arrivals)
             summary = summarize(timings, wall, slo)
             summary["timings"] = [(t.ttft, t.tpot, t.tokens) for t in timings]
+            summary["prompt_tokens"] = [len(r.prompt_ids) for r in requests]
+            summary["long_requests"] = sum(len(r.prompt_ids) >= LONG_PROMPT[0]
+                                           for r in requests)
             results[name][rate] = summary
             say(f"{name:>13} @ {rate:.2f} req/s: attainment {summary['attainment']:.0%}, "
                 f"TTFT p99 {summary['ttft_p99_s']:.2f} s, "
@@ -193,7 +198,7 @@ def _sweep(systems: dict[str, System], requests: Sequence[BenchRequest], rates: 
     return results
 
 
-def _report(model: str, dtype: str, requests: Sequence[BenchRequest], slo: SLO,
+def _report(model: str, dtype: str, num_requests: int, slo: SLO,
             solo: tuple[float, float], scales: tuple[float, float],
             results: dict[str, dict[float, dict[str, Any]]],
             health: dict[str, Any]) -> dict[str, Any]:
@@ -202,17 +207,16 @@ def _report(model: str, dtype: str, requests: Sequence[BenchRequest], slo: SLO,
     shared = [r for r in co if r in pd]
     # TPOT compared at the highest load both ran that colocated served within its SLOs.
     at = max([r for r in shared if r <= good["colocated"]] or [min(shared)])
-    long_n = sum(len(r.prompt_ids) >= LONG_PROMPT[0] for r in requests)
     return {
         "machine": machine_info(1),
         "model": model,
         "dtype": dtype,
         "workload": {
-            "num_requests": len(requests), "long_requests": long_n,
+            "num_requests_per_rate": num_requests, "long_fraction": LONG_FRACTION,
             "long": {"prompt_tokens": LONG_PROMPT, "output_tokens": LONG_OUTPUT},
             "short": {"prompt_tokens": SHORT_PROMPT, "output_tokens": SHORT_OUTPUT},
-            "prompt_tokens": [len(r.prompt_ids) for r in requests],
-            "output_tokens": [r.max_tokens for r in requests],
+            "requests": "new prompts at every rate (no prefix-cache carry-over), the same for "
+                        "both systems",
             "arrivals": "Poisson", "ignore_eos": True, "sampling": "greedy",
             "prefill_threshold": PREFILL_THRESHOLD,
         },
