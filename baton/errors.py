@@ -94,3 +94,23 @@ class WorkerNotFoundError(BatonError):
     """A worker id the controller does not know: never started, or already stopped."""
 
     grpc_status = "NOT_FOUND"
+
+
+class DeadlineError(BatonError):
+    """A request ran past the deadline its caller set; it was stopped and its blocks freed."""
+
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
+class AuthError(BatonError):
+    """A call without the cluster's token (or with a wrong one)."""
+
+    grpc_status = "UNAUTHENTICATED"
+
+
+def as_baton_error(exc: BaseException) -> BatonError | None:
+    """The `BatonError` behind `exc`: itself, or the cause a Ray task error wraps."""
+    if isinstance(exc, BatonError) and hasattr(exc, "message"):
+        return exc
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BatonError) else None
