@@ -86,6 +86,8 @@ class Worker:
             "pid": os.getpid(),
             "kv_address": self.receiver.address if self.receiver else None,
             "model": self.engine.source.name,
+            "vocab_size": self.engine.vocab_size,
+            "max_model_len": self.engine.max_model_len,
             "num_running": self.engine.num_running,
             "num_waiting": self.engine.num_waiting,
             "kv_usage": self.engine.blocks.usage,

@@ -81,6 +81,9 @@ class Dispatcher:
         self.retries = 0
         self._where: dict[str, Any] = {}  # request id -> the decode worker streaming it
 
+    def workers(self) -> list[Any]:
+        return [*self.decode, *self.prefill]
+
     def update(self, decode: Sequence[Any], prefill: Sequence[Any]) -> None:
         self.decode.replace(decode)
         self.prefill.replace(prefill)
