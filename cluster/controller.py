@@ -21,14 +21,14 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from baton.actors.worker import Worker
 from baton.cluster.config import ClusterConfig
 from baton.cluster.pools import actor_options, worker_spec
 from baton.cluster.registry import RegistryWriter
 from baton.cluster.replicas import PoolReplicas, Replica
-from baton.errors import ClusterNotRunningError, ConfigError, WorkerNotFoundError
+from baton.errors import BatonError, ClusterNotRunningError, ConfigError, WorkerNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -243,11 +243,15 @@ class Controller:
                 return  # stopped meanwhile
             p.start_failures += 1
             p.retry_at = time.monotonic() + self.retry_s
-            log.error("worker %s did not start: %r", r.worker_id, exc)
+            cause = _worker_error(exc)
+            log.error("worker %s did not start: %s", r.worker_id, cause)
             self._stop(r, "failed to start")
-            if raise_errors:
+            if not raise_errors:
+                return
+            if not isinstance(cause, BatonError):
                 raise
-            return
+            raise _reworded(cause, f"worker {r.worker_id} (pool {r.pool}) did not start: "
+                                   f"{cause.message}") from exc
         if r.state != "starting":
             return
         r.info = info
@@ -320,6 +324,21 @@ class Controller:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _worker_error(exc: Exception) -> BaseException:
+    """The worker's own error when its constructor raised one of Baton's (a model not found,
+    a bad engine option), else `exc` as it came."""
+    task_error = exc.args[0] if isinstance(exc, ActorDiedError) and exc.args else None
+    cause = getattr(task_error, "cause", None)
+    return cause if isinstance(cause, BatonError) else exc
+
+
+def _reworded(error: BatonError, message: str) -> BatonError:
+    try:
+        return type(error)(message)
+    except TypeError:  # a subclass with other constructor arguments
+        return error
 
 
 def _kill(handle: Any) -> None:

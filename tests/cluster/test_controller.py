@@ -15,7 +15,12 @@ from ray.exceptions import RayActorError
 from baton.cluster.config import load_config
 from baton.cluster.controller import get_controller, start_controller, stop_controller
 from baton.cluster.state import ClusterState
-from baton.errors import ClusterNotRunningError, ConfigError, WorkerNotFoundError
+from baton.errors import (
+    ClusterNotRunningError,
+    ConfigError,
+    ModelNotFoundError,
+    WorkerNotFoundError,
+)
 from baton.sampling import SamplingParams
 
 NAMESPACE = "baton-test"
@@ -186,3 +191,12 @@ def test_unknown_worker_missing_controller_and_duplicate_name(controller, cluste
     with pytest.raises(ConfigError, match="already runs"):
         start_controller(load_config(cluster_config(cluster_name)), redis_url,
                          name=cluster_name, namespace=NAMESPACE)
+
+
+def test_a_pool_that_cannot_start_fails_start_with_the_workers_error(ray_local) -> None:
+    config = load_config({"model": "tiny:nope", "pools": [
+        {"name": "both", "role": "both", "dtype": "float32", "engine": ENGINE}]})
+    with pytest.raises(ModelNotFoundError, match="worker both-0 .* did not start: no tiny"):
+        start_controller(config, None, name="doomed", namespace=NAMESPACE)
+    with pytest.raises(ClusterNotRunningError):  # nothing left behind
+        get_controller("doomed", NAMESPACE)

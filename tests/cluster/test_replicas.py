@@ -1,0 +1,82 @@
+"""The controller's pool bookkeeping (no Ray): slots for pinned cores, what to start, what to
+drain on scale-down; and its registry writes with Redis away (they neither raise nor wait)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from baton.cluster.config import ClusterConfig, PoolConfig
+from baton.cluster.registry import RegistryWriter
+from baton.cluster.replicas import PoolReplicas
+from baton.errors import ConfigError
+
+
+def pinned(replicas: int = 2) -> PoolReplicas:
+    return PoolReplicas(PoolConfig(name="d", role="decode", replicas=replicas, num_cpus=2,
+                                   cpu_cores=list(range(2 * replicas))))
+
+
+def test_a_replacement_takes_the_dead_replicas_slot_and_a_new_id() -> None:
+    p = pinned()
+    a, b = (p.new_replica(object(), p.free_slot()) for _ in range(2))
+    assert (a.worker_id, a.slot, b.worker_id, b.slot) == ("d-0", 0, "d-1", 1)
+    assert p.free_slot() is None and p.missing() == 0
+    a.enter("dead")
+    assert p.missing() == 1 and p.free_slot() == 0
+    c = p.new_replica(object(), 0)
+    assert c.worker_id == "d-2"
+
+
+def test_pinned_pool_cannot_outgrow_its_cores() -> None:
+    p = pinned()
+    p.check_target(1)
+    with pytest.raises(ConfigError, match="room for 2 replicas"):
+        p.check_target(3)
+    PoolReplicas(PoolConfig(name="u", role="decode")).check_target(8)  # unpinned: any count
+
+
+def test_drained_replica_holds_its_cores_until_gone() -> None:
+    p = pinned(1)
+    r = p.new_replica(object(), 0)
+    r.enter("draining")
+    r.replace = True  # drain: replaced once gone, not before
+    assert p.missing() == 0 and p.free_slot() is None
+    p.forget(r)
+    assert p.missing() == 1 and p.free_slot() == 0
+
+
+def test_scale_down_stops_starting_first_then_drains_least_loaded() -> None:
+    p = PoolReplicas(PoolConfig(name="u", role="decode", replicas=4))
+    busy, idle, starting = (p.new_replica(object(), i) for i in range(3))
+    for r, n in ((busy, 3), (idle, 0)):
+        r.enter("ready")
+        r.info = {"num_running": n, "num_waiting": 0}
+    p.target = 3
+    assert p.surplus() == ([], [])
+    p.target = 1
+    assert p.surplus() == ([starting], [idle])
+    p.target = 0
+    assert p.surplus() == ([starting], [idle, busy])
+
+
+def test_registry_writes_with_redis_away_neither_raise_nor_wait() -> None:
+    config = ClusterConfig(name="away")
+    p = PoolReplicas(config.pools[1])
+    r = p.new_replica(object(), 0)
+    r.info = {"num_running": 1, "kv_address": "127.0.0.1:1"}
+
+    async def main() -> float:
+        writer = RegistryWriter(config, "redis://127.0.0.1:1/0")  # nothing listens there
+        t = time.monotonic()
+        for _ in range(20):
+            writer.register(r)
+            writer.heartbeat([r])
+            writer.deregister(r.worker_id)
+        spent = time.monotonic() - t
+        await writer.close()
+        return spent
+
+    assert asyncio.run(main()) < 0.1
