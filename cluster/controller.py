@@ -28,7 +28,13 @@ from baton.cluster.config import ClusterConfig
 from baton.cluster.pools import actor_options, worker_spec
 from baton.cluster.registry import RegistryWriter
 from baton.cluster.replicas import PoolReplicas, Replica
-from baton.errors import BatonError, ClusterNotRunningError, ConfigError, WorkerNotFoundError
+from baton.errors import (
+    BatonError,
+    ClusterNotRunningError,
+    ConfigError,
+    WorkerNotFoundError,
+    WorkerUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +71,10 @@ class Controller:
 
     async def start(self) -> int:
         """Start every pool's replicas and wait until all have loaded their model; then start
-        supervising. Raises the first worker's error if one fails to start. Returns the count."""
+        supervising. Raises the first worker's error if one fails to start (WorkerUnavailableError
+        if one is not ready within `start_timeout_s`). Returns how many it started."""
+        if self._supervisor is not None:
+            return 0  # started already
         launched = [self._launch(p) for p in self._pools.values() for _ in range(p.missing())]
         await asyncio.gather(*(self._await_ready(r, raise_errors=True) for r in launched))
         self._supervisor = asyncio.create_task(self._supervise())
@@ -188,7 +197,9 @@ class Controller:
                 self._lost(r, f"died: {answer}")
             else:
                 log.error("health check of %s failed: %r", r.worker_id, answer)
-        self._registry.heartbeat([r for r in watched if r.state in ("ready", "draining")])
+        # Only those that answered: a hung worker drops out of the registry by its TTL.
+        self._registry.heartbeat([r for r, answer in zip(watched, answers, strict=True)
+                                  if isinstance(answer, dict) and r.state != "dead"])
         self._reconcile()
 
     def _reconcile(self) -> None:
@@ -243,15 +254,13 @@ class Controller:
                 return  # stopped meanwhile
             p.start_failures += 1
             p.retry_at = time.monotonic() + self.retry_s
-            cause = _worker_error(exc)
-            log.error("worker %s did not start: %s", r.worker_id, cause)
+            error = _start_error(r, p, exc, self.start_timeout_s)
+            log.error("%s", error)
             self._stop(r, "failed to start")
-            if not raise_errors:
-                return
-            if not isinstance(cause, BatonError):
+            if raise_errors and error is exc:
                 raise
-            raise _reworded(cause, f"worker {r.worker_id} (pool {r.pool}) did not start: "
-                                   f"{cause.message}") from exc
+            if raise_errors:
+                raise error from exc
         if r.state != "starting":
             return
         r.info = info
@@ -275,8 +284,8 @@ class Controller:
         while r.state == "draining":
             try:
                 r.info = await self._ask(r)
-            except TimeoutError:
-                pass
+            except (TimeoutError, ActorUnavailableError):
+                pass  # supervision decides whether it is lost
             except RayActorError:
                 break
             waited = time.monotonic() - r.since
@@ -326,19 +335,24 @@ class Controller:
         task.add_done_callback(self._tasks.discard)
 
 
-def _worker_error(exc: Exception) -> BaseException:
-    """The worker's own error when its constructor raised one of Baton's (a model not found,
-    a bad engine option), else `exc` as it came."""
+def _start_error(r: Replica, p: PoolReplicas, exc: Exception, timeout_s: float) -> Exception:
+    """Why a worker did not start, said for the one who started the cluster: the worker's own
+    Baton error when its constructor raised one (a model not found, a bad engine option)."""
+    where = f"worker {r.worker_id} (pool {r.pool})"
+    if isinstance(exc, TimeoutError):
+        wants = {k: v for k, v in actor_options(p.pool).items()
+                 if k in ("num_cpus", "num_gpus", "resources")}
+        return WorkerUnavailableError(
+            f"{where} not ready after {timeout_s:.0f} s: the cluster may lack the resources it "
+            f"asks for ({wants}; see `ray status`), or its model loads slowly (raise "
+            f"start_timeout_s)")
     task_error = exc.args[0] if isinstance(exc, ActorDiedError) and exc.args else None
     cause = getattr(task_error, "cause", None)
-    return cause if isinstance(cause, BatonError) else exc
-
-
-def _reworded(error: BatonError, message: str) -> BatonError:
-    try:
-        return type(error)(message)
-    except TypeError:  # a subclass with other constructor arguments
-        return error
+    if isinstance(cause, BatonError):
+        with contextlib.suppress(TypeError):  # a subclass with other constructor arguments
+            return type(cause)(f"{where} did not start: {cause.message}")
+        return cause
+    return exc
 
 
 def _kill(handle: Any) -> None:

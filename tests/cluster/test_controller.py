@@ -20,6 +20,7 @@ from baton.errors import (
     ConfigError,
     ModelNotFoundError,
     WorkerNotFoundError,
+    WorkerUnavailableError,
 )
 from baton.sampling import SamplingParams
 
@@ -200,3 +201,12 @@ def test_a_pool_that_cannot_start_fails_start_with_the_workers_error(ray_local) 
         start_controller(config, None, name="doomed", namespace=NAMESPACE)
     with pytest.raises(ClusterNotRunningError):  # nothing left behind
         get_controller("doomed", NAMESPACE)
+
+
+def test_a_worker_the_cluster_cannot_place_times_out_clearly(ray_local) -> None:
+    config = load_config({"model": "tiny:llama", "pools": [
+        {"name": "tpu", "role": "both", "accelerator_type": "TPU-V9", "engine": ENGINE}]})
+    with pytest.raises(WorkerUnavailableError, match="accelerator_type:TPU-V9.*ray status"):
+        start_controller(config, None, name="unplaced", namespace=NAMESPACE, start_timeout_s=1.0)
+    with pytest.raises(ClusterNotRunningError):
+        get_controller("unplaced", NAMESPACE)
