@@ -46,6 +46,19 @@ def backend(device: torch.device | str) -> Backend:
     return _default_backend(torch.device(device).type)
 
 
+def dot_operands(dtype: torch.dtype) -> tuple[object, str]:
+    """(Triton dtype, input precision) a kernel should cast `tl.dot` operands to for `dtype` data.
+
+    On a GPU half-precision data multiplies as itself (tensor cores, float32 accumulation) and
+    float32 exactly; the interpreter cannot multiply bfloat16, so there everything is float32.
+    """
+    import triton.language as tl
+
+    if dtype == torch.float32 or interpreting():
+        return tl.float32, "ieee"
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype], "tf32"
+
+
 @contextlib.contextmanager
 def force_backend(name: Backend) -> Iterator[None]:
     """Run every kernel with `name` inside the block (tests and benchmarks compare the two)."""

@@ -7,6 +7,8 @@ of the same width, which keeps the copy bit-exact whatever the float format.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -36,14 +38,20 @@ def _copy_blocks_kernel(table_ptr, ids_ptr, payload_ptr, num_heads, num_ids, cac
             tl.store(cache + cache_off + offs, data, mask=mask)
 
 
+@functools.lru_cache(maxsize=16)
+def _pointer_table(pointers: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # A cache's layers never move, so their table is built once, not copied to the GPU per call.
+    return torch.tensor(pointers, dtype=torch.int64).to(device)
+
+
 def copy_blocks(keys: list[torch.Tensor], values: list[torch.Tensor], block_ids: torch.Tensor,
                 payload: torch.Tensor, to_payload: bool) -> None:
     """Copy `block_ids` between the layers and `payload` (shapes checked by the caller)."""
     if len(block_ids) == 0:
         return
     hkv, num_blocks, bs, d = keys[0].shape
-    pointers = [t.data_ptr() for pair in zip(keys, values, strict=True) for t in pair]
-    table = torch.tensor(pointers, dtype=torch.int64).to(keys[0].device)
+    pointers = tuple(t.data_ptr() for pair in zip(keys, values, strict=True) for t in pair)
+    table = _pointer_table(pointers, keys[0].device)
     as_int = payload.view(_INT_OF_WIDTH[payload.element_size()])
     numel = bs * d
     chunk = min(triton.next_power_of_2(numel), 4096)

@@ -12,9 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels.dispatch import dot_operands
+
 BLOCK_M = 16
 BLOCK_N = 64
-BLOCK_K = 32
+BLOCK_K = 128
+NUM_STAGES = 4  # deeper prefetch of weight tiles: the GEMM is bound by reading them
 
 
 @triton.jit
@@ -23,7 +26,7 @@ def _grouped_matmul_kernel(
     N, K, num_experts, stride_am, stride_we, stride_wn, stride_om,
     GATHER: tl.constexpr, SCALE: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
@@ -45,14 +48,15 @@ def _grouped_matmul_kernel(
     ks = tl.arange(0, BLOCK_K)
     w_base = w_ptr + e.to(tl.int64) * stride_we
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, tl.where(spare, 0, K), BLOCK_K):  # spare programs skip the work
         k = k0 + ks
         k_ok = k < K
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + k[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_base + cols[None, :] * stride_wn + k[:, None],
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+        # Weight rows as stored (K contiguous), transposed in registers: coalesced reads.
+        w = tl.load(w_base + cols[:, None] * stride_wn + k[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(a.to(DOT), tl.trans(w.to(DOT)), input_precision=PRECISION)
     if SCALE:
         acc *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :],
@@ -77,12 +81,13 @@ def grouped_matmul(a: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
     tile_end = torch.cumsum(torch.div(counts + BLOCK_M - 1, BLOCK_M, rounding_mode="floor"), 0)
     row_start = torch.cumsum(counts, 0) - counts
     grid = (triton.cdiv(total, BLOCK_M) + num_experts, triton.cdiv(n, BLOCK_N))
+    dot, precision = dot_operands(a.dtype)
     _grouped_matmul_kernel[grid](
         a, weights, out, tile_end, row_start, counts,
         rows if rows is not None else counts, row_scale if row_scale is not None else a,
         n, k, num_experts, a.stride(0), weights.stride(0), weights.stride(1), out.stride(0),
         GATHER=rows is not None, SCALE=row_scale is not None,
         BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_K=BLOCK_K, DOT=dot, PRECISION=precision, num_stages=NUM_STAGES,
     )
     return out

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from baton.errors import ConfigError
+from baton.kernels.dispatch import dot_operands
 
 BLOCK_N = 32  # context positions per step
 
@@ -24,7 +25,7 @@ def _paged_attention_kernel(
     stride_table, scale, window,
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -45,7 +46,7 @@ def _paged_attention_kernel(
     dim_ok = dims < HEAD_DIM
     q_off = (q_lo + qi) * stride_qt + (kvh * GROUPS + g) * stride_qh
     q = tl.load(q_ptr + q_off[:, None] + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(DOT)
 
     m_i = tl.full([BLOCK_G * BLOCK_Q], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_G * BLOCK_Q], tl.float32)
@@ -61,7 +62,7 @@ def _paged_attention_kernel(
         kv_mask = k_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale
+        scores = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) * scale
         visible = k_ok[None, :] & (kpos[None, :] <= qpos[:, None]) & row_ok[:, None]
         if window > 0:
             visible = visible & (kpos[None, :] > qpos[:, None] - window)
@@ -70,7 +71,7 @@ def _paged_attention_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -95,6 +96,7 @@ def paged_attention_triton(query, k_cache, v_cache, block_tables, context_lens, 
     block_q = triton.next_power_of_2(max_query_len if varlen else 1)
     block_q = max(block_q, triton.cdiv(16, block_g))
     tables = block_tables.to(torch.int32)
+    dot, precision = dot_operands(query.dtype)
     _paged_attention_kernel[(batch, hkv)](
         query, k_cache, v_cache, out, tables, context_lens.to(torch.int32),
         query_start.to(torch.int32) if varlen else tables,
@@ -103,6 +105,6 @@ def paged_attention_triton(query, k_cache, v_cache, block_tables, context_lens, 
         scale, window,
         GROUPS=groups, HEAD_DIM=d, CACHE_BLOCK=cache_block, BLOCK_G=block_g, BLOCK_Q=block_q,
         BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)), VARLEN=varlen,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DOT=dot, PRECISION=precision,
     )
     return out

@@ -1,8 +1,9 @@
 """`baton bench kernels`: each Triton kernel against its PyTorch reference, on CUDA.
 
-For every kernel: time of the kernel and of its reference on the same inputs, the bytes the kernel
-must move at least, and the bandwidth that makes as a fraction of the device's peak (these kernels
-are memory-bound at serving shapes). Paged attention is also timed against
+For every kernel: its time (replayed from a CUDA graph, so Python's launch cost is left out) and
+its reference's on the same inputs (eagerly where the reference syncs with the host), the bytes
+the kernel must move at least, and the bandwidth that makes as a fraction of the device's peak
+(these kernels are memory-bound at serving shapes). Paged attention is also timed against
 `scaled_dot_product_attention` on the same keys and values laid out contiguously, the bound a
 paged layout should come close to. Without CUDA there is nothing to measure: the report says so.
 """
@@ -34,23 +35,29 @@ def peak_bandwidth(device: torch.device) -> float:
     return 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8
 
 
-def _time_ms(fn: Callable[[], Any]) -> float:
-    from triton.testing import do_bench
+def _time_ms(fn: Callable[[], Any], graph: bool) -> float:
+    """Milliseconds per call: replayed from a CUDA graph (device time, no Python launch cost),
+    or launched eagerly for code that syncs with the host and cannot be captured."""
+    from triton.testing import do_bench, do_bench_cudagraph
 
-    return float(do_bench(fn, warmup=10, rep=50))
+    fn()  # compile before any capture
+    torch.cuda.synchronize()
+    return float(do_bench_cudagraph(fn, rep=50) if graph else do_bench(fn, warmup=10, rep=50))
 
 
 def _case(name: str, shape: str, nbytes: int, kernel: Callable[[], Any],
-          reference: Callable[[], Any], peak: float, **baselines: Callable[[], Any]) -> Case:
+          reference: Callable[[], Any], peak: float, reference_syncs: bool = False,
+          **baselines: Callable[[], Any]) -> Case:
     with force_backend("triton"):
-        kernel_ms = _time_ms(kernel)
-    reference_ms = _time_ms(reference)
+        kernel_ms = _time_ms(kernel, graph=True)
+    reference_ms = _time_ms(reference, graph=not reference_syncs)
     case: Case = {"kernel": name, "shape": shape, "bytes": nbytes, "kernel_ms": kernel_ms,
                   "reference_ms": reference_ms, "speedup_vs_reference": reference_ms / kernel_ms,
                   "kernel_gb_s": nbytes / kernel_ms / 1e6,
-                  "fraction_of_peak": nbytes / (kernel_ms / 1e3) / peak}
+                  "fraction_of_peak": nbytes / (kernel_ms / 1e3) / peak,
+                  "reference_timing": "eager" if reference_syncs else "cuda_graph"}
     for label, fn in baselines.items():
-        case[f"{label}_ms"] = _time_ms(fn)
+        case[f"{label}_ms"] = _time_ms(fn, graph=True)
     return case
 
 
@@ -79,7 +86,7 @@ def _paged_attention_cases(dev: torch.device, peak: float) -> list[Case]:
             kv_bytes + 2 * q.numel() * q.element_size(),
             lambda a=args, n=q_len: paged_attention.paged_attention(*a, max_query_len=n),
             lambda a=args: paged_attention.paged_attention_reference(*a, d**-0.5),
-            peak,
+            peak, reference_syncs=True,
             sdpa_contiguous=lambda qc=qc, kc=kc, vc=vc, m=mask: F.scaled_dot_product_attention(
                 qc, kc, vc, attn_mask=m, enable_gqa=True)))
     return cases
@@ -140,7 +147,7 @@ def _moe_cases(dev: torch.device, peak: float) -> list[Case]:
             "moe_grouped_gemm", f"S={tokens} E={e} top_k={top_k} H={hidden} I={inter}",
             active * 3 * inter * hidden * 2 + 2 * x.numel() * 2,
             lambda a=args: moe.moe_experts(*a), lambda a=args: moe.moe_experts_reference(*a),
-            peak))
+            peak, reference_syncs=True))
     return cases
 
 

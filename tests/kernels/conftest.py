@@ -1,17 +1,12 @@
-"""Kernel tests: Triton's CPU interpreter unless CUDA is here, set before any kernel import."""
+"""Kernel tests: Triton's CPU interpreter unless CUDA is here (tests/conftest.py turns it on
+before anything imports triton)."""
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-
-from baton.kernels.dispatch import force_backend  # noqa: E402
+from baton.kernels.dispatch import force_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
