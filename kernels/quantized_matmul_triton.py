@@ -1,8 +1,8 @@
 """Triton kernel behind `quantized_matmul`: dequantize weight tiles in registers, then multiply.
 
 int8 multiplies raw integers and applies each output channel's scale once at the end. int4 walks
-K one group per step (one scale and zero per output channel a tile) and reads whole packed bytes:
-their low nibbles meet the even columns of `x`, their high nibbles the odd ones.
+K one group per step (one scale and zero per output channel a tile), reads whole packed bytes and
+interleaves their low and high nibbles back into K order in registers.
 """
 
 from __future__ import annotations
@@ -45,22 +45,20 @@ def _quantized_matmul_kernel(
         acc *= tl.load(scales_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     else:
         kb = tl.arange(0, GROUP // 2)  # bytes of one group
+        kx = tl.arange(0, GROUP)
         for k0 in range(0, K, GROUP):
-            byte = k0 // 2 + kb
-            packed = tl.trans(tl.load(w_ptr + cols[:, None] * stride_wn + byte[None, :],
-                                      mask=col_ok[:, None], other=0))
+            packed = tl.load(w_ptr + cols[:, None] * stride_wn + (k0 // 2 + kb)[None, :],
+                             mask=col_ok[:, None], other=0)
+            q = tl.interleave(packed & 15, packed >> 4)  # [BLOCK_N, GROUP] in K order
             group = k0 // GROUP
             scale = tl.load(scales_ptr + cols * stride_sn + group, mask=col_ok, other=0.0)
             zero = tl.load(zeros_ptr + cols * stride_sn + group, mask=col_ok, other=0.0)
-            scale = scale.to(tl.float32)[None, :]
-            offset = zero.to(tl.float32)[None, :] - 8.0 * scale  # w = q * scale + offset
-            w_lo = ((packed & 15).to(tl.float32) * scale + offset).to(DOT)
-            w_hi = ((packed >> 4).to(tl.float32) * scale + offset).to(DOT)
-            x_row = x_ptr + rows[:, None] * stride_xm + 2 * byte[None, :]
-            x_even = tl.load(x_row, mask=row_ok[:, None], other=0.0).to(DOT)
-            x_odd = tl.load(x_row + 1, mask=row_ok[:, None], other=0.0).to(DOT)
-            acc += tl.dot(x_even, w_lo, input_precision=PRECISION)
-            acc += tl.dot(x_odd, w_hi, input_precision=PRECISION)
+            scale = scale.to(tl.float32)[:, None]
+            offset = zero.to(tl.float32)[:, None] - 8.0 * scale  # w = q * scale + offset
+            w = (q.to(tl.float32) * scale + offset).to(DOT)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + kx)[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            acc += tl.dot(x.to(DOT), tl.trans(w), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :],
