@@ -49,6 +49,7 @@ class Chunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     path: str = ""  # first chunk only: "local" or "disaggregated"
+    kv_bytes: int = 0  # last chunk only: KV bytes pushed from a prefill worker
     logprobs: list[tuple[int, float, dict[int, float]]] = field(default_factory=list)
 
 
@@ -63,6 +64,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     path: str
+    kv_bytes: int
 
 
 def build_request(prompt: str | Sequence[int] | Sequence[dict[str, str]], *,
@@ -93,6 +95,7 @@ def _chunk(msg: pb.GenerateResponse) -> Chunk:
     return Chunk(request_id=msg.request_id, text=msg.text, token_ids=list(msg.token_ids),
                  finish_reason=msg.finish_reason or None, prompt_tokens=msg.usage.prompt_tokens,
                  completion_tokens=msg.usage.completion_tokens, path=msg.path,
+                 kv_bytes=msg.kv_bytes,
                  logprobs=[(lp.token_id, lp.logprob, dict(lp.top)) for lp in msg.logprobs])
 
 
@@ -101,7 +104,8 @@ def _gather(chunks: list[Chunk]) -> Completion:
     return Completion(request_id=last.request_id, text="".join(c.text for c in chunks),
                       token_ids=[t for c in chunks for t in c.token_ids],
                       finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
-                      completion_tokens=last.completion_tokens, path=chunks[0].path)
+                      completion_tokens=last.completion_tokens, path=chunks[0].path,
+                      kv_bytes=last.kv_bytes)
 
 
 def _channel_args(token: str | None) -> list[tuple[str, str]]:
@@ -209,3 +213,41 @@ class AsyncBatonClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class AdminClient:
+    """The operator side of a router (what `baton status`, `drain` and `scale` call)."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", *, token: str | None = None):
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.AdminStub(self._channel)
+        self._metadata = _channel_args(token)
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, metadata=self._metadata, timeout=60)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def status(self) -> pb.ClusterStatusResponse:
+        return self._call(self._stub.ClusterStatus, pb.ClusterStatusRequest())
+
+    def drain(self, worker_id: str) -> int:
+        return self._call(self._stub.DrainWorker,
+                          pb.DrainWorkerRequest(worker_id=worker_id)).in_flight
+
+    def scale(self, pool: str, replicas: int) -> int:
+        return self._call(self._stub.ScalePool,
+                          pb.ScalePoolRequest(pool=pool, replicas=replicas)).replicas
+
+    def router_stats(self) -> dict[str, float]:
+        return dict(self._call(self._stub.RouterStats, pb.RouterStatsRequest()).stats)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from baton.errors import BatonError
+from baton.ops import cluster_cmds
 
 app = typer.Typer(
     name="baton",
@@ -23,6 +24,7 @@ bench_app = typer.Typer(help="Benchmarks against a baseline measured in the same
 app.add_typer(bench_app, name="bench")
 
 err = Console(stderr=True)
+cluster_cmds.register(app)
 
 ModelOpt = Annotated[
     str,

@@ -132,7 +132,10 @@ class Router:
             raise
         finally:
             self.in_flight -= 1
-        self._finished(request_id, ids, params, last, started, first_at)
+        try:
+            self._finished(request_id, ids, params, last, started, first_at)
+        except Exception:  # noqa: BLE001 - accounting never fails a request that was served
+            log.exception("could not account for request %s", request_id)
 
     async def abort(self, request_id: str) -> bool:
         self.counters["abort_calls"] += 1
@@ -178,7 +181,7 @@ class Router:
             self.state.record(PerfRecord(
                 request_id=request_id, method="none", pool=path, ttft_s=ttft, tpot_s=tpot,
                 tokens_per_s=n / wall if wall > 0 else 0.0, prompt_tokens=len(ids),
-                completion_tokens=n,
+                output_tokens=n,
                 features={"prompt_tokens": len(ids), "max_tokens": params.max_tokens,
                           "temperature": params.temperature}))
 

@@ -84,6 +84,7 @@ class BatonService(pb_grpc.BatonServicer):
                     chunk.finish_reason = out.finish_reason or ""
                     chunk.usage.prompt_tokens = out.metrics.num_prompt_tokens
                     chunk.usage.completion_tokens = len(out.token_ids)
+                    chunk.kv_bytes = out.metrics.kv_bytes_received
                     if out.finish_reason == "error":
                         await context.abort(grpc.StatusCode.INTERNAL,
                                             f"request failed in its worker: {out.error}")

@@ -1,0 +1,290 @@
+"""`baton up` / `baton down` on one machine: Ray, Redis, the controller and the router.
+
+`up` starts a small daemon (`python -m baton.cluster.local`) that owns the local Ray instance and
+the `redis-server` (so both outlive the CLI, and a Ctrl-C at the terminal reaches neither), waits
+for it to write where they listen, then starts the controller (pools from the config) and the
+router as detached, named actors. `down` stops the router and the controller, then the daemon,
+which shuts Ray and Redis down cleanly. What `up` started is recorded in `run/cluster.json` under
+Baton's cache, which `status` and `down` read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from baton.actors.model_source import cache_root
+from baton.cluster.config import ClusterConfig, load_config
+from baton.errors import ClusterNotRunningError, ConfigError
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "baton"
+ROUTER_NAME = "baton-router"
+DAEMON_START_TIMEOUT_S = 90.0
+
+
+def run_dir() -> Path:
+    return cache_root() / "run"
+
+
+def state_file() -> Path:
+    return run_dir() / "cluster.json"
+
+
+@dataclass(slots=True)
+class LocalCluster:
+    """What `baton up` started and where it listens."""
+
+    ray_address: str
+    ray_token: str | None  # Ray's own auth token for the local instance (None: joined one)
+    redis_url: str | None
+    grpc_address: str
+    http_address: str | None
+    token: str | None
+    daemon_pid: int | None  # None: Ray and Redis were not started by Baton
+    redis_data_dir: str | None
+
+    def save(self) -> None:
+        run_dir().mkdir(parents=True, exist_ok=True)
+        path = state_file()
+        path.write_text(json.dumps(asdict(self), indent=2))
+        path.chmod(0o600)  # holds the Redis password and the API token
+
+    def connect(self) -> None:
+        """Join this cluster's Ray as a driver."""
+        import ray
+
+        if self.ray_token:
+            os.environ["RAY_AUTH_MODE"] = "token"
+            os.environ["RAY_AUTH_TOKEN"] = self.ray_token
+            from ray._raylet import Config  # type: ignore[attr-defined]
+
+            Config.initialize("")  # Ray read its settings at import: make it read them again
+        ray.init(address=self.ray_address, namespace=NAMESPACE, logging_level=logging.ERROR,
+                 log_to_driver=False)
+
+    @classmethod
+    def load(cls) -> LocalCluster:
+        try:
+            return cls(**json.loads(state_file().read_text()))
+        except FileNotFoundError:
+            raise ClusterNotRunningError(
+                "no local Baton cluster is running (nothing recorded by `baton up`); start one "
+                "with `baton up`") from None
+
+
+def default_local_config() -> ClusterConfig:
+    """One prefill and one decode worker on the default model, each pinned to its own core."""
+    cores = sorted(os.sched_getaffinity(0))
+    config = ClusterConfig()
+    if len(cores) >= 2:
+        for pool, core in zip(config.pools, cores, strict=False):
+            pool.cpu_cores = [core]
+    return config
+
+
+def up(config_path: str | None = None, *, address: str | None = None,
+       redis_url: str | None = None, host: str = "127.0.0.1", grpc_port: int = 50051,
+       http_port: int | None = 8000, token: str | None = None) -> LocalCluster:
+    """Bring the cluster up; returns where it listens (also saved for `status` and `down`)."""
+
+    if state_file().exists():
+        raise ConfigError(f"a Baton cluster is already up (see {state_file()}); run `baton down`"
+                          " first")
+    config = load_config(config_path) if config_path else default_local_config()
+    redis_url = redis_url or config.redis.url
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        token = secrets.token_urlsafe(24)  # never an open API beyond loopback
+    daemon = None
+    if address is None or redis_url is None:
+        daemon = _start_daemon(config, with_ray=address is None, with_redis=redis_url is None)
+        address = address or daemon["ray_address"]
+        redis_url = redis_url or daemon["redis_url"]
+    cluster = LocalCluster(
+        ray_address=address, ray_token=daemon.get("ray_token") if daemon else None,
+        redis_url=redis_url, grpc_address=f"{host}:{grpc_port}",
+        http_address=f"{host}:{http_port}" if http_port is not None else None, token=token,
+        daemon_pid=daemon["pid"] if daemon else None,
+        redis_data_dir=daemon.get("redis_data_dir") if daemon else None)
+    cluster.save()
+    try:
+        cluster.connect()
+        _start_services(config, cluster, host, grpc_port, http_port)
+    except BaseException:
+        down()
+        raise
+    return cluster
+
+
+def _start_services(config: ClusterConfig, cluster: LocalCluster, host: str, grpc_port: int,
+                    http_port: int | None) -> None:
+    import ray
+
+    from baton.cluster.controller import CONTROLLER_NAME, start_controller
+    from baton.router.app import RouterActor, RouterSettings
+
+    start_controller(config, cluster.redis_url, namespace=NAMESPACE)
+    settings = RouterSettings(model=config.model, host=host, grpc_port=grpc_port,
+                              http_port=http_port, token=cluster.token,
+                              redis_url=cluster.redis_url, cluster=config.name,
+                              controller=CONTROLLER_NAME, namespace=NAMESPACE)
+    router = ray.remote(RouterActor).options(
+        name=ROUTER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+        max_restarts=0).remote(settings)
+    ray.get(router.start.remote())
+
+
+def down() -> bool:
+    """Stop what `up` started; False when nothing was running."""
+    import ray
+
+    try:
+        cluster = LocalCluster.load()
+    except ClusterNotRunningError:
+        return False
+    try:
+        if not ray.is_initialized():
+            cluster.connect()
+        _stop_services()
+    except Exception as exc:  # noqa: BLE001 - Ray already gone: the daemon still needs stopping
+        log.warning("could not reach the cluster's Ray (%s); stopping what is left", exc)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if cluster.daemon_pid:
+            _stop_daemon(cluster.daemon_pid)
+        state_file().unlink(missing_ok=True)
+    return True
+
+
+def _stop_services() -> None:
+    import ray
+
+    from baton.cluster.controller import get_controller, stop_controller
+
+    try:
+        router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
+        ray.get(router.stop.remote(), timeout=15)
+        ray.kill(router, no_restart=True)
+    except Exception as exc:  # noqa: BLE001 - not running is fine
+        log.info("router: %r", exc)
+    with contextlib.suppress(ClusterNotRunningError):
+        stop_controller(get_controller(namespace=NAMESPACE))
+
+
+# -- the daemon -------------------------------------------------------------------------------
+
+
+def _start_daemon(config: ClusterConfig, with_ray: bool, with_redis: bool) -> dict[str, Any]:
+    run_dir().mkdir(parents=True, exist_ok=True)
+    ready = run_dir() / "daemon.json"
+    ready.unlink(missing_ok=True)
+    cpus = max(int(sum(p.num_cpus * p.replicas for p in config.pools)), os.cpu_count() or 1)
+    args = [sys.executable, "-m", "baton.cluster.local", "--ready", str(ready),
+            "--num-cpus", str(cpus), "--redis-dir",
+            str(config.redis.data_path(config.name)) if with_redis else ""]
+    if not with_ray:
+        args.append("--no-ray")
+    with open(run_dir() / "daemon.log", "ab") as out:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True)
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if ready.exists():
+            info = json.loads(ready.read_text())
+            if "error" in info:
+                raise ConfigError(f"baton up failed to start its services: {info['error']}")
+            return {"pid": proc.pid, **info}
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise ConfigError(f"baton up: Ray/Redis did not come up; see {run_dir() / 'daemon.log'}")
+
+
+def _stop_daemon(pid: int, timeout_s: float = 30.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _daemon(ready: Path, num_cpus: int, redis_dir: str, with_ray: bool) -> None:
+    """Own Ray and Redis until SIGTERM, then shut both down cleanly."""
+    import ray
+
+    from baton.cluster.redis_server import RedisServer
+
+    stop = False
+
+    def on_term(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    redis = RedisServer(redis_dir) if redis_dir else None
+    try:
+        info: dict[str, Any] = {}
+        if redis is not None:
+            info["redis_url"] = redis.start()
+            info["redis_data_dir"] = redis_dir
+        if with_ray:
+            info["ray_token"] = os.environ["RAY_AUTH_TOKEN"]
+            # Loopback only: nothing outside this machine joins a local cluster.
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     namespace=NAMESPACE, logging_level=logging.ERROR,
+                     _node_ip_address="127.0.0.1")
+            info["ray_address"] = ray.get_runtime_context().gcs_address
+    except Exception as exc:  # noqa: BLE001 - reported to `baton up`, which says it
+        ready.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        if redis is not None:
+            redis.stop()
+        return
+    # After ray.init, which installs handlers of its own.
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ready.write_text(json.dumps(info))
+    while not stop:
+        time.sleep(0.5)
+    if with_ray:
+        ray.shutdown()
+    if redis is not None:
+        redis.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Baton's local Ray + Redis daemon")
+    parser.add_argument("--ready", type=Path, required=True)
+    parser.add_argument("--num-cpus", type=int, required=True)
+    parser.add_argument("--redis-dir", default="")
+    parser.add_argument("--no-ray", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    # Ray's token auth with a token Baton knows, so `baton` commands can join; Ray reads these
+    # when it is imported, so before that.
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    _daemon(args.ready, args.num_cpus, args.redis_dir, not args.no_ray)
+
+
+if __name__ == "__main__":
+    main()
