@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from baton.errors import (
     BatonError,
@@ -25,6 +25,7 @@ from baton.errors import (
     DeadlineError,
     InvalidRequestError,
     ModelNotFoundError,
+    as_baton_error,
 )
 from baton.outputs import RequestOutput
 from baton.prompts import chat_prompt, check_context, encode_prompt
@@ -55,21 +56,40 @@ class ServedModel:
     max_model_len: int
 
 
+class RequestObserver(Protocol):
+    """Told by the router of each request's life (metrics); calls are cheap and run inline.
+
+    `failed` also hears of requests refused before admission (reason: the error's type name).
+    """
+
+    def accepted(self, request_id: str, prompt_tokens: int) -> None: ...
+
+    def first_token(self, request_id: str, ttft_s: float) -> None: ...
+
+    def finished(self, request_id: str, last: RequestOutput | None, tpot_s: float | None,
+                 e2e_s: float) -> None: ...
+
+    def failed(self, request_id: str, reason: str) -> None: ...
+
+
 class Router:
     """Validates, admits, dispatches and accounts for requests; one per front-end process.
 
     `state` is a `ClusterState` (or None without Redis); `refresh` returns the current
-    (decode, prefill) worker handles, called every `refresh_s` (None: a fixed set).
+    (decode, prefill) worker handles, called every `refresh_s` (None: a fixed set);
+    `observer` hears of every request (see `RequestObserver`).
     """
 
     def __init__(self, model: ServedModel, dispatcher: Dispatcher, *, state: Any = None,
                  router_id: str | None = None, limits: RouterLimits | None = None,
-                 refresh: Callable[[], Any] | None = None, refresh_s: float = 1.0):
+                 refresh: Callable[[], Any] | None = None, refresh_s: float = 1.0,
+                 observer: RequestObserver | None = None):
         self.model = model
         self.dispatcher = dispatcher
         self.state = state
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
         self.limits = limits or RouterLimits()
+        self.observer = observer
         self.in_flight = 0
         self.counters: collections.Counter[str] = collections.Counter()
         self._recent: collections.deque[tuple[float, float | None]] = collections.deque(
@@ -97,16 +117,22 @@ class Router:
                        request_id: str | None = None, model: str | None = None,
                        timeout_s: float | None = None) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; every failure is a `BatonError` with its gRPC status."""
-        request_id = self._request_id(request_id)
-        self.check_model(model)
-        ids = self.encode(prompt)
-        check_context(len(ids), params.max_tokens, self.model.max_model_len)
-        if self.in_flight >= self.limits.max_in_flight:
-            self.counters["rejected_capacity"] += 1
-            raise CapacityError(f"router {self.router_id} has {self.in_flight} requests in flight "
-                                f"(limit {self.limits.max_in_flight}); retry with backoff")
+        try:
+            request_id = self._request_id(request_id)
+            self.check_model(model)
+            ids = self.encode(prompt)
+            check_context(len(ids), params.max_tokens, self.model.max_model_len)
+            if self.in_flight >= self.limits.max_in_flight:
+                self.counters["rejected_capacity"] += 1
+                raise CapacityError(f"router {self.router_id} has {self.in_flight} requests in "
+                                    f"flight (limit {self.limits.max_in_flight}); retry with "
+                                    "backoff")
+        except BatonError as exc:
+            self._notify("failed", request_id or "", type(exc).__name__)
+            raise
         self.in_flight += 1
         self.counters["accepted"] += 1
+        self._notify("accepted", request_id, len(ids))
         started = time.monotonic()
         self._journal("accepted", request_id, prompt_tokens=len(ids),
                       max_tokens=params.max_tokens)
@@ -117,6 +143,7 @@ class Router:
                 async for out in self.dispatcher.generate(request_id, ids, params):
                     if first_at is None and out.token_ids:
                         first_at = time.monotonic()
+                        self._notify("first_token", request_id, first_at - started)
                     last = out
                     yield out
         except TimeoutError as exc:
@@ -124,8 +151,8 @@ class Router:
             raise DeadlineError(f"request {request_id} did not finish within its deadline of "
                                 f"{timeout_s:.3g} s; allow more time or ask for fewer "
                                 "tokens") from exc
-        except BatonError as exc:
-            self._failed(request_id, type(exc).__name__)
+        except Exception as exc:  # one raised in a worker arrives wrapped by Ray
+            self._failed(request_id, type(as_baton_error(exc) or exc).__name__)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             self._failed(request_id, "cancelled")
@@ -156,8 +183,16 @@ class Router:
         if self.state is not None:
             getattr(self.state, event)(request_id, router=self.router_id, **detail)
 
+    def _notify(self, event: str, *args: Any) -> None:
+        if self.observer is not None:
+            try:
+                getattr(self.observer, event)(*args)
+            except Exception:  # noqa: BLE001 - metrics never fail a request
+                log.exception("request observer failed on %s", event)
+
     def _failed(self, request_id: str, reason: str) -> None:
         self.counters[f"failed_{reason}"] += 1
+        self._notify("failed", request_id, reason)
         if self.state is not None:
             self.state.failed(request_id, reason, router=self.router_id)
 
@@ -167,6 +202,7 @@ class Router:
         ttft = (first_at - started) if first_at is not None else None
         tpot = ((time.monotonic() - first_at) / (n - 1)) if first_at is not None and n > 1 \
             else None
+        self._notify("finished", request_id, last, tpot, time.monotonic() - started)
         reason = last.finish_reason if last else "error"
         self.counters[f"finished_{reason}"] += 1
         if ttft is not None:
