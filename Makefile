@@ -61,10 +61,11 @@ test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(BIN)/baton generate --chat "Why is the sky blue?" --max-tokens 96
-	$(BIN)/baton generate --chat "Write a haiku about the sea." --max-tokens 48 \
-		--temperature 0.8 --top-p 0.95 --seed 7
-	$(BIN)/baton generate --chat "Name three primary colors." --max-tokens 64 --output json
+	@# A local cluster (Ray, Redis, a prefill and a decode worker, the router), requests over
+	@# gRPC, then everything stopped again, also when a step fails.
+	$(BIN)/baton down >/dev/null 2>&1 || true
+	$(BIN)/baton up --http-port 0
+	$(BIN)/python -m baton.ops.demo; status=$$?; $(BIN)/baton down; exit $$status
 
 bench: setup
 	$(BIN)/baton bench engine --json bench-engine.json
