@@ -1,0 +1,290 @@
+"""The OpenAI-compatible HTTP front end end to end: a router over real Ray workers (tiny model,
+KV over real gRPC), served by aiohttp in a background loop, driven by the official `openai`
+client; Prometheus metrics read back from `/metrics`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+import ray
+from prometheus_client.parser import text_string_to_metric_families
+
+from baton.actors.engine import Engine
+from baton.actors.model_source import load_tokenizer, resolve
+from baton.actors.worker import Worker, WorkerSpec
+from baton.router.core import Router, ServedModel
+from baton.router.dispatch import Dispatcher
+from baton.router.http import serve_http
+from baton.sampling import SamplingParams
+
+MODEL = "tiny:llama"
+ENGINE = {"dtype": "float32", "block_size": 8, "num_threads": 1}
+TOKEN = "test-token"
+
+
+def spawn(role: str):
+    spec = WorkerSpec(role=role, model=MODEL, engine=ENGINE, kv_token="tok", prefill_threshold=16)
+    actor = ray.remote(Worker).options(num_cpus=1).remote(spec)
+    ray.get(actor.info.remote())
+    return actor
+
+
+class Server:
+    """A router and its HTTP front end on an event loop in a background thread."""
+
+    def __init__(self, decode: list[Any], prefill: list[Any], token: str | None = TOKEN):
+        info = ray.get(decode[0].info.remote()) if decode else {"model": MODEL,
+                                                                  "vocab_size": 257,
+                                                                  "max_model_len": 2048}
+        model = ServedModel(name=info["model"], tokenizer=load_tokenizer(resolve(MODEL)),
+                            vocab_size=info["vocab_size"], max_model_len=info["max_model_len"])
+        self.router = Router(model, Dispatcher(decode, prefill))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runner, port = self.call(serve_http(self.router, "127.0.0.1", 0, token=token))
+        self.url = f"http://127.0.0.1:{port}"
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def close(self) -> None:
+        self.call(self.runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def workers(ray_local):
+    return spawn("prefill"), spawn("decode")
+
+
+@pytest.fixture(scope="module")
+def server(workers) -> Iterator[Server]:
+    prefill, decode = workers
+    s = Server([decode], [prefill])
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
+
+
+def ids(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1, 256) for _ in range(n)]
+
+
+def raw(url: str, body: bytes | None = None, token: str | None = TOKEN) -> tuple[int, Any]:
+    """Status and decoded body of one plain HTTP request (POST when there is a body)."""
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            status, data = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, data = exc.code, exc.read()
+    text = data.decode()
+    return status, json.loads(text) if text.startswith("{") else text
+
+
+def metrics(server: Server) -> dict[tuple[str, tuple], float]:
+    """Every sample of `/metrics` by (name, sorted labels), model label left out."""
+    status, text = raw(server.url + "/metrics")
+    assert status == 200
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
+            out[(s.name, labels)] = s.value
+    return out
+
+
+def wait_idle(*actors) -> None:
+    for w in actors:
+        for _ in range(200):  # an abort reaches the worker's loop a moment after the call ends
+            if ray.get(w.info.remote())["num_running"] == 0:
+                break
+            time.sleep(0.05)
+        assert ray.get(w.info.remote())["num_running"] == 0
+        assert ray.get(w.block_violations.remote()) == []
+
+
+def test_completions_give_what_one_engine_computes_whole_and_streamed(server, client, workers):
+    short, long = ids(0, 6), ids(1, 70)  # prefilled locally / on the prefill worker
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    engine = Engine(MODEL, **ENGINE)
+    want = engine.generate([short, long, "hello there"], params)
+    name = server.router.model.name
+    for prompt, expected in zip((short, long, "hello there"), want, strict=True):
+        kw = {"model": name, "prompt": prompt, "max_tokens": 10, "temperature": 0,
+              "extra_body": {"ignore_eos": True}}
+        whole = client.completions.create(**kw)
+        assert whole.id.startswith("cmpl-") and whole.object == "text_completion"
+        assert whole.choices[0].text == expected.text
+        assert whole.choices[0].finish_reason == "length"
+        assert whole.usage.completion_tokens == 10
+        assert whole.usage.prompt_tokens == expected.metrics.num_prompt_tokens
+        chunks = list(client.completions.create(**kw, stream=True,
+                                                stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        assert len({c.id for c in chunks}) == 1
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+        assert all(c.usage is None for c in chunks[:-1])
+    got = client.completions.create(model=name, prompt=short, max_tokens=4, temperature=0,
+                                    logprobs=2, extra_body={"ignore_eos": True})
+    lp = got.choices[0].logprobs
+    assert len(lp.token_logprobs) == 4 and all(v <= 0 for v in lp.token_logprobs)
+    # Keys are decoded text: alternatives that decode alike (partial UTF-8) share one key.
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+    wait_idle(*workers)
+
+
+def test_chat_streams_role_then_content_and_needs_a_chat_template(server, client, workers):
+    tok = server.router.model.tokenizer
+    messages = [{"role": "user", "content": "hi there"}]
+    rendered = tok.encode(tok.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True),
+                          add_special_tokens=False)
+    want = Engine(MODEL, **ENGINE).generate([rendered], SamplingParams(max_tokens=8,
+                                                                       ignore_eos=True))[0]
+    name = server.router.model.name
+    chunks = list(client.chat.completions.create(
+        model=name, messages=messages, max_tokens=8, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}))
+    assert chunks[0].id.startswith("chatcmpl-") and chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    whole = client.chat.completions.create(model=name, messages=messages, max_tokens=8,
+                                           temperature=0, extra_body={"ignore_eos": True})
+    assert whole.choices[0].message.content == want.text
+    assert whole.choices[0].message.role == "assistant"
+    scored = client.chat.completions.create(model=name, messages=messages, max_tokens=3,
+                                            temperature=0, logprobs=True, top_logprobs=2)
+    entries = scored.choices[0].logprobs.content
+    assert len(entries) == scored.usage.completion_tokens
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries)
+
+    template, tok.chat_template = tok.chat_template, None
+    try:
+        with pytest.raises(openai.BadRequestError, match="chat template"):
+            client.chat.completions.create(model=name, messages=messages, stream=True)
+    finally:
+        tok.chat_template = template
+    wait_idle(*workers)
+
+
+def test_models_lists_the_served_model(server, client):
+    assert [m.id for m in client.models.list()] == [server.router.model.name]
+
+
+@pytest.mark.parametrize(("kw", "error", "says"), [
+    ({"temperature": -1.0}, openai.BadRequestError, "temperature"),
+    ({"prompt": [1] * 2040, "max_tokens": 100}, openai.BadRequestError, "context"),
+    ({"model": "gpt-9"}, openai.NotFoundError, "not served"),
+    ({"n": 2}, openai.BadRequestError, "n=2"),
+    ({"prompt": [999]}, openai.BadRequestError, "token ids"),
+    ({"max_tokens": "many"}, openai.BadRequestError, "max_tokens"),
+])
+def test_errors_map_to_http_statuses(server, client, workers, kw, error, says):
+    args = {"model": server.router.model.name, "prompt": [1, 2, 3], "max_tokens": 2, **kw}
+    with pytest.raises(error, match=says) as info:
+        client.completions.create(**args)
+    assert info.value.body["message"]  # OpenAI's error shape: {"error": {"message", ...}}
+    wait_idle(*workers)
+
+
+def test_malformed_json_capacity_and_auth(server, client):
+    status, body = raw(server.url + "/v1/completions", b"{not json")
+    assert status == 400 and "JSON" in body["error"]["message"]
+    status, body = raw(server.url + "/v1/completions", b'{"prompt": [1]}', token=None)
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    assert raw(server.url + "/health", token=None)[0] == 200
+    assert raw(server.url + "/metrics", token=None)[0] == 401
+
+    limit = server.router.limits.max_in_flight
+    server.router.limits.max_in_flight = 0
+    try:
+        with pytest.raises(openai.RateLimitError, match="in flight"):
+            client.completions.create(model=server.router.model.name, prompt=[1], max_tokens=1)
+    finally:
+        server.router.limits.max_in_flight = limit
+
+
+def test_a_client_that_disconnects_mid_stream_aborts_its_request(server, client, workers):
+    decode = workers[1]
+    before = ray.get(decode.info.remote())["finished"].get("abort", 0)
+    cancelled = metrics(server).get(("baton:request_failures_total",
+                                     (("reason", "cancelled"),)), 0)
+    stream = client.completions.create(model=server.router.model.name, prompt=ids(2, 40),
+                                       max_tokens=1500, stream=True,
+                                       extra_body={"ignore_eos": True})
+    seen = 0
+    for chunk in stream:
+        seen += len(chunk.choices[0].text) > 0
+        if seen >= 2:
+            break
+    stream.close()
+    wait_idle(decode)
+    assert ray.get(decode.info.remote())["finished"]["abort"] == before + 1
+    after = metrics(server)
+    assert after[("baton:request_failures_total", (("reason", "cancelled"),))] == cancelled + 1
+    assert after[("baton:num_requests_running", ())] == 0
+
+
+def test_metrics_move_with_requests_and_two_routers_keep_their_own(server, client, workers):
+    name = server.router.model.name
+    before = metrics(server)
+    short, long = ids(3, 5), ids(4, 60)
+    for prompt in (short, long):
+        client.completions.create(model=name, prompt=prompt, max_tokens=3, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=name, prompt=[1], temperature=-1)
+    after = metrics(server)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert moved("baton:request_success_total", finished_reason="length") == 2
+    assert moved("baton:requests_by_path_total", path="local") == 1
+    assert moved("baton:requests_by_path_total", path="disaggregated") == 1
+    assert moved("baton:prompt_tokens_total") == len(short) + len(long)
+    assert moved("baton:generation_tokens_total") == 6
+    assert moved("baton:kv_transfer_bytes_total") > 0
+    assert moved("baton:time_to_first_token_seconds_count") == 2
+    assert moved("baton:time_per_output_token_seconds_count") == 2
+    assert moved("baton:e2e_request_latency_seconds_count") == 2
+    assert moved("baton:request_failures_total", reason="InvalidRequestError") == 1
+    assert after[("baton:num_requests_waiting", ())] == 0
+    assert {k[1] for k in after if k[0] == "baton:kv_cache_usage_perc"} and all(
+        0 <= v <= 1 for k, v in after.items() if k[0] == "baton:kv_cache_usage_perc")
+
+    # A second router in this process: its own registry, and no decode worker -> unhealthy.
+    empty = Server([], [], token=None)
+    try:
+        assert raw(empty.url + "/health")[0] == 503
+        other = metrics(empty)
+        assert other.get(("baton:request_success_total", (("finished_reason", "length"),)),
+                         0) == 0
+    finally:
+        empty.close()
+    wait_idle(*workers)
