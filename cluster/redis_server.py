@@ -86,7 +86,7 @@ class RedisServer:
     def __init__(self, data_dir: str | Path, port: int = 0, password: str | None = None,
                  binary: str = "redis-server", start_timeout_s: float = 10.0) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
-        self.port = port  # 0: a free port, chosen at start
+        self.port = port  # 0: the data dir's saved port, else a free one, chosen at start
         self.password = password  # None: the data dir's saved one, else a new random one
         self.binary = binary
         self.start_timeout_s = start_timeout_s
@@ -119,7 +119,7 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         conf = self.data_dir / CONF_NAME
         self.password = self.password or _saved_password(conf) or secrets.token_urlsafe(32)
-        self.port = self.port or free_port()
+        self.port = self.port or _saved_port(conf) or free_port()  # a restart keeps its port
         self._write_conf(conf)
         # stderr too: config errors are printed before the logfile opens.
         with open(self.log_path, "ab") as out:

@@ -1,0 +1,168 @@
+"""`baton up` / `status` / `down` as an operator runs them (real subprocesses, real Ray, real
+redis-server, real gRPC), with a decode worker killed under load and Redis stopped and restarted
+under load. The tiny model keeps it fast; the cache (and so the run state) is a temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from baton.client import BatonClient
+from baton.cluster.redis_server import RedisServer, free_port, stop_redis
+from baton.cluster.state import ClusterState
+from baton.errors import WorkerUnavailableError
+
+BIN = Path(sys.executable).parent
+CONFIG = {
+    "name": "uptest",
+    "model": "tiny:llama",
+    "prefill_threshold": 16,
+    "pools": [
+        {"name": "prefill", "role": "prefill", "dtype": "float32",
+         "engine": {"block_size": 8, "num_kv_blocks": 512}},
+        {"name": "decode", "role": "decode", "dtype": "float32",
+         "engine": {"block_size": 8, "num_kv_blocks": 512}},
+    ],
+}
+
+# Run inside the cluster's Ray from a separate process (the test process keeps its own Ray state).
+KILL_DECODE = """
+from baton.cluster.local import LocalCluster
+import ray
+LocalCluster.load().connect()
+rows = ray.get(ray.get_actor("baton-controller", namespace="baton").workers.remote())
+(decode,) = [r for r in rows if r["role"] == "decode"]
+ray.kill(decode["handle"], no_restart=True)
+print(decode["worker_id"])
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    home = tmp_path_factory.mktemp("baton")
+    CONFIG["redis"] = {"data_dir": str(home / "redis")}
+    cfg = home / "cluster.yaml"
+    cfg.write_text(yaml.safe_dump(CONFIG))
+    env = {**os.environ, "BATON_CACHE": str(home / "cache"), "PYTHONUNBUFFERED": "1"}
+    port = free_port()
+
+    def baton(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "baton"), *args], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+
+    up = baton("up", "--config", str(cfg), "--grpc-port", str(port), "--http-port", "0")
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield baton, f"127.0.0.1:{port}", env, home
+    down = baton("down")
+    assert down.returncode == 0, down.stderr
+    assert "down" in down.stdout
+    assert not (home / "cache" / "run" / "cluster.json").exists()
+
+
+def status(baton) -> dict:
+    res = baton("status", "--output", "json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def wait_for(pred, timeout_s: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_up_serves_both_paths_and_status_shows_the_pools(cluster):
+    baton, address, _, _ = cluster
+    with BatonClient(address) as client:
+        short = client.complete([1, 2, 3], max_tokens=4, ignore_eos=True)
+        long = client.complete(list(range(1, 80)), max_tokens=4, ignore_eos=True)
+    assert (short.path, long.path) == ("local", "disaggregated") and long.kv_bytes > 0
+    s = status(baton)
+    assert sorted(w["role"] for w in s["workers"]) == ["decode", "prefill"]
+    assert all(w["alive"] for w in s["workers"]) and s["redis"] is True
+    decode = next(w for w in s["workers"] if w["role"] == "decode")
+    assert decode["handoffs"] >= 1 and decode["running"] == 0
+    table = baton("status")
+    assert table.returncode == 0 and "decode" in table.stdout and "Redis" in table.stdout
+
+
+def test_a_decode_worker_killed_under_load_fails_its_requests_clearly_and_is_replaced(cluster):
+    baton, address, env, _ = cluster
+    outcomes: list[object] = []
+    stop = threading.Event()
+
+    def load(i: int) -> None:  # one request after another until told to stop
+        with BatonClient(address) as client:
+            while not stop.is_set():
+                try:
+                    outcomes.append(client.complete([5 + i] * 20, max_tokens=2000,
+                                                    ignore_eos=True).finish_reason)
+                except WorkerUnavailableError as exc:
+                    outcomes.append(exc)
+                    time.sleep(0.2)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: any(w["running"] for w in status(baton)["workers"]), what="load")
+    killed = subprocess.run([sys.executable, "-c", KILL_DECODE], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert killed.returncode == 0, killed.stderr
+    dead_id = killed.stdout.strip()
+
+    def replaced():
+        ws = [w for w in status(baton)["workers"] if w["role"] == "decode" and w["alive"]]
+        return ws and ws[0]["worker_id"] != dead_id
+
+    wait_for(replaced, what="a replacement decode worker")
+    with BatonClient(address) as client:
+        out = wait_for(lambda: _try(client), what="serving again")
+    stop.set()
+    for t in threads:
+        t.join(120)
+    assert out.finish_reason == "length"
+    failed = [o for o in outcomes if isinstance(o, WorkerUnavailableError)]
+    assert failed and all(o == "length" for o in outcomes if o not in failed)
+    assert outcomes[-1] == "length"  # the load went on being served after the replacement
+
+
+def _try(client: BatonClient):
+    try:
+        return client.complete(list(range(1, 60)), max_tokens=3, ignore_eos=True)
+    except WorkerUnavailableError:
+        return None
+
+
+def test_redis_stopped_and_restarted_under_load_costs_no_request(cluster):
+    baton, address, _, home = cluster
+    data = home / "redis"
+    assert stop_redis(data)
+    with BatonClient(address) as client:
+        during = [client.complete([7, 8, 9 + i], max_tokens=3, ignore_eos=True)
+                  for i in range(5)]
+    assert all(o.finish_reason == "length" for o in during)
+    wait_for(lambda: status(baton)["redis"] is False, what="the router noticing")
+    restarted = RedisServer(data)  # same data dir: same port and password
+    url = restarted.start()
+    try:
+        with BatonClient(address) as client:
+            def served_and_journaled():
+                rid = client.complete([1, 2], max_tokens=2).request_id
+                return rid in {e.request_id for e in ClusterState(url, "uptest").events(50)}
+
+            wait_for(served_and_journaled, timeout_s=60, what="the journal resuming")
+        assert status(baton)["redis"] is True
+    finally:
+        restarted.stop()
