@@ -22,9 +22,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from baton.actors.engine import Engine
 from baton.actors.model_source import load_tokenizer, resolve
 from baton.actors.worker import Worker, WorkerSpec
+from baton.client import BatonClient
+from baton.errors import InvalidRequestError
+from baton.router.app import RouterActor, RouterSettings
 from baton.router.core import Router, ServedModel
 from baton.router.dispatch import Dispatcher
 from baton.router.http import serve_http
+from baton.router.openai_api import parse_chat, parse_completion
 from baton.sampling import SamplingParams
 
 MODEL = "tiny:llama"
@@ -101,9 +105,9 @@ def raw(url: str, body: bytes | None = None, token: str | None = TOKEN) -> tuple
     return status, json.loads(text) if text.startswith("{") else text
 
 
-def metrics(server: Server) -> dict[tuple[str, tuple], float]:
-    """Every sample of `/metrics` by (name, sorted labels), model label left out."""
-    status, text = raw(server.url + "/metrics")
+def metrics(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of `url`/metrics by (name, sorted labels), model label left out."""
+    status, text = raw(url + "/metrics")
     assert status == 200
     out = {}
     for family in text_string_to_metric_families(text):
@@ -231,7 +235,7 @@ def test_malformed_json_capacity_and_auth(server, client):
 def test_a_client_that_disconnects_mid_stream_aborts_its_request(server, client, workers):
     decode = workers[1]
     before = ray.get(decode.info.remote())["finished"].get("abort", 0)
-    cancelled = metrics(server).get(("baton:request_failures_total",
+    cancelled = metrics(server.url).get(("baton:request_failures_total",
                                      (("reason", "cancelled"),)), 0)
     stream = client.completions.create(model=server.router.model.name, prompt=ids(2, 40),
                                        max_tokens=1500, stream=True,
@@ -244,21 +248,21 @@ def test_a_client_that_disconnects_mid_stream_aborts_its_request(server, client,
     stream.close()
     wait_idle(decode)
     assert ray.get(decode.info.remote())["finished"]["abort"] == before + 1
-    after = metrics(server)
+    after = metrics(server.url)
     assert after[("baton:request_failures_total", (("reason", "cancelled"),))] == cancelled + 1
     assert after[("baton:num_requests_running", ())] == 0
 
 
 def test_metrics_move_with_requests_and_two_routers_keep_their_own(server, client, workers):
     name = server.router.model.name
-    before = metrics(server)
+    before = metrics(server.url)
     short, long = ids(3, 5), ids(4, 60)
     for prompt in (short, long):
         client.completions.create(model=name, prompt=prompt, max_tokens=3, temperature=0,
                                   extra_body={"ignore_eos": True})
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=name, prompt=[1], temperature=-1)
-    after = metrics(server)
+    after = metrics(server.url)
 
     def moved(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
@@ -282,9 +286,60 @@ def test_metrics_move_with_requests_and_two_routers_keep_their_own(server, clien
     empty = Server([], [], token=None)
     try:
         assert raw(empty.url + "/health")[0] == 503
-        other = metrics(empty)
+        other = metrics(empty.url)
         assert other.get(("baton:request_success_total", (("finished_reason", "length"),)),
                          0) == 0
     finally:
         empty.close()
     wait_idle(*workers)
+
+
+def test_the_router_actor_counts_grpc_requests_in_its_http_metrics(workers):
+    prefill, decode = workers
+    settings = RouterSettings(model=MODEL, grpc_port=0, http_port=0, token=TOKEN)
+    actor = ray.remote(RouterActor).options(num_cpus=0).remote(settings, [decode], [prefill])
+    ports = ray.get(actor.start.remote())
+    try:
+        url = f"http://127.0.0.1:{ports['http']}"
+        with BatonClient(f"127.0.0.1:{ports['grpc']}", token=TOKEN) as grpc_client:
+            assert grpc_client.complete([7, 8, 9], max_tokens=2, ignore_eos=True).text
+        assert raw(url + "/health", token=None)[0] == 200
+        assert metrics(url)[("baton:request_success_total",
+                              (("finished_reason", "length"),))] == 1
+    finally:
+        ray.get(actor.stop.remote())
+    wait_idle(*workers)
+
+
+@pytest.mark.parametrize(("parse", "body", "says"), [
+    (parse_completion, {"prompt": ["a", "b"]}, "one prompt per request"),
+    (parse_completion, {"prompt": [[1], [2]]}, "one prompt per request"),
+    (parse_completion, {"prompt": [1], "stream_options": {"include_usage": True}}, "stream=true"),
+    (parse_completion, {"prompt": [1], "presence_penalty": 0.5}, "presence_penalty"),
+    (parse_completion, {"prompt": [1], "echo": True}, "echo"),
+    (parse_completion, {"prompt": [1], "temperature": "hot"}, "temperature must be a number"),
+    (parse_completion, {}, "prompt is required"),
+    (parse_chat, {"messages": []}, "messages is required"),
+    (parse_chat, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "only text parts"),
+    (parse_chat, {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+     "logprobs=true"),
+])
+def test_fields_baton_cannot_honour_are_refused_by_name(parse, body, says):
+    with pytest.raises(InvalidRequestError, match=says):
+        parse(body)
+
+
+def test_openai_fields_become_baton_sampling_params():
+    req = parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                 {"type": "text", "text": "b"}]}],
+                      "max_completion_tokens": 5, "stop": "x", "top_k": -1, "seed": 3,
+                      "logprobs": True, "top_logprobs": 2, "stream": True,
+                      "stream_options": {"include_usage": True}})
+    assert req.prompt == [{"role": "user", "content": "ab"}]
+    p = req.params
+    assert (p.max_tokens, p.stop, p.top_k, p.seed, p.logprobs, p.temperature) == \
+        (5, ["x"], 0, 3, 2, 1.0)
+    assert req.stream and req.include_usage and req.logprobs
+    assert parse_completion({"prompt": ["hi"]}).prompt == "hi"
+    assert parse_completion({"prompt": [1, 2]}).params.max_tokens == 16
