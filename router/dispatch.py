@@ -1,10 +1,11 @@
 """Sends each request to a decode worker (and, for its prompt, a prefill worker) and streams back.
 
-Worker choice here is by load: the live worker with the fewest of this dispatcher's requests in
-flight, ties broken in turn. A decode worker that dies before the request's first token was
-streamed is marked dead and the request goes to another one; once tokens have reached the caller
-a death ends the stream with `WorkerUnavailableError` (re-running would repeat text the caller
-already has). A caller that stops reading aborts the request in its worker, freeing its blocks.
+Worker choice is by load (the live worker with the fewest of this dispatcher's requests in
+flight, ties broken in turn), bent by prefix-cache affinity (`affinity.py`). A decode worker
+that dies before the request's first token was streamed is marked dead and the request goes to
+another one; once tokens have reached the caller a death ends the stream with
+`WorkerUnavailableError` (re-running would repeat text the caller already has). A caller that
+stops reading aborts the request in its worker, freeing its blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ray.exceptions import RayActorError
 
 from baton.errors import WorkerUnavailableError
 from baton.outputs import RequestOutput
+from baton.router.affinity import PrefixAffinity, prefix_hashes
 from baton.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -39,10 +41,15 @@ class WorkerSet:
     def __iter__(self):
         return iter(list(self._load))
 
-    def pick(self, exclude: Sequence[Any] = ()) -> Any | None:
+    def loads(self, exclude: Sequence[Any] = ()) -> dict[Any, int]:
+        return {w: n for w, n in self._load.items() if w not in exclude}
+
+    def pick(self, exclude: Sequence[Any] = (), prefer: Any = None) -> Any | None:
         live = [w for w in self._load if w not in exclude]
         if not live:
             return None
+        if prefer is not None and prefer in live:
+            return prefer
         low = min(self._load[w] for w in live)
         least = [w for w in live if self._load[w] == low]
         return least[next(self._turn) % len(least)]
@@ -79,6 +86,7 @@ class Dispatcher:
         self.prefill = WorkerSet(prefill)
         self.max_attempts = max_attempts
         self.retries = 0
+        self.affinity = PrefixAffinity()
         self._where: dict[str, Any] = {}  # request id -> the decode worker streaming it
 
     def workers(self) -> list[Any]:
@@ -104,13 +112,17 @@ class Dispatcher:
     async def generate(self, request_id: str, prompt: str | list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         tried: list[Any] = []
+        hashes = (prefix_hashes(prompt, self.affinity.block_size, self.affinity.max_blocks)
+                  if isinstance(prompt, list) else [])
         while True:
-            worker = self.decode.pick(exclude=tried)
+            prefer = self.affinity.choose(hashes, self.decode.loads(exclude=tried))
+            worker = self.decode.pick(exclude=tried, prefer=prefer)
             if worker is None or len(tried) >= self.max_attempts:
                 raise WorkerUnavailableError(
                     f"no live decode worker could take {request_id} "
                     f"(tried {len(tried)}); add or restart decode workers, then send it again")
             tried.append(worker)
+            self.affinity.remember(hashes, worker)
             streamed = False
             try:
                 async for out in self._stream(worker, request_id, prompt, params):
@@ -119,6 +131,7 @@ class Dispatcher:
                 return
             except RayActorError as exc:
                 self.decode.drop(worker)
+                self.affinity.forget(worker)
                 if streamed:
                     raise WorkerUnavailableError(
                         f"the decode worker of {request_id} died after streaming tokens ({exc}); "

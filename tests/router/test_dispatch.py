@@ -130,3 +130,21 @@ def test_a_caller_that_stops_reading_frees_the_request_in_its_worker(cluster):
     asyncio.run(run())
     assert ray.get(decode.info.remote())["finished"]["abort"] == aborted + 1
     assert_clean(prefill, decode)
+
+
+def test_prompts_sharing_a_prefix_go_where_it_is_cached(cluster):
+    prefill, *decodes = cluster
+    shared = prompts(7, (64,))[0]
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+
+    async def run():
+        d = Dispatcher(decodes, [prefill])
+        first = await collect(d, "p0", shared + [1], params)
+        follow = [await collect(d, f"p{i}", shared + [i + 2, i + 3], params) for i in range(4)]
+        return first, follow
+
+    first, follow = asyncio.run(run())
+    assert first.metrics.num_cached_tokens == 0
+    # Without affinity, turns would alternate between the two idle workers: half would miss.
+    assert all(o.metrics.num_cached_tokens >= 48 for o in follow)
+    assert_clean(prefill, *decodes)
