@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from baton.actors.model_source import load_tokenizer, resolve
@@ -31,6 +32,8 @@ class RouterSettings:
     grpc_port: int = 50051  # 0: any free port
     http_port: int | None = 8000  # None: no HTTP front end
     token: str | None = None
+    tls_cert_file: str | None = None  # PEM certificate chain; with tls_key_file, gRPC over TLS
+    tls_key_file: str | None = None
     redis_url: str | None = None
     cluster: str = "default"
     controller: str | None = None  # the controller actor's name; None: fixed workers
@@ -86,8 +89,14 @@ class RouterActor:
                              limits=RouterLimits(max_in_flight=s.max_in_flight),
                              refresh=refresh if controller is not None else None)
         self.router.start()
+        tls = None
+        if s.tls_cert_file or s.tls_key_file:
+            if not (s.tls_cert_file and s.tls_key_file):
+                raise ConfigError("TLS needs both tls_cert_file and tls_key_file")
+            tls = (Path(s.tls_key_file).read_bytes(), Path(s.tls_cert_file).read_bytes())
         server, port = await serve(self.router, s.host, s.grpc_port,
-                                   admin=AdminService(self.router, controller), token=s.token)
+                                   admin=AdminService(self.router, controller), token=s.token,
+                                   tls=tls)
         self._servers.append(server)
         self.ports["grpc"] = port
         if s.http_port is not None:

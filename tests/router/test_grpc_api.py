@@ -24,6 +24,7 @@ from baton.errors import (
     DeadlineError,
     InvalidRequestError,
     ModelNotFoundError,
+    WorkerUnavailableError,
 )
 from baton.router.app import RouterActor, RouterSettings
 from baton.sampling import SamplingParams
@@ -270,3 +271,40 @@ def test_fuzzed_requests_get_a_result_or_a_clear_status(api, workers, prompt, kw
         assert out.finish_reason in ("stop", "length")
     for w in workers:
         assert ray.get(w.block_violations.remote()) == []
+
+
+def self_signed(tmp_path):
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "baton-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return cert_pem
+
+
+def test_tls_serves_clients_that_trust_the_certificate_only(workers, tmp_path):
+    cert = self_signed(tmp_path)
+    actor, address = start_router(workers, tls_cert_file=str(tmp_path / "cert.pem"),
+                                  tls_key_file=str(tmp_path / "key.pem"))
+    with BatonClient(address, root_certificates=cert) as client:
+        assert client.complete([1, 2, 3], max_tokens=2).completion_tokens == 2
+    with BatonClient(address) as plain, pytest.raises(WorkerUnavailableError):
+        plain.complete([1, 2, 3], max_tokens=2, timeout_s=10)
+    ray.get(actor.stop.remote())
