@@ -308,3 +308,19 @@ def test_tls_serves_clients_that_trust_the_certificate_only(workers, tmp_path):
     with BatonClient(address) as plain, pytest.raises(WorkerUnavailableError):
         plain.complete([1, 2, 3], max_tokens=2, timeout_s=10)
     ray.get(actor.stop.remote())
+
+
+def test_a_router_killed_mid_stream_ends_it_clearly_and_a_new_router_serves(workers):
+    actor, address = start_router(workers)
+    with BatonClient(address) as client:
+        stream = client.generate(ids(6, 10), max_tokens=300, ignore_eos=True)
+        next(stream)
+        ray.kill(actor)
+        with pytest.raises(WorkerUnavailableError, match="UNAVAILABLE"):
+            list(stream)
+    # The orphaned request runs to its max_tokens in its worker, then frees its blocks.
+    assert_clean(workers)
+    actor2, address2 = start_router(workers)
+    with BatonClient(address2) as client:
+        assert client.complete([1, 2, 3], max_tokens=3).completion_tokens == 3
+    ray.get(actor2.stop.remote())
