@@ -188,6 +188,9 @@ def _sweep(systems: dict[str, System], tokenizer, num_requests: int, rates: list
             summary["prompt_tokens"] = [len(r.prompt_ids) for r in requests]
             summary["long_requests"] = sum(len(r.prompt_ids) >= LONG_PROMPT[0]
                                            for r in requests)
+            # Runnable processes on the machine over the last minute: above ~2 (both cores
+            # busy with this run) means something else competed for the cores.
+            summary["load_average_1m"] = os.getloadavg()[0]
             results[name][rate] = summary
             say(f"{name:>13} @ {rate:.2f} req/s: attainment {summary['attainment']:.0%}, "
                 f"TTFT p99 {summary['ttft_p99_s']:.2f} s, "
