@@ -161,6 +161,31 @@ def bench_pd(
                ttft_scale=ttft_scale, tpot_scale=tpot_scale, seed=seed)
 
 
+@bench_app.command("serve")
+def bench_serve(
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,
+    model: ModelOpt = "default",
+    dtype: Annotated[str, typer.Option(help="Both systems' dtype")] = "bfloat16",
+    rates: Annotated[list[float] | None, typer.Option(
+        "--rate", help="Request rate per second (repeatable; default 0.5 to 4)")] = None,
+    num_requests: Annotated[int, typer.Option(help="Requests per rate")] = 16,
+    overhead_requests: Annotated[int, typer.Option(
+        help="One-token requests per path for the router's own latency")] = 30,
+    address: Annotated[str | None, typer.Option(
+        help="gRPC address of a running `baton up` cluster (default: bring one up)")] = None,
+    peer_continuous_batching: Annotated[bool, typer.Option(
+        help="Run transformers serve with --continuous-batching (slower on CPU)")] = False,
+    seed: Annotated[int, typer.Option(help="Workload and arrival seed")] = 0,
+) -> None:
+    """Baton's gRPC API against transformers serve: goodput, TTFT/TPOT, router overhead."""
+    from baton.ops.bench import serve as bench
+
+    bench.main(json_path=json_path, model=model, dtype=dtype,
+               rates=tuple(rates or bench.RATES), num_requests=num_requests,
+               overhead_requests=overhead_requests, address=address,
+               peer_continuous_batching=peer_continuous_batching, seed=seed)
+
+
 @bench_app.command("kernels")
 def bench_kernels(
     json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,

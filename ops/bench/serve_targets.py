@@ -1,0 +1,186 @@
+"""The two systems `baton bench serve` loads, and the router-overhead probe.
+
+Both systems stream cumulative progress to the open-loop client. Once SLOs are set, a request
+still running at `ttft_slo + (max_tokens - 1) * tpot_slo` (plus a grace) is cut there: had it met
+both SLOs it would have finished by then, so it is a certain miss, and a system far past its
+capacity cannot stretch the run without bound. A cut request's TTFT and TPOT are recorded as the
+lower bounds known at the cut (which still miss the SLO), its tokens as those that arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aiohttp
+
+from baton.client import AsyncBatonClient
+from baton.ops.bench.openloop import SLO, run_open_loop
+from baton.ops.bench.transformers_serve import (
+    StreamProgress,
+    TransformersServe,
+    completion_body,
+    stream_completion,
+)
+from baton.ops.bench.workload import BenchRequest, RequestTiming, percentile
+from baton.sampling import SamplingParams
+
+CUT_GRACE_S = 1.0
+
+Timings = tuple[list[RequestTiming], float]
+
+
+class Target:
+    """One system under open-loop load: `run` drives it, `checks` counts requests that came back
+    short or whose prompt the server counted differently (a fair comparison needs neither)."""
+
+    name = ""
+
+    def __init__(self) -> None:
+        self.slo: SLO | None = None  # set once calibrated: requests are cut at its deadline
+        self.checks = {"requests": 0, "short_outputs": 0, "prompt_token_mismatches": 0}
+        self.cut: dict[int, int] = {}  # last run: request index -> tokens it got before the cut
+
+    def run(self, requests: Sequence[BenchRequest], arrivals: Sequence[float]) -> Timings:
+        self.cut = {}
+        timings, wall = asyncio.run(self._run(requests, arrivals))
+        for i, tokens in self.cut.items():
+            timings[i].tokens = tokens
+        return timings, wall
+
+    async def _run(self, requests: Sequence[BenchRequest],
+                   arrivals: Sequence[float]) -> Timings:
+        raise NotImplementedError
+
+    async def _watched(self, i: int, req: BenchRequest,
+                       stream: AsyncIterator[StreamProgress]) -> AsyncIterator[StreamProgress]:
+        last = StreamProgress()
+        start = time.perf_counter()  # the open-loop client calls send at the arrival time
+        budget = None if self.slo is None else (
+            self.slo.ttft_s + (req.max_tokens - 1) * self.slo.tpot_s + CUT_GRACE_S)
+        it = aiter(stream)
+        try:
+            while True:
+                left = None if budget is None else budget - (time.perf_counter() - start)
+                try:
+                    last = await asyncio.wait_for(anext(it), left)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    self.cut[i] = last.tokens
+                    # Seen now: the open-loop client takes TTFT (nothing came yet) or TPOT over
+                    # all the tokens asked for from this moment, both bounds below the truth.
+                    yield StreamProgress(tokens=1 if not last.tokens else req.max_tokens)
+                    return
+                yield last
+        finally:
+            await it.aclose()  # type: ignore[attr-defined]
+        self.checks["requests"] += 1
+        self.checks["short_outputs"] += last.tokens < req.max_tokens
+        self.checks["prompt_token_mismatches"] += last.prompt_tokens not in (
+            None, len(req.prompt_ids))
+
+
+class BatonTarget(Target):
+    """Baton through its gRPC API, prompts as token ids."""
+
+    name = "baton"
+
+    def __init__(self, address: str, token: str | None):
+        super().__init__()
+        self.address, self.token = address, token
+
+    async def _run(self, requests: Sequence[BenchRequest],
+                   arrivals: Sequence[float]) -> Timings:
+        async with AsyncBatonClient(self.address, token=self.token) as client:
+            def send(i: int, req: BenchRequest) -> AsyncIterator[StreamProgress]:
+                return self._watched(i, req, grpc_stream(client, req.prompt_ids,
+                                                         req.max_tokens))
+
+            return await run_open_loop(send, requests, arrivals)
+
+
+class PeerTarget(Target):
+    """`transformers serve` over HTTP, prompts as the text those token ids decode to."""
+
+    name = "transformers_serve"
+
+    def __init__(self, server: TransformersServe, tokenizer: Any):
+        super().__init__()
+        self.server, self.tokenizer = server, tokenizer
+
+    async def _run(self, requests: Sequence[BenchRequest],
+                   arrivals: Sequence[float]) -> Timings:
+        texts = [self.tokenizer.decode(r.prompt_ids) for r in requests]
+        # No client-side connection limit: open-loop requests never queue in the client.
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=None)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            def send(i: int, req: BenchRequest) -> AsyncIterator[StreamProgress]:
+                body = completion_body(self.server.model_id, texts[i], req.max_tokens)
+                return self._watched(i, req, stream_completion(session, self.server.url, body))
+
+            return await run_open_loop(send, requests, arrivals)
+
+
+async def grpc_stream(client: AsyncBatonClient, prompt_ids: list[int],
+                      max_tokens: int) -> AsyncIterator[StreamProgress]:
+    """A greedy generation of exactly `max_tokens` through the router, as cumulative progress."""
+    progress = StreamProgress()
+    async for chunk in client.generate(prompt_ids, max_tokens=max_tokens, ignore_eos=True,
+                                       temperature=0.0):
+        progress.tokens += len(chunk.token_ids)
+        progress.prompt_tokens = chunk.prompt_tokens or progress.prompt_tokens
+        progress.finish_reason = chunk.finish_reason
+        yield progress
+
+
+# -- the router's own latency ---------------------------------------------------------------------
+
+
+async def _ttft(stream: AsyncIterator[Any], t0: float) -> float:
+    first = None
+    async for out in stream:  # drained to the end, so nothing is left running
+        if first is None and len(out.token_ids):
+            first = time.perf_counter()
+    if first is None:
+        raise RuntimeError("a probe request ended without a token")
+    return first - t0
+
+
+async def _direct(worker: Any, request_id: str, ids: list[int]) -> AsyncIterator[Any]:
+    stream = worker.generate.options(num_returns="streaming").remote(
+        request_id, ids, SamplingParams(max_tokens=1, ignore_eos=True), None)
+    async for ref in stream:
+        yield await ref
+
+
+async def router_overhead(target: BatonTarget, worker: Any, prompts: list[list[int]],
+                          warm: int = 3) -> dict[str, Any]:
+    """TTFT of one-token requests through the router and straight to `worker` (a decode worker
+    actor, over Ray), one at a time, alternating which goes first; two prompts a pair (none sent
+    twice), the first `warm` pairs not counted."""
+    ttfts: dict[str, list[float]] = {"router": [], "direct": []}
+    async with AsyncBatonClient(target.address, token=target.token) as client:
+        for k in range(len(prompts) // 2):
+            order = ("router", "direct") if k % 2 == 0 else ("direct", "router")
+            for path, ids in zip(order, prompts[2 * k:2 * k + 2], strict=True):
+                t0 = time.perf_counter()
+                stream = (grpc_stream(client, ids, 1) if path == "router"
+                          else _direct(worker, f"bench-direct-{k}", ids))
+                ttft = await _ttft(stream, t0)
+                if k >= warm:
+                    ttfts[path].append(ttft * 1000)
+    out: dict[str, Any] = {"requests_per_path": len(ttfts["router"]), "max_tokens": 1,
+                           "prompt_tokens": sorted({len(p) for p in prompts})}
+    for path, values in ttfts.items():
+        out[f"{path}_ttft_ms_p50"] = percentile(values, 50)
+        out[f"{path}_ttft_ms_p99"] = percentile(values, 99)
+    for q in ("p50", "p99"):
+        out[f"overhead_ms_{q}"] = out[f"router_ttft_ms_{q}"] - out[f"direct_ttft_ms_{q}"]
+    # Less sensitive to drift over the run: each pair's difference, sent back to back.
+    out["paired_overhead_ms_p50"] = percentile(
+        [r - d for r, d in zip(ttfts["router"], ttfts["direct"], strict=True)], 50)
+    return out
