@@ -47,7 +47,7 @@ from baton.ops.bench.workload import QUESTIONS, BenchRequest, chat_prompt_ids
 
 log = logging.getLogger(__name__)
 
-RATES = (0.5, 1.0, 2.0, 3.0, 4.0)
+RATES = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 ATTAINMENT = 0.9
 OVERHEAD_REQUESTS = 30
 PEER = PeerTarget.name
