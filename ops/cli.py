@@ -167,7 +167,7 @@ def bench_serve(
     model: ModelOpt = "default",
     dtype: Annotated[str, typer.Option(help="Both systems' dtype")] = "bfloat16",
     rates: Annotated[list[float] | None, typer.Option(
-        "--rate", help="Request rate per second (repeatable; default 0.25 to 3)")] = None,
+        "--rate", help="Request rate per second (repeatable; default 0.25 to 6)")] = None,
     num_requests: Annotated[int, typer.Option(help="Requests per rate")] = 16,
     overhead_requests: Annotated[int, typer.Option(
         help="One-token requests per path for the router's own latency")] = 30,

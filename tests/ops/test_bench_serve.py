@@ -162,6 +162,7 @@ def test_report_states_slos_and_ratios(capsys):
     assert report["slo"]["ttft_s"] == 1.5 and report["slo"]["solo"]["baton"]["tpot_s"] == 0.05
     assert report["systems"]["baton"]["goodput_rps"] == 1.0
     assert report["systems"][serve.PEER]["goodput_rps"] == 0.5
+    assert not report["systems"]["baton"]["goodput_is_lower_bound"]
     ratios = report["ratios"]
     assert ratios["goodput_vs_transformers_serve"] == 2.0
     assert ratios["router_overhead_ms_p50"] == 1.0 and ratios["router_overhead_ms_p99"] == 3.0
