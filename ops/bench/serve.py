@@ -61,13 +61,17 @@ SHORT_OUTPUT = (16, 48)
 
 
 def build_requests(tokenizer: Any, n: int, seed: int) -> list[BenchRequest]:
-    """`n` chat requests, `LONG_FRACTION` of them with notes; each opens with its own ticket
-    line, so no two share a cached prefix past the system prompt."""
+    """`n` chat requests, `LONG_FRACTION` of them (rounded) with notes, in shuffled order; each
+    opens with its own ticket line, so no two share a cached prefix past the system prompt.
+
+    The long share is fixed, not drawn, so that every rate brings the same kind of work."""
     rng = random.Random(seed)
+    num_long = round(LONG_FRACTION * n)
+    kinds = [True] * num_long + [False] * (n - num_long)
+    rng.shuffle(kinds)
     out = []
-    for i in range(n):
-        prompt, output = ((LONG_PROMPT, LONG_OUTPUT) if rng.random() < LONG_FRACTION
-                          else (SHORT_PROMPT, SHORT_OUTPUT))
+    for i, long in enumerate(kinds):
+        prompt, output = ((LONG_PROMPT, LONG_OUTPUT) if long else (SHORT_PROMPT, SHORT_OUTPUT))
         ids = chat_prompt_ids(tokenizer, rng.choice(QUESTIONS), rng.randint(*prompt), rng,
                               header=f"Ticket {seed}-{i}.\n")
         out.append(BenchRequest(ids, rng.randint(*output)))
