@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from baton.errors import BatonError, ConfigError, as_baton_error
+from baton.errors import ConfigError, as_baton_error
 from baton.protos import baton_pb2 as pb
 from baton.protos import baton_pb2_grpc as pb_grpc
 from baton.router.core import Router
@@ -73,29 +73,27 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def DrainWorker(self, request: pb.DrainWorkerRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext) -> pb.DrainWorkerResponse:
-        try:
-            self._need_controller("drain")
-            n = await self.controller.drain.remote(request.worker_id)
-        except (BatonError, Exception) as exc:  # noqa: BLE001
-            await _abort(context, exc)
-        await self.router.refresh_now()
+        n = await self._ask_controller(context, "drain", request.worker_id)
         return pb.DrainWorkerResponse(in_flight=n)
 
     async def ScalePool(self, request: pb.ScalePoolRequest,  # noqa: N802
                         context: grpc.aio.ServicerContext) -> pb.ScalePoolResponse:
-        try:
-            self._need_controller("scale")
-            n = await self.controller.scale.remote(request.pool, request.replicas)
-        except (BatonError, Exception) as exc:  # noqa: BLE001
-            await _abort(context, exc)
-        await self.router.refresh_now()
+        n = await self._ask_controller(context, "scale", request.pool, request.replicas)
         return pb.ScalePoolResponse(replicas=n)
 
     async def RouterStats(self, request: pb.RouterStatsRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext) -> pb.RouterStatsResponse:
         return pb.RouterStatsResponse(stats=self.router.stats())
 
-    def _need_controller(self, what: str) -> None:
-        if self.controller is None:
-            raise ConfigError(f"this router serves a fixed set of workers; {what} needs a "
-                              "cluster started with `baton up`")
+    async def _ask_controller(self, context: grpc.aio.ServicerContext, method: str,
+                              *args: Any) -> Any:
+        """Call a controller method, then refresh the router's workers (the set changed)."""
+        try:
+            if self.controller is None:
+                raise ConfigError(f"this router serves a fixed set of workers; {method} needs "
+                                  "a cluster started with `baton up`")
+            result = await getattr(self.controller, method).remote(*args)
+        except Exception as exc:  # noqa: BLE001 - a typed error becomes its status
+            await _abort(context, exc)
+        await self.router.refresh_now()
+        return result
