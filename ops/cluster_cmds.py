@@ -54,7 +54,8 @@ def down() -> None:
 
 
 def _status_rows(resp) -> list[dict[str, Any]]:
-    return [{"worker_id": w.worker_id, "pool": w.pool, "role": w.role, "alive": w.alive,
+    return [{"worker_id": w.worker_id, "pool": w.pool, "role": w.role, "state": w.state,
+             "alive": w.alive,
              "draining": w.draining, "running": w.num_running, "waiting": w.num_waiting,
              "kv_usage": round(w.kv_usage, 4), "handoffs": w.handoffs,
              "handoff_failures": w.handoff_failures} for w in resp.workers]
@@ -76,7 +77,7 @@ def status(output: OutputOpt = "table") -> None:
     for col in ("worker", "pool", "role", "state", "running", "waiting", "KV used", "handoffs"):
         table.add_column(col)
     for r in rows:
-        state = "draining" if r["draining"] else ("up" if r["alive"] else "[red]dead[/]")
+        state = r["state"] if r["alive"] else "[red]dead[/]"
         table.add_row(r["worker_id"], r["pool"], r["role"], state, str(r["running"]),
                       str(r["waiting"]), f"{r['kv_usage']:.1%}",
                       f"{r['handoffs']} ({r['handoff_failures']} failed)")

@@ -160,7 +160,7 @@ class GetServerInfoResponse(_message.Message):
     def __init__(self, version: _Optional[str] = ..., router_id: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., decode_workers: _Optional[int] = ..., prefill_workers: _Optional[int] = ..., state_available: _Optional[bool] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "pool", "role", "node_id", "alive", "draining", "num_running", "num_waiting", "kv_usage", "handoffs", "handoff_failures")
+    __slots__ = ("worker_id", "pool", "role", "node_id", "alive", "draining", "num_running", "num_waiting", "kv_usage", "handoffs", "handoff_failures", "state")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,7 @@ class WorkerStatus(_message.Message):
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     HANDOFFS_FIELD_NUMBER: _ClassVar[int]
     HANDOFF_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     pool: str
     role: str
@@ -183,7 +184,8 @@ class WorkerStatus(_message.Message):
     kv_usage: float
     handoffs: int
     handoff_failures: int
-    def __init__(self, worker_id: _Optional[str] = ..., pool: _Optional[str] = ..., role: _Optional[str] = ..., node_id: _Optional[str] = ..., alive: _Optional[bool] = ..., draining: _Optional[bool] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., handoffs: _Optional[int] = ..., handoff_failures: _Optional[int] = ...) -> None: ...
+    state: str
+    def __init__(self, worker_id: _Optional[str] = ..., pool: _Optional[str] = ..., role: _Optional[str] = ..., node_id: _Optional[str] = ..., alive: _Optional[bool] = ..., draining: _Optional[bool] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., handoffs: _Optional[int] = ..., handoff_failures: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()

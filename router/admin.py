@@ -35,7 +35,8 @@ def worker_status(row: dict[str, Any]) -> pb.WorkerStatus:
         alive=bool(row.get("alive", True)), draining=bool(row.get("draining", False)),
         num_running=int(row.get("num_running", 0)), num_waiting=int(row.get("num_waiting", 0)),
         kv_usage=float(row.get("kv_usage", 0.0)), handoffs=int(row.get("handoffs", 0)),
-        handoff_failures=int(row.get("handoff_failures", 0)))
+        handoff_failures=int(row.get("handoff_failures", 0)),
+        state=str(row.get("state") or ("ready" if row.get("alive", True) else "dead")))
 
 
 class AdminService(pb_grpc.AdminServicer):

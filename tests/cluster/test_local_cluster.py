@@ -26,9 +26,10 @@ CONFIG = {
     "model": "tiny:llama",
     "prefill_threshold": 16,
     "pools": [
-        {"name": "prefill", "role": "prefill", "dtype": "float32",
+        # Half a core each, so a scaled-up pool still fits this 2-core machine's Ray.
+        {"name": "prefill", "role": "prefill", "dtype": "float32", "num_cpus": 0.5,
          "engine": {"block_size": 8, "num_kv_blocks": 512}},
-        {"name": "decode", "role": "decode", "dtype": "float32",
+        {"name": "decode", "role": "decode", "dtype": "float32", "num_cpus": 0.5,
          "engine": {"block_size": 8, "num_kv_blocks": 512}},
     ],
 }
@@ -96,6 +97,32 @@ def test_up_serves_both_paths_and_status_shows_the_pools(cluster):
     assert decode["handoffs"] >= 1 and decode["running"] == 0
     table = baton("status")
     assert table.returncode == 0 and "decode" in table.stdout and "Redis" in table.stdout
+
+
+def test_scale_and_drain_from_the_command_line(cluster):
+    baton, address, _, _ = cluster
+
+    def ready_decodes():  # the decode workers taking requests
+        return [w["worker_id"] for w in status(baton)["workers"]
+                if w["role"] == "decode" and w["state"] == "ready"]
+
+    res = baton("scale", "decode", "2")
+    assert res.returncode == 0 and "2 replicas" in res.stdout, res.stderr
+    wait_for(lambda: len(ready_decodes()) == 2, what="a second ready decode worker")
+    victim = ready_decodes()[0]
+    res = baton("drain", victim)
+    assert res.returncode == 0 and f"draining {victim}" in res.stdout, res.stderr
+    res = baton("scale", "decode", "1")
+    assert res.returncode == 0, res.stderr
+    (kept,) = wait_for(lambda: (ids := ready_decodes()) and victim not in ids and ids,
+                       what="one ready decode worker, not the drained one")
+    wait_for(lambda: victim not in [w["worker_id"] for w in status(baton)["workers"]],
+             what="the drained worker gone")
+    with BatonClient(address) as client:
+        assert client.complete(list(range(1, 60)), max_tokens=3).completion_tokens == 3
+    assert ready_decodes() == [kept]
+    bad = baton("scale", "nope", "1")
+    assert bad.returncode == 2 and "nope" in bad.stderr
 
 
 def test_a_decode_worker_killed_under_load_fails_its_requests_clearly_and_is_replaced(cluster):
