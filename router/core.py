@@ -31,6 +31,7 @@ from baton.outputs import RequestOutput
 from baton.prompts import chat_prompt, check_context, encode_prompt
 from baton.router.dispatch import Dispatcher
 from baton.sampling import SamplingParams
+from baton.stats import percentile
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +224,6 @@ class Router:
 
     def stats(self) -> dict[str, float]:
         """Counters, gauges and recent latency percentiles of this router."""
-        from baton.ops.bench.workload import percentile
-
         ttfts = [t for t, _ in self._recent]
         tpots = [p for _, p in self._recent if p is not None]
         out: dict[str, float] = {k: float(v) for k, v in self.counters.items()}

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from baton.ops.bench.workload import BenchRequest, RequestTiming, percentile
+from baton.ops.bench.workload import BenchRequest, RequestTiming
+from baton.stats import percentile
 
 # One request of the load: (index, request) -> its outputs as they stream (cumulative token ids).
 Send = Callable[[int, BenchRequest], AsyncIterator[Any]]

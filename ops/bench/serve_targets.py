@@ -24,8 +24,9 @@ from baton.ops.bench.transformers_serve import (
     completion_body,
     stream_completion,
 )
-from baton.ops.bench.workload import BenchRequest, RequestTiming, percentile
+from baton.ops.bench.workload import BenchRequest, RequestTiming
 from baton.sampling import SamplingParams
+from baton.stats import percentile
 
 CUT_GRACE_S = 1.0
 

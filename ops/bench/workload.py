@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.errors import ConfigError
+from baton.stats import percentile
 
 MIN_OUTPUT_TOKENS = 32
 MAX_OUTPUT_TOKENS = 256
@@ -198,16 +199,6 @@ class SystemResult:
             "num_requests": len(self.timings),
             **self.notes,
         }
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default); None for no values."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def cpu_seconds() -> tuple[float, float] | None:
