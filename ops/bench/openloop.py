@@ -9,6 +9,7 @@ SLO (TPOT per request: seconds between its first and last token over the tokens 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -81,6 +82,20 @@ def summarize(timings: Sequence[RequestTiming], wall_s: float, slo: SLO) -> dict
         "output_tok_s": sum(t.tokens for t in timings) / wall_s,
         "wall_s": wall_s,
     }
+
+
+def run_record(timings: Sequence[RequestTiming], wall_s: float, slo: SLO,
+               requests: Sequence[BenchRequest], long_prompt_tokens: int) -> dict[str, Any]:
+    """One system's run at one rate, as a report keeps it: the summary, every request's timing
+    and prompt length, how many prompts were long, and how busy the machine was."""
+    s = summarize(timings, wall_s, slo)
+    s["timings"] = [(t.ttft, t.tpot, t.tokens) for t in timings]
+    s["prompt_tokens"] = [len(r.prompt_ids) for r in requests]
+    s["long_requests"] = sum(len(r.prompt_ids) >= long_prompt_tokens for r in requests)
+    # Runnable processes over the last minute: above ~2 (both cores busy with this run) means
+    # something else competed for the cores.
+    s["load_average_1m"] = os.getloadavg()[0]
+    return s
 
 
 def goodput(by_rate: dict[float, dict[str, Any]], attainment: float) -> float:

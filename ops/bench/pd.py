@@ -27,7 +27,7 @@ from baton.cluster.config import ClusterConfig, PoolConfig
 from baton.cluster.pools import Pools, start_pools
 from baton.errors import ConfigError
 from baton.ops.bench.engine import machine_info
-from baton.ops.bench.openloop import SLO, goodput, poisson_arrivals, run_open_loop, summarize
+from baton.ops.bench.openloop import SLO, goodput, poisson_arrivals, run_open_loop, run_record
 from baton.ops.bench.report import run_and_report
 from baton.ops.bench.workload import QUESTIONS, BenchRequest, chat_prompt_ids
 from baton.router.dispatch import Dispatcher
@@ -183,14 +183,7 @@ def _sweep(systems: dict[str, System], tokenizer, num_requests: int, rates: list
         order = live if k % 2 == 0 else live[::-1]  # take turns going first
         for name in order:
             timings, wall = systems[name].run(requests, arrivals)
-            summary = summarize(timings, wall, slo)
-            summary["timings"] = [(t.ttft, t.tpot, t.tokens) for t in timings]
-            summary["prompt_tokens"] = [len(r.prompt_ids) for r in requests]
-            summary["long_requests"] = sum(len(r.prompt_ids) >= LONG_PROMPT[0]
-                                           for r in requests)
-            # Runnable processes on the machine over the last minute: above ~2 (both cores
-            # busy with this run) means something else competed for the cores.
-            summary["load_average_1m"] = os.getloadavg()[0]
+            summary = run_record(timings, wall, slo, requests, LONG_PROMPT[0])
             results[name][rate] = summary
             say(f"{name:>13} @ {rate:.2f} req/s: attainment {summary['attainment']:.0%}, "
                 f"TTFT p99 {summary['ttft_p99_s']:.2f} s, "

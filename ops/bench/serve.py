@@ -38,7 +38,7 @@ from baton.cluster import local
 from baton.cluster.controller import get_controller
 from baton.errors import ConfigError
 from baton.ops.bench.engine import machine_info
-from baton.ops.bench.openloop import SLO, goodput, poisson_arrivals, summarize
+from baton.ops.bench.openloop import SLO, goodput, poisson_arrivals, run_record
 from baton.ops.bench.pd import probes
 from baton.ops.bench.report import run_and_report
 from baton.ops.bench.serve_targets import BatonTarget, PeerTarget, Target, router_overhead
@@ -92,13 +92,9 @@ def sweep(systems: dict[str, Target], tokenizer: Any, num_requests: int,
             system = systems[name]
             assert system.slo is not None
             timings, wall = system.run(requests, arrivals)
-            s = summarize(timings, wall, system.slo)
+            s = run_record(timings, wall, system.slo, requests, LONG_PROMPT[0])
             s["cut_at_slo_deadline"] = len(system.cut)
-            s["timings"] = [(t.ttft, t.tpot, t.tokens) for t in timings]
-            s["prompt_tokens"] = [len(r.prompt_ids) for r in requests]
             s["max_tokens"] = [r.max_tokens for r in requests]
-            s["long_requests"] = sum(len(r.prompt_ids) >= LONG_PROMPT[0] for r in requests)
-            s["load_average_1m"] = os.getloadavg()[0]  # above ~2: others competed for the cores
             results[name][rate] = s
             say(f"{name:>18} @ {rate:.2f} req/s: attainment {s['attainment']:.0%}, TTFT p99 "
                 f"{s['ttft_p99_s']:.2f} s, TPOT p99 {s['tpot_p99_s'] * 1000:.0f} ms, "
