@@ -35,11 +35,15 @@ class PoolConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)  # further engine options
 
     @model_validator(mode="after")
-    def _gpu_matches_device(self) -> PoolConfig:
+    def _pool_fields_on_the_pool(self) -> PoolConfig:
         for name in POOL_LEVEL:
             if name in self.engine.model_fields_set:
                 raise ValueError(f"pool {self.name!r}: set {name} on the pool, not among its "
                                  "engine options")
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_matches_device(self) -> PoolConfig:
         if self.device == "cuda" and self.num_gpus <= 0:
             raise ValueError(f"pool {self.name!r}: device cuda needs num_gpus > 0")
         if self.cpu_cores is not None:
