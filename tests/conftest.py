@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
@@ -19,6 +21,8 @@ from transformers import GenerationConfig  # noqa: E402
 from baton.actors.engine import Engine  # noqa: E402
 from baton.cluster.redis_server import RedisServer  # noqa: E402
 
+T = TypeVar("T")
+
 
 def assert_no_leaks(engine: Engine) -> None:
     """Every KV block is free or owned; with nothing in flight, every block is free."""
@@ -26,6 +30,27 @@ def assert_no_leaks(engine: Engine) -> None:
     assert not problems, problems
     if not engine.has_unfinished():
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def wait_until(cond: Callable[[], T], timeout_s: float = 30.0, what: str = "the condition",
+               poll_s: float = 0.05) -> T:
+    """Poll `cond` until it returns something truthy, and return that; fail the test after
+    `timeout_s`. The way to wait for another process or thread (never a bare sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := cond()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(poll_s)
+    return value
+
+
+def assert_workers_idle(*workers, timeout_s: float = 30.0) -> None:
+    """Each worker actor has finished every request (an abort reaches a worker's loop a moment
+    after the call that caused it ends) and holds no block it should not."""
+    for w in workers:
+        wait_until(lambda w=w: ray.get(w.info.remote())["num_running"] == 0, timeout_s,
+                   "the worker to finish its requests")
+        assert ray.get(w.block_violations.remote()) == []
 
 
 def run_to_completion(engine: Engine) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from baton.actors.engine import Engine
@@ -42,10 +44,10 @@ def engine() -> Engine:
 )
 def test_bad_request_is_rejected_and_others_keep_running(engine, prompt, params, error, says):
     good = engine.add_request("steady", SamplingParams(max_tokens=6))
-    with pytest.raises(error, match=says) as info:
+    with pytest.raises(error, match=says):
         engine.add_request(prompt, SamplingParams(**params))
-    assert info.value.grpc_status in ("INVALID_ARGUMENT",)
     final = run_to_completion(engine)
+    assert list(final) == [good]  # the refused request left nothing behind to run
     assert final[good].finish_reason == "length" and len(final[good].token_ids) == 6
 
 
@@ -170,10 +172,23 @@ def test_streamed_deltas_add_up_to_final_text(engine):
     assert sum(len(o.delta_token_ids) for o in outs) == len(outs[-1].token_ids) == 30
 
 
-def test_finish_reasons_and_metrics(engine):
-    out = engine.generate(["m"], SamplingParams(max_tokens=7, ignore_eos=True))[0]
-    assert out.finish_reason == "length"
+def test_metrics_time_the_first_token_and_the_ones_after_it(engine):
+    """TTFT and TPOT agree with when the caller saw the tokens arrive."""
+    before = time.monotonic()
+    seen: list[float] = []  # when each output reached the caller
+    firsts: list[float | None] = []  # the request's first_token timestamp at that moment
+    for out in engine.stream("m", SamplingParams(max_tokens=7, ignore_eos=True)):
+        seen.append(time.monotonic())
+        firsts.append(out.metrics.first_token)
+    assert out.finish_reason == "length" and len(seen) == 7
     m = out.metrics
     assert m.num_prompt_tokens == 1
-    assert m.ttft is not None and m.ttft >= 0
-    assert m.tpot(len(out.token_ids)) is not None
+    assert before <= m.arrival <= m.first_scheduled <= m.first_token <= seen[0]
+    assert firsts == [m.first_token] * 7  # stamped with the first token, never moved
+    assert seen[-2] <= m.finished <= seen[-1]  # stamped with the last token
+    assert m.ttft is not None and 0 < m.ttft <= seen[0] - before
+    # Six tokens after the first came between the first one's arrival and the end.
+    tpot = m.tpot(7)
+    assert tpot is not None and (seen[-2] - seen[0]) / 6 <= tpot <= (seen[-1] - before) / 6
+    single = engine.generate(["m"], SamplingParams(max_tokens=1, ignore_eos=True))[0]
+    assert single.metrics.tpot(1) is None  # no token after the first: no TPOT

@@ -1,4 +1,5 @@
-"""Weight-only int8/int4 engines: what they generate and how far their logits move."""
+"""Weight-only int8/int4 engines: what they generate next to the unquantized model, and how far
+their logits move."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from baton.actors.quantized_linear import QuantizedLinear
 from baton.actors.tiny import tiny_model
 from baton.errors import ConfigError
 from baton.sampling import SamplingParams
+from tests.conftest import hf_greedy
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 100, 120, 33, 45]
 
@@ -42,18 +44,45 @@ def test_int4_logits_follow_the_float_model_and_finer_groups_follow_closer():
     assert (fine - base).norm() < (coarse - base).norm()
 
 
-@pytest.mark.parametrize(("dtype", "quantization"), [("bfloat16", "int8"), ("float32", "int4")])
-def test_quantized_engine_generates(dtype, quantization):
-    engine = Engine("tiny:llama", dtype=dtype, quantization=quantization, quant_group_size=32,
-                    num_kv_blocks=16)
+def _assert_quantized(engine: Engine) -> None:
+    """Every linear but the output head holds quantized weights; embeddings keep the dtype."""
     model = engine.model
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(quantized) == 7 * model.config.num_hidden_layers  # q k v o gate up down
     assert not isinstance(model.lm_head, QuantizedLinear)
     assert model.get_input_embeddings().weight.dtype == engine.dtype
-    out = engine.generate([PROMPT[:5], PROMPT], SamplingParams(max_tokens=8, ignore_eos=True))
-    assert [len(o.token_ids) for o in out] == [8, 8]
-    assert all(0 <= t < engine.vocab_size for o in out for t in o.token_ids)
+
+
+def test_int8_engine_picks_what_the_unquantized_engine_would():
+    """bf16 + int8: from the same text, each token the int8 engine picks is the unquantized
+    engine's choice too (or within a near tie of it), with a log-probability close to it."""
+    base = Engine("tiny:llama", dtype="bfloat16", num_kv_blocks=16)
+    quant = Engine("tiny:llama", dtype="bfloat16", quantization="int8", num_kv_blocks=16)
+    _assert_quantized(quant)
+    prompts = [PROMPT[:5], PROMPT]
+    outs = quant.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True, logprobs=0))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert len(out.token_ids) == 8 and out.logprobs is not None
+        for i, (token, lp) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
+            [step] = base.generate([prompt + out.token_ids[:i]],
+                                   SamplingParams(max_tokens=1, ignore_eos=True, logprobs=5))
+            assert step.logprobs is not None
+            top = step.logprobs[0].top
+            assert token in top, (i, token, top)
+            assert max(top.values()) - top[token] < 0.25
+            assert abs(lp.logprob - top[token]) < 0.25
+
+
+def test_int4_engine_matches_transformers_on_the_same_int4_weights():
+    engine = Engine("tiny:llama", dtype="float32", quantization="int4", quant_group_size=32,
+                    num_kv_blocks=16)
+    _assert_quantized(engine)
+    ref = prepare_for_inference(tiny_model("llama"), torch.float32, torch.device("cpu"), "int4",
+                                32)
+    prompts = [PROMPT[:5], PROMPT]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [hf_greedy(ref, p, 8, stop_at_eos=False)
+                                           for p in prompts]
 
 
 def test_bad_quantization_options_are_refused():

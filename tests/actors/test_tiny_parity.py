@@ -9,6 +9,7 @@ import pytest
 
 from baton.actors.engine import Engine
 from baton.actors.tiny import TINY_CONFIGS, tiny_model
+from baton.outputs import RequestOutput
 from baton.sampling import SamplingParams
 from tests.conftest import assert_no_leaks, hf_greedy
 
@@ -47,16 +48,20 @@ def references(reference):
     return get
 
 
-def _run(engine: Engine, work) -> list[list[int]]:
+def _finals(engine: Engine, work) -> list[RequestOutput]:
     ids = [engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in work]
-    done: dict[str, list[int]] = {}
+    done: dict[str, RequestOutput] = {}
     while engine.has_unfinished():
         for out in engine.step():
             if out.finished:
                 assert out.finish_reason == "length"
-                done[out.request_id] = out.token_ids
+                done[out.request_id] = out
     assert_no_leaks(engine)
     return [done[i] for i in ids]
+
+
+def _run(engine: Engine, work) -> list[list[int]]:
+    return [o.token_ids for o in _finals(engine, work)]
 
 
 def test_single_request_matches_generate(arch, references):
@@ -83,8 +88,9 @@ def test_preemption_recomputes_without_changing_output(arch, references):
     engine = Engine(f"tiny:{arch}", dtype="float32", num_kv_blocks=12, block_size=16)
     rng = random.Random(2)
     work = [([rng.randrange(256) for _ in range(30)], 60) for _ in range(5)]
-    outs = _run(engine, work)
-    assert outs == [references(p, n) for p, n in work]
+    outs = _finals(engine, work)
+    assert [o.token_ids for o in outs] == [references(p, n) for p, n in work]
+    assert sum(o.metrics.num_preemptions for o in outs) > 0
 
 
 def test_shared_prefix_reuses_blocks_and_keeps_output(arch, references):

@@ -11,6 +11,7 @@ from baton.actors.engine import Engine
 from baton.actors.worker import Worker, WorkerSpec
 from baton.errors import ContextLengthError
 from baton.sampling import SamplingParams
+from tests.conftest import wait_until
 
 MODEL = "tiny:llama"
 ENGINE = {"dtype": "float32", "block_size": 8, "num_threads": 1}
@@ -83,8 +84,8 @@ def test_prefill_worker_killed_mid_request_falls_back_and_leaks_nothing(ray_loca
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     stream = decode.generate.options(num_returns="streaming").remote("mid", prompt, params,
                                                                       prefill)
-    while ray.get(prefill.info.remote())["num_running"] == 0:
-        pass  # the prefill worker has the request in its batch
+    wait_until(lambda: ray.get(prefill.info.remote())["num_running"] > 0, 60,
+               "the prefill worker to have the request in its batch")
     ray.kill(prefill)
     out = [ray.get(r) for r in stream][-1]
     expected = Engine(MODEL, **ENGINE).generate([prompt], params)[0].token_ids

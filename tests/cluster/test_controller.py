@@ -3,14 +3,15 @@ workers (pinned cores kept), scale up and down, drain under a running request, t
 
 from __future__ import annotations
 
-import time
+import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import ray
-from ray.exceptions import RayActorError
+import redis
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from baton.cluster.config import load_config
 from baton.cluster.controller import get_controller, start_controller, stop_controller
@@ -23,6 +24,7 @@ from baton.errors import (
     WorkerUnavailableError,
 )
 from baton.sampling import SamplingParams
+from tests.conftest import wait_until
 
 NAMESPACE = "baton-test"
 ENGINE = {"block_size": 8, "num_threads": 1}
@@ -39,14 +41,6 @@ def cluster_config(name: str) -> dict[str, Any]:
             {"name": "decode", "role": "decode", "dtype": "float32", "engine": ENGINE},
         ],
     }
-
-
-def wait_until(cond: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := cond()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +78,17 @@ def generate(decode, prefill, prompt: list[int], max_tokens: int):
     return [ray.get(ref) for ref in stream][-1]
 
 
+def died(handle) -> bool:
+    """Whether the worker behind `handle` is dead (a call to it says so)."""
+    try:
+        ray.get(handle.info.remote(), timeout=10)
+    except ActorDiedError:
+        return True
+    except (RayActorError, GetTimeoutError):  # unreachable for now: not known dead yet
+        pass
+    return False
+
+
 def settle(controller) -> None:
     assert ray.get(controller.settle.remote(60.0))
 
@@ -96,14 +101,26 @@ def test_pools_come_up_listed_by_role_and_registered(controller, registry) -> No
     assert all(s["alive"] and s["state"] == "ready" for s in status.values())
     assert status["prefill-0"]["cpu_affinity"] == [0]
     assert status["decode-0"]["kv_address"]
-    assert not hasattr(controller, "kv_token")  # the KV link's secret stays inside
 
     # Registered with what the router needs, and beating with load.
     shown = wait_until(lambda: {w.info.worker_id: w for w in registry.workers()
-                                if w.load is not None} or None)
+                                if w.load is not None} or None, what="registered workers")
     assert set(shown) == {"prefill-0", "decode-0"}
     assert shown["decode-0"].info.address == status["decode-0"]["kv_address"]
     assert shown["prefill-0"].info.role == "prefill" and shown["decode-0"].info.pool == "decode"
+
+
+def test_the_kv_link_secret_is_shown_nowhere(controller, registry, redis_url) -> None:
+    secret = ray.get(controller.__ray_call__.remote(lambda c: c._kv_token))
+    assert len(secret) >= 24
+    shown = [ray.get(controller.status.remote()), ray.get(controller.pools.remote()),
+             [{k: v for k, v in w.items() if k != "handle"} for w in workers(controller).values()],
+             [ray.get(w["handle"].info.remote()) for w in workers(controller).values()]]
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    for key in raw.scan_iter(f"baton:{registry.cluster}:*"):
+        if raw.type(key) == "hash":
+            shown.append(raw.hgetall(key))
+    assert secret not in json.dumps(shown, default=str)
 
 
 def test_killed_workers_are_replaced_pinned_and_serving(controller, registry) -> None:
@@ -111,17 +128,24 @@ def test_killed_workers_are_replaced_pinned_and_serving(controller, registry) ->
     before = workers(controller)
     for w in before.values():
         ray.kill(w["handle"])
-
-    seen_dead: set[str] = set()
+    for w in before.values():
+        wait_until(lambda h=w["handle"]: died(h), what="the killed worker to be gone")
 
     def replaced() -> dict[str, dict[str, Any]] | None:
+        # Whenever asked, each pool shows its killed worker until a replacement is ready, and
+        # once the controller has seen it die, shows it not alive: a worker never silently
+        # vanishes from `baton status`.
         status = ray.get(controller.status.remote())
-        seen_dead.update(s["worker_id"] for s in status if not s["alive"])
+        for pool in ("prefill", "decode"):
+            killed = [s for s in status if s["pool"] == pool and s["worker_id"] in before]
+            ready = [s for s in status if s["pool"] == pool and s["worker_id"] not in before
+                     and s["state"] == "ready"]
+            assert killed or ready, status
+            assert all(not s["alive"] for s in killed if s["state"] == "dead"), status
         now = workers(controller)
         return now if len(now) == 2 and not set(now) & set(before) else None
 
-    now = wait_until(replaced)
-    assert seen_dead == set(before)  # shown dead until replaced
+    now = wait_until(replaced, 120, "both killed workers replaced")
     assert {w["role"] for w in now.values()} == {"prefill", "decode"}
     [decode] = [w["handle"] for w in now.values() if w["role"] == "decode"]
     [prefill] = [w["handle"] for w in now.values() if w["role"] == "prefill"]
@@ -131,7 +155,7 @@ def test_killed_workers_are_replaced_pinned_and_serving(controller, registry) ->
     assert out.finished and len(out.token_ids) == 6
     assert ray.get(decode.info.remote())["handoffs"] == 1
     assert [p["restarts"] for p in ray.get(controller.pools.remote())] == [1, 1]
-    wait_until(lambda: registered(registry) == set(now))
+    wait_until(lambda: registered(registry) == set(now), what="the replacements registered")
 
 
 def test_scale_up_and_down(controller, registry) -> None:
@@ -140,13 +164,14 @@ def test_scale_up_and_down(controller, registry) -> None:
     settle(controller)
     decodes = [i for i, w in workers(controller).items() if w["role"] == "decode"]
     assert len(decodes) == 2
-    wait_until(lambda: set(decodes) <= registered(registry))
+    wait_until(lambda: set(decodes) <= registered(registry), what="both decodes registered")
 
     assert ray.get(controller.scale.remote("decode", 1)) == 1
     settle(controller)
     left = [i for i, w in workers(controller).items() if w["role"] == "decode"]
     assert len(left) == 1 and left[0] in decodes
-    wait_until(lambda: not set(decodes) - set(left) & registered(registry))
+    wait_until(lambda: not set(decodes) - set(left) & registered(registry),
+               what="the drained decode deregistered")
 
     with pytest.raises(ConfigError, match="cpu_cores"):  # pinned to one core
         ray.get(controller.scale.remote("prefill", 2))
@@ -179,7 +204,8 @@ def test_drain_lets_the_running_request_finish(controller, registry) -> None:
     assert len(decodes) == 1 and decodes != [worker_id]
     with pytest.raises(RayActorError):
         ray.get(w["handle"].info.remote(), timeout=10)
-    wait_until(lambda: worker_id not in registered(registry) and decodes[0] in registered(registry))
+    wait_until(lambda: worker_id not in registered(registry) and decodes[0] in registered(registry),
+               what="the drained worker's replacement registered in its place")
 
 
 def test_unknown_worker_missing_controller_and_duplicate_name(controller, cluster_name,

@@ -93,8 +93,17 @@ def test_moe_model_logits_match_transformers_experts(model_type):
     assert_close(got, expected, torch.float32)
 
 
-def test_cpu_keeps_transformers_experts():
-    if DEVICE.type == "cpu":
-        model = _tiny_moe("qwen3_moe")
-        assert not use_grouped_experts(model, DEVICE)
-        assert model.config._experts_implementation != EXPERTS_IMPLEMENTATION
+def test_default_experts_are_the_grouped_gemm_on_cuda_and_transformers_elsewhere():
+    model = _tiny_moe("qwen3_moe")
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]], device=DEVICE)
+    with torch.inference_mode():
+        before = model(ids).logits
+    on_cuda = DEVICE.type == "cuda"
+    assert use_grouped_experts(model, DEVICE) == on_cuda
+    assert (model.config._experts_implementation == EXPERTS_IMPLEMENTATION) == on_cuda
+    with torch.inference_mode():
+        after = model(ids).logits
+    if on_cuda:
+        assert_close(after, before, torch.float32)
+    else:  # untouched: transformers' own experts, the same numbers
+        assert torch.equal(after, before)

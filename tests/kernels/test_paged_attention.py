@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from baton.errors import ConfigError
+from baton.kernels import paged_attention_triton
 from baton.kernels.dispatch import force_backend
 from baton.kernels.paged_attention import paged_attention, paged_attention_reference
 from tests.kernels.conftest import DEVICE, assert_close
@@ -71,11 +72,24 @@ def test_sliding_window_hides_old_context(triton_path):
     assert not torch.allclose(out[:2], full[:2])  # the window made a difference
 
 
-def test_cpu_default_is_the_reference():
+def test_default_path_is_the_kernel_on_cuda_and_the_reference_elsewhere(monkeypatch):
+    kernel = paged_attention_triton.paged_attention_triton
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return kernel(*args)
+
+    monkeypatch.setattr(paged_attention_triton, "paged_attention_triton", spy)
     q, k, v, tables, ctx, _ = _case([3, 20], [1, 1], 2, 1, 16, 16, torch.float32)
+    out = paged_attention(q, k, v, tables, ctx)
     expected = paged_attention_reference(q, k, v, tables, ctx, None, 0.25)
-    if DEVICE.type == "cpu":
-        assert torch.equal(paged_attention(q, k, v, tables, ctx), expected)
+    if DEVICE.type == "cuda":
+        assert len(calls) == 1
+        assert_close(out, expected, torch.float32)
+    else:  # the CPU never runs Triton's interpreter outside tests
+        assert calls == []
+        assert torch.equal(out, expected)
 
 
 def test_shapes_that_cannot_group_are_refused():

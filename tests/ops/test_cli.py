@@ -38,12 +38,19 @@ def test_generate_json_with_sampling_options_is_reproducible():
     assert a["model"] == "SmolLM2-135M-Instruct"
 
 
-def test_stop_string_and_tiny_model():
-    res = run("generate", "abc", "--model", "tiny:qwen2", "--max-tokens", "30", "--output",
-              "json", "--stop", "x", "--stop", "y")
+def test_stop_strings_end_the_answer_where_the_first_one_appears():
+    args = ["generate", "abc", "--model", "tiny:qwen2", "--max-tokens", "30", "--output", "json"]
+    free = run(*args)
+    assert free.returncode == 0, free.stderr
+    text = json.loads(free.stdout)["text"]
+    # Two characters of the free answer, each first seen past its start, as stop strings.
+    picks = [c for c in dict.fromkeys(text) if c.isascii() and c.isalnum() and text.index(c) > 2]
+    assert len(picks) >= 2, text
+    res = run(*args, "--stop", picks[1], "--stop", picks[0])
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert "x" not in out["text"] and "y" not in out["text"]
+    assert out["finish_reason"] == "stop"
+    assert out["text"] == text[: text.index(picks[0])]
 
 
 def test_bad_input_exits_2_with_a_message_that_says_what_to_change():

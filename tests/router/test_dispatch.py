@@ -13,6 +13,7 @@ from baton.actors.worker import Worker, WorkerSpec
 from baton.errors import WorkerUnavailableError
 from baton.router.dispatch import Dispatcher
 from baton.sampling import SamplingParams
+from tests.conftest import assert_workers_idle
 
 MODEL = "tiny:llama"
 ENGINE = {"dtype": "float32", "block_size": 8, "num_threads": 1}
@@ -38,12 +39,6 @@ async def collect(dispatcher: Dispatcher, rid: str, prompt, params):
     return outs[-1]
 
 
-def assert_clean(*workers) -> None:
-    for w in workers:
-        assert ray.get(w.block_violations.remote()) == []
-        assert ray.get(w.info.remote())["num_running"] == 0
-
-
 @pytest.fixture(scope="module")
 def cluster(ray_local):
     return spawn("prefill"), spawn("decode"), spawn("decode")
@@ -65,7 +60,7 @@ def test_requests_spread_over_decode_workers_and_match_one_engine(cluster):
     handoffs = [ray.get(d.info.remote())["handoffs"] - b for d, b in
                 zip(decodes, before, strict=True)]
     assert sum(handoffs) == 4 and all(h > 0 for h in handoffs)  # both decode workers served
-    assert_clean(prefill, *decodes)
+    assert_workers_idle(prefill, *decodes)
 
 
 def test_a_dead_decode_worker_before_the_first_token_is_retried_elsewhere(cluster):
@@ -85,7 +80,7 @@ def test_a_dead_decode_worker_before_the_first_token_is_retried_elsewhere(cluste
     d, out, again = asyncio.run(run())
     assert out.token_ids == expected == again.token_ids
     assert d.retries == 1 and len(d.decode) == 1
-    assert_clean(prefill, alive)
+    assert_workers_idle(prefill, alive)
 
 
 def test_a_decode_worker_dying_mid_stream_ends_it_with_a_clear_error(ray_local):
@@ -122,14 +117,10 @@ def test_a_caller_that_stops_reading_frees_the_request_in_its_worker(cluster):
         stream = d.generate("left", prompts(2, (60,))[0], params)
         await stream.__anext__()
         await stream.aclose()
-        for _ in range(200):  # the abort reaches the worker's loop thread shortly after
-            if ray.get(decode.info.remote())["num_running"] == 0:
-                break
-            await asyncio.sleep(0.05)
 
     asyncio.run(run())
+    assert_workers_idle(prefill, decode)  # the abort reaches the worker's loop shortly after
     assert ray.get(decode.info.remote())["finished"]["abort"] == aborted + 1
-    assert_clean(prefill, decode)
 
 
 def test_prompts_sharing_a_prefix_go_where_it_is_cached(cluster):
@@ -147,4 +138,4 @@ def test_prompts_sharing_a_prefix_go_where_it_is_cached(cluster):
     assert first.metrics.num_cached_tokens == 0
     # Without affinity, turns would alternate between the two idle workers: half would miss.
     assert all(o.metrics.num_cached_tokens >= 48 for o in follow)
-    assert_clean(prefill, *decodes)
+    assert_workers_idle(prefill, *decodes)

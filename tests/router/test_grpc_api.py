@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.metadata
 import random
 import threading
-import time
 
 import grpc
 import pytest
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 
 from baton.actors.engine import Engine
 from baton.actors.worker import Worker, WorkerSpec
-from baton.client import AsyncBatonClient, BatonClient
+from baton.client import AsyncBatonClient, BatonClient, build_request
 from baton.errors import (
     AuthError,
     CapacityError,
@@ -28,7 +27,9 @@ from baton.errors import (
     WorkerUnavailableError,
 )
 from baton.router.app import RouterActor, RouterSettings
+from baton.router.grpc_server import sampling_from_proto
 from baton.sampling import SamplingParams
+from tests.conftest import assert_workers_idle
 
 MODEL = "tiny:llama"
 ENGINE = {"dtype": "float32", "block_size": 8, "num_threads": 1}
@@ -67,16 +68,6 @@ def ids(seed: int, n: int) -> list[int]:
     return [rng.randrange(1, 256) for _ in range(n)]
 
 
-def assert_clean(workers) -> None:
-    for w in workers:
-        for _ in range(100):  # an abort reaches the worker's loop a moment after the call ends
-            if ray.get(w.info.remote())["num_running"] == 0:
-                break
-            time.sleep(0.05)
-        assert ray.get(w.block_violations.remote()) == []
-        assert ray.get(w.info.remote())["num_running"] == 0
-
-
 def test_generate_streams_what_one_engine_computes_over_both_paths(api, workers):
     client, _ = api
     short, long = ids(0, 6), ids(1, 70)
@@ -92,7 +83,7 @@ def test_generate_streams_what_one_engine_computes_over_both_paths(api, workers)
         assert all(c.finish_reason is None for c in chunks[:-1])
     text = client.complete("hello there", max_tokens=5, ignore_eos=True)
     assert text.completion_tokens == 5 and text.text
-    assert_clean(workers)
+    assert_workers_idle(*workers)
 
 
 @pytest.mark.parametrize(("kw", "error", "says"), [
@@ -113,7 +104,7 @@ def test_bad_requests_get_a_clear_status_and_the_cluster_keeps_serving(api, work
     with pytest.raises(error, match=says):
         client.complete(prompt, **kw)
     assert client.complete([5, 6, 7], max_tokens=3, ignore_eos=True).completion_tokens == 3
-    assert_clean(workers)
+    assert_workers_idle(*workers)
 
 
 def test_a_client_that_cancels_frees_the_request_in_its_worker(api, workers):
@@ -123,7 +114,7 @@ def test_a_client_that_cancels_frees_the_request_in_its_worker(api, workers):
     stream = client.generate(ids(2, 40), max_tokens=1500, ignore_eos=True)
     next(stream)
     stream.close()
-    assert_clean(workers)
+    assert_workers_idle(*workers)
     assert ray.get(decode.info.remote())["finished"]["abort"] == before + 1
 
 
@@ -131,7 +122,7 @@ def test_a_deadline_stops_the_request_and_says_so(api, workers):
     client, _ = api
     with pytest.raises(DeadlineError):
         client.complete(ids(3, 10), max_tokens=1900, ignore_eos=True, timeout_s=0.5)
-    assert_clean(workers)
+    assert_workers_idle(*workers)
 
 
 def test_abort_from_another_connection_ends_the_stream(api, workers):
@@ -143,7 +134,7 @@ def test_abort_from_another_connection_ends_the_stream(api, workers):
         assert other.abort("stop-me") is True
         assert other.abort("never-was") is False
     assert [c.finish_reason for c in stream][-1] == "abort"
-    assert_clean(workers)
+    assert_workers_idle(*workers)
 
 
 def test_a_full_router_answers_resource_exhausted(workers):
@@ -155,7 +146,7 @@ def test_a_full_router_answers_resource_exhausted(workers):
             client.complete([1, 2, 3], max_tokens=2)
         stream.close()
     ray.get(actor.stop.remote())
-    assert_clean(workers)
+    assert_workers_idle(*workers)
 
 
 def test_health_reflection_and_server_info(api):
@@ -210,7 +201,7 @@ def test_two_routers_serve_the_same_workers_at_once(api, workers):
         t.join(60)
     assert [got[i] for i in range(6)] == want
     ray.get(actor.stop.remote())
-    assert_clean(workers)
+    assert_workers_idle(*workers)
 
 
 def test_async_client_streams_too(api):
@@ -239,8 +230,10 @@ def test_chat_messages_go_through_the_model_chat_template(api):
     assert got.token_ids == want.token_ids and got.prompt_tokens == len(prompt)
 
 
+MAX_MODEL_LEN = 2048  # the tiny model's context
 sampling_fields = st.fixed_dictionaries({}, optional={
-    "max_tokens": st.integers(0, 3000),
+    # Outputs short enough to run every example, or longer than the context (refused at once).
+    "max_tokens": st.one_of(st.integers(0, 16), st.integers(MAX_MODEL_LEN + 1, 3000)),
     "temperature": st.one_of(st.floats(-2, 5), st.just(float("nan"))),
     "top_p": st.one_of(st.floats(-1, 2), st.just(float("nan"))),
     "top_k": st.integers(-5, 300),
@@ -257,7 +250,10 @@ prompts = st.one_of(
     st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "x"]),
                                     "content": st.text(max_size=20)}), max_size=3),
 )
-CLEAR = {InvalidRequestError, ModelNotFoundError, CapacityError}
+CLEAR = (InvalidRequestError, ModelNotFoundError, CapacityError)
+# What a refusal names, so the caller knows what to change.
+FIELDS = ("prompt", "token ids", "messages", "max_tokens", "temperature", "top_p", "top_k",
+          "seed", "stop", "logprobs", "request_id", "model", "retry")
 
 
 @settings(max_examples=40, deadline=None,
@@ -266,11 +262,19 @@ CLEAR = {InvalidRequestError, ModelNotFoundError, CapacityError}
 def test_fuzzed_requests_get_a_result_or_a_clear_status(api, workers, prompt, kw):
     client, _ = api
     try:
-        out = client.complete(prompt, timeout_s=30, **kw)
-    except tuple(CLEAR) as exc:
-        assert str(exc)  # says what to change
+        params = sampling_from_proto(build_request(prompt, **kw).sampling)
+    except InvalidRequestError:
+        params = None
+    try:
+        out = client.complete(prompt, timeout_s=60, **kw)
+    except CLEAR as exc:
+        assert any(f in exc.message for f in FIELDS), exc.message
     else:
-        assert out.finish_reason in ("stop", "length")
+        assert params is not None  # what the engine would refuse is never run
+        max_tokens = params.max_tokens
+        assert out.completion_tokens == len(out.token_ids) <= max_tokens
+        assert out.finish_reason == "stop" or (out.finish_reason == "length"
+                                               and out.completion_tokens == max_tokens)
     for w in workers:
         assert ray.get(w.block_violations.remote()) == []
 
@@ -321,7 +325,7 @@ def test_a_router_killed_mid_stream_ends_it_clearly_and_a_new_router_serves(work
         with pytest.raises(WorkerUnavailableError, match="UNAVAILABLE"):
             list(stream)
     # The orphaned request runs to its max_tokens in its worker, then frees its blocks.
-    assert_clean(workers)
+    assert_workers_idle(*workers)
     actor2, address2 = start_router(workers)
     with BatonClient(address2) as client:
         assert client.complete([1, 2, 3], max_tokens=3).completion_tokens == 3

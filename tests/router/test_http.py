@@ -8,7 +8,6 @@ import asyncio
 import json
 import random
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from baton.router.dispatch import Dispatcher
 from baton.router.http import serve_http
 from baton.router.openai_api import parse_chat, parse_completion
 from baton.sampling import SamplingParams
+from tests.conftest import assert_workers_idle
 
 MODEL = "tiny:llama"
 ENGINE = {"dtype": "float32", "block_size": 8, "num_threads": 1}
@@ -117,16 +117,6 @@ def metrics(url: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
-def wait_idle(*actors) -> None:
-    for w in actors:
-        for _ in range(200):  # an abort reaches the worker's loop a moment after the call ends
-            if ray.get(w.info.remote())["num_running"] == 0:
-                break
-            time.sleep(0.05)
-        assert ray.get(w.info.remote())["num_running"] == 0
-        assert ray.get(w.block_violations.remote()) == []
-
-
 def test_completions_give_what_one_engine_computes_whole_and_streamed(server, client, workers):
     short, long = ids(0, 6), ids(1, 70)  # prefilled locally / on the prefill worker
     params = SamplingParams(max_tokens=10, ignore_eos=True)
@@ -155,7 +145,7 @@ def test_completions_give_what_one_engine_computes_whole_and_streamed(server, cl
     assert len(lp.token_logprobs) == 4 and all(v <= 0 for v in lp.token_logprobs)
     # Keys are decoded text: alternatives that decode alike (partial UTF-8) share one key.
     assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
-    wait_idle(*workers)
+    assert_workers_idle(*workers)
 
 
 def test_chat_streams_role_then_content_and_needs_a_chat_template(server, client, workers):
@@ -189,7 +179,7 @@ def test_chat_streams_role_then_content_and_needs_a_chat_template(server, client
             client.chat.completions.create(model=name, messages=messages, stream=True)
     finally:
         tok.chat_template = template
-    wait_idle(*workers)
+    assert_workers_idle(*workers)
 
 
 def test_models_lists_the_served_model(server, client):
@@ -209,7 +199,7 @@ def test_errors_map_to_http_statuses(server, client, workers, kw, error, says):
     with pytest.raises(error, match=says) as info:
         client.completions.create(**args)
     assert info.value.body["message"]  # OpenAI's error shape: {"error": {"message", ...}}
-    wait_idle(*workers)
+    assert_workers_idle(*workers)
 
 
 def test_malformed_json_capacity_and_auth(server, client):
@@ -246,7 +236,7 @@ def test_a_client_that_disconnects_mid_stream_aborts_its_request(server, client,
         if seen >= 2:
             break
     stream.close()
-    wait_idle(decode)
+    assert_workers_idle(decode)
     assert ray.get(decode.info.remote())["finished"]["abort"] == before + 1
     after = metrics(server.url)
     assert after[("baton:request_failures_total", (("reason", "cancelled"),))] == cancelled + 1
@@ -291,7 +281,7 @@ def test_metrics_move_with_requests_and_two_routers_keep_their_own(server, clien
                          0) == 0
     finally:
         empty.close()
-    wait_idle(*workers)
+    assert_workers_idle(*workers)
 
 
 def test_the_router_actor_counts_grpc_requests_in_its_http_metrics(workers):
@@ -308,7 +298,7 @@ def test_the_router_actor_counts_grpc_requests_in_its_http_metrics(workers):
                               (("finished_reason", "length"),))] == 1
     finally:
         ray.get(actor.stop.remote())
-    wait_idle(*workers)
+    assert_workers_idle(*workers)
 
 
 @pytest.mark.parametrize(("parse", "body", "says"), [

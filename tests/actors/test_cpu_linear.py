@@ -1,0 +1,50 @@
+"""oneDNN-packed CPU linears give `nn.Linear`'s results bit for bit, on whatever CPU runs them.
+
+Each test compares the two paths in one process, so the claim holds per CPU (bf16 rounding
+differs between CPUs, but not between these two paths on one). Skipped where oneDNN cannot pack
+the dtype (CPUs without avx512 / AMX / avx_ne_convert).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from baton.actors import model_runner
+from baton.actors.cpu_linear import PackedLinear, packing_supported
+from baton.actors.engine import Engine
+from baton.sampling import SamplingParams
+
+CPU = torch.device("cpu")
+PACKABLE = [pytest.param(dtype, marks=pytest.mark.skipif(
+    not packing_supported(dtype, CPU), reason=f"oneDNN cannot pack {dtype} on this CPU"))
+    for dtype in (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("dtype", PACKABLE)
+@pytest.mark.parametrize("rows", [1, 3, 64])  # decode, a small batch, a prompt
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_nn_linear(dtype, rows, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 1536, bias=bias).to(dtype)  # the default model's MLP shape
+    x = torch.randn(1, rows, 576).to(dtype)
+    with torch.inference_mode():
+        assert torch.equal(PackedLinear(linear)(x), linear(x))
+
+
+@pytest.mark.parametrize("dtype", PACKABLE)
+def test_engine_gives_the_same_tokens_and_logprobs_packed_or_not(dtype, monkeypatch):
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    packed = Engine("tiny:llama", dtype=name)
+    assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
+    monkeypatch.setattr(model_runner, "packing_supported", lambda *_: False)
+    plain = Engine("tiny:llama", dtype=name)
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    prompts = [[3, 1, 4, 1, 5], list(range(40, 90))]
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3)
+    for a, b in zip(packed.generate(prompts, params), plain.generate(prompts, params),
+                    strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == b.logprobs
+
