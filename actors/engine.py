@@ -17,9 +17,10 @@ from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
 from baton.actors.model_runner import ModelRunner, load_model
 from baton.actors.model_source import resolve
 from baton.actors.quantized_linear import QUANTIZATIONS
-from baton.actors.sampler import sample
+from baton.actors.sampler import sample, token_logprobs
 from baton.actors.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from baton.actors.sequence import Sequence
+from baton.actors.spec_setup import build_speculator
 from baton.errors import (
     ConfigError,
     ContextLengthError,
@@ -30,6 +31,7 @@ from baton.kernels.quantized_matmul import INT4_GROUP_SIZES
 from baton.outputs import RequestOutput, TokenLogprob
 from baton.prompts import chat_prompt, check_context, encode_prompt
 from baton.sampling import SamplingParams
+from baton.speculation import MAX_SPECULATIVE_TOKENS, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,13 @@ class EngineConfig:
     seed: int = 0
     quantization: str | None = None
     quant_group_size: int = 128
+    # Speculative decoding: the methods requests may ask for (None: every method this engine can
+    # run without more files, plus `draft` / `medusa` when their paths are given), the longest
+    # draft, a draft model, layer-skip depth (None: calibrated on load).
+    methods: list[str] | None = None
+    max_speculative_tokens: int = 8
+    draft_model: str | None = None
+    layerskip_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -83,6 +92,15 @@ class EngineConfig:
                               f"got {self.quant_group_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.methods is not None:
+            unknown = sorted(set(self.methods) - set(METHODS))
+            if unknown:
+                raise ConfigError(f"methods {unknown} are unknown; choose from {list(METHODS)}")
+            if "draft" in self.methods and not self.draft_model:
+                raise ConfigError("method 'draft' needs draft_model (a model path or id)")
+        if not 1 <= self.max_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"max_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
+                              f"got {self.max_speculative_tokens}")
 
 
 class Engine:
@@ -127,6 +145,7 @@ class Engine:
             self.blocks,
         )
         self.runner = ModelRunner(self.model, self.cache, self.device)
+        self.speculator = build_speculator(self)
         self.eos_ids = self._eos_ids()
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -166,7 +185,9 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        method = self.speculator.method_of(params.method)
         seq = Sequence(request_id, prompt_ids, params)
+        seq.metrics.method = method
         self._seqs[request_id] = seq
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
         if params.seed is not None:
@@ -195,11 +216,17 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and report what changed."""
         outputs, self._pending = self._pending, []
+        self.speculator.propose(self.scheduler.running, self._waiting_tokens(), self._generators)
         sched = self.scheduler.schedule()
+        for seq in self.scheduler.running:
+            if seq.draft is not None and seq.request_id not in sched.num_scheduled_tokens:
+                seq.drop_draft()
         if not sched:
             return outputs
         try:
+            t0 = time.perf_counter()
             logits = self.runner.run(sched, self._layer_hook(sched))
+            self.speculator.observe_step(sched.total_tokens, time.perf_counter() - t0)
         except Exception as exc:  # one bad batch must not take the engine down
             log.exception("model step failed; failing its %d requests", len(sched.seqs))
             self._forward_done(sched)
@@ -220,34 +247,58 @@ class Engine:
     def _forward_done(self, sched: SchedulerOutput) -> None:
         """The step's forward pass ended (or failed)."""
 
+    def _waiting_tokens(self) -> int:
+        """Prompt tokens queued for the next step (what drafting competes with)."""
+        return sum(len(s) - s.num_computed_tokens for s in self.scheduler.waiting)
+
     def _postprocess(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
         done = [s for s in sched.seqs if s.num_computed_tokens == len(s)]
         if not done:
             return []
-        params = [s.params for s in done]
-        gens = [self._generators.get(s.request_id) for s in done]
-        tokens, logprobs = sample(logits, params, gens)
         now = time.monotonic()
         outputs = []
-        for seq, token, lp in zip(done, tokens, logprobs, strict=True):
-            outputs.append(self._emit(seq, token, lp, now))
+        plain, plain_rows, row = [], [], 0
+        for seq in done:
+            n = 1 + seq.num_draft_tokens
+            if seq.draft is None:
+                plain.append(seq)
+                plain_rows.append(row)
+            else:
+                outputs.append(self._settle_draft(seq, logits[row : row + n], now))
+            row += n
+        if plain:
+            gens = [self._generators.get(s.request_id) for s in plain]
+            rows = logits[plain_rows] if len(plain_rows) != logits.shape[0] else logits
+            tokens, logprobs = sample(rows, [s.params for s in plain], gens)
+            for seq, token, lp in zip(plain, tokens, logprobs, strict=True):
+                outputs.append(self._emit(seq, [token], [lp], now))
         return outputs
 
-    def _emit(self, seq: Sequence, token: int, lp: TokenLogprob | None,
+    def _settle_draft(self, seq: Sequence, logits: torch.Tensor, now: float) -> RequestOutput:
+        """Verify a request's draft and emit what it accepted plus the target's own token."""
+        verdict = self.speculator.settle(seq, logits, self._generators.get(seq.request_id))
+        lps = token_logprobs(logits[verdict.rows], verdict.tokens,
+                             [seq.params.logprobs] * len(verdict.tokens))
+        out = self._emit(seq, verdict.tokens, lps, now)
+        self.speculator.after_emit(seq)
+        return out
+
+    def _emit(self, seq: Sequence, tokens: list[int], lps: list[TokenLogprob | None],
               now: float) -> RequestOutput:
-        """Append a sampled token to `seq`, finish it if it should stop, and report it."""
-        seq.token_ids.append(token)
+        """Append tokens to `seq` until one finishes it, and report them as one output."""
         if seq.metrics.first_token is None:
             seq.metrics.first_token = now
-        if seq.logprobs is not None and lp is not None:
-            seq.logprobs.append(lp)
+        seq.metrics.num_forward_passes += 1
         detok = self._detok[seq.request_id]
-        stopped = detok.add(token)
-        reason = self._finish_reason(seq, token, stopped)
-        if reason:
-            self.scheduler.finish(seq, reason)
-            return self._finish_output(seq, [token])
-        return self._output(seq, [token], detok.delta(False))
+        for i, (token, lp) in enumerate(zip(tokens, lps, strict=True)):
+            seq.token_ids.append(token)
+            if seq.logprobs is not None and lp is not None:
+                seq.logprobs.append(lp)
+            reason = self._finish_reason(seq, token, detok.add(token))
+            if reason:
+                self.scheduler.finish(seq, reason)
+                return self._finish_output(seq, tokens[: i + 1])
+        return self._output(seq, tokens, detok.delta(False))
 
     def _finish_reason(self, seq: Sequence, token: int, stopped: bool) -> str | None:
         p = seq.params
@@ -278,6 +329,7 @@ class Engine:
         out = self._output(seq, delta_ids or [], detok.delta(True))
         del self._detok[seq.request_id], self._seqs[seq.request_id]
         self._generators.pop(seq.request_id, None)
+        self.speculator.finish(seq.request_id)
         return out
 
     def _eos_ids(self) -> set[int]:
