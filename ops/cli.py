@@ -52,6 +52,12 @@ def generate(
     dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for the engine")] = None,
+    method: Annotated[str, typer.Option(
+        help="Acceleration method: none, ngram, lookahead, layerskip, draft, medusa")] = "none",
+    num_speculative_tokens: Annotated[int | None, typer.Option(
+        help="Draft tokens per step (default: adapted to acceptance)")] = None,
+    draft_model: Annotated[str | None, typer.Option(
+        help="Draft model for --method draft (path or id; same tokenizer)")] = None,
 ) -> None:
     """Generate text from one prompt, streaming it as it comes."""
     from baton.actors.engine import Engine
@@ -61,10 +67,11 @@ def generate(
         raise BatonError(f"--output must be 'text' or 'json', got {output!r}")
     params = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-        stop=stop or [], logprobs=logprobs,
+        stop=stop or [], logprobs=logprobs, method=method,
+        num_speculative_tokens=num_speculative_tokens,
     )
     engine = Engine(model=model, dtype=dtype, device=device, num_threads=threads,
-                    max_num_seqs=1)
+                    max_num_seqs=1, methods=[method], draft_model=draft_model)
     text = engine.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     final = None
     for out in engine.stream(text, params):
@@ -89,6 +96,15 @@ def generate(
         },
         "ttft_s": m.ttft,
         "tpot_s": m.tpot(len(final.token_ids)),
+        "spec_decode": {
+            "method": m.method,
+            "num_drafts": m.spec_num_drafts,
+            "num_draft_tokens": m.spec_draft_tokens,
+            "num_accepted_tokens": m.spec_accepted_tokens,
+            "acceptance_rate": m.acceptance_rate,
+            "mean_accepted_length": m.mean_accepted_length,
+            "num_forward_passes": m.num_forward_passes,
+        },
     }
     if final.logprobs is not None:
         report["logprobs"] = [
