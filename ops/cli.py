@@ -212,6 +212,26 @@ def bench_kernels(
     bench.main(json_path=json_path)
 
 
+@bench_app.command("spec")
+def bench_spec(
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,
+    workload: Annotated[str | None, typer.Option(
+        help="JSONL workload: task, prompt or messages, max_tokens (default: built-in)")] = None,
+    methods: Annotated[str, typer.Option(
+        help="Comma-separated methods compared with none")] = "ngram,lookahead,layerskip",
+    draft_model: Annotated[str | None, typer.Option(help="Draft model for 'draft'")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads for the engine")] = 2,
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
+) -> None:
+    """Acceleration methods against none per task family, at batch 1 and 16 concurrent."""
+    from baton.ops.bench import spec as bench
+    from baton.ops.bench.report import run_and_report
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    run_and_report(lambda c: bench.run_spec_bench(workload, names, draft_model, threads, dtype, c),
+                   bench.show, json_path)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
