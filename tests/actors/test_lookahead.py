@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from baton.actors.draft_tree import DraftTree
+from baton.actors.lookahead import LookaheadProposer
 from baton.actors.token_trie import TokenTrie
+from baton.errors import ConfigError, InvalidRequestError, RequestNotFoundError
 
 
 def paths(draft: DraftTree) -> list[list[int]]:
@@ -120,3 +124,90 @@ def test_a_bounded_trie_keeps_what_is_frequent_within_capacity():
     unbounded = TokenTrie(branch_length=4, max_match=2)
     unbounded.insert([rng.randrange(500) for _ in range(60 * 20)])
     assert unbounded.size > 4 * 400
+
+
+def test_the_shared_trie_learns_outputs_across_requests():
+    prop = LookaheadProposer(branch_length=6, max_match=2)
+    answer = [300, 301, 302, 303, 304, 305, 306]
+    secret = [700, 701, 702, 703]
+    prop.start("a", [1, 2, *secret, 3])
+    prop.extend("a", answer[:3])
+    prop.extend("a", answer[3:])
+    prop.finish("a")
+    prop.start("b", [5, 6, 7])
+    draft = prop.propose("b", [5, 6, 7, 300, 301], max_nodes=8)
+    assert draft is not None and draft.tokens == answer[2:]
+    # The prompt of "a" stayed with "a": only outputs (and a prompt's last tokens) are shared.
+    assert prop.propose("b", [5, 6, 7, 700, 701], max_nodes=8) is None
+    # A prompt's last tokens are shared, so "b" learns how outputs begin after [2, ..., 3].
+    assert prop.propose("b", [703, 3], max_nodes=1).tokens == [300]
+
+
+def test_the_shared_trie_stays_within_capacity_across_many_requests():
+    rng = random.Random(3)
+    prop = LookaheadProposer(branch_length=6, max_match=2, shared_capacity=1000)
+    common = [800, 801, 802, 803, 804]
+    for i in range(40):
+        rid = f"r{i}"
+        prop.start(rid, [rng.randrange(1000) for _ in range(30)])
+        for _ in range(5):
+            prop.extend(rid, [rng.randrange(1000) for _ in range(8)])
+            assert prop.shared.size <= 1000
+        prop.extend(rid, common)
+        if i % 3:
+            prop.finish(rid)  # some stay open while others prune: their writers must cope
+    assert prop.shared.violations() == []
+    prop.start("new", [1])
+    assert prop.propose("new", [1, 800, 801], max_nodes=3).tokens == [802, 803, 804]
+
+
+def test_the_request_trie_is_preferred_at_equal_match_length():
+    prop = LookaheadProposer(branch_length=4, max_match=2)
+    prop.start("a", [0])
+    prop.extend("a", [10, 11, 20, 20, 10, 11, 20, 20, 10, 11, 20, 20])  # shared: 10 11 -> 20
+    prop.finish("a")
+    prop.start("b", [10, 11, 40, 41])  # own: 10 11 -> 40
+    assert prop.propose("b", [10, 11], max_nodes=1).tokens == [40]
+    both = prop.propose("b", [10, 11], max_nodes=8)
+    assert both.tokens[:2] == [40, 41] and root_tokens(both) == [40, 20]
+
+
+def test_leftover_room_is_filled_from_shorter_matches():
+    prop = LookaheadProposer(branch_length=4, max_match=2)
+    prop.start("r", [5, 6, 7, 0, 6, 8, 0, 6, 9])
+    draft = prop.propose("r", [5, 6], max_nodes=8)
+    # [5, 6] was followed by 7 only; 6 alone also by 8 and 9, which fill the room after.
+    assert draft.tokens[0] == 7 and sorted(root_tokens(draft)) == [7, 8, 9]
+    assert prop.propose("r", [5, 6], max_nodes=1).tokens == [7]
+
+
+def test_propose_gives_none_without_a_match():
+    prop = LookaheadProposer()
+    prop.start("r", [1, 2, 3, 4])
+    assert prop.propose("r", [1, 2, 3, 4], max_nodes=8) is None
+    assert prop.propose("r", [7, 1], max_nodes=8).tokens[0] == 2
+    assert prop.propose("r", [7, 1], max_nodes=0) is None
+
+
+def test_finish_drops_the_request():
+    prop = LookaheadProposer()
+    prop.start("r", [1, 2, 3, 1, 2])
+    assert "r" in prop and len(prop) == 1
+    prop.finish("r")
+    assert "r" not in prop and len(prop) == 0
+    prop.finish("r")  # twice, or for an id never started: no error
+    with pytest.raises(RequestNotFoundError):
+        prop.propose("r", [1, 2], max_nodes=4)
+    with pytest.raises(RequestNotFoundError):
+        prop.extend("r", [3])
+
+
+def test_bad_use_raises_typed_errors():
+    prop = LookaheadProposer()
+    prop.start("r", [1])
+    with pytest.raises(InvalidRequestError):
+        prop.start("r", [1])
+    with pytest.raises(ConfigError):
+        LookaheadProposer(branch_length=0)
+    with pytest.raises(ConfigError):
+        LookaheadProposer(shared_capacity=0)
