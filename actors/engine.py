@@ -188,6 +188,7 @@ class Engine:
         method = self.speculator.method_of(params.method)
         seq = Sequence(request_id, prompt_ids, params)
         seq.metrics.method = method
+        self.speculator.start(seq)
         self._seqs[request_id] = seq
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
         if params.seed is not None:
@@ -296,8 +297,10 @@ class Engine:
                 seq.logprobs.append(lp)
             reason = self._finish_reason(seq, token, detok.add(token))
             if reason:
+                self.speculator.emitted(seq, tokens[: i + 1])
                 self.scheduler.finish(seq, reason)
                 return self._finish_output(seq, tokens[: i + 1])
+        self.speculator.emitted(seq, tokens)
         return self._output(seq, tokens, detok.delta(False))
 
     def _finish_reason(self, seq: Sequence, token: int, stopped: bool) -> str | None:

@@ -39,7 +39,7 @@ def offered_methods(engine: Engine) -> tuple[str, ...]:
     cfg = engine.config
     if cfg.methods is not None:
         return tuple(dict.fromkeys(["none", *cfg.methods]))
-    methods = [m for m in BUILTIN_METHODS if m != "lookahead"]
+    methods = list(BUILTIN_METHODS)
     if cfg.draft_model:
         methods.append("draft")
     return tuple(methods)

@@ -17,6 +17,7 @@ import torch
 from baton.actors.block_manager import BlockManager
 from baton.actors.draft_model import DraftModelProposer, DraftRequest
 from baton.actors.kv_cache import PagedKVCache
+from baton.actors.lookahead import LookaheadProposer
 from baton.actors.ngram import propose_ngram
 from baton.actors.sequence import Sequence
 from baton.actors.spec_budget import AcceptanceTracker, Candidate, StepCostModel, choose_k
@@ -54,6 +55,7 @@ class Speculator:
         self.budget_tokens = budget_tokens
         self.proposers = proposers or {}
         self.cost = StepCostModel()
+        self.lookahead = LookaheadProposer() if "lookahead" in settings.methods else None
         self._trackers: dict[str, AcceptanceTracker] = {}
 
     # -- requests ---------------------------------------------------------------------------------
@@ -69,8 +71,19 @@ class Speculator:
             )
         return method
 
+    def start(self, seq: Sequence) -> None:
+        if seq.metrics.method == "lookahead" and self.lookahead is not None:
+            self.lookahead.start(seq.request_id, seq.prompt_token_ids)
+
+    def emitted(self, seq: Sequence, tokens: list[int]) -> None:
+        """`tokens` were appended to `seq` (verified, or sampled plainly)."""
+        if self.lookahead is not None and seq.request_id in self.lookahead:
+            self.lookahead.extend(seq.request_id, tokens)
+
     def finish(self, request_id: str) -> None:
         self._trackers.pop(request_id, None)
+        if self.lookahead is not None:
+            self.lookahead.finish(request_id)
 
     # -- before the step --------------------------------------------------------------------------
 
@@ -110,6 +123,10 @@ class Speculator:
                 draft = propose_ngram(seq.token_ids, k, self.settings.ngram_min,
                                       self.settings.ngram_max)
                 if draft is not None:
+                    seq.attach_draft(draft)
+            elif method == "lookahead" and self.lookahead is not None:
+                draft = self.lookahead.propose(seq.request_id, seq.token_ids, k)
+                if draft is not None and len(draft):
                     seq.attach_draft(draft)
             elif method in self.proposers:
                 req = DraftRequest(seq, k, generators.get(seq.request_id))

@@ -1,7 +1,7 @@
 """Under sampling, speculation keeps the output distribution: the two tokens after the first
-(a one-token draft, then the target's own) match `none`'s in frequency (two-sample chi-square, fixed seeds), and the check catches a broken
-acceptance rule. Also the adaptive-k rule: drafts where a step is memory-bound, none where it is
-compute-bound."""
+(a one-token draft, then the target's own) match `none`'s in frequency (two-sample chi-square,
+fixed seeds), and the check catches a broken acceptance rule. Also the adaptive-k rule: drafts
+where a step is memory-bound, none where it is compute-bound."""
 
 from __future__ import annotations
 

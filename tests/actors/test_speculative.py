@@ -8,12 +8,13 @@ import random
 
 import pytest
 
+from baton.actors.draft_tree import DraftTree
 from baton.actors.engine import Engine
 from baton.errors import ConfigError, InvalidRequestError
 from baton.sampling import SamplingParams
 from tests.conftest import assert_no_leaks, run_to_completion
 
-METHODS = ["ngram", "layerskip", "draft"]
+METHODS = ["ngram", "lookahead", "layerskip", "draft"]
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -34,7 +35,7 @@ def engine() -> Engine:
     # The draft is the target itself: every draft token is right, so long drafts get accepted
     # and the paths that only accepted tokens reach (stop strings, max_tokens) are exercised.
     return Engine("tiny:llama", dtype="float32", draft_model="tiny:llama",
-                  methods=["ngram", "layerskip", "draft"], block_size=8)
+                  methods=METHODS, block_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +169,32 @@ def test_bad_speculation_config_fails_at_start():
         Engine("tiny:llama", draft_model="default", methods=["draft"])
     with pytest.raises(ConfigError, match="layerskip"):
         Engine("tiny:llama", methods=["layerskip"], layerskip_layers=3)
+
+
+def test_tree_drafts_accept_a_later_branch_and_keep_its_kv(engine, reference):
+    """A tree whose right answer is the second branch at every level: the accepted nodes' KV is
+    moved into place, so the following steps still give the greedy tokens."""
+    prompt = list(next(iter(reference)))
+    want = reference[tuple(prompt)]
+    trees = []
+
+    def propose(request_id, context, max_nodes):
+        j = len(context) - len(prompt)
+        nxt = (want + [0, 0, 0])[j : j + 3]
+        tree = DraftTree([(nxt[0] + 1) % 256, nxt[0], (nxt[1] + 7) % 256, nxt[1], nxt[2]],
+                         [-1, -1, 1, 1, 3])
+        trees.append(tree)
+        return tree
+
+    lookahead = engine.speculator.lookahead
+    original = lookahead.propose
+    lookahead.propose = propose
+    try:
+        out = engine.generate([prompt], SamplingParams(max_tokens=48, ignore_eos=True,
+                                                       method="lookahead",
+                                                       num_speculative_tokens=5))[0]
+    finally:
+        lookahead.propose = original
+    assert out.token_ids == want
+    assert trees and out.metrics.spec_accepted_tokens >= 3 * (len(trees) - 1)
+    assert out.metrics.num_forward_passes <= 1 + -(-47 // 4)
