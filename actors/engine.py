@@ -7,7 +7,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
 
 import torch
 
@@ -16,91 +15,30 @@ from baton.actors.detokenizer import IncrementalDetokenizer
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
 from baton.actors.model_runner import ModelRunner, load_model
 from baton.actors.model_source import resolve
-from baton.actors.quantized_linear import QUANTIZATIONS
 from baton.actors.sampler import sample, token_logprobs
 from baton.actors.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from baton.actors.sequence import Sequence
 from baton.actors.spec_setup import build_speculator
+from baton.engine_config import DTYPE_NAMES, EngineConfig  # EngineConfig: also imported from here
 from baton.errors import (
     ConfigError,
     ContextLengthError,
     InvalidRequestError,
     RequestNotFoundError,
 )
-from baton.kernels.quantized_matmul import INT4_GROUP_SIZES
 from baton.outputs import RequestOutput, TokenLogprob
 from baton.prompts import chat_prompt, check_context, encode_prompt
 from baton.sampling import SamplingParams
-from baton.speculation import MAX_SPECULATIVE_TOKENS, METHODS
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-GiB = 1 << 30
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
-@dataclass(slots=True)
-class EngineConfig:
-    """Everything that shapes one engine; validated on construction.
-
-    `kv_cache_memory` (bytes) sizes the paged cache unless `num_kv_blocks` is given.
-    `num_threads` pins torch's intra-op threads (two engines on one CPU box get disjoint counts).
-    `quantization` ("int8" per channel, "int4" in groups of `quant_group_size`) stores the model's
-    linear weights (not embeddings or the output head) quantized; activations keep `dtype`.
-    """
-
-    model: str = "default"
-    dtype: str = "bfloat16"
-    device: str = "cpu"
-    num_threads: int | None = None
-    block_size: int = 16
-    kv_cache_memory: int = 1 * GiB
-    num_kv_blocks: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    long_prefill_token_threshold: int = 0
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    quantization: str | None = None
-    quant_group_size: int = 128
-    # Speculative decoding: the methods requests may ask for (None: every method this engine can
-    # run without more files, plus `draft` / `medusa` when their paths are given), the longest
-    # draft, a draft model, layer-skip depth (None: calibrated on load).
-    methods: list[str] | None = None
-    max_speculative_tokens: int = 8
-    draft_model: str | None = None
-    layerskip_layers: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' asked for, but CUDA is not available here")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
-        if self.quantization not in (None, *QUANTIZATIONS):
-            raise ConfigError(f"quantization must be None or one of {QUANTIZATIONS}, "
-                              f"got {self.quantization!r}")
-        if self.quantization == "int4" and self.quant_group_size not in INT4_GROUP_SIZES:
-            raise ConfigError(f"quant_group_size must be one of {INT4_GROUP_SIZES}, "
-                              f"got {self.quant_group_size}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.methods is not None:
-            unknown = sorted(set(self.methods) - set(METHODS))
-            if unknown:
-                raise ConfigError(f"methods {unknown} are unknown; choose from {list(METHODS)}")
-            if "draft" in self.methods and not self.draft_model:
-                raise ConfigError("method 'draft' needs draft_model (a model path or id)")
-        if not 1 <= self.max_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
-            raise ConfigError(f"max_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
-                              f"got {self.max_speculative_tokens}")
+def _check_device(config: EngineConfig) -> None:
+    """The one engine option only the machine that runs the engine can check."""
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {config.device!r} asked for, but CUDA is not available here")
 
 
 class Engine:
@@ -112,11 +50,8 @@ class Engine:
 
     def __init__(self, model: str | None = None, config: EngineConfig | None = None, **overrides):
         if config is None:
-            names = {f.name for f in fields(EngineConfig)}
-            unknown = set(overrides) - names
-            if unknown:
-                raise ConfigError(f"unknown engine option(s) {sorted(unknown)}")
-            config = EngineConfig(**({"model": model} if model else {}), **overrides)
+            config = EngineConfig.from_options(**({"model": model} if model else {}), **overrides)
+        _check_device(config)
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)

@@ -119,6 +119,9 @@ class ModelRunner:
         self.cache = cache
         self.device = device
         self.block_size = cache.spec.block_size
+        # With `capture_hidden`, the final hidden states (what the LM head reads) of the rows
+        # that returned logits, in the same order: Medusa heads draft from them.
+        self.last_hidden: torch.Tensor | None = None
 
     def prepare(self, rows: list[BatchRow]) -> tuple[torch.Tensor, torch.Tensor,
                                                      paged_attention.AttentionBatch, list[int]]:
@@ -172,26 +175,38 @@ class ModelRunner:
         position_ids = torch.tensor([positions], device=dev)
         return input_ids, position_ids, batch, sample_rows
 
-    def run(self, out: SchedulerOutput,
-            on_layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+    def run(self, out: SchedulerOutput, on_layer_done: Callable[[int], None] | None = None,
+            capture_hidden: bool = False) -> torch.Tensor:
         """Logits `[R, V]` (float32) of a scheduled step, see `scheduled_rows`.
 
         `on_layer_done(layer)` runs as soon as each layer has written this step's KV.
         """
-        return self.run_rows(scheduled_rows(out), on_layer_done)
+        return self.run_rows(scheduled_rows(out), on_layer_done, capture_hidden)
 
     @torch.inference_mode()
     def run_rows(self, rows: list[BatchRow],
-                 on_layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+                 on_layer_done: Callable[[int], None] | None = None,
+                 capture_hidden: bool = False) -> torch.Tensor:
         """Logits `[R, V]` (float32) for every row's `num_logits` trailing tokens, in order."""
         input_ids, position_ids, batch, sample_rows = self.prepare(rows)
         batch.on_layer_done = on_layer_done
         keep = torch.tensor(sample_rows or [0], device=self.device)  # none: keep it cheap
-        with paged_attention.attention_batch(batch):
-            logits = self.model(
-                input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                logits_to_keep=keep,
-            ).logits
+        hook = None
+        self.last_hidden = None
+        if capture_hidden:
+            def grab(_module, _inputs, output):
+                self.last_hidden = output[0].index_select(0, keep)
+
+            hook = self.model.get_decoder().norm.register_forward_hook(grab)
+        try:
+            with paged_attention.attention_batch(batch):
+                logits = self.model(
+                    input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=keep,
+                ).logits
+        finally:
+            if hook is not None:
+                hook.remove()
         return logits[0, : len(sample_rows)].float()
 
 

@@ -13,9 +13,9 @@ import logging
 import torch
 from torch import nn
 
+from baton.engine_config import INT4_GROUP_SIZES, QUANTIZATIONS
 from baton.errors import ConfigError
 from baton.kernels.quantized_matmul import (
-    INT4_GROUP_SIZES,
     int4_matmul,
     int8_matmul,
     quantize_int4,
@@ -23,8 +23,6 @@ from baton.kernels.quantized_matmul import (
 )
 
 log = logging.getLogger(__name__)
-
-QUANTIZATIONS = ("int8", "int4")
 
 
 class QuantizedLinear(nn.Module):

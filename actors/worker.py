@@ -24,6 +24,7 @@ import ray
 from baton.actors.engine_loop import EngineLoop
 from baton.actors.handoff import HandoffEngine, ImportReservation
 from baton.actors.kv_link import KVReceiver, KVSender
+from baton.engine_config import EngineConfig
 from baton.errors import (
     BatonError,
     CapacityError,
@@ -41,11 +42,15 @@ ROLES = ("prefill", "decode", "both")
 
 @dataclass(slots=True)
 class WorkerSpec:
-    """What one worker runs: its role, model and engine options, and the KV link settings."""
+    """What one worker runs: its role, model and engine options, and the KV link settings.
+
+    `engine` may be given as a dict of options: it is validated on construction, in the caller's
+    process, so a bad option fails before the actor starts. Its `model` is always `model`.
+    """
 
     role: str = "both"
     model: str = "default"
-    engine: dict[str, Any] = field(default_factory=dict)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     kv_token: str = ""
     kv_host: str = "127.0.0.1"
     kv_timeout_s: float = 30.0
@@ -59,6 +64,10 @@ class WorkerSpec:
             raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
         if not self.kv_token:
             raise ConfigError("kv_token is required: the KV link refuses unauthenticated pushes")
+        if isinstance(self.engine, EngineConfig):
+            self.engine = self.engine.model_copy(update={"model": self.model})
+        else:
+            self.engine = EngineConfig.from_options(model=self.model, **self.engine)
 
 
 class Worker:
@@ -69,7 +78,7 @@ class Worker:
         if spec.cpu_affinity:
             # Before the engine starts torch's thread pool, so its threads inherit the mask.
             os.sched_setaffinity(0, spec.cpu_affinity)
-        self.engine = HandoffEngine(spec.model, **spec.engine)
+        self.engine = HandoffEngine(config=spec.engine)
         self.loop = EngineLoop(self.engine)
         self.receiver = (
             KVReceiver(self.engine.cache, spec.kv_token, spec.kv_host)

@@ -18,9 +18,16 @@ class BatonError(Exception):
 
 
 class InvalidRequestError(BatonError):
-    """The request itself is malformed: empty prompt, bad sampling value, unknown field."""
+    """The request itself is malformed: empty prompt, bad sampling value, unknown field.
+
+    `param` names the request field at fault, when one is (the OpenAI error's `param`).
+    """
 
     grpc_status = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(InvalidRequestError):

@@ -8,7 +8,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from baton.engine_config import Dtype, EngineConfig
 from baton.errors import ConfigError
+from baton.validation import problems
+
+# Set on the pool itself (placement needs them), never among its engine options.
+POOL_LEVEL = ("model", "dtype", "device")
 
 
 class PoolConfig(BaseModel):
@@ -20,14 +25,22 @@ class PoolConfig(BaseModel):
     role: Literal["prefill", "decode", "both"]
     replicas: int = Field(1, ge=0)
     model: str | None = None  # defaults to the cluster's model
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Dtype = "bfloat16"
     device: Literal["cpu", "cuda"] = "cpu"
     accelerator_type: str | None = None  # Ray's `accelerator_type:<T>` resource
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(1, gt=0)  # also the engine's thread count on CPU
     # Cores to pin this pool's replicas to, num_cpus each in order (one machine, CPU pools).
     cpu_cores: list[int] | None = None
-    engine: dict[str, Any] = Field(default_factory=dict)  # further EngineConfig options
+    engine: EngineConfig = Field(default_factory=EngineConfig)  # further engine options
+
+    @model_validator(mode="after")
+    def _pool_fields_on_the_pool(self) -> PoolConfig:
+        for name in POOL_LEVEL:
+            if name in self.engine.model_fields_set:
+                raise ValueError(f"pool {self.name!r}: set {name} on the pool, not among its "
+                                 "engine options")
+        return self
 
     @model_validator(mode="after")
     def _gpu_matches_device(self) -> PoolConfig:
@@ -105,8 +118,5 @@ def load_config(source: str | Path | dict[str, Any] | None) -> ClusterConfig:
     try:
         return ClusterConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid cluster config: {problems}") from exc
+        said = "; ".join(p.message for p in problems(exc))
+        raise ConfigError(f"invalid cluster config: {said}") from exc

@@ -49,9 +49,13 @@ def actor_options(pool: PoolConfig) -> dict[str, Any]:
 
 def worker_spec(config: ClusterConfig, pool: PoolConfig, kv_token: str,
                 replica: int = 0) -> WorkerSpec:
-    engine = {"dtype": pool.dtype, "device": pool.device, **pool.engine}
-    if pool.device == "cpu":
-        engine.setdefault("num_threads", max(int(pool.num_cpus), 1))
+    """One replica's spec: the pool's engine options, with its dtype and device, and on a CPU
+    pool as many threads as it has cores unless the options say otherwise."""
+    threads = pool.engine.num_threads
+    if threads is None and pool.device == "cpu":
+        threads = max(int(pool.num_cpus), 1)
+    engine = pool.engine.model_copy(
+        update={"dtype": pool.dtype, "device": pool.device, "num_threads": threads})
     cores = None
     if pool.cpu_cores:
         n = int(pool.num_cpus)

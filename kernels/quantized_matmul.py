@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from baton.engine_config import INT4_GROUP_SIZES
 from baton.errors import ConfigError
 from baton.kernels.dispatch import backend
-
-INT4_GROUP_SIZES = (32, 64, 128)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from baton.errors import BatonError
 from baton.ops import cluster_cmds
+from baton.ops.cli_options import Output, OutputOpt
 
 app = typer.Typer(
     name="baton",
@@ -48,7 +49,7 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable)")] = None,
     chat: Annotated[bool, typer.Option(help="Apply the model's chat template")] = False,
     logprobs: Annotated[int | None, typer.Option(help="Return top-k logprobs per token")] = None,
-    output: Annotated[str, typer.Option(help="text (streamed) or json")] = "text",
+    output: OutputOpt = Output.text,
     dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for the engine")] = None,
@@ -63,8 +64,6 @@ def generate(
     from baton.actors.engine import Engine
     from baton.sampling import SamplingParams
 
-    if output not in ("text", "json"):
-        raise BatonError(f"--output must be 'text' or 'json', got {output!r}")
     params = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
         stop=stop or [], logprobs=logprobs, method=method,
@@ -75,12 +74,12 @@ def generate(
     text = engine.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     final = None
     for out in engine.stream(text, params):
-        if output == "text" and out.delta_text:
+        if output is Output.text and out.delta_text:
             sys.stdout.write(out.delta_text)
             sys.stdout.flush()
         final = out
     assert final is not None
-    if output == "text":
+    if output is Output.text:
         sys.stdout.write("\n")
         return
     m = final.metrics

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-OutputOpt = Annotated[str, typer.Option("--output", "-o", help="table or json")]
+from baton.ops.cli_options import Output, OutputOpt
 
 
 def _admin():
@@ -61,7 +61,7 @@ def _status_rows(resp) -> list[dict[str, Any]]:
              "handoff_failures": w.handoff_failures} for w in resp.workers]
 
 
-def status(output: OutputOpt = "table") -> None:
+def status(output: OutputOpt = Output.text) -> None:
     """Pools, workers, load, KV usage, queue depth and recent TTFT/TPOT."""
     with _admin() as admin:
         resp = admin.status()
@@ -70,7 +70,7 @@ def status(output: OutputOpt = "table") -> None:
                "ttft_p50_s": resp.ttft_p50_s, "ttft_p99_s": resp.ttft_p99_s,
                "tpot_p50_s": resp.tpot_p50_s, "tpot_p99_s": resp.tpot_p99_s,
                "redis": resp.state_available}
-    if output == "json":
+    if output is Output.json:
         typer.echo(json.dumps({"workers": rows, **summary}, indent=2))
         return
     table = Table(title="Baton cluster")

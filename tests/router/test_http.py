@@ -343,3 +343,21 @@ def test_openai_fields_become_baton_sampling_params():
     assert req.stream and req.include_usage and req.logprobs
     assert parse_completion({"prompt": ["hi"]}).prompt == "hi"
     assert parse_completion({"prompt": [1, 2]}).params.max_tokens == 16
+
+
+@pytest.mark.parametrize(("path", "body", "field", "says"), [
+    ("/v1/completions", {"prompt": [1, 2], "temperature": "hot"}, "temperature",
+     "temperature must be a number, got 'hot'"),
+    ("/v1/completions", {"prompt": [1, 2], "stream": "yes"}, "stream",
+     "stream must be true or false, got 'yes'"),
+    ("/v1/completions", {"prompt": [1, 2], "n": 3}, "n", "n=3 is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
+     "messages[0].content", "messages[0].content must be a string or a list of text parts"),
+])
+def test_a_body_field_of_the_wrong_type_gets_a_400_that_names_it(server, path, body, field,
+                                                                 says):
+    status, got = raw(server.url + path, json.dumps(body).encode())
+    assert status == 400
+    assert got["error"]["type"] == "invalid_request_error"
+    assert got["error"]["param"] == field
+    assert says in got["error"]["message"]
