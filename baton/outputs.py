@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from baton.stats import tpot
+
 
 @dataclass(slots=True)
 class TokenLogprob:
@@ -35,9 +37,7 @@ class RequestMetrics:
 
     def tpot(self, num_output_tokens: int) -> float | None:
         """Mean seconds per output token after the first."""
-        if self.first_token is None or self.finished is None or num_output_tokens < 2:
-            return None
-        return (self.finished - self.first_token) / (num_output_tokens - 1)
+        return tpot(self.first_token, self.finished, num_output_tokens)
 
 
 @dataclass(slots=True)

@@ -31,7 +31,7 @@ from baton.outputs import RequestOutput
 from baton.prompts import chat_prompt, check_context, encode_prompt
 from baton.router.dispatch import Dispatcher
 from baton.sampling import SamplingParams
-from baton.stats import percentile
+from baton.stats import percentile, tpot
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +201,13 @@ class Router:
                   last: RequestOutput | None, started: float, first_at: float | None) -> None:
         n = len(last.token_ids) if last else 0
         ttft = (first_at - started) if first_at is not None else None
-        tpot = ((time.monotonic() - first_at) / (n - 1)) if first_at is not None and n > 1 \
-            else None
-        self._notify("finished", request_id, last, tpot, time.monotonic() - started)
+        now = time.monotonic()
+        tpot_s = tpot(first_at, now, n)
+        self._notify("finished", request_id, last, tpot_s, now - started)
         reason = last.finish_reason if last else "error"
         self.counters[f"finished_{reason}"] += 1
         if ttft is not None:
-            self._recent.append((ttft, tpot))
+            self._recent.append((ttft, tpot_s))
         path = last.metrics.prefill_path if last else "local"
         self._journal("finished", request_id, finish_reason=reason, completion_tokens=n,
                       path=path)
@@ -216,7 +216,7 @@ class Router:
 
             wall = time.monotonic() - started
             self.state.record(PerfRecord(
-                request_id=request_id, method="none", pool=path, ttft_s=ttft, tpot_s=tpot,
+                request_id=request_id, method="none", pool=path, ttft_s=ttft, tpot_s=tpot_s,
                 tokens_per_s=n / wall if wall > 0 else 0.0, prompt_tokens=len(ids),
                 output_tokens=n,
                 features={"prompt_tokens": len(ids), "max_tokens": params.max_tokens,

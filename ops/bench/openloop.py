@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from baton.ops.bench.workload import BenchRequest, RequestTiming
-from baton.stats import percentile
+from baton.stats import percentile, tpot
 
 # One request of the load: (index, request) -> its outputs as they stream (cumulative token ids).
 Send = Callable[[int, BenchRequest], AsyncIterator[Any]]
@@ -54,8 +54,7 @@ async def _one(send: Send, i: int, req: BenchRequest, start: float) -> RequestTi
             tokens = n
     if first is None or last is None:
         raise RuntimeError(f"request {i} ended without a token")
-    tpot = (last - first) / (tokens - 1) if tokens > 1 else None
-    return RequestTiming(ttft=first - start, tpot=tpot, tokens=tokens)
+    return RequestTiming(ttft=first - start, tpot=tpot(first, last, tokens), tokens=tokens)
 
 
 async def run_open_loop(send: Send, requests: Sequence[BenchRequest],
