@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from baton.stats import tpot
+
+# Where a request's prompt was computed: on its decode worker, or on a prefill worker that pushed
+# the KV over.
+PrefillPath = Literal["local", "disaggregated"]
 
 
 @dataclass(slots=True)
@@ -27,8 +32,7 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_preemptions: int = 0
-    # "local" (prefilled where it decodes) or "disaggregated" (KV pushed from a prefill worker).
-    prefill_path: str = "local"
+    prefill_path: PrefillPath = "local"
     kv_bytes_received: int = 0
 
     @property

@@ -29,6 +29,7 @@ from baton.errors import (
 )
 from baton.outputs import RequestOutput
 from baton.prompts import chat_prompt, check_context, encode_prompt
+from baton.records import PerfRecord, RouterState
 from baton.router.dispatch import Dispatcher
 from baton.sampling import SamplingParams
 from baton.stats import percentile, tpot
@@ -76,13 +77,14 @@ class RequestObserver(Protocol):
 class Router:
     """Validates, admits, dispatches and accounts for requests; one per front-end process.
 
-    `state` is a `ClusterState` (or None without Redis); `refresh` returns the current
+    `state` is the cluster's shared state (None without Redis); `refresh` returns the current
     (decode, prefill) worker handles, called every `refresh_s` (None: a fixed set);
     `observer` hears of every request (see `RequestObserver`).
     """
 
-    def __init__(self, model: ServedModel, dispatcher: Dispatcher, *, state: Any = None,
-                 router_id: str | None = None, limits: RouterLimits | None = None,
+    def __init__(self, model: ServedModel, dispatcher: Dispatcher, *,
+                 state: RouterState | None = None, router_id: str | None = None,
+                 limits: RouterLimits | None = None,
                  refresh: Callable[[], Any] | None = None, refresh_s: float = 1.0,
                  observer: RequestObserver | None = None):
         self.model = model
@@ -212,13 +214,11 @@ class Router:
         self._journal("finished", request_id, finish_reason=reason, completion_tokens=n,
                       path=path)
         if self.state is not None and ttft is not None:
-            from baton.cluster.state_records import PerfRecord
-
-            wall = time.monotonic() - started
+            wall = now - started
             self.state.record(PerfRecord(
-                request_id=request_id, method="none", pool=path, ttft_s=ttft, tpot_s=tpot_s,
-                tokens_per_s=n / wall if wall > 0 else 0.0, prompt_tokens=len(ids),
-                output_tokens=n,
+                request_id=request_id, method="none", prefill_path=path, ttft_s=ttft,
+                tpot_s=tpot_s, tokens_per_s=n / wall if wall > 0 else 0.0,
+                prompt_tokens=len(ids), output_tokens=n,
                 features={"prompt_tokens": len(ids), "max_tokens": params.max_tokens,
                           "temperature": params.temperature}))
 
