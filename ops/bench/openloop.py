@@ -85,11 +85,13 @@ def summarize(timings: Sequence[RequestTiming], wall_s: float, slo: SLO) -> dict
 
 def run_record(timings: Sequence[RequestTiming], wall_s: float, slo: SLO,
                requests: Sequence[BenchRequest], long_prompt_tokens: int) -> dict[str, Any]:
-    """One system's run at one rate, as a report keeps it: the summary, every request's timing
-    and prompt length, how many prompts were long, and how busy the machine was."""
+    """One system's run at one rate, as a report keeps it: the summary, every request's timing,
+    prompt length and asked-for length, how many prompts were long, and how busy the machine
+    was."""
     s = summarize(timings, wall_s, slo)
     s["timings"] = [(t.ttft, t.tpot, t.tokens) for t in timings]
     s["prompt_tokens"] = [len(r.prompt_ids) for r in requests]
+    s["max_tokens"] = [r.max_tokens for r in requests]
     s["long_requests"] = sum(len(r.prompt_ids) >= long_prompt_tokens for r in requests)
     # Runnable processes over the last minute: above ~2 (both cores busy with this run) means
     # something else competed for the cores.
