@@ -66,7 +66,7 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def _stats(seconds: Sequence[float], nbytes: int) -> dict[str, float]:
     best, median = min(seconds), statistics.median(seconds)
-    return {"best_s": best, "median_s": median,
+    return {"runs": len(seconds), "best_s": best, "median_s": median,
             "best_mib_s": nbytes / MIB / best, "median_mib_s": nbytes / MIB / median}
 
 
