@@ -270,6 +270,13 @@ class Engine:
         self.speculator.finish(seq.request_id)
         return out
 
+    def _forget_request(self, request_id: str) -> None:
+        """Drop a request's per-request state (sequence, detokenizer, seeded generator) without
+        an output; its KV blocks and its place in the scheduler are the caller's to release."""
+        self._seqs.pop(request_id, None)
+        self._detok.pop(request_id, None)
+        self._generators.pop(request_id, None)
+
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
         for src in (self.model.generation_config, self.model.config):

@@ -157,8 +157,7 @@ class HandoffEngine(Engine):
 
     def _forget(self, seq: Sequence) -> None:
         self.blocks.free(seq)
-        for table in (self._seqs, self._detok, self._generators):
-            table.pop(seq.request_id, None)
+        self._forget_request(seq.request_id)
 
     def _live(self) -> list[Sequence]:
         return [*super()._live(), *self._imports.values()]

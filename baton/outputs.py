@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from baton.stats import tpot
+
+# Where a request's prompt was computed: on its decode worker, or on a prefill worker that pushed
+# the KV over.
+PrefillPath = Literal["local", "disaggregated"]
 
 
 @dataclass(slots=True)
@@ -25,8 +32,7 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_preemptions: int = 0
-    # "local" (prefilled where it decodes) or "disaggregated" (KV pushed from a prefill worker).
-    prefill_path: str = "local"
+    prefill_path: PrefillPath = "local"
     kv_bytes_received: int = 0
     # Speculative decoding (vLLM's spec_decode counters, per request).
     method: str = "none"
@@ -56,9 +62,7 @@ class RequestMetrics:
 
     def tpot(self, num_output_tokens: int) -> float | None:
         """Mean seconds per output token after the first."""
-        if self.first_token is None or self.finished is None or num_output_tokens < 2:
-            return None
-        return (self.finished - self.first_token) / (num_output_tokens - 1)
+        return tpot(self.first_token, self.finished, num_output_tokens)
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""Small statistics shared by the router's latency window and the benchmarks."""
+"""Small statistics shared by the engine, the router's latency window and the benchmarks."""
 
 from __future__ import annotations
 
@@ -14,3 +14,11 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     pos = (len(xs) - 1) * q / 100
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def tpot(first: float | None, last: float | None, tokens: int) -> float | None:
+    """Time per output token: seconds from the first token to the last over the tokens after the
+    first; None before a first token or with fewer than two tokens."""
+    if first is None or last is None or tokens < 2:
+        return None
+    return (last - first) / (tokens - 1)

@@ -1,6 +1,6 @@
 """`baton up` / `baton down` on one machine: Ray, Redis, the controller and the router.
 
-`up` starts a small daemon (`python -m baton.cluster.local`) that owns the local Ray instance and
+`up` starts a small daemon (`baton.cluster.local_daemon`) that owns the local Ray instance and
 the `redis-server` (so both outlive the CLI, and a Ctrl-C at the terminal reaches neither), waits
 for it to write where they listen, then starts the controller (pools from the config) and the
 router as detached, named actors. `down` stops the router and the controller, then the daemon,
@@ -10,7 +10,6 @@ Baton's cache, which `status` and `down` read.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -24,9 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from baton.actors.model_source import cache_root
 from baton.cluster.config import ClusterConfig, load_config
 from baton.errors import ClusterNotRunningError, ConfigError
+from baton.router.app import RouterActor, RouterSettings
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,6 @@ class LocalCluster:
 
     def connect(self) -> None:
         """Join this cluster's Ray as a driver."""
-        import ray
-
         if self.ray_token:
             os.environ["RAY_AUTH_MODE"] = "token"
             os.environ["RAY_AUTH_TOKEN"] = self.ray_token
@@ -130,10 +130,9 @@ def up(config_path: str | None = None, *, address: str | None = None,
 
 def _start_services(config: ClusterConfig, cluster: LocalCluster, host: str, grpc_port: int,
                     http_port: int | None) -> None:
-    import ray
-
+    # The controller module brings in the worker actor, and with it torch: only `up` and `down`
+    # import it, so `baton status` does not wait for torch.
     from baton.cluster.controller import CONTROLLER_NAME, start_controller
-    from baton.router.app import RouterActor, RouterSettings
 
     start_controller(config, cluster.redis_url, namespace=NAMESPACE)
     settings = RouterSettings(model=config.model, host=host, grpc_port=grpc_port,
@@ -148,8 +147,6 @@ def _start_services(config: ClusterConfig, cluster: LocalCluster, host: str, grp
 
 def down() -> bool:
     """Stop what `up` started; False when nothing was running."""
-    import ray
-
     try:
         cluster = LocalCluster.load()
     except ClusterNotRunningError:
@@ -170,9 +167,7 @@ def down() -> bool:
 
 
 def _stop_services() -> None:
-    import ray
-
-    from baton.cluster.controller import get_controller, stop_controller
+    from baton.cluster.controller import get_controller, stop_controller  # torch: see above
 
     try:
         router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
@@ -192,8 +187,8 @@ def _start_daemon(config: ClusterConfig, with_ray: bool, with_redis: bool) -> di
     ready = run_dir() / "daemon.json"
     ready.unlink(missing_ok=True)
     cpus = max(int(sum(p.num_cpus * p.replicas for p in config.pools)), os.cpu_count() or 1)
-    args = [sys.executable, "-m", "baton.cluster.local", "--ready", str(ready),
-            "--num-cpus", str(cpus), "--redis-dir",
+    args = [sys.executable, "-m", "baton.cluster.local_daemon", "--ready", str(ready),
+            "--namespace", NAMESPACE, "--num-cpus", str(cpus), "--redis-dir",
             str(config.redis.data_path(config.name)) if with_redis else ""]
     if not with_ray:
         args.append("--no-ray")
@@ -227,64 +222,3 @@ def _stop_daemon(pid: int, timeout_s: float = 30.0) -> None:
             return
         time.sleep(0.2)
     os.kill(pid, signal.SIGKILL)
-
-
-def _daemon(ready: Path, num_cpus: int, redis_dir: str, with_ray: bool) -> None:
-    """Own Ray and Redis until SIGTERM, then shut both down cleanly."""
-    import ray
-
-    from baton.cluster.redis_server import RedisServer
-
-    stop = False
-
-    def on_term(*_: Any) -> None:
-        nonlocal stop
-        stop = True
-
-    redis = RedisServer(redis_dir) if redis_dir else None
-    try:
-        info: dict[str, Any] = {}
-        if redis is not None:
-            info["redis_url"] = redis.start()
-            info["redis_data_dir"] = redis_dir
-        if with_ray:
-            info["ray_token"] = os.environ["RAY_AUTH_TOKEN"]
-            # Loopback only: nothing outside this machine joins a local cluster.
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     namespace=NAMESPACE, logging_level=logging.ERROR,
-                     _node_ip_address="127.0.0.1")
-            info["ray_address"] = ray.get_runtime_context().gcs_address
-    except Exception as exc:  # noqa: BLE001 - reported to `baton up`, which says it
-        ready.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
-        if redis is not None:
-            redis.stop()
-        return
-    # After ray.init, which installs handlers of its own.
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ready.write_text(json.dumps(info))
-    while not stop:
-        time.sleep(0.5)
-    if with_ray:
-        ray.shutdown()
-    if redis is not None:
-        redis.stop()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Baton's local Ray + Redis daemon")
-    parser.add_argument("--ready", type=Path, required=True)
-    parser.add_argument("--num-cpus", type=int, required=True)
-    parser.add_argument("--redis-dir", default="")
-    parser.add_argument("--no-ray", action="store_true")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    # Ray's token auth with a token Baton knows, so `baton` commands can join; Ray reads these
-    # when it is imported, so before that.
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    os.environ["RAY_AUTH_MODE"] = "token"
-    _daemon(args.ready, args.num_cpus, args.redis_dir, not args.no_ray)
-
-
-if __name__ == "__main__":
-    main()

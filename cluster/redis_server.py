@@ -28,19 +28,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from baton.errors import RedisStartError
+from baton.ports import LOOPBACK, free_port
 
 log = logging.getLogger(__name__)
 
 CONF_NAME = "redis.conf"
 LOG_NAME = "redis.log"
-LOOPBACK = "127.0.0.1"
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port nobody listens on right now (the OS picks it; another process could still win)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def redis_url(password: str, port: int, host: str = LOOPBACK, db: int = 0) -> str:

@@ -35,7 +35,8 @@ from redis.client import Pipeline
 
 from baton.cluster.config import ClusterConfig
 from baton.cluster.state_link import RedisLink
-from baton.cluster.state_records import (
+from baton.errors import ConfigError
+from baton.records import (
     JournalEvent,
     JournalKind,
     PerfRecord,
@@ -43,7 +44,6 @@ from baton.cluster.state_records import (
     WorkerLoad,
     WorkerStatus,
 )
-from baton.errors import ConfigError
 
 __all__ = ["ClusterState", "JournalEvent", "JournalKind", "PerfRecord", "WorkerInfo",
            "WorkerLoad", "WorkerStatus"]

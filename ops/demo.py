@@ -17,6 +17,7 @@ from rich.table import Table
 from baton.client import AsyncBatonClient
 from baton.cluster.local import LocalCluster
 from baton.ops.bench.workload import PARAGRAPHS
+from baton.stats import tpot
 
 SHORT = ["Name three primary colors.", "Write a haiku about the sea.", "What is 12 times 12?"]
 
@@ -72,10 +73,10 @@ def summary(traces: list[Trace], console: Console) -> None:
         table.add_column(col)
     for t in traces:
         ttft = (t.first - t.sent) * 1000 if t.first else float("nan")
-        tpot = ((t.last - t.first) / (t.tokens - 1) * 1000
-                if t.first and t.last and t.tokens > 1 else float("nan"))
+        per_token = tpot(t.first, t.last, t.tokens)
         table.add_row(t.label, t.path, str(t.prompt_tokens), str(t.tokens), f"{ttft:.0f}",
-                      f"{tpot:.1f}", f"{t.kv_bytes / 2**20:.2f} MiB")
+                      "-" if per_token is None else f"{per_token * 1000:.1f}",
+                      f"{t.kv_bytes / 2**20:.2f} MiB")
     console.print(table)
     for t in traces:
         console.print(f"[bold]{t.label}[/]: {''.join(t.text).strip()}")

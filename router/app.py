@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.actors.model_source import load_tokenizer, resolve
+from baton.cluster.state import ClusterState
 from baton.errors import ConfigError, WorkerUnavailableError
 from baton.router.admin import AdminService
 from baton.router.core import Router, RouterLimits, ServedModel
@@ -77,8 +78,6 @@ class RouterActor:
                             vocab_size=info["vocab_size"], max_model_len=info["max_model_len"])
         state = None
         if s.redis_url:
-            from baton.cluster.state import ClusterState
-
             state = ClusterState(s.redis_url, s.cluster, background_writes=True)
 
         async def refresh(ctrl: Any = controller) -> tuple[list[Any], list[Any]]:

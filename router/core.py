@@ -29,9 +29,10 @@ from baton.errors import (
 )
 from baton.outputs import RequestOutput
 from baton.prompts import chat_prompt, check_context, encode_prompt
+from baton.records import PerfRecord, RouterState
 from baton.router.dispatch import Dispatcher
 from baton.sampling import SamplingParams
-from baton.stats import percentile
+from baton.stats import percentile, tpot
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,14 @@ class RequestObserver(Protocol):
 class Router:
     """Validates, admits, dispatches and accounts for requests; one per front-end process.
 
-    `state` is a `ClusterState` (or None without Redis); `refresh` returns the current
+    `state` is the cluster's shared state (None without Redis); `refresh` returns the current
     (decode, prefill) worker handles, called every `refresh_s` (None: a fixed set);
     `observer` hears of every request (see `RequestObserver`).
     """
 
-    def __init__(self, model: ServedModel, dispatcher: Dispatcher, *, state: Any = None,
-                 router_id: str | None = None, limits: RouterLimits | None = None,
+    def __init__(self, model: ServedModel, dispatcher: Dispatcher, *,
+                 state: RouterState | None = None, router_id: str | None = None,
+                 limits: RouterLimits | None = None,
                  refresh: Callable[[], Any] | None = None, refresh_s: float = 1.0,
                  observer: RequestObserver | None = None):
         self.model = model
@@ -201,24 +203,22 @@ class Router:
                   last: RequestOutput | None, started: float, first_at: float | None) -> None:
         n = len(last.token_ids) if last else 0
         ttft = (first_at - started) if first_at is not None else None
-        tpot = ((time.monotonic() - first_at) / (n - 1)) if first_at is not None and n > 1 \
-            else None
-        self._notify("finished", request_id, last, tpot, time.monotonic() - started)
+        now = time.monotonic()
+        tpot_s = tpot(first_at, now, n)
+        self._notify("finished", request_id, last, tpot_s, now - started)
         reason = last.finish_reason if last else "error"
         self.counters[f"finished_{reason}"] += 1
         if ttft is not None:
-            self._recent.append((ttft, tpot))
+            self._recent.append((ttft, tpot_s))
         path = last.metrics.prefill_path if last else "local"
         self._journal("finished", request_id, finish_reason=reason, completion_tokens=n,
                       path=path)
         if self.state is not None and ttft is not None:
-            from baton.cluster.state_records import PerfRecord
-
-            wall = time.monotonic() - started
+            wall = now - started
             self.state.record(PerfRecord(
-                request_id=request_id, method="none", pool=path, ttft_s=ttft, tpot_s=tpot,
-                tokens_per_s=n / wall if wall > 0 else 0.0, prompt_tokens=len(ids),
-                output_tokens=n,
+                request_id=request_id, method="none", prefill_path=path, ttft_s=ttft,
+                tpot_s=tpot_s, tokens_per_s=n / wall if wall > 0 else 0.0,
+                prompt_tokens=len(ids), output_tokens=n,
                 features={"prompt_tokens": len(ids), "max_tokens": params.max_tokens,
                           "temperature": params.temperature}))
 

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from baton import __version__
 from baton.errors import BatonError, ConfigError, InvalidRequestError, as_baton_error
 from baton.outputs import RequestMetrics
 from baton.protos import baton_pb2 as pb
@@ -27,7 +28,6 @@ from baton.speculation import AUTO
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
 AUTH_HEADER = "authorization"
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
 
@@ -120,7 +120,7 @@ class BatonService(pb_grpc.BatonServicer):
                             context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
         r = self.router
         return pb.GetServerInfoResponse(
-            version=VERSION, router_id=r.router_id, models=[r.model.name],
+            version=__version__, router_id=r.router_id, models=[r.model.name],
             decode_workers=len(r.dispatcher.decode), prefill_workers=len(r.dispatcher.prefill),
             state_available=bool(r.state is not None and r.state.available))
 

@@ -10,24 +10,21 @@ machines are shared and noisy.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import math
 import os
-import platform
 import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from baton.actors.engine import Engine
+from baton.actors.engine import DTYPES, Engine
 from baton.actors.model_source import resolve
 from baton.errors import ConfigError
 from baton.ops.bench.hf_baselines import (
@@ -37,22 +34,15 @@ from baton.ops.bench.hf_baselines import (
     run_hf_static_batch,
     warm_hf,
 )
+from baton.ops.bench.machine import OtherCPUBusy, machine_info, warn_if_busy
 from baton.ops.bench.report import run_and_report
-from baton.ops.bench.workload import (
-    RequestTiming,
-    SystemResult,
-    Workload,
-    build_workload,
-    cpu_seconds,
-)
+from baton.ops.bench.workload import RequestTiming, SystemResult, Workload, build_workload
 from baton.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 CONCURRENCY = (1, 4, 16)
 BANDWIDTH_BYTES = 1 << 30
-NOISY = 0.15  # other processes' share of the CPU above which a result is flagged
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 # -- Baton ----------------------------------------------------------------------------------------
@@ -141,32 +131,15 @@ def bytes_per_decode_token(model) -> int:
 def _measure(name: str, fn: Callable[[], SystemResult], say: Callable[[str], Any]) -> SystemResult:
     """Run one system, noting the share of the CPU other processes (or the hypervisor) took."""
     say(f"running {name}")
-    before, t0 = cpu_seconds(), time.perf_counter()
+    others = OtherCPUBusy()
     result = fn()
-    after, elapsed = cpu_seconds(), time.perf_counter() - t0
-    other = None
-    if before is not None and after is not None:
-        busy = (after[0] - before[0]) - (after[1] - before[1])
-        other = max(0.0, busy / (elapsed * (os.cpu_count() or 1)))
+    other = others.share()
     result.notes["other_cpu_busy"] = other
     say(f"  {result.wall_s:.0f} s" + ("" if other is None else f", others used {other:.0%} of CPU"))
     return result
 
 
 # -- report ---------------------------------------------------------------------------------------
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "threads": threads}
 
 
 def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16",
@@ -208,7 +181,7 @@ def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16
         return summary[a]["output_tok_s"] / summary[b]["output_tok_s"]
 
     return {
-        "machine": machine_info(threads),
+        "machine": machine_info(threads, ["transformers"]),
         "model": source.name,
         "dtype": dtype,
         "workload": wl.describe(),
@@ -243,12 +216,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         table.add_row(name, f"{s['output_tok_s']:.1f}", ms(s["ttft_p50_s"]), ms(s["ttft_p99_s"]),
                       ms(s["tpot_p50_s"]), ms(s["tpot_p99_s"]), f"{s['wall_s']:.1f}")
     console.print(table)
-    busy = {n: s["other_cpu_busy"] for n, s in report["systems"].items()
-            if (s.get("other_cpu_busy") or 0) > NOISY}
-    if busy:
-        console.print("[yellow]other processes were busy during "
-                      + ", ".join(f"{n} ({v:.0%} of the CPU)" for n, v in busy.items())
-                      + ": those figures are skewed; rerun on a quiet machine[/]")
+    warn_if_busy(console, {n: s["other_cpu_busy"] for n, s in report["systems"].items()},
+                 "those figures are skewed; rerun on a quiet machine")
     for name, value in report["ratios"].items():
         console.print(f"{name}: {value:.2f}x")
     roof = report["roofline"]

@@ -10,6 +10,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from baton.actors.model_source import ModelSource, load_tokenizer
 from baton.ops.bench.workload import RequestTiming, SystemResult, Workload
+from baton.stats import tpot
 
 
 class StepClock(BaseStreamer):
@@ -156,4 +157,5 @@ def run_hf_generate_batch(model, wl: Workload) -> SystemResult:
 
 
 def _tpot(stamps: list[float]) -> float | None:
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
+    """TPOT of a request whose tokens were ready at `stamps`."""
+    return tpot(stamps[0], stamps[-1], len(stamps)) if stamps else None

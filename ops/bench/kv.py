@@ -14,18 +14,14 @@ Ratios, not absolute figures, are what to quote: these machines are shared and n
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import os
-import platform
 import queue
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,8 +34,8 @@ from baton.actors.kv_link import KVReceiver, KVSender
 from baton.actors.kv_transfer import pack_layer, payload_nbytes, unpack_layer
 from baton.errors import ConfigError
 from baton.ops.bench.kv_baselines import RawTCPLink, RayObjectStoreLink, expected_touch
+from baton.ops.bench.machine import OtherCPUBusy, machine_info, warn_if_busy
 from baton.ops.bench.report import run_and_report
-from baton.ops.bench.workload import cpu_seconds
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +48,6 @@ REPEATS = 15
 TOKEN = "bench-kv"
 TIMEOUT_S = 120.0
 MATMUL_N = 256
-NOISY = 0.15  # other processes' share of the CPU above which a phase is flagged
 MIB = 1 << 20
 
 Layers = list[tuple[int, torch.Tensor]]
@@ -71,7 +66,7 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def _stats(seconds: Sequence[float], nbytes: int) -> dict[str, float]:
     best, median = min(seconds), statistics.median(seconds)
-    return {"best_s": best, "median_s": median,
+    return {"runs": len(seconds), "best_s": best, "median_s": median,
             "best_mib_s": nbytes / MIB / best, "median_mib_s": nbytes / MIB / median}
 
 
@@ -295,30 +290,6 @@ def measure_overlap(rig: LinkRig, size_mib: float, repeats: int) -> dict[str, An
 # -- report ---------------------------------------------------------------------------------------
 
 
-def _other_cpu_busy(before: tuple[float, float] | None, t0: float) -> float | None:
-    """Share of the machine's CPU that processes other than this one used since `before`."""
-    after, elapsed = cpu_seconds(), time.perf_counter() - t0
-    if before is None or after is None:
-        return None
-    busy = (after[0] - before[0]) - (after[1] - before[1])
-    return max(0.0, busy / (elapsed * (os.cpu_count() or 1)))
-
-
-def machine_info() -> dict[str, Any]:
-    import grpc
-    import ray
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "grpcio": grpc.__version__, "ray": ray.__version__,
-            "numpy": np.__version__, "torch_threads": torch.get_num_threads(),
-            "loadavg": os.getloadavg()}
-
-
 def run(*, sizes_mib: Sequence[float] = SIZES_MIB, repeats: int = REPEATS,
         overlap_mib: float = OVERLAP_MIB, progress: Console | None = None) -> dict[str, Any]:
     """Measure every system at every size, then the overlap; return the JSON report."""
@@ -327,7 +298,7 @@ def run(*, sizes_mib: Sequence[float] = SIZES_MIB, repeats: int = REPEATS,
     if repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")
     say = progress.print if progress else log.info
-    machine = machine_info()
+    machine = machine_info(torch.get_num_threads(), ["grpcio", "ray", "numpy"])
     max_blocks = max(blocks_for(s) for s in (*sizes_mib, overlap_mib))
     say("starting Ray")
     # Ray first: it forks its daemons, which gRPC warns about once the link's threads run.
@@ -335,22 +306,22 @@ def run(*, sizes_mib: Sequence[float] = SIZES_MIB, repeats: int = REPEATS,
         rig = LinkRig(max_blocks)
         try:
             with RawTCPLink(max_blocks * SPEC.bytes_per_block) as tcp:
-                before, t0 = cpu_seconds(), time.perf_counter()
+                others = OtherCPUBusy()
                 sizes = []
                 for size in sizes_mib:
                     say(f"throughput at {size:g} MiB")
                     sizes.append(measure_size(rig, tcp, store, size, repeats))
-                throughput_busy = _other_cpu_busy(before, t0)
+                throughput_busy = others.share()
             store.close()  # Ray's processes stay out of the overlap run
             say(f"overlap at {overlap_mib:g} MiB")
-            before, t0 = cpu_seconds(), time.perf_counter()
+            others = OtherCPUBusy()
             prev_threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
                 overlap = measure_overlap(rig, overlap_mib, repeats)
             finally:
                 torch.set_num_threads(prev_threads)
-            overlap["other_cpu_busy"] = _other_cpu_busy(before, t0)
+            overlap["other_cpu_busy"] = others.share()
         finally:
             rig.close()
     largest = max(sizes, key=lambda s: s["bytes"])
@@ -397,13 +368,10 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                   f"{o['streamed_s'] * 1000:.0f} ms -> hidden_fraction {o['hidden_fraction']:.2f} "
                   f"(compute on this CPU); {o['accelerator_like']['hidden_fraction']:.2f} with "
                   "the compute off the CPU (accelerator-like)")
-    busy = {"throughput": report["throughput_other_cpu_busy"], "overlap": o["other_cpu_busy"]}
-    busy = {k: v for k, v in busy.items() if (v or 0) > NOISY}
-    if busy:
-        console.print("[yellow]other processes were busy during "
-                      + ", ".join(f"{k} ({v:.0%} of the CPU)" for k, v in busy.items())
-                      + ": ratios hold up better than absolute figures; rerun on a quiet "
-                        "machine to be sure[/]")
+    warn_if_busy(console, {"throughput": report["throughput_other_cpu_busy"],
+                           "overlap": o["other_cpu_busy"]},
+                 "ratios hold up better than absolute figures; rerun on a quiet machine to be "
+                 "sure")
 
 
 def main(*, json_path: str | None = None, sizes_mib: Sequence[float] = SIZES_MIB,

@@ -10,8 +10,7 @@ import logging
 import socket
 import struct
 import threading
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -21,7 +20,20 @@ _HEADER = struct.Struct("!Q")  # payload length; 0 ends the connection
 _ACK = b"k"
 
 
-class RawTCPLink:
+class Link:
+    """A baseline's connection: closed by `close`, or on leaving a `with` block."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class RawTCPLink(Link):
     """A loopback socket pair: a server thread `recv_into`s a preallocated buffer, then acks.
 
     The floor for any protocol over TCP on this machine: no framing, checksums or copies beyond
@@ -52,13 +64,6 @@ class RawTCPLink:
         self._client.close()
         self._thread.join(5)
         self._listener.close()
-
-    def __enter__(self) -> RawTCPLink:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def _serve(self) -> None:
         conn, _ = self._listener.accept()
@@ -98,7 +103,7 @@ def expected_touch(arr: np.ndarray) -> int:
     return ObjectStoreSink().touch(arr)
 
 
-class RayObjectStoreLink:
+class RayObjectStoreLink(Link):
     """`ray.put` in this process, `ray.get` (as an actor call's argument) in another process.
 
     Starts a local Ray (2 CPUs, no dashboard) unless this process already runs one, and stops
@@ -136,10 +141,3 @@ class RayObjectStoreLink:
         self._actor = None
         if self._started:
             self._ray.shutdown()
-
-    def __enter__(self) -> RayObjectStoreLink:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from baton.ops.bench.workload import BenchRequest, RequestTiming
-from baton.stats import percentile
+from baton.stats import percentile, tpot
 
 # One request of the load: (index, request) -> its outputs as they stream (cumulative token ids).
 Send = Callable[[int, BenchRequest], AsyncIterator[Any]]
@@ -54,8 +54,7 @@ async def _one(send: Send, i: int, req: BenchRequest, start: float) -> RequestTi
             tokens = n
     if first is None or last is None:
         raise RuntimeError(f"request {i} ended without a token")
-    tpot = (last - first) / (tokens - 1) if tokens > 1 else None
-    return RequestTiming(ttft=first - start, tpot=tpot, tokens=tokens)
+    return RequestTiming(ttft=first - start, tpot=tpot(first, last, tokens), tokens=tokens)
 
 
 async def run_open_loop(send: Send, requests: Sequence[BenchRequest],
@@ -86,11 +85,13 @@ def summarize(timings: Sequence[RequestTiming], wall_s: float, slo: SLO) -> dict
 
 def run_record(timings: Sequence[RequestTiming], wall_s: float, slo: SLO,
                requests: Sequence[BenchRequest], long_prompt_tokens: int) -> dict[str, Any]:
-    """One system's run at one rate, as a report keeps it: the summary, every request's timing
-    and prompt length, how many prompts were long, and how busy the machine was."""
+    """One system's run at one rate, as a report keeps it: the summary, every request's timing,
+    prompt length and asked-for length, how many prompts were long, and how busy the machine
+    was."""
     s = summarize(timings, wall_s, slo)
     s["timings"] = [(t.ttft, t.tpot, t.tokens) for t in timings]
     s["prompt_tokens"] = [len(r.prompt_ids) for r in requests]
+    s["max_tokens"] = [r.max_tokens for r in requests]
     s["long_requests"] = sum(len(r.prompt_ids) >= long_prompt_tokens for r in requests)
     # Runnable processes over the last minute: above ~2 (both cores busy with this run) means
     # something else competed for the cores.

@@ -51,6 +51,9 @@ class Target:
             timings[i].tokens = tokens
         return timings, wall
 
+    def notes(self) -> dict[str, Any]:
+        return {"cut_at_slo_deadline": len(self.cut)}
+
     async def _run(self, requests: Sequence[BenchRequest],
                    arrivals: Sequence[float]) -> Timings:
         raise NotImplementedError

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from urllib.request import urlopen
 import aiohttp
 
 from baton.errors import ConfigError, EngineError
+from baton.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,6 @@ class StreamProgress:
     def token_ids(self) -> range:
         # The open-loop client reads only how many tokens have arrived, not which.
         return range(self.tokens)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serving_dir(model_dir: Path, scratch: Path) -> Path:

@@ -7,10 +7,8 @@ and decodes with EOS ignored, so each one does the same work and token counts co
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from baton.errors import ConfigError
@@ -200,12 +198,3 @@ class SystemResult:
             **self.notes,
         }
 
-
-def cpu_seconds() -> tuple[float, float] | None:
-    """(busy CPU-seconds of the whole machine incl. steal, CPU-seconds of this process)."""
-    try:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
-    return busy / os.sysconf("SC_CLK_TCK"), sum(os.times()[:2])

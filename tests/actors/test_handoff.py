@@ -111,3 +111,19 @@ def test_abort_while_waiting_for_kv(pair):
     decode.abort(res.request_id)
     assert run_to_completion(decode)[res.request_id].finish_reason == "abort"
     assert_no_leaks(decode)
+
+
+def test_a_cancelled_reservation_can_be_prefilled_locally_under_its_own_id(pair):
+    # What a decode worker does when its prefill worker is lost: drop the reservation and run
+    # the request itself, keeping the id its client knows.
+    _, decode, _, _ = pair
+    prompt, params = list(range(100, 140)), SamplingParams(max_tokens=6, ignore_eos=True, seed=3,
+                                                           temperature=1.0)
+    res = decode.reserve_import(prompt, params, request_id="mine")
+    decode.cancel_import(res.request_id)
+    assert_no_leaks(decode)
+    decode.add_request(prompt, params, request_id="mine")
+    out = run_to_completion(decode)["mine"]
+    alone = Engine(MODEL, dtype="float32").generate([prompt], params)[0]
+    assert out.token_ids == alone.token_ids and out.text == alone.text
+    assert_no_leaks(decode)

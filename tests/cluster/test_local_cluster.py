@@ -85,11 +85,18 @@ def wait_for(pred, timeout_s: float = 60.0, what: str = "condition"):
 
 
 def test_up_serves_both_paths_and_status_shows_the_pools(cluster):
-    baton, address, _, _ = cluster
+    baton, address, _, home = cluster
     with BatonClient(address) as client:
         short = client.complete([1, 2, 3], max_tokens=4, ignore_eos=True)
         long = client.complete(list(range(1, 80)), max_tokens=4, ignore_eos=True)
     assert (short.path, long.path) == ("local", "disaggregated") and long.kv_bytes > 0
+    # The performance history says which path each request took.
+    run = json.loads((home / "cache" / "run" / "cluster.json").read_text())
+    history = ClusterState(run["redis_url"], "uptest")
+    paths = wait_for(lambda: (p := {r.request_id: r.prefill_path for r in history.history()})
+                     and {short.request_id, long.request_id} <= p.keys() and p,
+                     what="both requests in the performance history")
+    assert (paths[short.request_id], paths[long.request_id]) == ("local", "disaggregated")
     s = status(baton)
     assert sorted(w["role"] for w in s["workers"]) == ["decode", "prefill"]
     assert all(w["alive"] for w in s["workers"]) and s["redis"] is True

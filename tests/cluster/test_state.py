@@ -35,7 +35,7 @@ def worker(worker_id: str, role: str = "decode", pool: str = "decode") -> Worker
 
 
 def perf(i: int, method: str = "ngram") -> PerfRecord:
-    return PerfRecord(request_id=f"r{i}", method=method, pool="decode",
+    return PerfRecord(request_id=f"r{i}", method=method, prefill_path="local",
                       features={"prompt_tokens": float(i)}, ttft_s=0.01 * i, tpot_s=0.02,
                       tokens_per_s=50.0, prompt_tokens=i, output_tokens=8)
 

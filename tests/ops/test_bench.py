@@ -7,6 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+RATIOS = {"single_stream_vs_hf_generate": ("baton_c1", "hf_generate"),
+          "c16_vs_hf_static_batch": ("baton_c16", "hf_static_batch"),
+          "c16_vs_hf_generate_batch": ("baton_c16", "hf_generate_batch")}
+
 
 def test_bench_engine_writes_ratios_and_roofline(tmp_path):
     out = tmp_path / "bench.json"
@@ -15,13 +21,23 @@ def test_bench_engine_writes_ratios_and_roofline(tmp_path):
                           "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
-    assert set(report["ratios"]) >= {"single_stream_vs_hf_generate", "c16_vs_hf_static_batch",
-                                     "c16_vs_hf_generate_batch"}
-    assert all(v > 0 for v in report["ratios"].values())
-    assert report["roofline_fraction_bs1"] > 0
     systems = report["systems"]
     assert set(systems) == {"hf_generate", "hf_static_batch", "hf_generate_batch",
                             "baton_c1", "baton_c4", "baton_c16"}
-    # Every system produced the same useful tokens for the same workload.
-    assert len({s["output_tokens"] for s in systems.values()}) == 1
+    # Every system, the baselines too, produced the workload's tokens for its three requests.
+    for s in systems.values():
+        assert s["num_requests"] == 3
+        assert s["output_tokens"] == report["workload"]["total_output_tokens"]
+        assert s["output_tok_s"] == pytest.approx(s["output_tokens"] / s["wall_s"])
+    assert [systems[f"baton_c{c}"]["concurrency"] for c in (1, 4, 16)] == [1, 4, 16]
+    # Each ratio is the quotient of the two systems' measured throughput.
+    assert report["ratios"] == {
+        name: pytest.approx(systems[a]["output_tok_s"] / systems[b]["output_tok_s"])
+        for name, (a, b) in RATIOS.items()}
+    roof = report["roofline"]
+    assert roof["roofline_tok_s"] == pytest.approx(
+        roof["read_bandwidth_gbps"] * 1e9 / roof["bytes_per_token"])
+    assert roof["baton_c1_decode_tok_s"] == pytest.approx(1 / systems["baton_c1"]["tpot_p50_s"])
+    assert report["roofline_fraction_bs1"] == pytest.approx(
+        roof["baton_c1_decode_tok_s"] / roof["roofline_tok_s"])
     assert "single_stream_vs_hf_generate" in res.stdout

@@ -9,6 +9,7 @@ import pytest
 
 from baton.ops.bench import pd
 from baton.ops.bench.openloop import SLO, goodput, poisson_arrivals, summarize
+from baton.ops.bench.sweep import ATTAINMENT
 from baton.ops.bench.workload import RequestTiming
 
 
@@ -37,21 +38,33 @@ def test_attainment_needs_both_slos_and_goodput_stops_at_the_first_miss():
 def test_bench_pd_runs_both_systems_and_reports_ratios(tmp_path, capsys):
     out = tmp_path / "pd.json"
     pd.main(json_path=str(out), model="tiny:llama", dtype="float32", rates=(2.0,),
-            num_requests=5, seed=5)  # seed 5: 2 of the 5 prompts are long
+            num_requests=5, seed=5)
     report = json.loads(out.read_text())
+    slo = SLO(report["slo"]["ttft_s"], report["slo"]["tpot_s"])
     assert set(report["systems"]) == {"colocated", "disaggregated"}
     for system in report["systems"].values():
-        (run,) = system["rates"].values()
-        assert run["num_requests"] == 5 and 0 <= run["attainment"] <= 1
-        assert len(run["timings"]) == 5 and all(t[2] >= 16 for t in run["timings"])
-    assert report["slo"]["ttft_s"] == pytest.approx(3.0 * report["slo"]["solo_ttft_s"])
-    assert report["ratios"]["tpot_p99_pd_vs_colocated"] > 0
+        run = system["rates"]["2.0"]
+        timings = [RequestTiming(*t) for t in run["timings"]]
+        # Both systems, the baseline too, ran every request to its exact length.
+        assert [t.tokens for t in timings] == run["max_tokens"] and len(timings) == 5
+        assert run["long_requests"] == 2  # 30% of 5 prompts, rounded
+        # The summary and the goodput are those of the recorded timings.
+        assert run["attainment"] == sum(slo.met(t) for t in timings) / 5
+        assert run["output_tok_s"] == pytest.approx(sum(run["max_tokens"]) / run["wall_s"])
+        assert system["goodput_rps"] == (2.0 if run["attainment"] >= ATTAINMENT else 0.0)
+    co, dis = (report["systems"][n] for n in ("colocated", "disaggregated"))
+    ratios = report["ratios"]
+    assert ratios["tpot_p99_rate"] == 2.0
+    assert ratios["tpot_p99_pd_vs_colocated"] == pytest.approx(
+        dis["rates"]["2.0"]["tpot_p99_s"] / co["rates"]["2.0"]["tpot_p99_s"])
+    assert ratios["goodput_pd_vs_colocated"] == (
+        dis["goodput_rps"] / co["goodput_rps"] if co["goodput_rps"] else None)
     for health in report["health"].values():
         assert health["block_violations"] == []
         assert all(w["num_running"] == 0 for w in health["workers"])
-    decode = [w for w in report["health"]["disaggregated"]["workers"] if w["role"] == "decode"]
-    (run,) = report["systems"]["disaggregated"]["rates"].values()
-    long_n = run["long_requests"]
-    assert long_n == 2
-    assert decode[0]["handoffs"] >= long_n and decode[0]["handoff_failures"] == 0
+    # Colocated prefilled every prompt where it decoded; disaggregated moved the long ones' KV.
+    workers = {n: h["workers"] for n, h in report["health"].items()}
+    assert all(w["handoffs"] == 0 for w in workers["colocated"])
+    (decode,) = [w for w in workers["disaggregated"] if w["role"] == "decode"]
+    assert decode["handoffs"] >= 2 and decode["handoff_failures"] == 0
     assert "goodput_pd_vs_colocated" in capsys.readouterr().out

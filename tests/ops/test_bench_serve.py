@@ -180,9 +180,10 @@ def test_workload_is_deterministic_with_distinct_prompts():
         def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
             return [sum(map(ord, w)) for w in text.split()]  # a token a word
 
-    a, b = serve.build_requests(Tok(), 10, 3), serve.build_requests(Tok(), 10, 3)
+    load = serve.LOAD
+    a, b = load.requests(Tok(), 10, 3), load.requests(Tok(), 10, 3)
     assert a == b and len({tuple(r.prompt_ids) for r in a}) == 10
     for seed in (1, 2, 3):  # the same share of long prompts whatever the seed
-        reqs = serve.build_requests(Tok(), 10, seed)
-        assert sum(len(r.prompt_ids) >= serve.LONG_PROMPT[0] for r in reqs) == 3
-    assert all(serve.SHORT_OUTPUT[0] <= r.max_tokens <= serve.LONG_OUTPUT[1] for r in a)
+        reqs = load.requests(Tok(), 10, seed)
+        assert sum(len(r.prompt_ids) >= load.long_prompt[0] for r in reqs) == 3
+    assert all(load.short_output[0] <= r.max_tokens <= load.long_output[1] for r in a)

@@ -3,6 +3,7 @@ real gRPC), driven through `baton.client`."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import random
 import threading
 import time
@@ -171,6 +172,7 @@ def test_health_reflection_and_server_info(api):
     channel.close()
     info = client.server_info()
     assert info.decode_workers == 1 and info.prefill_workers == 1
+    assert info.version == importlib.metadata.version("baton")  # the installed package's
     assert client.models() == [info.models[0]]
 
 

@@ -1,15 +1,21 @@
-"""The records `ClusterState` keeps in Redis: workers and their load, journal events, performance.
+"""The records the cluster's shared state keeps: workers and their load, journal events,
+performance; and what a router needs of that state (`RouterState`).
 
-Each is a pydantic model stored as JSON, so a record written by one Baton version and read by
-another fails loudly in one place (`parse`) instead of somewhere downstream.
+The router writes them and the cluster (`baton.cluster.state.ClusterState`, over Redis) stores
+them, so they live here, below both. Each is a pydantic model stored as JSON, so a record written
+by one Baton version and read by another fails loudly in one place (`parse`) instead of somewhere
+downstream.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from baton.outputs import PrefillPath
 
 JournalKind = Literal["accepted", "finished", "failed"]
 
@@ -66,7 +72,7 @@ class PerfRecord(BaseModel):
 
     request_id: str = ""
     method: str  # acceleration method used, e.g. "none", "ngram", "draft"
-    pool: str  # the decode pool that served it
+    prefill_path: PrefillPath  # where its prompt was computed
     features: dict[str, float] = Field(default_factory=dict)  # what the selector saw up front
     ttft_s: float | None = None
     tpot_s: float | None = None
@@ -75,3 +81,26 @@ class PerfRecord(BaseModel):
     output_tokens: int = 0
     acceptance_rate: float | None = None  # speculative methods only
     ts: float = Field(default_factory=time.time)
+
+
+class RouterState(Protocol):
+    """What a router writes to the cluster's shared state (`ClusterState` is the one in use).
+
+    Writes never raise and never block on the store; `available` is False during an outage.
+    """
+
+    @property
+    def available(self) -> bool: ...
+
+    def accepted(self, request_id: str, **detail: Any) -> None: ...
+
+    def finished(self, request_id: str, **detail: Any) -> None: ...
+
+    def failed(self, request_id: str, reason: str, **detail: Any) -> None: ...
+
+    def record(self, rec: PerfRecord) -> None: ...
+
+    def update_router_stats(self, router_id: str, counters: Mapping[str, int] | None = None,
+                            gauges: Mapping[str, float] | None = None) -> None: ...
+
+    def close(self, timeout_s: float = 5.0) -> None: ...
