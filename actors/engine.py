@@ -265,9 +265,7 @@ class Engine:
         detok = self._detok[seq.request_id]
         detok.flush()
         out = self._output(seq, delta_ids or [], detok.delta(True))
-        del self._detok[seq.request_id], self._seqs[seq.request_id]
-        self._generators.pop(seq.request_id, None)
-        self.speculator.finish(seq.request_id)
+        self._forget_request(seq.request_id)
         return out
 
     def _forget_request(self, request_id: str) -> None:
@@ -276,6 +274,7 @@ class Engine:
         self._seqs.pop(request_id, None)
         self._detok.pop(request_id, None)
         self._generators.pop(request_id, None)
+        self.speculator.finish(request_id)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
