@@ -161,7 +161,8 @@ class Engine:
             return outputs
         try:
             t0 = time.perf_counter()
-            logits = self.runner.run(sched, self._layer_hook(sched))
+            logits = self.runner.run(sched, self._layer_hook(sched),
+                                     self.speculator.wants_hidden(sched.seqs))
             self.speculator.observe_step(sched.total_tokens, time.perf_counter() - t0)
         except Exception as exc:  # one bad batch must not take the engine down
             log.exception("model step failed; failing its %d requests", len(sched.seqs))
@@ -194,13 +195,19 @@ class Engine:
         now = time.monotonic()
         outputs = []
         plain, plain_rows, row = [], [], 0
+        hidden = self.runner.last_hidden
         for seq in done:
             n = 1 + seq.num_draft_tokens
             if seq.draft is None:
                 plain.append(seq)
                 plain_rows.append(row)
+                if hidden is not None:
+                    self.speculator.observe_hidden(seq, hidden[row])
             else:
-                outputs.append(self._settle_draft(seq, logits[row : row + n], now))
+                out, last_row = self._settle_draft(seq, logits[row : row + n], now)
+                outputs.append(out)
+                if hidden is not None:
+                    self.speculator.observe_hidden(seq, hidden[row + last_row])
             row += n
         if plain:
             gens = [self._generators.get(s.request_id) for s in plain]
@@ -210,14 +217,16 @@ class Engine:
                 outputs.append(self._emit(seq, [token], [lp], now))
         return outputs
 
-    def _settle_draft(self, seq: Sequence, logits: torch.Tensor, now: float) -> RequestOutput:
-        """Verify a request's draft and emit what it accepted plus the target's own token."""
+    def _settle_draft(self, seq: Sequence, logits: torch.Tensor,
+                      now: float) -> tuple[RequestOutput, int]:
+        """Verify a request's draft and emit what it accepted plus the target's own token; also
+        the logits row the last token came from."""
         verdict = self.speculator.settle(seq, logits, self._generators.get(seq.request_id))
         lps = token_logprobs(logits[verdict.rows], verdict.tokens,
                              [seq.params.logprobs] * len(verdict.tokens))
         out = self._emit(seq, verdict.tokens, lps, now)
         self.speculator.after_emit(seq)
-        return out
+        return out, verdict.rows[-1]
 
     def _emit(self, seq: Sequence, tokens: list[int], lps: list[TokenLogprob | None],
               now: float) -> RequestOutput:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from baton.actors.draft_model import decoder_layers, layerskip_draft, separate_draft
+from baton.actors.medusa import MedusaHeads
 from baton.actors.model_runner import BatchRow, load_model
 from baton.actors.model_source import resolve
 from baton.actors.sequence import Sequence
@@ -42,6 +43,8 @@ def offered_methods(engine: Engine) -> tuple[str, ...]:
     methods = list(BUILTIN_METHODS)
     if cfg.draft_model:
         methods.append("draft")
+    if cfg.medusa_heads:
+        methods.append("medusa")
     return tuple(methods)
 
 
@@ -63,8 +66,12 @@ def build_speculator(engine: Engine) -> Speculator:
         proposers["draft"] = separate_draft(model, engine.vocab_size, engine.cache.num_blocks,
                                             cfg.block_size, engine.dtype, engine.device)
         settings.draft_cost_ratio["draft"] = _num_params(model) / _num_params(engine.model)
-    return Speculator(settings, engine.blocks, engine.cache, cfg.max_num_batched_tokens,
-                      proposers)
+    speculator = Speculator(settings, engine.blocks, engine.cache, cfg.max_num_batched_tokens,
+                            proposers)
+    if "medusa" in methods:
+        assert cfg.medusa_heads is not None
+        speculator.medusa = MedusaHeads.load(cfg.medusa_heads, engine.model)
+    return speculator
 
 
 def calibrate_layerskip(engine: Engine, depth: int, max_k: int = 8) -> int:

@@ -18,6 +18,7 @@ from baton.actors.block_manager import BlockManager
 from baton.actors.draft_model import DraftModelProposer, DraftRequest
 from baton.actors.kv_cache import PagedKVCache
 from baton.actors.lookahead import LookaheadProposer
+from baton.actors.medusa import MedusaHeads, propose_tree
 from baton.actors.ngram import propose_ngram
 from baton.actors.sequence import Sequence
 from baton.actors.spec_budget import AcceptanceTracker, Candidate, StepCostModel, choose_k
@@ -28,6 +29,7 @@ from baton.speculation import AUTO, NONE
 log = logging.getLogger(__name__)
 
 # Acceptance assumed before a request has drafted anything.
+MEDUSA_TOP_K = 4  # candidates per head in a Medusa tree
 PRIOR_ACCEPTANCE = {"ngram": 0.4, "lookahead": 0.4, "draft": 0.6, "layerskip": 0.5,
                     "medusa": 0.5}
 
@@ -56,6 +58,8 @@ class Speculator:
         self.proposers = proposers or {}
         self.cost = StepCostModel()
         self.lookahead = LookaheadProposer() if "lookahead" in settings.methods else None
+        self.medusa: MedusaHeads | None = None  # set when the pool offers `medusa`
+        self._head_logits: dict[str, torch.Tensor] = {}  # request -> [K, V] for its next draft
         self._trackers: dict[str, AcceptanceTracker] = {}
 
     # -- requests ---------------------------------------------------------------------------------
@@ -80,8 +84,19 @@ class Speculator:
         if self.lookahead is not None and seq.request_id in self.lookahead:
             self.lookahead.extend(seq.request_id, tokens)
 
+    def wants_hidden(self, seqs: list[Sequence]) -> bool:
+        """Whether this step must keep final hidden states (Medusa heads draft from them)."""
+        return self.medusa is not None and any(s.metrics.method == "medusa" for s in seqs)
+
+    def observe_hidden(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """`hidden [H]` produced the last token of `seq`: its heads' logits draft the next step."""
+        if self.medusa is not None and seq.metrics.method == "medusa" and not seq.is_finished:
+            with torch.inference_mode():
+                self._head_logits[seq.request_id] = self.medusa(hidden.unsqueeze(0))[:, 0]
+
     def finish(self, request_id: str) -> None:
         self._trackers.pop(request_id, None)
+        self._head_logits.pop(request_id, None)
         if self.lookahead is not None:
             self.lookahead.finish(request_id)
 
@@ -128,6 +143,9 @@ class Speculator:
                 draft = self.lookahead.propose(seq.request_id, seq.token_ids, k)
                 if draft is not None and len(draft):
                     seq.attach_draft(draft)
+            elif method == "medusa" and seq.request_id in self._head_logits:
+                logits = self._head_logits.pop(seq.request_id)
+                seq.attach_draft(propose_tree(seq.token_ids[-1], logits, k, MEDUSA_TOP_K))
             elif method in self.proposers:
                 req = DraftRequest(seq, k, generators.get(seq.request_id))
                 by_model.setdefault(method, []).append(req)

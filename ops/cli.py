@@ -13,6 +13,7 @@ from rich.console import Console
 from baton.errors import BatonError
 from baton.ops import cluster_cmds
 from baton.ops.cli_options import Output, OutputOpt
+from baton.ops.train_heads import train_heads_command
 
 app = typer.Typer(
     name="baton",
@@ -59,6 +60,8 @@ def generate(
         help="Draft tokens per step (default: adapted to acceptance)")] = None,
     draft_model: Annotated[str | None, typer.Option(
         help="Draft model for --method draft (path or id; same tokenizer)")] = None,
+    medusa_heads: Annotated[str | None, typer.Option(
+        help="Heads directory for --method medusa (from baton train-heads)")] = None,
 ) -> None:
     """Generate text from one prompt, streaming it as it comes."""
     from baton.actors.engine import Engine
@@ -70,7 +73,8 @@ def generate(
         num_speculative_tokens=num_speculative_tokens,
     )
     engine = Engine(model=model, dtype=dtype, device=device, num_threads=threads,
-                    max_num_seqs=1, methods=[method], draft_model=draft_model)
+                    max_num_seqs=1, methods=[method], draft_model=draft_model,
+                    medusa_heads=medusa_heads)
     text = engine.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     final = None
     for out in engine.stream(text, params):
@@ -112,6 +116,9 @@ def generate(
             for lp in final.logprobs
         ]
     sys.stdout.write(json.dumps(report) + "\n")
+
+
+app.command("train-heads")(train_heads_command)
 
 
 @app.command("prepare-model")

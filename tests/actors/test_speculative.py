@@ -10,6 +10,7 @@ import pytest
 
 from baton.actors.draft_tree import DraftTree
 from baton.actors.engine import Engine
+from baton.actors.medusa import MedusaHeads
 from baton.errors import ConfigError, InvalidRequestError
 from baton.sampling import SamplingParams
 from tests.conftest import assert_no_leaks, run_to_completion
@@ -198,3 +199,16 @@ def test_tree_drafts_accept_a_later_branch_and_keep_its_kv(engine, reference):
     assert out.token_ids == want
     assert trees and out.metrics.spec_accepted_tokens >= 3 * (len(trees) - 1)
     assert out.metrics.num_forward_passes <= 1 + -(-47 // 4)
+
+
+def test_medusa_heads_draft_trees_and_keep_the_greedy_tokens(reference, tmp_path):
+    target = Engine("tiny:llama", dtype="float32")
+    MedusaHeads.for_model(target.model, num_heads=3).save(tmp_path / "heads")
+    medusa = Engine("tiny:llama", dtype="float32", block_size=8, methods=["medusa"],
+                    medusa_heads=str(tmp_path / "heads"))
+    prompts = [list(p) for p in reference]
+    outs = medusa.generate(prompts, SamplingParams(max_tokens=48, ignore_eos=True,
+                                                   method="medusa", num_speculative_tokens=6))
+    assert [o.token_ids for o in outs] == list(reference.values())
+    assert all(o.metrics.spec_draft_tokens > 0 for o in outs)
+    assert_no_leaks(medusa)
