@@ -9,7 +9,7 @@ TORCH_VERSION := 2.13.0
 TORCH_LOCAL_WHEEL := $(firstword $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu-*.whl))
 PYTEST_ARGS ?=
 # The engine's control plane, type-checked (model code and tensors are left to the tests).
-MYPY_ACTORS := block_manager.py scheduler.py sequence.py engine_loop.py worker.py kv_link.py
+MYPY_ACTORS := block_manager.py scheduler.py sequence.py engine_loop.py worker.py kv_link.py token_trie.py lookahead.py
 
 .PHONY: setup venv model redis lint test demo bench clean
 

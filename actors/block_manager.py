@@ -132,6 +132,16 @@ class BlockManager:
             block.token_ids = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             self._by_hash.setdefault(h, block.block_id)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Release `seq`'s blocks past those `num_tokens` positions need (rejected drafts)."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            block_id = seq.block_table.pop()
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+
     def free(self, seq: Sequence) -> None:
         """Release every block `seq` holds; its tail goes to the free queue first."""
         for block_id in reversed(seq.block_table):

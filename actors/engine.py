@@ -15,9 +15,10 @@ from baton.actors.detokenizer import IncrementalDetokenizer
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
 from baton.actors.model_runner import ModelRunner, load_model
 from baton.actors.model_source import resolve
-from baton.actors.sampler import sample
+from baton.actors.sampler import sample, token_logprobs
 from baton.actors.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from baton.actors.sequence import Sequence
+from baton.actors.spec_setup import build_speculator
 from baton.engine_config import DTYPE_NAMES, EngineConfig  # EngineConfig: also imported from here
 from baton.errors import (
     ConfigError,
@@ -79,6 +80,7 @@ class Engine:
             self.blocks,
         )
         self.runner = ModelRunner(self.model, self.cache, self.device)
+        self.speculator = build_speculator(self)
         self.eos_ids = self._eos_ids()
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -118,7 +120,10 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        method = self.speculator.method_of(params.method)
         seq = Sequence(request_id, prompt_ids, params)
+        seq.metrics.method = method
+        self.speculator.start(seq)
         self._seqs[request_id] = seq
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
         if params.seed is not None:
@@ -147,11 +152,18 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and report what changed."""
         outputs, self._pending = self._pending, []
+        self.speculator.propose(self.scheduler.running, self._waiting_tokens(), self._generators)
         sched = self.scheduler.schedule()
+        for seq in self.scheduler.running:
+            if seq.draft is not None and seq.request_id not in sched.num_scheduled_tokens:
+                seq.drop_draft()
         if not sched:
             return outputs
         try:
-            logits = self.runner.run(sched, self._layer_hook(sched))
+            t0 = time.perf_counter()
+            logits = self.runner.run(sched, self._layer_hook(sched),
+                                     self.speculator.wants_hidden(sched.seqs))
+            self.speculator.observe_step(sched.total_tokens, time.perf_counter() - t0)
         except Exception as exc:  # one bad batch must not take the engine down
             log.exception("model step failed; failing its %d requests", len(sched.seqs))
             self._forward_done(sched)
@@ -172,34 +184,68 @@ class Engine:
     def _forward_done(self, sched: SchedulerOutput) -> None:
         """The step's forward pass ended (or failed)."""
 
+    def _waiting_tokens(self) -> int:
+        """Prompt tokens queued for the next step (what drafting competes with)."""
+        return sum(len(s) - s.num_computed_tokens for s in self.scheduler.waiting)
+
     def _postprocess(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
         done = [s for s in sched.seqs if s.num_computed_tokens == len(s)]
         if not done:
             return []
-        params = [s.params for s in done]
-        gens = [self._generators.get(s.request_id) for s in done]
-        tokens, logprobs = sample(logits, params, gens)
         now = time.monotonic()
         outputs = []
-        for seq, token, lp in zip(done, tokens, logprobs, strict=True):
-            outputs.append(self._emit(seq, token, lp, now))
+        plain, plain_rows, row = [], [], 0
+        hidden = self.runner.last_hidden
+        for seq in done:
+            n = 1 + seq.num_draft_tokens
+            if seq.draft is None:
+                plain.append(seq)
+                plain_rows.append(row)
+                if hidden is not None:
+                    self.speculator.observe_hidden(seq, hidden[row])
+            else:
+                out, last_row = self._settle_draft(seq, logits[row : row + n], now)
+                outputs.append(out)
+                if hidden is not None:
+                    self.speculator.observe_hidden(seq, hidden[row + last_row])
+            row += n
+        if plain:
+            gens = [self._generators.get(s.request_id) for s in plain]
+            rows = logits[plain_rows] if len(plain_rows) != logits.shape[0] else logits
+            tokens, logprobs = sample(rows, [s.params for s in plain], gens)
+            for seq, token, lp in zip(plain, tokens, logprobs, strict=True):
+                outputs.append(self._emit(seq, [token], [lp], now))
         return outputs
 
-    def _emit(self, seq: Sequence, token: int, lp: TokenLogprob | None,
+    def _settle_draft(self, seq: Sequence, logits: torch.Tensor,
+                      now: float) -> tuple[RequestOutput, int]:
+        """Verify a request's draft and emit what it accepted plus the target's own token; also
+        the logits row the last token came from."""
+        verdict = self.speculator.settle(seq, logits, self._generators.get(seq.request_id))
+        lps = token_logprobs(logits[verdict.rows], verdict.tokens,
+                             [seq.params.logprobs] * len(verdict.tokens))
+        out = self._emit(seq, verdict.tokens, lps, now)
+        self.speculator.after_emit(seq)
+        return out, verdict.rows[-1]
+
+    def _emit(self, seq: Sequence, tokens: list[int], lps: list[TokenLogprob | None],
               now: float) -> RequestOutput:
-        """Append a sampled token to `seq`, finish it if it should stop, and report it."""
-        seq.token_ids.append(token)
+        """Append tokens to `seq` until one finishes it, and report them as one output."""
         if seq.metrics.first_token is None:
             seq.metrics.first_token = now
-        if seq.logprobs is not None and lp is not None:
-            seq.logprobs.append(lp)
+        seq.metrics.num_forward_passes += 1
         detok = self._detok[seq.request_id]
-        stopped = detok.add(token)
-        reason = self._finish_reason(seq, token, stopped)
-        if reason:
-            self.scheduler.finish(seq, reason)
-            return self._finish_output(seq, [token])
-        return self._output(seq, [token], detok.delta(False))
+        for i, (token, lp) in enumerate(zip(tokens, lps, strict=True)):
+            seq.token_ids.append(token)
+            if seq.logprobs is not None and lp is not None:
+                seq.logprobs.append(lp)
+            reason = self._finish_reason(seq, token, detok.add(token))
+            if reason:
+                self.speculator.emitted(seq, tokens[: i + 1])
+                self.scheduler.finish(seq, reason)
+                return self._finish_output(seq, tokens[: i + 1])
+        self.speculator.emitted(seq, tokens)
+        return self._output(seq, tokens, detok.delta(False))
 
     def _finish_reason(self, seq: Sequence, token: int, stopped: bool) -> str | None:
         p = seq.params
@@ -228,8 +274,7 @@ class Engine:
         detok = self._detok[seq.request_id]
         detok.flush()
         out = self._output(seq, delta_ids or [], detok.delta(True))
-        del self._detok[seq.request_id], self._seqs[seq.request_id]
-        self._generators.pop(seq.request_id, None)
+        self._forget_request(seq.request_id)
         return out
 
     def _forget_request(self, request_id: str) -> None:
@@ -238,6 +283,7 @@ class Engine:
         self._seqs.pop(request_id, None)
         self._detok.pop(request_id, None)
         self._generators.pop(request_id, None)
+        self.speculator.finish(request_id)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

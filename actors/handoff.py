@@ -65,7 +65,7 @@ class HandoffEngine(Engine):
     def add_export(self, prompt: list[int], params: SamplingParams, skip_blocks: int,
                    request_id: str | None = None) -> tuple[str, KVExport]:
         """Compute `prompt` for another worker; its first token comes back as a normal output."""
-        params = dataclasses.replace(params, max_tokens=1)
+        params = dataclasses.replace(params, max_tokens=1, method="none")
         export = KVExport(skip_blocks, queue.Queue())
         rid = self.add_request(prompt, params, request_id)
         self._exports[rid] = export
@@ -124,7 +124,7 @@ class HandoffEngine(Engine):
         self.blocks.commit(seq)
         seq.metrics.first_scheduled = seq.metrics.first_scheduled or time.monotonic()
         self.scheduler.add_running(seq)
-        self._pending.append(self._emit(seq, first_token, None, time.monotonic()))
+        self._pending.append(self._emit(seq, [first_token], [None], time.monotonic()))
 
     def fail_import(self, request_id: str, reason: str) -> None:
         """The handoff failed: free the reservation and end the request with `reason`."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from baton.actors import paged_attention
 from baton.actors.cpu_linear import pack_linears, packing_supported
+from baton.actors.draft_tree import DraftTree
 from baton.actors.kv_cache import PagedKVCache
 from baton.actors.model_source import ModelSource
 from baton.actors.moe_experts import use_grouped_experts
@@ -77,18 +79,53 @@ def prepare_for_inference(model, dtype: torch.dtype, device: torch.device,
     return model
 
 
+@dataclass(slots=True)
+class BatchRow:
+    """One request's slice of a forward pass: `num_tokens` tokens of `token_ids` from `start`.
+
+    `num_logits` trailing rows return logits (0: a prompt chunk that samples nothing). `tree`,
+    when given, is a draft occupying the last `len(tree)` tokens: its nodes take positions by
+    depth and attend only to their ancestors.
+    """
+
+    token_ids: list[int]
+    start: int
+    num_tokens: int
+    block_table: list[int]
+    num_logits: int
+    tree: DraftTree | None = None
+
+
+def scheduled_rows(out: SchedulerOutput) -> list[BatchRow]:
+    """The rows of a scheduled step: a request whose run reaches its last token samples from it
+    (and from every token of an attached draft)."""
+    rows = []
+    for seq in out.seqs:
+        n = out.num_scheduled_tokens[seq.request_id]
+        start = seq.num_computed_tokens
+        num_logits = 0
+        if start + n == len(seq):
+            num_logits = 1 + seq.num_draft_tokens
+        tree = seq.draft if seq.draft is not None and not seq.draft.is_chain else None
+        rows.append(BatchRow(seq.token_ids, start, n, seq.block_table, num_logits, tree))
+    return rows
+
+
 class ModelRunner:
-    """Turns a `SchedulerOutput` into one packed forward pass and the logits to sample from."""
+    """Turns a batch of rows into one packed forward pass and the logits to sample from."""
 
     def __init__(self, model, cache: PagedKVCache, device: torch.device):
         self.model = model
         self.cache = cache
         self.device = device
         self.block_size = cache.spec.block_size
+        # With `capture_hidden`, the final hidden states (what the LM head reads) of the rows
+        # that returned logits, in the same order: Medusa heads draft from them.
+        self.last_hidden: torch.Tensor | None = None
 
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor,
-                                                      paged_attention.AttentionBatch, list[int]]:
-        """Inputs for `out`: token ids, positions, attention metadata, rows that sample."""
+    def prepare(self, rows: list[BatchRow]) -> tuple[torch.Tensor, torch.Tensor,
+                                                     paged_attention.AttentionBatch, list[int]]:
+        """Inputs for `rows`: token ids, positions, attention metadata, rows that sample."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -96,29 +133,31 @@ class ModelRunner:
         query_lens: list[int] = []
         context_lens: list[int] = []
         sample_rows: list[int] = []
-        for seq in out.seqs:
-            n = out.num_scheduled_tokens[seq.request_id]
-            start = seq.num_computed_tokens
-            end = start + n
-            table = seq.block_table
-            ids.extend(seq.token_ids[start:end])
-            pos = range(start, end)
-            positions.extend(pos)
+        trees: list[tuple[int, int, torch.Tensor]] = []
+        for i, row in enumerate(rows):
+            start, end = row.start, row.start + row.num_tokens
+            table = row.block_table
+            ids.extend(row.token_ids[start:end])
+            pos = list(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            query_lens.append(n)
+            if row.tree is not None:
+                root = end - len(row.tree) - 1  # the last verified token, the tree's root
+                depth = row.tree.depths()
+                pos[root - start + 1 :] = [root + d for d in depth]
+                trees.append((i, root - start, _ancestor_mask(row.tree)))
+            positions.extend(pos)
+            query_lens.append(row.num_tokens)
             context_lens.append(end)
-            if end == len(seq):
-                sample_rows.append(len(ids) - 1)
-        b = len(out.seqs)
+            sample_rows.extend(range(len(ids) - row.num_logits, len(ids)))
+        b = len(rows)
         max_q = max(query_lens)
-        max_blocks = max(len(s.block_table) for s in out.seqs)
+        max_blocks = max(len(r.block_table) for r in rows)
         tables = torch.zeros(b, max_blocks, dtype=torch.long)
         query_pos = torch.full((b, max_q), -1, dtype=torch.long)
         q_index: list[int] = []
-        for i, seq in enumerate(out.seqs):
-            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table)
-            start = context_lens[i] - query_lens[i]
-            query_pos[i, : query_lens[i]] = torch.arange(start, context_lens[i])
+        for i, row in enumerate(rows):
+            tables[i, : len(row.block_table)] = torch.tensor(row.block_table)
+            query_pos[i, : query_lens[i]] = torch.arange(row.start, context_lens[i])
             q_index.extend(range(i * max_q, i * max_q + query_lens[i]))
         dev = self.device
         batch = paged_attention.AttentionBatch(
@@ -130,27 +169,54 @@ class ModelRunner:
             max_context_len=max(context_lens),
             max_query_len=max_q,
             q_index=None if max_q == 1 else torch.tensor(q_index, device=dev),
+            trees=trees,
         )
         input_ids = torch.tensor([ids], device=dev)
         position_ids = torch.tensor([positions], device=dev)
         return input_ids, position_ids, batch, sample_rows
 
-    @torch.inference_mode()
-    def run(self, out: SchedulerOutput,
-            on_layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Logits `[R, V]` (float32) for the requests whose last scheduled token is their last.
+    def run(self, out: SchedulerOutput, on_layer_done: Callable[[int], None] | None = None,
+            capture_hidden: bool = False) -> torch.Tensor:
+        """Logits `[R, V]` (float32) of a scheduled step, see `scheduled_rows`.
 
         `on_layer_done(layer)` runs as soon as each layer has written this step's KV.
         """
-        input_ids, position_ids, batch, rows = self.prepare(out)
+        return self.run_rows(scheduled_rows(out), on_layer_done, capture_hidden)
+
+    @torch.inference_mode()
+    def run_rows(self, rows: list[BatchRow],
+                 on_layer_done: Callable[[int], None] | None = None,
+                 capture_hidden: bool = False) -> torch.Tensor:
+        """Logits `[R, V]` (float32) for every row's `num_logits` trailing tokens, in order."""
+        input_ids, position_ids, batch, sample_rows = self.prepare(rows)
         batch.on_layer_done = on_layer_done
-        if not rows:
-            keep = torch.tensor([0], device=self.device)  # nothing to sample: keep it cheap
-        else:
-            keep = torch.tensor(rows, device=self.device)
-        with paged_attention.attention_batch(batch):
-            logits = self.model(
-                input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                logits_to_keep=keep,
-            ).logits
-        return logits[0, : len(rows)].float()
+        keep = torch.tensor(sample_rows or [0], device=self.device)  # none: keep it cheap
+        hook = None
+        self.last_hidden = None
+        if capture_hidden:
+            def grab(_module, _inputs, output):
+                self.last_hidden = output[0].index_select(0, keep)
+
+            hook = self.model.get_decoder().norm.register_forward_hook(grab)
+        try:
+            with paged_attention.attention_batch(batch):
+                logits = self.model(
+                    input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=keep,
+                ).logits
+        finally:
+            if hook is not None:
+                hook.remove()
+        return logits[0, : len(sample_rows)].float()
+
+
+def _ancestor_mask(tree: DraftTree) -> torch.Tensor:
+    """`[n+1, n+1]` bool: query row r (0 = the root) may see key column c (self and ancestors)."""
+    n = len(tree)
+    m = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    m[:, 0] = True
+    for i, p in enumerate(tree.parents):
+        if p >= 0:
+            m[i + 1] = m[p + 1]
+        m[i + 1, i + 1] = True
+    return m

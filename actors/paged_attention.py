@@ -50,6 +50,8 @@ class AttentionBatch:
     max_query_len: int
     q_index: torch.Tensor | None
     on_layer_done: Callable[[int], None] | None = None
+    # Draft trees: (batch row, query index of the tree's root, [n+1, n+1] ancestor mask).
+    trees: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     _masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -70,6 +72,10 @@ class AttentionBatch:
             if window:
                 m &= kpos > qpos - window
             m &= kpos < self.context_lens.view(-1, 1, 1)
+            for row, q0, anc in self.trees:
+                k0 = int(self.query_pos[row, q0])
+                n = anc.shape[0]
+                m[row, q0 : q0 + n, k0 : k0 + n] = anc.to(m.device)
             m[:, :, 0] |= self.query_pos < 0  # padded query rows attend to something: no NaN
             self._masks[key] = m.repeat(1, groups, 1).unsqueeze(0)
         return self._masks[key]
@@ -142,7 +148,8 @@ def paged_attention_forward(
     values = gather_kv(v_cache, batch.block_tables)
 
     b, qlen = batch.batch_size, batch.max_query_len
-    if b == 1 and not sliding_window and (qlen == 1 or qlen == batch.max_context_len):
+    if (b == 1 and not sliding_window and not batch.trees
+            and (qlen == 1 or qlen == batch.max_context_len)):
         # One request with nothing cached before its queries: plain causal attention, the very
         # call transformers' own sdpa path makes (so single-request results match it bit for bit).
         length = batch.max_context_len

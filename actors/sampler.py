@@ -22,6 +22,22 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distributions `[N, V]` sampled rows draw from: temperature, then top-k and top-p.
+
+    Speculative verification uses the very same distributions, so accepting drafts leaves what a
+    request samples unchanged.
+    """
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=dev)
+    logits = logits / temps.unsqueeze(-1)
+    top_k = torch.tensor([p.top_k for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        logits = _filter_top_k_top_p(logits, top_k, top_p)
+    return logits.softmax(dim=-1)
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -37,28 +53,27 @@ def sample(
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         idx = torch.tensor(rows, device=logits.device)
-        sub = logits.index_select(0, idx)
-        temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)
-        sub = sub / temps.unsqueeze(-1)
-        top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device)
-        top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
-        if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-            sub = _filter_top_k_top_p(sub, top_k, top_p)
-        probs = sub.softmax(dim=-1)
+        probs = target_probs(logits.index_select(0, idx), [params[i] for i in rows])
         for j, i in enumerate(rows):
             tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
     token_list = tokens.tolist()
+    return token_list, token_logprobs(logits, token_list, [p.logprobs for p in params])
 
-    logprobs: list[TokenLogprob | None] = [None] * len(params)
-    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int],
+                   num_top: list[int | None]) -> list[TokenLogprob | None]:
+    """Log-probability of `tokens[i]` under row i's raw distribution, with the `num_top[i]` most
+    likely alternatives (None: the request asked for no logprobs)."""
+    logprobs: list[TokenLogprob | None] = [None] * len(tokens)
+    want = [i for i, k in enumerate(num_top) if k is not None]
     if want:
         lp = logits.index_select(0, torch.tensor(want, device=logits.device)).log_softmax(-1)
         for j, i in enumerate(want):
-            tok = token_list[i]
+            tok = tokens[i]
             top: dict[int, float] = {}
-            k = params[i].logprobs or 0
+            k = num_top[i] or 0
             if k:
                 vals, ids = lp[j].topk(k)
                 top = dict(zip(ids.tolist(), vals.tolist(), strict=True))
             logprobs[i] = TokenLogprob(tok, float(lp[j, tok]), top)
-    return token_list, logprobs
+    return logprobs

@@ -77,6 +77,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.draft is not None and seq.num_uncomputed_tokens > min(budget, chunk_cap):
+                seq.drop_draft()  # a draft is verified whole or not at all
             n = min(seq.num_uncomputed_tokens, budget, chunk_cap)
             while not self.blocks.allocate_slots(seq, n):
                 victim = self.running.pop()  # most recently admitted
@@ -118,7 +120,8 @@ class Scheduler:
             if seq.is_finished:
                 continue
             seq.num_computed_tokens += out.num_scheduled_tokens[seq.request_id]
-            self.blocks.commit(seq)
+            if seq.draft is None:  # a verified draft's blocks are committed once it is settled
+                self.blocks.commit(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End `seq` (any state) and free its blocks."""
@@ -131,10 +134,13 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.metrics.finished = time.monotonic()
+        seq.drop_draft()
         self.blocks.free(seq)
 
     def _preempt(self, seq: Sequence) -> None:
+        seq.drop_draft()
         self.blocks.free(seq)
+        seq.draft_kv_len = 0
         seq.status = SequenceStatus.WAITING
         seq.metrics.num_preemptions += 1
         self.waiting.appendleft(seq)

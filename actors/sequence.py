@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from baton.actors.draft_tree import DraftTree
 from baton.outputs import RequestMetrics, TokenLogprob
 from baton.sampling import SamplingParams
 
@@ -22,6 +23,9 @@ class Sequence:
 
     `num_computed_tokens` counts tokens whose KV is in the cache; the tokens after it are what the
     next step has to run. `block_table` is owned by the `BlockManager`: nothing else edits it.
+    While a speculative `draft` is attached, its tokens are the last `len(draft)` of `token_ids`
+    (unverified: the step verifies them, then `drop_draft` removes them again).
+    `draft_kv_len` counts the positions a separate draft model holds KV for.
     """
 
     request_id: str
@@ -36,6 +40,8 @@ class Sequence:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None
     metrics: RequestMetrics = field(init=False)
+    draft: DraftTree | None = None
+    draft_kv_len: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -63,6 +69,23 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return len(self.draft) if self.draft is not None else 0
+
+    def attach_draft(self, draft: DraftTree) -> None:
+        self.token_ids.extend(draft.tokens)
+        self.draft = draft
+
+    def drop_draft(self) -> None:
+        """Remove the unverified draft tokens; KV computed for them no longer counts."""
+        if self.draft is None:
+            return
+        del self.token_ids[len(self.token_ids) - len(self.draft) :]
+        self.draft = None
+        self.num_computed_tokens = min(self.num_computed_tokens, len(self.token_ids) - 1)
+        self.draft_kv_len = min(self.draft_kv_len, len(self.token_ids))
 
     @property
     def is_finished(self) -> bool:

@@ -39,6 +39,23 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.BatonError:
 
 
 @dataclass(slots=True)
+class SpecDecode:
+    """How speculative decoding served a request (on the last chunk)."""
+
+    method: str
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    accepted_per_pos: list[int]
+    num_forward_passes: int
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return (self.num_accepted_tokens / self.num_draft_tokens
+                if self.num_draft_tokens else None)
+
+
+@dataclass(slots=True)
 class Chunk:
     """What one streamed message brings: text and token ids new since the last one."""
 
@@ -51,6 +68,7 @@ class Chunk:
     path: str = ""  # first chunk only: "local" or "disaggregated"
     kv_bytes: int = 0  # last chunk only: KV bytes pushed from a prefill worker
     logprobs: list[tuple[int, float, dict[int, float]]] = field(default_factory=list)
+    spec_decode: SpecDecode | None = None  # last chunk only
 
 
 @dataclass(slots=True)
@@ -65,6 +83,7 @@ class Completion:
     completion_tokens: int
     path: str
     kv_bytes: int
+    spec_decode: SpecDecode | None = None
 
 
 def build_request(prompt: str | Sequence[int] | Sequence[dict[str, str]], *,
@@ -92,11 +111,17 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict[str, str]], *,
 
 
 def _chunk(msg: pb.GenerateResponse) -> Chunk:
+    spec = None
+    if msg.usage.HasField("spec_decode"):
+        s = msg.usage.spec_decode
+        spec = SpecDecode(s.method, s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens,
+                          list(s.accepted_per_pos), s.num_forward_passes)
     return Chunk(request_id=msg.request_id, text=msg.text, token_ids=list(msg.token_ids),
                  finish_reason=msg.finish_reason or None, prompt_tokens=msg.usage.prompt_tokens,
                  completion_tokens=msg.usage.completion_tokens, path=msg.path,
                  kv_bytes=msg.kv_bytes,
-                 logprobs=[(lp.token_id, lp.logprob, dict(lp.top)) for lp in msg.logprobs])
+                 logprobs=[(lp.token_id, lp.logprob, dict(lp.top)) for lp in msg.logprobs],
+                 spec_decode=spec)
 
 
 def _gather(chunks: list[Chunk]) -> Completion:
@@ -105,7 +130,7 @@ def _gather(chunks: list[Chunk]) -> Completion:
                       token_ids=[t for c in chunks for t in c.token_ids],
                       finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
                       completion_tokens=last.completion_tokens, path=chunks[0].path,
-                      kv_bytes=last.kv_bytes)
+                      kv_bytes=last.kv_bytes, spec_decode=last.spec_decode)
 
 
 def _channel_args(token: str | None) -> list[tuple[str, str]]:

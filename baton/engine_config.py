@@ -11,9 +11,18 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from baton.errors import ConfigError
+from baton.speculation import MAX_SPECULATIVE_TOKENS, METHODS
 from baton.validation import must_be, problems
 
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -31,6 +40,9 @@ class EngineConfig(BaseModel):
     `num_threads` pins torch's intra-op threads (two engines on one CPU box get disjoint counts).
     `quantization` ("int8" per channel, "int4" in groups of `quant_group_size`) stores the model's
     linear weights (not embeddings or the output head) quantized; activations keep `dtype`.
+    `methods` are the acceleration methods requests may ask for (None: `none`, `ngram`,
+    `lookahead`, `layerskip`, plus `draft` / `medusa` when `draft_model` / `medusa_heads` are
+    given); `max_speculative_tokens` caps a draft; `layerskip_layers` None calibrates the depth.
     `from_options` raises `ConfigError` naming each bad or unknown option; inside a larger model
     (a pool's `engine:`) a bad option fails that model's validation, under its path.
     """
@@ -52,6 +64,11 @@ class EngineConfig(BaseModel):
     seed: int = 0
     quantization: Quantization | None = None
     quant_group_size: int = 128
+    methods: list[str] | None = None
+    max_speculative_tokens: int = Field(8, ge=1, le=MAX_SPECULATIVE_TOKENS)
+    draft_model: str | None = None
+    medusa_heads: str | None = None
+    layerskip_layers: int | None = Field(None, ge=1)
 
     @classmethod
     def from_options(cls, **options: Any) -> EngineConfig:
@@ -74,6 +91,26 @@ class EngineConfig(BaseModel):
         if info.data.get("quantization") == "int4" and size not in INT4_GROUP_SIZES:
             raise must_be(f"one of {INT4_GROUP_SIZES} with int4")
         return size
+
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str] | None) -> list[str] | None:
+        if methods is not None:
+            unknown = sorted(set(methods) - set(METHODS))
+            if unknown:
+                raise must_be(f"a list of {list(METHODS)} (unknown: {unknown})")
+        return methods
+
+    @model_validator(mode="after")
+    def _files_for_methods(self) -> EngineConfig:
+        wanted = set(self.methods or ())
+        if "draft" in wanted and not self.draft_model:
+            raise ValueError("method 'draft' needs draft_model (a model path or id)")
+        if "medusa" in wanted and not self.medusa_heads:
+            raise ValueError("method 'medusa' needs medusa_heads (a directory from "
+                             "`baton train-heads`)")
+        return self
 
 
 def _config_error(exc: ValidationError) -> ConfigError:

@@ -34,6 +34,27 @@ class RequestMetrics:
     num_preemptions: int = 0
     prefill_path: PrefillPath = "local"
     kv_bytes_received: int = 0
+    # Speculative decoding (vLLM's spec_decode counters, per request).
+    method: str = "none"
+    num_forward_passes: int = 0  # target-model steps that produced output tokens
+    spec_num_drafts: int = 0  # steps that verified a draft
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted share of drafted tokens (None: nothing was drafted)."""
+        if not self.spec_draft_tokens:
+            return None
+        return self.spec_accepted_tokens / self.spec_draft_tokens
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens emitted per verifying step (accepted drafts plus the one the target adds)."""
+        if not self.spec_num_drafts:
+            return None
+        return 1 + self.spec_accepted_tokens / self.spec_num_drafts
 
     @property
     def ttft(self) -> float | None:

@@ -80,6 +80,8 @@ class PerfRecord(BaseModel):
     prompt_tokens: int = 0
     output_tokens: int = 0
     acceptance_rate: float | None = None  # speculative methods only
+    mean_accepted_length: float | None = None  # tokens per verifying step
+    forward_passes_per_token: float | None = None  # target steps per output token
     ts: float = Field(default_factory=time.time)
 
 

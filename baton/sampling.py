@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from baton.errors import InvalidRequestError
+from baton.speculation import MAX_SPECULATIVE_TOKENS, REQUEST_METHODS
 
 MAX_LOGPROBS = 20
 
@@ -18,6 +19,8 @@ class SamplingParams:
     reproducible regardless of what else shares its batch. `stop` strings end generation and are
     not included in the returned text; `stop_token_ids` and EOS end it too (unless `ignore_eos`).
     `logprobs=k` returns the sampled token's log-probability and the k most likely alternatives.
+    `method` names the acceleration method (`baton.speculation`); `num_speculative_tokens` caps
+    the tokens it drafts per step (None: the engine adapts it to acceptance and load).
     """
 
     max_tokens: int = 128
@@ -29,6 +32,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    method: str = "none"
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +64,16 @@ class SamplingParams:
         ):
             raise InvalidRequestError(
                 f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            )
+        if self.method not in REQUEST_METHODS:
+            raise InvalidRequestError(
+                f"method must be one of {list(REQUEST_METHODS)}, got {self.method!r}"
+            )
+        k = self.num_speculative_tokens
+        if k is not None and (not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS):
+            raise InvalidRequestError(
+                f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}] "
+                f"(or unset to adapt), got {k!r}"
             )
 
     @property

@@ -13,6 +13,7 @@ from rich.console import Console
 from baton.errors import BatonError
 from baton.ops import cluster_cmds
 from baton.ops.cli_options import Output, OutputOpt
+from baton.ops.train_heads import train_heads_command
 
 app = typer.Typer(
     name="baton",
@@ -53,6 +54,14 @@ def generate(
     dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for the engine")] = None,
+    method: Annotated[str, typer.Option(
+        help="Acceleration method: none, ngram, lookahead, layerskip, draft, medusa")] = "none",
+    num_speculative_tokens: Annotated[int | None, typer.Option(
+        help="Draft tokens per step (default: adapted to acceptance)")] = None,
+    draft_model: Annotated[str | None, typer.Option(
+        help="Draft model for --method draft (path or id; same tokenizer)")] = None,
+    medusa_heads: Annotated[str | None, typer.Option(
+        help="Heads directory for --method medusa (from baton train-heads)")] = None,
 ) -> None:
     """Generate text from one prompt, streaming it as it comes."""
     from baton.actors.engine import Engine
@@ -60,10 +69,12 @@ def generate(
 
     params = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-        stop=stop or [], logprobs=logprobs,
+        stop=stop or [], logprobs=logprobs, method=method,
+        num_speculative_tokens=num_speculative_tokens,
     )
     engine = Engine(model=model, dtype=dtype, device=device, num_threads=threads,
-                    max_num_seqs=1)
+                    max_num_seqs=1, methods=[method], draft_model=draft_model,
+                    medusa_heads=medusa_heads)
     text = engine.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     final = None
     for out in engine.stream(text, params):
@@ -88,6 +99,15 @@ def generate(
         },
         "ttft_s": m.ttft,
         "tpot_s": m.tpot(len(final.token_ids)),
+        "spec_decode": {
+            "method": m.method,
+            "num_drafts": m.spec_num_drafts,
+            "num_draft_tokens": m.spec_draft_tokens,
+            "num_accepted_tokens": m.spec_accepted_tokens,
+            "acceptance_rate": m.acceptance_rate,
+            "mean_accepted_length": m.mean_accepted_length,
+            "num_forward_passes": m.num_forward_passes,
+        },
     }
     if final.logprobs is not None:
         report["logprobs"] = [
@@ -96,6 +116,9 @@ def generate(
             for lp in final.logprobs
         ]
     sys.stdout.write(json.dumps(report) + "\n")
+
+
+app.command("train-heads")(train_heads_command)
 
 
 @app.command("prepare-model")
@@ -193,6 +216,26 @@ def bench_kernels(
     from baton.ops.bench import kernels as bench
 
     bench.main(json_path=json_path)
+
+
+@bench_app.command("spec")
+def bench_spec(
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,
+    workload: Annotated[str | None, typer.Option(
+        help="JSONL workload: task, prompt or messages, max_tokens (default: built-in)")] = None,
+    methods: Annotated[str, typer.Option(
+        help="Comma-separated methods compared with none")] = "ngram,lookahead,layerskip",
+    draft_model: Annotated[str | None, typer.Option(help="Draft model for 'draft'")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads for the engine")] = 2,
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
+) -> None:
+    """Acceleration methods against none per task family, at batch 1 and 16 concurrent."""
+    from baton.ops.bench import spec as bench
+    from baton.ops.bench.report import run_and_report
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    run_and_report(lambda c: bench.run_spec_bench(workload, names, draft_model, threads, dtype, c),
+                   bench.show, json_path)
 
 
 def main() -> None:

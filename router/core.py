@@ -215,10 +215,14 @@ class Router:
                       path=path)
         if self.state is not None and ttft is not None:
             wall = now - started
+            m = last.metrics if last is not None else None
             self.state.record(PerfRecord(
-                request_id=request_id, method="none", prefill_path=path, ttft_s=ttft,
-                tpot_s=tpot_s, tokens_per_s=n / wall if wall > 0 else 0.0,
+                request_id=request_id, method=m.method if m else "none", prefill_path=path,
+                ttft_s=ttft, tpot_s=tpot_s, tokens_per_s=n / wall if wall > 0 else 0.0,
                 prompt_tokens=len(ids), output_tokens=n,
+                acceptance_rate=m.acceptance_rate if m else None,
+                mean_accepted_length=m.mean_accepted_length if m else None,
+                forward_passes_per_token=m.num_forward_passes / n if m and n else None,
                 features={"prompt_tokens": len(ids), "max_tokens": params.max_tokens,
                           "temperature": params.temperature}))
 

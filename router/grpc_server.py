@@ -19,10 +19,12 @@ from grpc_reflection.v1alpha import reflection
 
 from baton import __version__
 from baton.errors import BatonError, ConfigError, InvalidRequestError, as_baton_error
+from baton.outputs import RequestMetrics
 from baton.protos import baton_pb2 as pb
 from baton.protos import baton_pb2_grpc as pb_grpc
 from baton.router.core import Router
 from baton.sampling import SamplingParams
+from baton.speculation import AUTO
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +35,24 @@ HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     """`SamplingParams` from the wire; unset fields keep Baton's defaults (validated here)."""
     kw: dict[str, Any] = {}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs"):
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs",
+                 "num_speculative_tokens"):
         if msg.HasField(name):
             kw[name] = getattr(msg, name)
     if kw.get("top_k") == -1:
         kw["top_k"] = 0
     return SamplingParams(stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids),
-                          ignore_eos=msg.ignore_eos, **kw)
+                          ignore_eos=msg.ignore_eos, method=msg.method or AUTO, **kw)
+
+
+def spec_stats_to_proto(m: RequestMetrics, out: pb.SpecDecodeStats) -> None:
+    """Fill a last chunk's speculative-decoding counters from a request's metrics."""
+    out.method = m.method
+    out.num_drafts = m.spec_num_drafts
+    out.num_draft_tokens = m.spec_draft_tokens
+    out.num_accepted_tokens = m.spec_accepted_tokens
+    out.accepted_per_pos.extend(m.spec_accepted_per_pos)
+    out.num_forward_passes = m.num_forward_passes
 
 
 def prompt_from_proto(req: pb.GenerateRequest) -> Any:
@@ -84,6 +97,7 @@ class BatonService(pb_grpc.BatonServicer):
                     chunk.finish_reason = out.finish_reason or ""
                     chunk.usage.prompt_tokens = out.metrics.num_prompt_tokens
                     chunk.usage.completion_tokens = len(out.token_ids)
+                    spec_stats_to_proto(out.metrics, chunk.usage.spec_decode)
                     chunk.kv_bytes = out.metrics.kv_bytes_received
                     if out.finish_reason == "error":
                         await context.abort(grpc.StatusCode.INTERNAL,

@@ -23,7 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from baton.outputs import RequestOutput
+from baton.outputs import RequestMetrics, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,18 @@ class RouterMetrics:
                                          "finished requests.", m, registry=reg).labels(model_name)
         self.kv_bytes = Counter(PREFIX + "kv_transfer_bytes", "KV cache bytes pushed from "
                                 "prefill to decode workers.", m, registry=reg).labels(model_name)
+        spec = [*m, "method"]
+        self.by_method = Counter(PREFIX + "requests_by_method", "Finished requests by the "
+                                 "acceleration method that served them.", spec, registry=reg)
+        self.spec_drafts = Counter(PREFIX + "spec_decode_num_drafts", "Steps that verified a "
+                                   "speculative draft.", spec, registry=reg)
+        self.spec_draft_tokens = Counter(PREFIX + "spec_decode_num_draft_tokens",
+                                         "Draft tokens proposed.", spec, registry=reg)
+        self.spec_accepted = Counter(PREFIX + "spec_decode_num_accepted_tokens",
+                                     "Draft tokens accepted.", spec, registry=reg)
+        self.spec_accepted_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                             "Draft tokens accepted, by position in the draft.",
+                                             [*spec, "position"], registry=reg)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
                               "Seconds from acceptance to the first token.", m,
                               buckets=TTFT_BUCKETS, registry=reg).labels(model_name)
@@ -111,9 +123,22 @@ class RouterMetrics:
         self.by_path.labels(self.model_name, last.metrics.prefill_path).inc()
         self.generation_tokens.inc(len(last.token_ids))
         self.kv_bytes.inc(last.metrics.kv_bytes_received)
+        self._spec(last.metrics)
         self.e2e.observe(e2e_s)
         if tpot_s is not None:
             self.tpot.observe(tpot_s)
+
+    def _spec(self, m: RequestMetrics) -> None:
+        labels = (self.model_name, m.method)
+        self.by_method.labels(*labels).inc()
+        if not m.spec_num_drafts:
+            return
+        self.spec_drafts.labels(*labels).inc(m.spec_num_drafts)
+        self.spec_draft_tokens.labels(*labels).inc(m.spec_draft_tokens)
+        self.spec_accepted.labels(*labels).inc(m.spec_accepted_tokens)
+        for pos, n in enumerate(m.spec_accepted_per_pos):
+            if n:
+                self.spec_accepted_per_pos.labels(*labels, str(pos)).inc(n)
 
     def failed(self, request_id: str, reason: str) -> None:
         self.failures.labels(self.model_name, reason).inc()

@@ -95,17 +95,26 @@ def _sampling(req: OpenAIRequest, max_tokens: int | None, logprobs: int | None
     return SamplingParams(
         temperature=req.temperature, top_p=req.top_p, top_k=0 if req.top_k == -1 else req.top_k,
         seed=req.seed, stop=req.stop_strings, stop_token_ids=req.stop_token_ids,
-        ignore_eos=req.ignore_eos, logprobs=logprobs,
+        ignore_eos=req.ignore_eos, logprobs=logprobs, method=req.method,
+        num_speculative_tokens=req.num_speculative_tokens,
         **({} if max_tokens is None else {"max_tokens": max_tokens}))
 
 
 # -- responses ------------------------------------------------------------------------------------
 
 
-def usage(last: RequestOutput) -> dict[str, int]:
-    prompt, completion = last.metrics.num_prompt_tokens, len(last.token_ids)
+def usage(last: RequestOutput) -> dict[str, Any]:
+    """OpenAI's usage object, extended with how speculative decoding served the request."""
+    m = last.metrics
+    prompt, completion = m.num_prompt_tokens, len(last.token_ids)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "spec_decode": {"method": m.method, "num_drafts": m.spec_num_drafts,
+                            "num_draft_tokens": m.spec_draft_tokens,
+                            "num_accepted_tokens": m.spec_accepted_tokens,
+                            "acceptance_rate": m.acceptance_rate,
+                            "mean_accepted_length": m.mean_accepted_length,
+                            "num_forward_passes": m.num_forward_passes}}
 
 
 def completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], offset: int) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Types are strict, as OpenAI's are (a string is not a number, `true` is not 1); a
 field's default; fields Baton does not know are ignored. Fields Baton cannot honour are refused by
 name unless they hold the value that changes nothing: `n` other than 1, penalties, logit bias,
 echo, best_of, suffix, tools. `top_k`, `ignore_eos` and `stop_token_ids` are extensions, as in
-vLLM. Value ranges (temperature >= 0, ...) are `SamplingParams`'s to check.
+vLLM; `method` and `num_speculative_tokens` choose Baton's acceleration method. Value ranges
+(temperature >= 0, ...) are `SamplingParams`'s to check.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class OpenAIRequest(_Strict):
         default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    method: str = "auto"  # Baton's acceleration method (OpenAI clients: extra_body)
+    num_speculative_tokens: int | None = None
     n: int = 1
     best_of: int = 1
     presence_penalty: float = 0.0

@@ -1,0 +1,99 @@
+"""How many tokens each speculating request drafts this step (adaptive k).
+
+A draft of k tokens whose tokens are each accepted with probability a yields
+(1 - a^(k+1)) / (1 - a) tokens in one step, and makes the step run k more tokens. The step's cost
+grows with its tokens as measured on this engine (a + b * tokens, fitted online), so while a step
+is memory-bound (b small: GPU decode, batch 1 on a CPU) long drafts are nearly free, and once it is
+compute-bound (large batches) the marginal draft token costs more than it is expected to yield and
+speculation switches itself off (SmartSpec's goodput rule, applied per token).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+class StepCostModel:
+    """Seconds of one forward pass as `a + b * tokens`, least squares over recent steps."""
+
+    def __init__(self, window: int = 128, prior_ratio: float = 1 / 32):
+        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self.prior_ratio = prior_ratio  # b / a before the steps say otherwise
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            self.samples.append((tokens, seconds))
+
+    def coefficients(self) -> tuple[float, float]:
+        """(a, b) in seconds and seconds per token (relative units before any step ran)."""
+        if not self.samples:
+            return 1.0, self.prior_ratio
+        n = len(self.samples)
+        mx = sum(t for t, _ in self.samples) / n
+        my = sum(s for _, s in self.samples) / n
+        var = sum((t - mx) ** 2 for t, _ in self.samples)
+        if var < 1e-9 * n or n < 8:
+            # One batch shape seen so far: split its cost by the prior.
+            a = my / (1 + self.prior_ratio * mx)
+            return a, a * self.prior_ratio
+        b = sum((t - mx) * (s - my) for t, s in self.samples) / var
+        b = max(b, 0.0)
+        a = max(my - b * mx, 1e-6)
+        return a, b
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A request that may draft: its acceptance estimate, its cap, and the extra seconds one
+    more draft token costs it outside the target's pass (a draft model's forward)."""
+
+    acceptance: float
+    max_k: int
+    draft_cost: float = 0.0
+
+
+def choose_k(cands: list[Candidate], base_tokens: int, budget: int,
+             cost: StepCostModel) -> list[int]:
+    """Draft lengths that maximize expected tokens per second for this step."""
+    a, b = cost.coefficients()
+    ks = [0] * len(cands)
+    gain = [c.acceptance for c in cands]  # marginal expected tokens of the next draft token
+    tokens = max(base_tokens, 1)
+    expected = float(tokens)  # every scheduled request yields at least one token
+    seconds = a + b * tokens
+    room = budget - base_tokens
+    while room > 0:
+        best = max(range(len(cands)), key=lambda i: gain[i] if ks[i] < cands[i].max_k else -1.0,
+                   default=None)
+        if best is None or ks[best] >= cands[best].max_k:
+            break
+        extra = b + cands[best].draft_cost
+        if (expected + gain[best]) * seconds <= expected * (seconds + extra):
+            break  # the best next token no longer pays for itself
+        expected += gain[best]
+        seconds += extra
+        ks[best] += 1
+        gain[best] *= cands[best].acceptance
+        room -= 1
+    return ks
+
+
+class AcceptanceTracker:
+    """A request's per-token acceptance, from decayed counts of accepted and rejected drafts."""
+
+    def __init__(self, prior: float, strength: float = 2.0, decay: float = 0.85):
+        self.accepted = prior * strength
+        self.trials = strength
+        self.decay = decay
+
+    @property
+    def rate(self) -> float:
+        return min(max(self.accepted / self.trials, 0.0), 0.98)
+
+    def update(self, drafted_depth: int, accepted: int) -> None:
+        """`accepted` of a draft `drafted_depth` deep were taken (a rejection ends the run)."""
+        if drafted_depth <= 0:
+            return
+        self.accepted = self.decay * self.accepted + accepted
+        self.trials = self.decay * self.trials + accepted + (1 if accepted < drafted_depth else 0)

@@ -1,0 +1,185 @@
+"""`baton bench spec`: every acceleration method against `none` on one engine, per task family, at
+batch 1 and at 16 concurrent requests, with the per-request oracle.
+
+A workload is JSONL, one request a line: `{"task": ..., "prompt": ... | "messages": [...],
+"max_tokens": N}` (`task` only groups the report). Decode speed is tokens after the first over
+the seconds after the first token, so prompt length does not weigh on it. Greedy decoding; every
+method runs the same requests on the same engine in the same run, interleaved per request so that
+load from other processes falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from baton.actors.engine import Engine
+from baton.errors import ConfigError
+from baton.ops.bench.machine import machine_info
+from baton.outputs import RequestOutput
+from baton.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+BUILTIN_WORKLOAD = "spec_workload.jsonl"
+CONCURRENCY = 16
+
+
+@dataclass(slots=True)
+class WorkItem:
+    task: str
+    prompt: str
+    max_tokens: int
+
+
+def load_workload(path: str | None, engine: Engine) -> list[WorkItem]:
+    """Requests of a workload file (the built-in one when `path` is None)."""
+    if path is None:
+        text = resources.files("baton.ops.bench").joinpath(BUILTIN_WORKLOAD).read_text()
+    else:
+        text = Path(path).read_text()
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt = row.get("prompt")
+            if prompt is None:
+                prompt = engine.apply_chat_template(row["messages"])
+            items.append(WorkItem(str(row.get("task", "default")), prompt,
+                                  int(row.get("max_tokens", 128))))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"workload line {n}: {exc}; each line needs 'prompt' or "
+                              "'messages' and may have 'task' and 'max_tokens'") from exc
+    if not items:
+        raise ConfigError("the workload has no requests")
+    return items
+
+
+def _decode_stats(out: RequestOutput) -> dict[str, Any]:
+    m = out.metrics
+    n = len(out.token_ids)
+    seconds = (m.finished or 0.0) - (m.first_token or 0.0)
+    return {"tokens": n - 1, "seconds": seconds, "drafted": m.spec_draft_tokens,
+            "accepted": m.spec_accepted_tokens, "drafts": m.spec_num_drafts,
+            "passes": m.num_forward_passes}
+
+
+def run_batch1(engine: Engine, items: list[WorkItem], methods: list[str],
+               console: Console) -> list[dict[str, dict[str, Any]]]:
+    """Each request alone, every method in turn: per request, stats by method."""
+    results = []
+    for i, item in enumerate(items):
+        row = {}
+        for method in methods:
+            params = SamplingParams(max_tokens=item.max_tokens, method=method)
+            row[method] = _decode_stats(engine.generate([item.prompt], params)[0])
+        results.append(row)
+        console.log(f"batch 1: request {i + 1}/{len(items)} ({item.task})")
+    return results
+
+
+def run_concurrent(engine: Engine, items: list[WorkItem], methods: list[str],
+                   console: Console) -> dict[str, float]:
+    """Tokens per second of `CONCURRENCY` requests at once (the workload cycled), per method."""
+    batch = [items[i % len(items)] for i in range(CONCURRENCY)]
+    out = {}
+    for method in methods:
+        ids = [engine.add_request(it.prompt, SamplingParams(max_tokens=it.max_tokens,
+                                                              method=method)) for it in batch]
+        t0 = time.perf_counter()
+        tokens = 0
+        left = set(ids)
+        while left:
+            for o in engine.step():
+                if o.finished and o.request_id in left:
+                    left.discard(o.request_id)
+                    tokens += len(o.token_ids)
+        out[method] = tokens / (time.perf_counter() - t0)
+        console.log(f"{CONCURRENCY} concurrent: {method} {out[method]:.1f} tok/s")
+    return out
+
+
+def summarize(items: list[WorkItem], bs1: list[dict[str, dict[str, Any]]],
+              c16: dict[str, float], methods: list[str]) -> dict[str, Any]:
+    """Per family and method: tok/s, acceptance, mean accepted length, speedup over none."""
+    families: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    by_family: dict[str, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        by_family[item.task].append(i)
+    ratios: dict[str, Any] = {"best_speedup_bs1": {}}
+    for family, idx in by_family.items():
+        for method in methods:
+            rows = [bs1[i][method] for i in idx]
+            tok = sum(r["tokens"] for r in rows)
+            sec = sum(r["seconds"] for r in rows)
+            drafted = sum(r["drafted"] for r in rows)
+            drafts = sum(r["drafts"] for r in rows)
+            families[family][method] = {
+                "tok_s": tok / sec if sec else 0.0,
+                "acceptance_rate": sum(r["accepted"] for r in rows) / drafted if drafted else None,
+                "mean_accepted_length": (1 + sum(r["accepted"] for r in rows) / drafts
+                                         if drafts else None),
+            }
+        base = families[family]["none"]["tok_s"]
+        for method in methods:
+            families[family][method]["speedup"] = (families[family][method]["tok_s"] / base
+                                                   if base else None)
+        best = max((m for m in methods if m != "none"),
+                   key=lambda m: families[family][m]["speedup"] or 0.0, default="none")
+        ratios["best_speedup_bs1"][family] = {"method": best,
+                                              "speedup": families[family][best]["speedup"]}
+    none_s = sum(r["none"]["seconds"] / max(r["none"]["tokens"], 1) for r in bs1)
+    oracle_s = sum(min(r[m]["seconds"] / max(r[m]["tokens"], 1) for m in methods) for r in bs1)
+    ratios["oracle_speedup_bs1"] = none_s / oracle_s if oracle_s else None
+    ratios["speedup_c16"] = {m: c16[m] / c16["none"] for m in methods}
+    ratios["worst_speedup_c16"] = min(v for m, v in ratios["speedup_c16"].items() if m != "none")
+    return {"families": dict(families), "tok_s_c16": c16, "ratios": ratios}
+
+
+def run_spec_bench(workload: str | None, methods: list[str], draft_model: str | None,
+                   threads: int, dtype: str, console: Console) -> dict[str, Any]:
+    if "none" not in methods:
+        methods = ["none", *methods]
+    engine = Engine(dtype=dtype, num_threads=threads, methods=methods, draft_model=draft_model)
+    items = load_workload(workload, engine)
+    engine.generate([items[0].prompt], SamplingParams(max_tokens=8))  # warm-up
+    bs1 = run_batch1(engine, items, methods, console)
+    c16 = run_concurrent(engine, items, methods, console)
+    report = summarize(items, bs1, c16, methods)
+    report.update(bench="spec", model=engine.source.name, dtype=dtype, methods=methods,
+                  workload=workload or "built-in", num_requests=len(items),
+                  machine=machine_info(threads), per_request_bs1=bs1)
+    return report
+
+
+def show(report: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"bench spec: {report['model']} {report['dtype']}, decode tok/s "
+                        "(speedup over none; acceptance)")
+    methods = report["methods"]
+    table.add_column("family")
+    for m in methods:
+        table.add_column(m, justify="right")
+    for family, by_method in report["families"].items():
+        cells = []
+        for m in methods:
+            r = by_method[m]
+            acc = f"; {r['acceptance_rate']:.2f}" if r["acceptance_rate"] is not None else ""
+            cells.append(f"{r['tok_s']:.1f} ({r['speedup']:.2f}x{acc})")
+        table.add_row(family, *cells)
+    ratios = report["ratios"]
+    table.add_row(f"{CONCURRENCY} concurrent", *(
+        f"{report['tok_s_c16'][m]:.1f} ({ratios['speedup_c16'][m]:.2f}x)" for m in methods))
+    console.print(table)
+    console.print(f"oracle speedup at batch 1: {ratios['oracle_speedup_bs1']:.2f}x; "
+                  f"worst method at {CONCURRENCY} concurrent: {ratios['worst_speedup_c16']:.2f}x")

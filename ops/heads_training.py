@@ -1,0 +1,225 @@
+"""Training Medusa heads by self-distillation, inside a fixed time budget.
+
+1. The model answers Baton's prompt set greedily (`heads_corpus`), keeping the hidden state behind
+   every token: generation gets `data_fraction` of the budget.
+2. The heads (backbone and LM head frozen) learn to predict the model's own token i + 1 ahead of
+   the next one, from cached hidden states, until the budget's training share runs out. The
+   softmax runs over the tokens the training text contains (all of the model's own predictions,
+   a few thousand of a 49k vocabulary): the LM head product over the full vocabulary is nearly
+   all the cost, and the heads only need to rank what the model actually writes.
+3. Held-out sequences (whole answers the heads never saw) measure each head's top-1 agreement with
+   the model over the full vocabulary, against untrained heads (the LM head itself).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from baton.actors.medusa import MedusaHeads
+from baton.actors.model_runner import load_model
+from baton.actors.model_source import resolve
+from baton.errors import ConfigError
+from baton.ops.heads_corpus import Corpus, encode, generate_sequences
+from baton.ops.heads_prompts import HeadsPrompt, build_prompts
+
+HELDOUT_EVERY = 8  # every 8th answer is held out
+MAX_EVAL_POSITIONS = 1024
+WARMUP_STEPS = 20
+FULL_VOCAB_SHARE = 0.5  # train over the full vocabulary when the text uses more than this share
+
+
+@dataclass(slots=True)
+class HeadsReport:
+    """What a training run did and how well the heads agree with the model on held-out text."""
+
+    model: str
+    out_dir: str
+    num_heads: int
+    sequences: dict[str, int] = field(default_factory=dict)  # train / heldout answers
+    positions: dict[str, int] = field(default_factory=dict)  # train / heldout / evaluated
+    steps: int = 0
+    softmax_tokens: int = 0
+    agreement: list[float] = field(default_factory=list)  # trained heads, top-1, held-out
+    untrained: list[float] = field(default_factory=list)  # fresh heads (the LM head itself)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class Progress:
+    """Callbacks the command line turns into progress bars; all optional."""
+
+    on_generate: Callable[[int, float], None] = lambda tokens, frac: None
+    on_train: Callable[[int, float, float], None] = lambda step, frac, loss: None
+
+
+def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads",
+                minutes: float = 15.0, num_heads: int = 4, seed: int = 0, device: str = "cpu",
+                threads: int | None = None, *, max_steps: int | None = None,
+                data_fraction: float = 0.4,
+                max_new_tokens: int = 160, batch_size: int = 16, batch_positions: int = 256,
+                lr: float = 1e-3, prompts: list[HeadsPrompt] | None = None,
+                progress: Progress | None = None) -> HeadsReport:
+    """Generate the corpus, train `num_heads` heads, evaluate them and save them to `out_dir`.
+
+    The whole run (loading aside) fits `minutes`; `max_steps` stops training earlier (tests).
+    `threads` sets torch's CPU threads (fewer than the cores can be faster on a shared machine).
+    """
+    if minutes <= 0 or num_heads < 1 or not 0 < data_fraction < 1:
+        raise ConfigError(f"need minutes > 0, heads >= 1 and 0 < data_fraction < 1; got "
+                          f"{minutes}, {num_heads}, {data_fraction}")
+    progress = progress or Progress()
+    clock = time.monotonic()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    source = resolve(model_spec)
+    # float32: exact on every CPU, and faster than unpacked bf16 where the CPU lacks bf16 units.
+    model, tokenizer = load_model(source, torch.float32, torch.device(device))
+    model.set_attn_implementation("sdpa")  # plain transformers generate, no engine step
+    model.requires_grad_(False)
+    loaded = time.monotonic()
+    budget = minutes * 60.0
+
+    order = list(prompts if prompts is not None else build_prompts())
+    random.Random(seed).shuffle(order)
+    hidden_size = int(model.config.get_text_config().hidden_size)
+    vocab = int(model.config.get_text_config().vocab_size)
+    ids = [encode(tokenizer, source.name, vocab, p) for p in order]
+    data_end = loaded + budget * data_fraction
+    made = [0]
+
+    def on_step(batch: int) -> None:
+        made[0] += batch
+        progress.on_generate(made[0], min(1.0, (time.monotonic() - loaded) / (data_end - loaded)))
+
+    seqs = generate_sequences(model, tokenizer, ids, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, deadline=data_end, on_step=on_step)
+    train_seqs = [s for i, s in enumerate(seqs) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
+    held_seqs = [s for i, s in enumerate(seqs) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+    if not train_seqs or not held_seqs:
+        raise ConfigError(f"only {len(seqs)} answers were generated in the time given; "
+                          "raise --minutes")
+    train, held = Corpus.join(train_seqs, hidden_size), Corpus.join(held_seqs, hidden_size)
+    generated = time.monotonic()
+
+    heads = MedusaHeads.for_model(model, num_heads, base_model=source.name).float()
+    train_end = loaded + budget * 0.9
+    steps, softmax_tokens = fit(heads, train, train_end, seed=seed, max_steps=max_steps,
+                                batch_positions=batch_positions, lr=lr,
+                                on_step=progress.on_train)
+    trained = time.monotonic()
+
+    positions = eval_positions(held, num_heads, seed)
+    report = HeadsReport(
+        model=source.name, out_dir=str(out_dir), num_heads=num_heads,
+        sequences={"train": train.num_sequences, "heldout": held.num_sequences},
+        positions={"train": len(train), "heldout": len(held), "evaluated": len(positions)},
+        steps=steps, softmax_tokens=softmax_tokens,
+        agreement=agreement(heads, held, positions),
+        untrained=untrained_agreement(held, num_heads, positions),
+    )
+    report.seconds = {"load": loaded - clock, "generate": generated - loaded,
+                      "train": trained - generated, "evaluate": time.monotonic() - trained}
+    heads.save(out_dir, extra={"training": report.as_dict()})
+    return report
+
+
+def fit(heads: MedusaHeads, corpus: Corpus, deadline: float, *, seed: int,
+        max_steps: int | None, batch_positions: int, lr: float,
+        on_step: Callable[[int, float, float], None]) -> tuple[int, int]:
+    """Train `heads` in place on `corpus` until `deadline` or `max_steps`; (steps, softmax size).
+
+    Cross-entropy of each head against the model's own token at its offset, on random positions.
+    """
+    targets = corpus.targets(heads.num_heads)
+    usable = torch.nonzero(targets[:, 0] >= 0).squeeze(1)
+    if usable.numel() == 0:
+        raise ConfigError("the generated answers are too short to train on; raise --minutes")
+    lm_weight, lm_bias = _lm_head_params(heads.lm_head)
+    vocab = torch.unique(corpus.tokens)
+    if vocab.numel() <= FULL_VOCAB_SHARE * lm_weight.shape[0]:
+        # Targets re-indexed into the subset; -1 (past the end) stays -1.
+        index = torch.full((lm_weight.shape[0],), -1, dtype=torch.long)
+        index[vocab] = torch.arange(vocab.numel())
+        targets = torch.where(targets >= 0, index[targets.clamp(min=0)], targets)
+        lm_weight = lm_weight[vocab]
+        lm_bias = None if lm_bias is None else lm_bias[vocab]
+    device = heads.weight.device
+    lm_weight, targets = lm_weight.to(device), targets.to(device)
+    lm_bias = None if lm_bias is None else lm_bias.to(device)
+    hidden = corpus.hidden.to(device)
+    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    start = time.monotonic()
+    steps, smooth = 0, float("nan")
+    heads.train()
+    while time.monotonic() < deadline and (max_steps is None or steps < max_steps):
+        frac = max((time.monotonic() - start) / max(deadline - start, 1e-9),
+                   steps / max_steps if max_steps else 0.0)
+        warm = min(1.0, (steps + 1) / WARMUP_STEPS)
+        for group in opt.param_groups:
+            group["lr"] = lr * warm * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+        pick = usable[torch.randint(usable.numel(), (batch_positions,), generator=gen)]
+        states = heads.head_states(hidden[pick])  # [K, B, H]
+        logits = F.linear(states, lm_weight, lm_bias)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets[pick].T.reshape(-1), ignore_index=-1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+        smooth = loss.item() if math.isnan(smooth) else 0.9 * smooth + 0.1 * loss.item()
+        on_step(steps, min(frac, 1.0), smooth)
+    heads.eval()
+    return steps, int(lm_weight.shape[0])
+
+
+def _lm_head_params(lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = getattr(lm_head, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ConfigError("training Medusa heads needs a plain linear LM head (load the model "
+                          "unquantized, in float32)")
+    bias = getattr(lm_head, "bias", None)
+    return weight.detach().float(), None if bias is None else bias.detach().float()
+
+
+def eval_positions(corpus: Corpus, num_heads: int, seed: int) -> torch.Tensor:
+    """Up to MAX_EVAL_POSITIONS held-out positions where every head has a target."""
+    full = torch.nonzero(corpus.targets(num_heads)[:, -1] >= 0).squeeze(1)
+    if full.numel() <= MAX_EVAL_POSITIONS:
+        return full
+    gen = torch.Generator().manual_seed(seed + 1)
+    return full[torch.randperm(full.numel(), generator=gen)[:MAX_EVAL_POSITIONS]].sort().values
+
+
+@torch.inference_mode()
+def agreement(heads: MedusaHeads, corpus: Corpus, positions: torch.Tensor,
+              chunk: int = 128) -> list[float]:
+    """Per head, the share of `positions` where its top-1 (full vocabulary) is the model's token."""
+    targets = corpus.targets(heads.num_heads)[positions]
+    hits = torch.zeros(heads.num_heads)
+    device = heads.weight.device
+    for start in range(0, positions.numel(), chunk):
+        rows = positions[start : start + chunk]
+        top = heads(corpus.hidden[rows].to(device, heads.weight.dtype)).argmax(-1).cpu()  # [K, n]
+        hits += (top == targets[start : start + chunk].T).sum(dim=1)
+    return (hits / max(positions.numel(), 1)).tolist()
+
+
+def untrained_agreement(corpus: Corpus, num_heads: int, positions: torch.Tensor) -> list[float]:
+    """Fresh heads are the LM head, whose top-1 at n is the model's greedy `tokens[n]`."""
+    targets = corpus.targets(num_heads)[positions]
+    same = targets == corpus.tokens[positions].unsqueeze(1)
+    return same.float().mean(dim=0).tolist() if positions.numel() else [0.0] * num_heads

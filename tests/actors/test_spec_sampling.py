@@ -1,0 +1,140 @@
+"""Under sampling, speculation keeps the output distribution: the two tokens after the first
+(a one-token draft, then the target's own) match `none`'s in frequency (two-sample chi-square,
+fixed seeds), and the check catches a broken acceptance rule. Also the adaptive-k rule: drafts
+where a step is memory-bound, none where it is compute-bound."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from baton.actors import spec_verify
+from baton.actors.draft_tree import DraftTree
+from baton.actors.engine import Engine
+from baton.actors.spec_budget import Candidate, StepCostModel, choose_k
+from baton.sampling import SamplingParams
+
+N = 1000
+PROMPT = list(range(256))  # every byte once: prompt lookup always finds the last token
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    # A different tiny model drafts: its q differs from the target's p, so both acceptance and
+    # the residual resampling are exercised.
+    return Engine("tiny:llama", dtype="float32", draft_model="tiny:qwen2",
+                  methods=["ngram", "draft"], max_num_seqs=256, max_num_batched_tokens=4096)
+
+
+def _pairs(engine: Engine, method: str, seed0: int) -> Counter:
+    """Frequencies of generated tokens 2 and 3 (the first comes from the prompt's step, where
+    nothing is drafted)."""
+    params = [SamplingParams(max_tokens=3, ignore_eos=True, temperature=1.5, top_k=6,
+                             seed=seed0 + i, method=method,
+                             num_speculative_tokens=None if method == "none" else 2)
+              for i in range(N)]
+    ids = [engine.add_request(PROMPT, p) for p in params]
+    final = {}
+    drafted = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = tuple(out.token_ids[1:])
+                drafted += out.metrics.spec_draft_tokens
+    if method != "none":
+        assert drafted > N // 2, f"{method} drafted {drafted} tokens for {N} requests"
+    return Counter(final[i] for i in ids)
+
+
+def _chi_square_same(a: Counter, b: Counter, alpha_z: float = 3.09) -> tuple[bool, float, float]:
+    """Two-sample chi-square homogeneity test (cells with few counts pooled), at about
+    alpha = 0.001 (Wilson-Hilferty critical value)."""
+    cells = sorted(set(a) | set(b), key=lambda c: -(a[c] + b[c]))
+    rows, rest = [], [0, 0]
+    for c in cells:
+        if a[c] + b[c] >= 10:
+            rows.append((a[c], b[c]))
+        else:
+            rest[0] += a[c]
+            rest[1] += b[c]
+    if sum(rest):
+        rows.append(tuple(rest))
+    na, nb = sum(a.values()), sum(b.values())
+    stat = 0.0
+    for x, y in rows:
+        total = x + y
+        ea, eb = total * na / (na + nb), total * nb / (na + nb)
+        stat += (x - ea) ** 2 / ea + (y - eb) ** 2 / eb
+    df = len(rows) - 1
+    crit = df * (1 - 2 / (9 * df) + alpha_z * math.sqrt(2 / (9 * df))) ** 3
+    return stat < crit, stat, crit
+
+
+@pytest.fixture(scope="module")
+def plain_pairs(engine) -> Counter:
+    return _pairs(engine, "none", 0)
+
+
+@pytest.mark.parametrize("method", ["draft", "ngram"])
+def test_sampled_distribution_matches_none(engine, plain_pairs, method):
+    spec_pairs = _pairs(engine, method, 10**6)
+    same, stat, crit = _chi_square_same(plain_pairs, spec_pairs)
+    assert same, f"chi-square {stat:.1f} >= {crit:.1f}: {method} changed the distribution"
+
+
+def test_seeded_speculative_sampling_is_reproducible(engine):
+    params = SamplingParams(max_tokens=20, ignore_eos=True, temperature=1.0, seed=7,
+                            method="draft", num_speculative_tokens=3)
+    a, b = (engine.generate(["seeded"], params)[0].token_ids for _ in range(2))
+    assert a == b
+
+
+def test_the_check_catches_a_broken_acceptance_rule(engine, plain_pairs, monkeypatch):
+    def accept_everything(draft, probs, generator):
+        out = spec_verify.Verdict()
+        for node in range(len(draft)):
+            out.path.append(node)
+            out.tokens.append(draft.tokens[node])
+            out.rows.append(node)
+        token = int(torch.multinomial(probs[len(draft)], 1, generator=generator))
+        out.tokens.append(token)
+        out.rows.append(len(draft))
+        return out
+
+    monkeypatch.setattr(spec_verify, "_verify_sampled", accept_everything)
+    broken = _pairs(engine, "draft", 2 * 10**6)
+    assert not _chi_square_same(plain_pairs, broken)[0]
+
+
+def test_multi_candidate_tree_keeps_the_distribution():
+    # p over 4 tokens; three deterministic candidates under the root, tried in turn.
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25] * 4, [0.25] * 4, [0.25] * 4])
+    draft = DraftTree([3, 1, 0], [-1, -1, -1])
+    gen = torch.Generator().manual_seed(0)
+    counts = Counter(spec_verify._verify_sampled(draft, probs, gen).tokens[0]
+                     for _ in range(20000))
+    for token, p in enumerate(probs[0].tolist()):
+        assert counts[token] / 20000 == pytest.approx(p, abs=0.015)
+
+
+def _cost(per_token_ratio: float) -> StepCostModel:
+    cost = StepCostModel()
+    for tokens in (1, 4, 8, 16, 32, 64):
+        for _ in range(3):
+            cost.observe(tokens, 0.05 * (1 + per_token_ratio * tokens))
+    return cost
+
+
+def test_adaptive_k_drafts_when_memory_bound_and_stops_when_compute_bound():
+    cands = [Candidate(0.7, 8) for _ in range(16)]
+    # Memory-bound: 64 tokens cost 1.06x one token.
+    assert sum(choose_k(cands[:1], 1, 512, _cost(0.001))) >= 4
+    # Compute-bound: each token costs as much as the whole fixed part.
+    assert sum(choose_k(cands, 16, 512, _cost(1.0))) == 0
+    # Poor acceptance drafts less than good acceptance under the same costs.
+    poor = choose_k([Candidate(0.1, 8)], 1, 512, _cost(0.05))
+    good = choose_k([Candidate(0.9, 8)], 1, 512, _cost(0.05))
+    assert poor[0] < good[0]

@@ -1,0 +1,91 @@
+"""`baton train-heads`: the model's own answers, with the hidden state behind each token, train
+heads that then agree with the model more often than untrained ones; the command saves heads a
+worker can load."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from baton.actors.medusa import MedusaHeads
+from baton.actors.model_runner import load_model
+from baton.actors.model_source import resolve
+from baton.actors.tiny import tiny_model
+from baton.ops.heads_corpus import Corpus, encode, generate_sequences
+from baton.ops.heads_prompts import build_prompts
+from baton.ops.heads_training import agreement, fit, untrained_agreement
+from baton.ops.train_heads import train_heads_command
+
+MAX_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def model_and_corpus():
+    source = resolve("tiny:llama")
+    model, tokenizer = load_model(source, torch.float32, torch.device("cpu"))
+    model.set_attn_implementation("sdpa")
+    prompts = [encode(tokenizer, source.name, 257, p) for p in build_prompts()[::20]]
+    seqs = generate_sequences(model, tokenizer, prompts, max_new_tokens=MAX_NEW, batch_size=8,
+                              deadline=time.monotonic() + 600)
+    return model, Corpus.join(seqs, 64), seqs
+
+
+def test_prompt_set_is_diverse():
+    prompts = build_prompts()
+    families = {p.family for p in prompts}
+    assert len(prompts) >= 100 and len({p.text for p in prompts}) == len(prompts)
+    assert {"chat", "story", "code", "summarize", "extract", "raw"} <= families
+
+
+def test_each_hidden_state_is_the_one_that_produced_its_token(model_and_corpus):
+    model, corpus, seqs = model_and_corpus
+    assert len(seqs) == 8
+    with torch.inference_mode():
+        assert torch.equal(model.lm_head(corpus.hidden).argmax(-1), corpus.tokens)
+    for _, tokens in seqs:  # an answer ends at its end-of-sequence token or at the limit
+        assert len(tokens) == MAX_NEW or tokens[-1].item() == 256
+        assert 256 not in tokens[:-1].tolist()
+
+
+def test_targets_are_the_models_own_tokens_ahead_within_each_answer():
+    corpus = Corpus.join([(torch.zeros(4, 2), torch.tensor([10, 11, 12, 13])),
+                          (torch.zeros(3, 2), torch.tensor([20, 21, 22]))], 2)
+    assert corpus.targets(2).tolist() == [
+        # hidden[0] produced 10; head 0 drafts the token after it, head 1 the one after that
+        [11, 12], [12, 13], [13, -1], [-1, -1],
+        [21, 22], [22, -1], [-1, -1],  # never across into another answer
+    ]
+
+
+def test_training_raises_agreement_with_the_model_on_its_own_text(model_and_corpus):
+    model, corpus, _ = model_and_corpus
+    heads = MedusaHeads.for_model(model, 3)
+    positions = torch.nonzero(corpus.targets(3)[:, -1] >= 0).squeeze(1)
+    before = agreement(heads, corpus, positions)
+    assert before == pytest.approx(untrained_agreement(corpus, 3, positions))
+    fit(heads, corpus, time.monotonic() + 600, seed=0, max_steps=60, batch_positions=256,
+        lr=3e-2, on_step=lambda *a: None)
+    after = agreement(heads, corpus, positions)
+    for head in range(3):
+        assert after[head] > before[head] + 0.3, (before, after)
+
+
+def test_command_saves_heads_a_worker_loads(tmp_path):
+    app = typer.Typer()
+    app.command()(train_heads_command)
+    out = tmp_path / "heads"
+    result = CliRunner().invoke(app, ["--model", "tiny:llama", "--out", str(out), "--minutes",
+                                      "0.5", "--heads", "2", "--output", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report["agreement"]) == len(report["untrained"]) == 2
+    assert report["positions"]["evaluated"] > 0 and report["steps"] > 0
+    heads = MedusaHeads.load(out, tiny_model("llama"))
+    assert heads.num_heads == 2
+    saved = json.loads((out / "medusa_config.json").read_text())
+    assert saved["training"]["agreement"] == report["agreement"]
