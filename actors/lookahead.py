@@ -30,14 +30,21 @@ class LookaheadProposer:
     them feed one shared trie with their outputs (and the prompt's last `max_match` tokens, so
     the shared trie learns how outputs begin). Drafts prefer the longer match, and at equal match
     length the request's own trie; leftover room is filled from shorter matches.
+
+    Options: `max_match` (4) is the longest context suffix matched: longer ones tell apart the
+    places a span occurs. `branch_length` (8) is how deep a draft follows one stored path before
+    it re-matches its own last tokens; the tries store paths of `max_match + branch_length`
+    tokens, about 9 nodes of 130 bytes per token of new text. `shared_capacity` (2**18 nodes,
+    about 33 MiB) bounds the shared trie, `request_capacity` (2**17, about 17 MiB, some 13k
+    tokens of new text) each request's own.
     """
 
     def __init__(
         self,
-        branch_length: int = 12,
+        branch_length: int = 8,
         max_match: int = 4,
         shared_capacity: int = 1 << 18,
-        request_capacity: int = 1 << 18,
+        request_capacity: int = 1 << 17,
     ) -> None:
         self.branch_length = branch_length
         self.max_match = max_match

@@ -35,16 +35,23 @@ def test_a_span_repeated_from_the_prompt_is_drafted_as_one_chain():
     trie = TokenTrie(branch_length=8, max_match=3)
     trie.insert(prompt)
     draft = trie.retrieve([9, 9, 101, 102, 103], max_nodes=16)
-    assert draft is not None and draft.is_chain
-    assert draft.tokens == span[3:] + [4]  # 8 deep: branch_length bounds the chain
-    assert draft.probs is None
-    # A one-token match has deeper paths below it; the draft still stops at branch_length.
-    assert trie.retrieve([9, 9, 103], max_nodes=16).tokens == span[3:] + [4]
+    assert draft is not None and draft.is_chain and draft.probs is None
+    assert draft.tokens == span[3:] + [4, 5, 6, 7]
+    assert trie.retrieve([9, 9, 101, 102, 103], max_nodes=5).tokens == span[3:8]
+
+
+def test_a_chain_goes_on_past_branch_length_from_its_own_last_tokens():
+    span = list(range(101, 131))
+    trie = TokenTrie(branch_length=4, max_match=3)  # paths of at most 7 tokens are stored
+    trie.insert([1, 2, *span, 3])
+    draft = trie.retrieve([101, 102], max_nodes=40)
+    assert draft.tokens == span[2:] + [3]
+    assert trie.violations() == []
 
 
 def test_several_continuations_branch_in_order_of_frequency():
-    # After [7, 8]: 30 three times, 20 twice, 10 once; below 30: 31 twice, 32 once.
-    text = [7, 8, 10, 0, 7, 8, 20, 0, 7, 8, 30, 31, 0, 7, 8, 30, 31, 0, 7, 8, 30, 32, 0, 7, 8, 20]
+    # After [7, 8]: 30 three times, 20 twice, 10 once (seen last); below 30: 31 twice, 32 once.
+    text = [7, 8, 30, 31, 0, 7, 8, 30, 31, 0, 7, 8, 30, 32, 0, 7, 8, 20, 0, 7, 8, 20, 0, 7, 8, 10]
     trie = TokenTrie(branch_length=4, max_match=2)
     trie.insert(text)
     draft = trie.retrieve([5, 7, 8], max_nodes=32)
@@ -55,6 +62,7 @@ def test_several_continuations_branch_in_order_of_frequency():
     # The best nodes come first: a budget of 3 keeps 30, 20, 31 (31 outranks 10).
     small = trie.retrieve([5, 7, 8], max_nodes=3)
     assert small is not None and sorted(paths(small)) == [[20], [30], [30, 31]]
+    assert trie.retrieve([5, 7, 8], max_nodes=1).tokens == [30]
 
 
 def test_the_longest_matching_suffix_decides_the_draft():
@@ -66,7 +74,7 @@ def test_the_longest_matching_suffix_decides_the_draft():
     assert trie.retrieve([0, 3, 5], max_nodes=1).tokens == [6]
 
 
-def test_drafts_are_real_continuations_within_size_and_depth():
+def test_drafts_are_real_continuations_within_size():
     rng = random.Random(0)
     text = [rng.randrange(6) for _ in range(2000)]  # a small vocabulary: many branches
     trie = TokenTrie(branch_length=5, max_match=3)
@@ -78,8 +86,10 @@ def test_drafts_are_real_continuations_within_size_and_depth():
             m = trie.match_length(ctx)
             draft = trie.retrieve(ctx, max_nodes)
             assert draft is not None and 1 <= len(draft) <= max_nodes
-            assert max(draft.depths()) <= 5
-            assert all(occurs(ctx[-m:] + p, text) for p in paths(draft))
+            for p in paths(draft):
+                # Within branch_length the path follows the match; deeper, each token follows
+                # the path's own last max_match tokens.
+                assert occurs(ctx[-m:] + p if len(p) <= 5 else p[-4:], text)
             assert len({tuple(p) for p in paths(draft)}) == len(draft)  # no node twice
 
 
@@ -93,7 +103,7 @@ def test_no_match_gives_none():
 
 
 def test_counting_a_stream_in_pieces_equals_counting_it_whole():
-    # Y follows P twice, X once; X starts a long run, so recounting open paths would favour X.
+    # 70 follows 50 twice, 60 once; 60 starts a long run, so recounting open paths would favour it.
     text = [50, 60, 1, 2, 3, 4, 5, 50, 70, 9, 50, 70, 9]
     whole = TokenTrie(branch_length=6, max_match=2)
     whole.insert(text)
@@ -173,11 +183,11 @@ def test_the_request_trie_is_preferred_at_equal_match_length():
 
 
 def test_leftover_room_is_filled_from_shorter_matches():
-    prop = LookaheadProposer(branch_length=4, max_match=2)
+    prop = LookaheadProposer(branch_length=8, max_match=2)
     prop.start("r", [5, 6, 7, 0, 6, 8, 0, 6, 9])
-    draft = prop.propose("r", [5, 6], max_nodes=8)
-    # [5, 6] was followed by 7 only; 6 alone also by 8 and 9, which fill the room after.
-    assert draft.tokens[0] == 7 and sorted(root_tokens(draft)) == [7, 8, 9]
+    draft = prop.propose("r", [5, 6], max_nodes=16)
+    # [5, 6] was followed by 7 0 6 8 0 6 9; 6 alone also by 8 and 9, which fill the room after.
+    assert draft.tokens[:7] == [7, 0, 6, 8, 0, 6, 9] and sorted(root_tokens(draft)) == [7, 8, 9]
     assert prop.propose("r", [5, 6], max_nodes=1).tokens == [7]
 
 
