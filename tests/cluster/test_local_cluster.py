@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from baton.client import BatonClient
 from baton.cluster.redis_server import RedisServer, free_port, stop_redis
 from baton.cluster.state import ClusterState
 from baton.errors import WorkerUnavailableError
+from tests.conftest import wait_until
 
 BIN = Path(sys.executable).parent
 CONFIG = {
@@ -75,13 +75,7 @@ def status(baton) -> dict:
 
 
 def wait_for(pred, timeout_s: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(pred, timeout_s, what, poll_s=0.5)  # each poll runs `baton status`
 
 
 def test_up_serves_both_paths_and_status_shows_the_pools(cluster):
@@ -145,7 +139,7 @@ def test_a_decode_worker_killed_under_load_fails_its_requests_clearly_and_is_rep
                                                     ignore_eos=True).finish_reason)
                 except WorkerUnavailableError as exc:
                     outcomes.append(exc)
-                    time.sleep(0.2)
+                    stop.wait(0.2)  # back off before the next request, unless told to stop
 
     threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
     for t in threads:

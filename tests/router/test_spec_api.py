@@ -4,7 +4,6 @@ in `usage`, count them in Prometheus, and refuse a method the pool does not offe
 
 from __future__ import annotations
 
-import time
 import urllib.request
 
 import openai
@@ -15,7 +14,9 @@ from baton.actors.worker import Worker, WorkerSpec
 from baton.client import BatonClient
 from baton.cluster.state import ClusterState
 from baton.errors import InvalidRequestError
+from baton.records import PerfRecord
 from baton.router.app import RouterActor, RouterSettings
+from tests.conftest import wait_until
 
 MODEL = "tiny:llama"
 # The decode pool offers prompt lookup and a draft model (the target itself: all accepted).
@@ -55,11 +56,12 @@ def test_grpc_generate_takes_a_method_and_reports_its_counters(router):
     assert plain.spec_decode is not None and plain.spec_decode.num_draft_tokens == 0
     # The performance history (the selector's training data) says how each request was served.
     history = ClusterState(redis_url, "spec-api")
-    deadline = time.monotonic() + 30
-    records = {}
-    while time.monotonic() < deadline and fast.request_id not in records:
+
+    def both_recorded() -> dict[str, PerfRecord] | None:
         records = {r.request_id: r for r in history.history()}
-        time.sleep(0.2)
+        return records if {fast.request_id, plain.request_id} <= records.keys() else None
+
+    records = wait_until(both_recorded, 30, "both requests in the performance history")
     rec, base = records[fast.request_id], records[plain.request_id]
     assert (rec.method, base.method) == ("draft", "none")
     assert rec.acceptance_rate == 1.0 and base.acceptance_rate is None
