@@ -1,12 +1,14 @@
 """Training Medusa heads by self-distillation, inside a fixed time budget.
 
-1. The model answers Baton's prompt set greedily (`heads_corpus`), keeping the hidden state behind
-   every token: generation gets `data_fraction` of the budget.
+1. The model answers Baton's prompt set (`heads_corpus`), greedily and then, while time is left,
+   sampled, keeping the hidden state behind every token and its own likeliest tokens there:
+   generation gets `data_fraction` of the budget.
 2. The heads (backbone and LM head frozen) learn to predict the model's own token i + 1 ahead of
-   the next one, from cached hidden states, until the budget's training share runs out. The
-   softmax runs over the tokens the training text contains (all of the model's own predictions,
-   a few thousand of a 49k vocabulary): the LM head product over the full vocabulary is nearly
-   all the cost, and the heads only need to rank what the model actually writes.
+   the next one (its greedy choice there), from cached hidden states, until the budget's
+   training share runs out. The softmax runs over the tokens the model ranks among its top
+   TOP_K anywhere in the training text (a few thousand of a 49k vocabulary): the LM head product
+   over the full vocabulary is nearly all the cost, and the heads only need to rank what the
+   model itself would write.
 3. Held-out sequences (whole answers the heads never saw) measure each head's top-1 agreement with
    the model over the full vocabulary, against untrained heads (the LM head itself).
 """
@@ -14,7 +16,6 @@
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,10 +30,9 @@ from baton.actors.medusa import MedusaHeads
 from baton.actors.model_runner import load_model
 from baton.actors.model_source import resolve
 from baton.errors import ConfigError
-from baton.ops.heads_corpus import Corpus, encode, generate_sequences
+from baton.ops.heads_corpus import Corpus, answer_prompts
 from baton.ops.heads_prompts import HeadsPrompt, build_prompts
 
-HELDOUT_EVERY = 8  # every 8th answer is held out
 MAX_EVAL_POSITIONS = 1024
 WARMUP_STEPS = 20
 FULL_VOCAB_SHARE = 0.5  # train over the full vocabulary when the text uses more than this share
@@ -47,6 +47,7 @@ class HeadsReport:
     num_heads: int
     sequences: dict[str, int] = field(default_factory=dict)  # train / heldout answers
     positions: dict[str, int] = field(default_factory=dict)  # train / heldout / evaluated
+    passes: int = 0  # over the prompt set: the first greedy, later ones sampled
     steps: int = 0
     softmax_tokens: int = 0
     agreement: list[float] = field(default_factory=list)  # trained heads, top-1, held-out
@@ -68,8 +69,8 @@ class Progress:
 def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads",
                 minutes: float = 15.0, num_heads: int = 4, seed: int = 0, device: str = "cpu",
                 threads: int | None = None, *, max_steps: int | None = None,
-                data_fraction: float = 0.4,
-                max_new_tokens: int = 160, batch_size: int = 16, batch_positions: int = 256,
+                data_fraction: float = 0.6,
+                max_new_tokens: int = 160, batch_size: int = 32, batch_positions: int = 256,
                 lr: float = 1e-3, prompts: list[HeadsPrompt] | None = None,
                 progress: Progress | None = None) -> HeadsReport:
     """Generate the corpus, train `num_heads` heads, evaluate them and save them to `out_dir`.
@@ -93,11 +94,6 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
     loaded = time.monotonic()
     budget = minutes * 60.0
 
-    order = list(prompts if prompts is not None else build_prompts())
-    random.Random(seed).shuffle(order)
-    hidden_size = int(model.config.get_text_config().hidden_size)
-    vocab = int(model.config.get_text_config().vocab_size)
-    ids = [encode(tokenizer, source.name, vocab, p) for p in order]
     data_end = loaded + budget * data_fraction
     made = [0]
 
@@ -105,14 +101,16 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
         made[0] += batch
         progress.on_generate(made[0], min(1.0, (time.monotonic() - loaded) / (data_end - loaded)))
 
-    seqs = generate_sequences(model, tokenizer, ids, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, deadline=data_end, on_step=on_step)
-    train_seqs = [s for i, s in enumerate(seqs) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
-    held_seqs = [s for i, s in enumerate(seqs) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
-    if not train_seqs or not held_seqs:
-        raise ConfigError(f"only {len(seqs)} answers were generated in the time given; "
-                          "raise --minutes")
-    train, held = Corpus.join(train_seqs, hidden_size), Corpus.join(held_seqs, hidden_size)
+    answers = answer_prompts(model, tokenizer, source.name,
+                             prompts if prompts is not None else build_prompts(), seed=seed,
+                             deadline=data_end, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, on_step=on_step)
+    if not answers.train or not answers.heldout:
+        raise ConfigError(f"only {len(answers.train) + len(answers.heldout)} answers were "
+                          "generated in the time given; raise --minutes")
+    hidden_size = int(model.config.get_text_config().hidden_size)
+    train = Corpus.join(answers.train, hidden_size)
+    held = Corpus.join(answers.heldout, hidden_size)
     generated = time.monotonic()
 
     heads = MedusaHeads.for_model(model, num_heads, base_model=source.name).float()
@@ -126,6 +124,7 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
     report = HeadsReport(
         model=source.name, out_dir=str(out_dir), num_heads=num_heads,
         sequences={"train": train.num_sequences, "heldout": held.num_sequences},
+        passes=answers.passes,
         positions={"train": len(train), "heldout": len(held), "evaluated": len(positions)},
         steps=steps, softmax_tokens=softmax_tokens,
         agreement=agreement(heads, held, positions),
@@ -149,7 +148,7 @@ def fit(heads: MedusaHeads, corpus: Corpus, deadline: float, *, seed: int,
     if usable.numel() == 0:
         raise ConfigError("the generated answers are too short to train on; raise --minutes")
     lm_weight, lm_bias = _lm_head_params(heads.lm_head)
-    vocab = torch.unique(corpus.tokens)
+    vocab = torch.unique(corpus.top)
     if vocab.numel() <= FULL_VOCAB_SHARE * lm_weight.shape[0]:
         # Targets re-indexed into the subset; -1 (past the end) stays -1.
         index = torch.full((lm_weight.shape[0],), -1, dtype=torch.long)
@@ -219,7 +218,7 @@ def agreement(heads: MedusaHeads, corpus: Corpus, positions: torch.Tensor,
 
 
 def untrained_agreement(corpus: Corpus, num_heads: int, positions: torch.Tensor) -> list[float]:
-    """Fresh heads are the LM head, whose top-1 at n is the model's greedy `tokens[n]`."""
+    """Fresh heads are the LM head, whose top-1 at n is the model's own choice `greedy[n]`."""
     targets = corpus.targets(num_heads)[positions]
-    same = targets == corpus.tokens[positions].unsqueeze(1)
+    same = targets == corpus.greedy[positions].unsqueeze(1)
     return same.float().mean(dim=0).tolist() if positions.numel() else [0.0] * num_heads

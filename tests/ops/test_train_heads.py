@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from baton.actors.medusa import MedusaHeads
 from baton.actors.model_runner import load_model
 from baton.actors.model_source import resolve
-from baton.actors.tiny import tiny_model
-from baton.ops.heads_corpus import Corpus, encode, generate_sequences
+from baton.actors.tiny import tiny_model, tiny_tokenizer
+from baton.ops.heads_corpus import TOP_K, Answer, Corpus, encode, generate_answers
 from baton.ops.heads_prompts import build_prompts
 from baton.ops.heads_training import agreement, fit, untrained_agreement
 from baton.ops.train_heads import train_heads_command
@@ -30,9 +30,9 @@ def model_and_corpus():
     model, tokenizer = load_model(source, torch.float32, torch.device("cpu"))
     model.set_attn_implementation("sdpa")
     prompts = [encode(tokenizer, source.name, 257, p) for p in build_prompts()[::20]]
-    seqs = generate_sequences(model, tokenizer, prompts, max_new_tokens=MAX_NEW, batch_size=8,
-                              deadline=time.monotonic() + 600)
-    return model, Corpus.join(seqs, 64), seqs
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=MAX_NEW, batch_size=8,
+                               deadline=time.monotonic() + 600)
+    return model, Corpus.join(answers, 64), answers
 
 
 def test_prompt_set_is_diverse():
@@ -43,18 +43,36 @@ def test_prompt_set_is_diverse():
 
 
 def test_each_hidden_state_is_the_one_that_produced_its_token(model_and_corpus):
-    model, corpus, seqs = model_and_corpus
-    assert len(seqs) == 8
+    model, corpus, answers = model_and_corpus
+    assert len(answers) == 8
     with torch.inference_mode():
-        assert torch.equal(model.lm_head(corpus.hidden).argmax(-1), corpus.tokens)
-    for _, tokens in seqs:  # an answer ends at its end-of-sequence token or at the limit
-        assert len(tokens) == MAX_NEW or tokens[-1].item() == 256
-        assert 256 not in tokens[:-1].tolist()
+        top = model.lm_head(corpus.hidden).topk(TOP_K, dim=-1).indices
+    assert torch.equal(top, corpus.top)
+    for answer in answers:  # greedy: what was emitted is the model's first choice
+        assert torch.equal(answer.tokens, answer.top[:, 0])
+        # an answer ends at its end-of-sequence token or at the limit
+        assert len(answer) == MAX_NEW or answer.tokens[-1].item() == 256
+        assert 256 not in answer.tokens[:-1].tolist()
+
+
+def test_sampled_answers_keep_the_models_own_choices(model_and_corpus):
+    model, _, _ = model_and_corpus
+    torch.manual_seed(0)
+    answers = generate_answers(model, tiny_tokenizer(), [list(b"Once upon a time")],
+                               max_new_tokens=30, batch_size=1, deadline=time.monotonic() + 600,
+                               temperature=1.5)
+    (answer,) = answers
+    assert not torch.equal(answer.tokens, answer.top[:, 0])  # sampled, not greedy
+    with torch.inference_mode():
+        assert torch.equal(model.lm_head(answer.hidden).argmax(-1), answer.top[:, 0])
 
 
 def test_targets_are_the_models_own_tokens_ahead_within_each_answer():
-    corpus = Corpus.join([(torch.zeros(4, 2), torch.tensor([10, 11, 12, 13])),
-                          (torch.zeros(3, 2), torch.tensor([20, 21, 22]))], 2)
+    def answer(greedy: list[int]) -> Answer:
+        top = torch.tensor(greedy).unsqueeze(1) + 100 * torch.arange(TOP_K)  # runners-up
+        return Answer(torch.zeros(len(greedy), 2), torch.tensor(greedy), top)
+
+    corpus = Corpus.join([answer([10, 11, 12, 13]), answer([20, 21, 22])], 2)
     assert corpus.targets(2).tolist() == [
         # hidden[0] produced 10; head 0 drafts the token after it, head 1 the one after that
         [11, 12], [12, 13], [13, -1], [-1, -1],
