@@ -84,8 +84,10 @@ def calibrate_layerskip(engine: Engine, depth: int, max_k: int = 8) -> int:
     ids = engine.tokenizer(CALIBRATION_TEXT)["input_ids"][: engine.max_model_len]
     ids = [i % engine.vocab_size for i in ids]
     seq = Sequence("layerskip-calibration", ids, SamplingParams(max_tokens=1))
+    queries = engine.blocks.prefix_queries  # a scratch run is no prompt: keep the cache stats
     if depth < 2 or not engine.blocks.allocate_slots(seq, len(ids)):
         return max(depth // 2, 1)
+    engine.blocks.prefix_queries = queries
     layers = decoder_layers(engine.model)
     hidden: list[torch.Tensor] = []
     hooks = [layer.register_forward_hook(lambda _m, _i, out: hidden.append(
