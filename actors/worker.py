@@ -97,6 +97,8 @@ class Worker:
             "model": self.engine.source.name,
             "vocab_size": self.engine.vocab_size,
             "max_model_len": self.engine.max_model_len,
+            "methods": list(self.engine.speculator.settings.methods),
+            "quantization": self.spec.engine.quantization,
             "num_running": self.engine.num_running,
             "num_waiting": self.engine.num_waiting,
             "kv_usage": self.engine.blocks.usage,

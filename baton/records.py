@@ -66,7 +66,13 @@ class JournalEvent(BaseModel):
 
 
 class PerfRecord(BaseModel):
-    """How one finished request went: the method selector's training example."""
+    """How one finished request went: the method selector's training example.
+
+    The candidate is (`method`, `k`, `pool`, `quantization`); `features` holds what the selector
+    saw up front (`baton.router.features`, and the pool's load); `selected_by` says whether the
+    selector chose the candidate ("selector", `explored` when it was an exploration) or the
+    request named it ("request").
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -74,6 +80,14 @@ class PerfRecord(BaseModel):
     method: str  # acceleration method used, e.g. "none", "ngram", "draft"
     prefill_path: PrefillPath  # where its prompt was computed
     features: dict[str, float] = Field(default_factory=dict)  # what the selector saw up front
+    model: str = ""  # the served model
+    pool: str = ""
+    k: int | None = None  # draft tokens per step when fixed; None: adaptive
+    quantization: str | None = None  # the pool's weight format (None: full precision)
+    selected_by: Literal["selector", "request"] = "request"
+    explored: bool = False
+    predicted_tokens_per_s: float | None = None  # the selector's belief for its pick
+    selector_version: int = 0  # the selector model behind the pick (0: none)
     ttft_s: float | None = None
     tpot_s: float | None = None
     tokens_per_s: float | None = None
@@ -83,6 +97,11 @@ class PerfRecord(BaseModel):
     mean_accepted_length: float | None = None  # tokens per verifying step
     forward_passes_per_token: float | None = None  # target steps per output token
     ts: float = Field(default_factory=time.time)
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Output tokens per second after the first: what the selector predicts."""
+        return 1.0 / self.tpot_s if self.tpot_s else None
 
 
 class RouterState(Protocol):

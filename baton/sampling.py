@@ -20,7 +20,9 @@ class SamplingParams:
     not included in the returned text; `stop_token_ids` and EOS end it too (unless `ignore_eos`).
     `logprobs=k` returns the sampled token's log-probability and the k most likely alternatives.
     `method` names the acceleration method (`baton.speculation`); `num_speculative_tokens` caps
-    the tokens it drafts per step (None: the engine adapts it to acceptance and load).
+    the tokens it drafts per step (None: the engine adapts it to acceptance and load). With
+    method `auto` the router's selector picks it: `allow_lossy` lets it pick a pool with
+    quantized weights, `disable_exploration` keeps it to its best-believed candidate.
     """
 
     max_tokens: int = 128
@@ -34,6 +36,8 @@ class SamplingParams:
     logprobs: int | None = None
     method: str = "none"
     num_speculative_tokens: int | None = None
+    allow_lossy: bool = False
+    disable_exploration: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

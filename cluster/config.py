@@ -73,6 +73,18 @@ class RedisConfig(BaseModel):
         return Path(self.data_dir or f"~/.baton/{cluster}/redis").expanduser()
 
 
+class SelectorConfig(BaseModel):
+    """How the router's method selector explores and retrains (see `baton.router.selection`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    explore_rate: float = Field(0.05, ge=0, le=1)  # most share of `auto` requests that explore
+    train_in_background: bool = True
+    train_min_new: int = Field(200, ge=1)  # new history records that start a retraining
+    train_interval_s: float = Field(300.0, gt=0)  # at most one background training per this
+    poll_s: float = Field(10.0, gt=0)  # how often routers look for a newer model
+
+
 class ClusterConfig(BaseModel):
     """A whole cluster: the model, its pools, and how requests are split between them."""
 
@@ -86,6 +98,7 @@ class ClusterConfig(BaseModel):
     prefill_threshold: int = Field(64, ge=0)  # uncached prompt tokens worth a remote prefill
     kv_timeout_s: float = Field(30.0, gt=0)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    selector: SelectorConfig = Field(default_factory=SelectorConfig)
 
     @model_validator(mode="after")
     def _pools_make_sense(self) -> ClusterConfig:

@@ -29,6 +29,7 @@ from baton.actors.model_source import cache_root
 from baton.cluster.config import ClusterConfig, load_config
 from baton.errors import ClusterNotRunningError, ConfigError
 from baton.router.app import RouterActor, RouterSettings
+from baton.router.selection import SelectionSettings
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class LocalCluster:
     token: str | None
     daemon_pid: int | None  # None: Ray and Redis were not started by Baton
     redis_data_dir: str | None
+    name: str = "default"  # the cluster config's name: its Redis keys' namespace
 
     def save(self) -> None:
         run_dir().mkdir(parents=True, exist_ok=True)
@@ -117,7 +119,7 @@ def up(config_path: str | None = None, *, address: str | None = None,
         redis_url=redis_url, grpc_address=f"{host}:{grpc_port}",
         http_address=f"{host}:{http_port}" if http_port is not None else None, token=token,
         daemon_pid=daemon["pid"] if daemon else None,
-        redis_data_dir=daemon.get("redis_data_dir") if daemon else None)
+        redis_data_dir=daemon.get("redis_data_dir") if daemon else None, name=config.name)
     cluster.save()
     try:
         cluster.connect()
@@ -138,7 +140,8 @@ def _start_services(config: ClusterConfig, cluster: LocalCluster, host: str, grp
     settings = RouterSettings(model=config.model, host=host, grpc_port=grpc_port,
                               http_port=http_port, token=cluster.token,
                               redis_url=cluster.redis_url, cluster=config.name,
-                              controller=CONTROLLER_NAME, namespace=NAMESPACE)
+                              controller=CONTROLLER_NAME, namespace=NAMESPACE,
+                              selection=SelectionSettings(**config.selector.model_dump()))
     router = ray.remote(RouterActor).options(
         name=ROUTER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
         max_restarts=0).remote(settings)

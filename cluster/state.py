@@ -23,6 +23,8 @@ and the CLI alike.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import re
 import time
@@ -202,6 +204,52 @@ class ClusterState:
         rows: Rows = self._link.call(
             lambda r: cast(Rows, r.xrange(key, min=start, count=limit)), [])
         return self._parse_rows(rows, PerfRecord)
+
+    # --- method selector ---
+
+    def save_selector_model(self, blob: bytes, **info: Any) -> int | None:
+        """Store a trained selector model as the next version; its version, or None if Redis
+        is out (the caller keeps its model)."""
+        key = self._key("selector")
+
+        def op(r: redis.Redis) -> int:
+            version = int(r.hincrby(key, "version", 1))
+            r.hset(key, mapping={"blob": base64.b64encode(blob).decode(), "saved": time.time(),
+                                 "info": json.dumps({**info, "version": version}),
+                                 "stored_version": version})
+            return version
+        return self._link.call(op, None, writes=1)
+
+    def selector_version(self) -> int | None:
+        """The stored selector model's version (0: none yet); None while Redis is out."""
+        return self._link.call(
+            lambda r: int(r.hget(self._key("selector"), "stored_version") or 0), None)
+
+    def selector_model(self) -> tuple[int, bytes, dict[str, Any]] | None:
+        """(version, model bytes, info) of the stored selector model; None if none or out."""
+        def op(r: redis.Redis) -> tuple[int, bytes, dict[str, Any]] | None:
+            row = r.hgetall(self._key("selector"))
+            if "blob" not in row:
+                return None
+            return (int(row["stored_version"]), base64.b64decode(row["blob"]),
+                    json.loads(row.get("info", "{}")))
+        return self._link.call(op, None)
+
+    def set_quality(self, pool: str, agreement: float) -> None:
+        """A lossy pool's measured token agreement with full precision, 0..1."""
+        self._link.write(lambda pipe: pipe.hset(self._key("quality"), pool, agreement))
+
+    def quality(self) -> dict[str, float]:
+        """Measured agreement of each lossy pool ({} while Redis is out)."""
+        return self._link.call(lambda r: {k: float(v) for k, v in
+                                          r.hgetall(self._key("quality")).items()}, {})
+
+    def try_lock(self, name: str, ttl_s: float) -> bool:
+        """Take a cluster-wide lock for `ttl_s` (it expires, never released early); False if
+        another holder has it or Redis is out."""
+        key = self._key("lock", name)
+        return self._link.call(lambda r: bool(r.set(key, time.time(), nx=True,
+                                                    px=int(ttl_s * 1000))), False)
 
     # --- router stats ---
 

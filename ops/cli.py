@@ -13,6 +13,7 @@ from rich.console import Console
 from baton.errors import BatonError
 from baton.ops import cluster_cmds
 from baton.ops.cli_options import Output, OutputOpt
+from baton.ops.router_cmds import router_app
 from baton.ops.train_heads import train_heads_command
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks against a baseline measured in the same run.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(router_app, name="router")
 
 err = Console(stderr=True)
 cluster_cmds.register(app)
@@ -235,6 +237,31 @@ def bench_spec(
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     run_and_report(lambda c: bench.run_spec_bench(workload, names, draft_model, threads, dtype, c),
+                   bench.show, json_path)
+
+
+@bench_app.command("select")
+def bench_select(
+    json_path: Annotated[str | None, typer.Option(
+        "--json", help="Write the report here (the matrix and regret plot go next to it)")] = None,
+    workload: Annotated[str | None, typer.Option(
+        help="JSONL workload: task, prompt or messages, max_tokens (default: built-in)")] = None,
+    train: Annotated[str | None, typer.Option(
+        help="JSONL workload to train on instead of leave-one-family-out")] = None,
+    matrix: Annotated[str | None, typer.Option(
+        help="Score a candidate matrix measured before instead of measuring")] = None,
+    methods: Annotated[str, typer.Option(
+        help="Comma-separated candidate methods besides none")] = "ngram,lookahead,layerskip",
+    threads: Annotated[int, typer.Option(help="CPU threads for the engine")] = 2,
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
+) -> None:
+    """The method selector against random, the best fixed method, a rule and the oracle."""
+    from baton.ops.bench import select as bench
+    from baton.ops.bench.report import run_and_report
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    run_and_report(lambda c: bench.run_select_bench(json_path, workload, train, matrix, names,
+                                                    threads, dtype, c),
                    bench.show, json_path)
 
 

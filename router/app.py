@@ -8,8 +8,9 @@ from a worker, so the router refuses exactly what the engine would.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from baton.router.admin import AdminService
 from baton.router.core import Router, RouterLimits, ServedModel
 from baton.router.dispatch import Dispatcher
 from baton.router.grpc_server import serve
+from baton.router.selection import Selection, SelectionSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,16 @@ class RouterSettings:
     namespace: str = "baton"
     max_in_flight: int = 256
     router_id: str | None = None
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
 
 
-def split_roles(rows: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
-    """(decode handles, prefill handles) from the controller's `workers()` rows."""
+def split_roles(rows: list[dict[str, Any]]) -> tuple[list[Any], list[Any], dict[Any, str]]:
+    """(decode handles, prefill handles, decode handle -> pool) from the controller's
+    `workers()` rows."""
     live = [r for r in rows if not r.get("draining")]
-    return ([r["handle"] for r in live if r["role"] in ("decode", "both")],
-            [r["handle"] for r in live if r["role"] == "prefill"])
+    decode = [r for r in live if r["role"] in ("decode", "both")]
+    return ([r["handle"] for r in decode], [r["handle"] for r in live if r["role"] == "prefill"],
+            {r["handle"]: r.get("pool", "default") for r in decode})
 
 
 class RouterActor:
@@ -68,9 +73,9 @@ class RouterActor:
         controller = None
         if s.controller:
             controller = ray.get_actor(s.controller, namespace=s.namespace)
-            decode, prefill = split_roles(await controller.workers.remote())
+            decode, prefill, pool_of = split_roles(await controller.workers.remote())
         else:
-            decode, prefill = self._fixed
+            (decode, prefill), pool_of = self._fixed, {}
         if not decode:
             raise WorkerUnavailableError("no decode worker to route to; start a decode pool")
         info = await decode[0].info.remote()
@@ -80,13 +85,20 @@ class RouterActor:
         if s.redis_url:
             state = ClusterState(s.redis_url, s.cluster, background_writes=True)
 
-        async def refresh(ctrl: Any = controller) -> tuple[list[Any], list[Any]]:
+        async def refresh(ctrl: Any = controller) -> tuple[list[Any], list[Any], dict[Any, str]]:
             return split_roles(await ctrl.workers.remote())
 
-        self.router = Router(model, Dispatcher(decode, prefill), state=state,
-                             router_id=s.router_id,
+        dispatcher = Dispatcher(decode, prefill)
+        dispatcher.pool_of = pool_of
+        selection = Selection(model.tokenizer, model.vocab_size, state, s.selection,
+                              model_name=model.name)
+        self.router = Router(model, dispatcher, state=state, router_id=s.router_id,
                              limits=RouterLimits(max_in_flight=s.max_in_flight),
-                             refresh=refresh if controller is not None else None)
+                             refresh=refresh if controller is not None else None,
+                             selection=selection)
+        await self.router.learn_pools()
+        if state is not None:
+            await asyncio.to_thread(selection.load_latest)
         self.router.start()
         tls = None
         if s.tls_cert_file or s.tls_key_file:

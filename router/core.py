@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from baton.errors import (
@@ -31,7 +33,11 @@ from baton.outputs import RequestOutput
 from baton.prompts import chat_prompt, check_context, encode_prompt
 from baton.records import PerfRecord, RouterState
 from baton.router.dispatch import Dispatcher
+from baton.router.features import RequestFeatures
+from baton.router.selection import Selection
+from baton.router.selector import Choice
 from baton.sampling import SamplingParams
+from baton.speculation import AUTO, NONE
 from baton.stats import percentile, tpot
 
 log = logging.getLogger(__name__)
@@ -58,10 +64,23 @@ class ServedModel:
     max_model_len: int
 
 
+@dataclass(slots=True)
+class _Selected:
+    """How one request is served: its parameters (method set), the pool, what was seen."""
+
+    params: SamplingParams
+    features: RequestFeatures | None = None
+    loads: dict[str, tuple[float, float]] = field(default_factory=dict)
+    choice: Choice | None = None
+    pool: str | None = None  # the pool it must run on (None: any)
+    served_pool: str | None = None
+
+
 class RequestObserver(Protocol):
     """Told by the router of each request's life (metrics); calls are cheap and run inline.
 
-    `failed` also hears of requests refused before admission (reason: the error's type name).
+    `failed` also hears of requests refused before admission (reason: the error's type name);
+    `selected`, of each finished request whose method the selector chose, with its record.
     """
 
     def accepted(self, request_id: str, prompt_tokens: int) -> None: ...
@@ -73,21 +92,26 @@ class RequestObserver(Protocol):
 
     def failed(self, request_id: str, reason: str) -> None: ...
 
+    def selected(self, record: PerfRecord) -> None: ...
+
 
 class Router:
     """Validates, admits, dispatches and accounts for requests; one per front-end process.
 
     `state` is the cluster's shared state (None without Redis); `refresh` returns the current
-    (decode, prefill) worker handles, called every `refresh_s` (None: a fixed set);
-    `observer` hears of every request (see `RequestObserver`).
+    (decode handles, prefill handles, decode handle -> pool), called every `refresh_s` (None: a
+    fixed set);
+    `observer` hears of every request (see `RequestObserver`); `selection` picks the method
+    (and pool) of `auto` requests, and computes every request's features for the history.
     """
 
     def __init__(self, model: ServedModel, dispatcher: Dispatcher, *,
                  state: RouterState | None = None, router_id: str | None = None,
                  limits: RouterLimits | None = None,
                  refresh: Callable[[], Any] | None = None, refresh_s: float = 1.0,
-                 observer: RequestObserver | None = None):
+                 observer: RequestObserver | None = None, selection: Selection | None = None):
         self.model = model
+        self.selection = selection
         self.dispatcher = dispatcher
         self.state = state
         self.router_id = router_id or f"router-{uuid.uuid4().hex[:8]}"
@@ -130,6 +154,8 @@ class Router:
                 raise CapacityError(f"router {self.router_id} has {self.in_flight} requests in "
                                     f"flight (limit {self.limits.max_in_flight}); retry with "
                                     "backoff")
+            sel = self._select(ids, params)
+            params = sel.params
         except BatonError as exc:
             self._notify("failed", request_id or "", type(exc).__name__)
             raise
@@ -138,12 +164,13 @@ class Router:
         self._notify("accepted", request_id, len(ids))
         started = time.monotonic()
         self._journal("accepted", request_id, prompt_tokens=len(ids),
-                      max_tokens=params.max_tokens)
+                      max_tokens=params.max_tokens, method=params.method,
+                      selected_by="selector" if sel.choice is not None else "request")
         last: RequestOutput | None = None
         first_at: float | None = None
         try:
             async with asyncio.timeout(timeout_s):
-                async for out in self.dispatcher.generate(request_id, ids, params):
+                async for out in self.dispatcher.generate(request_id, ids, params, sel.pool):
                     if first_at is None and out.token_ids:
                         first_at = time.monotonic()
                         self._notify("first_token", request_id, first_at - started)
@@ -162,8 +189,9 @@ class Router:
             raise
         finally:
             self.in_flight -= 1
+            sel.served_pool = self.dispatcher.served_pool.pop(request_id, sel.pool)
         try:
-            self._finished(request_id, ids, params, last, started, first_at)
+            self._finished(request_id, ids, sel, last, started, first_at)
         except Exception:  # noqa: BLE001 - accounting never fails a request that was served
             log.exception("could not account for request %s", request_id)
 
@@ -199,8 +227,33 @@ class Router:
         if self.state is not None:
             self.state.failed(request_id, reason, router=self.router_id)
 
-    def _finished(self, request_id: str, ids: list[int], params: SamplingParams,
+    def _select(self, ids: list[int], params: SamplingParams) -> _Selected:
+        """The method and pool of this request: the selector's for `auto` (without a selector,
+        `auto` runs plainly), the request's own otherwise; and its features for the history."""
+        if self.selection is None:
+            return _Selected(params)
+        try:
+            loads = self._pool_loads()
+            features = self.selection.features(ids, params)
+            if params.method != AUTO:
+                return _Selected(params, features=features, loads=loads)
+            choice = self.selection.choose(features, params, loads)
+        except BatonError:
+            raise
+        except Exception:  # noqa: BLE001 - a selector fault must not fail the request
+            log.exception("method selection failed; serving the request plainly")
+            return _Selected(dataclasses.replace(params, method=NONE))
+        return _Selected(self.selection.apply(choice, params), features=features, loads=loads,
+                         choice=choice, pool=choice.candidate.pool)
+
+    def _pool_loads(self) -> dict[str, tuple[float, float]]:
+        kv = self.selection.kv_usage if self.selection is not None else {}
+        return {pool: (math.log1p(busy / max(workers, 1)), kv.get(pool, 0.0))
+                for pool, (busy, workers) in self.dispatcher.pool_loads().items()}
+
+    def _finished(self, request_id: str, ids: list[int], sel: _Selected,
                   last: RequestOutput | None, started: float, first_at: float | None) -> None:
+        params = sel.params
         n = len(last.token_ids) if last else 0
         ttft = (first_at - started) if first_at is not None else None
         now = time.monotonic()
@@ -213,18 +266,39 @@ class Router:
         path = last.metrics.prefill_path if last else "local"
         self._journal("finished", request_id, finish_reason=reason, completion_tokens=n,
                       path=path)
-        if self.state is not None and ttft is not None:
-            wall = now - started
-            m = last.metrics if last is not None else None
-            self.state.record(PerfRecord(
-                request_id=request_id, method=m.method if m else "none", prefill_path=path,
-                ttft_s=ttft, tpot_s=tpot_s, tokens_per_s=n / wall if wall > 0 else 0.0,
-                prompt_tokens=len(ids), output_tokens=n,
-                acceptance_rate=m.acceptance_rate if m else None,
-                mean_accepted_length=m.mean_accepted_length if m else None,
-                forward_passes_per_token=m.num_forward_passes / n if m and n else None,
-                features={"prompt_tokens": len(ids), "max_tokens": params.max_tokens,
-                          "temperature": params.temperature}))
+        if ttft is None or (self.state is None and self.selection is None):
+            return
+        wall = now - started
+        m = last.metrics if last is not None else None
+        choice = sel.choice
+        pool = sel.served_pool or "default"
+        features: dict[str, float] = {"prompt_tokens": len(ids), "max_tokens": params.max_tokens,
+                                      "temperature": params.temperature}
+        if sel.features is not None:
+            load = sel.loads.get(pool, (0.0, 0.0))
+            features = {**sel.features.as_dict(), "log_pool_in_flight": load[0],
+                        "pool_kv_usage": load[1]}
+        offer = self.selection.offers.get(pool) if self.selection is not None else None
+        rec = PerfRecord(
+            request_id=request_id, method=m.method if m else "none", prefill_path=path,
+            ttft_s=ttft, tpot_s=tpot_s, tokens_per_s=n / wall if wall > 0 else 0.0,
+            prompt_tokens=len(ids), output_tokens=n,
+            acceptance_rate=m.acceptance_rate if m else None,
+            mean_accepted_length=m.mean_accepted_length if m else None,
+            forward_passes_per_token=m.num_forward_passes / n if m and n else None,
+            features=features, model=self.model.name, pool=pool,
+            k=params.num_speculative_tokens,
+            quantization=offer.quantization if offer is not None else None,
+            selected_by="selector" if choice is not None else "request",
+            explored=choice.explored if choice is not None else False,
+            predicted_tokens_per_s=choice.predicted_tps if choice is not None else None,
+            selector_version=choice.model_version if choice is not None else 0)
+        if self.state is not None:
+            self.state.record(rec)
+        if self.selection is not None:
+            self.selection.finished(choice, rec)
+        if choice is not None:
+            self._notify("selected", rec)
 
     def stats(self) -> dict[str, float]:
         """Counters, gauges and recent latency percentiles of this router."""
@@ -235,6 +309,10 @@ class Router:
                    decode_workers=float(len(self.dispatcher.decode)),
                    prefill_workers=float(len(self.dispatcher.prefill)),
                    retries=float(self.dispatcher.retries))
+        if self.selection is not None:
+            sel = self.selection.stats()
+            for key in ("model_version", "decisions", "explored"):
+                out[f"selector_{key}"] = float(sel[key])
         for name, values in (("ttft", ttfts), ("tpot", tpots)):
             for q in (50, 99):
                 v = percentile(values, q)
@@ -245,20 +323,37 @@ class Router:
     # -- workers ----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Begin refreshing the worker set (call from the serving event loop)."""
+        """Begin refreshing the worker set and the selector (call from the serving loop)."""
         if self._refresh is not None and self._refresher is None:
             self._refresher = asyncio.create_task(self._refresh_loop())
+        if self.selection is not None:
+            self.selection.start()
 
     async def stop(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None
+        if self.selection is not None:
+            await self.selection.stop()
 
     async def refresh_now(self) -> None:
-        if self._refresh is None:
+        if self._refresh is not None:
+            decode, prefill, pool_of = await self._refresh()
+            self.dispatcher.update(decode, prefill, pool_of)
+        await self.learn_pools()
+
+    async def learn_pools(self) -> None:
+        """Ask one worker of each pool the selector does not know yet what it serves."""
+        if self.selection is None:
             return
-        decode, prefill = await self._refresh()
-        self.dispatcher.update(decode, prefill)
+        first: dict[str, Any] = {}
+        for w in self.dispatcher.decode:
+            first.setdefault(self.dispatcher.pool(w), w)
+        for pool in set(self.selection.offers) - set(first):
+            del self.selection.offers[pool]
+        for pool, w in first.items():
+            if pool not in self.selection.offers:
+                self.selection.offer(pool, await w.info.remote())
 
     async def _refresh_loop(self) -> None:
         while True:

@@ -87,14 +87,31 @@ class Dispatcher:
         self.max_attempts = max_attempts
         self.retries = 0
         self.affinity = PrefixAffinity()
+        self.pool_of: dict[Any, str] = {}  # decode worker -> its pool (unknown: "default")
         self._where: dict[str, Any] = {}  # request id -> the decode worker streaming it
+        # request id -> the pool that served it; the router takes it when the request ends.
+        self.served_pool: dict[str, str] = {}
 
     def workers(self) -> list[Any]:
         return [*self.decode, *self.prefill]
 
-    def update(self, decode: Sequence[Any], prefill: Sequence[Any]) -> None:
+    def update(self, decode: Sequence[Any], prefill: Sequence[Any],
+               pool_of: dict[Any, str] | None = None) -> None:
         self.decode.replace(decode)
         self.prefill.replace(prefill)
+        if pool_of is not None:
+            self.pool_of = pool_of
+
+    def pool(self, worker: Any) -> str:
+        return self.pool_of.get(worker, "default")
+
+    def pool_loads(self) -> dict[str, tuple[int, int]]:
+        """Per pool of decode workers: (this dispatcher's requests in flight, live workers)."""
+        out: dict[str, tuple[int, int]] = {}
+        for w, n in self.decode.loads().items():
+            busy, count = out.get(self.pool(w), (0, 0))
+            out[self.pool(w)] = (busy + n, count + 1)
+        return out
 
     async def abort(self, request_id: str) -> bool:
         """Stop a request wherever it runs (every decode worker is asked when this dispatcher
@@ -109,18 +126,21 @@ class Dispatcher:
     def for_pools(cls, pools, **kw) -> Dispatcher:
         return cls(pools.by_role("decode", "both"), pools.by_role("prefill"), **kw)
 
-    async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        tried: list[Any] = []
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                       pool: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request from a decode worker (of `pool`, when given)."""
+        tried: list[Any] = [w for w in self.decode if pool is not None and self.pool(w) != pool]
+        others = len(tried)
         hashes = (prefix_hashes(prompt, self.affinity.block_size, self.affinity.max_blocks)
                   if isinstance(prompt, list) else [])
         while True:
             prefer = self.affinity.choose(hashes, self.decode.loads(exclude=tried))
             worker = self.decode.pick(exclude=tried, prefer=prefer)
-            if worker is None or len(tried) >= self.max_attempts:
+            if worker is None or len(tried) - others >= self.max_attempts:
+                where = f" in pool {pool!r}" if pool is not None else ""
                 raise WorkerUnavailableError(
-                    f"no live decode worker could take {request_id} "
-                    f"(tried {len(tried)}); add or restart decode workers, then send it again")
+                    f"no live decode worker{where} could take {request_id} (tried "
+                    f"{len(tried) - others}); add or restart decode workers, then send it again")
             tried.append(worker)
             self.affinity.remember(hashes, worker)
             streamed = False
@@ -148,6 +168,7 @@ class Dispatcher:
                 request_id, prompt, params, prefill)
             finished = False
             self._where[request_id] = worker
+            self.served_pool[request_id] = self.pool(worker)
             try:
                 async for ref in stream:
                     out: RequestOutput = await ref

@@ -42,7 +42,9 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     if kw.get("top_k") == -1:
         kw["top_k"] = 0
     return SamplingParams(stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids),
-                          ignore_eos=msg.ignore_eos, method=msg.method or AUTO, **kw)
+                          ignore_eos=msg.ignore_eos, method=msg.method or AUTO,
+                          allow_lossy=msg.allow_lossy,
+                          disable_exploration=msg.disable_exploration, **kw)
 
 
 def spec_stats_to_proto(m: RequestMetrics, out: pb.SpecDecodeStats) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from prometheus_client import (
 )
 
 from baton.outputs import RequestMetrics, RequestOutput
+from baton.records import PerfRecord
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+ERROR_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 PREFIX = "baton:"
 
 
@@ -86,6 +89,13 @@ class RouterMetrics:
         self.spec_accepted_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
                                              "Draft tokens accepted, by position in the draft.",
                                              [*spec, "position"], registry=reg)
+        self.method_selected = Counter(PREFIX + "method_selected", "Requests whose method the "
+                                       "selector chose, by method (and whether it explored).",
+                                       [*spec, "explored"], registry=reg)
+        self.prediction_error = Histogram(
+            PREFIX + "method_selector_prediction_error",
+            "Per selected request, |log(predicted / achieved decode tokens/s)|.", m,
+            buckets=ERROR_BUCKETS, registry=reg).labels(model_name)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
                               "Seconds from acceptance to the first token.", m,
                               buckets=TTFT_BUCKETS, registry=reg).labels(model_name)
@@ -142,6 +152,13 @@ class RouterMetrics:
 
     def failed(self, request_id: str, reason: str) -> None:
         self.failures.labels(self.model_name, reason).inc()
+
+    def selected(self, record: PerfRecord) -> None:
+        self.method_selected.labels(self.model_name, record.method,
+                                    str(record.explored).lower()).inc()
+        achieved, predicted = record.decode_tokens_per_s, record.predicted_tokens_per_s
+        if achieved and predicted:
+            self.prediction_error.observe(abs(math.log(predicted / achieved)))
 
     # -- scraping ---------------------------------------------------------------------------------
 

@@ -96,7 +96,8 @@ def _sampling(req: OpenAIRequest, max_tokens: int | None, logprobs: int | None
         temperature=req.temperature, top_p=req.top_p, top_k=0 if req.top_k == -1 else req.top_k,
         seed=req.seed, stop=req.stop_strings, stop_token_ids=req.stop_token_ids,
         ignore_eos=req.ignore_eos, logprobs=logprobs, method=req.method,
-        num_speculative_tokens=req.num_speculative_tokens,
+        num_speculative_tokens=req.num_speculative_tokens, allow_lossy=req.allow_lossy,
+        disable_exploration=req.disable_exploration,
         **({} if max_tokens is None else {"max_tokens": max_tokens}))
 
 

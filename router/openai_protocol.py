@@ -86,6 +86,8 @@ class OpenAIRequest(_Strict):
     ignore_eos: bool = False
     method: str = "auto"  # Baton's acceleration method (OpenAI clients: extra_body)
     num_speculative_tokens: int | None = None
+    allow_lossy: bool = False  # with method auto: quantized pools may serve it
+    disable_exploration: bool = False  # with method auto: never an exploratory choice
     n: int = 1
     best_of: int = 1
     presence_penalty: float = 0.0

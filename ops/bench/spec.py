@@ -41,10 +41,11 @@ class WorkItem:
     max_tokens: int
 
 
-def load_workload(path: str | None, engine: Engine) -> list[WorkItem]:
-    """Requests of a workload file (the built-in one when `path` is None)."""
+def load_workload(path: str | None, engine: Engine,
+                  builtin: str = BUILTIN_WORKLOAD) -> list[WorkItem]:
+    """Requests of a workload file (the built-in one, `builtin`, when `path` is None)."""
     if path is None:
-        text = resources.files("baton.ops.bench").joinpath(BUILTIN_WORKLOAD).read_text()
+        text = resources.files("baton.ops.bench").joinpath(builtin).read_text()
     else:
         text = Path(path).read_text()
     items = []

@@ -49,7 +49,12 @@ def test_directory_without_config_is_rejected(tmp_path):
 
 
 def test_hub_id_without_network_or_cache_is_not_found(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The hub library read the variable when it was imported: tell it too, or it tries the
+    # network (and waits out its timeouts where there is none).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="hub"):
         Engine("baton-test/not-a-real-model")

@@ -1,0 +1,189 @@
+"""Which candidate (method, pool) serves a request: a meta-learned prior plus what the router saw.
+
+For each eligible candidate the selector forms a belief about its log decode tokens/s:
+- the prior is the `SpeedModel` (trained on the whole cluster's history, across tasks): the
+  ensemble's mean and spread; without a model, one belief so broad that the outcomes decide;
+- on top, a Bayesian correction from this router's own recent outcomes with that candidate,
+  weighted by a kernel on the request's context (task signature, lookup rate, code share, load):
+  a few requests of a family the prior mispredicts are enough to move its belief for that family
+  and not for others.
+
+It serves the candidate of the highest believed speed (times its measured agreement, for a lossy
+one). With Thompson sampling it draws from the beliefs instead; when the draw picks another
+candidate that is an exploration, allowed only within the budget (`explore_rate` of requests,
+default 5%), only for requests that did not turn it off, and never toward a lossy candidate the
+request did not allow.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from baton.router.features import SKETCH_DIM, RequestFeatures, signature_similarity
+from baton.router.speed_model import Candidate, SpeedModel, inputs
+
+NOISE_STD = 0.15  # spread of one request's log tokens/s around its expectation
+COLD_STD = 3.0  # belief spread (log tokens/s around 0) without a model: the data decide
+KERNEL_WIDTH = 0.5  # on the speed-driving features of the online correction's context
+# Task signatures (estimated Jaccard similarity of bigram sets) less alike than this share no
+# outcomes; those more alike by the ramp share them fully.
+MIN_SIMILARITY = 0.25
+SIMILARITY_RAMP = 0.25
+# The least spread a prior belief gets: members trained on the same history agree with each other
+# even where that history says nothing (a family never served), and a belief that sure would
+# never be explored out of.
+MIN_PRIOR_STD = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The selector's pick for one request."""
+
+    candidate: Candidate
+    predicted_tps: float  # believed decode tokens/s of the pick
+    best_predicted_tps: float  # the highest believed speed among the eligible candidates
+    explored: bool
+    context: tuple[float, ...] = ()
+    prior_log_tps: float = 0.0
+    model_version: int = 0
+
+
+def context(features: RequestFeatures, load: Sequence[float]) -> np.ndarray:
+    """Where a request lies for the online correction: its task signature, then what drives
+    speed (lookup rate, code share, greedy, load)."""
+    return np.array([*features.sketch, 2 * features.lookup_hit_rate, 2 * features.code_share,
+                     float(features.temperature == 0.0), load[0] / 2 if load else 0.0])
+
+
+class OnlineCorrection:
+    """Per candidate, this router's recent (context, residual log tokens/s) pairs.
+
+    An outcome counts for a new request by how alike the two are: their task signatures'
+    similarity (0 below `MIN_SIMILARITY`, full from `MIN_SIMILARITY + SIMILARITY_RAMP`), times a
+    Gaussian kernel on the speed-driving features.
+    """
+
+    def __init__(self, capacity: int = 512):
+        self._seen: dict[str, collections.deque[tuple[np.ndarray, float]]] = \
+            collections.defaultdict(lambda: collections.deque(maxlen=capacity))
+
+    def evidence(self, candidate: str, ctx: np.ndarray) -> tuple[float, float]:
+        """(sum of weights, weighted sum of residuals) of the candidate's outcomes near `ctx`."""
+        seen = self._seen.get(candidate)
+        if not seen:
+            return 0.0, 0.0
+        ctxs = np.stack([c for c, _ in seen])
+        res = np.array([r for _, r in seen])
+        sim = signature_similarity(ctxs[:, :SKETCH_DIM], ctx[:SKETCH_DIM])
+        alike = np.clip((sim - MIN_SIMILARITY) / SIMILARITY_RAMP, 0, 1)
+        near = np.exp(-((ctxs[:, SKETCH_DIM:] - ctx[SKETCH_DIM:]) ** 2).sum(1)
+                      / (2 * KERNEL_WIDTH ** 2))
+        w = alike * near
+        return float(w.sum()), float((w * res).sum())
+
+    def add(self, candidate: str, ctx: np.ndarray, residual: float) -> None:
+        self._seen[candidate].append((ctx, residual))
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+
+@dataclass(slots=True)
+class SelectorStats:
+    chosen: collections.Counter[str] = field(default_factory=collections.Counter)
+    decisions: int = 0
+    explored: int = 0
+    observed: int = 0
+    abs_log_error: float = 0.0  # summed |log predicted - log achieved|
+    regret: float = 0.0  # summed max(0, 1 - achieved / best believed)
+
+
+class MethodSelector:
+    """Picks a candidate per request and learns from the outcomes (see the module doc)."""
+
+    def __init__(self, model: SpeedModel | None = None, *, explore_rate: float = 0.05,
+                 seed: int | None = None):
+        if not 0.0 <= explore_rate <= 1.0:
+            raise ValueError(f"explore_rate must be in [0, 1], got {explore_rate}")
+        self.model = model
+        self.explore_rate = explore_rate
+        self.correction = OnlineCorrection()
+        self.stats = SelectorStats()
+        self._rng = random.Random(seed)
+
+    def set_model(self, model: SpeedModel | None) -> None:
+        """Take a newer prior; the online correction was relative to the old one, so it restarts."""
+        self.model = model
+        self.correction.clear()
+
+    def beliefs(self, features: RequestFeatures, load: Mapping[str, Sequence[float]],
+                candidates: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prior mean, posterior mean, posterior std) of each candidate's log tokens/s."""
+        n = len(candidates)
+        if self.model is not None:
+            req = features.vector()
+            x = np.array([inputs(req, load.get(c.pool, (0.0, 0.0)), c, self.model.pools)
+                          for c in candidates])
+            members = self.model.predict(x)
+            prior = members.mean(0)
+            prior_std = np.maximum(members.std(0), MIN_PRIOR_STD)
+        else:
+            prior, prior_std = np.zeros(n), np.full(n, COLD_STD)
+        mean, std = prior.copy(), prior_std.copy()
+        for i, c in enumerate(candidates):
+            ctx = context(features, load.get(c.pool, (0.0, 0.0)))
+            w, wr = self.correction.evidence(c.name, ctx)
+            precision = 1 / prior_std[i] ** 2 + w / NOISE_STD ** 2
+            mean[i] = prior[i] + (wr / NOISE_STD ** 2) / precision
+            std[i] = math.sqrt(1 / precision)
+        return prior, mean, std
+
+    def choose(self, features: RequestFeatures, candidates: Sequence[Candidate], *,
+               load: Mapping[str, Sequence[float]] | None = None,
+               quality: Mapping[str, float] | None = None, allow_lossy: bool = False,
+               explore: bool = True) -> Choice:
+        """The candidate for this request. `load` maps a pool to its `LOAD_FEATURES`; `quality`
+        a lossy candidate's pool to its measured token agreement with full precision (a lossy
+        candidate without one is never chosen). Raises ValueError when none is eligible."""
+        load, quality = load or {}, quality or {}
+        eligible = [c for c in candidates
+                    if not c.lossy or (allow_lossy and c.pool in quality)]
+        if not eligible:
+            raise ValueError("no eligible candidate")
+        prior, mean, std = self.beliefs(features, load, eligible)
+        gain = np.log([quality.get(c.pool, 1.0) if c.lossy else 1.0 for c in eligible])
+        score = mean + gain
+        best = int(np.argmax(score))
+        pick, explored = best, False
+        s = self.stats
+        if explore and (s.explored + 1) <= self.explore_rate * (s.decisions + 1):
+            draw = score + std * np.array([self._rng.gauss(0, 1) for _ in eligible])
+            pick = int(np.argmax(draw))
+            explored = pick != best
+        s.decisions += 1
+        s.explored += explored
+        c = eligible[pick]
+        s.chosen[c.method] += 1
+        return Choice(candidate=c, predicted_tps=math.exp(mean[pick]),
+                      best_predicted_tps=math.exp(score[best]), explored=explored,
+                      context=tuple(context(features, load.get(c.pool, (0.0, 0.0))).tolist()),
+                      prior_log_tps=float(prior[pick]),
+                      model_version=self.model.info.version if self.model else 0)
+
+    def observe(self, choice: Choice, achieved_tps: float) -> None:
+        """What the chosen candidate achieved (decode tokens/s) for that request."""
+        if not achieved_tps > 0:
+            return
+        log_tps = math.log(achieved_tps)
+        self.correction.add(choice.candidate.name, np.array(choice.context),
+                            log_tps - choice.prior_log_tps)
+        s = self.stats
+        s.observed += 1
+        s.abs_log_error += abs(math.log(choice.predicted_tps) - log_tps)
+        s.regret += max(0.0, 1.0 - achieved_tps / choice.best_predicted_tps)
