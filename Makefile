@@ -31,7 +31,7 @@ $(STAMPS)/venv: pyproject.toml
 		$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) \
 			--index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(BIN)/python -m pip install -q -e ".[dev,serve-bench]"
+	$(BIN)/python -m pip install -q -e ".[dev,serve-bench,bench]"
 	@touch $@
 
 model: $(STAMPS)/model

@@ -99,6 +99,15 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def own_server(tmp_path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which it may stop and start again."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def default_engine() -> Engine:
     """The embedded default model in bf16, as `baton generate` runs it."""

@@ -165,8 +165,9 @@ def show(report: dict[str, Any], console: Console) -> None:
         table.add_row("all", *(f"{res['overall']['speedup'][p]:.2f}x" for p in policies))
         console.print(table)
         console.print(f"{mode}: best fixed {res['best_fixed']}; selector share of oracle "
-                      f"{res['share_of_oracle']:.2f}, vs best fixed {res['vs_best_fixed']:.2f}x, "
-                      f"accuracy {res['accuracy']:.2f}")
+                      f"{res['share_of_oracle']:.2f} (of its gain "
+                      f"{res['share_of_oracle_gain']:.2f}), vs best fixed "
+                      f"{res['vs_best_fixed']:.2f}x, accuracy {res['accuracy']:.2f}")
     r = report["ratios"]
     console.print(f"selection p50 {report['selection_ms_p50']:.3f} ms; online from empty: "
                   f"regret share {report['online']['regret_share']:.2f}; headline (worse of the "

@@ -40,15 +40,6 @@ def state(redis_url: str) -> Iterator[ClusterState]:
     s.close()
 
 
-@pytest.fixture
-def own_server(tmp_path) -> Iterator[RedisServer]:
-    """A server this test may stop and restart."""
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_registry_heartbeats_and_expiry(state: ClusterState, redis_url: str) -> None:
     assert state.register(worker("w1"))
     assert state.register(worker("w2", role="prefill", pool="prefill"))

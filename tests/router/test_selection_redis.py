@@ -4,12 +4,10 @@ when Redis goes away (mid-training too), retrained in the background once enough
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
-from baton.cluster.redis_server import RedisServer
 from baton.cluster.state import ClusterState
 from baton.errors import InvalidRequestError
 from baton.router.selection import PoolOffer, Selection, SelectionSettings
@@ -44,14 +42,6 @@ def fill(state: ClusterState, n_per_family: int, families=(0, 1, 2), seed: int =
 def beliefs(sel: Selection, seed: int = 0) -> np.ndarray:
     f = world.features(4, 0.5, random.Random(seed))
     return sel.selector.beliefs(f, {}, CANDS)[1]
-
-
-@pytest.fixture
-def own_server(tmp_path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_a_model_trained_from_history_is_shared_by_every_router(redis_url):
