@@ -36,6 +36,7 @@ from baton.router.dispatch import Dispatcher
 from baton.router.features import RequestFeatures
 from baton.router.selection import Selection
 from baton.router.selector import Choice
+from baton.router.speed_model import NO_LOAD, Load, load_features
 from baton.sampling import SamplingParams
 from baton.speculation import AUTO, NONE
 from baton.stats import percentile, tpot
@@ -70,7 +71,7 @@ class _Selected:
 
     params: SamplingParams
     features: RequestFeatures | None = None
-    loads: dict[str, tuple[float, float]] = field(default_factory=dict)
+    loads: dict[str, Load] = field(default_factory=dict)
     choice: Choice | None = None
     pool: str | None = None  # the pool it must run on (None: any)
     served_pool: str | None = None
@@ -246,9 +247,13 @@ class Router:
         return _Selected(self.selection.apply(choice, params), features=features, loads=loads,
                          choice=choice, pool=choice.candidate.pool)
 
-    def _pool_loads(self) -> dict[str, tuple[float, float]]:
+    def _pool_loads(self) -> dict[str, Load]:
+        """Per pool: this router's requests in flight per worker, and the registry's KV usage
+        and queue of its workers (`LOAD_FEATURES`)."""
         kv = self.selection.kv_usage if self.selection is not None else {}
-        return {pool: (math.log1p(busy / max(workers, 1)), kv.get(pool, 0.0))
+        waiting = self.selection.waiting if self.selection is not None else {}
+        return {pool: (math.log1p(busy / max(workers, 1)), kv.get(pool, 0.0),
+                       math.log1p(waiting.get(pool, 0.0)))
                 for pool, (busy, workers) in self.dispatcher.pool_loads().items()}
 
     def _finished(self, request_id: str, ids: list[int], sel: _Selected,
@@ -275,9 +280,8 @@ class Router:
         features: dict[str, float] = {"prompt_tokens": len(ids), "max_tokens": params.max_tokens,
                                       "temperature": params.temperature}
         if sel.features is not None:
-            load = sel.loads.get(pool, (0.0, 0.0))
-            features = {**sel.features.as_dict(), "log_pool_in_flight": load[0],
-                        "pool_kv_usage": load[1]}
+            features = {**sel.features.as_dict(),
+                        **load_features(sel.loads.get(pool, NO_LOAD))}
         offer = self.selection.offers.get(pool) if self.selection is not None else None
         rec = PerfRecord(
             request_id=request_id, method=m.method if m else "none", prefill_path=path,

@@ -25,7 +25,7 @@ from baton.records import PerfRecord, WorkerStatus
 from baton.router.features import RequestFeatures, request_features, tokenizer_flags
 from baton.router.selector import Choice, MethodSelector
 from baton.router.selector_training import NotEnoughHistory, train
-from baton.router.speed_model import Candidate, SpeedModel
+from baton.router.speed_model import Candidate, Load, SpeedModel
 from baton.sampling import SamplingParams
 from baton.speculation import NONE
 
@@ -86,6 +86,7 @@ class Selection:
         self.offers: dict[str, PoolOffer] = {}
         self.quality: dict[str, float] = {}
         self.kv_usage: dict[str, float] = {}  # pool -> mean KV usage of its workers (registry)
+        self.waiting: dict[str, float] = {}  # pool -> requests queued per worker (registry)
         self.errors: list[float] = []  # |log predicted - log achieved| of recent selections
         self.model_loaded_at: float | None = None
         self.trainings = 0
@@ -109,7 +110,7 @@ class Selection:
         return out or [Candidate(NONE)]
 
     def choose(self, features: RequestFeatures, params: SamplingParams,
-               load: dict[str, tuple[float, float]]) -> Choice:
+               load: dict[str, Load]) -> Choice:
         """The candidate for an `auto` request; raises `InvalidRequestError` when none fits.
 
         A request with a seed is never explored with: it asked to be reproducible, and another
@@ -206,11 +207,12 @@ class Selection:
             return
         self.load_latest()
         self.quality = self.state.quality() or self.quality
-        usage: dict[str, list[float]] = {}
+        usage: dict[str, list[tuple[float, int]]] = {}
         for w in self.state.workers():
             if w.load is not None:
-                usage.setdefault(w.info.pool, []).append(w.load.kv_usage)
-        self.kv_usage = {pool: sum(u) / len(u) for pool, u in usage.items()}
+                usage.setdefault(w.info.pool, []).append((w.load.kv_usage, w.load.waiting))
+        self.kv_usage = {pool: sum(k for k, _ in u) / len(u) for pool, u in usage.items()}
+        self.waiting = {pool: sum(n for _, n in u) / len(u) for pool, u in usage.items()}
         if self.due_for_training() and self.state.try_lock("selector-training",
                                                            self.settings.train_interval_s):
             try:

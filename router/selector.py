@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from baton.router.features import SKETCH_DIM, RequestFeatures, signature_similarity
-from baton.router.speed_model import Candidate, SpeedModel, inputs
+from baton.router.speed_model import NO_LOAD, Candidate, SpeedModel, inputs
 
 NOISE_STD = 0.15  # spread of one request's log tokens/s around its expectation
 COLD_STD = 3.0  # belief spread (log tokens/s around 0) without a model: the data decide
@@ -128,7 +128,7 @@ class MethodSelector:
         n = len(candidates)
         if self.model is not None:
             req = features.vector()
-            x = np.array([inputs(req, load.get(c.pool, (0.0, 0.0)), c, self.model.pools)
+            x = np.array([inputs(req, load.get(c.pool, NO_LOAD), c, self.model.pools)
                           for c in candidates])
             members = self.model.predict(x)
             prior = members.mean(0)
@@ -137,7 +137,7 @@ class MethodSelector:
             prior, prior_std = np.zeros(n), np.full(n, COLD_STD)
         mean, std = prior.copy(), prior_std.copy()
         for i, c in enumerate(candidates):
-            ctx = context(features, load.get(c.pool, (0.0, 0.0)))
+            ctx = context(features, load.get(c.pool, NO_LOAD))
             w, wr = self.correction.evidence(c.name, ctx)
             precision = 1 / prior_std[i] ** 2 + w / NOISE_STD ** 2
             mean[i] = prior[i] + (wr / NOISE_STD ** 2) / precision
@@ -172,7 +172,7 @@ class MethodSelector:
         s.chosen[c.method] += 1
         return Choice(candidate=c, predicted_tps=math.exp(mean[pick]),
                       best_predicted_tps=math.exp(score[best]), explored=explored,
-                      context=tuple(context(features, load.get(c.pool, (0.0, 0.0))).tolist()),
+                      context=tuple(context(features, load.get(c.pool, NO_LOAD)).tolist()),
                       prior_log_tps=float(prior[pick]),
                       model_version=self.model.info.version if self.model else 0)
 

@@ -28,7 +28,14 @@ from baton.speculation import METHODS
 
 QUANTIZATIONS = ("int8", "int4")
 # Load on the candidate's pool as the router sees it when it picks.
-LOAD_FEATURES = ("log_pool_in_flight", "pool_kv_usage")
+LOAD_FEATURES = ("log_pool_in_flight", "pool_kv_usage", "log_pool_waiting")
+NO_LOAD = (0.0,) * len(LOAD_FEATURES)
+Load = tuple[float, ...]  # a pool's LOAD_FEATURES
+
+
+def load_features(load: Sequence[float]) -> dict[str, float]:
+    """A pool's load as a record's features."""
+    return dict(zip(LOAD_FEATURES, load, strict=True))
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,13 @@ from baton.records import PerfRecord
 from baton.router.features import RequestFeatures, request_features, tokenizer_flags
 from baton.router.selector import MethodSelector
 from baton.router.selector_training import NotEnoughHistory, train
-from baton.router.speed_model import Candidate, TrainingSettings
+from baton.router.speed_model import (
+    NO_LOAD,
+    Candidate,
+    Load,
+    TrainingSettings,
+    load_features,
+)
 
 MODES = {"bs1": 1, "c16": 16}
 WITHIN = 0.95  # a pick this close to the oracle's speed counts as right
@@ -40,9 +46,9 @@ RULE_CODE_SHARE = 0.2  # the hand rule's "this prompt is code"
 Pick = Callable[[dict[str, Any], str], str]
 
 
-def load_of(mode: str) -> tuple[float, float]:
+def load_of(mode: str) -> Load:
     """The load features the router would see: other requests in flight on the one worker."""
-    return (math.log1p(MODES[mode] - 1), 0.0)
+    return (math.log1p(MODES[mode] - 1), 0.0, 0.0)
 
 
 def records(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[PerfRecord]:
@@ -58,11 +64,9 @@ def records(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[Perf
 
 
 def _record(row: dict[str, Any], mode: str, method: str, tps: float) -> PerfRecord:
-    load = load_of(mode)
     return PerfRecord(method=method, prefill_path="local", pool="default", tpot_s=1.0 / tps,
                       output_tokens=row["max_tokens"], prompt_tokens=row["prompt_tokens"],
-                      features={**row["features"], "log_pool_in_flight": load[0],
-                                "pool_kv_usage": load[1]})
+                      features={**row["features"], **load_features(load_of(mode))})
 
 
 def _time(row: dict[str, Any], mode: str, method: str) -> float:
@@ -260,6 +264,6 @@ def selection_ms(rows: list[dict[str, Any]], methods: list[str], tokenizer: Any,
             ids = r.get("ids") or [rng.randrange(40_000) for _ in range(r["prompt_tokens"])]
             t0 = time.perf_counter()
             f = request_features(ids, r["max_tokens"], 0.0, 1.0, mask)
-            sel.choose(f, cands, load={"default": (0.0, 0.0)})
+            sel.choose(f, cands, load={"default": NO_LOAD})
             times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)

@@ -13,6 +13,7 @@ import random
 
 from baton.records import PerfRecord
 from baton.router.features import RequestFeatures, request_features
+from baton.router.speed_model import load_features
 
 BASE_TPS = 20.0
 
@@ -49,8 +50,7 @@ def record(method: str, f: RequestFeatures, tps: float, pool: str = "default",
            quantization: str | None = None, in_flight: float = 0.0) -> PerfRecord:
     return PerfRecord(method=method, prefill_path="local", pool=pool, quantization=quantization,
                       tpot_s=1 / tps, output_tokens=64, prompt_tokens=f.prompt_tokens,
-                      features={**f.as_dict(), "log_pool_in_flight": in_flight,
-                                "pool_kv_usage": 0.0})
+                      features={**f.as_dict(), **load_features((in_flight, 0.0, 0.0))})
 
 
 def records(families: list[int], per_family: int, methods: list[str], seed: int = 0,
