@@ -121,6 +121,11 @@ class Selection:
                 allow_lossy=params.allow_lossy,
                 explore=not params.disable_exploration and params.seed is None)
         except ValueError as exc:
+            if params.allow_lossy:
+                raise InvalidRequestError(
+                    "no pool can serve this request: the quantized pools' agreement with full "
+                    "precision is not measured yet; measure it with `baton router quality "
+                    "POOL`") from exc
             raise InvalidRequestError(
                 "no pool can serve this request losslessly; set allow_lossy to use a pool with "
                 "quantized weights") from exc

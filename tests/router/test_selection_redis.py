@@ -125,6 +125,8 @@ def test_auto_requests_need_a_lossless_pool_unless_they_allow_lossy():
     f = world.features(0, 0.3, random.Random(0))
     with pytest.raises(InvalidRequestError, match="allow_lossy"):
         sel.choose(f, SamplingParams(method="auto"), {})
+    with pytest.raises(InvalidRequestError, match="baton router quality"):
+        sel.choose(f, SamplingParams(method="auto", allow_lossy=True), {})
     sel.quality = {"q4": 0.97}
     choice = sel.choose(f, SamplingParams(method="auto", allow_lossy=True), {})
     assert choice.candidate.pool == "q4"
