@@ -28,7 +28,7 @@ def test_gguf_file_and_converted_directory_both_load():
     via_file = model_source.resolve(str(gguf))
     assert via_file.kind == "gguf" and via_file.path == model_source.resolve("default").path
     local = model_source.resolve(str(via_file.path))
-    assert local.kind == "local"  # the converted directory (loaded in the test below)
+    assert local.kind == "local"  # the converted directory
 
 
 @pytest.mark.parametrize(
@@ -82,8 +82,7 @@ def test_cache_dir_follows_baton_cache(tmp_path, monkeypatch):
     target = model_source.convert_gguf(gguf)
     assert target.parent == tmp_path / "models"
     assert (target / "tokenizer.json").is_file()
-    engine = Engine(str(target), max_num_seqs=2)  # a converted directory serves as a model
-    assert engine.generate(["Hello"], None)[0].token_ids
+    # (That a converted directory serves as a model, every default-model engine shows.)
 
 
 def test_models_with_attention_softcapping_are_refused(tmp_path):
