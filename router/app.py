@@ -90,8 +90,7 @@ class RouterActor:
 
         dispatcher = Dispatcher(decode, prefill)
         dispatcher.pool_of = pool_of
-        selection = Selection(model.tokenizer, model.vocab_size, state, s.selection,
-                              model_name=model.name)
+        selection = Selection(model.tokenizer, model.vocab_size, state, s.selection)
         self.router = Router(model, dispatcher, state=state, router_id=s.router_id,
                              limits=RouterLimits(max_in_flight=s.max_in_flight),
                              refresh=refresh if controller is not None else None,

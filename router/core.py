@@ -299,9 +299,8 @@ class Router:
             selector_version=choice.model_version if choice is not None else 0)
         if self.state is not None:
             self.state.record(rec)
-        if self.selection is not None:
+        if choice is not None and self.selection is not None:
             self.selection.finished(choice, rec)
-        if choice is not None:
             self._notify("selected", rec)
 
     def stats(self) -> dict[str, float]:

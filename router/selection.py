@@ -76,10 +76,9 @@ class Selection:
     """Per-request method selection for one router; see the module doc."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, state: SelectorState | None = None,
-                 settings: SelectionSettings | None = None, model_name: str = ""):
+                 settings: SelectionSettings | None = None):
         self.settings = settings or SelectionSettings()
         self.state = state
-        self.model_name = model_name
         self.selector = MethodSelector(explore_rate=self.settings.explore_rate,
                                        seed=self.settings.seed)
         self.flags_by_id = tokenizer_flags(tokenizer, vocab_size)
@@ -88,7 +87,6 @@ class Selection:
         self.kv_usage: dict[str, float] = {}  # pool -> mean KV usage of its workers (registry)
         self.waiting: dict[str, float] = {}  # pool -> requests queued per worker (registry)
         self.errors: list[float] = []  # |log predicted - log achieved| of recent selections
-        self.model_loaded_at: float | None = None
         self.trainings = 0
         self._task: asyncio.Task | None = None
 
@@ -172,7 +170,6 @@ class Selection:
             return False
         model.info.version = version
         self.selector.set_model(model)
-        self.model_loaded_at = time.time()
         log.info("selector model v%d loaded (%d records)", version, model.info.records)
         return True
 
@@ -192,7 +189,6 @@ class Selection:
         if version is not None:
             model.info.version = version
         self.selector.set_model(model)
-        self.model_loaded_at = time.time()
         self.trainings += 1
         return version
 

@@ -100,7 +100,6 @@ class SelectorStats:
     decisions: int = 0
     explored: int = 0
     observed: int = 0
-    abs_log_error: float = 0.0  # summed |log predicted - log achieved|
     regret: float = 0.0  # summed max(0, 1 - achieved / best believed)
 
 
@@ -185,5 +184,4 @@ class MethodSelector:
                             log_tps - choice.prior_log_tps)
         s = self.stats
         s.observed += 1
-        s.abs_log_error += abs(math.log(choice.predicted_tps) - log_tps)
         s.regret += max(0.0, 1.0 - achieved_tps / choice.best_predicted_tps)

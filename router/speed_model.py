@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from baton.router.features import REQUEST_FEATURES
 from baton.speculation import METHODS
 
 QUANTIZATIONS = ("int8", "int4")
@@ -210,5 +209,3 @@ def _width(net: nn.Sequential) -> int:
     assert isinstance(first, nn.Linear)
     return first.out_features
 
-
-N_INPUTS_BASE = len(REQUEST_FEATURES) + len(LOAD_FEATURES)

@@ -26,6 +26,7 @@ from baton.actors.engine import Engine
 from baton.actors.model_source import load_tokenizer, resolve
 from baton.errors import ConfigError
 from baton.ops.bench.machine import machine_info
+from baton.ops.bench.select_eval import MODES, evaluate
 from baton.ops.bench.spec import WorkItem, _decode_stats, load_workload
 from baton.router.features import request_features, tokenizer_flags
 from baton.sampling import SamplingParams
@@ -33,8 +34,7 @@ from baton.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 BUILTIN_WORKLOAD = "select_workload.jsonl"
-CONCURRENCY = 16
-MODES = {"bs1": 1, "c16": CONCURRENCY}
+CONCURRENCY = MODES["c16"]
 
 
 def _tps(stats: dict[str, Any]) -> float:
@@ -115,8 +115,6 @@ def write_matrix(rows: list[dict[str, Any]], path: Path) -> None:
 def run_select_bench(json_path: str | None, workload: str | None, train: str | None,
                      matrix: str | None, methods: list[str], threads: int, dtype: str,
                      console: Console) -> dict[str, Any]:
-    from baton.ops.bench.select_eval import evaluate
-
     if "none" not in methods:
         methods = ["none", *methods]
     engine = None
