@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,6 +170,7 @@ class ModelRunner:
             max_context_len=max(context_lens),
             max_query_len=max_q,
             q_index=None if max_q == 1 else torch.tensor(q_index, device=dev),
+            query_start=torch.tensor([0, *itertools.accumulate(query_lens)], device=dev),
             trees=trees,
         )
         input_ids = torch.tensor([ids], device=dev)

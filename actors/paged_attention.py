@@ -7,8 +7,9 @@ runner and shared by all layers; it reaches the attention function through a con
 
 Shapes inside: the batch runs as `[kv_heads, B, ...]` (the cache's own order), each kv head's
 query group folded into the query axis, so grouped-query attention never repeats keys.
-On CUDA, decode steps (one query per request) run `baton.kernels.paged_attention` straight on the
-blocks instead, gathering nothing.
+On CUDA, decode and verify steps (one query per request, or a short run of draft tokens, chains
+and trees alike) run `baton.kernels.paged_attention` straight on the blocks instead, gathering
+nothing; steps with a long prompt chunk gather.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from baton.kernels.paged_attention import paged_attention
 ATTN_IMPLEMENTATION = "baton_paged"
 # Up to this many query rows per kv head, explicit matmuls beat SDPA's CPU kernel (decode).
 _MATMUL_MAX_ROWS = 64
+# The paged kernel holds a kv head's whole query group of a sequence in one tile: up to this many
+# rows (padded to powers of two) it runs the step, past it (prompt chunks) the gather path does.
+_KERNEL_MAX_ROWS = 128
 
 
 @dataclass(slots=True)
@@ -49,6 +53,7 @@ class AttentionBatch:
     max_context_len: int
     max_query_len: int
     q_index: torch.Tensor | None
+    query_start: torch.Tensor | None = None  # [B + 1] cumulative query counts (packed rows)
     on_layer_done: Callable[[int], None] | None = None
     # Draft trees: (batch row, query index of the tree's root, [n+1, n+1] ancestor mask).
     trees: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
@@ -78,6 +83,34 @@ class AttentionBatch:
                 m[row, q0 : q0 + n, k0 : k0 + n] = anc.to(m.device)
             m[:, :, 0] |= self.query_pos < 0  # padded query rows attend to something: no NaN
             self._masks[key] = m.repeat(1, groups, 1).unsqueeze(0)
+        return self._masks[key]
+
+    def fits_kernel(self, groups: int) -> bool:
+        """Whether the paged kernel can run this step (see `_KERNEL_MAX_ROWS`)."""
+        rows = 1 << (groups - 1).bit_length()
+        rows *= 1 << (self.max_query_len - 1).bit_length()
+        return rows <= _KERNEL_MAX_ROWS and (self.max_query_len == 1
+                                             or self.query_start is not None)
+
+    def tree_mask(self) -> torch.Tensor | None:
+        """`[T, max_query_len]` packed rows' view of their own run (causal, draft trees by
+        ancestry), for the kernel; None without trees. Built once per step."""
+        if not self.trees:
+            return None
+        key = (-1, -1)
+        if key not in self._masks:
+            q = self.max_query_len
+            causal = torch.ones(q, q, dtype=torch.bool).tril()
+            starts = self.query_start.tolist() if self.query_start is not None else []
+            m = torch.zeros(starts[-1], q, dtype=torch.bool)
+            for b in range(self.batch_size):
+                n = starts[b + 1] - starts[b]
+                m[starts[b]:starts[b + 1], :n] = causal[:n, :n]
+            for row, q0, anc in self.trees:
+                n = anc.shape[0]
+                lo = starts[row] + q0
+                m[lo:lo + n, q0:q0 + n] = anc
+            self._masks[key] = m.to(self.query_pos.device)
         return self._masks[key]
 
 
@@ -140,9 +173,13 @@ def paged_attention_forward(
     write_kv(v_cache, batch.slot_mapping, value[0])
     if batch.on_layer_done is not None:
         batch.on_layer_done(module.layer_idx)
-    if batch.max_query_len == 1 and backend(query.device) == "triton":
+    if backend(query.device) == "triton" and batch.fits_kernel(groups):
+        varlen = batch.max_query_len > 1
         out = paged_attention(query[0].transpose(0, 1), k_cache, v_cache, batch.block_tables,
-                              batch.context_lens, scale=scaling, sliding_window=sliding_window)
+                              batch.context_lens,
+                              query_start=batch.query_start if varlen else None,
+                              max_query_len=batch.max_query_len, scale=scaling,
+                              sliding_window=sliding_window, tree_mask=batch.tree_mask())
         return out.unsqueeze(0), None
     keys = gather_kv(k_cache, batch.block_tables)
     values = gather_kv(v_cache, batch.block_tables)

@@ -5,7 +5,9 @@ and verify (each sequence brings a short run of draft tokens, causal among thems
 speculative decoding checks them). Queries are packed `[T, heads, head_dim]`; sequence `b` owns
 rows `query_start[b]:query_start[b + 1]`, the last `n_b` positions of its `context_lens[b]` tokens,
 whose keys and values are already in the cache. Grouped-query attention reads each kv head once
-for its whole query group.
+for its whole query group. A draft tree (lookahead, Medusa) verifies under `tree_mask`: row `t`
+of it says which queries of `t`'s own run `t` may see (its ancestors and itself), where a chain
+sees every earlier one.
 """
 
 from __future__ import annotations
@@ -26,23 +28,30 @@ def paged_attention(
     max_query_len: int = 1,
     scale: float | None = None,
     sliding_window: int | None = None,
+    tree_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`[T, heads, head_dim]` attention outputs for packed `query` (same dtype).
 
     `k_cache`/`v_cache`: `[kv_heads, num_blocks, block_size, head_dim]`; `block_tables [B, nb]`
     and `context_lens [B]` (tokens in cache, new ones included). Without `query_start` every
     sequence has exactly one query (decode, `T == B`); with it (`[B + 1]`, cumulative) pass the
-    longest run as `max_query_len`.
+    longest run as `max_query_len`. `tree_mask [T, max_query_len]` (bool), when given, narrows
+    what each query sees of its own run: row `t`, column `j`: the run's query `j`.
     """
     _check(query, k_cache, v_cache, block_tables, context_lens, query_start, max_query_len)
+    if tree_mask is not None and (query_start is None
+                                  or tuple(tree_mask.shape) != (len(query), max_query_len)):
+        raise ConfigError(f"tree_mask must be [T, max_query_len] = [{len(query)}, "
+                          f"{max_query_len}] with query_start, got {tuple(tree_mask.shape)}")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if backend(query.device) == "triton":
         from baton.kernels.paged_attention_triton import paged_attention_triton
 
         return paged_attention_triton(query, k_cache, v_cache, block_tables, context_lens,
-                                      query_start, max_query_len, scale, sliding_window or 0)
+                                      query_start, max_query_len, scale, sliding_window or 0,
+                                      tree_mask)
     return paged_attention_reference(query, k_cache, v_cache, block_tables, context_lens,
-                                     query_start, scale, sliding_window)
+                                     query_start, scale, sliding_window, tree_mask)
 
 
 def paged_attention_reference(
@@ -54,6 +63,7 @@ def paged_attention_reference(
     query_start: torch.Tensor | None,
     scale: float,
     sliding_window: int | None = None,
+    tree_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One sequence at a time, in float32: gather its blocks, mask, softmax."""
     hkv, _, bs, d = k_cache.shape
@@ -74,6 +84,9 @@ def paged_attention_reference(
         visible = kpos <= qpos
         if sliding_window:
             visible &= kpos > qpos - sliding_window
+        if tree_mask is not None:
+            n = hi - lo
+            visible[:, ctx - n:] &= tree_mask[lo:hi, :n].to(visible.device)
         probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         out[lo:hi] = (probs @ vals).transpose(0, 1).to(query.dtype)
     return out

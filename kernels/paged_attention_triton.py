@@ -3,7 +3,8 @@
 The program holds the queries of a whole kv-head group (every query head of the group times
 every query of the sequence) as the rows of one tile, walks the sequence's context `BLOCK_N`
 positions at a time (looking each position's block up in the block table, so any cache block
-size works) and keeps an online softmax in float32.
+size works) and keeps an online softmax in float32. With a tree mask (`TREE`), a query sees the
+earlier queries of its own run only where its mask row says so (a draft tree's ancestors).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ BLOCK_N = 32  # context positions per step
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, ctx_ptr, qstart_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, ctx_ptr, qstart_ptr, tree_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kh, stride_kb, stride_kt,
-    stride_table, scale, window,
+    stride_table, stride_tree, scale, window,
     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    VARLEN: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, TREE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -66,6 +67,13 @@ def _paged_attention_kernel(
         visible = k_ok[None, :] & (kpos[None, :] <= qpos[:, None]) & row_ok[:, None]
         if window > 0:
             visible = visible & (kpos[None, :] > qpos[:, None] - window)
+        if TREE:
+            # Keys inside the query run: the query's mask row decides (ancestors and itself).
+            run_lo = ctx - q_len
+            in_run = kpos[None, :] >= run_lo
+            m_off = (q_lo + qi)[:, None] * stride_tree + (kpos - run_lo)[None, :]
+            allowed = tl.load(tree_ptr + m_off, mask=visible & in_run, other=0)
+            visible = visible & ((allowed != 0) | (kpos[None, :] < run_lo))
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp(m_i - m_new)
@@ -81,7 +89,7 @@ def _paged_attention_kernel(
 
 
 def paged_attention_triton(query, k_cache, v_cache, block_tables, context_lens, query_start,
-                           max_query_len, scale, window) -> torch.Tensor:
+                           max_query_len, scale, window, tree_mask=None) -> torch.Tensor:
     hkv, _, cache_block, d = k_cache.shape
     if k_cache.stride(-1) != 1 or query.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         raise ConfigError("paged attention needs the head_dim axis contiguous in query and caches")
@@ -96,15 +104,16 @@ def paged_attention_triton(query, k_cache, v_cache, block_tables, context_lens, 
     block_q = triton.next_power_of_2(max_query_len if varlen else 1)
     block_q = max(block_q, triton.cdiv(16, block_g))
     tables = block_tables.to(torch.int32)
+    tree = tree_mask.to(torch.int8) if tree_mask is not None else tables
     dot, precision = dot_operands(query.dtype)
     _paged_attention_kernel[(batch, hkv)](
         query, k_cache, v_cache, out, tables, context_lens.to(torch.int32),
-        query_start.to(torch.int32) if varlen else tables,
+        query_start.to(torch.int32) if varlen else tables, tree,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
-        scale, window,
+        tree.stride(0), scale, window,
         GROUPS=groups, HEAD_DIM=d, CACHE_BLOCK=cache_block, BLOCK_G=block_g, BLOCK_Q=block_q,
         BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)), VARLEN=varlen,
-        DOT=dot, PRECISION=precision,
+        TREE=tree_mask is not None, DOT=dot, PRECISION=precision,
     )
     return out

@@ -63,6 +63,48 @@ def test_verify_is_causal_within_each_sequences_drafts(triton_path, dtype):
     assert_close(out[first], decode[1], dtype)
 
 
+def _tree_mask(query_lens, trees):
+    """Packed `[T, max_query_len]` rows: causal within each run, draft trees (sequence ->
+    parents of the nodes after the run's first query, the root) by ancestry."""
+    q = max(query_lens)
+    rows = []
+    for b, n in enumerate(query_lens):
+        m = torch.ones(n, q, dtype=torch.bool).tril()
+        m[:, n:] = False
+        if b in trees:
+            m[1:, 1:] = False
+            for i, parent in enumerate(trees[b]):
+                if parent >= 0:
+                    m[i + 1, 1:] = m[parent + 1, 1:]
+                m[i + 1, i + 1] = True
+        rows.append(m)
+    return torch.cat(rows).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verify_under_a_tree_mask_sees_only_ancestors(triton_path, dtype):
+    """Two branches under the root, each two deep, next to a plain chain: the kernel applies the
+    tree and the chain alike, as the reference does, and the tree changes what nodes see."""
+    context_lens, query_lens = [12, 21, 9], [5, 3, 1]
+    trees = {0: [-1, -1, 0, 1]}  # root -> a, b; a -> c; b -> d
+    q, k, v, tables, ctx, starts = _case(context_lens, query_lens, 6, 2, 32, 8, dtype)
+    mask = _tree_mask(query_lens, trees)
+    out = paged_attention(q, k, v, tables, ctx, starts, max_query_len=5, tree_mask=mask)
+    expected = paged_attention_reference(q, k, v, tables, ctx, starts, 32**-0.5, tree_mask=mask)
+    assert_close(out, expected, dtype)
+    causal = paged_attention_reference(q, k, v, tables, ctx, starts, 32**-0.5)
+    assert_close(out[:2], causal[:2], dtype)  # the root and the first node: nothing to hide
+    assert_close(out[5:], causal[5:], dtype)  # the chains of the other sequences
+    assert not torch.allclose(out[2:5].float(), causal[2:5].float(), atol=1e-2)
+
+
+def test_tree_mask_of_the_wrong_shape_is_refused():
+    q, k, v, tables, ctx, starts = _case([8], [3], 2, 2, 16, 8, torch.float32)
+    with pytest.raises(ConfigError, match="tree_mask must be"):
+        paged_attention(q, k, v, tables, ctx, starts, max_query_len=3,
+                        tree_mask=torch.ones(3, 2, dtype=torch.bool))
+
+
 def test_sliding_window_hides_old_context(triton_path):
     q, k, v, tables, ctx, starts = _case([40, 7], [2, 2], 2, 2, 16, 16, torch.float32)
     out = paged_attention(q, k, v, tables, ctx, starts, max_query_len=2, sliding_window=8)
@@ -101,17 +143,40 @@ def test_shapes_that_cannot_group_are_refused():
         paged_attention(q[:1], k, v, tables, ctx)
 
 
-def test_engine_decodes_the_same_tokens_through_the_kernel():
-    """The engine's attention hands decode steps to the kernel (CUDA's path), same greedy text."""
+def test_engine_decodes_and_verifies_the_same_tokens_through_the_kernel(monkeypatch):
+    """The engine hands decode steps and draft verification (prompt-lookup chains, lookahead
+    trees) to the kernel, CUDA's path, and gets the same greedy tokens."""
+    from baton.actors.draft_tree import DraftTree
     from baton.actors.engine import Engine
     from baton.sampling import SamplingParams
 
-    engine = Engine("tiny:qwen3", dtype="float32", device=str(DEVICE), num_kv_blocks=32,
-                    block_size=4)
-    prompts = [[5, 9, 2, 6, 5, 3], [7], [1, 4, 1, 5, 9, 2, 6, 5, 3, 5]]
+    engine = Engine("tiny:qwen3", dtype="float32", device=str(DEVICE), num_kv_blocks=48,
+                    block_size=4, methods=["ngram", "lookahead"])
+    prompts = [[5, 9, 2, 6, 5, 3], [7], [1, 4, 1, 5, 9, 2, 6, 5, 3, 5] * 2]
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     with force_backend("torch"):
         expected = [o.token_ids for o in engine.generate(prompts, params)]
+
+    def propose(request_id, context, max_nodes):
+        # Two branches under the root; the greedy token is always the second one.
+        prompt, want = next((p, w) for p, w in zip(prompts, expected, strict=True)
+                            if context[:len(p)] == p)
+        nxt = (want + [0, 0])[len(context) - len(prompt):][:2]
+        return DraftTree([(nxt[0] + 1) % 256, nxt[0], nxt[1]], [-1, -1, 1])
+
+    monkeypatch.setattr(engine.speculator.lookahead, "propose", propose)
+    kernel = paged_attention_triton.paged_attention_triton
+    trees = []
+
+    def spy(*args):
+        trees.append(args[-1] is not None)
+        return kernel(*args)
+
+    monkeypatch.setattr(paged_attention_triton, "paged_attention_triton", spy)
     with force_backend("triton"):
-        got = [o.token_ids for o in engine.generate(prompts, params)]
-    assert got == expected
+        for method in ("ngram", "lookahead"):
+            got = engine.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True,
+                                                          method=method))
+            assert [o.token_ids for o in got] == expected, method
+    assert sum(o.metrics.spec_accepted_tokens for o in got) > 0  # second branches accepted
+    assert any(trees) and not all(trees)
