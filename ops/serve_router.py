@@ -4,10 +4,11 @@ On Kubernetes this is the Helm chart's router Deployment: its pod joins the RayC
 without CPUs for actors (`ray start --address=<head>:6379 --num-cpus=0`), then runs this. Ray
 Client cannot carry the workers' streaming calls, so the router must be a driver on a Ray node.
 
-It joins Ray, uses the cluster's controller or starts one on the head node (pools from
-`--config`, so a router pod's restart never takes the controller along), waits until a decode
-worker is up, then serves gRPC (and HTTP) until SIGTERM. The API token and the Redis URL come
-from the environment (`BATON_API_TOKEN`, `BATON_REDIS_URL`), so they stay off the command line.
+It joins Ray, uses the cluster's controller or starts one from a task on the head node (pools from
+`--config`; Ray places the zero-CPU controller on the node that asks first, so a router pod's
+restart should not take the controller along), waits until a decode worker is up, then serves gRPC
+(and HTTP) until SIGTERM. The API token and the Redis URL come from the environment
+(`BATON_API_TOKEN`, `BATON_REDIS_URL`), so they stay off the command line.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def _start_on_head(config: ClusterConfig, redis_url: str | None, namespace: str)
 
 
 def ensure_controller(config: ClusterConfig, redis_url: str | None, namespace: str) -> None:
-    """Start the cluster's controller and pools on the head node, unless one already runs
-    (another router started it: then this one just uses it)."""
+    """Start the cluster's controller and pools from a task on the head node, unless one already
+    runs (another router started it: then this one just uses it)."""
     try:
         get_controller(namespace=namespace)
         return
@@ -78,7 +79,7 @@ def ensure_controller(config: ClusterConfig, redis_url: str | None, namespace: s
     heads = [n["NodeID"] for n in ray.nodes() if n["Alive"] and HEAD_RESOURCE in n["Resources"]]
     if not heads:
         raise ClusterNotRunningError("no live Ray head node to start the controller on")
-    log.info("starting the controller and its pools on the head node")
+    log.info("starting the controller and its pools from the head node")
     task = ray.remote(_start_on_head).options(
         num_cpus=0, max_retries=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(heads[0], soft=False))
