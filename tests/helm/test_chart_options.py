@@ -180,6 +180,15 @@ BAD = {
         "cluster.pools[0].accelerator_type \"B300\""),
     "pool-name-not-a-label": ({"cluster": {"pools": [{"name": "Decode_1", "role": "decode"}]}},
                               "cluster.pools[0].name \"Decode_1\""),
+    "duplicate-pool-name": ({"cluster": {"pools": [{"name": "decode", "role": "decode"},
+                                                   {"name": "decode", "role": "prefill"}]}},
+                            "cluster.pools[1].name \"decode\""),
+    "cuda-pool-without-gpus": (
+        {"cluster": {"pools": [{"name": "decode", "role": "decode", "device": "cuda"}]}},
+        "cluster.pools[0].num_gpus"),
+    "cpu-cores-pinned": (
+        {"cluster": {"pools": [{"name": "decode", "role": "decode", "cpu_cores": [0]}]}},
+        "cluster.pools[0].cpu_cores"),
     "redis-url-in-cluster": ({"cluster": {"redis": {"url": "redis://x:6379"}}},
                              "cluster.redis.url"),
 }

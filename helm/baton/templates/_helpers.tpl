@@ -101,8 +101,17 @@ app.kubernetes.io/component: {{ .component }}
 {{- if not (regexMatch "^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$" (toString $p.name)) -}}
 {{- fail (printf "cluster.pools[%d].name %q: a pool name names its Ray worker group and pods; use lowercase letters, digits and '-' (at most 40)" $i (toString $p.name)) -}}
 {{- end -}}
+{{- if has $p.name $names -}}
+{{- fail (printf "cluster.pools[%d].name %q: another pool has that name" $i $p.name) -}}
+{{- end -}}
 {{- $names = append $names $p.name -}}
 {{- $gpus := int (include "baton.poolGpus" $p) -}}
+{{- if and (eq (toString $p.device) "cuda") (not $gpus) -}}
+{{- fail (printf "cluster.pools[%d].num_gpus: pool %q has device cuda, so it needs num_gpus > 0" $i $p.name) -}}
+{{- end -}}
+{{- if $p.cpu_cores -}}
+{{- fail (printf "cluster.pools[%d].cpu_cores: pins the cores of one machine (baton up); leave it out on Kubernetes, where num_cpus sizes each pod" $i) -}}
+{{- end -}}
 {{- $place := index $.Values.poolPlacement $p.name | default dict -}}
 {{- if and $gpus $p.accelerator_type (not $place.nodeSelector) (not (hasKey $.Values.gpuNodes.products $p.accelerator_type)) -}}
 {{- fail (printf "cluster.pools[%d].accelerator_type %q: no node label for it in gpuNodes.products; add it there or set poolPlacement.%s.nodeSelector" $i $p.accelerator_type $p.name) -}}
