@@ -7,7 +7,8 @@ STAMPS := .stamps
 TORCH_VERSION := 2.13.0
 # A CPU wheel shipped on this machine's disk, if any (pip's find-links).
 TORCH_LOCAL_WHEEL := $(firstword $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu-*.whl))
-PYTEST_ARGS ?=
+# Two pytest workers: one runs the modules that start Ray, in turn; both share the rest.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 # The engine's control plane, type-checked (model code and tensors are left to the tests).
 MYPY_ACTORS := block_manager.py scheduler.py sequence.py engine_loop.py worker.py kv_link.py token_trie.py lookahead.py
 

@@ -124,7 +124,18 @@ def _engines_end_clean(request):
                 assert_no_leaks(engine)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    # Under `pytest -n N --dist loadgroup` (make test) a module runs whole on one worker, and every
+    # module that starts Ray runs on the same one, one after another: two Ray instances starting
+    # side by side on one machine can leave an actor unplaced.
+    # The Ray modules go first, so that their long run starts at once.
+    ray_items = {id(item) for item in items
+                 if "ray" in item.keywords or "ray_local" in item.fixturenames}
+    items.sort(key=lambda item: id(item) not in ray_items)
+    for item in items:
+        group = "ray" if id(item) in ray_items else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

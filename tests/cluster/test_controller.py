@@ -26,6 +26,8 @@ from baton.errors import (
 from baton.sampling import SamplingParams
 from tests.conftest import wait_until
 
+pytestmark = pytest.mark.ray  # starts Ray: runs alone (see tests/conftest.py)
+
 NAMESPACE = "baton-test"
 ENGINE = {"block_size": 8, "num_threads": 1}
 OPTIONS = {"tick_s": 0.3, "drain_grace_s": 0.3, "retry_s": 1.0}

@@ -38,6 +38,8 @@ CONFIG = {
 KILL_DECODE = """
 from baton.cluster.local import LocalCluster
 import ray
+
+pytestmark = pytest.mark.ray  # starts Ray: runs alone (see tests/conftest.py)
 LocalCluster.load().connect()
 rows = ray.get(ray.get_actor("baton-controller", namespace="baton").workers.remote())
 (decode,) = [r for r in rows if r["role"] == "decode"]

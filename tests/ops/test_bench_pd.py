@@ -12,6 +12,8 @@ from baton.ops.bench.openloop import SLO, goodput, poisson_arrivals, summarize
 from baton.ops.bench.sweep import ATTAINMENT
 from baton.ops.bench.workload import RequestTiming
 
+pytestmark = pytest.mark.ray  # starts Ray: runs alone (see tests/conftest.py)
+
 
 def test_poisson_arrivals_keep_the_rate_and_the_seed():
     a = poisson_arrivals(4000, 2.0, seed=1)
