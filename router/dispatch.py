@@ -28,6 +28,13 @@ from baton.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 
+def prefill_remotely(has_prefill_worker: bool, uncached_tokens: int, threshold: int) -> bool:
+    """Conditional disaggregation: whether a prompt goes to a prefill worker (its KV shipped back)
+    rather than being prefilled where it decodes; only prompts with at least `threshold`
+    uncached tokens are worth the transfer."""
+    return has_prefill_worker and uncached_tokens >= threshold
+
+
 class WorkerSet:
     """Actor handles of one role with this dispatcher's in-flight count each; dead ones drop out."""
 

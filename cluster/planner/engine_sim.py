@@ -1,0 +1,228 @@
+"""One simulated engine replica: continuous batching with chunked prefill and preemption.
+
+It mirrors `baton.actors.scheduler`: each iteration decodes one token for every running request,
+then fills the rest of the token budget with prompt chunks in arrival order (while seats and KV
+last); when KV runs out the most recently admitted request is preempted and recomputed later.
+Time advances per iteration, and a run of decode-only iterations is one event: the batch moves
+up to the next completion at once (step time from the cost model at the run's mean context),
+cut short when a request arrives (the arrival waits for the step in progress, as it does in a
+real engine).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from baton.cluster.planner.cost import CostModel
+
+
+class SimRequest:
+    """One request's progress and timestamps; `todo` is prompt (or recompute) tokens left."""
+
+    __slots__ = ("index", "arrival", "prompt", "output", "left", "ctx", "todo", "first",
+                 "finish", "decode", "prefill", "holds", "started", "remote")
+
+    def __init__(self, index: int, arrival: float, prompt: int, output: int):
+        self.index = index
+        self.arrival = arrival
+        self.prompt = prompt
+        self.output = output
+        self.left = output  # tokens still to generate
+        self.ctx = 0  # tokens in its KV on the engine that holds it
+        self.todo = prompt
+        self.first = -1.0  # time of the first token (-1: none yet)
+        self.finish = -1.0
+        self.decode: Any = None  # the SimEngine that decodes it
+        self.prefill: Any = None  # the SimEngine that prefills it remotely (None: local)
+        self.holds: tuple[Any, ...] = ()  # the router's load holds, released when it finishes
+        self.started = 0.0
+        self.remote = False
+
+
+class SimEngine:
+    """A replica; `sim` provides `schedule(t, callback)` and hears `finished` / `prefilled`."""
+
+    def __init__(self, sim: Any, cost: CostModel, role: str, name: str,
+                 max_num_batched_tokens: int, max_num_seqs: int):
+        self.sim = sim
+        self.cost = cost
+        self.role = role
+        self.name = name
+        self.budget = max_num_batched_tokens
+        self.max_seqs = max_num_seqs
+        self.capacity = cost.kv_capacity_tokens
+        self.waiting: deque[SimRequest] = deque()  # prompt tokens left (new or preempted)
+        self.running: list[SimRequest] = []  # decoding
+        self.prefilling: list[SimRequest] = []  # admitted, prompt partly computed
+        self.kv_used = 0
+        self.decode_ctx = 0  # KV tokens of the running requests
+        self.busy = False
+        self._version = 0
+        self._group: tuple[float, float, int] = (0.0, 0.0, 0)  # (start, step s, steps)
+        self._chunks: list[tuple[SimRequest, int]] = []
+        self.iterations = 0
+        self.preemptions = 0
+        self.busy_s = 0.0
+
+    # -- the outside world ------------------------------------------------------------------------
+
+    def add(self, req: SimRequest, now: float) -> None:
+        """Queue a prompt for prefill here."""
+        self.waiting.append(req)
+        self._wake(now)
+
+    def reserve(self, tokens: int) -> bool:
+        """Hold KV for a remote prefill's import (False: no room, prefill locally instead)."""
+        if self.kv_used + tokens > self.capacity:
+            return False
+        self.kv_used += tokens
+        return True
+
+    def admit_import(self, req: SimRequest, now: float) -> None:
+        """A remote prefill's KV arrived: start decoding (its reservation is already held)."""
+        req.ctx = req.prompt
+        self.decode_ctx += req.ctx
+        self.running.append(req)
+        self._wake(now)
+
+    # -- iterations -------------------------------------------------------------------------------
+
+    def _wake(self, now: float) -> None:
+        if not self.busy:
+            self._plan(now)
+            return
+        start, step, steps = self._group
+        if steps > 1:  # cut a decode run short at the step in progress
+            done = min(steps, max(1, math.ceil((now - start) / step - 1e-9)))
+            if done < steps:
+                self._version += 1
+                self._group = (start, step, done)
+                self.sim.schedule(start + done * step, self._done, self._version)
+
+    def _plan(self, now: float) -> None:
+        running, partial = self.running, self.prefilling
+        while running and self.kv_used + len(running) > self.capacity:
+            self._preempt(partial.pop() if partial else running.pop())
+        n = len(running)
+        budget = self.budget - n
+        seats = self.max_seqs - n - len(partial)
+        chunks: list[tuple[SimRequest, int]] = []
+        p_tokens = 0
+        p_ctx = 0.0
+        # Admitted prompts first (most recently admitted preempted when KV is short), then new.
+        i = 0
+        while i < len(partial) and budget > 0:
+            req = partial[i]
+            c = min(req.todo, budget)
+            while self.kv_used + p_tokens + n + c > self.capacity and partial[-1] is not req:
+                self._preempt(partial.pop())
+            if self.kv_used + p_tokens + n + c > self.capacity:
+                break
+            chunks.append((req, c))
+            p_ctx += c * (req.ctx + c / 2)
+            p_tokens += c
+            budget -= c
+            i += 1
+        while self.waiting and budget > 0 and seats > 0 and len(chunks) == len(partial):
+            req = self.waiting[0]
+            c = min(req.todo, budget)
+            if self.kv_used + p_tokens + n + c > self.capacity:
+                break
+            self.waiting.popleft()
+            partial.append(req)
+            chunks.append((req, c))
+            p_ctx += c * (req.ctx + c / 2)
+            p_tokens += c
+            budget -= c
+            seats -= 1
+        if not chunks and partial and not n:  # a stuck prompt: free the latest one's blocks
+            self._preempt(partial.pop())
+            self._plan(now)
+            return
+        if not chunks and not n:
+            self.busy = False
+            return
+        self.busy = True
+        self._version += 1
+        self._chunks = chunks
+        if chunks:
+            step = self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx)
+            steps = 1
+        else:
+            steps = min(r.left for r in running)
+            room = (self.capacity - self.kv_used) // n
+            steps = max(1, min(steps, room))
+            step = self.cost.iteration(0, 0.0, n, self.decode_ctx + n * (steps - 1) / 2)
+        self._group = (now, step, steps)
+        self.sim.schedule(now + step * steps, self._done, self._version)
+
+    def _done(self, now: float, version: int) -> None:
+        if version != self._version:
+            return  # superseded by a shorter run
+        start, step, steps = self._group
+        self.iterations += steps
+        self.busy_s += now - start
+        running = self.running
+        if running:
+            n = len(running)
+            self.kv_used += n * steps
+            self.decode_ctx += n * steps
+            still = []
+            for r in running:
+                r.left -= steps
+                r.ctx += steps
+                if r.left <= 0:
+                    self._finish(r, now)
+                else:
+                    still.append(r)
+            self.running = still
+        for req, c in self._chunks:
+            req.todo -= c
+            req.ctx += c
+            self.kv_used += c
+            if req.todo == 0:
+                self.prefilling.remove(req)
+                self._prefilled(req, now)
+        self._chunks = []
+        self._plan(now)
+
+    def _prefilled(self, req: SimRequest, now: float) -> None:
+        if self.role == "prefill":  # its KV leaves; the decode side holds it from now on
+            self.kv_used -= req.ctx
+            req.ctx = 0
+            self.sim.prefilled(req, now)
+            return
+        if req.first < 0:
+            req.first = now
+            req.left -= 1
+        if req.left <= 0:
+            self._finish(req, now, decoding=False)
+            return
+        self.decode_ctx += req.ctx
+        self.running.append(req)
+
+    def _finish(self, req: SimRequest, now: float, decoding: bool = True) -> None:
+        req.finish = now
+        self.kv_used -= req.ctx
+        if decoding:
+            self.decode_ctx -= req.ctx
+        req.ctx = 0
+        self.sim.finished(req, now)
+
+    def _preempt(self, req: SimRequest) -> None:
+        """Free `req`'s KV (a running request, or a prompt partly computed) to recompute later."""
+        self.preemptions += 1
+        self.kv_used -= req.ctx
+        if req.todo == 0:  # decoding: its prompt and what it generated so far are recomputed
+            self.decode_ctx -= req.ctx
+            req.todo = req.ctx
+        else:
+            req.todo += req.ctx
+        req.ctx = 0
+        self.waiting.appendleft(req)
+
+
+Callback = Callable[[float, int], None]
