@@ -57,6 +57,7 @@ class SimEngine:
         self.waiting: deque[SimRequest] = deque()  # prompt tokens left (new or preempted)
         self.running: list[SimRequest] = []  # decoding
         self.prefilling: list[SimRequest] = []  # admitted, prompt partly computed
+        self.joining: list[SimRequest] = []  # imported while an iteration ran
         self.kv_used = 0
         self.decode_ctx = 0  # KV tokens of the running requests
         self.busy = False
@@ -84,8 +85,7 @@ class SimEngine:
     def admit_import(self, req: SimRequest, now: float) -> None:
         """A remote prefill's KV arrived: start decoding (its reservation is already held)."""
         req.ctx = req.prompt
-        self.decode_ctx += req.ctx
-        self.running.append(req)
+        self.joining.append(req)  # joins the batch when the iteration in progress ends
         self._wake(now)
 
     # -- iterations -------------------------------------------------------------------------------
@@ -103,6 +103,11 @@ class SimEngine:
                 self.sim.schedule(start + done * step, self._done, self._version)
 
     def _plan(self, now: float) -> None:
+        if self.joining:
+            for req in self.joining:
+                self.decode_ctx += req.ctx
+            self.running.extend(self.joining)
+            self.joining = []
         running, partial = self.running, self.prefilling
         while running and self.kv_used + len(running) > self.capacity:
             self._preempt(partial.pop() if partial else running.pop())
@@ -154,7 +159,7 @@ class SimEngine:
         else:
             steps = min(r.left for r in running)
             room = (self.capacity - self.kv_used) // n
-            steps = max(1, min(steps, room))
+            steps = max(1, min(steps, room)) if self.sim.event_skipping else 1
             step = self.cost.iteration(0, 0.0, n, self.decode_ctx + n * (steps - 1) / 2)
         self._group = (now, step, steps)
         self.sim.schedule(now + step * steps, self._done, self._version)

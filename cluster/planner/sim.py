@@ -63,12 +63,18 @@ class SimResult:
 
 
 class ClusterSim:
-    """One run of a workload through one layout; `run` returns a `SimResult`."""
+    """One run of a workload through one layout; `run` returns a `SimResult`.
 
-    def __init__(self, replicas: Sequence[ReplicaSpec], prefill_threshold: int):
+    With `event_skipping` a decode-only batch advances to its next completion (or the next
+    arrival at its engine) in one event; without, one event per iteration."""
+
+    def __init__(self, replicas: Sequence[ReplicaSpec], prefill_threshold: int,
+                 event_skipping: bool = True):
         if not any(r.role in ("decode", "both") and r.count for r in replicas):
             raise ConfigError("a layout needs at least one decode or both replica")
         self.threshold = prefill_threshold
+        # False: one event per decode iteration (slow; the reference event skipping must match).
+        self.event_skipping = event_skipping
         self.engines: list[SimEngine] = []
         for spec in replicas:
             for i in range(spec.count):
