@@ -1,7 +1,8 @@
 """`baton profile`: this machine's engine timed over a grid, for the planner to calibrate by.
 
 Prefill: one prompt of each length alone, the step that computes it timed. Decode: a batch of
-requests of one context length, prefilled first, then decode steps timed (median). Prompts are
+requests of one context length, prefilled first, then decode steps timed (mean: on a shared
+machine the mean, not the median, is what a loaded run sees). Prompts are
 random token ids, different per request, so the prefix cache never shortens a prompt. On a GPU
 machine (`--device cuda`) the same grid measures the GPU (name it with `--gpu` so the planner
 calibrates that catalog entry).
@@ -42,8 +43,10 @@ def measure(model: str = "default", dtype: str = "bfloat16", threads: int = 1,
             device: str = "cpu", gpu: str | None = None,
             prefill_lens: Sequence[int] = PREFILL_LENS, batches: Sequence[int] = BATCHES,
             contexts: Sequence[int] = CONTEXTS, decode_steps: int = DECODE_STEPS,
+            repeats: int = 1,
             say: Callable[[str], None] | None = None) -> Profile:
-    """Time the engine over the grid; returns the profile (not yet saved)."""
+    """Time the engine over the grid (each prefill `repeats` times, each decode batch over
+    `decode_steps` steps; means kept); returns the profile (not yet saved)."""
     budget = max(max(prefill_lens), max(batches))
     engine = Engine(model=model, dtype=dtype, device=device, num_threads=threads,
                     max_num_batched_tokens=budget, max_num_seqs=max(batches),
@@ -56,15 +59,15 @@ def measure(model: str = "default", dtype: str = "bfloat16", threads: int = 1,
     prefill = []
     for n in prefill_lens:
         times = []
-        for _ in range(2):
+        for _ in range(repeats):
             engine.add_request(_prompt(rng, vocab, n), one)
             t0 = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - t0)
             _drain(engine)
-        prefill.append((n, min(times)))
+        prefill.append((n, statistics.fmean(times)))
         if say:
-            say(f"prefill {n:5d} tokens: {min(times) * 1000:.1f} ms")
+            say(f"prefill {n:5d} tokens: {prefill[-1][1] * 1000:.1f} ms")
     decode = []
     for ctx in contexts:
         for b in batches:
@@ -80,7 +83,7 @@ def measure(model: str = "default", dtype: str = "bfloat16", threads: int = 1,
                 engine.step()
                 times.append(time.perf_counter() - t0)
             _drain(engine)
-            decode.append((b, ctx, statistics.median(times)))
+            decode.append((b, ctx, statistics.fmean(times)))
             if say:
                 say(f"decode batch {b:3d} x {ctx:5d} context: {decode[-1][2] * 1000:.1f} ms")
     # What a worker's engine (default options) would hold, not this grid's engine.

@@ -14,6 +14,7 @@ A replica spans `tp` devices (tensor parallel): their FLOP/s, bandwidth and memo
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,21 +138,40 @@ def calibrate(device: DeviceSpec, model: ModelProfile, profile: Profile,
                       link=link if link is not None else Efficiency.link, overlap=True)
 
 
+def _nonnegative_fit(design: np.ndarray, secs: np.ndarray) -> np.ndarray:
+    """Least squares in relative error (a 5 ms decode step counts as much as a 5 s prefill) with
+    every coefficient >= 0: the best of the fits over subsets of the columns."""
+    a, b = design / secs[:, None], np.ones_like(secs)
+    best, best_err = np.zeros(design.shape[1]), np.inf
+    cols = range(design.shape[1])
+    for mask in itertools.product((False, True), repeat=design.shape[1]):
+        keep = [c for c in cols if mask[c]]
+        if not keep:
+            continue
+        coef, *_ = np.linalg.lstsq(a[:, keep], b, rcond=None)
+        if (coef < 0).any():
+            continue
+        full = np.zeros(design.shape[1])
+        full[keep] = coef
+        err = float(np.sum((a @ full - b) ** 2))
+        if err < best_err:
+            best, best_err = full, err
+    return best
+
+
 def device_from_profile(profile: Profile, model: ModelProfile,
                         price_per_hour: float) -> tuple[DeviceSpec, Efficiency]:
     """A CPU worker as a device whose FLOP/s and bandwidth are the effective rates measured:
-    seconds = overhead + FLOPs / F + bytes / B, fitted by least squares over every point."""
+    seconds = overhead + FLOPs / F + bytes / B, fitted over every point (relative error,
+    coefficients >= 0). A dense model reads the same weights every step, so overhead and bytes
+    trade off in the fit; predictions do not depend on the split."""
     flops, mem, secs = _features(model, profile)
     design = np.column_stack([np.ones_like(flops), flops, mem])
-    coef, *_ = np.linalg.lstsq(design, secs, rcond=None)
-    overhead, per_flop, per_byte = (float(c) for c in coef)
-    if per_flop <= 0 or per_byte <= 0:
-        # Collinear points (tiny grids): attribute everything to compute, refit.
-        per_byte = 1e-15
-        per_flop, overhead = _fit_line(flops, secs - mem * per_byte)
-    device = DeviceSpec(name=profile.device, flops=1 / per_flop, mem_bw=1 / per_byte,
+    overhead, per_flop, per_byte = (float(c) for c in _nonnegative_fit(design, secs))
+    device = DeviceSpec(name=profile.device, flops=1 / max(per_flop, 1e-30),
+                        mem_bw=1 / max(per_byte, 1e-30),
                         memory=model.weight_bytes + profile.kv_cache_memory,
                         nic_bw=profile.kv_link_bytes_per_s, price_per_hour=price_per_hour,
                         kind="cpu")
-    return device, Efficiency(compute=1.0, memory=1.0, overhead_s=max(overhead, 0.0), link=1.0,
+    return device, Efficiency(compute=1.0, memory=1.0, overhead_s=overhead, link=1.0,
                               overlap=False)
