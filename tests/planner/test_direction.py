@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from baton.cluster.planner.candidates import cpu_layouts, gpu_layouts
 from baton.cluster.planner.catalog import Catalog
