@@ -36,6 +36,7 @@ class Efficiency:
     compute: float = 0.5  # of peak FLOP/s (prefill MFU)
     memory: float = 0.75  # of HBM bandwidth (decode)
     overhead_s: float = 0.004  # per iteration: launches, sampling, scheduling
+    per_seq_s: float = 0.0  # per request in the batch (CPU: per-sequence Python work)
     link: float = 0.15  # of NIC bandwidth a KV transfer reaches (`baton bench kv`: gRPC / TCP)
     overlap: bool = True  # compute and memory overlap (GPU) or add up (CPU)
 
@@ -70,10 +71,10 @@ class CostModel:
         return self.device.nic_bw * self.tp * self.eff.link
 
     def iteration(self, prefill_tokens: int, prefill_context: float, decode_n: int,
-                  decode_context: float) -> float:
-        """Seconds for one forward pass: `prefill_tokens` prompt tokens whose attention spans
-        `prefill_context` (sum over tokens of the positions they attend to) and `decode_n`
-        decoding requests holding `decode_context` tokens of KV between them."""
+                  decode_context: float, prefill_seqs: int = 1) -> float:
+        """Seconds for one forward pass: `prefill_tokens` prompt tokens (of `prefill_seqs`
+        requests) whose attention spans `prefill_context` (sum over tokens of the positions they
+        attend to) and `decode_n` decoding requests holding `decode_context` tokens of KV."""
         m = self.model
         tokens = prefill_tokens + decode_n
         flops = m.flops_per_token * tokens + m.attention_flops(prefill_context + decode_context)
@@ -81,7 +82,9 @@ class CostModel:
                    else m.weight_bytes_read(tokens))
         mem = weights + m.kv_bytes_per_token * (decode_context + prefill_tokens)
         c, b = flops / self._flops, mem / self._bw
-        return self.eff.overhead_s + (max(c, b) if self.eff.overlap else c + b)
+        seqs = decode_n + (prefill_seqs if prefill_tokens else 0)
+        return (self.eff.overhead_s + self.eff.per_seq_s * seqs
+                + (max(c, b) if self.eff.overlap else c + b))
 
     def transfer(self, tokens: int, to: CostModel) -> float:
         """Seconds to move `tokens` tokens of KV to a replica `to` (the slower end's link)."""
@@ -103,19 +106,20 @@ def min_tp(device: DeviceSpec, model: ModelProfile, min_kv_tokens: int = 16384) 
                       "smaller or quantized model")
 
 
-def _features(model: ModelProfile, profile: Profile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(FLOPs, bytes, seconds) of every profile point, prefill then decode."""
+def _features(model: ModelProfile, profile: Profile) -> tuple[np.ndarray, ...]:
+    """(FLOPs, bytes, seconds, requests) of every profile point, prefill then decode."""
     rows = []
     for tokens, seconds in profile.prefill:
         rows.append((model.flops_per_token * tokens + model.attention_flops(tokens * tokens / 2),
                      model.weight_bytes_read(tokens) + model.kv_bytes_per_token * tokens,
-                     seconds))
+                     seconds, 1))
     for batch, context, seconds in profile.decode:
         ctx = batch * context
         rows.append((model.flops_per_token * batch + model.attention_flops(ctx),
-                     model.weight_bytes_read(batch) + model.kv_bytes_per_token * ctx, seconds))
+                     model.weight_bytes_read(batch) + model.kv_bytes_per_token * ctx, seconds,
+                     batch))
     a = np.array(rows, dtype=float)
-    return a[:, 0], a[:, 1], a[:, 2]
+    return a[:, 0], a[:, 1], a[:, 2], a[:, 3]
 
 
 def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -130,7 +134,7 @@ def calibrate(device: DeviceSpec, model: ModelProfile, profile: Profile,
     if len(profile.prefill) < 2 or len(profile.decode) < 2:
         raise ConfigError("a profile needs at least two prefill and two decode points")
     n_pre = len(profile.prefill)
-    flops, mem, secs = _features(model, profile)
+    flops, mem, secs, _ = _features(model, profile)
     slope_c, _ = _fit_line(flops[:n_pre], secs[:n_pre])
     slope_m, overhead = _fit_line(mem[n_pre:], secs[n_pre:])
     return Efficiency(compute=min(1.0, 1 / (slope_c * device.flops)),
@@ -162,16 +166,16 @@ def _nonnegative_fit(design: np.ndarray, secs: np.ndarray) -> np.ndarray:
 def device_from_profile(profile: Profile, model: ModelProfile,
                         price_per_hour: float) -> tuple[DeviceSpec, Efficiency]:
     """A CPU worker as a device whose FLOP/s and bandwidth are the effective rates measured:
-    seconds = overhead + FLOPs / F + bytes / B, fitted over every point (relative error,
-    coefficients >= 0). A dense model reads the same weights every step, so overhead and bytes
-    trade off in the fit; predictions do not depend on the split."""
-    flops, mem, secs = _features(model, profile)
-    design = np.column_stack([np.ones_like(flops), flops, mem])
-    overhead, per_flop, per_byte = (float(c) for c in _nonnegative_fit(design, secs))
+    seconds = overhead + requests x per-request cost + FLOPs / F + bytes / B, fitted over every
+    point (relative error, coefficients >= 0). A dense model reads the same weights every step,
+    so overhead and bytes trade off in the fit; predictions do not depend on the split."""
+    flops, mem, secs, seqs = _features(model, profile)
+    design = np.column_stack([np.ones_like(flops), seqs, flops, mem])
+    overhead, per_seq, per_flop, per_byte = (float(c) for c in _nonnegative_fit(design, secs))
     device = DeviceSpec(name=profile.device, flops=1 / max(per_flop, 1e-30),
                         mem_bw=1 / max(per_byte, 1e-30),
                         memory=model.weight_bytes + profile.kv_cache_memory,
                         nic_bw=profile.kv_link_bytes_per_s, price_per_hour=price_per_hour,
                         kind="cpu")
-    return device, Efficiency(compute=1.0, memory=1.0, overhead_s=overhead, link=1.0,
-                              overlap=False)
+    return device, Efficiency(compute=1.0, memory=1.0, overhead_s=overhead, per_seq_s=per_seq,
+                              link=1.0, overlap=False)

@@ -154,7 +154,7 @@ class SimEngine:
         self._version += 1
         self._chunks = chunks
         if chunks:
-            step = self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx)
+            step = self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx, len(chunks))
             steps = 1
         else:
             steps = min(r.left for r in running)

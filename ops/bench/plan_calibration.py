@@ -3,7 +3,7 @@
 engine's measured profile; TTFT/TPOT p50 and goodput compared.
 
 This is the in-process (one worker, no Ray, no router) version of the comparison with
-`baton bench pd` / `baton bench serve`; `replay_report` re-simulates one of their JSON reports.
+`baton bench pd` / `baton bench serve` (not yet run: that needs a quiet machine for minutes).
 """
 
 from __future__ import annotations
@@ -103,3 +103,44 @@ def compare(engine: Engine, profile: Profile, rate: float, n: int, prompt: tuple
     return {"rate": rate, "requests": n, "real": {"ttft_p50_s": rt, "tpot_p50_s": rp},
             "sim": {"ttft_p50_s": st, "tpot_p50_s": sp},
             "error": {"ttft_p50": st / rt - 1, "tpot_p50": sp / rp - 1}}
+
+
+def sweep(engine: Engine, profile: Profile, rates: Sequence[float], n: int,
+          prompt: tuple[int, int], output: tuple[int, int], slo_scale: tuple[float, float],
+          seed: int = 0) -> dict[str, Any]:
+    """Rising rates, real and simulated, under SLOs set as `baton bench` sets them (multiples of
+    the longest prompt's TTFT and of TPOT alone, measured on the real engine); per rate the p50
+    errors and attainments, and the goodput (highest rate, all lower ones passing) of each."""
+    cfg = engine.config
+    prompts, outs = requests(engine.vocab_size, 1, (prompt[1], prompt[1]), (32, 32), seed + 99)
+    alone = real_run(engine, [0.0], prompts, outs)
+    slo_ttft, slo_tpot = slo_scale[0] * alone.p50()[0], slo_scale[1] * alone.p50()[1]
+    runs = []
+    for k, rate in enumerate(sorted(rates)):
+        prompts, outs = requests(engine.vocab_size, n, prompt, output, seed + 1000 * (k + 1))
+        arrivals = poisson_arrivals(n, rate, seed + k)
+        real = real_run(engine, arrivals, prompts, outs)
+        sim = simulate(profile, arrivals, [len(p) for p in prompts], outs,
+                       cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        met = (real.ttft <= slo_ttft) & ((real.tpot <= slo_tpot) | np.isnan(real.tpot))
+        (rt, rp), (st, sp) = real.p50(), (sim.p50(sim.ttft), sim.p50(sim.tpot))
+        runs.append({"rate": rate, "real": {"ttft_p50_s": rt, "tpot_p50_s": rp,
+                                            "attainment": float(np.mean(met))},
+                     "sim": {"ttft_p50_s": st, "tpot_p50_s": sp,
+                             "attainment": sim.attainment(slo_ttft, slo_tpot)},
+                     "error": {"ttft_p50": st / rt - 1, "tpot_p50": sp / rp - 1}})
+
+    def goodput(side: str) -> float:
+        best = 0.0
+        for r in runs:
+            if r[side]["attainment"] < 0.9:
+                break
+            best = r["rate"]
+        return best
+
+    ordered = [r["rate"] for r in runs]
+    steps = abs(ordered.index(goodput("real")) - ordered.index(goodput("sim"))) \
+        if goodput("real") and goodput("sim") else None
+    return {"slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot, "scales": slo_scale},
+            "runs": runs, "goodput_real_rps": goodput("real"), "goodput_sim_rps": goodput("sim"),
+            "goodput_rate_steps_apart": steps}
