@@ -11,6 +11,7 @@ real engine).
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from collections.abc import Callable
@@ -23,7 +24,8 @@ class SimRequest:
     """One request's progress and timestamps; `todo` is prompt (or recompute) tokens left."""
 
     __slots__ = ("index", "arrival", "prompt", "output", "left", "ctx", "todo", "first",
-                 "finish", "decode", "prefill", "holds", "started", "remote")
+                 "finish", "decode", "prefill", "holds", "started", "remote", "joined", "ctx0",
+                 "end")
 
     def __init__(self, index: int, arrival: float, prompt: int, output: int):
         self.index = index
@@ -40,6 +42,11 @@ class SimRequest:
         self.holds: tuple[Any, ...] = ()  # the router's load holds, released when it finishes
         self.started = 0.0
         self.remote = False
+        # While decoding, `left` and `ctx` are kept lazily: the engine's step clock at joining,
+        # the context then, and the clock value at which the request finishes.
+        self.joined = 0
+        self.ctx0 = 0
+        self.end = 0
 
 
 class SimEngine:
@@ -55,7 +62,11 @@ class SimEngine:
         self.max_seqs = max_num_seqs
         self.capacity = cost.kv_capacity_tokens
         self.waiting: deque[SimRequest] = deque()  # prompt tokens left (new or preempted)
-        self.running: list[SimRequest] = []  # decoding
+        # Decoding, in admission order; each request's progress is read off `clock` (decode steps
+        # this engine ran), so a run of k steps costs O(finishing requests), not O(batch).
+        self.running: dict[SimRequest, None] = {}
+        self.clock = 0
+        self._ends: list[tuple[int, int, SimRequest]] = []  # (end clock, index, request)
         self.prefilling: list[SimRequest] = []  # admitted, prompt partly computed
         self.joining: list[SimRequest] = []  # imported while an iteration ran
         self.kv_used = 0
@@ -102,15 +113,37 @@ class SimEngine:
                 self._group = (start, step, done)
                 self.sim.schedule(start + done * step, self._done, self._version)
 
+    def _join(self, req: SimRequest) -> None:
+        req.joined, req.ctx0, req.end = self.clock, req.ctx, self.clock + req.left
+        self.decode_ctx += req.ctx
+        self.running[req] = None
+        heapq.heappush(self._ends, (req.end, req.index, req))
+
+    def _leave(self, req: SimRequest) -> None:
+        """Take `req` out of the decode batch with its `left` and `ctx` brought up to date."""
+        req.ctx = req.ctx0 + self.clock - req.joined
+        req.left = req.end - self.clock
+        del self.running[req]
+
+    def _next_end(self) -> int:
+        """Decode steps until the first running request finishes (stale heap entries dropped)."""
+        ends = self._ends
+        while ends[0][2] not in self.running or ends[0][2].end != ends[0][0]:
+            heapq.heappop(ends)
+        return ends[0][0] - self.clock
+
     def _plan(self, now: float) -> None:
-        if self.joining:
-            for req in self.joining:
-                self.decode_ctx += req.ctx
-            self.running.extend(self.joining)
-            self.joining = []
+        for req in self.joining:
+            self._join(req)
+        self.joining = []
         running, partial = self.running, self.prefilling
         while running and self.kv_used + len(running) > self.capacity:
-            self._preempt(partial.pop() if partial else running.pop())
+            if partial:
+                self._preempt(partial.pop())
+            else:
+                victim = next(reversed(running))
+                self._leave(victim)
+                self._preempt(victim)
         n = len(running)
         budget = self.budget - n
         seats = self.max_seqs - n - len(partial)
@@ -157,7 +190,7 @@ class SimEngine:
             step = self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx, len(chunks))
             steps = 1
         else:
-            steps = min(r.left for r in running)
+            steps = self._next_end()
             room = (self.capacity - self.kv_used) // n
             steps = max(1, min(steps, room)) if self.sim.event_skipping else 1
             step = self.cost.iteration(0, 0.0, n, self.decode_ctx + n * (steps - 1) / 2)
@@ -175,15 +208,13 @@ class SimEngine:
             n = len(running)
             self.kv_used += n * steps
             self.decode_ctx += n * steps
-            still = []
-            for r in running:
-                r.left -= steps
-                r.ctx += steps
-                if r.left <= 0:
+            self.clock += steps
+            ends = self._ends
+            while ends and ends[0][0] <= self.clock:
+                end, _, r = heapq.heappop(ends)
+                if r in running and r.end == end:
+                    self._leave(r)
                     self._finish(r, now)
-                else:
-                    still.append(r)
-            self.running = still
         for req, c in self._chunks:
             req.todo -= c
             req.ctx += c
@@ -206,8 +237,7 @@ class SimEngine:
         if req.left <= 0:
             self._finish(req, now, decoding=False)
             return
-        self.decode_ctx += req.ctx
-        self.running.append(req)
+        self._join(req)
 
     def _finish(self, req: SimRequest, now: float, decoding: bool = True) -> None:
         req.finish = now
