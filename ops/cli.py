@@ -221,11 +221,15 @@ def bench_plan(
     baseline_s: Annotated[float, typer.Option(
         help="Seconds of traffic also simulated one event per iteration")] = 20.0,
     seed: Annotated[int, typer.Option(help="Workload and arrival seed")] = 0,
+    calibrate: Annotated[bool, typer.Option(
+        help="Also compare a real engine with the simulator fed its profile")] = True,
 ) -> None:
-    """The planner's simulator on a 1,000-GPU cluster: simulated seconds per wall second."""
+    """The planner's simulator on a 1,000-GPU cluster (simulated seconds per wall second), and
+    its calibration against a real engine."""
     from baton.ops.bench import plan as bench
 
-    bench.main(json_path=json_path, hours=hours, rate=rate, baseline_s=baseline_s, seed=seed)
+    bench.main(json_path=json_path, hours=hours, rate=rate, baseline_s=baseline_s, seed=seed,
+               calibrate=calibrate)
 
 
 @bench_app.command("kernels")

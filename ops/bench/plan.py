@@ -6,6 +6,10 @@ takes Poisson traffic of the Splitwise coding trace for `hours` of simulated tim
 the same simulator with one event per decode iteration, over a short window of the same traffic
 (it is too slow for the hour); both runs' TTFT/TPOT p50 over that window are compared, so the
 report also says what event skipping costs in accuracy. Figure: simulated seconds per wall second.
+
+With `calibrate`, a real engine (`CALIBRATION_MODEL`, in process) is profiled, then run open-loop
+at rising rates beside the simulator fed that profile (`plan_calibration.sweep`): TTFT/TPOT p50
+errors per rate and both goodputs.
 """
 
 from __future__ import annotations
@@ -17,19 +21,24 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from baton.actors.engine import Engine
 from baton.cluster.planner.catalog import Catalog
 from baton.cluster.planner.cost import CostModel
 from baton.cluster.planner.model import load_model
 from baton.cluster.planner.sim import ClusterSim, ReplicaSpec, SimResult
 from baton.cluster.planner.workload import get_workload, poisson
+from baton.ops.bench import plan_calibration
 from baton.ops.bench.machine import machine_info
 from baton.ops.bench.report import run_and_report
+from baton.ops.profile_run import measure
 
 MODEL = "llama-3-70b"
 WORKLOAD = "coding"
 PREFILL = ("H100", 4, 180)  # (GPU, GPUs per replica, replicas)
 DECODE = ("A100-80G", 4, 70)
 PREFILL_THRESHOLD = 64
+CALIBRATION_MODEL = "tiny:llama"
+CALIBRATION_RATES = (10.0, 20.0, 40.0, 80.0)
 
 
 def cluster() -> tuple[list[ReplicaSpec], int]:
@@ -56,10 +65,26 @@ def _summary(res: SimResult, wall: float, simulated_s: float) -> dict[str, Any]:
             "preemptions": res.preemptions}
 
 
+def calibration(seed: int) -> dict[str, Any]:
+    """A real engine against the simulator fed its own profile (see the module's doc)."""
+    profile = measure(model=CALIBRATION_MODEL, dtype="float32", threads=1,
+                      prefill_lens=(16, 64, 256), batches=(1, 4, 16), contexts=(16, 128),
+                      decode_steps=9, repeats=5)
+    engine = Engine(model=CALIBRATION_MODEL, dtype="float32", num_threads=1,
+                    max_num_batched_tokens=256, max_num_seqs=16)
+    out = plan_calibration.sweep(engine, profile, CALIBRATION_RATES, 60, (16, 200), (8, 40),
+                                 (3.0, 2.5), seed)
+    return {"model": CALIBRATION_MODEL, **out}
+
+
 def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, seed: int = 0,
-        progress: Console | None = None) -> dict[str, Any]:
+        calibrate: bool = True, progress: Console | None = None) -> dict[str, Any]:
     """Simulate `hours` of traffic at `rate` requests/s, and `baseline_s` of it both ways."""
     say = progress.print if progress else (lambda _: None)
+    calib = None
+    if calibrate:
+        say(f"calibration: profiling {CALIBRATION_MODEL}, then real and simulated runs")
+        calib = calibration(seed)
     specs, gpus = cluster()
     rng = np.random.default_rng(seed)
     n = int(rate * hours * 3600)
@@ -82,6 +107,7 @@ def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, se
                     "prefill_threshold": PREFILL_THRESHOLD},
         "full": _summary(full, wall, sim_s),
         "window": window,
+        "calibration": calib,
         "ratios": {
             "simulated_seconds_per_wall_second": sim_s / wall,
             "skipping_speedup_vs_per_iteration": base_wall / short_wall,
@@ -108,6 +134,15 @@ def show(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     for k, v in report["ratios"].items():
         console.print(f"{k}: {v:.3g}")
+    calib = report.get("calibration")
+    if calib:
+        for r in calib["runs"]:
+            console.print(f"calibration {calib['model']} at {r['rate']:g}/s: TTFT p50 error "
+                          f"{r['error']['ttft_p50']:+.0%}, TPOT p50 error "
+                          f"{r['error']['tpot_p50']:+.0%}, attainment real "
+                          f"{r['real']['attainment']:.0%} / sim {r['sim']['attainment']:.0%}")
+        console.print(f"calibration goodput: real {calib['goodput_real_rps']:g}/s, simulated "
+                      f"{calib['goodput_sim_rps']:g}/s")
 
 
 def main(*, json_path: str | None = None, **kw: Any) -> dict[str, Any]:
