@@ -111,6 +111,7 @@ def _report(result: PlanResult) -> dict:
         "model": result.model.name,
         "winner": {"layout": result.winner.label(), "price_per_hour": result.winner.price_per_hour,
                    "goodput_rps": result.winner_goodput_rps,
+                   "verified_by_simulation": result.winner_verified,
                    "values": result.winner.values(result.serve_model)},
         "layouts": [{"layout": e.layout.label(), "kind": e.layout.kind,
                      "price_per_hour": e.price_per_hour, "goodput_rps": e.goodput_rps,
@@ -130,8 +131,13 @@ def _show(result: PlanResult, console: Console, top: int, values: str | None,
                       f"{e.tpot_p50_s * 1000:.1f} ms")
     console.print(table)
     w = result.winner
-    how = (f"serves {result.target_rate:g} req/s (simulated)" if result.target_rate is not None
-           else f"about {result.winner_goodput_rps:.2f} req/s within the SLOs")
+    if result.target_rate is not None:
+        how = f"serves {result.target_rate:g} req/s within the SLOs (simulated)"
+    elif result.winner_verified:
+        how = f"{result.winner_goodput_rps:.2f} req/s within the SLOs (simulated)"
+    else:
+        how = (f"an estimated {result.winner_goodput_rps:.2f} req/s (the best layout scaled to "
+               "the budget; simulated at that rate it missed the SLOs, so plan with --rate)")
     console.print(f"winner: [bold]{w.label()}[/] at ${w.price_per_hour:.2f}/h, {how}")
     if values:
         console.print(f"deployment values written to {values}")

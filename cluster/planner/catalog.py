@@ -101,9 +101,9 @@ class Catalog:
         entries = raw.get("gpus") if isinstance(raw, dict) else None
         if not isinstance(entries, dict):
             raise ConfigError(f"catalog file {p} needs a `gpus:` mapping of name -> figures")
-        for name, figures in entries.items():
-            cat.gpus[ALIASES.get(name, name)] = _merge(cat.gpus.get(ALIASES.get(name, name)),
-                                                      str(name), figures or {})
+        for raw_name, figures in entries.items():
+            name = ALIASES.get(str(raw_name), str(raw_name))
+            cat.gpus[name] = _merge(cat.gpus.get(name), name, figures or {})
         return cat
 
 
@@ -112,7 +112,7 @@ def _merge(base: DeviceSpec | None, name: str, figures: dict[str, Any]) -> Devic
     if unknown:
         raise ConfigError(f"catalog entry {name}: unknown keys {sorted(unknown)}; "
                           f"use {sorted(_YAML_KEYS)}")
-    values: dict[str, float] = {}
+    values: dict[str, Any] = {}
     for key, value in figures.items():
         field = _YAML_KEYS[key]
         try:

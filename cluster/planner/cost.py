@@ -27,6 +27,8 @@ from baton.errors import ConfigError
 TP_EFFICIENCY = 0.9  # share of the devices' sum a tensor-parallel replica reaches
 KV_MEMORY_FRACTION = 0.9  # of device memory, weights included, the engine may use
 MAX_TP = 8
+# A gRPC KV link's share of line rate (`baton bench kv`: 0.1-0.2 of raw TCP on loopback).
+DEFAULT_LINK_EFFICIENCY = 0.15
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +39,7 @@ class Efficiency:
     memory: float = 0.75  # of HBM bandwidth (decode)
     overhead_s: float = 0.004  # per iteration: launches, sampling, scheduling
     per_seq_s: float = 0.0  # per request in the batch (CPU: per-sequence Python work)
-    link: float = 0.15  # of NIC bandwidth a KV transfer reaches (`baton bench kv`: gRPC / TCP)
+    link: float = DEFAULT_LINK_EFFICIENCY  # of NIC bandwidth a KV transfer reaches
     overlap: bool = True  # compute and memory overlap (GPU) or add up (CPU)
 
 
@@ -139,7 +141,7 @@ def calibrate(device: DeviceSpec, model: ModelProfile, profile: Profile,
     slope_m, overhead = _fit_line(mem[n_pre:], secs[n_pre:])
     return Efficiency(compute=min(1.0, 1 / (slope_c * device.flops)),
                       memory=min(1.0, 1 / (slope_m * device.mem_bw)), overhead_s=overhead,
-                      link=link if link is not None else Efficiency.link, overlap=True)
+                      link=link if link is not None else DEFAULT_LINK_EFFICIENCY, overlap=True)
 
 
 def _nonnegative_fit(design: np.ndarray, secs: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from baton.cluster.planner.layout import Layout
 from baton.cluster.planner.model import ModelProfile, load_model, profile_from_config
 from baton.cluster.planner.profile import Profile
 from baton.cluster.planner.search import SLO, Bench, Evaluated, cheapest_for_rate, search
-from baton.cluster.planner.workload import LengthMix, Trace, get_workload, load_trace
+from baton.cluster.planner.workload import Lengths, Trace, get_workload, load_trace
 from baton.errors import ConfigError
 
 CPU_PRICE_PER_CORE_HOUR = 0.04  # a cloud vCPU-hour, order of magnitude; override per machine
@@ -52,6 +52,9 @@ class PlanResult:
     winner_goodput_rps: float
     target_rate: float | None
     serve_model: str
+    # The winner simulated at `winner_goodput_rps` met the SLOs (a layout scaled to the budget
+    # is checked this way; a ranked layout's goodput is its own simulation).
+    winner_verified: bool = True
 
 
 class TraceMix:
@@ -97,7 +100,7 @@ def plan(req: PlanRequest, progress: Callable[[Evaluated], None] | None = None) 
     if req.slo.ttft_s <= 0 or req.slo.tpot_s <= 0:
         raise ConfigError("SLOs must be positive (e.g. --slo-ttft 1s --slo-tpot 50ms)")
     model, layouts = layouts_for(req)
-    workload: LengthMix | TraceMix
+    workload: Lengths
     target = req.rate
     if req.trace is not None:
         trace = load_trace(req.trace)
@@ -105,7 +108,7 @@ def plan(req: PlanRequest, progress: Callable[[Evaluated], None] | None = None) 
         target = target if target is not None else trace.rate
     else:
         workload = get_workload(req.workload)
-    bench = Bench(workload, req.slo, req.num_requests, req.seed)  # type: ignore[arg-type]
+    bench = Bench(workload, req.slo, req.num_requests, req.seed)
     ranked = search(layouts, bench, req.budget, progress)
     best = ranked[0]
     winner, goodput = best.layout, best.goodput_rps
@@ -116,8 +119,11 @@ def plan(req: PlanRequest, progress: Callable[[Evaluated], None] | None = None) 
             raise ConfigError(f"serving {target:g} requests/s needs ${winner.price_per_hour:.2f}"
                               f"/h, over the budget of ${req.budget:.2f}/h; raise --budget or "
                               "lower --rate")
-    elif req.budget is not None:
+    verified = True
+    if target is None and req.budget is not None:
         k = max(1, math.floor(req.budget / best.price_per_hour))
-        winner, goodput = best.layout.scaled(k), best.goodput_rps * k
+        if k > 1:
+            winner, goodput = best.layout.scaled(k), best.goodput_rps * k
+            verified, _ = bench.meets(winner, goodput)
     serve = model.serve_name if req.profile is None else req.model
-    return PlanResult(model, ranked, winner, goodput, target, serve)
+    return PlanResult(model, ranked, winner, goodput, target, serve, verified)

@@ -17,7 +17,7 @@ import numpy as np
 
 from baton.cluster.planner.layout import Layout
 from baton.cluster.planner.sim import ClusterSim, SimResult
-from baton.cluster.planner.workload import LengthMix
+from baton.cluster.planner.workload import Lengths
 from baton.errors import PlanError
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Evaluated:
 class Bench:
     """One workload sample under one SLO: attainment of a layout at a rate."""
 
-    def __init__(self, workload: LengthMix, slo: SLO, num_requests: int, seed: int):
+    def __init__(self, workload: Lengths, slo: SLO, num_requests: int, seed: int):
         rng = np.random.default_rng(seed)
         self.workload = workload
         self.slo = slo

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -26,6 +27,12 @@ MAX_TOKENS = 8192
 # Tokens the benchmarks' chat prompts carry besides their notes: the template, system prompt,
 # ticket line and question (SmolLM2's tokenizer; measured on the benchmarks' prompts).
 CHAT_OVERHEAD_TOKENS = 40
+
+
+class Lengths(Protocol):
+    """Anything that draws (prompt, output) token counts: a `LengthMix`, a replayed trace."""
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True, slots=True)

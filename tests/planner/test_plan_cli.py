@@ -97,3 +97,14 @@ def test_a_catalog_file_overrides_prices_and_adds_gpus(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"gpus": {"X1": {"tflops": 10}}}))
     with pytest.raises(ConfigError, match="new GPU"):
         Catalog.load(path)
+
+
+def test_a_replayed_trace_sets_the_rate_to_serve(tmp_path: Path) -> None:
+    path = tmp_path / "trace.csv"
+    rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    rows += [f"{i * 0.25},{200 + 37 * (i % 20)},{10 + 7 * (i % 9)}" for i in range(200)]
+    path.write_text("\n".join(rows) + "\n")
+    result = plan(PlanRequest(**QUICK, trace=str(path)))
+    assert result.target_rate == pytest.approx(4.0)
+    best = result.ranked[0]
+    assert result.winner.price_per_hour >= best.price_per_hour * (4.0 / best.goodput_rps) - 1e-9
