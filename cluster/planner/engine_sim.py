@@ -14,7 +14,6 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from baton.cluster.planner.cost import CostModel
@@ -259,5 +258,3 @@ class SimEngine:
         req.ctx = 0
         self.waiting.appendleft(req)
 
-
-Callback = Callable[[float, int], None]
