@@ -144,6 +144,12 @@ class SimEngine:
                 self._leave(victim)
                 self._preempt(victim)
         n = len(running)
+        if not partial and not self.waiting:  # decode only (every decode-role engine, mostly)
+            if not n:
+                self.busy = False
+                return
+            self._decode_run(now, n)
+            return
         budget = self.budget - n
         seats = self.max_seqs - n - len(partial)
         chunks: list[tuple[SimRequest, int]] = []
@@ -182,17 +188,24 @@ class SimEngine:
         if not chunks and not n:
             self.busy = False
             return
+        if not chunks:
+            self._decode_run(now, n)
+            return
         self.busy = True
         self._version += 1
         self._chunks = chunks
-        if chunks:
-            step = self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx, len(chunks))
-            steps = 1
-        else:
-            steps = self._next_end()
-            room = (self.capacity - self.kv_used) // n
-            steps = max(1, min(steps, room)) if self.sim.event_skipping else 1
-            step = self.cost.iteration(0, 0.0, n, self.decode_ctx + n * (steps - 1) / 2)
+        step = self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx, len(chunks))
+        self._group = (now, step, 1)
+        self.sim.schedule(now + step, self._done, self._version)
+
+    def _decode_run(self, now: float, n: int) -> None:
+        """Decode steps up to the next completion (or the KV limit) as one event."""
+        self.busy = True
+        self._version += 1
+        steps = self._next_end()
+        room = (self.capacity - self.kv_used) // n
+        steps = max(1, min(steps, room)) if self.sim.event_skipping else 1
+        step = self.cost.iteration(0, 0.0, n, self.decode_ctx + n * (steps - 1) / 2)
         self._group = (now, step, steps)
         self.sim.schedule(now + step * steps, self._done, self._version)
 
