@@ -71,7 +71,7 @@ def cpu_layouts(cost: CostModel, cores: int, threads: int, max_num_batched_token
         raise ConfigError(f"{cores} cores cannot hold a worker of {threads} threads")
 
     def pool(role: str, n: int) -> PoolPlan:
-        return PoolPlan(role, cost, n, max_num_batched_tokens, max_num_seqs)
+        return PoolPlan(role, cost, n, max_num_batched_tokens, max_num_seqs, threads)
 
     for n in range(1, workers + 1):
         yield Layout((pool("both", n),))

@@ -9,8 +9,6 @@ from baton.cluster.config import ClusterConfig, PoolConfig
 from baton.cluster.planner.cost import CostModel
 from baton.cluster.planner.sim import ReplicaSpec
 
-CPU_POOL_THREADS = 1
-
 
 @dataclass(frozen=True, slots=True)
 class PoolPlan:
@@ -21,6 +19,7 @@ class PoolPlan:
     replicas: int
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
+    num_cpus: float = 1  # a CPU worker's cores (its engine's threads)
 
     @property
     def device(self) -> str:
@@ -68,7 +67,7 @@ class Layout:
     def scaled(self, k: int) -> Layout:
         """The same layout with every pool's replicas multiplied by `k`."""
         return Layout(tuple(PoolPlan(p.role, p.cost, p.replicas * k, p.max_num_batched_tokens,
-                                     p.max_num_seqs) for p in self.pools),
+                                     p.max_num_seqs, p.num_cpus) for p in self.pools),
                       self.prefill_threshold)
 
     def cluster_config(self, model: str, name: str = "planned") -> ClusterConfig:
@@ -80,7 +79,7 @@ class Layout:
             pool_name = f"{p.role}-{p.device.lower()}"
             if p.cost.device.kind == "cpu":
                 pools.append(PoolConfig(name=pool_name, role=p.role, replicas=p.replicas,
-                                        num_cpus=CPU_POOL_THREADS, engine=engine))
+                                        num_cpus=p.num_cpus, engine=engine))
             else:
                 pools.append(PoolConfig(name=pool_name, role=p.role, replicas=p.replicas,
                                         accelerator_type=p.device, num_gpus=p.cost.tp,

@@ -108,3 +108,15 @@ def test_a_replayed_trace_sets_the_rate_to_serve(tmp_path: Path) -> None:
     assert result.target_rate == pytest.approx(4.0)
     best = result.ranked[0]
     assert result.winner.price_per_hour >= best.price_per_hour * (4.0 / best.goodput_rps) - 1e-9
+
+
+def test_a_cpu_profile_plans_worker_processes_on_cores(tmp_path: Path) -> None:
+    profile = Path(__file__).parent / "data" / "cpu_smollm2_1thread.json"
+    result = plan(PlanRequest(profile=str(profile), workload="bench-pd", cores=4,
+                              slo=SLO(ttft_s=300.0, tpot_s=0.7), thresholds=(256,),
+                              num_requests=60))
+    assert {e.layout.num_devices for e in result.ranked} == {1, 2, 3, 4}
+    cfg = load_config(result.winner.values("default")["cluster"])
+    assert all(p.device == "cpu" and p.accelerator_type is None and p.num_cpus == 1
+               for p in cfg.pools)
+    assert sum(p.replicas for p in cfg.pools) <= 4
