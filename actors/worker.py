@@ -33,6 +33,7 @@ from baton.errors import (
     RequestNotFoundError,
 )
 from baton.outputs import RequestOutput
+from baton.router.dispatch import prefill_remotely
 from baton.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class Worker:
         reservation = None
         if remote:
             ids = engine.encode(prompt)
-            if engine.uncached_tokens(ids) >= self.spec.prefill_threshold:
+            if prefill_remotely(remote, engine.uncached_tokens(ids), self.spec.prefill_threshold):
                 try:
                     reservation = engine.reserve_import(ids, params, request_id)
                 except CapacityError:

@@ -121,3 +121,9 @@ def as_baton_error(exc: BaseException) -> BatonError | None:
         return exc
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, BatonError) else None
+
+
+class PlanError(BatonError):
+    """The capacity planner found nothing to offer: no layout meets the SLOs, the rate or budget."""
+
+    grpc_status = "FAILED_PRECONDITION"

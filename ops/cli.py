@@ -13,6 +13,7 @@ from rich.console import Console
 from baton.errors import BatonError
 from baton.ops import cluster_cmds
 from baton.ops.cli_options import Output, OutputOpt
+from baton.ops.plan_cmds import plan_command, profile_command
 from baton.ops.router_cmds import router_app
 from baton.ops.train_heads import train_heads_command
 
@@ -121,6 +122,8 @@ def generate(
 
 
 app.command("train-heads")(train_heads_command)
+app.command("plan")(plan_command)
+app.command("profile")(profile_command)
 
 
 @app.command("prepare-model")
@@ -208,6 +211,25 @@ def bench_serve(
                rates=tuple(rates or bench.RATES), num_requests=num_requests,
                overhead_requests=overhead_requests, address=address,
                peer_continuous_batching=peer_continuous_batching, seed=seed)
+
+
+@bench_app.command("plan")
+def bench_plan(
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,
+    hours: Annotated[float, typer.Option(help="Hours of traffic to simulate")] = 1.0,
+    rate: Annotated[float, typer.Option(help="Requests per second")] = 700.0,
+    baseline_s: Annotated[float, typer.Option(
+        help="Seconds of traffic also simulated one event per iteration")] = 20.0,
+    seed: Annotated[int, typer.Option(help="Workload and arrival seed")] = 0,
+    calibrate: Annotated[bool, typer.Option(
+        help="Also compare a real engine with the simulator fed its profile")] = True,
+) -> None:
+    """The planner's simulator on a 1,000-GPU cluster (simulated seconds per wall second), and
+    its calibration against a real engine."""
+    from baton.ops.bench import plan as bench
+
+    bench.main(json_path=json_path, hours=hours, rate=rate, baseline_s=baseline_s, seed=seed,
+               calibrate=calibrate)
 
 
 @bench_app.command("kernels")

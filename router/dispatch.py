@@ -11,6 +11,7 @@ stops reading aborts the request in its worker, freeing its blocks.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import logging
@@ -28,12 +29,40 @@ from baton.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 
+def prefill_remotely(has_prefill_worker: bool, uncached_tokens: int, threshold: int) -> bool:
+    """Conditional disaggregation: whether a prompt goes to a prefill worker (its KV shipped back)
+    rather than being prefilled where it decodes; only prompts with at least `threshold`
+    uncached tokens are worth the transfer."""
+    return has_prefill_worker and uncached_tokens >= threshold
+
+
 class WorkerSet:
-    """Actor handles of one role with this dispatcher's in-flight count each; dead ones drop out."""
+    """Actor handles of one role with this dispatcher's in-flight count each; dead ones drop out.
+
+    Workers are kept bucketed by load (positions in registration order), so picking the least
+    loaded costs O(log n) rather than a scan: a planner simulating a thousand workers calls it
+    per request.
+    """
 
     def __init__(self, workers: Sequence[Any]):
-        self._load: dict[Any, int] = {w: 0 for w in workers}
         self._turn = itertools.count()
+        self._set(workers, {})
+
+    def _set(self, workers: Sequence[Any], known: dict[Any, int]) -> None:
+        self._load: dict[Any, int] = {w: known.get(w, 0) for w in workers}
+        self._pos: dict[Any, int] = {w: i for i, w in enumerate(self._load)}
+        self._by_pos: list[Any] = list(self._load)
+        self._at: dict[int, list[int]] = {}  # load -> sorted positions of workers at that load
+        for w, n in self._load.items():
+            self._at.setdefault(n, []).append(self._pos[w])
+
+    def _move(self, worker: Any, old: int, new: int) -> None:
+        pos = self._pos[worker]
+        bucket = self._at[old]
+        del bucket[bisect.bisect_left(bucket, pos)]
+        if not bucket:
+            del self._at[old]
+        bisect.insort(self._at.setdefault(new, []), pos)
 
     def __len__(self) -> int:
         return len(self._load)
@@ -45,33 +74,46 @@ class WorkerSet:
         return {w: n for w, n in self._load.items() if w not in exclude}
 
     def pick(self, exclude: Sequence[Any] = (), prefer: Any = None) -> Any | None:
+        """The preferred worker if live, else the least loaded (ties in turn), or None."""
+        if not exclude:
+            if not self._load:
+                return None
+            if prefer is not None and prefer in self._load:
+                return prefer
+            least = self._at[min(self._at)]
+            return self._by_pos[least[next(self._turn) % len(least)]]
         live = [w for w in self._load if w not in exclude]
         if not live:
             return None
         if prefer is not None and prefer in live:
             return prefer
         low = min(self._load[w] for w in live)
-        least = [w for w in live if self._load[w] == low]
-        return least[next(self._turn) % len(least)]
+        candidates = [w for w in live if self._load[w] == low]
+        return candidates[next(self._turn) % len(candidates)]
 
     @contextlib.contextmanager
     def hold(self, worker: Any):
-        self._load[worker] += 1
+        n = self._load[worker]
+        self._load[worker] = n + 1
+        self._move(worker, n, n + 1)
         try:
             yield worker
         finally:
             if worker in self._load:
-                self._load[worker] -= 1
+                n = self._load[worker]
+                self._load[worker] = n - 1
+                self._move(worker, n, n - 1)
 
     def load(self, worker: Any) -> int:
         return self._load.get(worker, 0)
 
     def drop(self, worker: Any) -> None:
-        self._load.pop(worker, None)
+        if worker in self._load:
+            self._set([w for w in self._load if w != worker], self._load)
 
     def replace(self, workers: Sequence[Any]) -> None:
         """Take a fresh worker list (from the controller): keep known loads, forget the gone."""
-        self._load = {w: self._load.get(w, 0) for w in workers}
+        self._set(workers, self._load)
 
 
 class Dispatcher:

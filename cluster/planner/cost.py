@@ -1,0 +1,183 @@
+"""Per (device, model) cost model: how long one engine iteration and one KV transfer take.
+
+An iteration runs `p` prompt tokens (chunks) and `n` decode tokens in one forward pass. Its
+compute is 2 FLOPs per active weight per token plus attention over the context; its memory
+traffic is the weights once (the experts the tokens route to, for MoE) plus the KV it reads.
+On a GPU the two overlap (time = overhead + max(compute, memory), the roofline: decode is
+memory-bound and barely grows with batch, prefill is compute-bound); on a CPU they mostly do not
+(time = overhead + compute + memory: decode cost grows with batch, as measured here). Each term
+carries an efficiency (the share of the peak that is reached), fitted to a measured profile
+(`calibrate`) or, for GPUs without one, set to typical values.
+A replica spans `tp` devices (tensor parallel): their FLOP/s, bandwidth and memory add up, at
+`TP_EFFICIENCY` for the all-reduces in between.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from baton.cluster.planner.catalog import DeviceSpec
+from baton.cluster.planner.model import ModelProfile
+from baton.cluster.planner.profile import Profile
+from baton.errors import ConfigError
+
+TP_EFFICIENCY = 0.9  # share of the devices' sum a tensor-parallel replica reaches
+KV_MEMORY_FRACTION = 0.9  # of device memory, weights included, the engine may use
+MAX_TP = 8
+# A gRPC KV link's share of line rate (`baton bench kv`: 0.1-0.2 of raw TCP on loopback).
+DEFAULT_LINK_EFFICIENCY = 0.15
+
+
+@dataclass(frozen=True, slots=True)
+class Efficiency:
+    """Shares of the peaks an engine reaches, and what each iteration costs regardless."""
+
+    compute: float = 0.5  # of peak FLOP/s (prefill MFU)
+    memory: float = 0.75  # of HBM bandwidth (decode)
+    overhead_s: float = 0.004  # per iteration: launches, sampling, scheduling
+    per_seq_s: float = 0.0  # per request in the batch (CPU: per-sequence Python work)
+    link: float = DEFAULT_LINK_EFFICIENCY  # of NIC bandwidth a KV transfer reaches
+    overlap: bool = True  # compute and memory overlap (GPU) or add up (CPU)
+
+
+class CostModel:
+    """One replica of `model` on `tp` devices of one type: iteration and transfer times."""
+
+    def __init__(self, device: DeviceSpec, model: ModelProfile, tp: int = 1,
+                 eff: Efficiency | None = None, kv_memory: float | None = None):
+        self.device = device
+        self.model = model
+        self.tp = tp
+        self.eff = eff or Efficiency()
+        scale = tp * (TP_EFFICIENCY if tp > 1 else 1.0)
+        self._flops = device.flops * self.eff.compute * scale
+        self._bw = device.mem_bw * self.eff.memory * scale
+        free = (kv_memory if kv_memory is not None
+                else device.memory * tp * KV_MEMORY_FRACTION - model.weight_bytes)
+        self.kv_capacity_tokens = int(free // model.kv_bytes_per_token)
+        if self.kv_capacity_tokens < 1:
+            raise ConfigError(f"{model.name} ({model.weight_bytes / 1e9:.1f} GB of weights) does "
+                              f"not fit {tp} x {device.name} with room for its KV cache; use more "
+                              "or larger devices per replica")
+        self._dense_bytes = model.weight_bytes_read(1 << 30) if not model.num_experts else None
+
+    @property
+    def price_per_hour(self) -> float:
+        return self.device.price_per_hour * self.tp
+
+    @property
+    def link_bytes_per_s(self) -> float:
+        return self.device.nic_bw * self.tp * self.eff.link
+
+    def iteration(self, prefill_tokens: int, prefill_context: float, decode_n: int,
+                  decode_context: float, prefill_seqs: int = 1) -> float:
+        """Seconds for one forward pass: `prefill_tokens` prompt tokens (of `prefill_seqs`
+        requests) whose attention spans `prefill_context` (sum over tokens of the positions they
+        attend to) and `decode_n` decoding requests holding `decode_context` tokens of KV."""
+        m = self.model
+        tokens = prefill_tokens + decode_n
+        flops = m.flops_per_token * tokens + m.attention_flops(prefill_context + decode_context)
+        weights = (self._dense_bytes if self._dense_bytes is not None
+                   else m.weight_bytes_read(tokens))
+        mem = weights + m.kv_bytes_per_token * (decode_context + prefill_tokens)
+        c, b = flops / self._flops, mem / self._bw
+        seqs = decode_n + (prefill_seqs if prefill_tokens else 0)
+        return (self.eff.overhead_s + self.eff.per_seq_s * seqs
+                + (max(c, b) if self.eff.overlap else c + b))
+
+    def transfer(self, tokens: int, to: CostModel) -> float:
+        """Seconds to move `tokens` tokens of KV to a replica `to` (the slower end's link)."""
+        bw = min(self.link_bytes_per_s, to.link_bytes_per_s)
+        return tokens * self.model.kv_bytes_per_token / bw
+
+
+def min_tp(device: DeviceSpec, model: ModelProfile, min_kv_tokens: int = 16384) -> int:
+    """The fewest devices (a power of two up to `MAX_TP`) a replica needs for the weights plus
+    `min_kv_tokens` of KV; `ConfigError` when even `MAX_TP` is not enough."""
+    need = model.weight_bytes + min_kv_tokens * model.kv_bytes_per_token
+    tp = 1
+    while tp <= MAX_TP:
+        if device.memory * tp * KV_MEMORY_FRACTION >= need:
+            return tp
+        tp *= 2
+    raise ConfigError(f"{model.name} needs {need / 1e9:.0f} GB (weights and {min_kv_tokens} tokens "
+                      f"of KV): more than {MAX_TP} x {device.name}; choose larger GPUs or a "
+                      "smaller or quantized model")
+
+
+def _features(model: ModelProfile, profile: Profile) -> tuple[np.ndarray, ...]:
+    """(FLOPs, bytes, seconds, requests) of every profile point, prefill then decode."""
+    rows = []
+    for tokens, seconds in profile.prefill:
+        rows.append((model.flops_per_token * tokens + model.attention_flops(tokens * tokens / 2),
+                     model.weight_bytes_read(tokens) + model.kv_bytes_per_token * tokens,
+                     seconds, 1))
+    for batch, context, seconds in profile.decode:
+        ctx = batch * context
+        rows.append((model.flops_per_token * batch + model.attention_flops(ctx),
+                     model.weight_bytes_read(batch) + model.kv_bytes_per_token * ctx, seconds,
+                     batch))
+    a = np.array(rows, dtype=float)
+    return a[:, 0], a[:, 1], a[:, 2], a[:, 3]
+
+
+def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(max(slope, 1e-30)), float(max(intercept, 0.0))
+
+
+def calibrate(device: DeviceSpec, model: ModelProfile, profile: Profile,
+              link: float | None = None) -> Efficiency:
+    """Efficiencies of `device` fitted to a profile measured on it (GPU: prefill points fit
+    compute, decode points fit memory; the overhead is the decode intercept)."""
+    if len(profile.prefill) < 2 or len(profile.decode) < 2:
+        raise ConfigError("a profile needs at least two prefill and two decode points")
+    n_pre = len(profile.prefill)
+    flops, mem, secs, _ = _features(model, profile)
+    slope_c, _ = _fit_line(flops[:n_pre], secs[:n_pre])
+    slope_m, overhead = _fit_line(mem[n_pre:], secs[n_pre:])
+    return Efficiency(compute=min(1.0, 1 / (slope_c * device.flops)),
+                      memory=min(1.0, 1 / (slope_m * device.mem_bw)), overhead_s=overhead,
+                      link=link if link is not None else DEFAULT_LINK_EFFICIENCY, overlap=True)
+
+
+def _nonnegative_fit(design: np.ndarray, secs: np.ndarray) -> np.ndarray:
+    """Least squares in relative error (a 5 ms decode step counts as much as a 5 s prefill) with
+    every coefficient >= 0: the best of the fits over subsets of the columns."""
+    a, b = design / secs[:, None], np.ones_like(secs)
+    best, best_err = np.zeros(design.shape[1]), np.inf
+    cols = range(design.shape[1])
+    for mask in itertools.product((False, True), repeat=design.shape[1]):
+        keep = [c for c in cols if mask[c]]
+        if not keep:
+            continue
+        coef, *_ = np.linalg.lstsq(a[:, keep], b, rcond=None)
+        if (coef < 0).any():
+            continue
+        full = np.zeros(design.shape[1])
+        full[keep] = coef
+        err = float(np.sum((a @ full - b) ** 2))
+        if err < best_err:
+            best, best_err = full, err
+    return best
+
+
+def device_from_profile(profile: Profile, model: ModelProfile,
+                        price_per_hour: float) -> tuple[DeviceSpec, Efficiency]:
+    """A CPU worker as a device whose FLOP/s and bandwidth are the effective rates measured:
+    seconds = overhead + requests x per-request cost + FLOPs / F + bytes / B, fitted over every
+    point (relative error, coefficients >= 0). A dense model reads the same weights every step,
+    so overhead and bytes trade off in the fit; predictions do not depend on the split."""
+    flops, mem, secs, seqs = _features(model, profile)
+    design = np.column_stack([np.ones_like(flops), seqs, flops, mem])
+    overhead, per_seq, per_flop, per_byte = (float(c) for c in _nonnegative_fit(design, secs))
+    device = DeviceSpec(name=profile.device, flops=1 / max(per_flop, 1e-30),
+                        mem_bw=1 / max(per_byte, 1e-30),
+                        memory=model.weight_bytes + profile.kv_cache_memory,
+                        nic_bw=profile.kv_link_bytes_per_s, price_per_hour=price_per_hour,
+                        kind="cpu")
+    return device, Efficiency(compute=1.0, memory=1.0, overhead_s=overhead, per_seq_s=per_seq,
+                              link=1.0, overlap=False)

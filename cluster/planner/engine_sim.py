@@ -1,0 +1,273 @@
+"""One simulated engine replica: continuous batching with chunked prefill and preemption.
+
+It mirrors `baton.actors.scheduler`: each iteration decodes one token for every running request,
+then fills the rest of the token budget with prompt chunks in arrival order (while seats and KV
+last); when KV runs out the most recently admitted request is preempted and recomputed later.
+Time advances per iteration, and a run of decode-only iterations is one event: the batch moves
+up to the next completion at once (step time from the cost model at the run's mean context),
+cut short when a request arrives (the arrival waits for the step in progress, as it does in a
+real engine).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from typing import Any
+
+from baton.cluster.planner.cost import CostModel
+
+
+class SimRequest:
+    """One request's progress and timestamps; `todo` is prompt (or recompute) tokens left."""
+
+    __slots__ = ("index", "arrival", "prompt", "output", "left", "ctx", "todo", "first",
+                 "finish", "decode", "prefill", "holds", "started", "remote", "joined", "ctx0",
+                 "end")
+
+    def __init__(self, index: int, arrival: float, prompt: int, output: int):
+        self.index = index
+        self.arrival = arrival
+        self.prompt = prompt
+        self.output = output
+        self.left = output  # tokens still to generate
+        self.ctx = 0  # tokens in its KV on the engine that holds it
+        self.todo = prompt
+        self.first = -1.0  # time of the first token (-1: none yet)
+        self.finish = -1.0
+        self.decode: Any = None  # the SimEngine that decodes it
+        self.prefill: Any = None  # the SimEngine that prefills it remotely (None: local)
+        self.holds: tuple[Any, ...] = ()  # the router's load holds, released when it finishes
+        self.started = 0.0
+        self.remote = False
+        # While decoding, `left` and `ctx` are kept lazily: the engine's step clock at joining,
+        # the context then, and the clock value at which the request finishes.
+        self.joined = 0
+        self.ctx0 = 0
+        self.end = 0
+
+
+class SimEngine:
+    """A replica; `sim` provides `schedule(t, callback)` and hears `finished` / `prefilled`."""
+
+    def __init__(self, sim: Any, cost: CostModel, role: str, name: str,
+                 max_num_batched_tokens: int, max_num_seqs: int):
+        self.sim = sim
+        self.cost = cost
+        self.role = role
+        self.name = name
+        self.budget = max_num_batched_tokens
+        self.max_seqs = max_num_seqs
+        self.capacity = cost.kv_capacity_tokens
+        self.waiting: deque[SimRequest] = deque()  # prompt tokens left (new or preempted)
+        # Decoding, in admission order; each request's progress is read off `clock` (decode steps
+        # this engine ran), so a run of k steps costs O(finishing requests), not O(batch).
+        self.running: dict[SimRequest, None] = {}
+        self.clock = 0
+        self._ends: list[tuple[int, int, SimRequest]] = []  # (end clock, index, request)
+        self.prefilling: list[SimRequest] = []  # admitted, prompt partly computed
+        self.joining: list[SimRequest] = []  # imported while an iteration ran
+        self.kv_used = 0
+        self.decode_ctx = 0  # KV tokens of the running requests
+        self.busy = False
+        self._version = 0
+        self._group: tuple[float, float, int] = (0.0, 0.0, 0)  # (start, step s, steps)
+        self._chunks: list[tuple[SimRequest, int]] = []
+        self.iterations = 0
+        self.preemptions = 0
+        self.busy_s = 0.0
+
+    # -- the outside world ------------------------------------------------------------------------
+
+    def add(self, req: SimRequest, now: float) -> None:
+        """Queue a prompt for prefill here."""
+        self.waiting.append(req)
+        self._wake(now)
+
+    def reserve(self, tokens: int) -> bool:
+        """Hold KV for a remote prefill's import (False: no room, prefill locally instead)."""
+        if self.kv_used + tokens > self.capacity:
+            return False
+        self.kv_used += tokens
+        return True
+
+    def admit_import(self, req: SimRequest, now: float) -> None:
+        """A remote prefill's KV arrived: start decoding (its reservation is already held)."""
+        req.ctx = req.prompt
+        self.joining.append(req)  # joins the batch when the iteration in progress ends
+        self._wake(now)
+
+    # -- iterations -------------------------------------------------------------------------------
+
+    def _wake(self, now: float) -> None:
+        if not self.busy:
+            self._plan(now)
+            return
+        start, step, steps = self._group
+        if steps > 1:  # cut a decode run short at the step in progress
+            done = min(steps, max(1, math.ceil((now - start) / step - 1e-9)))
+            if done < steps:
+                self._version += 1
+                self._group = (start, step, done)
+                self.sim.schedule(start + done * step, self._done, self._version)
+
+    def _join(self, req: SimRequest) -> None:
+        req.joined, req.ctx0, req.end = self.clock, req.ctx, self.clock + req.left
+        self.decode_ctx += req.ctx
+        self.running[req] = None
+        heapq.heappush(self._ends, (req.end, req.index, req))
+
+    def _leave(self, req: SimRequest) -> None:
+        """Take `req` out of the decode batch with its `left` and `ctx` brought up to date."""
+        req.ctx = req.ctx0 + self.clock - req.joined
+        req.left = req.end - self.clock
+        del self.running[req]
+
+    def _next_end(self) -> int:
+        """Decode steps until the first running request finishes (stale heap entries dropped)."""
+        ends = self._ends
+        while ends[0][2] not in self.running or ends[0][2].end != ends[0][0]:
+            heapq.heappop(ends)
+        return ends[0][0] - self.clock
+
+    def _plan(self, now: float) -> None:
+        for req in self.joining:
+            self._join(req)
+        self.joining = []
+        running, partial = self.running, self.prefilling
+        while running and self.kv_used + len(running) > self.capacity:
+            if partial:
+                self._preempt(partial.pop())
+            else:
+                victim = next(reversed(running))
+                self._leave(victim)
+                self._preempt(victim)
+        n = len(running)
+        if not partial and not self.waiting:  # decode only (every decode-role engine, mostly)
+            if not n:
+                self.busy = False
+                return
+            self._decode_run(now, n)
+            return
+        budget = self.budget - n
+        seats = self.max_seqs - n - len(partial)
+        chunks: list[tuple[SimRequest, int]] = []
+        p_tokens = 0
+        p_ctx = 0.0
+        # Admitted prompts first (most recently admitted preempted when KV is short), then new.
+        i = 0
+        while i < len(partial) and budget > 0:
+            req = partial[i]
+            c = min(req.todo, budget)
+            while self.kv_used + p_tokens + n + c > self.capacity and partial[-1] is not req:
+                self._preempt(partial.pop())
+            if self.kv_used + p_tokens + n + c > self.capacity:
+                break
+            chunks.append((req, c))
+            p_ctx += c * (req.ctx + c / 2)
+            p_tokens += c
+            budget -= c
+            i += 1
+        while self.waiting and budget > 0 and seats > 0 and len(chunks) == len(partial):
+            req = self.waiting[0]
+            c = min(req.todo, budget)
+            if self.kv_used + p_tokens + n + c > self.capacity:
+                break
+            self.waiting.popleft()
+            partial.append(req)
+            chunks.append((req, c))
+            p_ctx += c * (req.ctx + c / 2)
+            p_tokens += c
+            budget -= c
+            seats -= 1
+        if not chunks and partial and not n:  # a stuck prompt: free the latest one's blocks
+            self._preempt(partial.pop())
+            self._plan(now)
+            return
+        if not chunks and not n:
+            self.busy = False
+            return
+        if not chunks:
+            self._decode_run(now, n)
+            return
+        self.busy = True
+        self._version += 1
+        self._chunks = chunks
+        step = self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx, len(chunks))
+        self._group = (now, step, 1)
+        self.sim.schedule(now + step, self._done, self._version)
+
+    def _decode_run(self, now: float, n: int) -> None:
+        """Decode steps up to the next completion (or the KV limit) as one event."""
+        self.busy = True
+        self._version += 1
+        steps = self._next_end()
+        room = (self.capacity - self.kv_used) // n
+        steps = max(1, min(steps, room)) if self.sim.event_skipping else 1
+        step = self.cost.iteration(0, 0.0, n, self.decode_ctx + n * (steps - 1) / 2)
+        self._group = (now, step, steps)
+        self.sim.schedule(now + step * steps, self._done, self._version)
+
+    def _done(self, now: float, version: int) -> None:
+        if version != self._version:
+            return  # superseded by a shorter run
+        start, step, steps = self._group
+        self.iterations += steps
+        self.busy_s += now - start
+        running = self.running
+        if running:
+            n = len(running)
+            self.kv_used += n * steps
+            self.decode_ctx += n * steps
+            self.clock += steps
+            ends = self._ends
+            while ends and ends[0][0] <= self.clock:
+                end, _, r = heapq.heappop(ends)
+                if r in running and r.end == end:
+                    self._leave(r)
+                    self._finish(r, now)
+        for req, c in self._chunks:
+            req.todo -= c
+            req.ctx += c
+            self.kv_used += c
+            if req.todo == 0:
+                self.prefilling.remove(req)
+                self._prefilled(req, now)
+        self._chunks = []
+        self._plan(now)
+
+    def _prefilled(self, req: SimRequest, now: float) -> None:
+        if self.role == "prefill":  # its KV leaves; the decode side holds it from now on
+            self.kv_used -= req.ctx
+            req.ctx = 0
+            self.sim.prefilled(req, now)
+            return
+        if req.first < 0:
+            req.first = now
+            req.left -= 1
+        if req.left <= 0:
+            self._finish(req, now, decoding=False)
+            return
+        self._join(req)
+
+    def _finish(self, req: SimRequest, now: float, decoding: bool = True) -> None:
+        req.finish = now
+        self.kv_used -= req.ctx
+        if decoding:
+            self.decode_ctx -= req.ctx
+        req.ctx = 0
+        self.sim.finished(req, now)
+
+    def _preempt(self, req: SimRequest) -> None:
+        """Free `req`'s KV (a running request, or a prompt partly computed) to recompute later."""
+        self.preemptions += 1
+        self.kv_used -= req.ctx
+        if req.todo == 0:  # decoding: its prompt and what it generated so far are recomputed
+            self.decode_ctx -= req.ctx
+            req.todo = req.ctx
+        else:
+            req.todo += req.ctx
+        req.ctx = 0
+        self.waiting.appendleft(req)
+

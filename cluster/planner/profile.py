@@ -1,0 +1,58 @@
+"""A measured profile of one engine on one machine: `baton profile` writes it, the planner reads it.
+
+JSON: the device (`cpu` or a catalog GPU name), the model's transformers config, the engine's
+dtype, threads and KV cache size, the KV link's measured bytes/s, and the timings: prefill seconds
+per prompt length, decode step seconds per (batch size, context length per request).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from baton.errors import ConfigError
+
+# A gRPC KV link on loopback moved about this much on this machine (`baton bench kv`).
+DEFAULT_CPU_LINK_BYTES_PER_S = 300e6
+
+
+@dataclass(slots=True)
+class Profile:
+    """Timings of one engine; `prefill` is [(tokens, s)], `decode` is [(batch, context, s)]."""
+
+    device: str
+    model: str
+    model_config: dict[str, Any]
+    dtype: str = "bfloat16"
+    threads: int = 1
+    kv_cache_memory: float = float(1 << 30)
+    kv_link_bytes_per_s: float = DEFAULT_CPU_LINK_BYTES_PER_S
+    max_num_batched_tokens: int = 512
+    prefill: list[tuple[int, float]] = field(default_factory=list)
+    decode: list[tuple[int, int, float]] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device == "cpu" or self.device.startswith("cpu")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"profile {p} does not exist; measure one with `baton profile`")
+        try:
+            raw = json.loads(p.read_text())
+            prof = cls(**raw)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ConfigError(f"profile {p} is not a `baton profile` file: {exc}") from exc
+        prof.prefill = [(int(n), float(s)) for n, s in prof.prefill]
+        prof.decode = [(int(b), int(c), float(s)) for b, c, s in prof.decode]
+        if len(prof.prefill) < 2 or len(prof.decode) < 2:
+            raise ConfigError(f"profile {p} needs at least two prefill and two decode points")
+        return prof

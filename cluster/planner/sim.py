@@ -1,0 +1,177 @@
+"""A discrete-event simulator of a Baton cluster: router, pools of engines, KV transfers.
+
+Requests arrive at the router, which picks workers with the router's own code
+(`baton.router.dispatch.WorkerSet`: fewest requests in flight, ties in turn; both holds last the
+whole request, as in `Dispatcher`) and applies conditional disaggregation with the decode worker's
+own rule (`prefill_remotely`: a prefill worker exists and the prompt has at least
+`prefill_threshold` uncached tokens). A remote prefill reserves the prompt's KV on the decode
+worker first (no room: prefill locally, as the worker does), runs on the prefill worker, and its
+KV streams layer by layer while later layers compute: the decode worker has it
+`max(transfer / layers, transfer - prefill time)` after the prefill ends, and the client gets the
+first token then. Workloads carry lengths only, so prefix-cache affinity never applies (every
+prompt is uncached).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from baton.cluster.planner.cost import CostModel
+from baton.cluster.planner.engine_sim import SimEngine, SimRequest
+from baton.errors import ConfigError
+from baton.router.dispatch import WorkerSet, prefill_remotely
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSpec:
+    """`count` replicas of one engine shape in one role (prefill, decode or both)."""
+
+    role: str
+    cost: CostModel
+    count: int
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+
+
+@dataclass(slots=True)
+class SimResult:
+    """Per-request TTFT and TPOT (NaN: never served), and how the engines were used."""
+
+    ttft: np.ndarray
+    tpot: np.ndarray
+    output: np.ndarray
+    duration_s: float  # first arrival to last completion
+    remote_prefills: int
+    preemptions: int
+    iterations: int
+    events: int
+    busy: dict[str, float] = field(default_factory=dict)  # role -> mean busy share
+
+    def attainment(self, slo_ttft: float, slo_tpot: float) -> float:
+        ok = (self.ttft <= slo_ttft) & ((self.tpot <= slo_tpot) | (self.output < 2))
+        return float(np.mean(ok))
+
+    def p50(self, values: np.ndarray) -> float:
+        v = values[~np.isnan(values)]
+        return float(np.percentile(v, 50)) if len(v) else float("nan")
+
+
+class ClusterSim:
+    """One run of a workload through one layout; `run` returns a `SimResult`.
+
+    With `event_skipping` a decode-only batch advances to its next completion (or the next
+    arrival at its engine) in one event; without, one event per iteration."""
+
+    def __init__(self, replicas: Sequence[ReplicaSpec], prefill_threshold: int,
+                 event_skipping: bool = True):
+        if not any(r.role in ("decode", "both") and r.count for r in replicas):
+            raise ConfigError("a layout needs at least one decode or both replica")
+        self.threshold = prefill_threshold
+        # False: one event per decode iteration (slow; the reference event skipping must match).
+        self.event_skipping = event_skipping
+        self.engines: list[SimEngine] = []
+        for spec in replicas:
+            for i in range(spec.count):
+                self.engines.append(SimEngine(self, spec.cost, spec.role, f"{spec.role}-{i}",
+                                              spec.max_num_batched_tokens, spec.max_num_seqs))
+        self.decode = WorkerSet([e for e in self.engines if e.role in ("decode", "both")])
+        self.prefill = WorkerSet([e for e in self.engines if e.role == "prefill"])
+        self._heap: list[tuple[float, int, Callable[[float, Any], None], Any]] = []
+        self._seq = itertools.count()
+        self.remote_prefills = 0
+        self.events = 0
+
+    def schedule(self, t: float, fn: Callable[[float, Any], None], arg: Any) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), fn, arg))
+
+    def run(self, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray) -> SimResult:
+        n = len(arrivals)
+        reqs = [SimRequest(i, float(a), int(p), int(o))
+                for i, (a, p, o) in enumerate(zip(arrivals.tolist(), prompts.tolist(),
+                                                  outputs.tolist(), strict=True))]
+        limit = min(e.capacity for e in self.decode)
+        pending = iter(reqs)
+        heap = self._heap
+        nxt = next(pending, None)
+        events = 0
+        while heap or nxt is not None:
+            if nxt is not None and (not heap or nxt.arrival <= heap[0][0]):
+                req, nxt = nxt, next(pending, None)
+                if req.prompt + req.output <= limit:
+                    self._arrive(req)
+                events += 1
+                continue
+            t, _, fn, arg = heapq.heappop(heap)
+            fn(t, arg)
+            events += 1
+        ttft = np.full(n, np.nan)
+        tpot = np.full(n, np.nan)
+        for r in reqs:
+            if r.finish >= 0:
+                ttft[r.index] = r.first - r.arrival
+                if r.output >= 2:
+                    tpot[r.index] = (r.finish - r.first) / (r.output - 1)
+        end = max((r.finish for r in reqs), default=0.0)
+        span = max(end - float(arrivals[0]), 1e-9) if n else 1e-9
+        busy: dict[str, list[float]] = {}
+        for e in self.engines:
+            busy.setdefault(e.role, []).append(e.busy_s / span)
+        return SimResult(ttft=ttft, tpot=tpot, output=outputs.astype(float), duration_s=span,
+                         remote_prefills=self.remote_prefills,
+                         preemptions=sum(e.preemptions for e in self.engines),
+                         iterations=sum(e.iterations for e in self.engines), events=events,
+                         busy={k: float(np.mean(v)) for k, v in busy.items()})
+
+    # -- the router and the decode worker's admission ---------------------------------------------
+
+    def _arrive(self, req: SimRequest) -> None:
+        now = req.arrival
+        worker = self.decode.pick()
+        prefill = self.prefill.pick()
+        holds = [self.decode.hold(worker)]
+        if prefill is not None:
+            holds.append(self.prefill.hold(prefill))
+        for h in holds:
+            h.__enter__()
+        req.holds = tuple(holds)
+        req.decode = worker
+        # Every prompt is uncached here (lengths only); the decode worker reserves before the
+        # prefill worker computes, and prefills locally when it cannot.
+        if prefill_remotely(prefill is not None, req.prompt, self.threshold) and \
+                worker.reserve(req.prompt):
+            self.remote_prefills += 1
+            req.remote = True
+            req.prefill = prefill
+            req.started = now
+            prefill.add(req, now)
+        else:
+            worker.add(req, now)
+
+    def prefilled(self, req: SimRequest, now: float) -> None:
+        """A prefill worker finished `req`'s prompt: its KV reaches the decode worker later."""
+        xfer = req.prefill.cost.transfer(req.prompt, req.decode.cost)
+        layers = req.prefill.cost.model.num_layers
+        tail = max(xfer / layers, xfer - (now - req.started))
+        req.todo = 0
+        self.schedule(now + tail, self._imported, req)
+
+    def _imported(self, now: float, req: SimRequest) -> None:
+        req.first = now
+        req.left -= 1
+        if req.left <= 0:
+            req.decode.kv_used -= req.prompt
+            req.finish = now
+            self.finished(req, now)
+            return
+        req.decode.admit_import(req, now)
+
+    def finished(self, req: SimRequest, now: float) -> None:
+        for h in req.holds:
+            h.__exit__(None, None, None)
+        req.holds = ()

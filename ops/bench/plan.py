@@ -1,0 +1,149 @@
+"""`baton bench plan`: how fast the planner's simulator runs a large cluster, against itself
+without event skipping.
+
+A 1,000-GPU cluster (llama-3-70b; prefill on H100, decode on A100-80G, four GPUs per replica)
+takes Poisson traffic of the Splitwise coding trace for `hours` of simulated time. The baseline is
+the same simulator with one event per decode iteration, over a short window of the same traffic
+(it is too slow for the hour); both runs' TTFT/TPOT p50 over that window are compared, so the
+report also says what event skipping costs in accuracy. Figure: simulated seconds per wall second.
+
+With `calibrate`, a real engine (`CALIBRATION_MODEL`, in process) is profiled, then run open-loop
+at rising rates beside the simulator fed that profile (`plan_calibration.sweep`): TTFT/TPOT p50
+errors per rate and both goodputs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from baton.actors.engine import Engine
+from baton.cluster.planner.catalog import Catalog
+from baton.cluster.planner.cost import CostModel
+from baton.cluster.planner.model import load_model
+from baton.cluster.planner.sim import ClusterSim, ReplicaSpec, SimResult
+from baton.cluster.planner.workload import get_workload, poisson
+from baton.ops.bench import plan_calibration
+from baton.ops.bench.machine import machine_info
+from baton.ops.bench.report import run_and_report
+from baton.ops.profile_run import measure
+
+MODEL = "llama-3-70b"
+WORKLOAD = "coding"
+PREFILL = ("H100", 4, 180)  # (GPU, GPUs per replica, replicas)
+DECODE = ("A100-80G", 4, 70)
+PREFILL_THRESHOLD = 64
+CALIBRATION_MODEL = "tiny:llama"
+CALIBRATION_RATES = (10.0, 20.0, 40.0, 80.0)
+
+
+def cluster() -> tuple[list[ReplicaSpec], int]:
+    """The simulated cluster's replicas and its GPU count."""
+    cat, model = Catalog(), load_model(MODEL)
+    specs = [ReplicaSpec(role, CostModel(cat.get(gpu), model, tp), n)
+             for role, (gpu, tp, n) in (("prefill", PREFILL), ("decode", DECODE))]
+    return specs, sum(s.cost.tp * s.count for s in specs)
+
+
+def _timed_run(specs: list[ReplicaSpec], arrivals: np.ndarray, prompts: np.ndarray,
+               outputs: np.ndarray, skipping: bool) -> tuple[SimResult, float]:
+    sim = ClusterSim(specs, PREFILL_THRESHOLD, event_skipping=skipping)
+    t0 = time.perf_counter()
+    res = sim.run(arrivals, prompts, outputs)
+    return res, time.perf_counter() - t0
+
+
+def _summary(res: SimResult, wall: float, simulated_s: float) -> dict[str, Any]:
+    return {"requests": len(res.ttft), "simulated_s": simulated_s, "wall_s": wall,
+            "simulated_seconds_per_wall_second": simulated_s / wall, "events": res.events,
+            "iterations": res.iterations, "ttft_p50_s": res.p50(res.ttft),
+            "tpot_p50_s": res.p50(res.tpot), "busy": res.busy,
+            "preemptions": res.preemptions}
+
+
+def calibration(seed: int) -> dict[str, Any]:
+    """A real engine against the simulator fed its own profile (see the module's doc)."""
+    profile = measure(model=CALIBRATION_MODEL, dtype="float32", threads=1,
+                      prefill_lens=(16, 64, 256), batches=(1, 4, 16), contexts=(16, 128),
+                      decode_steps=9, repeats=5)
+    engine = Engine(model=CALIBRATION_MODEL, dtype="float32", num_threads=1,
+                    max_num_batched_tokens=256, max_num_seqs=16)
+    out = plan_calibration.sweep(engine, profile, CALIBRATION_RATES, 60, (16, 200), (8, 40),
+                                 (3.0, 2.5), seed)
+    return {"model": CALIBRATION_MODEL, **out}
+
+
+def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, seed: int = 0,
+        calibrate: bool = True, progress: Console | None = None) -> dict[str, Any]:
+    """Simulate `hours` of traffic at `rate` requests/s, and `baseline_s` of it both ways."""
+    say = progress.print if progress else (lambda _: None)
+    calib = None
+    if calibrate:
+        say(f"calibration: profiling {CALIBRATION_MODEL}, then real and simulated runs")
+        calib = calibration(seed)
+    specs, gpus = cluster()
+    rng = np.random.default_rng(seed)
+    n = int(rate * hours * 3600)
+    prompts, outputs = get_workload(WORKLOAD).sample(n, rng)
+    arrivals = poisson(n, rate, rng)
+    m = max(2, int(rate * baseline_s))
+    say(f"baseline: {m} requests ({baseline_s:g} s of traffic) one event per iteration")
+    base, base_wall = _timed_run(specs, arrivals[:m], prompts[:m], outputs[:m], False)
+    short, short_wall = _timed_run(specs, arrivals[:m], prompts[:m], outputs[:m], True)
+    say(f"{gpus} GPUs, {n} requests ({hours:g} h at {rate:g}/s) with event skipping")
+    full, wall = _timed_run(specs, arrivals, prompts, outputs, True)
+    sim_s = float(arrivals[-1])
+    window = {"skipping": _summary(short, short_wall, float(arrivals[m - 1])),
+              "per_iteration": _summary(base, base_wall, float(arrivals[m - 1]))}
+    return {
+        "machine": machine_info(1),
+        "cluster": {"model": MODEL, "gpus": gpus, "workload": WORKLOAD, "rate_rps": rate,
+                    "prefill": dict(zip(("gpu", "tp", "replicas"), PREFILL, strict=True)),
+                    "decode": dict(zip(("gpu", "tp", "replicas"), DECODE, strict=True)),
+                    "prefill_threshold": PREFILL_THRESHOLD},
+        "full": _summary(full, wall, sim_s),
+        "window": window,
+        "calibration": calib,
+        "ratios": {
+            "simulated_seconds_per_wall_second": sim_s / wall,
+            "skipping_speedup_vs_per_iteration": base_wall / short_wall,
+            "ttft_p50_skipping_vs_per_iteration": window["skipping"]["ttft_p50_s"]
+            / window["per_iteration"]["ttft_p50_s"],
+            "tpot_p50_skipping_vs_per_iteration": window["skipping"]["tpot_p50_s"]
+            / window["per_iteration"]["tpot_p50_s"],
+        },
+    }
+
+
+def show(report: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"simulating {report['cluster']['gpus']} GPUs "
+                        f"({report['cluster']['model']}, {report['cluster']['workload']})")
+    for col in ("run", "requests", "simulated s", "wall s", "sim s / wall s", "TTFT p50",
+                "TPOT p50"):
+        table.add_column(col, justify="right")
+    rows = [("full, skipping", report["full"]), *[(f"window, {k}", v)
+                                                  for k, v in report["window"].items()]]
+    for name, s in rows:
+        table.add_row(name, str(s["requests"]), f"{s['simulated_s']:.0f}", f"{s['wall_s']:.1f}",
+                      f"{s['simulated_seconds_per_wall_second']:.1f}",
+                      f"{s['ttft_p50_s'] * 1000:.0f} ms", f"{s['tpot_p50_s'] * 1000:.1f} ms")
+    console.print(table)
+    for k, v in report["ratios"].items():
+        console.print(f"{k}: {v:.3g}")
+    calib = report.get("calibration")
+    if calib:
+        for r in calib["runs"]:
+            console.print(f"calibration {calib['model']} at {r['rate']:g}/s: TTFT p50 error "
+                          f"{r['error']['ttft_p50']:+.0%}, TPOT p50 error "
+                          f"{r['error']['tpot_p50']:+.0%}, attainment real "
+                          f"{r['real']['attainment']:.0%} / sim {r['sim']['attainment']:.0%}")
+        console.print(f"calibration goodput: real {calib['goodput_real_rps']:g}/s, simulated "
+                      f"{calib['goodput_sim_rps']:g}/s")
+
+
+def main(*, json_path: str | None = None, **kw: Any) -> dict[str, Any]:
+    return run_and_report(lambda progress: run(progress=progress, **kw), show, json_path)

@@ -1,0 +1,24 @@
+"""The cost model's calibration recovers the efficiencies a GPU's timings were made with."""
+
+from __future__ import annotations
+
+import pytest
+
+from baton.cluster.planner.catalog import Catalog
+from baton.cluster.planner.cost import CostModel, Efficiency, calibrate
+from baton.cluster.planner.model import BUILTIN, load_model
+from baton.cluster.planner.profile import Profile
+
+
+def test_a_gpu_profile_calibrates_compute_memory_and_overhead() -> None:
+    gpu, model = Catalog().get("H100"), load_model("llama-3-8b")
+    truth = CostModel(gpu, model, 1, Efficiency(compute=0.4, memory=0.6, overhead_s=0.003))
+    profile = Profile(
+        device="H100", model="llama-3-8b", model_config=BUILTIN["llama-3-8b"],
+        prefill=[(n, truth.iteration(n, n * n / 2, 0, 0.0)) for n in (512, 1024, 2048, 4096)],
+        decode=[(b, c, truth.iteration(0, 0.0, b, b * c)) for b in (1, 8, 32)
+                for c in (512, 2048)])
+    eff = calibrate(gpu, model, profile)
+    assert eff.compute == pytest.approx(0.4, rel=0.05)
+    assert eff.memory == pytest.approx(0.6, rel=0.05)
+    assert eff.overhead_s == pytest.approx(0.003, rel=0.1)

@@ -1,0 +1,83 @@
+"""The cluster simulator's accounting: one request alone, event skipping, disaggregation, KV."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from baton.cluster.planner.catalog import Catalog
+from baton.cluster.planner.cost import CostModel
+from baton.cluster.planner.model import load_model
+from baton.cluster.planner.sim import ClusterSim, ReplicaSpec
+from baton.cluster.planner.workload import get_workload, poisson
+
+
+@pytest.fixture(scope="module")
+def h100() -> CostModel:
+    return CostModel(Catalog().get("H100"), load_model("llama-3-8b"), 1)
+
+
+def test_a_request_alone_takes_its_prefill_then_one_step_per_token(h100: CostModel) -> None:
+    sim = ClusterSim([ReplicaSpec("both", h100, 1, max_num_batched_tokens=4096)], 64)
+    res = sim.run(np.array([0.0]), np.array([1000]), np.array([11]))
+    prefill = h100.iteration(1000, 1000 * 500, 0, 0.0)
+    steps = [h100.iteration(0, 0.0, 1, 1000 + i) for i in range(10)]
+    assert res.ttft[0] == pytest.approx(prefill)
+    assert res.tpot[0] == pytest.approx(sum(steps) / 10, rel=1e-6)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_of_the_token_budget(h100: CostModel) -> None:
+    sim = ClusterSim([ReplicaSpec("both", h100, 1, max_num_batched_tokens=256)], 64)
+    res = sim.run(np.array([0.0]), np.array([1000]), np.array([2]))
+    chunks = [h100.iteration(c, c * (done + c / 2), 0, 0.0)
+              for done, c in ((0, 256), (256, 256), (512, 256), (768, 232))]
+    assert res.ttft[0] == pytest.approx(sum(chunks))
+
+
+def test_a_remote_prefill_adds_the_transfer_the_prefill_did_not_hide(h100: CostModel) -> None:
+    specs = [ReplicaSpec("prefill", h100, 1, max_num_batched_tokens=4096),
+             ReplicaSpec("decode", h100, 1)]
+    res = ClusterSim(specs, 64).run(np.array([0.0]), np.array([2000]), np.array([2]))
+    prefill = h100.iteration(2000, 2000 * 1000, 0, 0.0)
+    xfer = h100.transfer(2000, h100)
+    tail = max(xfer / h100.model.num_layers, xfer - prefill)
+    assert res.remote_prefills == 1
+    assert res.ttft[0] == pytest.approx(prefill + tail)
+    assert res.tpot[0] == pytest.approx(h100.iteration(0, 0.0, 1, 2000))
+
+
+def _load(n: int, rate: float, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    prompts, outputs = get_workload("conversation").sample(n, rng)
+    return poisson(n, rate, rng), prompts, outputs
+
+
+@pytest.mark.parametrize("roles", [("both",), ("prefill", "decode")])
+def test_event_skipping_matches_one_event_per_iteration(h100: CostModel, roles) -> None:
+    arrivals, prompts, outputs = _load(1500, 6.0)
+    specs = [ReplicaSpec(role, h100, 2) for role in roles]
+    fast = ClusterSim(specs, 64).run(arrivals, prompts, outputs)
+    slow = ClusterSim(specs, 64, event_skipping=False).run(arrivals, prompts, outputs)
+    assert fast.events < slow.events / 3
+    for a, b in ((fast.ttft, slow.ttft), (fast.tpot, slow.tpot)):
+        assert np.nanmedian(a) == pytest.approx(np.nanmedian(b), rel=0.02)
+        assert np.nanpercentile(a, 90) == pytest.approx(np.nanpercentile(b, 90), rel=0.05)
+
+
+def test_prompts_under_the_threshold_are_prefilled_where_they_decode(h100: CostModel) -> None:
+    arrivals, prompts, outputs = _load(200, 4.0)
+    specs = [ReplicaSpec("prefill", h100, 1), ReplicaSpec("decode", h100, 1)]
+    threshold = int(np.median(prompts))
+    res = ClusterSim(specs, threshold).run(arrivals, prompts, outputs)
+    assert res.remote_prefills == int(np.sum(prompts >= threshold))
+    assert ClusterSim(specs, 10**6).run(arrivals, prompts, outputs).remote_prefills == 0
+
+
+def test_a_full_kv_cache_preempts_and_every_request_still_finishes() -> None:
+    small = CostModel(Catalog().get("H100"), load_model("llama-3-8b"), 1, kv_memory=6000 * 131072)
+    arrivals, prompts, outputs = _load(120, 20.0)
+    keep = prompts + outputs <= 6000
+    res = ClusterSim([ReplicaSpec("both", small, 1)], 64).run(
+        arrivals[keep], prompts[keep], outputs[keep])
+    assert res.preemptions > 0
+    assert not np.isnan(res.ttft).any()
