@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import ValidationError, WrapValidator
 from pydantic_core import ErrorDetails, PydanticCustomError
+
+from baton.errors import ConfigError
 
 # What a value of the wrong type should have been, by pydantic's error type.
 TYPE_WORDS = {
@@ -26,6 +30,18 @@ TYPE_WORDS = {
 BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
           "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
 REPR_LIMIT = 60
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content (an empty file: {}); a missing or malformed file is a ConfigError
+    that calls it `what` ("cluster config", "catalog file")."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {p} is not valid YAML: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from baton.engine_config import Dtype, EngineConfig
 from baton.errors import ConfigError
-from baton.validation import problems
+from baton.validation import problems, read_yaml
 
 # Set on the pool itself (placement needs them), never among its engine options.
 POOL_LEVEL = ("model", "dtype", "device")
@@ -118,16 +117,7 @@ def load_config(source: str | Path | dict[str, Any] | None) -> ClusterConfig:
     """Parse a YAML file (or an already-loaded dict); None gives the default local cluster."""
     if source is None:
         return ClusterConfig()
-    if isinstance(source, dict):
-        raw = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"cluster config {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"cluster config {path} is not valid YAML: {exc}") from exc
+    raw = source if isinstance(source, dict) else read_yaml(source, "cluster config")
     try:
         return ClusterConfig.model_validate(raw)
     except ValidationError as exc:

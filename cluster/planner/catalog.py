@@ -13,9 +13,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from baton.errors import ConfigError
+from baton.validation import read_yaml
 
 TFLOPS = 1e12
 TB = 1e12
@@ -92,12 +91,7 @@ class Catalog:
         if path is None:
             return cat
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"catalog file {p} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"catalog file {p} is not valid YAML: {exc}") from exc
+        raw = read_yaml(p, "catalog file")
         entries = raw.get("gpus") if isinstance(raw, dict) else None
         if not isinstance(entries, dict):
             raise ConfigError(f"catalog file {p} needs a `gpus:` mapping of name -> figures")
