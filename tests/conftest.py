@@ -124,18 +124,14 @@ def _engines_end_clean(request):
                 assert_no_leaks(engine)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
-    # Under `pytest -n N --dist loadgroup` (make test) a module runs whole on one worker, and every
-    # module that starts Ray runs on the same one, one after another: two Ray instances starting
-    # side by side on one machine can leave an actor unplaced.
-    # The Ray modules go first, so that their long run starts at once.
-    ray_items = {id(item) for item in items
-                 if "ray" in item.keywords or "ray_local" in item.fixturenames}
-    items.sort(key=lambda item: id(item) not in ray_items)
+    # `make test` runs the modules that start Ray (`-m ray`) in one pytest process and the rest
+    # in another, side by side, so that one Ray instance at most runs at a time. A test on the
+    # `ray_local` fixture is a Ray test whether marked or not.
     for item in items:
-        group = "ray" if id(item) in ray_items else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+        if "ray_local" in item.fixturenames and "ray" not in item.keywords:
+            item.add_marker(pytest.mark.ray)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -13,7 +13,7 @@ from baton.errors import ContextLengthError
 from baton.sampling import SamplingParams
 from tests.conftest import wait_until
 
-pytestmark = pytest.mark.ray  # starts Ray: runs alone (see tests/conftest.py)
+pytestmark = pytest.mark.ray  # starts Ray (see tests/conftest.py)
 
 MODEL = "tiny:llama"
 ENGINE = {"dtype": "float32", "block_size": 8, "num_threads": 1}

@@ -26,7 +26,7 @@ from baton.errors import (
 from baton.sampling import SamplingParams
 from tests.conftest import wait_until
 
-pytestmark = pytest.mark.ray  # starts Ray: runs alone (see tests/conftest.py)
+pytestmark = pytest.mark.ray  # starts Ray (see tests/conftest.py)
 
 NAMESPACE = "baton-test"
 ENGINE = {"block_size": 8, "num_threads": 1}
@@ -105,8 +105,11 @@ def test_pools_come_up_listed_by_role_and_registered(controller, registry) -> No
     assert status["decode-0"]["kv_address"]
 
     # Registered with what the router needs, and beating with load.
-    shown = wait_until(lambda: {w.info.worker_id: w for w in registry.workers()
-                                if w.load is not None} or None, what="registered workers")
+    def beating():
+        ws = {w.info.worker_id: w for w in registry.workers() if w.load is not None}
+        return ws if {"prefill-0", "decode-0"} <= ws.keys() else None
+
+    shown = wait_until(beating, what="both workers registered and beating")
     assert set(shown) == {"prefill-0", "decode-0"}
     assert shown["decode-0"].info.address == status["decode-0"]["kv_address"]
     assert shown["prefill-0"].info.role == "prefill" and shown["decode-0"].info.pool == "decode"

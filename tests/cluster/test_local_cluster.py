@@ -20,6 +20,8 @@ from baton.cluster.state import ClusterState
 from baton.errors import WorkerUnavailableError
 from tests.conftest import wait_until
 
+pytestmark = pytest.mark.ray  # starts Ray (see tests/conftest.py)
+
 BIN = Path(sys.executable).parent
 CONFIG = {
     "name": "uptest",
@@ -38,8 +40,6 @@ CONFIG = {
 KILL_DECODE = """
 from baton.cluster.local import LocalCluster
 import ray
-
-pytestmark = pytest.mark.ray  # starts Ray: runs alone (see tests/conftest.py)
 LocalCluster.load().connect()
 rows = ray.get(ray.get_actor("baton-controller", namespace="baton").workers.remote())
 (decode,) = [r for r in rows if r["role"] == "decode"]

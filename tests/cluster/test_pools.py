@@ -15,7 +15,7 @@ from baton.cluster.pools import start_pools
 from baton.errors import ConfigError
 from baton.sampling import SamplingParams
 
-pytestmark = pytest.mark.ray  # starts Ray: runs alone (see tests/conftest.py)
+pytestmark = pytest.mark.ray  # starts Ray (see tests/conftest.py)
 
 ENGINE = {"block_size": 8}
 CONFIG = {

@@ -24,7 +24,7 @@ from baton.errors import AuthError
 from baton.ops import serve_router
 from tests.conftest import wait_until
 
-pytestmark = pytest.mark.ray  # starts Ray: runs alone (see tests/conftest.py)
+pytestmark = pytest.mark.ray  # starts Ray (see tests/conftest.py)
 
 TOKEN = "router-test-token"
 

@@ -9,7 +9,7 @@ import pytest
 
 from baton.ops.bench import kv
 
-pytestmark = pytest.mark.ray  # starts Ray: runs alone (see tests/conftest.py)
+pytestmark = pytest.mark.ray  # starts Ray (see tests/conftest.py)
 
 
 def test_bench_kv_reports_ratios_and_hidden_fraction(tmp_path, capsys):

@@ -12,7 +12,7 @@ from baton.ops.bench.openloop import SLO, goodput, poisson_arrivals, summarize
 from baton.ops.bench.sweep import ATTAINMENT
 from baton.ops.bench.workload import RequestTiming
 
-pytestmark = pytest.mark.ray  # starts Ray: runs alone (see tests/conftest.py)
+pytestmark = pytest.mark.ray  # starts Ray (see tests/conftest.py)
 
 
 def test_poisson_arrivals_keep_the_rate_and_the_seed():

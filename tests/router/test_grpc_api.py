@@ -31,7 +31,7 @@ from baton.router.grpc_server import sampling_from_proto
 from baton.sampling import SamplingParams
 from tests.conftest import assert_workers_idle
 
-pytestmark = pytest.mark.ray  # starts Ray: runs alone (see tests/conftest.py)
+pytestmark = pytest.mark.ray  # starts Ray (see tests/conftest.py)
 
 MODEL = "tiny:llama"
 ENGINE = {"dtype": "float32", "block_size": 8, "num_threads": 1}

@@ -31,7 +31,7 @@ from baton.router.selector_training import NotEnoughHistory, train
 from tests.conftest import wait_until
 from tests.router import selector_world as world
 
-pytestmark = pytest.mark.ray  # starts Ray: runs alone (see tests/conftest.py)
+pytestmark = pytest.mark.ray  # starts Ray (see tests/conftest.py)
 
 MODEL = "tiny:llama"
 # The decode pool offers prompt lookup and a draft model (the target itself: all accepted).
