@@ -66,12 +66,15 @@ lint: $(STAMPS)/venv
 	$(BIN)/mypy baton cluster router ops/cli.py $(addprefix actors/,$(MYPY_ACTORS))
 
 test: setup lint
-	@# Two pytest processes side by side: the modules that start Ray (marked `ray`), one after
-	@# another, and everything else; its log follows. Exit 5 is "nothing selected".
-	@$(BIN)/python -m pytest -m ray $(PYTEST_ARGS) > $(STAMPS)/pytest-ray.log 2>&1 & ray=$$!; \
+	@# Two pytest processes side by side, each starting one Ray instance at a time: the modules
+	@# that start Ray (marked `ray`) outside tests/router in one; everything else, then the
+	@# router's Ray modules, in the other. The first one's log follows. Exit 5: nothing selected.
+	@$(BIN)/python -m pytest -m ray --ignore=tests/router $(PYTEST_ARGS) \
+		> $(STAMPS)/pytest-ray.log 2>&1 & ray=$$!; \
 	$(BIN)/python -m pytest -m "not ray" $(PYTEST_ARGS); rest=$$?; \
+	$(BIN)/python -m pytest -m ray tests/router $(PYTEST_ARGS); router=$$?; \
 	wait $$ray; with_ray=$$?; echo "== tests that start Ray"; cat $(STAMPS)/pytest-ray.log; \
-	for rc in $$rest $$with_ray; do [ $$rc = 0 ] || [ $$rc = 5 ] || exit 1; done
+	for rc in $$rest $$router $$with_ray; do [ $$rc = 0 ] || [ $$rc = 5 ] || exit 1; done
 
 demo: setup
 	@# A local cluster (Ray, Redis, a prefill and a decode worker, the router), requests over

@@ -126,9 +126,9 @@ def _engines_end_clean(request):
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
-    # `make test` runs the modules that start Ray (`-m ray`) in one pytest process and the rest
-    # in another, side by side, so that one Ray instance at most runs at a time. A test on the
-    # `ray_local` fixture is a Ray test whether marked or not.
+    # `make test` splits the suite by this marker over two pytest processes side by side, each
+    # with one Ray instance at a time (see the Makefile). A test on the `ray_local` fixture is a
+    # Ray test whether marked or not.
     for item in items:
         if "ray_local" in item.fixturenames and "ray" not in item.keywords:
             item.add_marker(pytest.mark.ray)
