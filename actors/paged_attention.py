@@ -58,6 +58,7 @@ class AttentionBatch:
     # Draft trees: (batch row, query index of the tree's root, [n+1, n+1] ancestor mask).
     trees: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     _masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _tree_mask: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -97,11 +98,10 @@ class AttentionBatch:
         ancestry), for the kernel; None without trees. Built once per step."""
         if not self.trees:
             return None
-        key = (-1, -1)
-        if key not in self._masks:
+        if self._tree_mask is None:
             q = self.max_query_len
             causal = torch.ones(q, q, dtype=torch.bool).tril()
-            starts = self.query_start.tolist() if self.query_start is not None else []
+            starts = self.query_start.tolist()  # set whenever a step carries a draft
             m = torch.zeros(starts[-1], q, dtype=torch.bool)
             for b in range(self.batch_size):
                 n = starts[b + 1] - starts[b]
@@ -110,8 +110,8 @@ class AttentionBatch:
                 n = anc.shape[0]
                 lo = starts[row] + q0
                 m[lo:lo + n, q0:q0 + n] = anc
-            self._masks[key] = m.to(self.query_pos.device)
-        return self._masks[key]
+            self._tree_mask = m.to(self.query_pos.device)
+        return self._tree_mask
 
 
 _current: ContextVar[AttentionBatch | None] = ContextVar("baton_attention_batch", default=None)
