@@ -64,10 +64,6 @@ def router_settings(args: argparse.Namespace, config: ClusterConfig,
         selection=SelectionSettings(**config.selector.model_dump()))
 
 
-def _start_on_head(config: ClusterConfig, redis_url: str | None, namespace: str) -> None:
-    start_controller(config, redis_url, namespace=namespace)
-
-
 def ensure_controller(config: ClusterConfig, redis_url: str | None, namespace: str) -> None:
     """Start the cluster's controller and pools from a task on the head node, unless one already
     runs (another router started it: then this one just uses it)."""
@@ -80,11 +76,11 @@ def ensure_controller(config: ClusterConfig, redis_url: str | None, namespace: s
     if not heads:
         raise ClusterNotRunningError("no live Ray head node to start the controller on")
     log.info("starting the controller and its pools from the head node")
-    task = ray.remote(_start_on_head).options(
+    task = ray.remote(start_controller).options(
         num_cpus=0, max_retries=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(heads[0], soft=False))
     try:
-        ray.get(task.remote(config, redis_url, namespace))
+        ray.get(task.remote(config, redis_url, namespace=namespace))
     except ray.exceptions.RayTaskError as exc:
         if not isinstance(exc.cause, ConfigError):
             raise
