@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
+from baton.cluster.k8s import release_fullname
 from baton.ops import cli
+from tests.helm.conftest import CHART, helm
 from tests.ops.admin_double import AdminDouble, worker
 from tests.ops.k8s_recorded_api import (
     JSON_PATCH,
@@ -231,3 +234,11 @@ def test_forbidden_and_unreachable_api_are_typed_errors(kube, tmp_path, capsys, 
     assert res.code == 2
     assert "KubeAPIError: reading RayCluster prod-baton: cannot reach the Kubernetes API at " \
            "http://127.0.0.1:1" in res.said
+
+
+@pytest.mark.parametrize("release", ["baton", "team-baton-prod", "prod", "a" * 39])
+def test_release_names_map_to_the_charts_resource_names(release):
+    out = helm("template", release, str(CHART))
+    assert out.returncode == 0, out.stderr
+    rc = next(d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "RayCluster")
+    assert release_fullname(release) == rc["metadata"]["name"]
