@@ -6,7 +6,7 @@ mixed-GPU example), plus the pods KubeRay and the Deployment/StatefulSet control
 from them, with plausible status blocks. Every request is checked the way the API server checks
 it (bearer token, path, verb, label selector, patch content type and body, pod log container),
 a patched RayCluster is validated against KubeRay's CRD schema (strict, like the server's strict
-field validation) and KubeRay's own replica bounds, and failures come back as the server's
+field validation) and against the group's replica bounds, and failures come back as the server's
 `Status` objects (401, 403, 404, 415, 422).
 """
 
@@ -120,7 +120,9 @@ def _json_patch(doc: Any, ops: Any) -> Any:
 
 
 def _kuberay_bounds(rc: dict[str, Any]) -> None:
-    """KubeRay's own check of worker groups (ray-operator ValidateRayClusterSpec)."""
+    """A worker group's replica bounds. KubeRay keeps replicas within [minReplicas,
+    maxReplicas] and refuses minReplicas > maxReplicas; the double refuses both (the stricter
+    reading), so a scale that does not widen the bounds fails here."""
     for g in rc["spec"].get("workerGroupSpecs") or []:
         low, high = g.get("minReplicas", 0), g.get("maxReplicas", 2**31 - 1)
         if low > high:
