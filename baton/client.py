@@ -243,14 +243,16 @@ class AsyncBatonClient:
 class AdminClient:
     """The operator side of a router (what `baton status`, `drain` and `scale` call)."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, token: str | None = None):
+    def __init__(self, address: str = "127.0.0.1:50051", *, token: str | None = None,
+                 timeout_s: float = 60.0):
         self._channel = grpc.insecure_channel(address)
         self._stub = pb_grpc.AdminStub(self._channel)
         self._metadata = _channel_args(token)
+        self._timeout_s = timeout_s
 
     def _call(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, metadata=self._metadata, timeout=60)
+            return method(request, metadata=self._metadata, timeout=self._timeout_s)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 

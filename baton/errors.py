@@ -97,6 +97,30 @@ class ClusterNotRunningError(BatonError):
     grpc_status = "UNAVAILABLE"
 
 
+class KubeConfigError(BatonError):
+    """No usable kubeconfig: the file is missing, or names no such context."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class ReleaseNotFoundError(BatonError):
+    """No Helm-installed Baton (its RayCluster) under that release name in that namespace."""
+
+    grpc_status = "NOT_FOUND"
+
+
+class KubeAccessError(BatonError):
+    """The Kubernetes API refused the caller's credentials (401) or its RBAC role (403)."""
+
+    grpc_status = "PERMISSION_DENIED"
+
+
+class KubeAPIError(BatonError):
+    """The Kubernetes API could not be reached, or failed a request for another reason."""
+
+    grpc_status = "UNAVAILABLE"
+
+
 class WorkerNotFoundError(BatonError):
     """A worker id the controller does not know: never started, or already stopped."""
 
