@@ -70,6 +70,8 @@ class WorkerBackend:
         for slot in self._slots:
             self._launch(slot)
         infos = await asyncio.gather(*(s.actor.info.remote() for s in self._slots))
+        for slot, info in zip(self._slots, infos, strict=True):
+            log.info("worker %d up (pid %d)", slot.index, info["pid"])
         self._model = infos[0]["model"]
         self._tokenizer = load_tokenizer(resolve(self.config.model))
         log.info("%d workers up with model %s", len(self._slots), self._model)
