@@ -83,7 +83,13 @@ def head() -> Iterator[dict[str, Any]]:
 def baton(head: dict[str, Any], *args: str) -> Any:
     """`baton ARGS --address HEAD --token TOKEN` in this process; its result (output, exit code,
     exception)."""
-    return CliRunner().invoke(app, [*args, "--address", head["address"], "--token", TOKEN])
+    return cli().invoke(app, [*args, "--address", head["address"], "--token", TOKEN])
+
+
+def cli() -> CliRunner:
+    """A runner whose environment names no other Ray (Ray's job client prefers it over
+    --address)."""
+    return CliRunner(env={"RAY_ADDRESS": None, "RAY_API_SERVER_ADDRESS": None})
 
 
 def write_rows(path: Path, n: int, max_tokens: int, bad: dict[int, str] | None = None) -> None:
@@ -165,7 +171,7 @@ def test_a_stopped_job_resumes_without_redoing_rows(head):
     before = read_lines(dst)
     assert 5 <= len(before) < 60
 
-    res = CliRunner().invoke(app, ["submit", str(src), "--output", str(dst), "--model",
+    res = cli().invoke(app, ["submit", str(src), "--output", str(dst), "--model",
                                    "tiny:llama", "--follow", "--address", head["address"],
                                    "--token", TOKEN])
     assert res.exit_code == 0, res.output
@@ -180,6 +186,6 @@ def test_unknown_jobs_and_wrong_tokens_are_told_apart(head):
     res = baton(head, "jobs", "status", "raysubmit_nosuchjob")
     assert isinstance(res.exception, JobNotFoundError), res.output
     assert "baton jobs list" in res.exception.message
-    wrong = CliRunner().invoke(app, ["jobs", "list", "--address", head["address"], "--token",
+    wrong = cli().invoke(app, ["jobs", "list", "--address", head["address"], "--token",
                                      "not-the-token"])
     assert isinstance(wrong.exception, AuthError), wrong.output
