@@ -151,3 +151,15 @@ class PlanError(BatonError):
     """The capacity planner found nothing to offer: no layout meets the SLOs, the rate or budget."""
 
     grpc_status = "FAILED_PRECONDITION"
+
+
+class JobServerError(BatonError):
+    """No Ray job server (the dashboard) answers at the address the caller gave."""
+
+    grpc_status = "UNAVAILABLE"
+
+
+class JobNotFoundError(BatonError):
+    """A Ray job id (or submission id) the job server does not know."""
+
+    grpc_status = "NOT_FOUND"

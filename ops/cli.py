@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from baton.errors import BatonError
-from baton.ops import cluster_cmds, k8s_cmds
+from baton.ops import cluster_cmds, jobs_cmds, k8s_cmds
 from baton.ops.cli_options import Output, OutputOpt
 from baton.ops.plan_cmds import plan_command, profile_command
 from baton.ops.router_cmds import router_app
@@ -31,6 +31,7 @@ app.add_typer(router_app, name="router")
 err = Console(stderr=True)
 cluster_cmds.register(app)
 k8s_cmds.register(app)
+jobs_cmds.register(app)
 
 ModelOpt = Annotated[
     str,

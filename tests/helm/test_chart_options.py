@@ -4,11 +4,13 @@ PodDisruptionBudgets and the batch RayJob, and bad values refused with the value
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
+from baton.ops.batch import parser as batch_parser
 from tests.helm.conftest import MIXED, Rendered, render, render_error, validate
 
 EXTERNAL_URL = "redis://:s3cret@redis.example.internal:6379/2"
@@ -40,8 +42,7 @@ def existing_secrets_render() -> Rendered:
 @pytest.fixture(scope="module")
 def flags_render() -> Rendered:
     return render(MIXED, sets=("serviceMonitor.enabled=true", "podDisruptionBudget.enabled=true",
-                               "batch.enabled=true",
-                               "batch.entrypoint=python -m baton.ops.batch --input /in.jsonl"))
+                               "batch.enabled=true"))
 
 
 def test_secrets_are_generated_when_not_given(default_render):
@@ -147,9 +148,17 @@ def test_disruption_budgets_cover_the_router_and_each_pool(flags_render):
         assert budgets[f"baton-{pool}"]["maxUnavailable"] == 1
 
 
-def test_batch_rayjob_runs_the_entrypoint_on_this_release_cluster(flags_render):
+def test_batch_rayjob_runs_the_batch_module_against_this_release_router(flags_render):
     job = flags_render.one("RayJob")
-    assert job["spec"]["entrypoint"] == "python -m baton.ops.batch --input /in.jsonl"
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "baton.ops.batch"]
+    args = batch_parser().parse_args(argv[3:])  # the entrypoint is one the module accepts
+    router = flags_render.one("Service", "-router")
+    port = router["spec"]["ports"][0]["port"]
+    assert args.router == f"{router['metadata']['name']}:{port}"
+    head = flags_render.one("RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
+    env = {e["name"]: e for e in head["containers"][0]["env"]}
+    assert env["BATON_API_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "api-token"
     assert job["spec"]["clusterSelector"] == {
         "ray.io/cluster": flags_render.one("RayCluster")["metadata"]["name"]}
     for doc in flags_render.docs:

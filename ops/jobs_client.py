@@ -1,0 +1,124 @@
+"""Ray's job server (the dashboard's Jobs API) as `baton submit` and `baton jobs` use it.
+
+Where the server is: `--address`, else `RAY_API_SERVER_ADDRESS` (Ray's own variable, which Ray's
+client also obeys over any address given), else `http://127.0.0.1:8265`. Ray's token auth: the
+token goes in an `Authorization: Bearer` header (what Ray's client sends itself when its process
+runs with `RAY_AUTH_MODE=token`); it is `--token`, else `RAY_AUTH_TOKEN`, else, for a job server
+on this machine, the Ray token of the local cluster `baton up` recorded. Ray's failures become
+`baton.errors` types that say what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from baton.cluster.local import LocalCluster
+from baton.errors import (
+    AuthError,
+    ClusterNotRunningError,
+    ConfigError,
+    JobNotFoundError,
+    JobServerError,
+)
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
+TOKEN_ENV = "RAY_AUTH_TOKEN"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+
+T = TypeVar("T")
+
+
+def job_address(address: str | None) -> str:
+    return address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+
+
+def is_local(address: str) -> bool:
+    return urlparse(address if "://" in address else f"http://{address}").hostname in LOOPBACK
+
+
+def job_token(address: str, token: str | None) -> str | None:
+    """The Ray token to send: given, from the environment, or (loopback only) `baton up`'s."""
+    if token or os.environ.get(TOKEN_ENV):
+        return token or os.environ.get(TOKEN_ENV)
+    if not is_local(address):
+        return None  # never send this machine's token elsewhere
+    try:
+        return LocalCluster.load().ray_token
+    except ClusterNotRunningError:
+        return None
+
+
+class JobServer:
+    """One job server, its calls checked: each raises a `baton.errors` type on failure."""
+
+    def __init__(self, address: str | None = None, token: str | None = None):
+        self.address = job_address(address)
+        token = job_token(self.address, token)
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        try:
+            self.client = JobSubmissionClient(self.address, headers=headers)
+        except ConnectionError:
+            raise JobServerError(
+                f"no Ray job server answers at {self.address}. Start one: `ray start --head "
+                "--dashboard-host 127.0.0.1` on this machine (its jobs API is on port 8265), or "
+                "pass --address http://HEAD:8265 (on Kubernetes: `kubectl port-forward "
+                "svc/<release>-head-svc 8265`)") from None
+        except AuthenticationError:
+            raise self._auth_error() from None
+
+    def _auth_error(self) -> AuthError:
+        return AuthError(f"the job server at {self.address} refused the Ray token; pass --token "
+                         f"or set {TOKEN_ENV} to the cluster's Ray auth token")
+
+    def call(self, fn: Callable[..., T], *args: Any, job_id: str | None = None,
+             **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` on the Ray client, its errors said Baton's way."""
+        try:
+            return fn(*args, **kwargs)
+        except AuthenticationError:
+            raise self._auth_error() from None
+        except ConnectionError:
+            raise JobServerError(f"the job server at {self.address} stopped answering; check "
+                                 "that the Ray head is up") from None
+        except RuntimeError as exc:
+            if job_id is not None and ("404" in str(exc) or "does not exist" in str(exc)):
+                raise JobNotFoundError(f"no job {job_id!r} at {self.address}; see `baton jobs "
+                                       "list` for the jobs there") from None
+            raise
+
+    def status(self, job_id: str) -> JobStatus:
+        return self.call(self.client.get_job_status, job_id, job_id=job_id)
+
+
+def batch_entrypoint(input_path: str, output_path: str, options: list[str],
+                     python: str = "python") -> str:
+    """The shell command a Ray job runs: `python -m baton.ops.batch INPUT --output OUT ...`."""
+    return shlex.join([python, "-m", "baton.ops.batch", input_path, "--output", output_path,
+                       *options])
+
+
+def job_paths(address: str, input_path: str, output_path: str) -> tuple[str, str, str]:
+    """Input, output and python as the job will see them.
+
+    A job server on this machine runs the job here: paths are made absolute (the job does not
+    start in this directory), the input must exist, and the job runs this Python. Elsewhere the
+    paths are the head node's, taken as given, and `python` is the one on the head's PATH.
+    """
+    if not is_local(address):
+        return input_path, output_path, "python"
+    src = Path(input_path).expanduser().resolve()
+    if not src.is_file():
+        raise ConfigError(f"batch input {src} does not exist; give the path of a JSONL file "
+                          "with one request per line")
+    return str(src), str(Path(output_path).expanduser().resolve()), sys.executable
