@@ -4,6 +4,7 @@ real gRPC), driven through `baton.client`."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import random
 import threading
 
@@ -26,6 +27,7 @@ from baton.errors import (
     ModelNotFoundError,
     WorkerUnavailableError,
 )
+from baton.ops import batch
 from baton.router.app import RouterActor, RouterSettings
 from baton.router.grpc_server import sampling_from_proto
 from baton.sampling import SamplingParams
@@ -332,3 +334,39 @@ def test_a_router_killed_mid_stream_ends_it_clearly_and_a_new_router_serves(work
     with BatonClient(address2) as client:
         assert client.complete([1, 2, 3], max_tokens=3).completion_tokens == 3
     ray.get(actor2.stop.remote())
+
+
+def test_a_batch_file_runs_through_the_router_with_its_token(workers, tmp_path):
+    """`python -m baton.ops.batch` against a router: results in input order, the same text a
+    client gets for the same greedy request, a bad row answered in its place, no token refused."""
+    actor, address = start_router(workers, token="s3cret")
+    rows = [{"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 6, "temperature": 0}},
+            {"custom_id": "long", "prompt": "one two three four five six seven eight nine ten "
+             "eleven twelve thirteen fourteen", "max_tokens": 5, "ignore_eos": True},
+            {"custom_id": "bad", "prompt": "x", "max_tokens": -2},
+            {"custom_id": "short", "prompt": "hello there", "max_tokens": 5, "ignore_eos": True}]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    try:
+        with pytest.raises(AuthError):
+            batch.run([str(source), "--output", str(out), "--router", address])
+        report = batch.run([str(source), "--output", str(out), "--router", address,
+                            "--token", "s3cret", "--concurrency", "3"])
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [line["custom_id"] for line in lines] == ["chat", "long", "bad", "short"]
+        assert (report.written, report.errors) == (4, 1)
+        bad = lines[2]
+        assert bad["response"]["status_code"] == 400 and "max_tokens" in bad["error"]["message"]
+        with BatonClient(address, token="s3cret") as client:
+            for line, row in zip(lines[1::2], rows[1::2], strict=True):
+                want = client.complete(row["prompt"], max_tokens=5, ignore_eos=True)
+                body = line["response"]["body"]
+                assert body["choices"][0]["text"] == want.text
+                assert body["usage"]["completion_tokens"] == 5
+        assert lines[0]["response"]["body"]["object"] == "chat.completion"
+    finally:
+        ray.get(actor.stop.remote())
+    assert_workers_idle(*workers)
