@@ -36,7 +36,17 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3": {"model_type": "qwen3", "head_dim": 16},
     "mistral": {"model_type": "mistral", "sliding_window": 64},
     "gemma": {"model_type": "gemma", "head_dim": 16},
+    # Mixture-of-Experts: 8 experts, top-2, every layer sparse (expert offload tests).
+    "mixtral": {"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2,
+                "intermediate_size": 32},
+    "qwen2_moe": {"model_type": "qwen2_moe", "num_experts": 8, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64},
+    "qwen3_moe": {"model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 32, "head_dim": 16, "norm_topk_prob": True},
+    "olmoe": {"model_type": "olmoe", "num_experts": 8, "num_experts_per_tok": 2,
+              "intermediate_size": 32},
 }
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def tiny_config(arch: str):
