@@ -15,6 +15,7 @@ from baton.actors.detokenizer import IncrementalDetokenizer
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
 from baton.actors.model_runner import ModelRunner, load_model
 from baton.actors.model_source import resolve
+from baton.actors.moe_offload import MoEOffload, enable_offload
 from baton.actors.sampler import sample, token_logprobs
 from baton.actors.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from baton.actors.sequence import Sequence
@@ -62,6 +63,10 @@ class Engine:
         self.model, self.tokenizer = load_model(self.source, self.dtype, self.device,
                                                 config.quantization, config.quant_group_size)
         log.info("loaded %s in %.1fs", self.source.name, time.monotonic() - t0)
+        self.moe: MoEOffload | None = None
+        if config.moe_offload is not None:
+            self.moe = enable_offload(self.model, config.moe_offload, self.device,
+                                      self.source.name)
 
         text_config = self.model.config.get_text_config()
         self.vocab_size = text_config.vocab_size
@@ -338,6 +343,11 @@ class Engine:
     def block_violations(self) -> list[str]:
         """Broken 'every block is free or owned' facts; empty when the cache is consistent."""
         return self.blocks.violations(self._live())
+
+    def expert_cache_stats(self) -> dict[str, float | int | str] | None:
+        """The MoE expert cache's counters (hits, misses, bytes loaded, stall seconds, prefetch
+        precision and recall); None without `moe_offload`."""
+        return self.moe.stats() if self.moe is not None else None
 
     @property
     def num_running(self) -> int:

@@ -103,6 +103,7 @@ class Worker:
             "num_running": self.engine.num_running,
             "num_waiting": self.engine.num_waiting,
             "kv_usage": self.engine.blocks.usage,
+            "expert_cache": self.engine.expert_cache_stats(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "handoffs": self.handoffs,
             "handoff_failures": self.handoff_failures,

@@ -9,7 +9,7 @@ where the engine starts, since the machine that reads a config may not be the on
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -23,7 +23,7 @@ from pydantic import (
 
 from baton.errors import ConfigError
 from baton.speculation import MAX_SPECULATIVE_TOKENS, METHODS
-from baton.validation import must_be, problems
+from baton.validation import must_be, one_of, problems
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 Quantization = Literal["int8", "int4"]
@@ -31,6 +31,42 @@ DTYPE_NAMES: tuple[str, ...] = get_args(Dtype)
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 INT4_GROUP_SIZES = (32, 64, 128)
 GiB = 1 << 30
+MoEPolicy = Literal["lru", "lfu", "lookahead"]
+MoETier = Literal["host", "disk"]
+MOE_POLICIES: tuple[str, ...] = get_args(MoEPolicy)
+BUDGET_WORDS = "bytes (an integer >= 1) or a fraction of all experts (a number in (0, 1])"
+
+
+class MoEOffloadConfig(BaseModel):
+    """Mixture-of-Experts offload: experts live in `tier` (host memory, or memory-mapped files on
+    disk under `dir`, a temporary directory when None) and a device cache of `budget` (bytes, or a
+    fraction of all experts) holds the resident ones, evicted and prefetched by `policy`.
+
+    A budget below one expert, or offload on a dense model, fails where the engine loads the
+    model (the expert size is known only then).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: Annotated[int | float, one_of(BUDGET_WORDS)]
+    policy: MoEPolicy = "lru"
+    tier: MoETier = "host"
+    dir: str | None = None
+
+    @field_validator("budget")
+    @classmethod
+    def _positive(cls, budget: int | float) -> int | float:
+        if isinstance(budget, bool) or (isinstance(budget, float) and not 0 < budget <= 1) or \
+                (isinstance(budget, int) and budget < 1):
+            raise must_be(BUDGET_WORDS)
+        return budget
+
+    @model_validator(mode="after")
+    def _dir_for_disk(self) -> MoEOffloadConfig:
+        if self.dir is not None and self.tier != "disk":
+            raise ValueError("dir is where the disk tier writes experts; set "
+                             "tier: disk or drop dir")
+        return self
 
 
 class EngineConfig(BaseModel):
@@ -43,6 +79,7 @@ class EngineConfig(BaseModel):
     `methods` are the acceleration methods requests may ask for (None: `none`, `ngram`,
     `lookahead`, `layerskip`, plus `draft` / `medusa` when `draft_model` / `medusa_heads` are
     given); `max_speculative_tokens` caps a draft; `layerskip_layers` None calibrates the depth.
+    `moe_offload` (see `MoEOffloadConfig`) keeps a MoE model's experts off the device.
     `from_options` raises `ConfigError` naming each bad or unknown option; inside a larger model
     (a pool's `engine:`) a bad option fails that model's validation, under its path.
     """
@@ -69,6 +106,7 @@ class EngineConfig(BaseModel):
     draft_model: str | None = None
     medusa_heads: str | None = None
     layerskip_layers: int | None = Field(None, ge=1)
+    moe_offload: MoEOffloadConfig | None = None
 
     @classmethod
     def from_options(cls, **options: Any) -> EngineConfig:

@@ -1,0 +1,123 @@
+"""Expert cache policies: which resident expert to evict, and which experts to fetch ahead.
+
+A policy sees every use of an expert (`touch`), every expert that enters or leaves the cache
+(`insert`, `forget`), chooses a victim among the evictable ones, and may name experts to
+prefetch from a layer's MoE input (`predict`). The expert cache calls all of these under its
+own lock, so a policy needs no locking of its own.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+
+import torch
+
+from baton.engine_config import MOE_POLICIES
+from baton.errors import ConfigError
+
+ExpertKey = tuple[int, int]  # (layer, expert)
+
+# layer -> what its router scores for a batch of MoE inputs: `[T, H]` -> `[T, E]` logits.
+RouterLogits = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ExpertPolicy:
+    """Eviction order plus prefetch predictions; the default predicts nothing."""
+
+    def touch(self, key: ExpertKey) -> None:
+        """`key` was used by a forward pass."""
+
+    def insert(self, key: ExpertKey) -> None:
+        """`key` became resident (a miss or a prefetch)."""
+        self.touch(key)
+
+    def forget(self, key: ExpertKey) -> None:
+        """`key` was evicted."""
+
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        """The resident expert to evict among `candidates` (never empty)."""
+        raise NotImplementedError
+
+    def predict(self, layer: int, hidden: torch.Tensor) -> list[ExpertKey]:
+        """Experts worth loading now, seeing layer `layer`'s MoE input `[T, H]`."""
+        return []
+
+
+class LRUPolicy(ExpertPolicy):
+    """Evict the expert unused for longest (Mixtral-offloading's baseline)."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[ExpertKey, None] = OrderedDict()
+
+    def touch(self, key: ExpertKey) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def forget(self, key: ExpertKey) -> None:
+        self._order.pop(key, None)
+
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        allowed = set(candidates)
+        for key in self._order:
+            if key in allowed:
+                return key
+        return min(allowed)  # resident but never touched: cannot happen, stay total anyway
+
+
+class LFUPolicy(ExpertPolicy):
+    """Evict the expert used least often since the engine started; ties go to the least recent.
+
+    Counts survive eviction, so an expert that is popular overall is kept once it returns.
+    """
+
+    def __init__(self) -> None:
+        self._uses: Counter[ExpertKey] = Counter()
+        self._recency = LRUPolicy()
+
+    def touch(self, key: ExpertKey) -> None:
+        self._uses[key] += 1
+        self._recency.touch(key)
+
+    def insert(self, key: ExpertKey) -> None:
+        self._recency.touch(key)
+
+    def forget(self, key: ExpertKey) -> None:
+        self._recency.forget(key)
+
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        allowed = list(candidates)
+        fewest = min(self._uses[k] for k in allowed)
+        return self._recency.victim(k for k in allowed if self._uses[k] == fewest)
+
+
+class LookaheadPolicy(LRUPolicy):
+    """LRU eviction; prefetches the next MoE layer's top-k experts by applying that layer's router
+    to this layer's MoE input (the residual stream changes little from one layer to the next)."""
+
+    def __init__(self, routers: dict[int, RouterLogits], top_k: int) -> None:
+        super().__init__()
+        self._routers = routers
+        self._next = dict(zip(sorted(routers), sorted(routers)[1:], strict=False))
+        self._top_k = top_k
+
+    def predict(self, layer: int, hidden: torch.Tensor) -> list[ExpertKey]:
+        nxt = self._next.get(layer)
+        if nxt is None:
+            return []
+        logits = self._routers[nxt](hidden)
+        top = torch.topk(logits, min(self._top_k, logits.shape[-1]), dim=-1).indices
+        votes = torch.bincount(top.flatten(), minlength=logits.shape[-1])
+        order = torch.argsort(votes, descending=True, stable=True).tolist()
+        return [(nxt, e) for e in order if votes[e] > 0]  # most-wanted first
+
+
+def make_policy(name: str, routers: dict[int, RouterLogits], top_k: int) -> ExpertPolicy:
+    """The policy called `name`; `routers` (per MoE layer) and `top_k` serve predictive ones."""
+    if name == "lru":
+        return LRUPolicy()
+    if name == "lfu":
+        return LFUPolicy()
+    if name == "lookahead":
+        return LookaheadPolicy(routers, top_k)
+    raise ConfigError(f"moe_offload.policy must be one of {list(MOE_POLICIES)}, got {name!r}")

@@ -1,0 +1,126 @@
+"""Where offloaded experts live: host memory (pinned on CUDA) or memory-mapped safetensors on disk.
+
+A store holds every expert of every MoE layer and hands out one expert's weights
+(`gate_up [2I, H]`, `down [H, I]`) as CPU tensors for the expert cache to copy onto the compute
+device. Building a store takes the fused expert tensors out of the model: the experts modules keep
+only meta-device placeholders of the same shape, so the full weights no longer sit in the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+GATE_UP = "gate_up_proj"
+DOWN = "down_proj"
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertShape:
+    """The shape and dtype every offloaded expert shares."""
+
+    gate_up: tuple[int, int]  # [2I, H]
+    down: tuple[int, int]  # [H, I]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        elems = self.gate_up[0] * self.gate_up[1] + self.down[0] * self.down[1]
+        return elems * self.dtype.itemsize
+
+
+def take_experts(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A module's fused expert tensors (`[E, 2I, H]`, `[E, H, I]`), moved to the CPU; the module
+    keeps meta placeholders of the same shape in their place."""
+    gate_up = experts.gate_up_proj.detach().to("cpu").contiguous()
+    down = experts.down_proj.detach().to("cpu").contiguous()
+    for name, full in ((GATE_UP, gate_up), (DOWN, down)):
+        placeholder = torch.empty(full.shape, dtype=full.dtype, device="meta")
+        setattr(experts, name, torch.nn.Parameter(placeholder, requires_grad=False))
+    return gate_up, down
+
+
+class ExpertStore:
+    """Every expert of every offloaded layer, readable one at a time.
+
+    `read(layer, expert)` may be called from any thread; the tensors it returns must not be
+    written to.
+    """
+
+    shape: ExpertShape
+    num_experts: int
+
+    def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release files and memory (idempotent)."""
+
+
+class HostStore(ExpertStore):
+    """Experts in host memory, pinned when they are copied to a CUDA device (faster, async)."""
+
+    def __init__(self, layers: dict[int, tuple[torch.Tensor, torch.Tensor]], pin: bool):
+        self._layers = {
+            i: (gu.pin_memory(), d.pin_memory()) if pin else (gu, d)
+            for i, (gu, d) in layers.items()
+        }
+        gate_up, down = next(iter(self._layers.values()))
+        self.num_experts = gate_up.shape[0]
+        self.shape = ExpertShape(tuple(gate_up.shape[1:]), tuple(down.shape[1:]),  # type: ignore[arg-type]
+                                 gate_up.dtype)
+        self.pinned = pin
+
+    def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gate_up, down = self._layers[layer]
+        return gate_up[expert], down[expert]
+
+    def close(self) -> None:
+        self._layers = {}
+
+
+class DiskStore(ExpertStore):
+    """Experts on disk, one safetensors file per layer (`layer_<i>.safetensors`), memory-mapped.
+
+    `directory` None writes into a temporary directory removed on `close` (or when the store is
+    collected); a given directory is left in place.
+    """
+
+    def __init__(self, layers: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                 directory: str | Path | None = None):
+        if directory is None:
+            self.directory = Path(tempfile.mkdtemp(prefix="baton-experts-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
+        else:
+            self.directory = Path(directory).expanduser()
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._cleanup = None
+        self._files = {}
+        for i, (gate_up, down) in layers.items():
+            path = self.directory / f"layer_{i}.safetensors"
+            save_file({GATE_UP: gate_up, DOWN: down}, str(path))
+            self._files[i] = safe_open(str(path), framework="pt", device="cpu")
+        gate_up, down = next(iter(layers.values()))
+        self.num_experts = gate_up.shape[0]
+        self.shape = ExpertShape(tuple(gate_up.shape[1:]), tuple(down.shape[1:]),  # type: ignore[arg-type]
+                                 gate_up.dtype)
+        log.info("experts of %d layers written to %s", len(layers), self.directory)
+
+    def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self._files[layer]
+        return f.get_slice(GATE_UP)[expert], f.get_slice(DOWN)[expert]
+
+    def close(self) -> None:
+        self._files = {}
+        if self._cleanup is not None:
+            self._cleanup()

@@ -1,0 +1,184 @@
+"""MoE expert offload: the model's experts leave the device, a budgeted cache serves the forward.
+
+`enable_offload(model, config, device)` moves every MoE layer's fused experts into a store (host
+memory or disk), builds the expert cache and its policy, and switches the model's experts
+implementation to "baton_offload": each layer computes only the experts its tokens chose, from the
+cache's slots, in the same order of operations as transformers' grouped path, so greedy tokens
+and float32 logits match the all-resident model exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from baton.actors.expert_cache import ExpertCache
+from baton.actors.expert_policies import ExpertPolicy, RouterLogits, make_policy
+from baton.actors.expert_store import DiskStore, ExpertStore, HostStore, take_experts
+from baton.engine_config import MoEOffloadConfig
+from baton.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EXPERTS_IMPLEMENTATION = "baton_offload"
+
+
+@dataclass(slots=True)
+class MoELayer:
+    """One decoder layer's MoE parts: its index, experts module and router (when found)."""
+
+    index: int
+    experts: torch.nn.Module
+    router: torch.nn.Module | None
+
+
+def moe_layers(model) -> list[MoELayer]:
+    """The decoder layers whose MLP holds fused experts (`gate_up_proj [E, 2I, H]`)."""
+    found = []
+    for i, layer in enumerate(model.get_decoder().layers):
+        mlp = getattr(layer, "mlp", None)
+        experts = getattr(mlp, "experts", None)
+        if experts is not None and getattr(experts, "gate_up_proj", None) is not None:
+            found.append(MoELayer(i, experts, getattr(mlp, "gate", None)))
+    return found
+
+
+class MoEOffload:
+    """The offloaded experts of one model: store, cache, policy, and what they report."""
+
+    def __init__(self, layers: list[MoELayer], store: ExpertStore, cache: ExpertCache,
+                 policy: ExpertPolicy, tier: str):
+        self.layers = layers
+        self.store = store
+        self.cache = cache
+        self.policy = policy
+        self.tier = tier
+
+    def stats(self) -> dict[str, float | int | str]:
+        """Cache counters and rates, plus where experts live and how much fits."""
+        return {
+            "tier": self.tier,
+            "policy": type(self.policy).__name__,
+            "capacity_experts": self.cache.capacity,
+            "total_experts": len(self.layers) * self.store.num_experts,
+            "budget_bytes": self.cache.budget_bytes,
+            **self.cache.stats.as_dict(),
+        }
+
+    def close(self) -> None:
+        self.cache.close()
+        self.store.close()
+
+
+def enable_offload(model, config: MoEOffloadConfig, device: torch.device,
+                   model_name: str = "the model") -> MoEOffload:
+    """Offload `model`'s experts as `config` says; raises `ConfigError` for a dense model or a
+    budget below one expert, `ModelLoadError` for an experts layout Baton cannot serve."""
+    layers = moe_layers(model)
+    if not layers:
+        raise ConfigError(f"moe_offload is set but {model_name} has no Mixture-of-Experts layers "
+                          "(no fused experts); remove moe_offload for a dense model")
+    for layer in layers:
+        _check_layout(layer.experts)
+    top_k = _top_k(model)
+    stacked = {layer.index: take_experts(layer.experts) for layer in layers}
+    if len({(gu.shape, d.shape, gu.dtype) for gu, d in stacked.values()}) != 1:
+        raise ModelLoadError("MoE layers of different expert shapes cannot share one expert cache")
+    store: ExpertStore
+    if config.tier == "disk":
+        store = DiskStore(stacked, config.dir)
+    else:
+        store = HostStore(stacked, pin=device.type == "cuda")
+    del stacked
+    capacity = _capacity(config.budget, store, len(layers))
+    routers: dict[int, RouterLogits] = {
+        layer.index: _router_logits(layer.router) for layer in layers
+        if getattr(layer.router, "weight", None) is not None
+    }
+    policy = make_policy(config.policy, routers, top_k)
+    cache = ExpertCache(store, capacity, device, policy)
+    for layer in layers:
+        layer.experts._baton_offload = (cache, layer.index)
+    model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    log.info("MoE experts offloaded to %s: %d of %d resident (%d bytes each), policy %s",
+             config.tier, capacity, len(layers) * store.num_experts, store.shape.nbytes,
+             config.policy)
+    return MoEOffload(layers, store, cache, policy, config.tier)
+
+
+def _check_layout(experts: torch.nn.Module) -> None:
+    if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False) or \
+            not getattr(experts, "is_concatenated", True) or not getattr(experts, "has_gate", True):
+        raise ModelLoadError(
+            f"{type(experts).__name__} stores its experts in a layout Baton's expert offload does "
+            "not take (needs gate_up_proj [E, 2I, H] and down_proj [E, H, I], no bias)")
+
+
+def _top_k(model) -> int:
+    text = model.config.get_text_config()
+    return int(getattr(text, "num_experts_per_tok", None) or getattr(text, "top_k", 1))
+
+
+def _capacity(budget: int | float, store: ExpertStore, num_layers: int) -> int:
+    """Expert slots that `budget` (bytes, or a fraction of all experts) pays for."""
+    per_expert = store.shape.nbytes
+    total = num_layers * store.num_experts
+    nbytes = int(budget * total * per_expert) if isinstance(budget, float) else budget
+    slots = min(nbytes // per_expert, total)
+    if slots < 1:
+        raise ConfigError(
+            f"moe_offload.budget {budget!r} is {nbytes} bytes, smaller than one expert "
+            f"({per_expert} bytes); give at least {per_expert} bytes or a fraction >= "
+            f"{1 / total:.4g}")
+    return slots
+
+
+def _router_logits(router: torch.nn.Module) -> RouterLogits:
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.reshape(-1, router.weight.shape[-1]), router.weight)
+
+    return logits
+
+
+def offload_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers experts forward over the expert cache: `hidden_states [T, H]`, top-k index
+    and weights `[T, k]`. Mirrors `grouped_mm_experts_forward`: tokens sorted by expert, one
+    matmul per expert, weighted, unsorted, summed over k."""
+    cache, layer = self._baton_offload
+    num_tokens, hidden_dim = hidden_states.shape
+    k = top_k_index.shape[-1]
+    cache.prefetch(cache.policy.predict(layer, hidden_states))
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    x = hidden_states[perm // k]
+    counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    hit = [e for e, c in enumerate(counts) if c]
+    out = torch.empty(x.shape[0], hidden_dim, dtype=hidden_states.dtype,
+                      device=hidden_states.device)
+    for first in range(0, len(hit), cache.capacity):
+        chunk = hit[first : first + cache.capacity]
+        slots = cache.acquire(layer, chunk)
+        try:
+            for e, slot in zip(chunk, slots, strict=True):
+                rows = slice(starts[e], starts[e + 1])
+                h = self._apply_gate(x[rows] @ cache.gate_up[slot].T)
+                h = h @ cache.down[slot].T
+                if self.has_post_expert_norm:
+                    h = self.post_expert_norm(h)
+                out[rows] = h
+        finally:
+            cache.release(slots)
+    weighted = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
+    return weighted[inv_perm].view(num_tokens, k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+
+ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, offload_experts_forward)
