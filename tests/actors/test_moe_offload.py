@@ -1,0 +1,234 @@
+"""MoE expert offload through the engine: with only two experts' worth of device memory, every
+tiny MoE architecture, policy and tier gives the all-resident model's greedy tokens and logits
+(float32, exactly), stays inside its budget and counts every expert use once; bad configs fail
+naming the option."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from baton.actors.engine import Engine
+from baton.actors.expert_cache import ExpertCache
+from baton.actors.expert_policies import LFUPolicy, LRUPolicy
+from baton.actors.expert_store import HostStore
+from baton.actors.moe_offload import moe_layers
+from baton.actors.tiny import MOE_ARCHS, tiny_model
+from baton.engine_config import MOE_POLICIES
+from baton.errors import ConfigError
+from baton.sampling import SamplingParams
+from tests.conftest import assert_no_leaks, wait_until
+
+PROMPTS = [list(b"The quick brown fox jumps over the lazy dog. " * 2), list(b"MoE!")]
+MAX_TOKENS = 10
+TIERS = ("host", "disk")
+
+
+def _expert_bytes(arch: str) -> int:
+    experts = moe_layers(tiny_model(arch))[0].experts
+    return (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * 4
+
+
+def _generate(engine: Engine, check=lambda: None) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy tokens of PROMPTS (batched together) and the logits of every step, in order;
+    `check()` runs after every step."""
+    logits: list[torch.Tensor] = []
+    hook = engine.model.lm_head.register_forward_hook(
+        lambda _m, _i, out: logits.append(out.detach().clone()))
+    ids = [engine.add_request(p, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+           for p in PROMPTS]
+    done = {}
+    try:
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.token_ids
+            check()
+    finally:
+        hook.remove()
+    assert_no_leaks(engine)
+    return [done[i] for i in ids], logits
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _keep_thread_count():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # engines here pin one thread; later modules get theirs back
+
+
+def _engine(model: str, **options) -> Engine:
+    # No speculation: its start-up calibration would only add forward passes to every test.
+    # One thread: tiny matmuls gain nothing from two, and lose much on a loaded machine.
+    return Engine(model, dtype="float32", methods=["none"], num_threads=1, **options)
+
+
+_REFERENCES: dict[str, tuple[list[list[int]], list[torch.Tensor]]] = {}
+
+
+def _reference(arch: str):
+    if arch not in _REFERENCES:
+        _REFERENCES[arch] = _generate(_engine(f"tiny:{arch}"))
+    return _REFERENCES[arch]
+
+
+def _count_expert_uses(engine: Engine) -> list[int]:
+    """One counter, bumped by the number of distinct experts each MoE layer call routes to."""
+    uses = [0]
+
+    def count(_m, _i, out):
+        uses[0] += torch.unique(out[2]).numel()  # routers return (logits, weights, indices)
+
+    for layer in moe_layers(engine.model):
+        layer.router.register_forward_hook(count)
+    return uses
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("policy", MOE_POLICIES)
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_two_resident_experts_give_the_all_resident_output(arch, policy, tier, tmp_path):
+    tokens, logits = _reference(arch)
+    budget = 2 * _expert_bytes(arch) + 1
+    engine = _engine(f"tiny:{arch}", moe_offload={
+        "budget": budget, "policy": policy, "tier": tier,
+        **({"dir": str(tmp_path)} if tier == "disk" else {})})
+    moe = engine.moe
+    assert moe is not None
+    cache = moe.cache
+    uses = _count_expert_uses(engine)
+    # The model keeps no expert weights: only the cache's two slots are on the device.
+    for layer in moe.layers:
+        assert layer.experts.gate_up_proj.is_meta and layer.experts.down_proj.is_meta
+    assert cache.gate_up.nbytes + cache.down.nbytes == cache.budget_bytes <= budget
+    if tier == "disk":
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            f"layer_{layer.index}.safetensors" for layer in moe.layers]
+
+    def within_budget():
+        assert len(cache.resident()) * cache.expert_bytes <= budget
+
+    before = engine.expert_cache_stats()  # the engine's own start-up passes count too
+    assert before is not None
+    got_tokens, got_logits = _generate(engine, within_budget)
+    assert got_tokens == tokens
+    assert len(got_logits) == len(logits)
+    for got, want in zip(got_logits, logits, strict=True):
+        assert torch.equal(got, want)
+    stats = engine.expert_cache_stats()
+    assert stats is not None
+    assert (stats["hits"] - before["hits"]) + (stats["misses"] - before["misses"]) == uses[0] > 0
+    assert stats["misses"] > before["misses"]  # 2 of 24 experts resident: it had to load
+    assert stats["bytes_loaded"] == (stats["misses"] + stats["prefetches_issued"]) * \
+        cache.expert_bytes
+    moe.close()
+
+
+def test_lookahead_prefetches_experts_the_next_layer_uses():
+    engine = _engine("tiny:mixtral", moe_offload={"budget": 0.5, "policy": "lookahead"})
+    uses = _count_expert_uses(engine)
+    _generate(engine)
+    stats = engine.expert_cache_stats()
+    assert stats is not None
+    assert stats["prefetches_issued"] > 0
+    assert stats["hits"] > 0 and stats["hits"] + stats["misses"] == uses[0]
+    assert stats["prefetches_used"] > 0 and stats["prefetch_precision"] > 0
+    assert stats["prefetch_recall"] == stats["prefetches_used"] / (stats["hits"] + stats["misses"])
+    engine.moe.close()  # type: ignore[union-attr]
+
+
+def test_lookahead_predicts_with_the_next_layers_router():
+    engine = _engine("tiny:mixtral", moe_offload={"budget": 0.5, "policy": "lookahead"})
+    layers = moe_layers(engine.model)
+    hidden = torch.randn(3, engine.model.config.hidden_size,
+                         generator=torch.Generator().manual_seed(0))
+    first, second, last = (layer.index for layer in layers)
+    with torch.no_grad():
+        want = set(layers[1].router(hidden)[2].flatten().tolist())
+        predicted = engine.moe.policy.predict(first, hidden)  # type: ignore[union-attr]
+        assert predicted and {layer for layer, _ in predicted} == {second}
+        assert {e for _, e in predicted} == want
+        assert engine.moe.policy.predict(last, hidden) == []  # type: ignore[union-attr]
+    engine.moe.close()  # type: ignore[union-attr]
+
+
+def test_lru_evicts_the_least_recently_used_expert():
+    lru = LRUPolicy()
+    for key in [(0, 0), (0, 1), (0, 2)]:
+        lru.insert(key)
+    lru.touch((0, 0))
+    assert lru.victim([(0, 0), (0, 1), (0, 2)]) == (0, 1)
+    assert lru.victim([(0, 0), (0, 2)]) == (0, 2)  # only evictable ones are candidates
+
+
+def test_lfu_evicts_the_least_used_expert_and_remembers_counts_across_eviction():
+    lfu = LFUPolicy()
+    for key, uses in [((0, 0), 3), ((0, 1), 1), ((0, 2), 2)]:
+        lfu.insert(key)
+        for _ in range(uses):
+            lfu.touch(key)
+    assert lfu.victim([(0, 0), (0, 1), (0, 2)]) == (0, 1)
+    lfu.forget((0, 0))
+    lfu.insert((0, 0))  # back again: its three uses still count
+    lfu.insert((0, 3))
+    lfu.touch((0, 3))
+    assert lfu.victim([(0, 0), (0, 2), (0, 3)]) == (0, 3)  # 1 use against 3 and 2
+
+
+class GatedHostStore(HostStore):
+    """A fake slow store: reading expert `slow` blocks until `gate` is set."""
+
+    def __init__(self, layers, slow):
+        super().__init__(layers, pin=False)
+        self.slow = slow
+        self.gate = threading.Event()
+
+    def read(self, layer, expert):
+        if (layer, expert) == self.slow:
+            assert self.gate.wait(30), "the test never opened the gate"
+        return super().read(layer, expert)
+
+
+def test_a_forward_waits_for_an_in_flight_prefetch_and_reads_its_weights():
+    gen = torch.Generator().manual_seed(0)
+    layers = {0: (torch.randn(4, 6, 5, generator=gen), torch.randn(4, 5, 3, generator=gen))}
+    store = GatedHostStore(layers, slow=(0, 2))
+    cache = ExpertCache(store, capacity=2, device=torch.device("cpu"), policy=LRUPolicy())
+    cache.gate_up.fill_(float("nan"))
+    cache.prefetch([(0, 2)])
+    wait_until(lambda: cache.stats.prefetches_issued == 1, what="the loader took the prefetch")
+    slots: list[int] = []
+    forward = threading.Thread(target=lambda: slots.extend(cache.acquire(0, [2])))
+    forward.start()
+    wait_until(lambda: cache.stats.hits == 1, what="the forward found the expert in flight")
+    forward.join(timeout=0.5)  # the load cannot finish while the gate is shut
+    assert forward.is_alive(), "acquire returned before the expert was loaded"
+    store.gate.set()
+    forward.join(timeout=30)
+    [slot] = slots
+    assert torch.equal(cache.gate_up[slot], layers[0][0][2])
+    assert torch.equal(cache.down[slot], layers[0][1][2])
+    assert cache.stats.prefetches_used == 1 and cache.stats.misses == 0
+    cache.release([slot])
+    cache.close()
+
+
+@pytest.mark.parametrize(("model", "offload", "names"), [
+    ("tiny:mixtral", {"budget": 100}, "moe_offload.budget"),
+    ("tiny:mixtral", {"budget": 0.01}, "moe_offload.budget"),
+    ("tiny:mixtral", {"budget": 0}, "moe_offload.budget"),
+    ("tiny:mixtral", {"budget": 0.5, "policy": "mru"}, "moe_offload.policy"),
+    ("tiny:mixtral", {"budget": 0.5, "tier": "ssd"}, "moe_offload.tier"),
+    ("tiny:mixtral", {"budget": 0.5, "speed": 1}, "moe_offload.speed"),
+    ("tiny:llama", {"budget": 0.5}, "moe_offload"),
+])
+def test_bad_offload_configs_fail_naming_the_option(model, offload, names):
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        _engine(model, moe_offload=offload)
+
+
+def test_a_dense_model_with_offload_says_it_has_no_experts():
+    with pytest.raises(ConfigError, match="no Mixture-of-Experts layers"):
+        _engine("tiny:llama", moe_offload={"budget": 0.5})
