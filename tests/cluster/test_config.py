@@ -7,7 +7,7 @@ import pytest
 from baton.actors.worker import WorkerSpec
 from baton.cluster.config import load_config
 from baton.cluster.pools import worker_spec
-from baton.engine_config import EngineConfig
+from baton.engine_config import EngineConfig, MoEOffloadConfig
 from baton.errors import ConfigError
 
 
@@ -25,6 +25,10 @@ def config(options: dict) -> dict:
      "pools[1].engine.quant_group_size must be one of (32, 64, 128) with int4, got 48"),
     ({"device": "tpu"}, "pools[1].engine.device must be 'cpu' or 'cuda[:N]'"),
     ({"dtype": "float16"}, "pool 'd': set dtype on the pool, not among its engine options"),
+    ({"moe_offload": {"budget": 0.25, "policy": "fifo"}},
+     "pools[1].engine.moe_offload.policy must be 'lru', 'lfu' or 'lookahead', got 'fifo'"),
+    ({"moe_offload": {"budget": -5}}, "pools[1].engine.moe_offload.budget must be bytes"),
+    ({"moe_offload": {"policy": "lru"}}, "pools[1].engine.moe_offload.budget is required"),
 ])
 def test_bad_engine_options_fail_the_config_load_naming_the_field(options, says):
     with pytest.raises(ConfigError, match="invalid cluster config") as info:
@@ -38,12 +42,16 @@ def test_each_worker_runs_its_pools_engine_options_with_the_pools_model_dtype_an
         "pools": [{"name": "d", "role": "both", "dtype": "float32", "num_cpus": 2,
                    "engine": {"block_size": 8, "max_num_seqs": 4}},
                   {"name": "p", "role": "prefill", "model": "tiny:qwen3", "num_cpus": 2,
-                   "engine": {"num_threads": 1}}],
+                   "engine": {"num_threads": 1}},
+                  {"name": "m", "role": "both", "model": "tiny:mixtral",
+                   "engine": {"moe_offload": {"budget": 0.25, "policy": "lookahead",
+                                              "tier": "disk"}}}],
     })
-    both, prefill = (worker_spec(cfg, pool, "token").engine for pool in cfg.pools)
+    both, prefill, moe = (worker_spec(cfg, pool, "token").engine for pool in cfg.pools)
     assert both == EngineConfig(model="tiny:llama", dtype="float32", num_threads=2,
                                 block_size=8, max_num_seqs=4)
     assert prefill == EngineConfig(model="tiny:qwen3", num_threads=1)
+    assert moe.moe_offload == MoEOffloadConfig(budget=0.25, policy="lookahead", tier="disk")
 
 
 def test_a_worker_spec_checks_engine_options_given_as_a_dict_before_any_actor_starts():
