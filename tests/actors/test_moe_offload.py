@@ -178,23 +178,29 @@ def test_lfu_evicts_the_least_used_expert_and_remembers_counts_across_eviction()
 
 
 class GatedHostStore(HostStore):
-    """A fake slow store: reading expert `slow` blocks until `gate` is set."""
+    """A fake slow store: reading expert `slow` blocks until `gate` is set; with `fail_once` that
+    first read then raises, as a failing disk would."""
 
-    def __init__(self, layers, slow):
+    def __init__(self, layers, slow, fail_once=False):
         super().__init__(layers, pin=False)
         self.slow = slow
         self.gate = threading.Event()
+        self.fail_once = fail_once
 
     def read(self, layer, expert):
         if (layer, expert) == self.slow:
             assert self.gate.wait(30), "the test never opened the gate"
+            if self.fail_once:
+                self.fail_once = False
+                raise OSError("fake read failure")
         return super().read(layer, expert)
 
 
-def test_a_forward_waits_for_an_in_flight_prefetch_and_reads_its_weights():
+@pytest.mark.parametrize("prefetch_fails", [False, True])
+def test_a_forward_waits_for_an_in_flight_prefetch_and_reads_its_weights(prefetch_fails):
     gen = torch.Generator().manual_seed(0)
     layers = {0: (torch.randn(4, 6, 5, generator=gen), torch.randn(4, 5, 3, generator=gen))}
-    store = GatedHostStore(layers, slow=(0, 2))
+    store = GatedHostStore(layers, slow=(0, 2), fail_once=prefetch_fails)
     cache = ExpertCache(store, capacity=2, device=torch.device("cpu"), policy=LRUPolicy())
     cache.gate_up.fill_(float("nan"))
     cache.prefetch([(0, 2)])
@@ -212,7 +218,29 @@ def test_a_forward_waits_for_an_in_flight_prefetch_and_reads_its_weights():
     assert torch.equal(cache.down[slot], layers[0][1][2])
     assert cache.stats.prefetches_used == 1 and cache.stats.misses == 0
     cache.release([slot])
+    # The loader survives a failed read: the next prefetch still lands.
+    cache.prefetch([(0, 3)])
+    wait_until(lambda: (0, 3) in cache.resident() and cache.stats.bytes_loaded >= 2 *
+               cache.expert_bytes, what="the second prefetch")
     cache.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", MOE_POLICIES)
+def test_offload_on_cuda_gives_the_resident_tokens(policy):
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]]
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    resident = _engine("tiny:mixtral", device="cuda").generate(prompts, params)
+    engine = _engine("tiny:mixtral", device="cuda",
+                     moe_offload={"budget": 0.25, "policy": policy})
+    assert engine.moe is not None and engine.moe.store.pinned  # type: ignore[attr-defined]
+    offloaded = engine.generate(prompts, params)
+    assert [o.token_ids for o in offloaded] == [o.token_ids for o in resident]
+    stats = engine.expert_cache_stats()
+    assert stats is not None and stats["misses"] > 0
+    if policy == "lookahead":
+        assert stats["prefetches_issued"] > 0
+    engine.moe.close()
 
 
 @pytest.mark.parametrize(("model", "offload", "names"), [
