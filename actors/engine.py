@@ -60,13 +60,11 @@ class Engine:
         self.dtype = DTYPES[config.dtype]
         self.source = resolve(config.model)
         t0 = time.monotonic()
-        self.model, self.tokenizer = load_model(self.source, self.dtype, self.device,
-                                                config.quantization, config.quant_group_size)
-        log.info("loaded %s in %.1fs", self.source.name, time.monotonic() - t0)
         self.moe: MoEOffload | None = None
-        if config.moe_offload is not None:
-            self.moe = enable_offload(self.model, config.moe_offload, self.device,
-                                      self.source.name)
+        self.model, self.tokenizer = load_model(self.source, self.dtype, self.device,
+                                                config.quantization, config.quant_group_size,
+                                                self._offload_experts)
+        log.info("loaded %s in %.1fs", self.source.name, time.monotonic() - t0)
 
         text_config = self.model.config.get_text_config()
         self.vocab_size = text_config.vocab_size
@@ -181,6 +179,12 @@ class Engine:
         self.scheduler.update(sched)
         outputs.extend(self._postprocess(sched, logits))
         return outputs
+
+    def _offload_experts(self, model) -> None:
+        """With `moe_offload`, move the model's experts to their store while it is on the host."""
+        if self.config.moe_offload is not None:
+            self.moe = enable_offload(model, self.config.moe_offload, self.device,
+                                      self.source.name)
 
     def _layer_hook(self, sched: SchedulerOutput) -> Callable[[int], None] | None:
         """Called by each layer once it has written this step's KV (None: no one listens)."""

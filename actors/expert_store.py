@@ -39,15 +39,25 @@ class ExpertShape:
         return elems * self.dtype.itemsize
 
 
+@dataclass(frozen=True, slots=True)
+class OffloadedWeight:
+    """Stands where an experts module's fused tensor was: its shape and dtype, no data (not a
+    tensor, so moving the model to a device leaves it alone)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+
 def take_experts(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """A module's fused expert tensors (`[E, 2I, H]`, `[E, H, I]`), moved to the CPU; the module
-    keeps meta placeholders of the same shape in their place."""
-    gate_up = experts.gate_up_proj.detach().to("cpu").contiguous()
-    down = experts.down_proj.detach().to("cpu").contiguous()
-    for name, full in ((GATE_UP, gate_up), (DOWN, down)):
-        placeholder = torch.empty(full.shape, dtype=full.dtype, device="meta")
-        setattr(experts, name, torch.nn.Parameter(placeholder, requires_grad=False))
-    return gate_up, down
+    """A module's fused expert tensors (`[E, 2I, H]`, `[E, H, I]`) in host memory; the module
+    keeps `OffloadedWeight` placeholders in their place, no parameters."""
+    taken = []
+    for name in (GATE_UP, DOWN):
+        full = getattr(experts, name).detach().to("cpu").contiguous()
+        delattr(experts, name)
+        setattr(experts, name, OffloadedWeight(full.shape, full.dtype))
+        taken.append(full)
+    return taken[0], taken[1]
 
 
 class ExpertStore:

@@ -6,6 +6,7 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,11 +24,13 @@ log = logging.getLogger(__name__)
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
-               quantization: str | None = None, group_size: int = 128):
+               quantization: str | None = None, group_size: int = 128,
+               on_host: Callable[[Any], None] | None = None):
     """(model, tokenizer) for a resolved source, with Baton's paged attention plugged in.
 
     `quantization` ("int8" or "int4" in groups of `group_size`) makes the linears weight-only
-    quantized.
+    quantized. `on_host(model)` runs while the model is still in host memory, before it moves
+    to `device` (MoE offload takes the experts out there, so they never reach the device).
     """
     quant = (quantization, group_size)
     attn = paged_attention.ATTN_IMPLEMENTATION
@@ -35,8 +38,10 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
         from baton.actors.tiny import tiny_model, tiny_tokenizer
 
         arch = source.spec.split(":", 1)[1]
-        model = tiny_model(arch, dtype, attn).to(device)
-        return prepare_for_inference(model, dtype, device, *quant), tiny_tokenizer()
+        model = tiny_model(arch, dtype, attn)
+        if on_host is not None:
+            on_host(model)
+        return prepare_for_inference(model.to(device), dtype, device, *quant), tiny_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -58,6 +63,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
         ) from exc
     if model.config.is_encoder_decoder:
         raise ModelLoadError(f"{source.spec!r} is an encoder-decoder model; Baton serves decoders")
+    if on_host is not None:
+        on_host(model)
     return prepare_for_inference(model.to(device).eval(), dtype, device, *quant), tokenizer
 
 

@@ -43,7 +43,8 @@ def use_grouped_experts(model, device: torch.device) -> bool:
     if backend(device) != "triton" or not getattr(model, "_can_set_experts_implementation",
                                                   lambda: False)():
         return False
-    if not any(hasattr(m, "gate_up_proj") for m in model.modules()):
+    if not any(isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)
+               for m in model.modules()):  # none, or offloaded (the offload forward runs them)
         return False
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     log.info("MoE layers run Baton's grouped GEMM")
