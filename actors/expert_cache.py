@@ -100,6 +100,11 @@ class ExpertCache:
         """Bytes the slot pool holds on the device (capacity x one expert)."""
         return self.capacity * self.expert_bytes
 
+    def snapshot(self) -> dict[str, float]:
+        """The counters (see `ExpertCacheStats.as_dict`), read consistently."""
+        with self._cond:
+            return self.stats.as_dict()
+
     def resident(self) -> list[ExpertKey]:
         """Experts resident or loading now."""
         with self._cond:
@@ -124,8 +129,8 @@ class ExpertCache:
                 slot = self._slot_of.get(key)
                 if slot is None:
                     self.stats.misses += 1
-                    slot = self._reserve(key)
-                    misses.append((slot, key))
+                    slot, load = self._reserve(key)
+                    misses.append((slot, key, load))
                 else:
                     self.stats.hits += 1
                     if key in self._prefetched:
@@ -137,8 +142,8 @@ class ExpertCache:
                 self._pins[slot] += 1
                 self.policy.touch(key)
                 slots.append(slot)
-        for slot, key in misses:
-            self._copy(slot, key, self._load[slot], None)  # type: ignore[arg-type]
+        for slot, key, load in misses:
+            self._copy(slot, key, load, None)
         for slot, key, load in waits:
             load.wait()
             if load.failed:
@@ -188,7 +193,7 @@ class ExpertCache:
 
     # -- inside -----------------------------------------------------------------------------------
 
-    def _reserve(self, key: ExpertKey) -> int:
+    def _reserve(self, key: ExpertKey) -> tuple[int, _Load]:
         """A slot for `key` (free, or its policy's victim), marked loading. Holds `_cond`."""
         deadline = time.monotonic() + SLOT_WAIT_S
         while True:
@@ -208,9 +213,9 @@ class ExpertCache:
                                   f"({self.capacity} slots, all in use)")
         self._slot_of[key] = slot
         self._key_of[slot] = key
-        self._load[slot] = _Load()
+        load = self._load[slot] = _Load()
         self.policy.insert(key)
-        return slot
+        return slot, load
 
     def _ready(self, slot: int) -> bool:
         load = self._load[slot]
@@ -249,19 +254,18 @@ class ExpertCache:
                 if key in self._slot_of:
                     continue
                 try:
-                    slot = self._reserve(key)
+                    slot, load = self._reserve(key)
                 except EngineError:
                     log.warning("prefetch of expert %s dropped: no slot freed", key)
                     continue
                 self._prefetched.add(key)
                 self.stats.prefetches_issued += 1
-                load = self._load[slot]
             try:
-                self._copy(slot, key, load, self._side)  # type: ignore[arg-type]
+                self._copy(slot, key, load, self._side)
             except Exception:  # a failed prefetch must not kill the loader; the forward reloads
                 log.exception("prefetch of expert %s failed", key)
                 with self._cond:
-                    self._evict_failed(slot, key, load)  # type: ignore[arg-type]
+                    self._evict_failed(slot, key, load)
 
     def _evict_failed(self, slot: int, key: ExpertKey, load: _Load) -> None:
         load.failed = True

@@ -33,6 +33,12 @@ class ExpertShape:
     down: tuple[int, int]  # [H, I]
     dtype: torch.dtype
 
+    @classmethod
+    def of(cls, gate_up: torch.Tensor, down: torch.Tensor) -> ExpertShape:
+        """The per-expert shape of fused `[E, 2I, H]` and `[E, H, I]` tensors."""
+        return cls((gate_up.shape[1], gate_up.shape[2]), (down.shape[1], down.shape[2]),
+                   gate_up.dtype)
+
     @property
     def nbytes(self) -> int:
         elems = self.gate_up[0] * self.gate_up[1] + self.down[0] * self.down[1]
@@ -87,8 +93,7 @@ class HostStore(ExpertStore):
         }
         gate_up, down = next(iter(self._layers.values()))
         self.num_experts = gate_up.shape[0]
-        self.shape = ExpertShape(tuple(gate_up.shape[1:]), tuple(down.shape[1:]),  # type: ignore[arg-type]
-                                 gate_up.dtype)
+        self.shape = ExpertShape.of(gate_up, down)
         self.pinned = pin
 
     def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,8 +127,7 @@ class DiskStore(ExpertStore):
             self._files[i] = safe_open(str(path), framework="pt", device="cpu")
         gate_up, down = next(iter(layers.values()))
         self.num_experts = gate_up.shape[0]
-        self.shape = ExpertShape(tuple(gate_up.shape[1:]), tuple(down.shape[1:]),  # type: ignore[arg-type]
-                                 gate_up.dtype)
+        self.shape = ExpertShape.of(gate_up, down)
         log.info("experts of %d layers written to %s", len(layers), self.directory)
 
     def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,7 +66,7 @@ class MoEOffload:
             "capacity_experts": self.cache.capacity,
             "total_experts": len(self.layers) * self.store.num_experts,
             "budget_bytes": self.cache.budget_bytes,
-            **self.cache.stats.as_dict(),
+            **self.cache.snapshot(),
         }
 
     def close(self) -> None:

@@ -137,7 +137,8 @@ def test_lookahead_prefetches_experts_the_next_layer_uses():
     assert stats["hits"] > 0 and stats["hits"] + stats["misses"] == uses[0]
     assert stats["prefetches_used"] > 0 and stats["prefetch_precision"] > 0
     assert stats["prefetch_recall"] == stats["prefetches_used"] / (stats["hits"] + stats["misses"])
-    engine.moe.close()  # type: ignore[union-attr]
+    assert engine.moe is not None
+    engine.moe.close()
 
 
 def test_lookahead_predicts_with_the_next_layers_router():
@@ -146,13 +147,15 @@ def test_lookahead_predicts_with_the_next_layers_router():
     hidden = torch.randn(3, engine.model.config.hidden_size,
                          generator=torch.Generator().manual_seed(0))
     first, second, last = (layer.index for layer in layers)
+    moe = engine.moe
+    assert moe is not None
     with torch.no_grad():
         want = set(layers[1].router(hidden)[2].flatten().tolist())
-        predicted = engine.moe.policy.predict(first, hidden)  # type: ignore[union-attr]
+        predicted = moe.policy.predict(first, hidden)
         assert predicted and {layer for layer, _ in predicted} == {second}
         assert {e for _, e in predicted} == want
-        assert engine.moe.policy.predict(last, hidden) == []  # type: ignore[union-attr]
-    engine.moe.close()  # type: ignore[union-attr]
+        assert moe.policy.predict(last, hidden) == []
+    moe.close()
 
 
 def test_lru_evicts_the_least_recently_used_expert():
@@ -234,14 +237,15 @@ def test_offload_on_cuda_gives_the_resident_tokens(policy):
     resident = _engine("tiny:mixtral", device="cuda").generate(prompts, params)
     engine = _engine("tiny:mixtral", device="cuda",
                      moe_offload={"budget": 0.25, "policy": policy})
-    assert engine.moe is not None and engine.moe.store.pinned  # type: ignore[attr-defined]
+    moe = engine.moe
+    assert moe is not None and isinstance(moe.store, HostStore) and moe.store.pinned
     offloaded = engine.generate(prompts, params)
     assert [o.token_ids for o in offloaded] == [o.token_ids for o in resident]
     stats = engine.expert_cache_stats()
     assert stats is not None and stats["misses"] > 0
     if policy == "lookahead":
         assert stats["prefetches_issued"] > 0
-    engine.moe.close()
+    moe.close()
 
 
 @pytest.mark.parametrize(("model", "offload", "names"), [
