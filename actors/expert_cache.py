@@ -94,6 +94,7 @@ class ExpertCache:
         cuda = device.type == "cuda"
         self._side = torch.cuda.Stream(device) if cuda else None
         self._freed: list[torch.cuda.Event | None] = [None] * capacity  # compute done with slot
+        self._written: list[torch.cuda.Event | None] = [None] * capacity  # last copy into slot
 
     @property
     def budget_bytes(self) -> int:
@@ -143,13 +144,13 @@ class ExpertCache:
                 self.policy.touch(key)
                 slots.append(slot)
         for slot, key, load in misses:
-            self._copy(slot, key, load, None)
+            self._copy(slot, key, load, side=False)
         for slot, key, load in waits:
             load.wait()
             if load.failed:
                 with self._cond:
                     retry = self._load[slot] = _Load()
-                self._copy(slot, key, retry, None)
+                self._copy(slot, key, retry, side=False)
         if misses or waits:
             with self._cond:
                 self.stats.stall_seconds += time.perf_counter() - t0
@@ -221,20 +222,23 @@ class ExpertCache:
         load = self._load[slot]
         return load is None or load.issued.is_set()
 
-    def _copy(self, slot: int, key: ExpertKey, load: _Load, stream) -> None:
-        """Copy `key` from the store into `slot` (on `stream` when given), then mark it ready."""
+    def _copy(self, slot: int, key: ExpertKey, load: _Load, side: bool) -> None:
+        """Copy `key` from the store into `slot`, then mark it ready. On CUDA the copy runs on
+        the side stream (`side`: a prefetch) or the compute stream (a miss), after the compute
+        that last read the slot and the copy that last wrote it."""
         gate_up, down = self.store.read(*key)
-        if stream is None:
+        if self._side is None:
             self.gate_up[slot].copy_(gate_up)
             self.down[slot].copy_(down)
         else:
-            freed = self._freed[slot]
+            stream = self._side if side else torch.cuda.current_stream(self.device)
             with torch.cuda.stream(stream):
-                if freed is not None:
-                    stream.wait_event(freed)
+                for event in (self._freed[slot], self._written[slot]):
+                    if event is not None:
+                        stream.wait_event(event)
                 self.gate_up[slot].copy_(gate_up, non_blocking=True)
                 self.down[slot].copy_(down, non_blocking=True)
-                load.cuda_event = torch.cuda.Event()
+                load.cuda_event = self._written[slot] = torch.cuda.Event()
                 load.cuda_event.record(stream)
         with self._cond:
             self.stats.bytes_loaded += self.expert_bytes
@@ -261,7 +265,7 @@ class ExpertCache:
                 self._prefetched.add(key)
                 self.stats.prefetches_issued += 1
             try:
-                self._copy(slot, key, load, self._side)
+                self._copy(slot, key, load, side=True)
             except Exception:  # a failed prefetch must not kill the loader; the forward reloads
                 log.exception("prefetch of expert %s failed", key)
                 with self._cond:
