@@ -47,16 +47,15 @@ def moe_layers(model) -> list[MoELayer]:
     return found
 
 
+@dataclass(slots=True)
 class MoEOffload:
     """The offloaded experts of one model: store, cache, policy, and what they report."""
 
-    def __init__(self, layers: list[MoELayer], store: ExpertStore, cache: ExpertCache,
-                 policy: ExpertPolicy, tier: str):
-        self.layers = layers
-        self.store = store
-        self.cache = cache
-        self.policy = policy
-        self.tier = tier
+    layers: list[MoELayer]
+    store: ExpertStore
+    cache: ExpertCache
+    policy: ExpertPolicy
+    tier: str
 
     def stats(self) -> dict[str, float | int | str]:
         """Cache counters and rates, plus where experts live and how much fits."""
