@@ -9,6 +9,7 @@ only meta-device placeholders of the same shape, so the full weights no longer s
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import weakref
@@ -123,7 +124,11 @@ class DiskStore(ExpertStore):
         self._files = {}
         for i, (gate_up, down) in layers.items():
             path = self.directory / f"layer_{i}.safetensors"
-            save_file({GATE_UP: gate_up, DOWN: down}, str(path))
+            # Written aside, then renamed: another worker sharing `directory` keeps reading the
+            # file it mapped (truncating a mapped file would crash it).
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file({GATE_UP: gate_up, DOWN: down}, str(tmp))
+            os.replace(tmp, path)
             self._files[i] = safe_open(str(path), framework="pt", device="cpu")
         gate_up, down = next(iter(layers.values()))
         self.num_experts = gate_up.shape[0]
