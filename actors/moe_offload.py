@@ -151,7 +151,7 @@ def offload_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
     cache, layer = self._baton_offload
     num_tokens, hidden_dim = hidden_states.shape
     k = top_k_index.shape[-1]
-    cache.prefetch(cache.policy.predict(layer, hidden_states))
+    predicted = cache.policy.predict(layer, hidden_states)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     x = hidden_states[perm // k]
     counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
@@ -164,6 +164,10 @@ def offload_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
     for first in range(0, len(hit), cache.capacity):
         chunk = hit[first : first + cache.capacity]
         slots = cache.acquire(layer, chunk)
+        if first + cache.capacity >= len(hit):
+            # Only now: this layer's experts are all used or pinned, so a prefetch evicts none
+            # that it still needs, and loads while this layer and the next one's attention run.
+            cache.prefetch(predicted)
         try:
             for e, slot in zip(chunk, slots, strict=True):
                 rows = slice(starts[e], starts[e + 1])
