@@ -128,11 +128,14 @@ class ExpertCache:
             for e in experts:
                 key = (layer, e)
                 slot = self._slot_of.get(key)
-                if slot is None:
+                # Reserving may wait for a slot, and the loader may bring `key` in meanwhile.
+                reserved = self._reserve(key) if slot is None else None
+                if reserved is not None:
                     self.stats.misses += 1
-                    slot, load = self._reserve(key)
+                    slot, load = reserved
                     misses.append((slot, key, load))
                 else:
+                    slot = self._slot_of[key]
                     self.stats.hits += 1
                     if key in self._prefetched:
                         self._prefetched.discard(key)
@@ -194,10 +197,14 @@ class ExpertCache:
 
     # -- inside -----------------------------------------------------------------------------------
 
-    def _reserve(self, key: ExpertKey) -> tuple[int, _Load]:
-        """A slot for `key` (free, or its policy's victim), marked loading. Holds `_cond`."""
+    def _reserve(self, key: ExpertKey) -> tuple[int, _Load] | None:
+        """A slot for `key` (free, or its policy's victim), marked loading; None when `key`
+        became resident while this waited for a slot (the other thread loads it). Holds
+        `_cond`."""
         deadline = time.monotonic() + SLOT_WAIT_S
         while True:
+            if key in self._slot_of:
+                return None
             slot = next((s for s, k in enumerate(self._key_of) if k is None), None)
             if slot is None:
                 idle = [k for s, k in enumerate(self._key_of) if k is not None
@@ -258,10 +265,13 @@ class ExpertCache:
                 if key in self._slot_of:
                     continue
                 try:
-                    slot, load = self._reserve(key)
+                    reserved = self._reserve(key)
                 except EngineError:
                     log.warning("prefetch of expert %s dropped: no slot freed", key)
                     continue
+                if reserved is None:
+                    continue  # the forward loaded it meanwhile
+                slot, load = reserved
                 self._prefetched.add(key)
                 self.stats.prefetches_issued += 1
             try:
