@@ -333,6 +333,7 @@ class Router:
             self.selection.start()
 
     async def stop(self) -> None:
+        self.dispatcher.close()
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None
