@@ -256,6 +256,9 @@ def test_the_controller_killed_under_http_load_costs_no_request_and_its_workers_
         t.start()
     try:
         wait_until(lambda: len(codes) >= 4, 60, "load")
+        # Its prompts go through the prefill worker: a fresh decode worker would count none.
+        handoffs = {w.worker_id: w.handoffs for w in workers(address) if w.role == "decode"}
+        assert all(handoffs.values())
         killed = subprocess.run([sys.executable, "-c", KILL_CONTROLLER], capture_output=True,
                                 text=True, env=env, timeout=120)
         assert killed.returncode == 0, killed.stderr
@@ -276,7 +279,9 @@ def test_the_controller_killed_under_http_load_costs_no_request_and_its_workers_
         stop.set()
         for t in threads:
             t.join(120)
-    assert after == before  # the same workers, adopted
+    assert after == before  # the same workers, adopted: the same processes, not new ones
+    assert all(w.handoffs >= handoffs[w.worker_id] for w in workers(address)
+               if w.role == "decode")
     assert codes and set(codes) == {200}, codes
     assert all("restarting" in exc.message for exc in refused)
     # The restarted controller scales and drains.
