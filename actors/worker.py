@@ -202,19 +202,25 @@ class Worker:
             aloop.call_soon_threadsafe(outputs.put_nowait, out)
 
         remote = prefill is not None and self.receiver is not None
-        reservation = await self.loop.acall(
-            lambda e: self._admit(e, request_id, prompt, params, sink, remote)
-        )
-        if reservation is not None:
-            await self._handoff(reservation, prompt, params, prefill)
-        finished = False
+        finished = admitted = False
         try:
+            reservation = await self.loop.acall(
+                lambda e: self._admit(e, request_id, prompt, params, sink, remote)
+            )
+            admitted = True
+            if reservation is not None:
+                await self._handoff(reservation, prompt, params, prefill)
             while not finished:
                 out = await outputs.get()
                 finished = out.finished
                 yield out
+        except asyncio.CancelledError:
+            admitted = True  # cancelled while being admitted: it may have been
+            raise
         finally:
-            if not finished:  # the caller went away: free the request's blocks
+            # The caller went away (or its lease lapsed), even mid-handoff: free its blocks. A
+            # request refused at admission is not this call's to abort (its id may be taken).
+            if admitted and not finished:
                 await self.loop.acall(lambda e: _abort_quietly(e, request_id))
 
     def _admit(self, engine: HandoffEngine, request_id: str, prompt, params, sink,
@@ -247,6 +253,10 @@ class Worker:
                 res.block_ids, res.skip_blocks,
             )
             transfer = await asyncio.to_thread(self.receiver.wait, transfer_id)
+        except asyncio.CancelledError:
+            # Refuse the push from now on: its blocks are about to be freed for other requests.
+            self.receiver.forget(transfer_id)
+            raise
         except Exception as exc:  # prefill actor died, transfer refused or stalled
             self.receiver.forget(transfer_id)
             self.handoff_failures += 1
