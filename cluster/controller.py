@@ -45,6 +45,7 @@ from baton.errors import (
 log = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "baton-controller"
+MAX_NAME_TRIES = 8
 NAMESPACE = "baton"
 
 
@@ -114,8 +115,11 @@ class Controller:
         """Adopt the live workers of this cluster; pools' targets as recorded in Redis (else as
         many as were adopted, else the config's); re-drain those registered as draining."""
         live = await find_live_workers(self.config.name, self._namespace, self.ping_timeout_s)
-        targets, draining = await self._registry.read_back()
+        targets, registered, draining = await self._registry.read_back()
         adopted: list[Replica] = []
+        for worker_id in registered:  # ids of workers gone meanwhile are not given out again
+            if (p := self._pools.get(worker_id.rsplit("-", 1)[0])) is not None:
+                p.reserve_id(worker_id)
         for w in live:
             p = self._pools.get(w.worker_id.rsplit("-", 1)[0])
             if p is None or w.spec.role != p.pool.role:
@@ -301,10 +305,19 @@ class Controller:
         if slot is None:
             raise ConfigError(f"pool {p.pool.name!r}: no free cpu_cores for another replica")
         spec = worker_spec(self.config, p.pool, self._kv_token, slot)
-        worker_id = p.next_id()
-        handle = self._remote.options(
-            **actor_options(p.pool), name=worker_name(self.config.name, worker_id),
-            namespace=self._namespace, lifetime="detached").remote(spec)
+        options = {**actor_options(p.pool), "namespace": self._namespace, "lifetime": "detached"}
+        for _ in range(MAX_NAME_TRIES):
+            worker_id = p.next_id()
+            try:
+                handle = self._remote.options(
+                    **options, name=worker_name(self.config.name, worker_id)).remote(spec)
+                break
+            except ValueError:  # a dead worker's name Ray has not freed yet: take the next id
+                log.warning("worker name for %s still taken; trying the next id", worker_id)
+        else:
+            raise WorkerUnavailableError(
+                f"pool {p.pool.name!r}: no free worker name after {MAX_NAME_TRIES} ids; see "
+                f"`ray list actors` for leftover baton-worker/{self.config.name}/ actors")
         r = p.new_replica(handle, slot, worker_id)
         log.info("starting worker %s (pool %s, slot %d)", r.worker_id, r.pool, slot)
         return r

@@ -49,17 +49,17 @@ class RegistryWriter:
         if self.state is not None:
             self._submit(self.state.set_pool_targets, targets)
 
-    async def read_back(self) -> tuple[dict[str, int] | None, set[str]]:
-        """(pools' recorded targets, ids of workers registered as draining), for a restarted
-        controller; (None, empty) without Redis or while it is out."""
+    async def read_back(self) -> tuple[dict[str, int] | None, set[str], set[str]]:
+        """(pools' recorded targets, ids of registered workers, those of them draining), for a
+        restarted controller; (None, empty, empty) without Redis or while it is out."""
         state = self.state
         if state is None:
-            return None, set()
+            return None, set(), set()
 
-        def read() -> tuple[dict[str, int] | None, set[str]]:
-            draining = {w.info.worker_id for w in state.workers()
-                        if w.info.extra.get("draining")}
-            return state.pool_targets(), draining
+        def read() -> tuple[dict[str, int] | None, set[str], set[str]]:
+            workers = state.workers()
+            draining = {w.info.worker_id for w in workers if w.info.extra.get("draining")}
+            return state.pool_targets(), {w.info.worker_id for w in workers}, draining
         return await asyncio.get_running_loop().run_in_executor(self._thread, read)
 
     def heartbeat(self, replicas: list[Replica]) -> None:

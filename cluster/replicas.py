@@ -118,10 +118,14 @@ class PoolReplicas:
                                    worker_id)
         replica.info = info
         replica.enter("ready")
+        self.reserve_id(worker_id)
+        return replica
+
+    def reserve_id(self, worker_id: str) -> None:
+        """Never give out `worker_id` (one a previous controller used), nor an id before it."""
         n = worker_id.rsplit("-", 1)[-1]
         if n.isdigit():
             self._next_id = max(self._next_id, int(n) + 1)
-        return replica
 
     def slot_of(self, cores: list[int] | None) -> int | None:
         """The slot a replica pinned to `cores` holds; None when the pool is not pinned (or the

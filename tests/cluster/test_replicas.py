@@ -31,6 +31,15 @@ def test_a_replacement_takes_the_dead_replicas_slot_and_a_new_id() -> None:
     assert c.worker_id == "d-2"
 
 
+def test_an_adopted_worker_keeps_its_id_and_cores_and_later_ids_follow_it() -> None:
+    p = pinned(3)  # slots of 2 cores: [0, 1], [2, 3], [4, 5]
+    r = p.adopt("d-4", object(), [4, 5], {"num_running": 2})
+    assert (r.worker_id, r.slot, r.state, r.in_flight) == ("d-4", 2, "ready", 2)
+    assert p.free_slot() == 0 and p.new_replica(object(), 0).worker_id == "d-5"
+    loose = PoolReplicas(PoolConfig(name="u", role="decode"))
+    assert loose.adopt("u-1", object(), None, {}).slot == 0  # unpinned: any free slot
+
+
 def test_pinned_pool_cannot_outgrow_its_cores() -> None:
     p = pinned()
     p.check_target(1)
