@@ -19,6 +19,7 @@ from typing import Any
 import ray
 
 from baton.actors.worker import WorkerSpec
+from baton.cluster.replicas import PoolReplicas, Replica
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +90,30 @@ async def find_live_workers(cluster: str, namespace: str, timeout_s: float) -> l
         spec, info = answer
         live.append(LiveWorker(worker_id, found[worker_id], spec, info))
     return live
+
+
+def adopt_workers(pools: dict[str, PoolReplicas], live: list[LiveWorker],
+                  targets: dict[str, int] | None,
+                  registered: set[str]) -> tuple[list[Replica], list[LiveWorker]]:
+    """Give each pool its live workers back (same ids and cores), keep the ids of `registered`
+    workers from being given out again, and set each pool's target: as recorded (`targets`),
+    else the config's, or as many as were adopted if more. Returns (the adopted replicas, the live
+    workers that belong to no pool of this config)."""
+    for worker_id in registered:
+        if (p := pools.get(_pool_of(worker_id))) is not None:
+            p.reserve_id(worker_id)
+    adopted, strays = [], []
+    for w in live:
+        p = pools.get(_pool_of(w.worker_id))
+        if p is None or w.spec.role != p.pool.role:
+            strays.append(w)
+            continue
+        adopted.append(p.adopt(w.worker_id, w.handle, w.spec.cpu_affinity, w.info))
+    for name, p in pools.items():
+        count = sum(1 for r in adopted if r.pool == name)
+        p.target = (targets or {}).get(name, max(count, p.target))
+    return adopted, strays
+
+
+def _pool_of(worker_id: str) -> str:
+    return worker_id.rsplit("-", 1)[0]  # ids are `<pool>-<n>`

@@ -29,7 +29,12 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from baton.actors.worker import Worker
-from baton.cluster.adoption import find_live_workers, kill_named_workers, worker_name
+from baton.cluster.adoption import (
+    adopt_workers,
+    find_live_workers,
+    kill_named_workers,
+    worker_name,
+)
 from baton.cluster.config import ClusterConfig
 from baton.cluster.pools import actor_options, worker_spec
 from baton.cluster.registry import RegistryWriter
@@ -77,7 +82,9 @@ class Controller:
         self._namespace = ctx.namespace
         self._starting = False
         self._resumed = False  # after a restart: adopted the live workers
-        # Ray restarted this controller after it died: adopt the workers it left running.
+        # Ray restarted this controller after it died: adopt the workers it left running. The
+        # call to itself may be refused (Ray may not count it alive yet): then the first call
+        # from outside (routers ask every second) starts the adoption.
         self._restarted = bool(ctx.was_current_actor_reconstructed)
         if self._restarted:
             ctx.current_actor.resume.remote()
@@ -109,28 +116,23 @@ class Controller:
         try:
             await self.start()
         except Exception:  # nobody waits on this call: say it here
-            log.exception("the restarted controller failed to resume its pools")
+            log.exception("the restarted controller failed to resume its pools; retrying on "
+                          "the next call")
+            self._starting = False
 
     async def _adopt(self) -> None:
-        """Adopt the live workers of this cluster; pools' targets as recorded in Redis (else as
-        many as were adopted, else the config's); re-drain those registered as draining."""
-        live = await find_live_workers(self.config.name, self._namespace, self.ping_timeout_s)
+        """Adopt the live workers of this cluster, with the pools' targets recorded in Redis
+        (see `adopt_workers`); re-drain those registered as draining."""
+        # As long to answer as supervision allows before it calls a worker lost.
+        live = await find_live_workers(self.config.name, self._namespace,
+                                       self.ping_timeout_s * self.max_missed)
         targets, registered, draining = await self._registry.read_back()
-        adopted: list[Replica] = []
-        for worker_id in registered:  # ids of workers gone meanwhile are not given out again
-            if (p := self._pools.get(worker_id.rsplit("-", 1)[0])) is not None:
-                p.reserve_id(worker_id)
-        for w in live:
-            p = self._pools.get(w.worker_id.rsplit("-", 1)[0])
-            if p is None or w.spec.role != p.pool.role:
-                log.warning("worker %s belongs to no pool of this config; killing it", w.worker_id)
-                kill_actor(w.handle)
-                continue
-            self._kv_token = w.spec.kv_token  # the replacements must share the workers' token
-            adopted.append(p.adopt(w.worker_id, w.handle, w.spec.cpu_affinity, w.info))
-        for name, p in self._pools.items():
-            count = len([r for r in adopted if r.pool == name])
-            p.target = (targets or {}).get(name, count if adopted else p.target)
+        adopted, strays = adopt_workers(self._pools, live, targets, registered)
+        for w in strays:
+            log.warning("worker %s belongs to no pool of this config; killing it", w.worker_id)
+            kill_actor(w.handle)
+        # Replacements must share the adopted workers' KV-link token.
+        self._kv_token = next((w.spec.kv_token for w in live if w not in strays), self._kv_token)
         for r in adopted:
             self._registry.register(r)
             if r.worker_id in draining:
@@ -389,6 +391,8 @@ class Controller:
 
     def _check_resumed(self) -> None:
         if self._restarted and not self._resumed:
+            if not self._starting:
+                self._spawn(self.resume())
             raise ClusterNotRunningError(
                 f"the controller of cluster {self.config.name!r} is restarting (Ray restarted "
                 "it after it died) and has not adopted its workers yet; they keep serving. Try "
