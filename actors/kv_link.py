@@ -97,9 +97,12 @@ class KVReceiver(kv_link_pb2_grpc.KVLinkServicer):
         return t
 
     def forget(self, transfer_id: str) -> None:
-        """Stop accepting chunks for a transfer (finished, failed, or given up on)."""
+        """Stop accepting chunks for a transfer (finished, failed, or given up on); a push of
+        it still under way is refused from its next chunk on (its blocks may be freed now)."""
         with self._lock:
-            self._transfers.pop(transfer_id, None)
+            t = self._transfers.pop(transfer_id, None)
+        if t is not None and not t.done.is_set():
+            self._fail(t, f"transfer {transfer_id} was given up on by the receiver")
 
     # -- gRPC side --------------------------------------------------------------------------------
 

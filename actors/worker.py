@@ -6,6 +6,11 @@ blocks over the gRPC KV link, and decodes it in its continuous batch, streaming 
 Ray streaming generator). Prompts with few uncached tokens are prefilled locally. When the
 handoff fails (prefill worker gone, transfer refused or stalled) the reservation is freed and the
 request is prefilled locally instead, so a caller sees its tokens or one clear error.
+
+A caller that names itself (`generate(..., caller=...)`, as the router's dispatcher does) holds a
+lease on its requests: it calls `renew(caller)` about once a second, and a caller silent for
+`caller_lease_s` (its process died: Ray does not cancel a streaming generator whose owner is
+gone) has its requests aborted and their blocks freed.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -59,10 +65,14 @@ class WorkerSpec:
     prefill_threshold: int = 64
     # CPU cores this worker's process is pinned to (two workers on one box get disjoint sets).
     cpu_affinity: list[int] | None = None
+    # A caller that has not renewed its lease this long has its requests aborted.
+    caller_lease_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.caller_lease_s <= 0:
+            raise ConfigError(f"caller_lease_s must be > 0, got {self.caller_lease_s}")
         if not self.kv_token:
             raise ConfigError("kv_token is required: the KV link refuses unauthenticated pushes")
         if isinstance(self.engine, EngineConfig):
@@ -88,6 +98,11 @@ class Worker:
         self._senders: dict[str, KVSender] = {}
         self.handoffs = 0
         self.handoff_failures = 0
+        self._renewed: dict[str, float] = {}  # caller -> when it last renewed its lease
+        # request id -> (its caller, the task streaming it), for requests streamed under a lease
+        self._leased: dict[str, tuple[str, asyncio.Task[Any]]] = {}
+        self._lease_watch: asyncio.Task[None] | None = None
+        self.lease_expiries = 0
         log.info("worker %s ready (pid %d)", spec.role, os.getpid())
 
     async def info(self) -> dict[str, Any]:
@@ -109,8 +124,19 @@ class Worker:
             "handoff_failures": self.handoff_failures,
             "finished": dict(self.loop.finished),
             "cpu_affinity": sorted(os.sched_getaffinity(0)),
+            "lease_expiries": self.lease_expiries,
             "niceness": os.getpriority(os.PRIO_PROCESS, 0),
         }
+
+    async def renew(self, caller: str) -> int:
+        """Keep `caller`'s requests alive another `caller_lease_s`; how many it has here."""
+        self._renewed[caller] = time.monotonic()
+        return sum(1 for c, _ in self._leased.values() if c == caller)
+
+    async def describe(self) -> tuple[WorkerSpec, dict[str, Any]]:
+        """Its launch spec (the KV-link token included) and `info()`: for a restarted
+        controller adopting it, which gives the token to the replacements it starts."""
+        return self.spec, await self.info()
 
     async def block_violations(self) -> list[str]:
         return await self.loop.acall(lambda e: e.block_violations())
@@ -130,8 +156,46 @@ class Worker:
     # -- decode side ------------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams, prefill: Any = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; with a prefill worker handle, long prompts go through it."""
+                       params: SamplingParams, prefill: Any = None,
+                       caller: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; with a prefill worker handle, long prompts go through it.
+        With `caller`, the request lives only while that caller renews its lease."""
+        if caller is not None:
+            self._lease(caller, request_id)
+        try:
+            async for out in self._generate(request_id, prompt, params, prefill):
+                yield out
+        finally:
+            self._leased.pop(request_id, None)
+
+    def _lease(self, caller: str, request_id: str) -> None:
+        task = asyncio.current_task()
+        assert task is not None  # called from the generator's task
+        self._renewed[caller] = time.monotonic()  # a new request is a sign of life
+        self._leased[request_id] = (caller, task)
+        if self._lease_watch is None or self._lease_watch.done():
+            self._lease_watch = asyncio.create_task(self._expire_leases())
+
+    async def _expire_leases(self) -> None:
+        """Cancel the streams of callers whose lease ran out (their `finally` frees the
+        blocks); ends once no request is leased."""
+        lease = self.spec.caller_lease_s
+        while self._leased:
+            await asyncio.sleep(lease / 4)
+            now = time.monotonic()
+            for request_id, (caller, task) in list(self._leased.items()):
+                if now - self._renewed.get(caller, now) > lease:
+                    log.warning("caller %s of %s stopped renewing its lease (%.1f s); aborting "
+                                "the request", caller, request_id, lease)
+                    self._leased.pop(request_id, None)
+                    self.lease_expiries += 1
+                    task.cancel()
+            holders = {c for c, _ in self._leased.values()}
+            for caller in [c for c in self._renewed if c not in holders]:
+                del self._renewed[caller]
+
+    async def _generate(self, request_id: str, prompt: str | list[int],
+                        params: SamplingParams, prefill: Any) -> AsyncIterator[RequestOutput]:
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         aloop = asyncio.get_running_loop()
 
@@ -139,19 +203,25 @@ class Worker:
             aloop.call_soon_threadsafe(outputs.put_nowait, out)
 
         remote = prefill is not None and self.receiver is not None
-        reservation = await self.loop.acall(
-            lambda e: self._admit(e, request_id, prompt, params, sink, remote)
-        )
-        if reservation is not None:
-            await self._handoff(reservation, prompt, params, prefill)
-        finished = False
+        finished = admitted = False
         try:
+            reservation = await self.loop.acall(
+                lambda e: self._admit(e, request_id, prompt, params, sink, remote)
+            )
+            admitted = True
+            if reservation is not None:
+                await self._handoff(reservation, prompt, params, prefill)
             while not finished:
                 out = await outputs.get()
                 finished = out.finished
                 yield out
+        except asyncio.CancelledError:
+            admitted = True  # cancelled while being admitted: it may have been
+            raise
         finally:
-            if not finished:  # the caller went away: free the request's blocks
+            # The caller went away (or its lease lapsed), even mid-handoff: free its blocks. A
+            # request refused at admission is not this call's to abort (its id may be taken).
+            if admitted and not finished:
                 await self.loop.acall(lambda e: _abort_quietly(e, request_id))
 
     def _admit(self, engine: HandoffEngine, request_id: str, prompt, params, sink,
@@ -184,6 +254,10 @@ class Worker:
                 res.block_ids, res.skip_blocks,
             )
             transfer = await asyncio.to_thread(self.receiver.wait, transfer_id)
+        except asyncio.CancelledError:
+            # Refuse the push from now on: its blocks are about to be freed for other requests.
+            self.receiver.forget(transfer_id)
+            raise
         except Exception as exc:  # prefill actor died, transfer refused or stalled
             self.receiver.forget(transfer_id)
             self.handoff_failures += 1

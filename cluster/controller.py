@@ -8,7 +8,12 @@ deregister). Redis going away costs the registry, never the supervision.
 Who calls what: `baton up` calls `start_controller`; routers call `workers()` about once a
 second for the handles to send requests to; the admin service and `baton status` call
 `status()`, `pools()`, `scale()` and `drain()`; `baton down` calls `stop_controller`.
-Worker actors are owned by the controller, so they end with it.
+
+Restartable: workers are detached, named actors (cluster/adoption.py), so they outlive the
+controller; Ray restarts a controller that died (`max_restarts=-1`) and the new one adopts the
+live workers (same ids, pinned cores and KV-link token) with the pool targets recorded in Redis,
+then starts only what is missing. Until it has, it answers `ClusterNotRunningError` (routers
+keep serving on their last worker list). Calls in flight when it dies are not retried.
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from baton.actors.worker import Worker
+from baton.cluster.adoption import (
+    adopt_workers,
+    find_live_workers,
+    kill_named_workers,
+    worker_name,
+)
 from baton.cluster.config import ClusterConfig
 from baton.cluster.pools import actor_options, worker_spec
 from baton.cluster.registry import RegistryWriter
@@ -39,6 +50,7 @@ from baton.errors import (
 log = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "baton-controller"
+MAX_NAME_TRIES = 8
 NAMESPACE = "baton"
 
 
@@ -66,6 +78,16 @@ class Controller:
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
         self._registry = RegistryWriter(config, redis_url)
+        ctx = ray.get_runtime_context()
+        self._namespace = ctx.namespace
+        self._starting = False
+        self._resumed = False  # after a restart: adopted the live workers
+        # Ray restarted this controller after it died: adopt the workers it left running. The
+        # call to itself may be refused (Ray may not count it alive yet): then the first call
+        # from outside (routers ask every second) starts the adoption.
+        self._restarted = bool(ctx.was_current_actor_reconstructed)
+        if self._restarted:
+            ctx.current_actor.resume.remote()
 
     # --- the interface -------------------------------------------------------------------------
 
@@ -73,18 +95,56 @@ class Controller:
         """Start every pool's replicas and wait until all have loaded their model; then start
         supervising. Raises the first worker's error if one fails to start (WorkerUnavailableError
         if one is not ready within `start_timeout_s`). Returns how many it started."""
-        if self._supervisor is not None:
+        if self._supervisor is not None or self._starting:
             return 0  # started already
+        self._starting = True
+        if self._restarted:
+            await self._adopt()
+        else:  # workers of an earlier run of this cluster whose controller is gone
+            await asyncio.to_thread(kill_named_workers, self.config.name, self._namespace)
+            self._registry.targets({n: p.target for n, p in self._pools.items()})
         launched = [self._launch(p) for p in self._pools.values() for _ in range(p.missing())]
-        await asyncio.gather(*(self._await_ready(r, raise_errors=True) for r in launched))
+        await asyncio.gather(*(self._await_ready(r, raise_errors=not self._restarted)
+                               for r in launched))
         self._supervisor = asyncio.create_task(self._supervise())
         log.info("controller %s up: %s", self.config.name,
                  {n: len(p.replicas) for n, p in self._pools.items()})
         return len(launched)
 
+    async def resume(self) -> None:
+        """Take over after Ray restarted this controller (it calls this on itself)."""
+        try:
+            await self.start()
+        except Exception:  # nobody waits on this call: say it here
+            log.exception("the restarted controller failed to resume its pools; retrying on "
+                          "the next call")
+            self._starting = False
+
+    async def _adopt(self) -> None:
+        """Adopt the live workers of this cluster, with the pools' targets recorded in Redis
+        (see `adopt_workers`); re-drain those registered as draining."""
+        # As long to answer as supervision allows before it calls a worker lost.
+        live = await find_live_workers(self.config.name, self._namespace,
+                                       self.ping_timeout_s * self.max_missed)
+        targets, registered, draining = await self._registry.read_back()
+        adopted, strays = adopt_workers(self._pools, live, targets, registered)
+        for w in strays:
+            log.warning("worker %s belongs to no pool of this config; killing it", w.worker_id)
+            kill_actor(w.handle)
+        # Replacements must share the adopted workers' KV-link token.
+        self._kv_token = next((w.spec.kv_token for w in live if w not in strays), self._kv_token)
+        for r in adopted:
+            self._registry.register(r)
+            if r.worker_id in draining:
+                self._begin_drain(r, replace=False)
+        self._resumed = True
+        log.warning("controller %s restarted: adopted %s", self.config.name,
+                    sorted(r.worker_id for r in adopted))
+
     async def workers(self, include_draining: bool = False) -> list[dict[str, Any]]:
         """The workers to send requests to: one entry per ready worker (draining ones too, when
         asked) with worker_id, pool, role, handle and draining."""
+        self._check_resumed()
         states = ("ready", "draining") if include_draining else ("ready",)
         return [{"worker_id": r.worker_id, "pool": r.pool, "role": r.role, "handle": r.handle,
                  "draining": r.state == "draining"}
@@ -94,6 +154,7 @@ class Controller:
         """Every worker's `info()` (asked now) with worker_id, pool, role, state, alive and
         draining. Starting workers carry no info yet; a dead one shows alive False until its
         replacement is ready; one that does not answer now shows its last info."""
+        self._check_resumed()
         replicas = [r for p in self._pools.values() for r in p.replicas]
         asked = [r for r in replicas if r.state in ("ready", "draining")]
         answers = await asyncio.gather(*(self._ask(r) for r in asked), return_exceptions=True)
@@ -115,9 +176,11 @@ class Controller:
     async def scale(self, pool: str, replicas: int) -> int:
         """Set a pool's target; starts replicas, or drains the least loaded surplus ones (they
         finish their requests, then stop). Unknown pool or impossible count: ConfigError."""
+        self._check_resumed()
         p = self._pool(pool)
         p.check_target(replicas)
         p.target = replicas
+        self._registry.targets({pool: replicas})
         starting, ready = p.surplus()
         for r in starting:
             self._stop(r, "scaled down before it was ready")
@@ -131,6 +194,7 @@ class Controller:
         """Stop sending a worker requests, stop it once it has none (or after the drain timeout)
         and start a replacement if its pool is then below target. Returns its requests in flight
         now. Unknown (or already stopped) worker: WorkerNotFoundError."""
+        self._check_resumed()
         r = self._replica(worker_id)
         if r.state == "starting":
             self._stop(r, "drained before it was ready")
@@ -157,6 +221,9 @@ class Controller:
                 stopped += r.state != "dead"
                 self._stop(r, "shutdown")
             p.target = 0
+        # Detached workers end only when killed: those it had not adopted (yet) too, and it
+        # returns once their names are free (a new cluster of this name may start at once).
+        await asyncio.to_thread(kill_named_workers, self.config.name, self._namespace, 10.0)
         await self._registry.close()  # after the deregisters queued above
         log.info("controller %s shut down: %d workers stopped", self.config.name, stopped)
         return stopped
@@ -224,7 +291,7 @@ class Controller:
         if r.state in ("dead", "starting"):
             return
         log.error("worker %s (pool %s) lost: %s", r.worker_id, r.pool, why)
-        _kill(r.handle)
+        kill_actor(r.handle)
         self._registry.deregister(r.worker_id)
         p = self._pools[r.pool]
         if r.state == "draining" and not r.replace:
@@ -240,8 +307,20 @@ class Controller:
         if slot is None:
             raise ConfigError(f"pool {p.pool.name!r}: no free cpu_cores for another replica")
         spec = worker_spec(self.config, p.pool, self._kv_token, slot)
-        handle = self._remote.options(**actor_options(p.pool)).remote(spec)
-        r = p.new_replica(handle, slot)
+        options = {**actor_options(p.pool), "namespace": self._namespace, "lifetime": "detached"}
+        for _ in range(MAX_NAME_TRIES):
+            worker_id = p.next_id()
+            try:
+                handle = self._remote.options(
+                    **options, name=worker_name(self.config.name, worker_id)).remote(spec)
+                break
+            except ValueError:  # a dead worker's name Ray has not freed yet: take the next id
+                log.warning("worker name for %s still taken; trying the next id", worker_id)
+        else:
+            raise WorkerUnavailableError(
+                f"pool {p.pool.name!r}: no free worker name after {MAX_NAME_TRIES} ids; see "
+                f"`ray list actors` for leftover baton-worker/{self.config.name}/ actors")
+        r = p.new_replica(handle, slot, worker_id)
         log.info("starting worker %s (pool %s, slot %d)", r.worker_id, r.pool, slot)
         return r
 
@@ -303,12 +382,21 @@ class Controller:
     def _stop(self, r: Replica, why: str) -> None:
         log.info("stopping worker %s: %s", r.worker_id, why)
         if r.state != "dead":
-            _kill(r.handle)
+            kill_actor(r.handle)
             self._registry.deregister(r.worker_id)
         r.enter("dead")
         self._pools[r.pool].forget(r)
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def _check_resumed(self) -> None:
+        if self._restarted and not self._resumed:
+            if not self._starting:
+                self._spawn(self.resume())
+            raise ClusterNotRunningError(
+                f"the controller of cluster {self.config.name!r} is restarting (Ray restarted "
+                "it after it died) and has not adopted its workers yet; they keep serving. Try "
+                "again in a few seconds")
 
     def _pool(self, name: str) -> PoolReplicas:
         p = self._pools.get(name)
@@ -355,56 +443,8 @@ def _start_error(r: Replica, p: PoolReplicas, exc: Exception, timeout_s: float) 
     return exc
 
 
-def _kill(handle: Any) -> None:
+def kill_actor(handle: Any) -> None:
     try:
         ray.kill(handle, no_restart=True)
     except Exception as exc:  # already gone
         log.debug("kill: %r", exc)
-
-
-def start_controller(config: ClusterConfig, redis_url: str | None,
-                     name: str = CONTROLLER_NAME, namespace: str = NAMESPACE,
-                     **options: Any) -> Any:
-    """Start the cluster's controller (detached, named) and its pools; returns its handle once
-    every worker has loaded its model. `options` go to `Controller` (tick_s, drain_timeout_s,
-    ...). A controller of that name already running: ConfigError."""
-    try:
-        handle: Any = ray.remote(Controller).options(
-            name=name, namespace=namespace, lifetime="detached", num_cpus=0,
-            get_if_exists=False, max_restarts=0,
-        ).remote(config, redis_url, **options)
-    except ValueError as exc:
-        raise ConfigError(
-            f"a Baton controller named {name!r} already runs in namespace {namespace!r}; stop "
-            f"it first (`baton down`) or start this one under another name") from exc
-    try:
-        ray.get(handle.start.remote())
-    except BaseException:
-        stop_controller(handle)
-        raise
-    return handle
-
-
-def get_controller(name: str = CONTROLLER_NAME, namespace: str = NAMESPACE) -> Any:
-    """The running controller's handle; ClusterNotRunningError when there is none."""
-    if not ray.is_initialized():
-        raise ClusterNotRunningError(
-            "not connected to Ray: start a cluster with `baton up`, or connect to the Ray cluster "
-            "that runs one (ray.init(address=...) / --address)")
-    try:
-        return ray.get_actor(name, namespace=namespace)
-    except ValueError as exc:
-        raise ClusterNotRunningError(
-            f"no Baton controller named {name!r} in Ray namespace {namespace!r}: start the "
-            f"cluster with `baton up` (or pass the --address of the Ray cluster running it)"
-        ) from exc
-
-
-def stop_controller(handle: Any, timeout_s: float = 30.0) -> None:
-    """Stop every worker of the controller, then the controller itself (it is detached, so it
-    would otherwise outlive its driver)."""
-    try:
-        ray.get(handle.shutdown.remote(), timeout=timeout_s)
-    except Exception as exc:  # dead or stuck: killing it takes its workers along
-        log.warning("controller shutdown: %r", exc)
-    _kill(handle)

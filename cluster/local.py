@@ -10,7 +10,6 @@ Baton's cache, which `status` and `down` read.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -24,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray._private import ray_constants
 
 from baton.actors.model_source import cache_root
 from baton.cluster.config import ClusterConfig, load_config
+from baton.cluster.local_daemon import RAY_LOOPBACK_ENV
 from baton.errors import ClusterNotRunningError, ConfigError
 from baton.router.app import RouterActor, RouterSettings
 from baton.router.selection import SelectionSettings
@@ -74,6 +75,11 @@ class LocalCluster:
             from ray._raylet import Config  # type: ignore[attr-defined]
 
             Config.initialize("")  # Ray read its settings at import: make it read them again
+        if self.ray_address.startswith("127.0.0.1:"):
+            # Ray would swap 127.0.0.1 for this machine's routable address, where a Ray that
+            # `baton up` keeps on loopback does not listen (see cluster/local_daemon.py).
+            os.environ[RAY_LOOPBACK_ENV] = "0"
+            ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(address=self.ray_address, namespace=NAMESPACE, logging_level=logging.ERROR,
                  log_to_driver=False)
 
@@ -134,7 +140,8 @@ def _start_services(config: ClusterConfig, cluster: LocalCluster, host: str, grp
                     http_port: int | None) -> None:
     # The controller module brings in the worker actor, and with it torch: only `up` and `down`
     # import it, so `baton status` does not wait for torch.
-    from baton.cluster.controller import CONTROLLER_NAME, start_controller
+    from baton.cluster.controller import CONTROLLER_NAME
+    from baton.cluster.lifecycle import start_controller
 
     start_controller(config, cluster.redis_url, namespace=NAMESPACE)
     settings = RouterSettings(model=config.model, host=host, grpc_port=grpc_port,
@@ -157,7 +164,7 @@ def down() -> bool:
     try:
         if not ray.is_initialized():
             cluster.connect()
-        _stop_services()
+        _stop_services(cluster.name)
     except Exception as exc:  # noqa: BLE001 - Ray already gone: the daemon still needs stopping
         log.warning("could not reach the cluster's Ray (%s); stopping what is left", exc)
     finally:
@@ -169,8 +176,9 @@ def down() -> bool:
     return True
 
 
-def _stop_services() -> None:
-    from baton.cluster.controller import get_controller, stop_controller  # torch: see above
+def _stop_services(cluster: str) -> None:
+    from baton.cluster.adoption import kill_named_workers  # torch: see above
+    from baton.cluster.lifecycle import get_controller, stop_controller
 
     try:
         router = ray.get_actor(ROUTER_NAME, namespace=NAMESPACE)
@@ -178,8 +186,11 @@ def _stop_services() -> None:
         ray.kill(router, no_restart=True)
     except Exception as exc:  # noqa: BLE001 - not running is fine
         log.info("router: %r", exc)
-    with contextlib.suppress(ClusterNotRunningError):
-        stop_controller(get_controller(namespace=NAMESPACE))
+    try:
+        stop_controller(get_controller(namespace=NAMESPACE), cluster=cluster,
+                        namespace=NAMESPACE)
+    except ClusterNotRunningError:  # its workers are detached: they still need stopping
+        kill_named_workers(cluster, NAMESPACE)
 
 
 # -- the daemon -------------------------------------------------------------------------------

@@ -5,6 +5,12 @@ CLI, and a Ctrl-C at the terminal reaches neither). It writes where they listen 
 file (or `{"error": ...}`), then waits for SIGTERM (`baton down`) and shuts both down cleanly.
 Ray reads its token-auth settings when it is imported, so this module imports Ray only once
 `main` has set them.
+
+Ray listens on loopback only: its GCS, raylet, workers and agents bind to the node's IP, and
+Ray takes the loopback address as the node's IP only when it believes it runs on a laptop
+(`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, Ray's own switch for macOS and Windows); an explicit
+`_node_ip_address="127.0.0.1"` is replaced by the machine's routable address. Every process Ray
+starts inherits the setting from this one.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from baton.cluster.redis_server import RedisServer
+
+# Ray's switch for laptops (macOS, Windows): "0" makes the node's IP the loopback address.
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def serve(ready: Path, namespace: str, num_cpus: int, redis_dir: str, with_ray: bool) -> None:
@@ -40,10 +49,9 @@ def serve(ready: Path, namespace: str, num_cpus: int, redis_dir: str, with_ray: 
             info["redis_data_dir"] = redis_dir
         if with_ray:
             info["ray_token"] = os.environ["RAY_AUTH_TOKEN"]
-            # Loopback only: nothing outside this machine joins a local cluster.
+            # Loopback only (see the module doc): nothing outside this machine joins.
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     namespace=namespace, logging_level=logging.ERROR,
-                     _node_ip_address="127.0.0.1")
+                     namespace=namespace, logging_level=logging.ERROR)
             info["ray_address"] = ray.get_runtime_context().gcs_address
     except Exception as exc:  # noqa: BLE001 - reported to `baton up`, which says it
         ready.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
@@ -74,6 +82,7 @@ def main() -> None:
     # Ray's token auth with a token Baton knows, so `baton` commands can join.
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ[RAY_LOOPBACK_ENV] = "0"  # Ray on loopback: see the module doc
     serve(args.ready, args.namespace, args.num_cpus, args.redis_dir, not args.no_ray)
 
 

@@ -44,6 +44,24 @@ class RegistryWriter:
         if self.state is not None:
             self._submit(self.state.deregister, worker_id)
 
+    def targets(self, targets: dict[str, int]) -> None:
+        """Record pools' targets, for a restarted controller to read back."""
+        if self.state is not None:
+            self._submit(self.state.set_pool_targets, targets)
+
+    async def read_back(self) -> tuple[dict[str, int] | None, set[str], set[str]]:
+        """(pools' recorded targets, ids of registered workers, those of them draining), for a
+        restarted controller; (None, empty, empty) without Redis or while it is out."""
+        state = self.state
+        if state is None:
+            return None, set(), set()
+
+        def read() -> tuple[dict[str, int] | None, set[str], set[str]]:
+            workers = state.workers()
+            draining = {w.info.worker_id for w in workers if w.info.extra.get("draining")}
+            return state.pool_targets(), {w.info.worker_id for w in workers}, draining
+        return await asyncio.get_running_loop().run_in_executor(self._thread, read)
+
     def heartbeat(self, replicas: list[Replica]) -> None:
         """Beat with each worker's load from its last info, unless the last round is still on
         its way (Redis slow or away)."""

@@ -54,7 +54,7 @@ class PoolReplicas:
         self.restarts = 0  # replacements started for replicas that died
         self.start_failures = 0  # replicas that never became ready
         self.retry_at = 0.0  # monotonic time before which no replica is started (after a failure)
-        self._ids = itertools.count()
+        self._next_id = 0
 
     @property
     def slots(self) -> int | None:
@@ -97,11 +97,46 @@ class PoolReplicas:
                 return slot
         return None  # unreachable: count() is endless
 
-    def new_replica(self, handle: Any, slot: int) -> Replica:
-        replica = Replica(f"{self.pool.name}-{next(self._ids)}", self.pool.name, self.pool.role,
-                          slot, handle)
+    def next_id(self) -> str:
+        """The id the next replica gets (`<pool>-<n>`, never one used before in this pool)."""
+        worker_id = f"{self.pool.name}-{self._next_id}"
+        self._next_id += 1
+        return worker_id
+
+    def new_replica(self, handle: Any, slot: int, worker_id: str | None = None) -> Replica:
+        replica = Replica(worker_id or self.next_id(), self.pool.name, self.pool.role, slot,
+                          handle)
         self.replicas.append(replica)
         return replica
+
+    def adopt(self, worker_id: str, handle: Any, cores: list[int] | None,
+              info: dict[str, Any]) -> Replica:
+        """Take over a live worker a previous controller started: ready, in the slot its pinned
+        cores say (any free one when the pool is not pinned); later ids follow its own."""
+        slot = self.slot_of(cores)
+        replica = self.new_replica(handle, slot if slot is not None else self._unheld_slot(),
+                                   worker_id)
+        replica.info = info
+        replica.enter("ready")
+        self.reserve_id(worker_id)
+        return replica
+
+    def reserve_id(self, worker_id: str) -> None:
+        """Never give out `worker_id` (one a previous controller used), nor an id before it."""
+        n = worker_id.rsplit("-", 1)[-1]
+        if n.isdigit():
+            self._next_id = max(self._next_id, int(n) + 1)
+
+    def slot_of(self, cores: list[int] | None) -> int | None:
+        """The slot a replica pinned to `cores` holds; None when the pool is not pinned (or the
+        cores are not the pool's)."""
+        if not self.pool.cpu_cores or not cores or cores[0] not in self.pool.cpu_cores:
+            return None
+        return self.pool.cpu_cores.index(cores[0]) // int(self.pool.num_cpus)
+
+    def _unheld_slot(self) -> int:
+        held = {r.slot for r in self.replicas if r.state != "dead"}
+        return next(slot for slot in itertools.count() if slot not in held)
 
     def surplus(self) -> tuple[list[Replica], list[Replica]]:
         """Over target: (starting replicas to stop at once, ready ones to drain), least loaded

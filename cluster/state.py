@@ -166,6 +166,16 @@ class ClusterState:
         seen = self._cached_workers if found is None else found
         return [w for w in seen if pool is None or w.info.pool == pool]
 
+    def set_pool_targets(self, targets: Mapping[str, int]) -> None:
+        """Record pools' target replica counts (the controller's, read back after a restart)."""
+        key = self._key("targets")
+        self._link.call(lambda r: r.hset(key, mapping=dict(targets)), None, writes=1)
+
+    def pool_targets(self) -> dict[str, int] | None:
+        """Pools' recorded target replica counts; None while Redis is out."""
+        return self._link.call(
+            lambda r: {k: int(v) for k, v in r.hgetall(self._key("targets")).items()}, None)
+
     # --- request journal ---
 
     def accepted(self, request_id: str, **detail: Any) -> None:

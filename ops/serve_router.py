@@ -25,12 +25,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from baton.cluster.config import ClusterConfig, load_config
-from baton.cluster.controller import (
-    CONTROLLER_NAME,
-    NAMESPACE,
-    get_controller,
-    start_controller,
-)
+from baton.cluster.controller import CONTROLLER_NAME, NAMESPACE
+from baton.cluster.lifecycle import get_controller, start_controller
 from baton.errors import ClusterNotRunningError, ConfigError, WorkerUnavailableError
 from baton.router.app import RouterActor, RouterSettings, split_roles
 from baton.router.selection import SelectionSettings

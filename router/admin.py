@@ -11,8 +11,9 @@ import logging
 from typing import Any
 
 import grpc
+from ray.exceptions import RayActorError
 
-from baton.errors import ConfigError, as_baton_error
+from baton.errors import ClusterNotRunningError, ConfigError, as_baton_error
 from baton.protos import baton_pb2 as pb
 from baton.protos import baton_pb2_grpc as pb_grpc
 from baton.router.core import Router
@@ -44,9 +45,20 @@ class AdminService(pb_grpc.AdminServicer):
         self.router = router
         self.controller = controller
 
+    async def _call_controller(self, method: str, *args: Any) -> Any:
+        """A controller call; its death (Ray restarts it) said as what to do, not Ray's text."""
+        try:
+            return await getattr(self.controller, method).remote(*args)
+        except RayActorError as exc:
+            raise ClusterNotRunningError(
+                "the cluster's controller is not running: Ray is restarting it (its workers keep "
+                "serving); try again in a few seconds. If this persists, see `ray status` and "
+                "the controller's log, or restart the cluster (`baton down`, `baton up`)"
+            ) from exc
+
     async def _workers(self) -> list[dict[str, Any]]:
         if self.controller is not None:
-            return await self.controller.status.remote()
+            return await self._call_controller("status")
         rows = []
         for i, w in enumerate(self.router.dispatcher.workers()):
             try:
@@ -93,7 +105,7 @@ class AdminService(pb_grpc.AdminServicer):
             if self.controller is None:
                 raise ConfigError(f"this router serves a fixed set of workers; {method} needs "
                                   "a cluster started with `baton up`")
-            result = await getattr(self.controller, method).remote(*args)
+            result = await self._call_controller(method, *args)
         except Exception as exc:  # noqa: BLE001 - a typed error becomes its status
             await _abort(context, exc)
         await self.router.refresh_now()

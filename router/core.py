@@ -333,6 +333,7 @@ class Router:
             self.selection.start()
 
     async def stop(self) -> None:
+        self.dispatcher.close()
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None
@@ -365,6 +366,7 @@ class Router:
                 if self.state is not None:
                     await asyncio.to_thread(self.state.update_router_stats, self.router_id,
                                             gauges=self.stats())
-            except Exception:  # noqa: BLE001 - a failed refresh keeps the last worker set
-                log.warning("worker refresh failed; keeping the last set", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - a failed refresh keeps the last set
+                # The controller restarting, most often: its workers still serve.
+                log.warning("worker refresh failed (%s); keeping the last set", exc)
             await asyncio.sleep(self._refresh_s)

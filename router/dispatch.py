@@ -5,7 +5,9 @@ flight, ties broken in turn), bent by prefix-cache affinity (`affinity.py`). A d
 that dies before the request's first token was streamed is marked dead and the request goes to
 another one; once tokens have reached the caller a death ends the stream with
 `WorkerUnavailableError` (re-running would repeat text the caller already has). A caller that
-stops reading aborts the request in its worker, freeing its blocks.
+stops reading aborts the request in its worker, freeing its blocks. The dispatcher renews a
+lease on its requests with each worker streaming one (`Worker.renew`, every `renew_s`): if its
+process dies, the workers abort its requests rather than decode them to `max_tokens` for no one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import bisect
 import contextlib
 import itertools
 import logging
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -123,7 +126,8 @@ class Dispatcher:
     prompt is prefilled where it decodes). Called from one asyncio loop.
     """
 
-    def __init__(self, decode: Sequence[Any], prefill: Sequence[Any] = (), max_attempts: int = 2):
+    def __init__(self, decode: Sequence[Any], prefill: Sequence[Any] = (), max_attempts: int = 2,
+                 renew_s: float = 1.0):
         self.decode = WorkerSet(decode)
         self.prefill = WorkerSet(prefill)
         self.max_attempts = max_attempts
@@ -133,6 +137,27 @@ class Dispatcher:
         self._where: dict[str, Any] = {}  # request id -> the decode worker streaming it
         # request id -> the pool that served it; the router takes it when the request ends.
         self.served_pool: dict[str, str] = {}
+        self.caller_id = f"dispatcher-{uuid.uuid4().hex[:12]}"  # whose leases it renews
+        self.renew_s = renew_s
+        self._renewer: asyncio.Task[None] | None = None
+
+    def close(self) -> None:
+        """Stop renewing leases (its requests' workers then abort what is left of them)."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
+
+    def _keep_renewing(self) -> None:
+        task = self._renewer
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            self._renewer = asyncio.create_task(self._renew_leases())
+
+    async def _renew_leases(self) -> None:
+        while self._where:
+            await asyncio.sleep(self.renew_s)
+            # A dead or slow worker must not hold up the others' renewals.
+            await asyncio.gather(*(asyncio.wait_for(w.renew.remote(self.caller_id), self.renew_s)
+                                   for w in set(self._where.values())), return_exceptions=True)
 
     def workers(self) -> list[Any]:
         return [*self.decode, *self.prefill]
@@ -207,9 +232,10 @@ class Dispatcher:
         with self.decode.hold(worker), (self.prefill.hold(prefill) if prefill is not None
                                         else contextlib.nullcontext()):
             stream = worker.generate.options(num_returns="streaming").remote(
-                request_id, prompt, params, prefill)
+                request_id, prompt, params, prefill, self.caller_id)
             finished = False
             self._where[request_id] = worker
+            self._keep_renewing()
             self.served_pool[request_id] = self.pool(worker)
             try:
                 async for ref in stream:

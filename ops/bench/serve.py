@@ -33,7 +33,7 @@ from rich.console import Console
 
 from baton.actors.model_source import load_tokenizer, resolve
 from baton.cluster import local
-from baton.cluster.controller import get_controller
+from baton.cluster.lifecycle import get_controller
 from baton.errors import ConfigError
 from baton.ops.bench import sweep
 from baton.ops.bench.machine import machine_info

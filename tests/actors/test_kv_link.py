@@ -83,6 +83,38 @@ def test_layers_stream_as_they_are_produced(src, receiver):
     receiver.wait("t2")
 
 
+def test_a_push_under_way_when_the_receiver_gives_up_writes_no_more_layers(src, receiver):
+    dst_ids = [6, 7]
+    receiver.expect("t3", "r3", dst_ids, timeout_s=10)
+    transfer = receiver._transfers["t3"]
+    export = KVExport(skip_blocks=0, feed=queue.Queue())
+    sender = KVSender(receiver.address, TOKEN)
+    errors: list[Exception] = []
+
+    def push() -> None:
+        try:
+            sender.push("t3", "r3", dst_ids, export.layers(), SPEC, timeout_s=10)
+        except KVTransferError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=push)
+    thread.start()
+    export.feed.put((0, pack_layer(src, 0, torch.tensor([0, 1]))))
+    for _ in range(500):  # the first layer lands while the producer is still computing
+        if 0 in transfer.layers_done:
+            break
+        threading.Event().wait(0.01)
+    before = receiver.cache.keys[1][:, dst_ids].clone()
+    receiver.forget("t3")  # the request was aborted: its blocks go back to the pool
+    for layer in range(1, SPEC.num_layers):
+        export.feed.put((layer, pack_layer(src, layer, torch.tensor([0, 1]))))
+    export.feed.put(None)
+    thread.join(10)
+    assert errors and "given up" in str(errors[0])
+    assert torch.equal(receiver.cache.keys[1][:, dst_ids], before)
+    sender.close()
+
+
 def _raw_push(receiver, chunks, token=TOKEN):
     with grpc.insecure_channel(receiver.address) as ch:
         stub = kv_link_pb2_grpc.KVLinkStub(ch)

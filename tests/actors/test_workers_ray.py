@@ -97,6 +97,24 @@ def test_prefill_worker_killed_mid_request_falls_back_and_leaks_nothing(ray_loca
     assert info["handoffs"] == 1 and info["handoff_failures"] == 1
 
 
+def test_a_caller_that_stops_renewing_its_lease_mid_handoff_has_its_blocks_freed(ray_local):
+    slow = dict(ENGINE, max_num_batched_tokens=4)  # a prompt that takes many steps to prefill
+    prefill = RemoteWorker.options(num_cpus=1).remote(
+        WorkerSpec(role="prefill", model=MODEL, engine=slow, kv_token="tok", prefill_threshold=16))
+    decode = _spawn("decode", caller_lease_s=1.0)
+    prompt = _prompts(5, (1500,))[0]
+    stream = decode.generate.options(num_returns="streaming").remote(  # noqa: F841 - kept alive
+        "orphan", prompt, SamplingParams(max_tokens=5, ignore_eos=True), prefill, "gone-caller")
+    wait_until(lambda: ray.get(prefill.info.remote())["num_running"] > 0, 60,
+               "the prefill worker to have the request in its batch")
+    assert ray.get(decode.info.remote())["kv_usage"] > 0  # its blocks reserved for the handoff
+    # Nobody renews "gone-caller": its lease lapses while the decode worker waits on the prefill.
+    wait_until(lambda: ray.get(decode.info.remote())["lease_expiries"] == 1, 30, "the expiry")
+    wait_until(lambda: ray.get(decode.info.remote())["kv_usage"] == 0, 30, "its blocks freed")
+    assert ray.get(decode.block_violations.remote()) == []
+    ray.kill(prefill)
+
+
 def test_killed_decode_worker_ends_the_stream_with_a_clear_error(ray_local):
     decode = _spawn("decode")
     params = SamplingParams(max_tokens=1000, ignore_eos=True)

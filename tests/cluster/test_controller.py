@@ -14,7 +14,7 @@ import redis
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from baton.cluster.config import load_config
-from baton.cluster.controller import get_controller, start_controller, stop_controller
+from baton.cluster.lifecycle import get_controller, start_controller, stop_controller
 from baton.cluster.state import ClusterState
 from baton.errors import (
     ClusterNotRunningError,
@@ -55,7 +55,7 @@ def controller(ray_local, redis_url: str, cluster_name: str) -> Iterator[Any]:
     handle = start_controller(load_config(cluster_config(cluster_name)), redis_url,
                               name=cluster_name, namespace=NAMESPACE, **OPTIONS)
     yield handle
-    stop_controller(handle)  # detached: it would outlive this driver
+    stop_controller(handle, cluster=cluster_name, namespace=NAMESPACE)  # detached
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,25 @@
 """`baton up` / `status` / `down` as an operator runs them (real subprocesses, real Ray, real
-redis-server, real gRPC), with a decode worker killed under load and Redis stopped and restarted
-under load. The tiny model keeps it fast; the cache (and so the run state) is a temp dir."""
+redis-server, real gRPC and HTTP), with a decode worker killed under load, the controller process
+killed under load, and Redis stopped and restarted under load. The tiny model keeps it fast; the
+cache (and so the run state) is a temp dir."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
-from baton.client import BatonClient
+from baton.client import AdminClient, BatonClient
 from baton.cluster.redis_server import RedisServer, free_port, stop_redis
 from baton.cluster.state import ClusterState
 from baton.errors import WorkerUnavailableError
@@ -46,6 +51,16 @@ rows = ray.get(ray.get_actor("baton-controller", namespace="baton").workers.remo
 ray.kill(decode["handle"], no_restart=True)
 print(decode["worker_id"])
 """
+KILL_CONTROLLER = """
+import os, signal
+from baton.cluster.local import LocalCluster
+import ray
+LocalCluster.load().connect()
+controller = ray.get_actor("baton-controller", namespace="baton")
+pid = ray.get(controller.__ray_call__.remote(lambda c: os.getpid()))
+os.kill(pid, signal.SIGKILL)
+print(pid)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +70,13 @@ def cluster(tmp_path_factory):
     cfg = home / "cluster.yaml"
     cfg.write_text(yaml.safe_dump(CONFIG))
     env = {**os.environ, "BATON_CACHE": str(home / "cache"), "PYTHONUNBUFFERED": "1"}
-    port = free_port()
+    port, http = free_port(), free_port()
 
     def baton(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "baton"), *args], capture_output=True, text=True,
                               timeout=timeout, env=env)
 
-    up = baton("up", "--config", str(cfg), "--grpc-port", str(port), "--http-port", "0")
+    up = baton("up", "--config", str(cfg), "--grpc-port", str(port), "--http-port", str(http))
     assert up.returncode == 0, up.stdout + up.stderr
     yield baton, f"127.0.0.1:{port}", env, home
     down = baton("down")
@@ -77,7 +92,26 @@ def status(baton) -> dict:
 
 
 def wait_for(pred, timeout_s: float = 60.0, what: str = "condition"):
-    return wait_until(pred, timeout_s, what, poll_s=0.5)  # each poll runs `baton status`
+    return wait_until(pred, timeout_s, what, poll_s=0.5)  # a poll may run `baton status`
+
+
+def workers(address: str) -> list:
+    """The cluster's workers as `baton status` gets them (the admin API), without its process."""
+    with AdminClient(address) as admin:
+        return list(admin.status().workers)
+
+
+def http_completion(port: int, prompt: list[int]) -> int:
+    """POST /v1/completions; the HTTP status."""
+    body = json.dumps({"model": "tiny:llama", "prompt": prompt, "max_tokens": 4}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            json.load(resp)
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_up_serves_both_paths_and_status_shows_the_pools(cluster):
@@ -102,12 +136,39 @@ def test_up_serves_both_paths_and_status_shows_the_pools(cluster):
     assert table.returncode == 0 and "decode" in table.stdout and "Redis" in table.stdout
 
 
+def test_every_port_the_local_cluster_listens_on_is_on_loopback(cluster):
+    _, _, _, home = cluster
+    run = json.loads((home / "cache" / "run" / "cluster.json").read_text())
+    assert run["ray_address"].startswith("127.0.0.1:")
+    # The daemon `baton up` leaves runs Ray (GCS, raylet, its workers and agents) and Redis.
+    daemon = psutil.Process(run["daemon_pid"])
+    listening: dict[str, list[str]] = {}
+    for proc in [daemon, *daemon.children(recursive=True)]:
+        try:
+            conns, name = proc.net_connections(kind="tcp"), proc.name()
+        except psutil.NoSuchProcess:
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN:
+                listening.setdefault(name, []).append(c.laddr.ip)
+    assert {"gcs_server", "raylet", "redis-server"} <= listening.keys(), listening
+    exposed = {name: ips for name, ips in listening.items()
+               if not all(_loopback(ip) for ip in ips)}
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return (mapped or addr).is_loopback
+
+
 def test_scale_and_drain_from_the_command_line(cluster):
     baton, address, _, _ = cluster
 
-    def ready_decodes():  # the decode workers taking requests
-        return [w["worker_id"] for w in status(baton)["workers"]
-                if w["role"] == "decode" and w["state"] == "ready"]
+    def ready_decodes():  # the decode workers taking requests (what `baton status` shows)
+        return [w.worker_id for w in workers(address)
+                if w.role == "decode" and w.state == "ready"]
 
     res = baton("scale", "decode", "2")
     assert res.returncode == 0 and "2 replicas" in res.stdout, res.stderr
@@ -119,8 +180,8 @@ def test_scale_and_drain_from_the_command_line(cluster):
     assert res.returncode == 0, res.stderr
     (kept,) = wait_for(lambda: (ids := ready_decodes()) and victim not in ids and ids,
                        what="one ready decode worker, not the drained one")
-    wait_for(lambda: victim not in [w["worker_id"] for w in status(baton)["workers"]],
-             what="the drained worker gone")
+    wait_until(lambda: victim not in [w.worker_id for w in workers(address)], 60,
+               "the drained worker gone", poll_s=0.2)
     with BatonClient(address) as client:
         assert client.complete(list(range(1, 60)), max_tokens=3).completion_tokens == 3
     assert ready_decodes() == [kept]
@@ -137,7 +198,7 @@ def test_a_decode_worker_killed_under_load_fails_its_requests_clearly_and_is_rep
         with BatonClient(address) as client:
             while not stop.is_set():
                 try:
-                    outcomes.append(client.complete([5 + i] * 20, max_tokens=2000,
+                    outcomes.append(client.complete([5 + i] * 20, max_tokens=300,
                                                     ignore_eos=True).finish_reason)
                 except WorkerUnavailableError as exc:
                     outcomes.append(exc)
@@ -146,26 +207,27 @@ def test_a_decode_worker_killed_under_load_fails_its_requests_clearly_and_is_rep
     threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
-    wait_for(lambda: any(w["running"] for w in status(baton)["workers"]), what="load")
+    wait_until(lambda: any(w.num_running for w in workers(address)), 60, "load")
     killed = subprocess.run([sys.executable, "-c", KILL_DECODE], capture_output=True, text=True,
                             env=env, timeout=120)
     assert killed.returncode == 0, killed.stderr
     dead_id = killed.stdout.strip()
 
     def replaced():
-        ws = [w for w in status(baton)["workers"] if w["role"] == "decode" and w["alive"]]
-        return ws and ws[0]["worker_id"] != dead_id
+        ws = [w for w in workers(address) if w.role == "decode" and w.alive]
+        return ws and ws[0].worker_id != dead_id
 
-    wait_for(replaced, what="a replacement decode worker")
+    wait_until(replaced, 60, "a replacement decode worker", poll_s=0.2)
     with BatonClient(address) as client:
-        out = wait_for(lambda: _try(client), what="serving again")
+        out = wait_until(lambda: _try(client), 60, "serving again", poll_s=0.2)
+    served = len(outcomes)
+    wait_until(lambda: "length" in outcomes[served:], 120, "the load served again")
     stop.set()
     for t in threads:
         t.join(120)
     assert out.finish_reason == "length"
     failed = [o for o in outcomes if isinstance(o, WorkerUnavailableError)]
     assert failed and all(o == "length" for o in outcomes if o not in failed)
-    assert outcomes[-1] == "length"  # the load went on being served after the replacement
 
 
 def _try(client: BatonClient):
@@ -173,6 +235,65 @@ def _try(client: BatonClient):
         return client.complete(list(range(1, 60)), max_tokens=3, ignore_eos=True)
     except WorkerUnavailableError:
         return None
+
+
+def test_the_controller_killed_under_http_load_costs_no_request_and_its_workers_are_adopted(
+        cluster):
+    baton, address, env, home = cluster
+    http = int(json.loads((home / "cache" / "run" / "cluster.json").read_text())
+               ["http_address"].rsplit(":", 1)[1])
+    before = sorted((w.worker_id, w.role) for w in workers(address) if w.state == "ready")
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def load(i: int) -> None:  # a few requests a second through the OpenAI HTTP API
+        while not stop.is_set():
+            codes.append(http_completion(http, [3 + i, 4, 5 + len(codes) % 7] * 6))
+            stop.wait(0.2)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(codes) >= 4, 60, "load")
+        # Its prompts go through the prefill worker: a fresh decode worker would count none.
+        handoffs = {w.worker_id: w.handoffs for w in workers(address) if w.role == "decode"}
+        assert all(handoffs.values())
+        killed = subprocess.run([sys.executable, "-c", KILL_CONTROLLER], capture_output=True,
+                                text=True, env=env, timeout=120)
+        assert killed.returncode == 0, killed.stderr
+        refused: list[WorkerUnavailableError] = []  # UNAVAILABLE, as `baton status` gets it
+
+        def adopted():
+            try:
+                return sorted((w.worker_id, w.role) for w in workers(address)
+                              if w.state == "ready")
+            except WorkerUnavailableError as exc:
+                refused.append(exc)
+                return None
+
+        after = wait_until(adopted, 120, "the restarted controller", poll_s=0.2)
+        served = len(codes)
+        wait_until(lambda: len(codes) >= served + 4, 60, "load after the restart")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert after == before  # the same workers, adopted: the same processes, not new ones
+    assert all(w.handoffs >= handoffs[w.worker_id] for w in workers(address)
+               if w.role == "decode")
+    assert codes and set(codes) == {200}, codes
+    assert all("restarting" in exc.message for exc in refused)
+    # The restarted controller scales and drains.
+    with AdminClient(address) as admin:
+        assert admin.scale("decode", 2) == 2
+        wait_until(lambda: len([w for w in workers(address) if w.role == "decode"
+                                and w.state == "ready"]) == 2, 120, "a second decode worker")
+        assert admin.scale("decode", 1) == 1
+    wait_until(lambda: len([w for w in workers(address) if w.role == "decode"]) == 1, 120,
+               "the surplus decode worker drained")
+    with BatonClient(address) as client:
+        assert client.complete(list(range(1, 60)), max_tokens=3).completion_tokens == 3
 
 
 def test_redis_stopped_and_restarted_under_load_costs_no_request(cluster):

@@ -8,6 +8,8 @@ import threading
 
 import pytest
 
+from baton.actors.worker import WorkerSpec
+from baton.cluster.adoption import LiveWorker, adopt_workers
 from baton.cluster.config import ClusterConfig, PoolConfig
 from baton.cluster.registry import RegistryWriter
 from baton.cluster.replicas import PoolReplicas
@@ -29,6 +31,30 @@ def test_a_replacement_takes_the_dead_replicas_slot_and_a_new_id() -> None:
     assert p.missing() == 1 and p.free_slot() == 0
     c = p.new_replica(object(), 0)
     assert c.worker_id == "d-2"
+
+
+def test_an_adopted_worker_keeps_its_id_and_cores_and_later_ids_follow_it() -> None:
+    p = pinned(3)  # slots of 2 cores: [0, 1], [2, 3], [4, 5]
+    r = p.adopt("d-4", object(), [4, 5], {"num_running": 2})
+    assert (r.worker_id, r.slot, r.state, r.in_flight) == ("d-4", 2, "ready", 2)
+    assert p.free_slot() == 0 and p.new_replica(object(), 0).worker_id == "d-5"
+    loose = PoolReplicas(PoolConfig(name="u", role="decode"))
+    assert loose.adopt("u-1", object(), None, {}).slot == 0  # unpinned: any free slot
+
+
+def test_a_restarted_controller_adopts_by_pool_with_recorded_targets_and_fresh_ids() -> None:
+    def live(worker_id: str, role: str, cores: list[int] | None = None) -> LiveWorker:
+        spec = WorkerSpec(role=role, model="tiny:llama", kv_token="t", cpu_affinity=cores)
+        return LiveWorker(worker_id, object(), spec, {})
+
+    pools = {"d": pinned(3), "p": PoolReplicas(PoolConfig(name="p", role="prefill"))}
+    adopted, strays = adopt_workers(
+        pools, [live("d-1", "decode", [2, 3]), live("x-0", "decode"), live("p-0", "decode")],
+        {"d": 2}, registered={"d-1", "d-7", "p-3"})
+    assert [(r.worker_id, r.slot) for r in adopted] == [("d-1", 1)]
+    assert [w.worker_id for w in strays] == ["x-0", "p-0"]  # no such pool; wrong role
+    assert (pools["d"].target, pools["p"].target) == (2, 1)  # recorded; else the config's
+    assert (pools["d"].next_id(), pools["p"].next_id()) == ("d-8", "p-4")  # never reused
 
 
 def test_pinned_pool_cannot_outgrow_its_cores() -> None:

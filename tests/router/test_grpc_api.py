@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from baton.actors.engine import Engine
 from baton.actors.worker import Worker, WorkerSpec
-from baton.client import AsyncBatonClient, BatonClient, build_request
+from baton.client import AsyncBatonClient, BatonClient, Completion, build_request
 from baton.errors import (
     AuthError,
     CapacityError,
@@ -31,7 +31,7 @@ from baton.ops import batch
 from baton.router.app import RouterActor, RouterSettings
 from baton.router.grpc_server import sampling_from_proto
 from baton.sampling import SamplingParams
-from tests.conftest import assert_workers_idle
+from tests.conftest import assert_workers_idle, wait_until
 
 pytestmark = pytest.mark.ray  # starts Ray (see tests/conftest.py)
 
@@ -328,7 +328,7 @@ def test_a_router_killed_mid_stream_ends_it_clearly_and_a_new_router_serves(work
         ray.kill(actor)
         with pytest.raises(WorkerUnavailableError, match="UNAVAILABLE"):
             list(stream)
-    # The orphaned request runs to its max_tokens in its worker, then frees its blocks.
+    # The orphaned request is aborted in its worker (its lease lapses), freeing its blocks.
     assert_workers_idle(*workers)
     actor2, address2 = start_router(workers)
     with BatonClient(address2) as client:
@@ -370,3 +370,43 @@ def test_a_batch_file_runs_through_the_router_with_its_token(workers, tmp_path):
     finally:
         ray.get(actor.stop.remote())
     assert_workers_idle(*workers)
+
+
+def test_the_requests_of_a_dead_router_are_aborted_and_another_routers_are_not(workers):
+    decode = workers[1]
+    doomed, doomed_at = start_router(workers)
+    kept, kept_at = start_router(workers)
+    aborted_before = ray.get(decode.info.remote())["finished"].get("abort", 0)
+    outcomes: dict[str, object] = {}
+
+    def complete(name: str, address: str) -> None:
+        with BatonClient(address) as client:
+            try:
+                outcomes[name] = client.complete(ids(8, 10), max_tokens=2000, ignore_eos=True)
+            except WorkerUnavailableError as exc:
+                outcomes[name] = exc
+
+    def running() -> int:
+        return ray.get(decode.info.remote())["num_running"]
+
+    threads = [threading.Thread(target=complete, args=args)
+               for args in (("doomed", doomed_at), ("kept", kept_at))]
+    threads[0].start()
+    wait_until(lambda: running() == 1, 60, "the doomed router's request")
+    threads[1].start()
+    wait_until(lambda: running() == 2, 60, "both requests decoding")
+    ray.kill(doomed)
+    # The later request, as long, still decodes: the dead router's one was cut short.
+    wait_until(lambda: running() == 1, 60, "the dead router's request aborted")
+    info = ray.get(decode.info.remote())
+    assert info["finished"].get("abort", 0) == aborted_before + 1
+    assert info["lease_expiries"] >= 1 and "kept" not in outcomes
+    for t in threads:
+        t.join(300)
+    assert isinstance(outcomes["doomed"], WorkerUnavailableError)
+    kept_out = outcomes["kept"]
+    assert isinstance(kept_out, Completion)
+    assert kept_out.finish_reason == "length" and kept_out.completion_tokens == 2000
+    assert_workers_idle(*workers)
+    assert ray.get(decode.info.remote())["kv_usage"] == 0
+    ray.get(kept.stop.remote())
