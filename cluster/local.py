@@ -60,6 +60,7 @@ class LocalCluster:
     daemon_pid: int | None  # None: Ray and Redis were not started by Baton
     redis_data_dir: str | None
     name: str = "default"  # the cluster config's name: its Redis keys' namespace
+    job_address: str | None = None  # Ray's job server (dashboard) of the Ray `up` started
 
     def save(self) -> None:
         run_dir().mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,8 @@ def up(config_path: str | None = None, *, address: str | None = None,
         redis_url=redis_url, grpc_address=f"{host}:{grpc_port}",
         http_address=f"{host}:{http_port}" if http_port is not None else None, token=token,
         daemon_pid=daemon["pid"] if daemon else None,
-        redis_data_dir=daemon.get("redis_data_dir") if daemon else None, name=config.name)
+        redis_data_dir=daemon.get("redis_data_dir") if daemon else None, name=config.name,
+        job_address=daemon.get("job_address") if daemon else None)
     cluster.save()
     try:
         cluster.connect()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.cluster.redis_server import RedisServer
+from baton.ports import free_port
 
 # Ray's switch for laptops (macOS, Windows): "0" makes the node's IP the loopback address.
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -50,9 +51,13 @@ def serve(ready: Path, namespace: str, num_cpus: int, redis_dir: str, with_ray: 
         if with_ray:
             info["ray_token"] = os.environ["RAY_AUTH_TOKEN"]
             # Loopback only (see the module doc): nothing outside this machine joins.
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     namespace=namespace, logging_level=logging.ERROR)
+            # The dashboard serves Ray's job API (`baton submit`, `ray job submit`).
+            context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                               dashboard_host="127.0.0.1", dashboard_port=free_port(),
+                               namespace=namespace, logging_level=logging.ERROR)
             info["ray_address"] = ray.get_runtime_context().gcs_address
+            if context.dashboard_url:
+                info["job_address"] = f"http://{context.dashboard_url}"
     except Exception as exc:  # noqa: BLE001 - reported to `baton up`, which says it
         ready.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         if redis is not None:

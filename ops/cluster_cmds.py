@@ -39,6 +39,8 @@ def up(
     console.print(f"[green]Baton is up[/]: gRPC {cluster.grpc_address}"
                   + (f", HTTP http://{cluster.http_address}/v1" if cluster.http_address else "")
                   + f", Ray {cluster.ray_address}")
+    if cluster.job_address:
+        console.print(f"Ray jobs (baton submit): {cluster.job_address}")
     if cluster.token:
         console.print(f"API token: {cluster.token}")
 

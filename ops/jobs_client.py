@@ -1,7 +1,8 @@
 """Ray's job server (the dashboard's Jobs API) as `baton submit` and `baton jobs` use it.
 
 Where the server is: `--address`, else `RAY_API_SERVER_ADDRESS` (Ray's own variable, which Ray's
-client also obeys over any address given), else `http://127.0.0.1:8265`. Ray's token auth: the
+client also obeys over any address given), else the job server of the local cluster `baton up`
+started, else `http://127.0.0.1:8265`. Ray's token auth: the
 token goes in an `Authorization: Bearer` header (what Ray's client sends itself when its process
 runs with `RAY_AUTH_MODE=token`); it is `--token`, else `RAY_AUTH_TOKEN`, else, for a job server
 on this machine, the Ray token of the local cluster `baton up` recorded. Ray's failures become
@@ -40,11 +41,30 @@ T = TypeVar("T")
 
 
 def job_address(address: str | None) -> str:
-    return address or os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+    """The job server to talk to: given, from the environment, `baton up`'s, or the default."""
+    if address or os.environ.get(ADDRESS_ENV):
+        return address or os.environ[ADDRESS_ENV]
+    try:
+        return LocalCluster.load().job_address or DEFAULT_ADDRESS
+    except ClusterNotRunningError:
+        return DEFAULT_ADDRESS
 
 
 def is_local(address: str) -> bool:
     return urlparse(address if "://" in address else f"http://{address}").hostname in LOOPBACK
+
+
+def local_router(address: str, token: str | None) -> tuple[str | None, str | None]:
+    """For a job on the job server of the local cluster `baton up` started: its router's
+    address and API token (the job reaches the router it would find anyway, with the token it
+    needs); (None, token) for any other job server."""
+    try:
+        cluster = LocalCluster.load()
+    except ClusterNotRunningError:
+        return None, token
+    if cluster.job_address is None or address.rstrip("/") != cluster.job_address:
+        return None, token
+    return cluster.grpc_address, token or cluster.token
 
 
 def job_token(address: str, token: str | None) -> str | None:

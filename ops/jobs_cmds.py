@@ -26,11 +26,12 @@ from baton.ops.jobs_client import (
     batch_entrypoint,
     job_address,
     job_paths,
+    local_router,
 )
 
 AddressOpt = Annotated[str | None, typer.Option(
-    "--address", help="Ray job server, http://HOST:8265 (env RAY_API_SERVER_ADDRESS; default "
-    "http://127.0.0.1:8265)")]
+    "--address", help="Ray job server, http://HOST:8265 (env RAY_API_SERVER_ADDRESS; default: "
+    "the local cluster's, else http://127.0.0.1:8265)")]
 TokenOpt = Annotated[str | None, typer.Option(
     "--token", help="Ray auth token (env RAY_AUTH_TOKEN; default: the local cluster's)")]
 JobArg = Annotated[str, typer.Argument(help="Submission id (see baton jobs list)")]
@@ -105,6 +106,8 @@ def submit(
         options += ["--model", model, "--workers", str(workers)]
     if config:
         options += ["--config", config]
+    if not (model or config or router):
+        router, router_token = local_router(where, router_token)
     if router:
         options += ["--router", router]
     runtime_env = {"env_vars": {"BATON_API_TOKEN": router_token}} if router_token else None

@@ -157,6 +157,33 @@ def test_every_port_the_local_cluster_listens_on_is_on_loopback(cluster):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
+def test_a_batch_job_submitted_to_the_local_cluster_runs_through_its_router(cluster, tmp_path):
+    """`baton up` serves Ray's job API on loopback; `baton submit` there runs the rows through
+    the cluster's own router and `baton jobs` reports the job."""
+    baton, _, _, home = cluster
+    run = json.loads((home / "cache" / "run" / "cluster.json").read_text())
+    assert run["job_address"].startswith("http://127.0.0.1:")
+    rows = [{"custom_id": f"r{i}", "prompt": list(range(1, 4 + i)), "max_tokens": 3,
+             "ignore_eos": True} for i in range(5)]
+    rows.insert(2, {"custom_id": "bad", "prompt": "x", "temperature": -1})
+    source, out = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sent = baton("submit", str(source), "--output", str(out), "--follow", timeout=300)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["custom_id"] for line in lines] == [r["custom_id"] for r in rows]
+    for line in lines:
+        if line["custom_id"] == "bad":
+            assert line["response"]["status_code"] == 400 and "temperature" in \
+                line["error"]["message"]
+        else:
+            assert line["response"]["body"]["usage"]["completion_tokens"] == 3
+    listed = baton("jobs", "list", "--output", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert any(j["status"] == "SUCCEEDED" and "baton.ops.batch" in j["entrypoint"]
+               for j in json.loads(listed.stdout))
+
+
 def _loopback(ip: str) -> bool:
     addr = ipaddress.ip_address(ip)
     mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
