@@ -66,24 +66,15 @@ lint: $(STAMPS)/venv
 	$(BIN)/mypy baton cluster router ops/cli.py $(addprefix actors/,$(MYPY_ACTORS))
 
 test: setup lint
-	@# Three pytest processes side by side (the Ray tests mostly wait on processes starting and
-	@# on each other, so a third keeps both cores busy): the modules that start whole clusters
-	@# (`baton up`, a Ray job server), then the router's Ray modules, in one; the other modules
-	@# that start Ray (marked `ray`) in another; everything else in the third, whose output shows
-	@# as it runs. The other two logs follow. Exit 5: nothing selected.
-	@($(BIN)/python -m pytest -m ray tests/cluster/test_local_cluster.py \
-		tests/ops/test_batch_ray_job.py $(PYTEST_ARGS) > $(STAMPS)/pytest-clusters.log 2>&1; \
-		clusters=$$?; $(BIN)/python -m pytest -m ray tests/router $(PYTEST_ARGS) \
-		>> $(STAMPS)/pytest-clusters.log 2>&1; router=$$?; \
-		[ $$clusters = 0 ] || [ $$clusters = 5 ] || exit 1; exit $$router) & first=$$!; \
-	$(BIN)/python -m pytest -m ray --ignore=tests/router \
-		--ignore=tests/cluster/test_local_cluster.py --ignore=tests/ops/test_batch_ray_job.py \
-		$(PYTEST_ARGS) > $(STAMPS)/pytest-ray.log 2>&1 & second=$$!; \
+	@# Two pytest processes side by side, each starting one Ray instance at a time: the modules
+	@# that start Ray (marked `ray`) outside tests/router in one; everything else, then the
+	@# router's Ray modules, in the other. The first one's log follows. Exit 5: nothing selected.
+	@$(BIN)/python -m pytest -m ray --ignore=tests/router $(PYTEST_ARGS) \
+		> $(STAMPS)/pytest-ray.log 2>&1 & ray=$$!; \
 	$(BIN)/python -m pytest -m "not ray" $(PYTEST_ARGS); rest=$$?; \
-	wait $$first; clusters=$$?; wait $$second; with_ray=$$?; \
-	echo "== clusters, then the router's Ray modules"; cat $(STAMPS)/pytest-clusters.log; \
-	echo "== other tests that start Ray"; cat $(STAMPS)/pytest-ray.log; \
-	for rc in $$rest $$clusters $$with_ray; do [ $$rc = 0 ] || [ $$rc = 5 ] || exit 1; done
+	$(BIN)/python -m pytest -m ray tests/router $(PYTEST_ARGS); router=$$?; \
+	wait $$ray; with_ray=$$?; echo "== tests that start Ray"; cat $(STAMPS)/pytest-ray.log; \
+	for rc in $$rest $$router $$with_ray; do [ $$rc = 0 ] || [ $$rc = 5 ] || exit 1; done
 
 demo: setup
 	@# A local cluster (Ray, Redis, a prefill and a decode worker, the router), requests over
