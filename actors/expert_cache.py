@@ -186,6 +186,11 @@ class ExpertCache:
                 self._loader.start()
             self._cond.notify_all()
 
+    def idle(self) -> bool:
+        """No prefetch is queued or copying: the store is not being read."""
+        with self._cond:
+            return not self._queue and all(self._ready(s) for s in range(self.capacity))
+
     def close(self) -> None:
         """Stop the loader thread (idempotent)."""
         with self._cond:

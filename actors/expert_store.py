@@ -139,6 +139,22 @@ class DiskStore(ExpertStore):
         f = self._files[layer]
         return f.get_slice(GATE_UP)[expert], f.get_slice(DOWN)[expert]
 
+    def drop_page_cache(self) -> None:
+        """Evict the expert files from the OS page cache, so the next reads come from the disk
+        (a cold start). Only while nothing reads the store: the files are unmapped first, since
+        the kernel keeps the pages a mapping holds."""
+        layers = list(self._files)
+        self._files = {}
+        for i in layers:
+            path = self.directory / f"layer_{i}.safetensors"
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # dirty pages are not dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            self._files[i] = safe_open(str(path), framework="pt", device="cpu")
+
     def close(self) -> None:
         self._files = {}
         if self._cleanup is not None:

@@ -289,6 +289,38 @@ def bench_select(
                    bench.show, json_path)
 
 
+@bench_app.command("moe")
+def bench_moe(
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="A MoE model: a transformers directory (e.g. from baton moefy) "
+        "or tiny:<arch>")] = "tiny:mixtral",
+    policies: Annotated[str | None, typer.Option(
+        help="Comma-separated policies (default: all)")] = None,
+    budgets: Annotated[str, typer.Option(
+        help="Comma-separated fractions of all experts resident")] = "0.125,0.25,0.5",
+    tier: Annotated[str, typer.Option(help="host or disk")] = "disk",
+    num_requests: Annotated[int, typer.Option(help="Requests at batch 1")] = 4,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per request")] = 32,
+    workload: Annotated[str | None, typer.Option(
+        help="JSONL workload: prompt or messages per line (default: built-in)")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads for the engine")] = 2,
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
+) -> None:
+    """MoE expert offload (every budget and policy) against the all-resident model."""
+    from baton.engine_config import MOE_POLICIES
+    from baton.ops.bench import moe as bench
+    from baton.ops.bench.report import run_and_report
+
+    names = [p.strip() for p in policies.split(",")] if policies else list(MOE_POLICIES)
+    fractions = [float(b) for b in budgets.split(",")]
+    run_and_report(lambda c: bench.run_moe_bench(model, names, fractions, tier, num_requests,
+                                                 max_tokens, threads, dtype, device, workload,
+                                                 {}, c),
+                   bench.show, json_path)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
