@@ -4,6 +4,7 @@ issue's targets read are filled in."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -33,8 +34,9 @@ def test_bench_moe_reports_every_budget_policy_and_batch(tmp_path):
     ratios = report["ratios"]
     assert ratios["best_predictive_policy_at_25pct"] == "lookahead"
     assert ratios["best_vs_lru_at_25pct"] > 0 and 0 <= ratios["hit_rate_at_25pct"] <= 1
-    bench.show(report, Console(file=open(tmp_path / "table.txt", "w"), width=200))
-    assert "against all-resident" in (tmp_path / "table.txt").read_text()
+    console = Console(record=True, width=200, file=io.StringIO())
+    bench.show(report, console)
+    assert "against all-resident" in console.export_text()
 
 
 def test_bench_moe_refuses_an_unknown_policy():
