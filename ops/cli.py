@@ -145,12 +145,14 @@ def bench_engine(
     dtype: Annotated[str, typer.Option(help="Same dtype for every system")] = "bfloat16",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
     seed: Annotated[int, typer.Option(help="Workload seed")] = 0,
+    max_output_tokens: Annotated[int, typer.Option(
+        help="Longest output; lengths are log-uniform from 32 (or this, if lower) up to it")] = 256,
 ) -> None:
     """Baton's engine against transformers generate, static batching and generate_batch."""
     from baton.ops.bench import engine as bench
 
     bench.main(json_path=json_path, model=model, num_prompts=num_prompts, dtype=dtype,
-               threads=threads, seed=seed)
+               threads=threads, seed=seed, max_output_tokens=max_output_tokens)
 
 
 @bench_app.command("kv")

@@ -36,7 +36,13 @@ from baton.ops.bench.hf_baselines import (
 )
 from baton.ops.bench.machine import OtherCPUBusy, machine_info, warn_if_busy
 from baton.ops.bench.report import run_and_report
-from baton.ops.bench.workload import RequestTiming, SystemResult, Workload, build_workload
+from baton.ops.bench.workload import (
+    MAX_OUTPUT_TOKENS,
+    RequestTiming,
+    SystemResult,
+    Workload,
+    build_workload,
+)
 from baton.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -143,7 +149,7 @@ def _measure(name: str, fn: Callable[[], SystemResult], say: Callable[[str], Any
 
 
 def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16",
-        threads: int | None = None, seed: int = 0,
+        threads: int | None = None, seed: int = 0, max_output_tokens: int = MAX_OUTPUT_TOKENS,
         progress: Console | None = None) -> dict[str, Any]:
     """Run every system over one workload and return the JSON report."""
     if dtype not in DTYPES:
@@ -157,7 +163,7 @@ def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16
     say(f"loading {source.name} for transformers ({dtype}, threads={threads})")
     hf_model, tokenizer = load_hf(source, DTYPES[dtype])
     limit = getattr(hf_model.config.get_text_config(), "max_position_embeddings", 4096) or 4096
-    wl = build_workload(tokenizer, num_prompts, seed, limit)
+    wl = build_workload(tokenizer, num_prompts, seed, limit, max_output_tokens)
     say(f"workload: {len(wl.requests)} prompts, {wl.total_output_tokens} output tokens")
     bytes_per_token = bytes_per_decode_token(hf_model)
     say("measuring memory read bandwidth")
@@ -229,9 +235,10 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 
 
 def main(*, json_path: str | None = None, model: str = "default", num_prompts: int = 16,
-         dtype: str = "bfloat16", threads: int | None = None, seed: int = 0) -> dict[str, Any]:
+         dtype: str = "bfloat16", threads: int | None = None, seed: int = 0,
+         max_output_tokens: int = MAX_OUTPUT_TOKENS) -> dict[str, Any]:
     """Run the benchmark, write the JSON report to `json_path` (if given), print a table."""
     return run_and_report(
         lambda progress: run(model=model, num_prompts=num_prompts, dtype=dtype, threads=threads,
-                             seed=seed, progress=progress),
+                             seed=seed, max_output_tokens=max_output_tokens, progress=progress),
         print_report, json_path)

@@ -105,13 +105,18 @@ class Workload:
         }
 
 
-def build_workload(tokenizer, num_prompts: int, seed: int, max_model_len: int) -> Workload:
-    """`num_prompts` chat prompts, half short questions and half a few hundred tokens of context.
+def build_workload(tokenizer, num_prompts: int, seed: int, max_model_len: int,
+                   max_output_tokens: int = MAX_OUTPUT_TOKENS) -> Workload:
+    """`num_prompts` chat prompts, half short questions and half a few hundred tokens of context,
+    each with an output length drawn log-uniform in [`MIN_OUTPUT_TOKENS`, `max_output_tokens`]
+    (capped below `MIN_OUTPUT_TOKENS`, every output is `max_output_tokens` long).
 
-    The same (tokenizer, num_prompts, seed) always gives the same token ids.
+    The same (tokenizer, num_prompts, seed, max_output_tokens) always gives the same token ids.
     """
     if num_prompts < 1:
         raise ConfigError(f"num_prompts must be >= 1, got {num_prompts}")
+    if max_output_tokens < 1:
+        raise ConfigError(f"max_output_tokens must be >= 1, got {max_output_tokens}")
     rng = random.Random(seed)
     kinds = ["short", "long"] * (num_prompts // 2 + 1)
     kinds = kinds[:num_prompts]
@@ -121,17 +126,18 @@ def build_workload(tokenizer, num_prompts: int, seed: int, max_model_len: int) -
         question = rng.choice(QUESTIONS)
         target = 0 if kind == "short" else rng.randint(150, 450)
         ids = chat_prompt_ids(tokenizer, question, target, rng)
-        out = _output_length(rng)
+        out = _output_length(rng, max_output_tokens)
         room = max_model_len - out
         requests.append(BenchRequest(ids[-room:], out))
     return Workload(requests, seed)
 
 
-def _output_length(rng: random.Random) -> int:
+def _output_length(rng: random.Random, high_tokens: int) -> int:
     # Log-uniform: more short answers than long ones, as in chat traffic; it also keeps the
     # single-stream baselines (the slow part of the run) to about half the whole benchmark.
-    low, high = math.log(MIN_OUTPUT_TOKENS), math.log(MAX_OUTPUT_TOKENS)
-    return min(MAX_OUTPUT_TOKENS, max(MIN_OUTPUT_TOKENS, round(math.exp(rng.uniform(low, high)))))
+    low_tokens = min(MIN_OUTPUT_TOKENS, high_tokens)
+    low, high = math.log(low_tokens), math.log(high_tokens)
+    return min(high_tokens, max(low_tokens, round(math.exp(rng.uniform(low, high)))))
 
 
 def chat_prompt_ids(tokenizer, question: str, target_tokens: int, rng: random.Random,

@@ -18,13 +18,14 @@ def test_bench_engine_writes_ratios_and_roofline(tmp_path):
     out = tmp_path / "bench.json"
     baton = str(Path(sys.executable).parent / "baton")
     res = subprocess.run([baton, "bench", "engine", "--model", "tiny:llama", "--num-prompts", "3",
-                          "--json", str(out)], capture_output=True, text=True, timeout=600)
+                          "--max-output-tokens", "24", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
     systems = report["systems"]
     assert set(systems) == {"hf_generate", "hf_static_batch", "hf_generate_batch",
                             "baton_c1", "baton_c4", "baton_c16"}
     # Every system, the baselines too, produced the workload's tokens for its three requests.
+    assert max(report["workload"]["output_tokens"]) <= 24
     for s in systems.values():
         assert s["num_requests"] == 3
         assert s["output_tokens"] == report["workload"]["total_output_tokens"]
