@@ -18,7 +18,8 @@ def test_bench_engine_writes_ratios_and_roofline(tmp_path):
     out = tmp_path / "bench.json"
     baton = str(Path(sys.executable).parent / "baton")
     res = subprocess.run([baton, "bench", "engine", "--model", "tiny:llama", "--num-prompts", "3",
-                          "--max-output-tokens", "24", "--json", str(out)], capture_output=True, text=True, timeout=600)
+                          "--max-output-tokens", "24", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
     systems = report["systems"]
