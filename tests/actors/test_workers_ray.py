@@ -20,17 +20,23 @@ ENGINE = {"dtype": "float32", "block_size": 8, "num_threads": 1}
 RemoteWorker = ray.remote(Worker)
 
 
-def _spawn(role: str, **kw):
-    spec = WorkerSpec(role=role, model=MODEL, engine=ENGINE, kv_token="tok",
+def _spawn(role: str, engine=ENGINE, **kw):
+    spec = WorkerSpec(role=role, model=MODEL, engine=engine, kv_token="tok",
                       prefill_threshold=16, **kw)
     actor = RemoteWorker.options(num_cpus=1).remote(spec)
     ray.get(actor.info.remote())
     return actor
 
 
+# A budget of 4 tokens per step makes a long prompt take hundreds of steps to prefill, so a test
+# can act while a decode worker waits on the prefill worker (the tiny model's steps are quick).
+SLOW_PREFILL = dict(ENGINE, max_num_batched_tokens=4)
+
+
 @pytest.fixture(scope="module")
 def workers(ray_local):
-    return _spawn("prefill"), _spawn("decode")
+    """A slow prefill worker and a decode worker whose callers' leases last 1 s."""
+    return _spawn("prefill", engine=SLOW_PREFILL), _spawn("decode", caller_lease_s=1.0)
 
 
 def _generate(decode, rid, prompt, params, prefill):
@@ -74,13 +80,9 @@ def test_killed_prefill_worker_falls_back_to_local_prefill(ray_local):
 
 
 def test_prefill_worker_killed_mid_request_falls_back_and_leaks_nothing(ray_local):
-    # A budget of 4 tokens per step makes the 1500-token prompt take hundreds of steps on the
-    # prefill worker, so the kill lands while the decode worker is waiting on it.
-    slow = dict(ENGINE, max_num_batched_tokens=4)
-    spec = WorkerSpec(role="prefill", model=MODEL, engine=slow, kv_token="tok",
-                      prefill_threshold=16)
-    prefill = RemoteWorker.options(num_cpus=1).remote(spec)
-    ray.get(prefill.info.remote())
+    # The slow prefill worker takes hundreds of steps over the 1500-token prompt, so the kill
+    # lands while the decode worker is waiting on it.
+    prefill = _spawn("prefill", engine=SLOW_PREFILL)
     decode = _spawn("decode", kv_timeout_s=10)
     prompt = _prompts(4, (1500,))[0]
     params = SamplingParams(max_tokens=5, ignore_eos=True)
@@ -97,11 +99,8 @@ def test_prefill_worker_killed_mid_request_falls_back_and_leaks_nothing(ray_loca
     assert info["handoffs"] == 1 and info["handoff_failures"] == 1
 
 
-def test_a_caller_that_stops_renewing_its_lease_mid_handoff_has_its_blocks_freed(ray_local):
-    slow = dict(ENGINE, max_num_batched_tokens=4)  # a prompt that takes many steps to prefill
-    prefill = RemoteWorker.options(num_cpus=1).remote(
-        WorkerSpec(role="prefill", model=MODEL, engine=slow, kv_token="tok", prefill_threshold=16))
-    decode = _spawn("decode", caller_lease_s=1.0)
+def test_a_caller_that_stops_renewing_its_lease_mid_handoff_has_its_blocks_freed(workers):
+    prefill, decode = workers
     prompt = _prompts(5, (1500,))[0]
     stream = decode.generate.options(num_returns="streaming").remote(  # noqa: F841 - kept alive
         "orphan", prompt, SamplingParams(max_tokens=5, ignore_eos=True), prefill, "gone-caller")
@@ -112,7 +111,6 @@ def test_a_caller_that_stops_renewing_its_lease_mid_handoff_has_its_blocks_freed
     wait_until(lambda: ray.get(decode.info.remote())["lease_expiries"] == 1, 30, "the expiry")
     wait_until(lambda: ray.get(decode.info.remote())["kv_usage"] == 0, 30, "its blocks freed")
     assert ray.get(decode.block_violations.remote()) == []
-    ray.kill(prefill)
 
 
 def test_killed_decode_worker_ends_the_stream_with_a_clear_error(ray_local):
