@@ -10,6 +10,7 @@ model of another shape refuses it with a `ConfigError` naming `moe_offload.predi
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from baton.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 META_KEY = "baton_routing_predictor"
 RIDGE = 1e-2  # regularization, relative to the mean feature energy
@@ -123,6 +126,9 @@ class RoutingPredictor:
             raise ConfigError(
                 f"{where} was trained for {trained_for or 'another model'} ({_describe(shape)}); "
                 f"{model} has {_describe(expected)}: {retrain}")
+        if trained_for and trained_for != model:
+            log.warning("routing predictor %s was trained for %s, not %s: its shape fits, its "
+                        "predictions may not", path, trained_for, model)
         return cls(shape, weight, trained_for)
 
 
