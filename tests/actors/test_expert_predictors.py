@@ -20,6 +20,7 @@ from baton.actors.trace_policy import TracePolicy
 from baton.engine_config import EngineConfig
 from baton.errors import ConfigError
 from baton.ops.cli import app
+from baton.ops.expert_traces import train_experts
 from baton.sampling import SamplingParams
 from tests.conftest import wait_until
 
@@ -159,3 +160,10 @@ def test_predictor_options_are_checked_when_the_config_is_read(offload, says):
     # No model loads here: a cluster config with this mistake fails before any actor starts.
     with pytest.raises(ConfigError, match=rf"moe_offload\.predictor: .*{says}"):
         EngineConfig.from_options(model="tiny:mixtral", moe_offload={"budget": 0.5, **offload})
+
+
+def test_train_experts_on_a_dense_model_says_it_needs_moe_layers(tmp_path):
+    out = tmp_path / "dense.safetensors"
+    with pytest.raises(ConfigError, match=r"--model tiny:llama has 0 Mixture-of-Experts layers"):
+        train_experts("tiny:llama", out, tokens=100, dtype="float32", threads=1)
+    assert not out.exists()
