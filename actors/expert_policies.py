@@ -1,9 +1,11 @@
 """Expert cache policies: which resident expert to evict, and which experts to fetch ahead.
 
 A policy sees every use of an expert (`touch`), every expert that enters or leaves the cache
-(`insert`, `forget`), chooses a victim among the evictable ones, and may name experts to
-prefetch from a layer's MoE input (`predict`). The expert cache calls all of these under its
-own lock, so a policy needs no locking of its own.
+(`insert`, `forget`), chooses a victim among the evictable ones, sees which experts each layer's
+tokens chose (`route`), and may name experts to prefetch from a layer's MoE input (`predict`).
+The forward calls `route` then `predict` for a layer, outside the cache's lock (a policy that
+shares state between those and the rest swaps whole references); the cache calls the rest under
+its own lock, so a policy needs no locking of its own.
 """
 
 from __future__ import annotations
@@ -12,9 +14,6 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 
 import torch
-
-from baton.engine_config import MOE_POLICIES
-from baton.errors import ConfigError
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 
@@ -38,6 +37,9 @@ class ExpertPolicy:
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
         """The resident expert to evict among `candidates` (never empty)."""
         raise NotImplementedError
+
+    def route(self, layer: int, top_k_index: torch.Tensor) -> None:
+        """Layer `layer`'s tokens chose `top_k_index [T, k]` (called before its `predict`)."""
 
     def predict(self, layer: int, hidden: torch.Tensor) -> list[ExpertKey]:
         """Experts worth loading now, seeing layer `layer`'s MoE input `[T, H]`."""
@@ -112,12 +114,45 @@ class LookaheadPolicy(LRUPolicy):
         return [(nxt, e) for e in order if votes[e] > 0]  # most-wanted first
 
 
-def make_policy(name: str, routers: dict[int, RouterLogits], top_k: int) -> ExpertPolicy:
-    """The policy called `name`; `routers` (per MoE layer) and `top_k` serve predictive ones."""
-    if name == "lru":
-        return LRUPolicy()
-    if name == "lfu":
-        return LFUPolicy()
-    if name == "lookahead":
-        return LookaheadPolicy(routers, top_k)
-    raise ConfigError(f"moe_offload.policy must be one of {list(MOE_POLICIES)}, got {name!r}")
+class PredictiveLRU(LRUPolicy):
+    """LRU eviction that spares the latest prediction's experts while any other can go, and
+    keeps predictions within the slots the current layer leaves free.
+
+    Subclasses call `_bounded` on what they predict. A predicted expert stops being spared once
+    it is used (from then on plain LRU decides).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self._wanted: set[ExpertKey] = set()
+        self._in_use = 0  # distinct experts the current layer's tokens chose
+
+    def touch(self, key: ExpertKey) -> None:
+        super().touch(key)
+        self._wanted.discard(key)
+
+    def insert(self, key: ExpertKey) -> None:
+        LRUPolicy.touch(self, key)  # a prefetch arriving is not a use: it stays spared
+
+    def route(self, layer: int, top_k_index: torch.Tensor) -> None:
+        self._in_use = int(torch.unique(top_k_index).numel())
+
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        allowed = list(candidates)
+        spare = [k for k in allowed if k not in self._wanted]
+        return super().victim(spare or allowed)
+
+    def _bounded(self, keys: list[ExpertKey]) -> list[ExpertKey]:
+        """`keys` (most wanted first) cut so that those not resident fit in the slots the current
+        layer's experts leave; remembered as the experts to spare."""
+        free = self.capacity - self._in_use
+        kept = []
+        for key in dict.fromkeys(keys):
+            if key not in self._order:
+                if free <= 0:
+                    break
+                free -= 1
+            kept.append(key)
+        self._wanted = set(kept)
+        return kept

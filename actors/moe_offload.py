@@ -17,8 +17,10 @@ from torch.nn import functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from baton.actors.expert_cache import ExpertCache
-from baton.actors.expert_policies import ExpertPolicy, RouterLogits, make_policy
+from baton.actors.expert_policies import ExpertPolicy, RouterLogits
+from baton.actors.expert_policy_setup import PolicyInputs, make_policy
 from baton.actors.expert_store import DiskStore, ExpertStore, HostStore, take_experts
+from baton.actors.routing_predictor import ModelShape
 from baton.engine_config import MoEOffloadConfig
 from baton.errors import ConfigError, ModelLoadError
 
@@ -98,7 +100,9 @@ def enable_offload(model, config: MoEOffloadConfig, device: torch.device,
         layer.index: _router_logits(layer.router) for layer in layers
         if getattr(layer.router, "weight", None) is not None
     }
-    policy = make_policy(config.policy, routers, top_k)
+    shape = ModelShape(tuple(layer.index for layer in layers), store.num_experts, top_k,
+                       store.shape.gate_up[-1])
+    policy = make_policy(config, PolicyInputs(routers, shape, capacity, device, model_name))
     cache = ExpertCache(store, capacity, device, policy)
     for layer in layers:
         layer.experts._baton_offload = (cache, layer.index)
@@ -151,6 +155,7 @@ def offload_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
     cache, layer = self._baton_offload
     num_tokens, hidden_dim = hidden_states.shape
     k = top_k_index.shape[-1]
+    cache.policy.route(layer, top_k_index)
     predicted = cache.policy.predict(layer, hidden_states)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     x = hidden_states[perm // k]

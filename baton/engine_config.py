@@ -31,7 +31,7 @@ DTYPE_NAMES: tuple[str, ...] = get_args(Dtype)
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 INT4_GROUP_SIZES = (32, 64, 128)
 GiB = 1 << 30
-MoEPolicy = Literal["lru", "lfu", "lookahead"]
+MoEPolicy = Literal["lru", "lfu", "lookahead", "trace", "learned"]
 MoETier = Literal["host", "disk"]
 MOE_POLICIES: tuple[str, ...] = get_args(MoEPolicy)
 BUDGET_WORDS = "bytes (an integer >= 1) or a fraction of all experts (a number in (0, 1])"
@@ -41,6 +41,8 @@ class MoEOffloadConfig(BaseModel):
     """Mixture-of-Experts offload: experts live in `tier` (host memory, or memory-mapped files on
     disk under `dir`, a temporary directory when None) and a device cache of `budget` (bytes, or a
     fraction of all experts) holds the resident ones, evicted and prefetched by `policy`.
+    Policy `learned` reads its routing-path predictor from `predictor` (a file written by
+    `baton train-experts` for this model).
 
     A budget below one expert, or offload on a dense model, fails where the engine loads the
     model (the expert size is known only then).
@@ -52,6 +54,7 @@ class MoEOffloadConfig(BaseModel):
     policy: MoEPolicy = "lru"
     tier: MoETier = "host"
     dir: str | None = None
+    predictor: str | None = Field(None, validate_default=True)
 
     @field_validator("budget")
     @classmethod
@@ -60,6 +63,18 @@ class MoEOffloadConfig(BaseModel):
                 (isinstance(budget, int) and budget < 1):
             raise must_be(BUDGET_WORDS)
         return budget
+
+    @field_validator("predictor")
+    @classmethod
+    def _predictor_for_learned(cls, predictor: str | None, info: ValidationInfo) -> str | None:
+        policy = info.data.get("policy")
+        if policy == "learned" and not predictor:
+            raise ValueError("policy 'learned' needs predictor: the path of a file written by "
+                             "`baton train-experts --model <this model> --out <path>`")
+        if predictor and policy not in (None, "learned"):
+            raise ValueError(f"predictor is read by policy 'learned' only; set policy: learned "
+                             f"or drop predictor (policy is {policy!r})")
+        return predictor
 
     @model_validator(mode="after")
     def _dir_for_disk(self) -> MoEOffloadConfig:

@@ -15,6 +15,7 @@ from baton.ops import cluster_cmds, jobs_cmds, k8s_cmds
 from baton.ops.cli_options import Output, OutputOpt
 from baton.ops.plan_cmds import plan_command, profile_command
 from baton.ops.router_cmds import router_app
+from baton.ops.train_experts import train_experts_command
 from baton.ops.train_heads import train_heads_command
 
 app = typer.Typer(
@@ -124,6 +125,7 @@ def generate(
 
 
 app.command("train-heads")(train_heads_command)
+app.command("train-experts")(train_experts_command)
 app.command("plan")(plan_command)
 app.command("profile")(profile_command)
 

@@ -18,6 +18,7 @@ from baton.actors.moe_offload import moe_layers
 from baton.actors.tiny import MOE_ARCHS, tiny_model
 from baton.engine_config import MOE_POLICIES
 from baton.errors import ConfigError
+from baton.ops.expert_traces import train_experts
 from baton.sampling import SamplingParams
 from tests.conftest import assert_no_leaks, wait_until
 
@@ -68,6 +69,25 @@ def _engine(model: str, **options) -> Engine:
 _REFERENCES: dict[str, tuple[list[list[int]], list[torch.Tensor]]] = {}
 
 
+@pytest.fixture(scope="module")
+def predictor_of(tmp_path_factory):
+    """`predictor_of(arch)`: options naming a routing predictor trained (briefly) on `tiny:arch`
+    when `policy` is 'learned', else none."""
+    made: dict[str, str] = {}
+
+    def options(arch: str, policy: str) -> dict[str, str]:
+        if policy != "learned":
+            return {}
+        if arch not in made:
+            path = tmp_path_factory.mktemp("predictors") / f"{arch}.safetensors"
+            train_experts(f"tiny:{arch}", path, tokens=300, max_tokens=4, dtype="float32",
+                          threads=1)
+            made[arch] = str(path)
+        return {"predictor": made[arch]}
+
+    return options
+
+
 def _reference(arch: str):
     if arch not in _REFERENCES:
         _REFERENCES[arch] = _generate(_engine(f"tiny:{arch}"))
@@ -89,11 +109,12 @@ def _count_expert_uses(engine: Engine) -> list[int]:
 @pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("policy", MOE_POLICIES)
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_two_resident_experts_give_the_all_resident_output(arch, policy, tier, tmp_path):
+def test_two_resident_experts_give_the_all_resident_output(arch, policy, tier, tmp_path,
+                                                          predictor_of):
     tokens, logits = _reference(arch)
     budget = 2 * _expert_bytes(arch) + 1
     engine = _engine(f"tiny:{arch}", moe_offload={
-        "budget": budget, "policy": policy, "tier": tier,
+        "budget": budget, "policy": policy, "tier": tier, **predictor_of(arch, policy),
         **({"dir": str(tmp_path)} if tier == "disk" else {})})
     moe = engine.moe
     assert moe is not None
@@ -231,19 +252,20 @@ def test_a_forward_waits_for_an_in_flight_prefetch_and_reads_its_weights(prefetc
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("policy", MOE_POLICIES)
-def test_offload_on_cuda_gives_the_resident_tokens(policy):
+def test_offload_on_cuda_gives_the_resident_tokens(policy, predictor_of):
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]]
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     resident = _engine("tiny:mixtral", device="cuda").generate(prompts, params)
     engine = _engine("tiny:mixtral", device="cuda",
-                     moe_offload={"budget": 0.25, "policy": policy})
+                     moe_offload={"budget": 0.25, "policy": policy,
+                                  **predictor_of("mixtral", policy)})
     moe = engine.moe
     assert moe is not None and isinstance(moe.store, HostStore) and moe.store.pinned
     offloaded = engine.generate(prompts, params)
     assert [o.token_ids for o in offloaded] == [o.token_ids for o in resident]
     stats = engine.expert_cache_stats()
     assert stats is not None and stats["misses"] > 0
-    if policy == "lookahead":
+    if policy in ("lookahead", "trace", "learned"):
         assert stats["prefetches_issued"] > 0
     moe.close()
 
@@ -255,6 +277,10 @@ def test_offload_on_cuda_gives_the_resident_tokens(policy):
     ("tiny:mixtral", {"budget": 0.5, "policy": "mru"}, "moe_offload.policy"),
     ("tiny:mixtral", {"budget": 0.5, "tier": "ssd"}, "moe_offload.tier"),
     ("tiny:mixtral", {"budget": 0.5, "speed": 1}, "moe_offload.speed"),
+    ("tiny:mixtral", {"budget": 0.5, "policy": "learned"}, "moe_offload.predictor"),
+    ("tiny:mixtral", {"budget": 0.5, "predictor": "p.safetensors"}, "moe_offload.predictor"),
+    ("tiny:mixtral", {"budget": 0.5, "policy": "learned", "predictor": "/nonexistent"},
+     "moe_offload.predictor"),
     ("tiny:llama", {"budget": 0.5}, "moe_offload"),
 ])
 def test_bad_offload_configs_fail_naming_the_option(model, offload, names):

@@ -1,0 +1,53 @@
+"""Building the expert cache's policy from `moe_offload.policy` and what the model offers it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from baton.actors.expert_policies import (
+    ExpertPolicy,
+    LFUPolicy,
+    LookaheadPolicy,
+    LRUPolicy,
+    RouterLogits,
+)
+from baton.actors.learned_policy import LearnedPolicy
+from baton.actors.routing_predictor import ModelShape, RoutingPredictor
+from baton.actors.trace_policy import TracePolicy
+from baton.engine_config import MOE_POLICIES, MoEOffloadConfig
+from baton.errors import ConfigError
+
+
+@dataclass(slots=True)
+class PolicyInputs:
+    """What predictive policies draw on: each MoE layer's router, the model's MoE shape, the
+    cache's slot count and the device the MoE inputs live on."""
+
+    routers: dict[int, RouterLogits]
+    shape: ModelShape
+    capacity: int
+    device: torch.device
+    model: str = "the model"
+
+
+def make_policy(config: MoEOffloadConfig, inputs: PolicyInputs) -> ExpertPolicy:
+    """The policy `config.policy` names; `ConfigError` for an unknown name or a predictor file
+    that does not fit the model."""
+    name = config.policy
+    if name == "lru":
+        return LRUPolicy()
+    if name == "lfu":
+        return LFUPolicy()
+    if name == "lookahead":
+        return LookaheadPolicy(inputs.routers, inputs.shape.top_k)
+    if name == "trace":
+        return TracePolicy(list(inputs.shape.moe_layers), inputs.shape.num_experts,
+                           inputs.capacity)
+    if name == "learned":
+        if config.predictor is None:  # the config model refuses this; stay total anyway
+            raise ConfigError("moe_offload.predictor is required with policy 'learned'")
+        predictor = RoutingPredictor.load(config.predictor, inputs.shape, inputs.model)
+        return LearnedPolicy(predictor.to(inputs.device), inputs.capacity)
+    raise ConfigError(f"moe_offload.policy must be one of {list(MOE_POLICIES)}, got {name!r}")
