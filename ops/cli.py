@@ -311,6 +311,8 @@ def bench_moe(
     threads: Annotated[int, typer.Option(help="CPU threads for the engine")] = 2,
     dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
+    predictor: Annotated[str | None, typer.Option(
+        help="Routing predictor for the learned policy (default: train one first)")] = None,
 ) -> None:
     """MoE expert offload (every budget and policy) against the all-resident model."""
     from baton.engine_config import MOE_POLICIES
@@ -321,7 +323,7 @@ def bench_moe(
     fractions = [float(b) for b in budgets.split(",")]
     run_and_report(lambda c: bench.run_moe_bench(model, names, fractions, tier, num_requests,
                                                  max_tokens, threads, dtype, device, workload,
-                                                 {}, c),
+                                                 predictor, c),
                    bench.show, json_path)
 
 

@@ -14,9 +14,11 @@ the same number of tokens, and offload must give the resident model's tokens (ch
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -28,6 +30,7 @@ from baton.engine_config import MOE_POLICIES
 from baton.errors import ConfigError, EngineError
 from baton.ops.bench.machine import OtherCPUBusy, machine_info, warn_if_busy
 from baton.ops.bench.spec import WorkItem, load_workload
+from baton.ops.expert_traces import train_experts
 from baton.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ BATCHES = (1, 8)
 HEADLINE_BUDGET = 0.25
 BASELINE_POLICIES = ("lru", "lfu")  # the non-predictive ones: "best vs LRU" compares the others
 IDLE_WAIT_S = 30.0
+PREDICTOR_TOKENS = 4096  # routing recorded to train the `learned` policy's predictor
 
 
 @dataclass(slots=True)
@@ -136,14 +140,44 @@ def run_engine(make: Callable[[], Engine], items: list[WorkItem], max_tokens: in
             engine.moe.close()
 
 
+def predictor_for(model: str, predictor: str | None, scratch: Path, dtype: str, device: str,
+                  threads: int, console: Console) -> tuple[str, dict[str, Any] | None]:
+    """The routing-path predictor the `learned` policy runs with: `predictor` if given, else one
+    trained now on `baton train-experts`' prompts (not the benchmark's workload); and the
+    training report (None when given)."""
+    if predictor is not None:
+        return predictor, None
+    path = scratch / "routing-predictor.safetensors"
+    console.log(f"training a routing predictor for {model} ({PREDICTOR_TOKENS} tokens)")
+    report = train_experts(model, path, tokens=PREDICTOR_TOKENS, dtype=dtype, device=device,
+                           threads=threads)
+    return str(path), report.as_dict()
+
+
 def run_moe_bench(model: str, policies: list[str], budgets: list[float], tier: str,
                   num_requests: int, max_tokens: int, threads: int, dtype: str, device: str,
-                  workload: str | None, policy_options: dict[str, dict[str, Any]],
+                  workload: str | None, predictor: str | None,
                   console: Console) -> dict[str, Any]:
     """Every (budget, policy) against the resident engine; see the module docstring."""
     unknown = [p for p in policies if p not in MOE_POLICIES]
     if unknown:
         raise ConfigError(f"unknown policies {unknown}; choose among {list(MOE_POLICIES)}")
+    with tempfile.TemporaryDirectory(prefix="baton-bench-moe-") as scratch:
+        trained = None
+        options: dict[str, dict[str, Any]] = {}
+        if "learned" in policies:
+            path, trained = predictor_for(model, predictor, Path(scratch), dtype, device, threads,
+                                          console)
+            options["learned"] = {"predictor": path}
+        report = _run(model, policies, budgets, tier, num_requests, max_tokens, threads, dtype,
+                      device, workload, options, console)
+    report["predictor_training"] = trained
+    return report
+
+
+def _run(model: str, policies: list[str], budgets: list[float], tier: str, num_requests: int,
+         max_tokens: int, threads: int, dtype: str, device: str, workload: str | None,
+         policy_options: dict[str, dict[str, Any]], console: Console) -> dict[str, Any]:
     common = dict(dtype=dtype, num_threads=threads, device=device, methods=["none"])
 
     def resident() -> Engine:
