@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from baton.outputs import PrefillPath
+from baton.outputs import ExpertCacheUse, PrefillPath
 
 JournalKind = Literal["accepted", "finished", "failed"]
 
@@ -96,6 +96,9 @@ class PerfRecord(BaseModel):
     acceptance_rate: float | None = None  # speculative methods only
     mean_accepted_length: float | None = None  # tokens per verifying step
     forward_passes_per_token: float | None = None  # target steps per output token
+    # MoE offload only: the expert-cache use of the steps the request ran in on its decode
+    # worker (`RequestMetrics.expert_cache` says exactly what is counted); None on a dense model.
+    expert_cache: ExpertCacheUse | None = None
     ts: float = Field(default_factory=time.time)
 
     @property

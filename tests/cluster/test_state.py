@@ -16,6 +16,7 @@ from baton.cluster.config import load_config
 from baton.cluster.redis_server import RedisServer
 from baton.cluster.state import ClusterState, PerfRecord, WorkerInfo, WorkerLoad
 from baton.errors import ConfigError
+from baton.outputs import ExpertCacheUse
 from tests.conftest import wait_until
 
 TTL = 1.0  # heartbeat TTL here: outlasts a busy machine's pauses, short enough to wait out
@@ -27,9 +28,12 @@ def worker(worker_id: str, role: str = "decode", pool: str = "decode") -> Worker
 
 
 def perf(i: int, method: str = "ngram") -> PerfRecord:
+    """Record `i`; odd ones come from an offloaded MoE model and carry expert-cache figures."""
+    experts = ExpertCacheUse(hits=i, misses=2, bytes_loaded=4096 * i, stall_seconds=0.001 * i)
     return PerfRecord(request_id=f"r{i}", method=method, prefill_path="local",
                       features={"prompt_tokens": float(i)}, ttft_s=0.01 * i, tpot_s=0.02,
-                      tokens_per_s=50.0, prompt_tokens=i, output_tokens=8)
+                      tokens_per_s=50.0, prompt_tokens=i, output_tokens=8,
+                      expert_cache=experts if i % 2 else None)
 
 
 @pytest.fixture
@@ -126,6 +130,8 @@ def test_history_round_trip_and_since(state: ClusterState, redis_url: str) -> No
         state.record(perf(i, method="draft"))
     assert [r.request_id for r in state.history()] == [f"r{i}" for i in range(8)]
     assert state.history()[3] == perf(3).model_copy(update={"ts": state.history()[3].ts})
+    assert state.history()[3].expert_cache == ExpertCacheUse(3, 2, 4096 * 3, 0.003)
+    assert state.history()[2].expert_cache is None
     assert [r.request_id for r in state.history(limit=2)] == ["r6", "r7"]
     assert [r.method for r in state.history(since=cut)] == ["draft"] * 3
     assert [r.request_id for r in state.history(since=cut, limit=1)] == ["r5"]
