@@ -17,6 +17,7 @@ from baton.cluster.redis_server import RedisServer
 from baton.cluster.state import ClusterState, PerfRecord, WorkerInfo, WorkerLoad
 from baton.errors import ConfigError
 from baton.outputs import ExpertCacheUse
+from baton.records import ExpertCacheStatus
 from tests.conftest import wait_until
 
 TTL = 1.0  # heartbeat TTL here: outlasts a busy machine's pauses, short enough to wait out
@@ -47,10 +48,12 @@ def state(redis_url: str) -> Iterator[ClusterState]:
 def test_registry_heartbeats_and_expiry(state: ClusterState, redis_url: str) -> None:
     assert state.register(worker("w1"))
     assert state.register(worker("w2", role="prefill", pool="prefill"))
-    assert state.heartbeat("w1", WorkerLoad(running=3, waiting=1, kv_usage=0.25))
+    moe = ExpertCacheStatus(hits=3, misses=1, hit_rate=0.75, bytes_loaded=4096, stall_seconds=0.5)
+    assert state.heartbeat("w1", WorkerLoad(running=3, waiting=1, kv_usage=0.25,
+                                            expert_cache=moe))
     live = {w.info.worker_id: w for w in state.workers()}
     assert set(live) == {"w1", "w2"}
-    assert live["w1"].load == WorkerLoad(running=3, waiting=1, kv_usage=0.25)
+    assert live["w1"].load == WorkerLoad(running=3, waiting=1, kv_usage=0.25, expert_cache=moe)
     assert live["w2"].load is None and live["w2"].info.address.startswith("127.0.0.1:")
     assert [w.info.worker_id for w in state.workers(pool="prefill")] == ["w2"]
 
