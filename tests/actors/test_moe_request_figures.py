@@ -9,6 +9,7 @@ import torch
 
 from baton.actors.engine import Engine
 from baton.outputs import ExpertCacheUse, RequestOutput, StepStats
+from baton.records import ExpertCacheStatus
 from baton.sampling import SamplingParams
 
 PROMPT = list(b"The quick brown fox jumps over the lazy dog.")
@@ -63,6 +64,14 @@ def test_a_request_on_offloaded_experts_carries_the_loads_of_its_steps():
     assert total == got
     assert all(s.expert_cache is not None and s.num_seqs == 1 for s in steps)
 
+    # What a worker's info() carries of this engine is what status and heartbeats report.
+    now = engine.moe.use()
+    shown = ExpertCacheStatus.from_info({"expert_cache": engine.expert_cache_stats()})
+    assert shown is not None
+    assert (shown.hits, shown.misses, shown.bytes_loaded, shown.stall_seconds) == (
+        now.hits, now.misses, now.bytes_loaded, now.stall_seconds)
+    assert shown.hit_rate == now.hits / (now.hits + now.misses)
+
     # Two requests batched together ran in the same steps: each is charged each step in full.
     before = engine.moe.use()
     (a, b), _ = _run(engine, [PROMPT, list(b"MoE!")])
@@ -75,4 +84,5 @@ def test_a_request_on_a_dense_model_carries_no_expert_figures():
     engine = _engine("tiny:llama")
     (out,), steps = _run(engine, [PROMPT])
     assert out.metrics.expert_cache is None
+    assert ExpertCacheStatus.from_info({"expert_cache": engine.expert_cache_stats()}) is None
     assert steps and all(s.expert_cache is None and s.num_tokens > 0 for s in steps)
