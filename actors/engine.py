@@ -27,7 +27,7 @@ from baton.errors import (
     InvalidRequestError,
     RequestNotFoundError,
 )
-from baton.outputs import RequestOutput, TokenLogprob
+from baton.outputs import ExpertCacheUse, RequestOutput, StepStats, TokenLogprob
 from baton.prompts import chat_prompt, check_context, encode_prompt
 from baton.sampling import SamplingParams
 
@@ -89,6 +89,7 @@ class Engine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._pending: list[RequestOutput] = []
+        self.last_step: StepStats | None = None  # the latest step that ran the model
         self._ids = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------------
@@ -155,6 +156,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and report what changed."""
         outputs, self._pending = self._pending, []
+        expert_before = self.moe.use() if self.moe is not None else None
         self.speculator.propose(self.scheduler.running, self._waiting_tokens(), self._generators)
         sched = self.scheduler.schedule()
         for seq in self.scheduler.running:
@@ -166,7 +168,8 @@ class Engine:
             t0 = time.perf_counter()
             logits = self.runner.run(sched, self._layer_hook(sched),
                                      self.speculator.wants_hidden(sched.seqs))
-            self.speculator.observe_step(sched.total_tokens, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self.speculator.observe_step(sched.total_tokens, seconds)
         except Exception as exc:  # one bad batch must not take the engine down
             log.exception("model step failed; failing its %d requests", len(sched.seqs))
             self._forward_done(sched)
@@ -176,9 +179,24 @@ class Engine:
                 outputs.append(self._finish_output(seq))
             return outputs
         self._forward_done(sched)
+        self._record_step(sched, seconds, expert_before)
         self.scheduler.update(sched)
         outputs.extend(self._postprocess(sched, logits))
         return outputs
+
+    def _record_step(self, sched: SchedulerOutput, seconds: float,
+                     expert_before: ExpertCacheUse | None) -> None:
+        """Keep the step's stats and charge its expert-cache use to each request it ran."""
+        used = (self.moe.use() - expert_before
+                if self.moe is not None and expert_before is not None else None)
+        self.last_step = StepStats(len(sched.seqs), sched.total_tokens, seconds, used)
+        if used is not None:
+            for seq in sched.seqs:
+                m = seq.metrics
+                m.expert_cache = used if m.expert_cache is None else m.expert_cache + used
+            log.debug("step: %d seqs, %d tokens, %.4fs; experts %d hit, %d missed, %d bytes "
+                      "loaded, %.4fs stalled", len(sched.seqs), sched.total_tokens, seconds,
+                      used.hits, used.misses, used.bytes_loaded, used.stall_seconds)
 
     def _offload_experts(self, model) -> None:
         """With `moe_offload`, move the model's experts to their store while it is on the host."""

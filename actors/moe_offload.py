@@ -23,6 +23,7 @@ from baton.actors.expert_store import DiskStore, ExpertStore, HostStore, take_ex
 from baton.actors.routing_predictor import ModelShape
 from baton.engine_config import MoEOffloadConfig
 from baton.errors import ConfigError, ModelLoadError
+from baton.outputs import ExpertCacheUse
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,13 @@ class MoEOffload:
             "budget_bytes": self.cache.budget_bytes,
             **self.cache.snapshot(),
         }
+
+    def use(self) -> ExpertCacheUse:
+        """The cache's counters so far, read consistently: subtract two reads for a span's use."""
+        s = self.cache.snapshot()
+        return ExpertCacheUse(hits=int(s["hits"]), misses=int(s["misses"]),
+                              bytes_loaded=int(s["bytes_loaded"]),
+                              stall_seconds=float(s["stall_seconds"]))
 
     def close(self) -> None:
         self.cache.close()

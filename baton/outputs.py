@@ -22,6 +22,45 @@ class TokenLogprob:
 
 
 @dataclass(slots=True)
+class ExpertCacheUse:
+    """Expert-cache counter changes over some engine steps (MoE offload only).
+
+    `hits` + `misses` are expert uses by the steps' MoE layers; `bytes_loaded` counts the copies
+    into the device cache (misses and prefetches); `stall_seconds` is forward time spent waiting
+    for experts to load.
+    """
+
+    hits: int = 0
+    misses: int = 0
+    bytes_loaded: int = 0
+    stall_seconds: float = 0.0
+
+    def __sub__(self, earlier: ExpertCacheUse) -> ExpertCacheUse:
+        return ExpertCacheUse(self.hits - earlier.hits, self.misses - earlier.misses,
+                              self.bytes_loaded - earlier.bytes_loaded,
+                              self.stall_seconds - earlier.stall_seconds)
+
+    def __add__(self, other: ExpertCacheUse) -> ExpertCacheUse:
+        return ExpertCacheUse(self.hits + other.hits, self.misses + other.misses,
+                              self.bytes_loaded + other.bytes_loaded,
+                              self.stall_seconds + other.stall_seconds)
+
+
+@dataclass(slots=True)
+class StepStats:
+    """One engine step that ran the model: its batch, its time, and its expert-cache use.
+
+    `seconds` times the forward pass; `expert_cache` (None without MoE offload) covers the
+    whole step up to the end of its forward, drafting included (see `RequestMetrics`).
+    """
+
+    num_seqs: int
+    num_tokens: int
+    seconds: float
+    expert_cache: ExpertCacheUse | None = None
+
+
+@dataclass(slots=True)
 class RequestMetrics:
     """Timestamps (time.monotonic seconds) and counts for one request."""
 
@@ -41,6 +80,12 @@ class RequestMetrics:
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_accepted_per_pos: list[int] = field(default_factory=list)
+    # MoE offload (None on a model without it): the sum, over every step of this engine that
+    # ran the request's tokens, of that step's expert-cache counter changes (`StepStats`). A step
+    # serves its whole batch at once, so each request in it is charged the step's full figures:
+    # they say what the request waited through, and requests sharing steps overlap. On a decode
+    # worker fed by a prefill worker, the prompt's steps ran there and are not included.
+    expert_cache: ExpertCacheUse | None = None
 
     @property
     def acceptance_rate(self) -> float | None:

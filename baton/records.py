@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from baton.outputs import PrefillPath
+from baton.outputs import ExpertCacheUse, PrefillPath
 
 JournalKind = Literal["accepted", "finished", "failed"]
 
@@ -34,6 +34,26 @@ class WorkerInfo(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class ExpertCacheStatus(BaseModel):
+    """A worker's MoE expert cache since the worker started (MoE offload only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hits: int = 0  # expert uses served by resident experts
+    misses: int = 0  # expert uses that loaded the expert first
+    hit_rate: float = 0.0
+    bytes_loaded: int = 0  # expert bytes copied into the device cache
+    stall_seconds: float = 0.0  # forward time spent waiting for experts
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any]) -> ExpertCacheStatus | None:
+        """The figures in a worker's `info()`; None for a worker without offloaded experts."""
+        cache = info.get("expert_cache")
+        if not cache:
+            return None
+        return cls.model_validate({k: cache[k] for k in cls.model_fields if k in cache})
+
+
 class WorkerLoad(BaseModel):
     """A worker's load at its last heartbeat: what the router balances on."""
 
@@ -42,6 +62,7 @@ class WorkerLoad(BaseModel):
     running: int = 0  # requests decoding
     waiting: int = 0  # requests queued for admission
     kv_usage: float = 0.0  # fraction of KV blocks in use, 0..1
+    expert_cache: ExpertCacheStatus | None = None  # None: a dense model, or no offload
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -96,6 +117,9 @@ class PerfRecord(BaseModel):
     acceptance_rate: float | None = None  # speculative methods only
     mean_accepted_length: float | None = None  # tokens per verifying step
     forward_passes_per_token: float | None = None  # target steps per output token
+    # MoE offload only: the expert-cache use of the steps the request ran in on its decode
+    # worker (`RequestMetrics.expert_cache` says exactly what is counted); None on a dense model.
+    expert_cache: ExpertCacheUse | None = None
     ts: float = Field(default_factory=time.time)
 
     @property

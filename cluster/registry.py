@@ -15,6 +15,7 @@ from typing import Any
 from baton.cluster.config import ClusterConfig
 from baton.cluster.replicas import Replica
 from baton.cluster.state import ClusterState, WorkerInfo, WorkerLoad
+from baton.records import ExpertCacheStatus
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class RegistryWriter:
         loads = [(r.worker_id, WorkerLoad(
             running=int(r.info.get("num_running", 0)), waiting=int(r.info.get("num_waiting", 0)),
             kv_usage=float(r.info.get("kv_usage", 0.0)),
+            expert_cache=ExpertCacheStatus.from_info(r.info),
             extra={"draining": r.state == "draining"})) for r in replicas]
 
         def beat() -> None:

@@ -10,6 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from baton.ops.cli_options import Output, OutputOpt
+from baton.records import ExpertCacheStatus
+
+EXPERT_FIELDS = tuple(ExpertCacheStatus.model_fields)
 
 
 def _admin():
@@ -56,15 +59,35 @@ def down() -> None:
 
 
 def _status_rows(resp) -> list[dict[str, Any]]:
+    """One row per worker; `expert_cache` (hits, misses, hit_rate, bytes_loaded, stall_seconds)
+    only on workers serving an offloaded MoE model."""
     return [{"worker_id": w.worker_id, "pool": w.pool, "role": w.role, "state": w.state,
              "alive": w.alive,
              "draining": w.draining, "running": w.num_running, "waiting": w.num_waiting,
              "kv_usage": round(w.kv_usage, 4), "handoffs": w.handoffs,
-             "handoff_failures": w.handoff_failures} for w in resp.workers]
+             "handoff_failures": w.handoff_failures,
+             **({"expert_cache": {f: getattr(w.expert_cache, f) for f in EXPERT_FIELDS}}
+                if w.HasField("expert_cache") else {})} for w in resp.workers]
+
+
+def expert_cell(row: dict[str, Any]) -> str:
+    """A worker's expert cache in one table cell ("" for a dense worker): hit rate, bytes loaded,
+    seconds stalled."""
+    e = row.get("expert_cache")
+    if e is None:
+        return ""
+    return (f"{e['hit_rate']:.0%} hit, {e['bytes_loaded'] / 2**20:.1f} MiB loaded, "
+            f"{e['stall_seconds']:.2f}s stall")
+
+
+def worker_columns(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> tuple[str, ...]:
+    """The table's columns, plus "experts" when some worker serves an offloaded MoE model."""
+    return (*columns, "experts") if any("expert_cache" in r for r in rows) else columns
 
 
 def status(output: OutputOpt = Output.text) -> None:
-    """Pools, workers, load, KV usage, queue depth and recent TTFT/TPOT."""
+    """Pools, workers, load, KV usage, queue depth and recent TTFT/TPOT; for workers serving an
+    offloaded MoE model, their expert cache's hit rate, bytes loaded and stall seconds."""
     with _admin() as admin:
         resp = admin.status()
     rows = _status_rows(resp)
@@ -76,13 +99,16 @@ def status(output: OutputOpt = Output.text) -> None:
         typer.echo(json.dumps({"workers": rows, **summary}, indent=2))
         return
     table = Table(title="Baton cluster")
-    for col in ("worker", "pool", "role", "state", "running", "waiting", "KV used", "handoffs"):
+    columns = worker_columns(rows, ("worker", "pool", "role", "state", "running", "waiting",
+                                    "KV used", "handoffs"))
+    for col in columns:
         table.add_column(col)
     for r in rows:
         state = r["state"] if r["alive"] else "[red]dead[/]"
-        table.add_row(r["worker_id"], r["pool"], r["role"], state, str(r["running"]),
-                      str(r["waiting"]), f"{r['kv_usage']:.1%}",
-                      f"{r['handoffs']} ({r['handoff_failures']} failed)")
+        cells = [r["worker_id"], r["pool"], r["role"], state, str(r["running"]),
+                 str(r["waiting"]), f"{r['kv_usage']:.1%}",
+                 f"{r['handoffs']} ({r['handoff_failures']} failed)", expert_cell(r)]
+        table.add_row(*cells[:len(columns)])
     console = Console()
     console.print(table)
     console.print(f"queue {resp.queue_depth}, in flight {resp.in_flight}; TTFT p50/p99 "

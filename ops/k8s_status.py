@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from baton.cluster.k8s import COMPONENT_LABEL, POOL_LABEL, ROLE_LABEL, KubeRelease
-from baton.ops.cluster_cmds import _status_rows
+from baton.ops.cluster_cmds import _status_rows, expert_cell, worker_columns
 
 
 def pod_row(pod: Any) -> dict[str, Any]:
@@ -94,12 +94,15 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                       + (f" at {r['address']}" if r["address"] else "") + f": {r['error']}")
         return
     workers = Table(title=f"Baton workers (router {r['address']})")
-    for col in ("worker", "pool", "role", "state", "running", "waiting", "KV used"):
+    columns = worker_columns(r["workers"], ("worker", "pool", "role", "state", "running",
+                                            "waiting", "KV used"))
+    for col in columns:
         workers.add_column(col)
     for w in r["workers"]:
-        workers.add_row(w["worker_id"], w["pool"], w["role"],
-                        w["state"] if w["alive"] else "[red]dead[/]", str(w["running"]),
-                        str(w["waiting"]), f"{w['kv_usage']:.1%}")
+        cells = [w["worker_id"], w["pool"], w["role"],
+                 w["state"] if w["alive"] else "[red]dead[/]", str(w["running"]),
+                 str(w["waiting"]), f"{w['kv_usage']:.1%}", expert_cell(w)]
+        workers.add_row(*cells[:len(columns)])
     console.print(workers)
     console.print(f"queue {r['queue_depth']}, in flight {r['in_flight']}; TTFT p50/p99 "
                   f"{r['ttft_p50_s'] * 1000:.0f}/{r['ttft_p99_s'] * 1000:.0f} ms; Redis "

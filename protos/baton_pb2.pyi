@@ -186,7 +186,7 @@ class GetServerInfoResponse(_message.Message):
     def __init__(self, version: _Optional[str] = ..., router_id: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., decode_workers: _Optional[int] = ..., prefill_workers: _Optional[int] = ..., state_available: _Optional[bool] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "pool", "role", "node_id", "alive", "draining", "num_running", "num_waiting", "kv_usage", "handoffs", "handoff_failures", "state")
+    __slots__ = ("worker_id", "pool", "role", "node_id", "alive", "draining", "num_running", "num_waiting", "kv_usage", "handoffs", "handoff_failures", "state", "expert_cache")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +199,7 @@ class WorkerStatus(_message.Message):
     HANDOFFS_FIELD_NUMBER: _ClassVar[int]
     HANDOFF_FAILURES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_CACHE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     pool: str
     role: str
@@ -211,7 +212,22 @@ class WorkerStatus(_message.Message):
     handoffs: int
     handoff_failures: int
     state: str
-    def __init__(self, worker_id: _Optional[str] = ..., pool: _Optional[str] = ..., role: _Optional[str] = ..., node_id: _Optional[str] = ..., alive: _Optional[bool] = ..., draining: _Optional[bool] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., handoffs: _Optional[int] = ..., handoff_failures: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+    expert_cache: ExpertCacheStatus
+    def __init__(self, worker_id: _Optional[str] = ..., pool: _Optional[str] = ..., role: _Optional[str] = ..., node_id: _Optional[str] = ..., alive: _Optional[bool] = ..., draining: _Optional[bool] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., handoffs: _Optional[int] = ..., handoff_failures: _Optional[int] = ..., state: _Optional[str] = ..., expert_cache: _Optional[_Union[ExpertCacheStatus, _Mapping]] = ...) -> None: ...
+
+class ExpertCacheStatus(_message.Message):
+    __slots__ = ("hits", "misses", "hit_rate", "bytes_loaded", "stall_seconds")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_LOADED_FIELD_NUMBER: _ClassVar[int]
+    STALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    hits: int
+    misses: int
+    hit_rate: float
+    bytes_loaded: int
+    stall_seconds: float
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., bytes_loaded: _Optional[int] = ..., stall_seconds: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()

@@ -16,6 +16,7 @@ from ray.exceptions import RayActorError
 from baton.errors import ClusterNotRunningError, ConfigError, as_baton_error
 from baton.protos import baton_pb2 as pb
 from baton.protos import baton_pb2_grpc as pb_grpc
+from baton.records import ExpertCacheStatus
 from baton.router.core import Router
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,11 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
 
 
 def worker_status(row: dict[str, Any]) -> pb.WorkerStatus:
+    """A worker's row (its `info()` plus the controller's view) as the Admin service sends it;
+    `expert_cache` only for a worker serving an offloaded MoE model."""
+    experts = ExpertCacheStatus.from_info(row)
     return pb.WorkerStatus(
+        expert_cache=pb.ExpertCacheStatus(**experts.model_dump()) if experts else None,
         worker_id=str(row.get("worker_id", "")), pool=str(row.get("pool", "")),
         role=str(row.get("role", "")), node_id=str(row.get("node_id", "")),
         alive=bool(row.get("alive", True)), draining=bool(row.get("draining", False)),

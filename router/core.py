@@ -290,6 +290,7 @@ class Router:
             acceptance_rate=m.acceptance_rate if m else None,
             mean_accepted_length=m.mean_accepted_length if m else None,
             forward_passes_per_token=m.num_forward_passes / n if m and n else None,
+            expert_cache=m.expert_cache if m else None,
             features=features, model=self.model.name, pool=pool,
             k=params.num_speculative_tokens,
             quantization=offer.quantization if offer is not None else None,

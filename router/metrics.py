@@ -4,7 +4,8 @@
 when a request is accepted, streams its first token, finishes or fails, so gRPC and HTTP requests
 are counted alike. Each instance has its own `CollectorRegistry`, so two routers in one process
 (tests, a colocated setup) never clash over a global one. Worker gauges (queue depth, KV usage)
-are read from the workers when `/metrics` is scraped, not on every request.
+and the expert caches of MoE-offload workers are read from the workers when `/metrics` is
+scraped, not on every request.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -23,6 +24,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from baton.outputs import RequestMetrics, RequestOutput
 from baton.records import PerfRecord
@@ -39,6 +41,39 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 ERROR_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 PREFIX = "baton:"
+WORKER_LABELS = ["model_name", "worker", "role"]
+
+
+class ExpertCacheCollector:
+    """The expert caches of the workers serving an offloaded MoE model, as the last scrape read
+    them: hit rate (a gauge) and bytes loaded and stall seconds (counters). The workers own the
+    counts, so they are reported as read, not incremented here; dense workers add no samples."""
+
+    def __init__(self) -> None:
+        self.caches: list[tuple[list[str], dict[str, Any]]] = []  # (labels, `expert_cache`)
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.caches)
+
+    def _families(self, caches: Sequence[tuple[list[str], dict[str, Any]]] = ()
+                  ) -> Iterator[Metric]:
+        hit_rate = GaugeMetricFamily(
+            PREFIX + "expert_cache_hit_rate", "Share of a worker's expert uses served from its "
+            "device expert cache (MoE offload), since the worker started.", labels=WORKER_LABELS)
+        loaded = CounterMetricFamily(
+            PREFIX + "expert_bytes_loaded_total", "Expert weight bytes a worker copied into its "
+            "device expert cache (misses and prefetches).", labels=WORKER_LABELS)
+        stall = CounterMetricFamily(
+            PREFIX + "expert_stall_seconds_total", "Seconds a worker's forward passes waited "
+            "for experts to load.", labels=WORKER_LABELS)
+        for labels, cache in caches:
+            hit_rate.add_metric(labels, float(cache.get("hit_rate", 0.0)))
+            loaded.add_metric(labels, float(cache.get("bytes_loaded", 0)))
+            stall.add_metric(labels, float(cache.get("stall_seconds", 0.0)))
+        yield from (hit_rate, loaded, stall)
 
 
 class RouterMetrics:
@@ -61,7 +96,9 @@ class RouterMetrics:
                              "(read from the workers at scrape time).", m, registry=reg)
         self.kv_usage = Gauge(PREFIX + "kv_cache_usage_perc",
                               "Share of a worker's KV cache blocks in use (1 = full).",
-                              [*m, "worker", "role"], registry=reg)
+                              WORKER_LABELS, registry=reg)
+        self.expert_caches = ExpertCacheCollector()
+        reg.register(self.expert_caches)
         self.success = Counter(PREFIX + "request_success", "Requests that finished, by reason.",
                                [*m, "finished_reason"], registry=reg)
         self.failures = Counter(PREFIX + "request_failures",
@@ -178,10 +215,14 @@ class RouterMetrics:
                       len(workers) - len(infos), len(workers))
         self.waiting.labels(self.model_name).set(sum(i.get("num_waiting", 0) for i in infos))
         self.kv_usage.clear()  # workers that left the set drop out of the gauge
+        caches = []
         for i in infos:
-            worker = f"{str(i.get('node_id', ''))[:8]}:{i.get('pid', '?')}"
-            self.kv_usage.labels(self.model_name, worker, i.get("role", "?")).set(
-                float(i.get("kv_usage", 0.0)))
+            labels = [self.model_name, f"{str(i.get('node_id', ''))[:8]}:{i.get('pid', '?')}",
+                      str(i.get("role", "?"))]
+            self.kv_usage.labels(*labels).set(float(i.get("kv_usage", 0.0)))
+            if i.get("expert_cache"):
+                caches.append((labels, i["expert_cache"]))
+        self.expert_caches.caches = caches
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this router's metrics."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
+import yaml
 
 from baton.actors.worker import WorkerSpec
 from baton.cluster.config import load_config
@@ -31,6 +35,9 @@ def config(options: dict) -> dict:
     ({"moe_offload": {"budget": 0.25, "policy": "learned"}},
      "pools[1].engine.moe_offload.predictor: policy 'learned' needs predictor"),
     ({"moe_offload": {"budget": -5}}, "pools[1].engine.moe_offload.budget must be bytes"),
+    ({"moe_offload": {"budget": 0, "policy": "lookahead"}},
+     "pools[1].engine.moe_offload.budget must be bytes"),
+    ({"moe_offload": {"budget": 0.0}}, "pools[1].engine.moe_offload.budget must be bytes"),
     ({"moe_offload": {"policy": "lru"}}, "pools[1].engine.moe_offload.budget is required"),
 ])
 def test_bad_engine_options_fail_the_config_load_naming_the_field(options, says):
@@ -62,3 +69,15 @@ def test_a_worker_spec_checks_engine_options_given_as_a_dict_before_any_actor_st
     assert spec.engine == EngineConfig(model="tiny:llama", block_size=8)
     with pytest.raises(ConfigError, match=r"unknown engine option\(s\) \['block_sise'\]"):
         WorkerSpec(model="tiny:llama", engine={"block_sise": 8}, kv_token="token")
+
+
+def test_the_readmes_moe_cluster_config_loads_with_offload_on_its_decode_pool():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Serving a Mixture-of-Experts model with expert offload", 1)[1]
+    block = re.search(r"```yaml\n(# moe-cluster.yaml\n.*?)```", section, re.DOTALL)
+    assert block is not None, "the section's cluster config"
+    cfg = load_config(yaml.safe_load(block.group(1)))
+    decode = next(p for p in cfg.pools if p.role == "decode")
+    assert worker_spec(cfg, decode, "token").engine.moe_offload == MoEOffloadConfig(
+        budget=0.25, policy="lookahead", tier="disk")
+    assert cfg.model == "~/models/smollm2-moe"  # where `baton moefy --out` wrote it

@@ -16,6 +16,8 @@ from baton.cluster.config import load_config
 from baton.cluster.redis_server import RedisServer
 from baton.cluster.state import ClusterState, PerfRecord, WorkerInfo, WorkerLoad
 from baton.errors import ConfigError
+from baton.outputs import ExpertCacheUse
+from baton.records import ExpertCacheStatus
 from tests.conftest import wait_until
 
 TTL = 1.0  # heartbeat TTL here: outlasts a busy machine's pauses, short enough to wait out
@@ -27,9 +29,12 @@ def worker(worker_id: str, role: str = "decode", pool: str = "decode") -> Worker
 
 
 def perf(i: int, method: str = "ngram") -> PerfRecord:
+    """Record `i`; odd ones come from an offloaded MoE model and carry expert-cache figures."""
+    experts = ExpertCacheUse(hits=i, misses=2, bytes_loaded=4096 * i, stall_seconds=0.001 * i)
     return PerfRecord(request_id=f"r{i}", method=method, prefill_path="local",
                       features={"prompt_tokens": float(i)}, ttft_s=0.01 * i, tpot_s=0.02,
-                      tokens_per_s=50.0, prompt_tokens=i, output_tokens=8)
+                      tokens_per_s=50.0, prompt_tokens=i, output_tokens=8,
+                      expert_cache=experts if i % 2 else None)
 
 
 @pytest.fixture
@@ -43,10 +48,12 @@ def state(redis_url: str) -> Iterator[ClusterState]:
 def test_registry_heartbeats_and_expiry(state: ClusterState, redis_url: str) -> None:
     assert state.register(worker("w1"))
     assert state.register(worker("w2", role="prefill", pool="prefill"))
-    assert state.heartbeat("w1", WorkerLoad(running=3, waiting=1, kv_usage=0.25))
+    moe = ExpertCacheStatus(hits=3, misses=1, hit_rate=0.75, bytes_loaded=4096, stall_seconds=0.5)
+    assert state.heartbeat("w1", WorkerLoad(running=3, waiting=1, kv_usage=0.25,
+                                            expert_cache=moe))
     live = {w.info.worker_id: w for w in state.workers()}
     assert set(live) == {"w1", "w2"}
-    assert live["w1"].load == WorkerLoad(running=3, waiting=1, kv_usage=0.25)
+    assert live["w1"].load == WorkerLoad(running=3, waiting=1, kv_usage=0.25, expert_cache=moe)
     assert live["w2"].load is None and live["w2"].info.address.startswith("127.0.0.1:")
     assert [w.info.worker_id for w in state.workers(pool="prefill")] == ["w2"]
 
@@ -126,6 +133,8 @@ def test_history_round_trip_and_since(state: ClusterState, redis_url: str) -> No
         state.record(perf(i, method="draft"))
     assert [r.request_id for r in state.history()] == [f"r{i}" for i in range(8)]
     assert state.history()[3] == perf(3).model_copy(update={"ts": state.history()[3].ts})
+    assert state.history()[3].expert_cache == ExpertCacheUse(3, 2, 4096 * 3, 0.003)
+    assert state.history()[2].expert_cache is None
     assert [r.request_id for r in state.history(limit=2)] == ["r6", "r7"]
     assert [r.method for r in state.history(since=cut)] == ["draft"] * 3
     assert [r.request_id for r in state.history(since=cut, limit=1)] == ["r5"]

@@ -62,6 +62,14 @@ class AdminDouble(pb_grpc.AdminServicer):
         self.server.stop(grace=None)
 
 
-def worker(worker_id: str, pool: str, role: str, running: int = 1) -> pb.WorkerStatus:
+def worker(worker_id: str, pool: str, role: str, running: int = 1,
+           expert_cache: pb.ExpertCacheStatus | None = None) -> pb.WorkerStatus:
+    """A ready worker; with `expert_cache`, one serving an offloaded MoE model."""
     return pb.WorkerStatus(worker_id=worker_id, pool=pool, role=role, alive=True,
-                           state="ready", num_running=running, kv_usage=0.25)
+                           state="ready", num_running=running, kv_usage=0.25,
+                           expert_cache=expert_cache)
+
+
+# 3 of 4 expert uses hit, 4 MiB of experts loaded, half a second stalled.
+MOE_CACHE = pb.ExpertCacheStatus(hits=300, misses=100, hit_rate=0.75, bytes_loaded=4 * 2**20,
+                                 stall_seconds=0.5)

@@ -20,7 +20,7 @@ import yaml
 from baton.cluster.k8s import release_fullname
 from baton.ops import cli
 from tests.helm.conftest import CHART, helm
-from tests.ops.admin_double import AdminDouble, worker
+from tests.ops.admin_double import MOE_CACHE, AdminDouble, worker
 from tests.ops.k8s_recorded_api import (
     JSON_PATCH,
     NAMESPACE,
@@ -59,7 +59,8 @@ def kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordedKu
 def router(kube: RecordedKubeAPI) -> Iterator[AdminDouble]:
     secret = kube.objects[f"/api/v1/namespaces/{NAMESPACE}/secrets/{RC}-auth"]
     token = base64.b64decode(secret["data"]["api-token"]).decode()
-    admin = AdminDouble(token, [worker("decode-l4-0", "decode-l4", "decode", running=4),
+    admin = AdminDouble(token, [worker("decode-l4-0", "decode-l4", "decode", running=4,
+                                       expert_cache=MOE_CACHE),
                                 worker("prefill-h100-0", "prefill-h100", "prefill")]).start()
     yield admin
     admin.stop()
@@ -93,6 +94,7 @@ def test_status_joins_the_raycluster_its_pods_and_the_router(kube, router, capsy
     # The router answered with the token read from the chart's Secret.
     assert f"Baton workers (router {router.address})" in said
     assert "decode-l4-0 │ decode-l4 │ decode │ ready │ 4" in said
+    assert "25.0% │ 75% hit, 4.0 MiB loaded, 0.50s stall" in said  # its offloaded experts
     assert "queue 3, in flight 7" in said
     selectors = {r["query"].get("labelSelector") for r in kube.requests
                  if r["path"].endswith("/pods")}
