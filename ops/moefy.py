@@ -203,20 +203,23 @@ def balanced_groups(act: torch.Tensor, experts: int, iters: int, seed: int) -> t
 
 
 def _balanced_assign(sim: torch.Tensor, size: int) -> torch.Tensor:
-    """Greedy capacity-limited assignment: the most similar (neuron, group) pairs first."""
+    """Capacity-limited assignment in rounds: every unplaced neuron bids for its most similar
+    group that still has room; a group takes its most similar bidders up to its room."""
     num, experts = sim.shape
-    labels = [-1] * num
-    fill = [0] * experts
-    left = num
-    for flat in torch.argsort(sim.flatten(), descending=True).tolist():
-        n, e = divmod(flat, experts)
-        if labels[n] < 0 and fill[e] < size:
-            labels[n] = e
-            fill[e] += 1
-            left -= 1
-            if not left:
-                break
-    return torch.tensor(labels)
+    labels = torch.full((num,), -1)
+    room = torch.full((experts,), size)
+    sim = sim.clone()
+    while (labels < 0).any():
+        free = torch.nonzero(labels < 0).flatten()
+        want = sim[free].argmax(dim=1)
+        for e in torch.unique(want).tolist():
+            bidders = free[want == e]
+            take = bidders[sim[bidders, e].argsort(descending=True)[:int(room[e])]]
+            labels[take] = e
+            room[e] -= len(take)
+            if room[e] == 0:
+                sim[:, e] = -torch.inf
+    return labels
 
 
 def group_scores(act: torch.Tensor, down: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
