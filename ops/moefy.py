@@ -25,6 +25,7 @@ from transformers import (
     MixtralForCausalLM,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from baton.actors.model_source import TINY_PREFIX, resolve
 from baton.actors.tiny import tiny_model, tiny_tokenizer
@@ -91,6 +92,7 @@ def load_dense(spec: str) -> DenseModel:
     if source.kind == "tiny":
         arch = spec[len(TINY_PREFIX):]
         return DenseModel(tiny_model(arch), tiny_tokenizer(), source.name, torch.float32)
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
