@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MixtralForCausalLM
+from typer.testing import CliRunner
 
 from baton.actors.engine import Engine
 from baton.actors.tiny import tiny_tokenizer
 from baton.errors import ConfigError, ModelLoadError
+from baton.ops.cli import app
 from baton.ops.moefy import MoefyOptions, build_moe, load_dense, moefy, text_chunks
 from baton.ops.moefy_run import REPORT_FILE, run_moefy
 from baton.sampling import SamplingParams
@@ -127,3 +129,11 @@ def test_bad_inputs_say_what_to_change(tmp_path):
     with pytest.raises(ConfigError, match="not empty"):
         run_moefy("tiny:llama", tmp_path / "d", MoefyOptions(experts=4, top_k=1))
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_cli_refuses_more_experts_per_token_than_experts(tmp_path):
+    result = CliRunner().invoke(app, ["moefy", "--model", "tiny:llama", "--experts", "4",
+                                      "--top-k", "5", "--out", str(tmp_path / "out")])
+    assert isinstance(result.exception, ConfigError)
+    assert "--top-k" in result.exception.message
+    assert not (tmp_path / "out").exists()
