@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     MixtralConfig,
@@ -94,12 +95,12 @@ def load_dense(spec: str) -> DenseModel:
         return DenseModel(tiny_model(arch), tiny_tokenizer(), source.name, torch.float32)
     hf_logging.disable_progress_bar()
     try:
+        saved = AutoConfig.from_pretrained(source.path).dtype  # before loading in float32
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load {spec!r} as a causal LM: {exc}") from exc
-    saved = getattr(model.config, "dtype", None)
-    save_dtype = saved if isinstance(saved, torch.dtype) else torch.bfloat16
+    save_dtype = saved if isinstance(saved, torch.dtype) else torch.float32
     return DenseModel(model.eval(), tokenizer, source.name, save_dtype)
 
 
