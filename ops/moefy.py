@@ -321,7 +321,10 @@ def moefy(dense: DenseModel, options: MoefyOptions) -> MoefyResult:
 
 
 def save(result: MoefyResult, out: Path) -> None:
-    """Write the moefied checkpoint (weights in the dense checkpoint's dtype) and tokenizer."""
+    """Write the moefied checkpoint (weights in the dense checkpoint's dtype) and tokenizer.
+
+    The in-memory model is left holding the saved weights (rounded, back in float32), so what is
+    measured afterwards is what was written."""
     out.mkdir(parents=True, exist_ok=True)
     moe = result.moe.to(result.dense.save_dtype)
     try:

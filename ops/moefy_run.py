@@ -10,7 +10,6 @@ import torch
 
 from baton.ops.moefy import (
     MoefyOptions,
-    check_dense,
     check_out_dir,
     load_dense,
     moefy,
@@ -41,7 +40,6 @@ def run_moefy(spec: str, out: Path, options: MoefyOptions,
     start = time.monotonic()
     dense = load_dense(spec)
     load_s = time.monotonic() - start
-    check_dense(dense.model, options)
     result = moefy(dense, options)
     start = time.monotonic()
     save(result, out)
