@@ -13,6 +13,7 @@ from rich.console import Console
 from baton.errors import BatonError
 from baton.ops import cluster_cmds, jobs_cmds, k8s_cmds
 from baton.ops.cli_options import Output, OutputOpt
+from baton.ops.moefy_cmd import moefy_command
 from baton.ops.plan_cmds import plan_command, profile_command
 from baton.ops.router_cmds import router_app
 from baton.ops.train_experts import train_experts_command
@@ -128,6 +129,7 @@ app.command("train-heads")(train_heads_command)
 app.command("train-experts")(train_experts_command)
 app.command("plan")(plan_command)
 app.command("profile")(profile_command)
+app.command("moefy")(moefy_command)
 
 
 @app.command("prepare-model")
