@@ -298,9 +298,9 @@ def bench_select(
 @bench_app.command("moe")
 def bench_moe(
     json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,
-    model: Annotated[str, typer.Option(
-        "--model", "-m", help="A MoE model: a transformers directory (e.g. from baton moefy) "
-        "or tiny:<arch>")] = "tiny:mixtral",
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="A MoE model: a transformers directory or tiny:<arch> (default: "
+        "the default model moefied into 16 experts, top-4, made once)")] = None,
     policies: Annotated[str | None, typer.Option(
         help="Comma-separated policies (default: all)")] = None,
     budgets: Annotated[str, typer.Option(

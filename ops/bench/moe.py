@@ -1,5 +1,8 @@
 """`baton bench moe`: MoE expert offload against the all-resident model, in the same run.
 
+The model is the default one split into 16 experts, top-4, by `baton moefy` (made once into the
+cache), unless another is given.
+
 For each budget (a fraction of all experts resident) and each policy, a fresh engine serves the
 same requests greedily, alone (batch 1) and eight at once (batch 8); the all-resident engine
 serves them first and last, and each offloaded figure is a ratio to the mean of the two. With the
@@ -26,11 +29,14 @@ from rich.table import Table
 
 from baton.actors.engine import Engine
 from baton.actors.expert_store import DiskStore
+from baton.actors.model_source import DEFAULT_MODEL, cache_root
 from baton.engine_config import MOE_POLICIES
 from baton.errors import ConfigError, EngineError
 from baton.ops.bench.machine import OtherCPUBusy, machine_info, warn_if_busy
 from baton.ops.bench.spec import WorkItem, load_workload
 from baton.ops.expert_traces import train_experts
+from baton.ops.moefy import MoefyOptions
+from baton.ops.moefy_run import run_moefy
 from baton.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,7 @@ BATCHES = (1, 8)
 HEADLINE_BUDGET = 0.25
 BASELINE_POLICIES = ("lru", "lfu")  # the non-predictive ones: "best vs LRU" compares the others
 IDLE_WAIT_S = 30.0
+MOEFIED_DEFAULT = "moefied-default-e16k4"
 PREDICTOR_TOKENS = 4096  # routing recorded to train the `learned` policy's predictor
 
 
@@ -140,6 +147,17 @@ def run_engine(make: Callable[[], Engine], items: list[WorkItem], max_tokens: in
             engine.moe.close()
 
 
+def moefied_default(console: Console) -> str:
+    """The default model split into 16 experts, top-4 (`baton moefy`), made once in the cache."""
+    path = cache_root() / "models" / MOEFIED_DEFAULT
+    if not (path / "config.json").is_file():
+        console.log(f"moefying the default model into {path} (once)")
+        with tempfile.TemporaryDirectory(prefix=".moefy-", dir=path.parent) as tmp:
+            run_moefy(DEFAULT_MODEL, Path(tmp) / "out", MoefyOptions(experts=16, top_k=4))
+            (Path(tmp) / "out").rename(path)
+    return str(path)
+
+
 def predictor_for(model: str, predictor: str | None, scratch: Path, dtype: str, device: str,
                   threads: int, console: Console) -> tuple[str, dict[str, Any] | None]:
     """The routing-path predictor the `learned` policy runs with: `predictor` if given, else one
@@ -154,7 +172,7 @@ def predictor_for(model: str, predictor: str | None, scratch: Path, dtype: str, 
     return str(path), report.as_dict()
 
 
-def run_moe_bench(model: str, policies: list[str], budgets: list[float], tier: str,
+def run_moe_bench(model: str | None, policies: list[str], budgets: list[float], tier: str,
                   num_requests: int, max_tokens: int, threads: int, dtype: str, device: str,
                   workload: str | None, predictor: str | None,
                   console: Console) -> dict[str, Any]:
@@ -162,6 +180,7 @@ def run_moe_bench(model: str, policies: list[str], budgets: list[float], tier: s
     unknown = [p for p in policies if p not in MOE_POLICIES]
     if unknown:
         raise ConfigError(f"unknown policies {unknown}; choose among {list(MOE_POLICIES)}")
+    model = model or moefied_default(console)
     with tempfile.TemporaryDirectory(prefix="baton-bench-moe-") as scratch:
         trained = None
         options: dict[str, dict[str, Any]] = {}
