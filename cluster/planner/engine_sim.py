@@ -23,7 +23,7 @@ class SimRequest:
     """One request's progress and timestamps; `todo` is prompt (or recompute) tokens left."""
 
     __slots__ = ("index", "arrival", "prompt", "output", "left", "ctx", "todo", "first",
-                 "finish", "decode", "prefill", "holds", "started", "remote", "joined", "ctx0",
+                 "finish", "decode", "prefill", "held", "started", "remote", "joined", "ctx0",
                  "end")
 
     def __init__(self, index: int, arrival: float, prompt: int, output: int):
@@ -38,7 +38,7 @@ class SimRequest:
         self.finish = -1.0
         self.decode: Any = None  # the SimEngine that decodes it
         self.prefill: Any = None  # the SimEngine that prefills it remotely (None: local)
-        self.holds: tuple[Any, ...] = ()  # the router's load holds, released when it finishes
+        self.held: Any = None  # the prefill worker the router counts it on, until it finishes
         self.started = 0.0
         self.remote = False
         # While decoding, `left` and `ctx` are kept lazily: the engine's step clock at joining,

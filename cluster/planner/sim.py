@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,32 +93,31 @@ class ClusterSim:
 
     def run(self, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray) -> SimResult:
         n = len(arrivals)
-        reqs = [SimRequest(i, float(a), int(p), int(o))
-                for i, (a, p, o) in enumerate(zip(arrivals.tolist(), prompts.tolist(),
-                                                  outputs.tolist(), strict=True))]
+        times, lens, outs = arrivals.tolist(), prompts.tolist(), outputs.tolist()
+        reqs: list[SimRequest | None] = [None] * n  # made on arrival (None: never admitted)
         limit = min(e.capacity for e in self.decode)
-        pending = iter(reqs)
         heap = self._heap
-        nxt = next(pending, None)
+        pop = heapq.heappop
         events = 0
-        while heap or nxt is not None:
-            if nxt is not None and (not heap or nxt.arrival <= heap[0][0]):
-                req, nxt = nxt, next(pending, None)
-                if req.prompt + req.output <= limit:
-                    self._arrive(req)
+        for i in range(n + 1):
+            t_next = times[i] if i < n else math.inf
+            while heap and heap[0][0] < t_next:  # an arrival goes before an event at its time
+                t, _, fn, arg = pop(heap)
+                fn(t, arg)
                 events += 1
-                continue
-            t, _, fn, arg = heapq.heappop(heap)
-            fn(t, arg)
+            if i == n:
+                break
             events += 1
-        ttft = np.full(n, np.nan)
-        tpot = np.full(n, np.nan)
-        for r in reqs:
-            if r.finish >= 0:
-                ttft[r.index] = r.first - r.arrival
-                if r.output >= 2:
-                    tpot[r.index] = (r.finish - r.first) / (r.output - 1)
-        end = max((r.finish for r in reqs), default=0.0)
+            if lens[i] + outs[i] <= limit:
+                req = reqs[i] = SimRequest(i, t_next, lens[i], outs[i])
+                self._arrive(req)
+        first = np.array([r.first if r is not None else -1.0 for r in reqs])
+        finish = np.array([r.finish if r is not None else -1.0 for r in reqs])
+        served = finish >= 0
+        ttft = np.where(served, first - arrivals, np.nan)
+        tpot = np.where(served & (outputs >= 2), (finish - first) / np.maximum(outputs - 1, 1),
+                        np.nan)
+        end = float(finish.max()) if n else 0.0
         span = max(end - float(arrivals[0]), 1e-9) if n else 1e-9
         busy: dict[str, list[float]] = {}
         for e in self.engines:
@@ -134,12 +134,10 @@ class ClusterSim:
         now = req.arrival
         worker = self.decode.pick()
         prefill = self.prefill.pick()
-        holds = [self.decode.hold(worker)]
+        self.decode.take(worker)
         if prefill is not None:
-            holds.append(self.prefill.hold(prefill))
-        for h in holds:
-            h.__enter__()
-        req.holds = tuple(holds)
+            self.prefill.take(prefill)
+        req.held = prefill
         req.decode = worker
         # Every prompt is uncached here (lengths only); the decode worker reserves before the
         # prefill worker computes, and prefills locally when it cannot.
@@ -172,6 +170,8 @@ class ClusterSim:
         req.decode.admit_import(req, now)
 
     def finished(self, req: SimRequest, now: float) -> None:
-        for h in req.holds:
-            h.__exit__(None, None, None)
-        req.holds = ()
+        """`req` ended: the router's holds on its workers go."""
+        self.decode.release(req.decode)
+        if req.held is not None:
+            self.prefill.release(req.held)
+            req.held = None
