@@ -68,6 +68,8 @@ class SimEngine:
         self._ends: list[tuple[int, int, SimRequest]] = []  # (end clock, index, request)
         self.prefilling: list[SimRequest] = []  # admitted, prompt partly computed
         self.joining: list[SimRequest] = []  # imported while an iteration ran
+        # Imports announced when their prefill ended: (time the KV lands, index, request).
+        self._expected: list[tuple[float, int, SimRequest]] = []
         self.kv_used = 0
         self.decode_ctx = 0  # KV tokens of the running requests
         self.busy = False
@@ -98,19 +100,48 @@ class SimEngine:
         self.joining.append(req)  # joins the batch when the iteration in progress ends
         self._wake(now)
 
+    def expect(self, req: SimRequest, at: float) -> None:
+        """A remote prefill's KV will arrive at `at` (later than now; its reservation is held):
+        the same as `admit_import` then, without an event of its own when a run is under way
+        (the run is cut at the step in progress at `at` now, or planned to end there)."""
+        req.ctx = req.prompt
+        heapq.heappush(self._expected, (at, req.index, req))
+        if self.busy:
+            self._cut(at)
+        else:
+            self.sim.schedule(at, self._wake_idle, None)
+
     # -- iterations -------------------------------------------------------------------------------
 
     def _wake(self, now: float) -> None:
         if not self.busy:
             self._plan(now)
-            return
+        else:
+            self._cut(now)
+
+    def _wake_idle(self, now: float, _: Any) -> None:
+        if not self.busy:  # busy: a run planned since already stops for what arrives now
+            self._plan(now)
+
+    def _cut(self, at: float) -> None:
+        """Cut the decode run under way short at the step in progress at `at`."""
         start, step, steps = self._group
-        if steps > 1:  # cut a decode run short at the step in progress
-            done = min(steps, max(1, math.ceil((now - start) / step - 1e-9)))
+        if steps > 1:
+            done = min(steps, max(1, math.ceil((at - start) / step - 1e-9)))
             if done < steps:
                 self._version += 1
                 self._group = (start, step, done)
                 self.sim.schedule(start + done * step, self._done, self._version)
+
+    def _start(self, now: float, step: float, steps: int) -> None:
+        """Run `steps` iterations of `step` s from `now` as one event, up to an expected import."""
+        self.busy = True
+        self._version += 1
+        if steps > 1 and self._expected:
+            at = self._expected[0][0]
+            steps = min(steps, max(1, math.ceil((at - now) / step - 1e-9)))
+        self._group = (now, step, steps)
+        self.sim.schedule(now + step * steps, self._done, self._version)
 
     def _join(self, req: SimRequest) -> None:
         req.joined, req.ctx0, req.end = self.clock, req.ctx, self.clock + req.left
@@ -135,6 +166,9 @@ class SimEngine:
         for req in self.joining:
             self._join(req)
         self.joining = []
+        expected = self._expected
+        while expected and expected[0][0] <= now:
+            self._join(heapq.heappop(expected)[2])
         running, partial = self.running, self.prefilling
         while running and self.kv_used + len(running) > self.capacity:
             if partial:
@@ -146,7 +180,7 @@ class SimEngine:
         n = len(running)
         if not partial and not self.waiting:  # decode only (every decode-role engine, mostly)
             if not n:
-                self.busy = False
+                self._idle()
                 return
             self._decode_run(now, n)
             return
@@ -186,28 +220,26 @@ class SimEngine:
             self._plan(now)
             return
         if not chunks and not n:
-            self.busy = False
+            self._idle()
             return
         if not chunks:
             self._decode_run(now, n)
             return
-        self.busy = True
-        self._version += 1
         self._chunks = chunks
-        step = self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx, len(chunks))
-        self._group = (now, step, 1)
-        self.sim.schedule(now + step, self._done, self._version)
+        self._start(now, self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx, len(chunks)), 1)
+
+    def _idle(self) -> None:
+        self.busy = False
+        if self._expected:
+            self.sim.schedule(self._expected[0][0], self._wake_idle, None)
 
     def _decode_run(self, now: float, n: int) -> None:
         """Decode steps up to the next completion (or the KV limit) as one event."""
-        self.busy = True
-        self._version += 1
         steps = self._next_end()
         room = (self.capacity - self.kv_used) // n
         steps = max(1, min(steps, room)) if self.sim.event_skipping else 1
-        step = self.cost.iteration(0, 0.0, n, self.decode_ctx + n * (steps - 1) / 2)
-        self._group = (now, step, steps)
-        self.sim.schedule(now + step * steps, self._done, self._version)
+        self._start(now, self.cost.iteration(0, 0.0, n, self.decode_ctx + n * (steps - 1) / 2),
+                    steps)
 
     def _done(self, now: float, version: int) -> None:
         if version != self._version:

@@ -70,12 +70,15 @@ class ClusterSim:
     arrival at its engine) in one event; without, one event per iteration."""
 
     def __init__(self, replicas: Sequence[ReplicaSpec], prefill_threshold: int,
-                 event_skipping: bool = True):
+                 event_skipping: bool = True, lookahead: bool = True):
         if not any(r.role in ("decode", "both") and r.count for r in replicas):
             raise ConfigError("a layout needs at least one decode or both replica")
         self.threshold = prefill_threshold
         # False: one event per decode iteration (slow; the reference event skipping must match).
         self.event_skipping = event_skipping
+        # True: a decode engine hears of an import when its prefill ends and plans its runs
+        # around it; False: an event when the KV lands (the reference lookahead must match).
+        self.lookahead = lookahead
         self.engines: list[SimEngine] = []
         for spec in replicas:
             for i in range(spec.count):
@@ -157,7 +160,12 @@ class ClusterSim:
         layers = req.prefill.cost.model.num_layers
         tail = max(xfer / layers, xfer - (now - req.started))
         req.todo = 0
-        self.schedule(now + tail, self._imported, req)
+        if self.lookahead and req.left > 1:
+            req.first = now + tail
+            req.left -= 1
+            req.decode.expect(req, now + tail)
+        else:
+            self.schedule(now + tail, self._imported, req)
 
     def _imported(self, now: float, req: SimRequest) -> None:
         req.first = now
