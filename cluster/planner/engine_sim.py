@@ -79,6 +79,7 @@ class SimEngine:
         self.iterations = 0
         self.preemptions = 0
         self.busy_s = 0.0
+        self._decode_step = cost.decode_step
 
     # -- the outside world ------------------------------------------------------------------------
 
@@ -163,13 +164,18 @@ class SimEngine:
         return ends[0][0] - self.clock
 
     def _plan(self, now: float) -> None:
-        for req in self.joining:
-            self._join(req)
-        self.joining = []
+        if self.joining:
+            for req in self.joining:
+                self._join(req)
+            self.joining = []
         expected = self._expected
         while expected and expected[0][0] <= now:
             self._join(heapq.heappop(expected)[2])
         running, partial = self.running, self.prefilling
+        n = len(running)
+        if n and not partial and not self.waiting and self.kv_used + n <= self.capacity:
+            self._decode_run(now, n)  # the common case, first
+            return
         while running and self.kv_used + len(running) > self.capacity:
             if partial:
                 self._preempt(partial.pop())
@@ -238,8 +244,7 @@ class SimEngine:
         steps = self._next_end()
         room = (self.capacity - self.kv_used) // n
         steps = max(1, min(steps, room)) if self.sim.event_skipping else 1
-        self._start(now, self.cost.iteration(0, 0.0, n, self.decode_ctx + n * (steps - 1) / 2),
-                    steps)
+        self._start(now, self._decode_step(n, self.decode_ctx + n * (steps - 1) / 2), steps)
 
     def _done(self, now: float, version: int) -> None:
         if version != self._version:

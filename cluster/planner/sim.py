@@ -90,6 +90,8 @@ class ClusterSim:
         self._seq = itertools.count()
         self.remote_prefills = 0
         self.events = 0
+        self._first: list[float] = []
+        self._finish: list[float] = []
 
     def schedule(self, t: float, fn: Callable[[float, Any], None], arg: Any) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), fn, arg))
@@ -97,7 +99,9 @@ class ClusterSim:
     def run(self, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray) -> SimResult:
         n = len(arrivals)
         times, lens, outs = arrivals.tolist(), prompts.tolist(), outputs.tolist()
-        reqs: list[SimRequest | None] = [None] * n  # made on arrival (None: never admitted)
+        # Each request's first token and finish time, kept as it finishes (-1: not served).
+        self._first = [-1.0] * n
+        self._finish = [-1.0] * n
         limit = min(e.capacity for e in self.decode)
         heap = self._heap
         pop = heapq.heappop
@@ -112,10 +116,8 @@ class ClusterSim:
                 break
             events += 1
             if lens[i] + outs[i] <= limit:
-                req = reqs[i] = SimRequest(i, t_next, lens[i], outs[i])
-                self._arrive(req)
-        first = np.array([r.first if r is not None else -1.0 for r in reqs])
-        finish = np.array([r.finish if r is not None else -1.0 for r in reqs])
+                self._arrive(SimRequest(i, t_next, lens[i], outs[i]))
+        first, finish = np.array(self._first), np.array(self._finish)
         served = finish >= 0
         ttft = np.where(served, first - arrivals, np.nan)
         tpot = np.where(served & (outputs >= 2), (finish - first) / np.maximum(outputs - 1, 1),
@@ -179,6 +181,8 @@ class ClusterSim:
 
     def finished(self, req: SimRequest, now: float) -> None:
         """`req` ended: the router's holds on its workers go."""
+        self._first[req.index] = req.first
+        self._finish[req.index] = req.finish
         self.decode.release(req.decode)
         if req.held is not None:
             self.prefill.release(req.held)
