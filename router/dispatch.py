@@ -65,7 +65,11 @@ class WorkerSet:
         del bucket[bisect.bisect_left(bucket, pos)]
         if not bucket:
             del self._at[old]
-        bisect.insort(self._at.setdefault(new, []), pos)
+        into = self._at.get(new)
+        if into is None:
+            self._at[new] = [pos]
+        else:
+            bisect.insort(into, pos)
 
     def __len__(self) -> int:
         return len(self._load)

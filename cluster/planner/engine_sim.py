@@ -70,6 +70,10 @@ class SimEngine:
         self.joining: list[SimRequest] = []  # imported while an iteration ran
         # Imports announced when their prefill ended: (time the KV lands, index, request).
         self._expected: list[tuple[float, int, SimRequest]] = []
+        # A prefill engine's last iteration, accounted when planned and without an event (nothing
+        # else happens here at its end unless a prompt arrives meanwhile): when it ends.
+        self._ahead = sim.lookahead and role == "prefill"
+        self._settle_at: float | None = None
         self.kv_used = 0
         self.decode_ctx = 0  # KV tokens of the running requests
         self.busy = False
@@ -115,6 +119,14 @@ class SimEngine:
     # -- iterations -------------------------------------------------------------------------------
 
     def _wake(self, now: float) -> None:
+        if self._settle_at is not None:
+            if now < self._settle_at:  # the iteration's end must plan what arrived: an event
+                self._version += 1
+                self.sim.schedule(self._settle_at, self._resume, self._version)
+                self._settle_at = None
+                return
+            self._settle_at = None
+            self.busy = False
         if not self.busy:
             self._plan(now)
         else:
@@ -232,7 +244,19 @@ class SimEngine:
             self._decode_run(now, n)
             return
         self._chunks = chunks
-        self._start(now, self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx, len(chunks)), 1)
+        step = self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx, len(chunks))
+        if self._ahead and not self.waiting and len(chunks) == len(partial) and \
+                all(c == req.todo for req, c in chunks):  # every prompt completes, none waits
+            self.busy = True
+            self._group = (now, step, 1)
+            self._account(now + step)  # its imports are announced now, ahead of their time
+            self._settle_at = now + step
+            return
+        self._start(now, step, 1)
+
+    def _resume(self, now: float, version: int) -> None:
+        if version == self._version:
+            self._plan(now)
 
     def _idle(self) -> None:
         self.busy = False
@@ -249,6 +273,11 @@ class SimEngine:
     def _done(self, now: float, version: int) -> None:
         if version != self._version:
             return  # superseded by a shorter run
+        self._account(now)
+        self._plan(now)
+
+    def _account(self, now: float) -> None:
+        """The iterations of `_group`, ending at `now`: tokens, completions, finishes."""
         start, step, steps = self._group
         self.iterations += steps
         self.busy_s += now - start
@@ -257,22 +286,22 @@ class SimEngine:
             n = len(running)
             self.kv_used += n * steps
             self.decode_ctx += n * steps
-            self.clock += steps
+            self.clock = clock = self.clock + steps
             ends = self._ends
-            while ends and ends[0][0] <= self.clock:
+            while ends and ends[0][0] <= clock:
                 end, _, r = heapq.heappop(ends)
-                if r in running and r.end == end:
+                if r.end == end and r in running:
                     self._leave(r)
                     self._finish(r, now)
-        for req, c in self._chunks:
-            req.todo -= c
-            req.ctx += c
-            self.kv_used += c
-            if req.todo == 0:
-                self.prefilling.remove(req)
-                self._prefilled(req, now)
-        self._chunks = []
-        self._plan(now)
+        if self._chunks:
+            for req, c in self._chunks:
+                req.todo -= c
+                req.ctx += c
+                self.kv_used += c
+                if req.todo == 0:
+                    self.prefilling.remove(req)
+                    self._prefilled(req, now)
+            self._chunks = []
 
     def _prefilled(self, req: SimRequest, now: float) -> None:
         if self.role == "prefill":  # its KV leaves; the decode side holds it from now on

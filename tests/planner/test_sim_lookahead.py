@@ -31,17 +31,22 @@ def _cost(kv_tokens: int | None = None) -> CostModel:
     return CostModel(Catalog().get("H100"), load_model("llama-3-8b"), 1, kv_memory=kv)
 
 
-@pytest.mark.parametrize("workload,rate", [("conversation", 8.0), ("coding", 40.0)])
-def test_imports_announced_ahead_give_the_same_results_as_import_events(workload, rate) -> None:
+@pytest.mark.parametrize("workload,rate,budget", [
+    ("conversation", 8.0, 2048), ("coding", 40.0, 2048), ("conversation", 20.0, 1024)])
+def test_work_planned_ahead_gives_the_same_results_as_an_event_for_each_step(
+        workload: str, rate: float, budget: int) -> None:
+    # Reference: an event per import and per prefill iteration. Fast: imports announced when
+    # their prefill ends, a prefill iteration that ends with nothing to follow has no event.
     arrivals, prompts, outputs = _load(800, rate, workload)
-    specs = [ReplicaSpec("prefill", _cost(), 1), ReplicaSpec("decode", _cost(), 2)]
+    specs = [ReplicaSpec("prefill", _cost(), 1, max_num_batched_tokens=budget),
+             ReplicaSpec("decode", _cost(), 2)]
     fast = ClusterSim(specs, 64).run(arrivals, prompts, outputs)
     ref = ClusterSim(specs, 64, lookahead=False).run(arrivals, prompts, outputs)
     _same(fast, ref)
     assert fast.events < ref.events
 
 
-def test_lookahead_matches_when_decode_engines_preempt_and_prefill_locally() -> None:
+def test_work_planned_ahead_matches_when_decode_engines_preempt_and_prefill_locally() -> None:
     arrivals, prompts, outputs = _load(300, 20.0, "conversation")
     keep = prompts + outputs <= 6000
     specs = [ReplicaSpec("prefill", _cost(), 1), ReplicaSpec("decode", _cost(6000), 1)]
