@@ -84,6 +84,8 @@ class SimEngine:
         self.preemptions = 0
         self.busy_s = 0.0
         self._decode_step = cost.decode_step
+        self._schedule = sim.schedule
+        self._skipping: bool = sim.event_skipping
 
     # -- the outside world ------------------------------------------------------------------------
 
@@ -151,10 +153,11 @@ class SimEngine:
         self.busy = True
         self._version += 1
         if steps > 1 and self._expected:
-            at = self._expected[0][0]
-            steps = min(steps, max(1, math.ceil((at - now) / step - 1e-9)))
+            upto = math.ceil((self._expected[0][0] - now) / step - 1e-9)
+            if upto < steps:
+                steps = upto if upto > 1 else 1
         self._group = (now, step, steps)
-        self.sim.schedule(now + step * steps, self._done, self._version)
+        self._schedule(now + step * steps, self._done, self._version)
 
     def _join(self, req: SimRequest) -> None:
         req.joined, req.ctx0, req.end = self.clock, req.ctx, self.clock + req.left
@@ -265,9 +268,12 @@ class SimEngine:
 
     def _decode_run(self, now: float, n: int) -> None:
         """Decode steps up to the next completion (or the KV limit) as one event."""
-        steps = self._next_end()
-        room = (self.capacity - self.kv_used) // n
-        steps = max(1, min(steps, room)) if self.sim.event_skipping else 1
+        steps = 1
+        if self._skipping:
+            steps = self._next_end()
+            room = (self.capacity - self.kv_used) // n
+            if room < steps:
+                steps = room if room > 1 else 1
         self._start(now, self._decode_step(n, self.decode_ctx + n * (steps - 1) / 2), steps)
 
     def _done(self, now: float, version: int) -> None:
