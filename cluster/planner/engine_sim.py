@@ -210,6 +210,7 @@ class SimEngine:
         chunks: list[tuple[SimRequest, int]] = []
         p_tokens = 0
         p_ctx = 0.0
+        whole = True  # every chunk is the rest of its prompt
         # Admitted prompts first (most recently admitted preempted when KV is short), then new.
         i = 0
         while i < len(partial) and budget > 0:
@@ -223,6 +224,7 @@ class SimEngine:
             p_ctx += c * (req.ctx + c / 2)
             p_tokens += c
             budget -= c
+            whole = whole and c == req.todo
             i += 1
         while self.waiting and budget > 0 and seats > 0 and len(chunks) == len(partial):
             req = self.waiting[0]
@@ -235,6 +237,7 @@ class SimEngine:
             p_ctx += c * (req.ctx + c / 2)
             p_tokens += c
             budget -= c
+            whole = whole and c == req.todo
             seats -= 1
         if not chunks and partial and not n:  # a stuck prompt: free the latest one's blocks
             self._preempt(partial.pop())
@@ -248,8 +251,8 @@ class SimEngine:
             return
         self._chunks = chunks
         step = self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx, len(chunks))
-        if self._ahead and not self.waiting and len(chunks) == len(partial) and \
-                all(c == req.todo for req, c in chunks):  # every prompt completes, none waits
+        if self._ahead and whole and not self.waiting and len(chunks) == len(partial):
+            # every prompt completes and none waits: nothing happens here at the step's end
             self.busy = True
             self._group = (now, step, 1)
             self._account(now + step)  # its imports are announced now, ahead of their time
