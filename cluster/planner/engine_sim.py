@@ -6,7 +6,11 @@ last); when KV runs out the most recently admitted request is preempted and reco
 Time advances per iteration, and a run of decode-only iterations is one event: the batch moves
 up to the next completion at once (step time from the cost model at the run's mean context),
 cut short when a request arrives (the arrival waits for the step in progress, as it does in a
-real engine).
+real engine). With the simulator's `lookahead`, work whose outcome is already fixed gets no
+event of its own: a remote prefill's import is announced to its decode engine when the prefill
+ends (a run is cut, or planned to stop, at the step in progress when the KV lands), and a
+prefill engine's iteration that completes every prompt with none waiting is accounted when it is
+planned. Results are the same as with an event for each (`tests/planner/test_sim_lookahead.py`).
 """
 
 from __future__ import annotations
