@@ -65,7 +65,11 @@ class WorkerSet:
         del bucket[bisect.bisect_left(bucket, pos)]
         if not bucket:
             del self._at[old]
-        bisect.insort(self._at.setdefault(new, []), pos)
+        into = self._at.get(new)
+        if into is None:
+            self._at[new] = [pos]
+        else:
+            bisect.insort(into, pos)
 
     def __len__(self) -> int:
         return len(self._load)
@@ -96,16 +100,25 @@ class WorkerSet:
 
     @contextlib.contextmanager
     def hold(self, worker: Any):
-        n = self._load[worker]
-        self._load[worker] = n + 1
-        self._move(worker, n, n + 1)
+        self.take(worker)
         try:
             yield worker
         finally:
-            if worker in self._load:
-                n = self._load[worker]
-                self._load[worker] = n - 1
-                self._move(worker, n, n - 1)
+            self.release(worker)
+
+    def take(self, worker: Any) -> None:
+        """Count one more request in flight on `worker` (`hold` without the context manager: the
+        planner's simulator takes and releases millions)."""
+        n = self._load[worker]
+        self._load[worker] = n + 1
+        self._move(worker, n, n + 1)
+
+    def release(self, worker: Any) -> None:
+        """Undo one `take` (a worker dropped meanwhile is left alone)."""
+        if worker in self._load:
+            n = self._load[worker]
+            self._load[worker] = n - 1
+            self._move(worker, n, n - 1)
 
     def load(self, worker: Any) -> int:
         return self._load.get(worker, 0)

@@ -63,6 +63,7 @@ class CostModel:
                               f"not fit {tp} x {device.name} with room for its KV cache; use more "
                               "or larger devices per replica")
         self._dense_bytes = model.weight_bytes_read(1 << 30) if not model.num_experts else None
+        self._attention = 4 * model.num_layers * model.q_dim  # `attention_flops` per token
 
     @property
     def price_per_hour(self) -> float:
@@ -87,6 +88,17 @@ class CostModel:
         seqs = decode_n + (prefill_seqs if prefill_tokens else 0)
         return (self.eff.overhead_s + self.eff.per_seq_s * seqs
                 + (max(c, b) if self.eff.overlap else c + b))
+
+    def decode_step(self, n: int, context: float) -> float:
+        """`iteration(0, 0.0, n, context)`, the same float, with less work: the simulator asks
+        it for every decode run."""
+        m = self.model
+        flops = m.flops_per_token * n + self._attention * context
+        weights = self._dense_bytes if self._dense_bytes is not None else m.weight_bytes_read(n)
+        b = (weights + m.kv_bytes_per_token * context) / self._bw
+        c = flops / self._flops
+        eff = self.eff
+        return eff.overhead_s + eff.per_seq_s * n + (max(c, b) if eff.overlap else c + b)
 
     def transfer(self, tokens: int, to: CostModel) -> float:
         """Seconds to move `tokens` tokens of KV to a replica `to` (the slower end's link)."""

@@ -6,7 +6,11 @@ last); when KV runs out the most recently admitted request is preempted and reco
 Time advances per iteration, and a run of decode-only iterations is one event: the batch moves
 up to the next completion at once (step time from the cost model at the run's mean context),
 cut short when a request arrives (the arrival waits for the step in progress, as it does in a
-real engine).
+real engine). With the simulator's `lookahead`, work whose outcome is already fixed gets no
+event of its own: a remote prefill's import is announced to its decode engine when the prefill
+ends (a run is cut, or planned to stop, at the step in progress when the KV lands), and a
+prefill engine's iteration that completes every prompt with none waiting is accounted when it is
+planned. Results are the same as with an event for each (`tests/planner/test_sim_lookahead.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ class SimRequest:
     """One request's progress and timestamps; `todo` is prompt (or recompute) tokens left."""
 
     __slots__ = ("index", "arrival", "prompt", "output", "left", "ctx", "todo", "first",
-                 "finish", "decode", "prefill", "holds", "started", "remote", "joined", "ctx0",
+                 "finish", "decode", "prefill", "held", "started", "remote", "joined", "ctx0",
                  "end")
 
     def __init__(self, index: int, arrival: float, prompt: int, output: int):
@@ -38,7 +42,7 @@ class SimRequest:
         self.finish = -1.0
         self.decode: Any = None  # the SimEngine that decodes it
         self.prefill: Any = None  # the SimEngine that prefills it remotely (None: local)
-        self.holds: tuple[Any, ...] = ()  # the router's load holds, released when it finishes
+        self.held: Any = None  # the prefill worker the router counts it on, until it finishes
         self.started = 0.0
         self.remote = False
         # While decoding, `left` and `ctx` are kept lazily: the engine's step clock at joining,
@@ -68,6 +72,12 @@ class SimEngine:
         self._ends: list[tuple[int, int, SimRequest]] = []  # (end clock, index, request)
         self.prefilling: list[SimRequest] = []  # admitted, prompt partly computed
         self.joining: list[SimRequest] = []  # imported while an iteration ran
+        # Imports announced when their prefill ended: (time the KV lands, index, request).
+        self._expected: list[tuple[float, int, SimRequest]] = []
+        # A prefill engine's last iteration, accounted when planned and without an event (nothing
+        # else happens here at its end unless a prompt arrives meanwhile): when it ends.
+        self._ahead = sim.lookahead and role == "prefill"
+        self._settle_at: float | None = None
         self.kv_used = 0
         self.decode_ctx = 0  # KV tokens of the running requests
         self.busy = False
@@ -77,6 +87,9 @@ class SimEngine:
         self.iterations = 0
         self.preemptions = 0
         self.busy_s = 0.0
+        self._decode_step = cost.decode_step
+        self._schedule = sim.schedule
+        self._skipping: bool = sim.event_skipping
 
     # -- the outside world ------------------------------------------------------------------------
 
@@ -98,19 +111,57 @@ class SimEngine:
         self.joining.append(req)  # joins the batch when the iteration in progress ends
         self._wake(now)
 
+    def expect(self, req: SimRequest, at: float) -> None:
+        """A remote prefill's KV will arrive at `at` (later than now; its reservation is held):
+        the same as `admit_import` then, without an event of its own when a run is under way
+        (the run is cut at the step in progress at `at` now, or planned to end there)."""
+        req.ctx = req.prompt
+        heapq.heappush(self._expected, (at, req.index, req))
+        if self.busy:
+            self._cut(at)
+        else:
+            self.sim.schedule(at, self._wake_idle, None)
+
     # -- iterations -------------------------------------------------------------------------------
 
     def _wake(self, now: float) -> None:
+        if self._settle_at is not None:
+            if now < self._settle_at:  # the iteration's end must plan what arrived: an event
+                self._version += 1
+                self.sim.schedule(self._settle_at, self._resume, self._version)
+                self._settle_at = None
+                return
+            self._settle_at = None
+            self.busy = False
         if not self.busy:
             self._plan(now)
-            return
+        else:
+            self._cut(now)
+
+    def _wake_idle(self, now: float, _: Any) -> None:
+        if not self.busy:  # busy: a run planned since already stops for what arrives now
+            self._plan(now)
+
+    def _cut(self, at: float) -> None:
+        """Cut the decode run under way short at the step in progress at `at`."""
         start, step, steps = self._group
-        if steps > 1:  # cut a decode run short at the step in progress
-            done = min(steps, max(1, math.ceil((now - start) / step - 1e-9)))
+        if steps > 1:
+            done = min(steps, max(1, math.ceil((at - start) / step - 1e-9)))
             if done < steps:
                 self._version += 1
                 self._group = (start, step, done)
                 self.sim.schedule(start + done * step, self._done, self._version)
+
+    def _start(self, now: float, step: float, steps: int) -> None:
+        """Run `steps` iterations of `step` s from `now` as one event, up to an expected import."""
+        self.busy = True
+        self._version += 1
+        if steps > 1 and self._expected:
+            upto = math.ceil((self._expected[0][0] - now) / step - 1e-9)
+            if upto < steps:
+                steps = upto if upto > 1 else 1
+        self._group = (now, step, steps)
+        self._schedule(now + step * steps, self._done, self._version)
 
     def _join(self, req: SimRequest) -> None:
         req.joined, req.ctx0, req.end = self.clock, req.ctx, self.clock + req.left
@@ -132,10 +183,18 @@ class SimEngine:
         return ends[0][0] - self.clock
 
     def _plan(self, now: float) -> None:
-        for req in self.joining:
-            self._join(req)
-        self.joining = []
+        if self.joining:
+            for req in self.joining:
+                self._join(req)
+            self.joining = []
+        expected = self._expected
+        while expected and expected[0][0] <= now:
+            self._join(heapq.heappop(expected)[2])
         running, partial = self.running, self.prefilling
+        n = len(running)
+        if n and not partial and not self.waiting and self.kv_used + n <= self.capacity:
+            self._decode_run(now, n)  # the common case, first
+            return
         while running and self.kv_used + len(running) > self.capacity:
             if partial:
                 self._preempt(partial.pop())
@@ -146,7 +205,7 @@ class SimEngine:
         n = len(running)
         if not partial and not self.waiting:  # decode only (every decode-role engine, mostly)
             if not n:
-                self.busy = False
+                self._idle()
                 return
             self._decode_run(now, n)
             return
@@ -155,6 +214,7 @@ class SimEngine:
         chunks: list[tuple[SimRequest, int]] = []
         p_tokens = 0
         p_ctx = 0.0
+        whole = True  # every chunk is the rest of its prompt
         # Admitted prompts first (most recently admitted preempted when KV is short), then new.
         i = 0
         while i < len(partial) and budget > 0:
@@ -168,6 +228,7 @@ class SimEngine:
             p_ctx += c * (req.ctx + c / 2)
             p_tokens += c
             budget -= c
+            whole = whole and c == req.todo
             i += 1
         while self.waiting and budget > 0 and seats > 0 and len(chunks) == len(partial):
             req = self.waiting[0]
@@ -180,38 +241,56 @@ class SimEngine:
             p_ctx += c * (req.ctx + c / 2)
             p_tokens += c
             budget -= c
+            whole = whole and c == req.todo
             seats -= 1
         if not chunks and partial and not n:  # a stuck prompt: free the latest one's blocks
             self._preempt(partial.pop())
             self._plan(now)
             return
         if not chunks and not n:
-            self.busy = False
+            self._idle()
             return
         if not chunks:
             self._decode_run(now, n)
             return
-        self.busy = True
-        self._version += 1
         self._chunks = chunks
         step = self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx, len(chunks))
-        self._group = (now, step, 1)
-        self.sim.schedule(now + step, self._done, self._version)
+        if self._ahead and whole and not self.waiting and len(chunks) == len(partial):
+            # every prompt completes and none waits: nothing happens here at the step's end
+            self.busy = True
+            self._group = (now, step, 1)
+            self._account(now + step)  # its imports are announced now, ahead of their time
+            self._settle_at = now + step
+            return
+        self._start(now, step, 1)
+
+    def _resume(self, now: float, version: int) -> None:
+        if version == self._version:
+            self._plan(now)
+
+    def _idle(self) -> None:
+        self.busy = False
+        if self._expected:
+            self.sim.schedule(self._expected[0][0], self._wake_idle, None)
 
     def _decode_run(self, now: float, n: int) -> None:
         """Decode steps up to the next completion (or the KV limit) as one event."""
-        self.busy = True
-        self._version += 1
-        steps = self._next_end()
-        room = (self.capacity - self.kv_used) // n
-        steps = max(1, min(steps, room)) if self.sim.event_skipping else 1
-        step = self.cost.iteration(0, 0.0, n, self.decode_ctx + n * (steps - 1) / 2)
-        self._group = (now, step, steps)
-        self.sim.schedule(now + step * steps, self._done, self._version)
+        steps = 1
+        if self._skipping:
+            steps = self._next_end()
+            room = (self.capacity - self.kv_used) // n
+            if room < steps:
+                steps = room if room > 1 else 1
+        self._start(now, self._decode_step(n, self.decode_ctx + n * (steps - 1) / 2), steps)
 
     def _done(self, now: float, version: int) -> None:
         if version != self._version:
             return  # superseded by a shorter run
+        self._account(now)
+        self._plan(now)
+
+    def _account(self, now: float) -> None:
+        """The iterations of `_group`, ending at `now`: tokens, completions, finishes."""
         start, step, steps = self._group
         self.iterations += steps
         self.busy_s += now - start
@@ -220,22 +299,22 @@ class SimEngine:
             n = len(running)
             self.kv_used += n * steps
             self.decode_ctx += n * steps
-            self.clock += steps
+            self.clock = clock = self.clock + steps
             ends = self._ends
-            while ends and ends[0][0] <= self.clock:
+            while ends and ends[0][0] <= clock:
                 end, _, r = heapq.heappop(ends)
-                if r in running and r.end == end:
+                if r.end == end and r in running:
                     self._leave(r)
                     self._finish(r, now)
-        for req, c in self._chunks:
-            req.todo -= c
-            req.ctx += c
-            self.kv_used += c
-            if req.todo == 0:
-                self.prefilling.remove(req)
-                self._prefilled(req, now)
-        self._chunks = []
-        self._plan(now)
+        if self._chunks:
+            for req, c in self._chunks:
+                req.todo -= c
+                req.ctx += c
+                self.kv_used += c
+                if req.todo == 0:
+                    self.prefilling.remove(req)
+                    self._prefilled(req, now)
+            self._chunks = []
 
     def _prefilled(self, req: SimRequest, now: float) -> None:
         if self.role == "prefill":  # its KV leaves; the decode side holds it from now on

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,12 +70,15 @@ class ClusterSim:
     arrival at its engine) in one event; without, one event per iteration."""
 
     def __init__(self, replicas: Sequence[ReplicaSpec], prefill_threshold: int,
-                 event_skipping: bool = True):
+                 event_skipping: bool = True, lookahead: bool = True):
         if not any(r.role in ("decode", "both") and r.count for r in replicas):
             raise ConfigError("a layout needs at least one decode or both replica")
         self.threshold = prefill_threshold
         # False: one event per decode iteration (slow; the reference event skipping must match).
         self.event_skipping = event_skipping
+        # True: a decode engine hears of an import when its prefill ends and plans its runs
+        # around it; False: an event when the KV lands (the reference lookahead must match).
+        self.lookahead = lookahead
         self.engines: list[SimEngine] = []
         for spec in replicas:
             for i in range(spec.count):
@@ -86,38 +90,39 @@ class ClusterSim:
         self._seq = itertools.count()
         self.remote_prefills = 0
         self.events = 0
+        self._first: list[float] = []
+        self._finish: list[float] = []
 
     def schedule(self, t: float, fn: Callable[[float, Any], None], arg: Any) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), fn, arg))
 
     def run(self, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray) -> SimResult:
         n = len(arrivals)
-        reqs = [SimRequest(i, float(a), int(p), int(o))
-                for i, (a, p, o) in enumerate(zip(arrivals.tolist(), prompts.tolist(),
-                                                  outputs.tolist(), strict=True))]
+        times, lens, outs = arrivals.tolist(), prompts.tolist(), outputs.tolist()
+        # Each request's first token and finish time, kept as it finishes (-1: not served).
+        self._first = [-1.0] * n
+        self._finish = [-1.0] * n
         limit = min(e.capacity for e in self.decode)
-        pending = iter(reqs)
         heap = self._heap
-        nxt = next(pending, None)
+        pop = heapq.heappop
         events = 0
-        while heap or nxt is not None:
-            if nxt is not None and (not heap or nxt.arrival <= heap[0][0]):
-                req, nxt = nxt, next(pending, None)
-                if req.prompt + req.output <= limit:
-                    self._arrive(req)
+        for i in range(n + 1):
+            t_next = times[i] if i < n else math.inf
+            while heap and heap[0][0] < t_next:  # an arrival goes before an event at its time
+                t, _, fn, arg = pop(heap)
+                fn(t, arg)
                 events += 1
-                continue
-            t, _, fn, arg = heapq.heappop(heap)
-            fn(t, arg)
+            if i == n:
+                break
             events += 1
-        ttft = np.full(n, np.nan)
-        tpot = np.full(n, np.nan)
-        for r in reqs:
-            if r.finish >= 0:
-                ttft[r.index] = r.first - r.arrival
-                if r.output >= 2:
-                    tpot[r.index] = (r.finish - r.first) / (r.output - 1)
-        end = max((r.finish for r in reqs), default=0.0)
+            if lens[i] + outs[i] <= limit:
+                self._arrive(SimRequest(i, t_next, lens[i], outs[i]))
+        first, finish = np.array(self._first), np.array(self._finish)
+        served = finish >= 0
+        ttft = np.where(served, first - arrivals, np.nan)
+        tpot = np.where(served & (outputs >= 2), (finish - first) / np.maximum(outputs - 1, 1),
+                        np.nan)
+        end = float(finish.max()) if n else 0.0
         span = max(end - float(arrivals[0]), 1e-9) if n else 1e-9
         busy: dict[str, list[float]] = {}
         for e in self.engines:
@@ -134,12 +139,10 @@ class ClusterSim:
         now = req.arrival
         worker = self.decode.pick()
         prefill = self.prefill.pick()
-        holds = [self.decode.hold(worker)]
+        self.decode.take(worker)
         if prefill is not None:
-            holds.append(self.prefill.hold(prefill))
-        for h in holds:
-            h.__enter__()
-        req.holds = tuple(holds)
+            self.prefill.take(prefill)
+        req.held = prefill
         req.decode = worker
         # Every prompt is uncached here (lengths only); the decode worker reserves before the
         # prefill worker computes, and prefills locally when it cannot.
@@ -159,7 +162,12 @@ class ClusterSim:
         layers = req.prefill.cost.model.num_layers
         tail = max(xfer / layers, xfer - (now - req.started))
         req.todo = 0
-        self.schedule(now + tail, self._imported, req)
+        if self.lookahead and req.left > 1:
+            req.first = now + tail
+            req.left -= 1
+            req.decode.expect(req, now + tail)
+        else:
+            self.schedule(now + tail, self._imported, req)
 
     def _imported(self, now: float, req: SimRequest) -> None:
         req.first = now
@@ -172,6 +180,10 @@ class ClusterSim:
         req.decode.admit_import(req, now)
 
     def finished(self, req: SimRequest, now: float) -> None:
-        for h in req.holds:
-            h.__exit__(None, None, None)
-        req.holds = ()
+        """`req` ended: the router's holds on its workers go."""
+        self._first[req.index] = req.first
+        self._finish[req.index] = req.finish
+        self.decode.release(req.decode)
+        if req.held is not None:
+            self.prefill.release(req.held)
+            req.held = None

@@ -22,3 +22,15 @@ def test_a_gpu_profile_calibrates_compute_memory_and_overhead() -> None:
     assert eff.compute == pytest.approx(0.4, rel=0.05)
     assert eff.memory == pytest.approx(0.6, rel=0.05)
     assert eff.overhead_s == pytest.approx(0.003, rel=0.1)
+
+
+@pytest.mark.parametrize("model,eff", [
+    ("llama-3-8b", Efficiency()),
+    ("mixtral-8x7b", Efficiency()),
+    ("llama-3-8b", Efficiency(per_seq_s=0.0002, overlap=False)),
+])
+def test_a_decode_step_costs_exactly_what_the_same_iteration_does(model: str,
+                                                                   eff: Efficiency) -> None:
+    cost = CostModel(Catalog().get("H100"), load_model(model), 2, eff)
+    for n, context in ((1, 17.0), (7, 9000.5), (64, 131072.25), (256, 3.5e6)):
+        assert cost.decode_step(n, context) == cost.iteration(0, 0.0, n, context)
