@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from baton.errors import BatonError
+from baton.errors import BatonError, ConfigError
 from baton.ops import cluster_cmds, jobs_cmds, k8s_cmds
 from baton.ops.cli_options import Output, OutputOpt
 from baton.ops.moefy_cmd import moefy_command
@@ -322,7 +322,10 @@ def bench_moe(
     from baton.ops.bench.report import run_and_report
 
     names = [p.strip() for p in policies.split(",")] if policies else list(MOE_POLICIES)
-    fractions = [float(b) for b in budgets.split(",")]
+    try:
+        fractions = [float(b) for b in budgets.split(",")]
+    except ValueError as exc:
+        raise ConfigError(f"--budgets takes fractions like 0.125,0.25; got {budgets!r}") from exc
     run_and_report(lambda c: bench.run_moe_bench(model, names, fractions, tier, num_requests,
                                                  max_tokens, threads, dtype, device, workload,
                                                  predictor, c),
