@@ -12,7 +12,8 @@ import json
 import sys
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,14 +21,9 @@ from rich.table import Table
 
 from baton.errors import JobServerError
 from baton.ops.cli_options import Output, OutputOpt
-from baton.ops.jobs_client import (
-    TERMINAL,
-    JobServer,
-    batch_entrypoint,
-    job_address,
-    job_paths,
-    local_router,
-)
+
+if TYPE_CHECKING:
+    from baton.ops.jobs_client import JobServer
 
 AddressOpt = Annotated[str | None, typer.Option(
     "--address", help="Ray job server, http://HOST:8265 (env RAY_API_SERVER_ADDRESS; default: "
@@ -49,6 +45,14 @@ def job_record(details: Any) -> dict[str, Any]:
 
 def _when(ms: int | None) -> str | None:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds") if ms else None
+
+
+def _client() -> ModuleType:
+    """The job server's client, imported on first use: it brings Ray's job SDK and the local
+    cluster's modules (torch among them), which `baton --help` and every other command skip."""
+    from baton.ops import jobs_client
+
+    return jobs_client
 
 
 def follow_logs(server: JobServer, job_id: str) -> None:
@@ -98,20 +102,21 @@ def submit(
                    ] = Output.text,
 ) -> None:
     """Run a JSONL file through Baton as a Ray job; results as JSONL in input order."""
-    where = job_address(address)
-    src, dst, python = job_paths(where, input_path, output_path)  # a missing input fails first
-    server = JobServer(where, token)
+    jc = _client()
+    where = jc.job_address(address)
+    src, dst, python = jc.job_paths(where, input_path, output_path)  # a missing input fails first
+    server = jc.JobServer(where, token)
     options = ["--concurrency", str(concurrency), "--max-attempts", str(max_attempts)]
     if model:
         options += ["--model", model, "--workers", str(workers)]
     if config:
         options += ["--config", config]
     if not (model or config or router):
-        router, router_token = local_router(where, router_token)
+        router, router_token = jc.local_router(where, router_token)
     if router:
         options += ["--router", router]
     runtime_env = {"env_vars": {"BATON_API_TOKEN": router_token}} if router_token else None
-    entrypoint = batch_entrypoint(src, dst, options, python)
+    entrypoint = jc.batch_entrypoint(src, dst, options, python)
     submitted = server.call(server.client.submit_job, entrypoint=entrypoint,
                             submission_id=job_id, runtime_env=runtime_env,
                             metadata={"baton": "batch", "output": dst})
@@ -130,7 +135,7 @@ def submit(
 def list_jobs(address: AddressOpt = None, token: TokenOpt = None,
               output: OutputOpt = Output.text) -> None:
     """Every job the job server knows, oldest first."""
-    server = JobServer(address, token)
+    server = _client().JobServer(address, token)
     jobs = sorted(server.call(server.client.list_jobs), key=lambda d: d.start_time or 0)
     rows = [job_record(d) for d in jobs]
     if output is Output.json:
@@ -148,7 +153,7 @@ def list_jobs(address: AddressOpt = None, token: TokenOpt = None,
 def job_status(job_id: JobArg, address: AddressOpt = None, token: TokenOpt = None,
                output: OutputOpt = Output.text) -> None:
     """One job's status, times and entrypoint."""
-    server = JobServer(address, token)
+    server = _client().JobServer(address, token)
     record = job_record(server.call(server.client.get_job_info, job_id, job_id=job_id))
     if output is Output.json:
         typer.echo(json.dumps(record, indent=2))
@@ -162,7 +167,7 @@ def job_logs(job_id: JobArg, address: AddressOpt = None, token: TokenOpt = None,
              follow: Annotated[bool, typer.Option(help="Keep printing until the job ends")
                                ] = False) -> None:
     """A job's logs (its progress lines included)."""
-    server = JobServer(address, token)
+    server = _client().JobServer(address, token)
     if follow:
         follow_logs(server, job_id)
         return
@@ -175,11 +180,11 @@ def job_stop(job_id: JobArg, address: AddressOpt = None, token: TokenOpt = None,
                  help="Seconds to wait for the job to end (0: do not wait)")] = 60.0,
              output: OutputOpt = Output.text) -> None:
     """Stop a job (a batch job resumes where it stopped when submitted again)."""
-    server = JobServer(address, token)
+    server = _client().JobServer(address, token)
     stopping = server.call(server.client.stop_job, job_id, job_id=job_id)
     status = server.status(job_id)
     deadline = time.monotonic() + wait
-    while status not in TERMINAL and time.monotonic() < deadline:
+    while status not in _client().TERMINAL and time.monotonic() < deadline:
         time.sleep(0.5)  # polling the job server's state, with a deadline
         status = server.status(job_id)
     if output is Output.json:
