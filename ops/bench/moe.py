@@ -20,7 +20,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from baton.actors.engine import Engine
+from baton.actors.expert_cache import ExpertCacheStats
 from baton.actors.expert_store import DiskStore
 from baton.actors.model_source import DEFAULT_MODEL, cache_root
 from baton.engine_config import MOE_POLICIES
@@ -69,8 +70,8 @@ class Phase:
 def run_batch(engine: Engine, prompts: list[str], max_tokens: int) -> tuple[int, float,
                                                                               list[list[int]]]:
     """Serve `prompts` at once: decode tokens (after each one's first), the decode seconds (from
-    the first first-token to the last finish, minus nothing: the batch decodes together), and
-    every request's tokens in order."""
+    the first request's first token to the last finish: the batch decodes together), and every
+    request's tokens in order."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
     first: dict[str, float] = {}
@@ -124,15 +125,9 @@ def _cold_start(engine: Engine) -> None:
 
 
 def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Counter deltas plus the rates recomputed over them."""
-    d = {k: after[k] - before[k] for k in ("hits", "misses", "bytes_loaded", "stall_seconds",
-                                           "prefetches_issued", "prefetches_used")}
-    uses = d["hits"] + d["misses"]
-    d["hit_rate"] = d["hits"] / uses if uses else 0.0
-    d["prefetch_precision"] = (d["prefetches_used"] / d["prefetches_issued"]
-                               if d["prefetches_issued"] else 0.0)
-    d["prefetch_recall"] = d["prefetches_used"] / uses if uses else 0.0
-    return d
+    """The cache's counters over a phase, with the rates the cache itself derives from them."""
+    counters = {f.name: after[f.name] - before[f.name] for f in fields(ExpertCacheStats)}
+    return ExpertCacheStats(**counters).as_dict()
 
 
 def run_engine(make: Callable[[], Engine], items: list[WorkItem], max_tokens: int,
