@@ -21,6 +21,13 @@ ExpertKey = tuple[int, int]  # (layer, expert)
 RouterLogits = Callable[[torch.Tensor], torch.Tensor]
 
 
+def most_voted(chosen: torch.Tensor, num_experts: int) -> list[int]:
+    """The experts `chosen` (indices, any shape) names, most often named first, ties by index."""
+    votes = torch.bincount(chosen.flatten(), minlength=num_experts)
+    order = torch.argsort(votes, descending=True, stable=True).tolist()
+    return [e for e in order if votes[e] > 0]
+
+
 class ExpertPolicy:
     """Eviction order plus prefetch predictions; the default predicts nothing."""
 
@@ -109,9 +116,7 @@ class LookaheadPolicy(LRUPolicy):
             return []
         logits = self._routers[nxt](hidden)
         top = torch.topk(logits, min(self._top_k, logits.shape[-1]), dim=-1).indices
-        votes = torch.bincount(top.flatten(), minlength=logits.shape[-1])
-        order = torch.argsort(votes, descending=True, stable=True).tolist()
-        return [(nxt, e) for e in order if votes[e] > 0]  # most-wanted first
+        return [(nxt, e) for e in most_voted(top, logits.shape[-1])]
 
 
 class PredictiveLRU(LRUPolicy):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from baton.actors.expert_policies import ExpertKey, PredictiveLRU
+from baton.actors.expert_policies import ExpertKey, PredictiveLRU, most_voted
 from baton.actors.routing_predictor import RoutingPredictor
 
 DEPTH = 2  # MoE layers ahead to prefetch
@@ -35,9 +35,6 @@ class LearnedPolicy(PredictiveLRU):
     def _predict_path(self, hidden: torch.Tensor) -> list[list[ExpertKey]]:
         with torch.no_grad():
             top = self.predictor.top_k(hidden).cpu()  # [T, targets, k]
-        path = []
-        for i, target in enumerate(self._targets):
-            votes = torch.bincount(top[:, i].flatten(), minlength=self.predictor.shape.num_experts)
-            order = torch.argsort(votes, descending=True, stable=True).tolist()
-            path.append([(target, e) for e in order if votes[e] > 0])
-        return path
+        num_experts = self.predictor.shape.num_experts
+        return [[(target, e) for e in most_voted(top[:, i], num_experts)]
+                for i, target in enumerate(self._targets)]
