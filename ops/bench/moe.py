@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -130,10 +129,9 @@ def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float
     return ExpertCacheStats(**counters).as_dict()
 
 
-def run_engine(make: Callable[[], Engine], items: list[WorkItem], max_tokens: int,
+def run_engine(engine: Engine, items: list[WorkItem], max_tokens: int,
                warmup: str) -> dict[int, Phase]:
-    """Build an engine, warm it on one short request, time both batch sizes, release it."""
-    engine = make()
+    """Warm `engine` on one short request, time both batch sizes, release its expert cache."""
     try:
         engine.generate([warmup], SamplingParams(max_tokens=4))
         return {b: measure(engine, items, b, max_tokens) for b in BATCHES}
@@ -197,23 +195,23 @@ def _run(model: str, policies: list[str], budgets: list[float], tier: str, num_r
     def resident() -> Engine:
         return Engine(model, **common)
 
-    probe = resident()
-    items = load_workload(workload, probe)[:num_requests]
+    engine = resident()  # reads the workload (chat prompts need its template), then runs first
+    items = load_workload(workload, engine)[:num_requests]
     warmup = items[0].prompt[:200]
-    del probe
     runs: dict[str, Any] = {}
     console.log("all-resident engine (first run)")
-    first = run_engine(resident, items, max_tokens, warmup)
+    first = run_engine(engine, items, max_tokens, warmup)
+    del engine
     for budget in budgets:
         for policy in policies:
             offload = {"budget": budget, "policy": policy, "tier": tier,
                        **policy_options.get(policy, {})}
             console.log(f"budget {budget:.1%}, policy {policy}")
-            phases = run_engine(lambda o=offload: Engine(model, moe_offload=o, **common),
+            phases = run_engine(Engine(model, moe_offload=offload, **common),
                                 items, max_tokens, warmup)
             runs[f"{budget}/{policy}"] = {"budget": budget, "policy": policy, "phases": phases}
     console.log("all-resident engine (last run)")
-    last = run_engine(resident, items, max_tokens, warmup)
+    last = run_engine(resident(), items, max_tokens, warmup)
     return summarize(first, last, runs, model=model, tier=tier, dtype=dtype, device=device,
                      threads=threads, num_requests=len(items), max_tokens=max_tokens,
                      workload=workload or "built-in", policies=policies, budgets=budgets)
