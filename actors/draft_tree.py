@@ -10,8 +10,10 @@ model's); without it a node is a deterministic guess (prompt lookup, a trie, the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # only for annotations: the router and the CLI import this without torch
+    import torch
 
 
 @dataclass(slots=True)
