@@ -140,11 +140,16 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
 
 
 def _matmul_attention(q, keys, values, mask, scaling):
-    # transformers' eager recipe: scores in the model dtype, softmax in float32.
+    # transformers' eager recipe: scores in the model dtype, softmax in float32. On the CPU the
+    # whole product runs in float32: x86 parts without AVX-512 BF16 have no fast half-precision
+    # batched matmul (measured 3-5x slower than upcasting these decode-sized operands).
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype != torch.float32:
+        q, keys, values = q.float(), keys.float(), values.float()
     scores = torch.matmul(q, keys.transpose(-1, -2)) * scaling
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, values)
+    return torch.matmul(probs, values).to(dtype)
 
 
 def paged_attention_forward(
@@ -185,10 +190,12 @@ def paged_attention_forward(
     values = gather_kv(v_cache, batch.block_tables)
 
     b, qlen = batch.batch_size, batch.max_query_len
-    if (b == 1 and not sliding_window and not batch.trees
+    decode_on_cpu = qlen == 1 and query.device.type == "cpu"
+    if (b == 1 and not sliding_window and not batch.trees and not decode_on_cpu
             and (qlen == 1 or qlen == batch.max_context_len)):
         # One request with nothing cached before its queries: plain causal attention, the very
-        # call transformers' own sdpa path makes (so single-request results match it bit for bit).
+        # call transformers' own sdpa path makes. (CPU decode takes the float32 matmuls below:
+        # SDPA's CPU kernel costs about a millisecond for one query in half precision.)
         length = batch.max_context_len
         k1 = keys[:, :, :length].transpose(0, 1)
         v1 = values[:, :, :length].transpose(0, 1)
