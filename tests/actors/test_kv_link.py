@@ -22,9 +22,10 @@ from baton.actors.kv_wire import (
     LayerFeed,
     checksum,
 )
-from baton.actors.kv_wire import encode as kv_link_encode
 from baton.errors import KVTransferError
 from baton.protos import kv_link_pb2
+from tests.actors.kv_faults import corrupting_encode
+from tests.conftest import wait_until
 
 SPEC = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=16, block_size=8, dtype=torch.bfloat16)
 TOKEN = "s3cret"
@@ -219,21 +220,8 @@ def test_a_transfer_split_across_streams_lands_every_layer_in_its_blocks(
     sender.close()
 
 
-def _corrupting(layer: int):
-    """An `encode` that flips one bit in the payload of the group holding `layer`."""
-
-    def encode(group, template, chunk_bytes):
-        corrupt = group.first_layer <= layer < group.first_layer + len(group.payloads)
-        for i, message in enumerate(kv_link_encode(group, template, chunk_bytes)):
-            if corrupt and i == 1:  # the first payload message after its header
-                message = bytes([message[0] ^ 1]) + message[1:]
-            yield message
-
-    return encode
-
-
 def test_a_corrupted_chunk_on_one_stream_fails_the_whole_transfer(src, receiver, monkeypatch):
-    monkeypatch.setattr("baton.actors.kv_link.encode", _corrupting(layer=3))
+    monkeypatch.setattr("baton.actors.kv_link.encode", corrupting_encode(layer=3))
     receiver.expect("bad", "rb", [4, 5], timeout_s=10)
     sender = KVSender(receiver.address, TOKEN, chunk_bytes=1024, streams=2)
     with pytest.raises(KVTransferError, match="checksum mismatch in layer 3"):
@@ -245,9 +233,12 @@ def test_a_corrupted_chunk_on_one_stream_fails_the_whole_transfer(src, receiver,
     sender.close()
 
 
-def test_a_producer_failing_mid_transfer_cancels_every_stream(src, receiver):
-    transfer = receiver.expect("die", "rd", [6], timeout_s=10)
+def test_a_producer_failing_mid_transfer_fails_it_at_once(src, receiver):
     sender = KVSender(receiver.address, TOKEN, chunk_bytes=1024, streams=2)
+    receiver.expect("warm", "rw", [6], timeout_s=10)  # the channel's own threads start here
+    sender.push_blocks(src, "warm", "rw", [0], [6], timeout_s=10)
+    before = set(threading.enumerate())
+    transfer = receiver.expect("die", "rd", [6], timeout_s=10)
 
     def layers():
         for layer in range(2):
@@ -261,8 +252,13 @@ def test_a_producer_failing_mid_transfer_cancels_every_stream(src, receiver):
 
     with pytest.raises(RuntimeError, match="prefill crashed"):
         sender.push("die", "rd", [6], layers(), SPEC, timeout_s=10)
-    with pytest.raises(KVTransferError, match="cancelled by its sender"):
+    # The receiver learns of it from the streams, not from its deadline.
+    with pytest.raises(KVTransferError, match="cancelled by its sender|ended after 2 of 4"):
         receiver.wait("die")
+    # And no thread feeding the push's streams is left waiting for layers that will not come.
+    wait_until(lambda: not [t for t in set(threading.enumerate()) - before
+                            if not t.name.startswith("kv-recv")],
+               timeout_s=10, what="the push's stream threads to end")
     sender.close()
 
 
