@@ -9,6 +9,8 @@ The copies go through `baton.kernels.kv_blocks`: a Triton kernel on CUDA, `index
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
@@ -16,6 +18,11 @@ from baton.kernels.kv_blocks import gather_blocks, scatter_blocks
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+WireBytes = bytes | bytearray
+
+# The receiver reads KV straight out of the bytes gRPC handed it (no copy): torch warns once that
+# such a tensor is not writable. It is only ever read (scattered into the cache).
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 def payload_shape(spec: KVCacheSpec, num_blocks: int) -> tuple[int, ...]:
@@ -28,8 +35,15 @@ def payload_nbytes(spec: KVCacheSpec, num_blocks: int) -> int:
 
 def pack_layer(cache: PagedKVCache, layer: int, block_ids: torch.Tensor) -> torch.Tensor:
     """One layer's keys and values in `block_ids`, as a contiguous byte tensor (on the CPU)."""
-    keys, values = cache.layer(layer)
-    payload = gather_blocks([keys], [values], block_ids)[0]
+    return pack_layers(cache, layer, 1, block_ids)
+
+
+def pack_layers(cache: PagedKVCache, first_layer: int, num_layers: int,
+                block_ids: torch.Tensor) -> torch.Tensor:
+    """`num_layers` consecutive `pack_layer` payloads, back to back, in one gather (one byte
+    tensor on the CPU): per layer, small gathers cost more in dispatch than in copying."""
+    layers = slice(first_layer, first_layer + num_layers)
+    payload = gather_blocks(cache.keys[layers], cache.values[layers], block_ids)
     return payload.cpu().view(torch.uint8).reshape(-1)
 
 
@@ -42,10 +56,21 @@ def unpack_layer(
     scatter_blocks([keys], [values], block_ids, payload.view(keys.dtype).view(shape))
 
 
+def unpack_layers(cache: PagedKVCache, first_layer: int, block_ids: torch.Tensor,
+                  payload: WireBytes) -> None:
+    """Write consecutive `pack_layer` payloads from `first_layer` on, read straight from wire
+    bytes (no copy on the CPU), into `block_ids` of this cache (sizes checked by the caller)."""
+    spec = cache.spec
+    n = len(payload) // payload_nbytes(spec, len(block_ids))
+    data = torch.frombuffer(payload, dtype=torch.uint8).view(spec.dtype)
+    layers = slice(first_layer, first_layer + n)
+    scatter_blocks(cache.keys[layers], cache.values[layers], block_ids,
+                   data.view(n, *payload_shape(spec, len(block_ids))))
+
+
 def pack_all_layers(cache: PagedKVCache, block_ids: torch.Tensor) -> torch.Tensor:
     """Every layer's `pack_layer` payload, in layer order, as one byte tensor (on the CPU)."""
-    payload = gather_blocks(cache.keys, cache.values, block_ids)
-    return payload.cpu().view(torch.uint8).reshape(-1)
+    return pack_layers(cache, 0, cache.spec.num_layers, block_ids)
 
 
 def unpack_all_layers(cache: PagedKVCache, block_ids: torch.Tensor,

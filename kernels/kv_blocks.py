@@ -4,10 +4,16 @@ The KV link's packing: for layers `0..L-1` of a paged cache (each `[kv_heads, nu
 block_size, head_dim]`, keys and values apart), the blocks named by `block_ids` become one
 `[L, 2, kv_heads, n, block_size, head_dim]` buffer (keys, then values, per layer), and go back into
 whichever blocks the receiver reserved. Copies are bit for bit on every path.
+
+On the CPU the copies run in numpy, on one thread: they are memory-bound, and torch's parallel
+index ops stall whenever their second thread is descheduled (on a busy 2-core machine, scattering
+a 2 MiB layer took 16 ms with torch's 2 threads, 1.3 ms with one, 0.2 ms in numpy), while
+`torch.set_num_threads` cannot be lowered for one thread alone.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from baton.errors import KVTransferError
@@ -29,6 +35,8 @@ def gather_blocks(keys: list[torch.Tensor], values: list[torch.Tensor],
         out = keys[0].new_empty(payload_shape(keys, len(ids)))
         copy_blocks(keys, values, ids, out, to_payload=True)
         return out
+    if keys[0].device.type == "cpu":
+        return _gather_blocks_cpu(keys, values, ids)
     return gather_blocks_reference(keys, values, ids)
 
 
@@ -46,6 +54,9 @@ def scatter_blocks(keys: list[torch.Tensor], values: list[torch.Tensor],
 
         copy_blocks(keys, values, ids, payload, to_payload=False)
         return
+    if keys[0].device.type == "cpu":
+        _scatter_blocks_cpu(keys, values, ids, payload)
+        return
     scatter_blocks_reference(keys, values, ids, payload)
 
 
@@ -60,6 +71,30 @@ def scatter_blocks_reference(keys: list[torch.Tensor], values: list[torch.Tensor
     for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
         k.index_copy_(1, block_ids, payload[layer, 0])
         v.index_copy_(1, block_ids, payload[layer, 1])
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a numpy uint8 array (last dimension in bytes), shared."""
+    return t.view(torch.uint8).numpy()
+
+
+def _gather_blocks_cpu(keys: list[torch.Tensor], values: list[torch.Tensor],
+                       block_ids: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(payload_shape(keys, len(block_ids)), dtype=keys[0].dtype)
+    dst, ids = _bytes(out), block_ids.numpy()
+    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+        # mode="clip" skips numpy's buffered bounds check; `_checked_ids` checked the ids.
+        np.take(_bytes(k), ids, axis=1, out=dst[layer, 0], mode="clip")
+        np.take(_bytes(v), ids, axis=1, out=dst[layer, 1], mode="clip")
+    return out
+
+
+def _scatter_blocks_cpu(keys: list[torch.Tensor], values: list[torch.Tensor],
+                        block_ids: torch.Tensor, payload: torch.Tensor) -> None:
+    src, ids = _bytes(payload), block_ids.numpy()
+    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+        _bytes(k)[:, ids] = src[layer, 0]
+        _bytes(v)[:, ids] = src[layer, 1]
 
 
 def _checked_ids(keys: list[torch.Tensor], values: list[torch.Tensor],

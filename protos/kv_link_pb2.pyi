@@ -7,28 +7,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVChunk(_message.Message):
-    __slots__ = ("transfer_id", "request_id", "layer", "block_ids", "dtype", "shape", "offset", "total_bytes", "data", "crc32")
+    __slots__ = ("transfer_id", "request_id", "first_layer", "num_layers", "block_ids", "dtype", "shape", "offset", "total_bytes", "length", "crc32c")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    LAYER_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     request_id: str
-    layer: int
+    first_layer: int
+    num_layers: int
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     offset: int
     total_bytes: int
-    data: bytes
-    crc32: int
-    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+    length: int
+    crc32c: int
+    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., first_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., length: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class PushResult(_message.Message):
     __slots__ = ("transfer_id", "layers_received", "bytes_received")

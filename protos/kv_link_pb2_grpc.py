@@ -3,7 +3,6 @@
 import grpc
 import warnings
 
-from . import kv_link_pb2 as kv__link__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -23,76 +22,3 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
-
-
-class KVLinkStub:
-    """Missing associated documentation comment in .proto file."""
-
-    def __init__(self, channel):
-        """Constructor.
-
-        Args:
-            channel: A grpc.Channel.
-        """
-        self.Push = channel.stream_unary(
-                '/baton.kv.v1.KVLink/Push',
-                request_serializer=kv__link__pb2.KVChunk.SerializeToString,
-                response_deserializer=kv__link__pb2.PushResult.FromString,
-                _registered_method=True)
-
-
-class KVLinkServicer:
-    """Missing associated documentation comment in .proto file."""
-
-    def Push(self, request_iterator, context):
-        """A client stream of chunks for one transfer; the receiver answers once all layers landed.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-
-def add_KVLinkServicer_to_server(servicer, server):
-    rpc_method_handlers = {
-            'Push': grpc.stream_unary_rpc_method_handler(
-                    servicer.Push,
-                    request_deserializer=kv__link__pb2.KVChunk.FromString,
-                    response_serializer=kv__link__pb2.PushResult.SerializeToString,
-            ),
-    }
-    generic_handler = grpc.method_handlers_generic_handler(
-            'baton.kv.v1.KVLink', rpc_method_handlers)
-    server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('baton.kv.v1.KVLink', rpc_method_handlers)
-
-
- # This class is part of an EXPERIMENTAL API.
-class KVLink:
-    """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def Push(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/baton.kv.v1.KVLink/Push',
-            kv__link__pb2.KVChunk.SerializeToString,
-            kv__link__pb2.PushResult.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)

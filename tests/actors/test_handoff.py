@@ -14,6 +14,7 @@ from baton.actors.kv_link import KVReceiver, KVSender
 from baton.actors.kv_transfer import payload_nbytes
 from baton.errors import KVTransferError
 from baton.sampling import SamplingParams
+from tests.actors.kv_faults import corrupting_encode
 from tests.conftest import assert_no_leaks, run_to_completion
 
 TOKEN = "handoff-token"
@@ -103,6 +104,25 @@ def test_failed_transfer_frees_the_reservation(pair):
     final = run_to_completion(decode)[res.request_id]
     assert final.finish_reason == "error" and "prefill worker lost" in final.error
     assert_no_leaks(decode)
+
+
+def test_a_stream_failing_mid_handoff_fails_it_and_frees_the_reservation(pair, monkeypatch):
+    prefill, decode, receiver, _ = pair
+    monkeypatch.setattr("baton.actors.kv_link.encode", corrupting_encode(layer=1))
+    sender = KVSender(receiver.address, TOKEN, chunk_bytes=4096, streams=3)
+    res = decode.reserve_import(list(range(60)), SamplingParams(max_tokens=5))
+    transfer = receiver.expect("split", res.request_id, res.block_ids, timeout_s=20)
+    src = list(range(len(res.block_ids)))
+    with pytest.raises(KVTransferError, match="checksum mismatch in layer 1"):
+        sender.push_blocks(prefill.cache, "split", res.request_id, src, res.block_ids,
+                           timeout_s=20)
+    with pytest.raises(KVTransferError, match="checksum mismatch in layer 1"):
+        receiver.wait("split")
+    assert transfer.streams == 3  # the transfer was split, and the streams that were fine
+    decode.fail_import(res.request_id, "KV transfer failed")  # did not complete it
+    assert run_to_completion(decode)[res.request_id].finish_reason == "error"
+    assert_no_leaks(decode)
+    sender.close()
 
 
 def test_abort_while_waiting_for_kv(pair):
