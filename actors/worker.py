@@ -126,6 +126,8 @@ class Worker:
             "cpu_affinity": sorted(os.sched_getaffinity(0)),
             "lease_expiries": self.lease_expiries,
             "niceness": os.getpriority(os.PRIO_PROCESS, 0),
+            "loop_timings": self.loop.timings.as_dict(),
+            "process_cpu_s": time.process_time(),
         }
 
     async def renew(self, caller: str) -> int:
