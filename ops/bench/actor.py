@@ -5,10 +5,12 @@ core: the engine alone steps in this process (its thread pinned to that core), t
 is pinned to it the way a pool with `cpu_cores` pins a replica. One request at a time (batch 1),
 the systems taking turns, each repeat a new prompt of the same length with the same output length
 (EOS ignored). TPOT is what the caller sees: from the first token's arrival to the last's, over the
-tokens after the first. For the actor path the report also says where a token's time went: the
-engine thread's step (its forward pass within it), the loop's work between steps, and the
-delivery of the last token to the caller (its arrival here minus the engine's finish time; both
-read `time.monotonic`, one clock for all processes on the machine).
+tokens after the first. For the actor path the report also says where a token's time went (per
+output token, the prompts' steps included): the engine thread's step (its forward pass within it),
+the loop's work between steps, the CPU time of the engine thread and of the actor's other threads
+(Ray's, the event loop's), and the delivery of the last token to the caller (its arrival here
+minus the engine's finish time; both read `time.monotonic`, one clock for all processes on the
+machine).
 """
 
 from __future__ import annotations
@@ -95,10 +97,10 @@ class EngineAlone:
 
         def outputs() -> Iterator[RequestOutput]:
             while engine.has_unfinished():
-                t0 = time.perf_counter()
+                t0, last = time.perf_counter(), engine.last_step
                 outs = engine.step()
                 self.step_s += time.perf_counter() - t0
-                if engine.last_step is not None:
+                if engine.last_step is not last and engine.last_step is not None:
                     self.forward_s += engine.last_step.seconds
                 yield from (o for o in outs if o.request_id == rid)
 
