@@ -10,9 +10,11 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import asdict, dataclass
 from typing import TypeVar
 
 from baton.actors.handoff import HandoffEngine
@@ -20,6 +22,27 @@ from baton.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class LoopTimings:
+    """Where the loop thread's busy time went since it started (seconds, summed).
+
+    `step_s` is inside `engine.step()` (its forward pass is `forward_s`), `calls_s` runs other
+    threads' calls between steps, `deliver_s` hands outputs to their subscribers. Idle waits for
+    work are not counted. `cpu_s` is the loop thread's own CPU time, idle or not: what the wall
+    figures hold beyond it, the thread spent waiting for the GIL or a core.
+    """
+
+    steps: int = 0
+    step_s: float = 0.0
+    forward_s: float = 0.0
+    calls_s: float = 0.0
+    deliver_s: float = 0.0
+    cpu_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
 
 
 class EngineLoop:
@@ -31,6 +54,7 @@ class EngineLoop:
         self._subscribers: dict[str, Callable[[RequestOutput], None]] = {}
         self._stop = threading.Event()
         self.finished: Counter[str] = Counter()  # requests ended, by finish reason
+        self.timings = LoopTimings()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -53,6 +77,8 @@ class EngineLoop:
         self._thread.join(10)
 
     def _run(self) -> None:
+        t = self.timings
+        clock = time.perf_counter
         while not self._stop.is_set():
             # Idle: sleep until a call comes. Busy: take whatever calls are waiting, then step.
             block = not self.engine.has_unfinished()
@@ -63,15 +89,30 @@ class EngineLoop:
                     break
                 if item is None:
                     return
+                t0 = clock()
                 self._apply(*item)
+                t.calls_s += clock() - t0
                 block = False
-            for out in self.engine.step():
-                sink = self._subscribers.get(out.request_id)
-                if out.finished:
-                    self._subscribers.pop(out.request_id, None)
-                    self.finished[out.finish_reason or "unknown"] += 1
-                if sink is not None:
-                    sink(out)
+            t0 = clock()
+            last = self.engine.last_step
+            outputs = self.engine.step()
+            t1 = clock()
+            t.steps += 1
+            t.step_s += t1 - t0
+            if self.engine.last_step is not last and self.engine.last_step is not None:
+                t.forward_s += self.engine.last_step.seconds
+            self._deliver(outputs)
+            t.deliver_s += clock() - t1
+            t.cpu_s = time.thread_time()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            sink = self._subscribers.get(out.request_id)
+            if out.finished:
+                self._subscribers.pop(out.request_id, None)
+                self.finished[out.finish_reason or "unknown"] += 1
+            if sink is not None:
+                sink(out)
 
     def _apply(self, fn: Callable[[HandoffEngine], object], fut: Future) -> None:
         if not fut.set_running_or_notify_cancel():

@@ -30,6 +30,7 @@ import ray
 from baton.actors.engine_loop import EngineLoop
 from baton.actors.handoff import HandoffEngine, ImportReservation
 from baton.actors.kv_link import KVReceiver, KVSender
+from baton.actors.output_stream import OutputStream
 from baton.engine_config import EngineConfig
 from baton.errors import (
     BatonError,
@@ -126,6 +127,8 @@ class Worker:
             "cpu_affinity": sorted(os.sched_getaffinity(0)),
             "lease_expiries": self.lease_expiries,
             "niceness": os.getpriority(os.PRIO_PROCESS, 0),
+            "loop_timings": self.loop.timings.as_dict(),
+            "process_cpu_s": time.process_time(),
         }
 
     async def renew(self, caller: str) -> int:
@@ -196,17 +199,12 @@ class Worker:
 
     async def _generate(self, request_id: str, prompt: str | list[int],
                         params: SamplingParams, prefill: Any) -> AsyncIterator[RequestOutput]:
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        aloop = asyncio.get_running_loop()
-
-        def sink(out: RequestOutput) -> None:
-            aloop.call_soon_threadsafe(outputs.put_nowait, out)
-
+        outputs = OutputStream(asyncio.get_running_loop())
         remote = prefill is not None and self.receiver is not None
         finished = admitted = False
         try:
             reservation = await self.loop.acall(
-                lambda e: self._admit(e, request_id, prompt, params, sink, remote)
+                lambda e: self._admit(e, request_id, prompt, params, outputs.put, remote)
             )
             admitted = True
             if reservation is not None:

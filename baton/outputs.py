@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from baton.stats import tpot
@@ -129,3 +130,12 @@ class RequestOutput:
     metrics: RequestMetrics
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
+
+
+def merge_outputs(outputs: Sequence[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one: the deltas joined in order, everything else
+    (text, token ids, finish, metrics) from the last. One output is returned as it is."""
+    if len(outputs) == 1:
+        return outputs[0]
+    return replace(outputs[-1], delta_text="".join(o.delta_text for o in outputs),
+                   delta_token_ids=[t for o in outputs for t in o.delta_token_ids])

@@ -159,6 +159,24 @@ def bench_engine(
                threads=threads, seed=seed, max_output_tokens=max_output_tokens)
 
 
+@bench_app.command("actor")
+def bench_actor(
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,
+    model: ModelOpt = "default",
+    dtype: Annotated[str, typer.Option(help="Both systems' dtype")] = "bfloat16",
+    repeats: Annotated[int, typer.Option(help="Requests per system, taking turns")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per request")] = 64,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens per request")] = 32,
+    core: Annotated[int | None, typer.Option(
+        help="The one core both systems run on (default: the last this process may use)")] = None,
+) -> None:
+    """One request's TPOT through a Ray worker actor against its engine alone, same core."""
+    from baton.ops.bench import actor as bench
+
+    bench.main(json_path=json_path, model=model, dtype=dtype, repeats=repeats,
+               max_tokens=max_tokens, prompt_tokens=prompt_tokens, core=core)
+
+
 @bench_app.command("kv")
 def bench_kv(
     json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,

@@ -35,7 +35,7 @@ from baton.ops.bench.hf_baselines import (
     warm_hf,
 )
 from baton.ops.bench.machine import OtherCPUBusy, machine_info, warn_if_busy
-from baton.ops.bench.report import run_and_report
+from baton.ops.bench.report import ms, run_and_report
 from baton.ops.bench.workload import (
     MAX_OUTPUT_TOKENS,
     RequestTiming,
@@ -210,9 +210,6 @@ def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v * 1000:.1f}"
-
     table = Table(title=f"baton bench engine: {report['model']} {report['dtype']}, "
                         f"{report['machine']['threads']} threads", caption="TTFT, TPOT in ms")
     table.add_column("system", no_wrap=True)

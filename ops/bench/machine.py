@@ -56,11 +56,12 @@ class OtherCPUBusy:
     def __init__(self) -> None:
         self._before, self._t0 = cpu_seconds(), time.perf_counter()
 
-    def share(self) -> float | None:
+    def share(self, also_ours_s: float = 0.0) -> float | None:
+        """`also_ours_s`: CPU seconds the run's own other processes (its actors) used meanwhile."""
         after, elapsed = cpu_seconds(), time.perf_counter() - self._t0
         if self._before is None or after is None:
             return None
-        busy = (after[0] - self._before[0]) - (after[1] - self._before[1])
+        busy = (after[0] - self._before[0]) - (after[1] - self._before[1]) - also_ours_s
         return max(0.0, busy / (elapsed * (os.cpu_count() or 1)))
 
 

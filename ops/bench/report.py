@@ -24,3 +24,8 @@ def run_and_report(run: Callable[[Console], dict[str, Any]],
         path.write_text(json.dumps(report, indent=2) + "\n")
     show(report, Console())
     return report
+
+
+def ms(seconds: float | None) -> str:
+    """Seconds as milliseconds for a table, one decimal; '-' for no figure."""
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"

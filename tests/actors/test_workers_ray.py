@@ -136,3 +136,38 @@ def test_bad_request_raises_a_typed_error_and_the_worker_keeps_serving(workers):
     out = _generate(decode, "good", [1, 2, 3], SamplingParams(max_tokens=3), prefill)
     assert out.finish_reason == "length"
     assert ray.get(decode.block_violations.remote()) == []
+
+
+def test_streamed_requests_give_the_engines_tokens_and_text_in_order(workers):
+    _, decode = workers
+    # Eight at once: the worker's streaming task falls behind the engine, which steps all eight
+    # together, so tokens get grouped into fewer stream items.
+    prompts = _prompts(7, (12,) * 8)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    expected = Engine(MODEL, **ENGINE).generate(prompts, params)
+    streams = [decode.generate.options(num_returns="streaming").remote(f"streamed-{i}", p,
+                                                                        params, None)
+               for i, p in enumerate(prompts)]
+    for stream, want in zip(streams, expected, strict=True):
+        outs = [ray.get(r, timeout=30) for r in stream]
+        # However the tokens were grouped into stream items, their deltas add up to the engine's.
+        assert [t for o in outs for t in o.delta_token_ids] == want.token_ids
+        assert "".join(o.delta_text for o in outs) == want.text
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+        final = outs[-1]
+        assert (final.token_ids, final.text, final.finish_reason) == (
+            want.token_ids, want.text, "length")
+
+
+def test_a_caller_that_cancels_its_stream_has_the_request_aborted_and_its_blocks_freed(workers):
+    _, decode = workers
+    aborted = ray.get(decode.info.remote())["finished"].get("abort", 0)
+    stream = decode.generate.options(num_returns="streaming").remote(
+        "cancelled", [1, 2, 3], SamplingParams(max_tokens=1000, ignore_eos=True), None)
+    assert not ray.get(next(stream)).finished
+    ray.cancel(stream)
+    wait_until(lambda: ray.get(decode.info.remote())["finished"].get("abort", 0) == aborted + 1,
+               30, "the worker to abort the cancelled request")
+    info = ray.get(decode.info.remote())
+    assert info["num_running"] == 0 and info["kv_usage"] == 0
+    assert ray.get(decode.block_violations.remote()) == []
