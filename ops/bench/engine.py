@@ -68,6 +68,7 @@ def run_baton(model: str, dtype: str, threads: int, wl: Workload, concurrency: i
     engine.generate([wl.requests[0].prompt_ids[:16][::-1]],
                     SamplingParams(max_tokens=4, ignore_eos=True))
     result = _closed_loop(engine, wl, concurrency)
+    result.notes["quantization"] = engine.config.quantization
     del engine
     gc.collect()
     return result
