@@ -24,13 +24,14 @@ log = logging.getLogger(__name__)
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
-               quantization: str | None = None, group_size: int = 128,
+               quantization: str | None = None, group_size: int | None = None,
                on_host: Callable[[Any], None] | None = None):
     """(model, tokenizer) for a resolved source, with Baton's paged attention plugged in.
 
-    `quantization` ("int8" or "int4" in groups of `group_size`) makes the linears weight-only
-    quantized. `on_host(model)` runs while the model is still in host memory, before it moves
-    to `device` (MoE offload takes the experts out there, so they never reach the device).
+    `quantization` ("int8" or "int4" in groups of `group_size`; None: the largest that fits)
+    makes the linears weight-only quantized. `on_host(model)` runs while the model is still in
+    host memory, before it moves to `device` (MoE offload takes the experts out there, so they
+    never reach the device).
     """
     quant = (quantization, group_size)
     attn = paged_attention.ATTN_IMPLEMENTATION
@@ -69,7 +70,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
 
 
 def prepare_for_inference(model, dtype: torch.dtype, device: torch.device,
-                          quantization: str | None = None, group_size: int = 128):
+                          quantization: str | None = None, group_size: int | None = None):
     """Check the model fits Baton's attention, then apply run-time conversions: MoE layers on
     Baton's grouped GEMM (CUDA), weight-only quantization if asked for, then packed CPU linears
     (which keep results bit for bit)."""

@@ -2,8 +2,9 @@
 
 `quantize_linears(model, "int8" | "int4")` swaps every `nn.Linear` except the output head for a
 `QuantizedLinear` (embeddings are not linears and stay as they are); the matmul runs through
-`baton.kernels.quantized_matmul`: Triton on CUDA, PyTorch's packed int8 matmul (int8) or the
-dequantizing reference (int4) on the CPU.
+`baton.kernels`: Triton on CUDA; on the CPU, PyTorch's packed int8 matmul (int8) and, for int4,
+PyTorch's packed int4 matmul (weights packed once, here) or dequantize-then-matmul, whichever
+measured faster for the layer's shape (`baton.kernels.quantized_matmul_cpu`).
 """
 
 from __future__ import annotations
@@ -21,57 +22,104 @@ from baton.kernels.quantized_matmul import (
     quantize_int4,
     quantize_int8,
 )
+from baton.kernels.quantized_matmul_cpu import (
+    int4_packed_matmul,
+    pack_int4,
+    packed_int4_wins,
+    packing_supported,
+)
 
 log = logging.getLogger(__name__)
 
 
 class QuantizedLinear(nn.Module):
-    """Drop-in for `nn.Linear` (inference only) holding int8 or int4 weights and their scales."""
+    """Drop-in for `nn.Linear` (inference only) holding int8 or int4 weights and their scales.
 
-    def __init__(self, linear: nn.Linear, mode: str, group_size: int = 128):
+    An int4 layer on the CPU holds either Baton's int4 layout (`qweight`, `scales`, `zeros`) or
+    the packed kernel's (`packed_weight`, `scale_zeros`), never both; `packed` says which. Build
+    it on the device it will run on: the packed layout is the CPU's own.
+    """
+
+    def __init__(self, linear: nn.Linear, mode: str, group_size: int | None = None):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.mode = mode
+        self.group_size = group_size if mode == "int4" else None
         weight = linear.weight.detach()
+        zeros = packed = scale_zeros = None
         if mode == "int8":
             qweight, scales = quantize_int8(weight)
-            zeros = None
         else:
+            if group_size is None:
+                raise ConfigError("int4 needs a group size (see int4_group_size)")
             qweight, scales, zeros = quantize_int4(weight, group_size)
-        self.group_size = group_size if mode == "int4" else None
+            if packing_supported(self.out_features, group_size, weight.device) and \
+                    packed_int4_wins(self.out_features, self.in_features, group_size, weight.dtype):
+                packed, scale_zeros = pack_int4(qweight, scales, zeros)
+                qweight = scales = zeros = None
+        self.packed = packed is not None
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
+        self.register_buffer("packed_weight", packed)
+        self.register_buffer("scale_zeros", scale_zeros)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "int8":
             return int8_matmul(x, self.qweight, self.scales, self.bias)
+        if self.packed:
+            return int4_packed_matmul(x, self.packed_weight, self.scale_zeros, self.group_size,
+                                      self.bias)
         return int4_matmul(x, self.qweight, self.scales, self.zeros, self.bias)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
         shape = f"in_features={self.in_features}, out_features={self.out_features}"
-        return f"{shape}, {self.mode}{group}"
+        return f"{shape}, {self.mode}{group}" + (", packed" if self.packed else "")
 
 
-def quantize_linears(model: nn.Module, mode: str, group_size: int = 128) -> int:
-    """Swap every `nn.Linear` but the output head for a `QuantizedLinear`; returns how many."""
+def quantize_linears(model: nn.Module, mode: str, group_size: int | None = None) -> int:
+    """Swap every `nn.Linear` but the output head for a `QuantizedLinear`; returns how many.
+
+    int4 `group_size` None takes the largest of `INT4_GROUP_SIZES` that divides every swapped
+    layer's input size; a given one must divide them all (`ConfigError` naming a layer it does
+    not, and the sizes that would fit). Nothing is swapped unless every layer can be.
+    """
     if mode not in QUANTIZATIONS:
         raise ConfigError(f"quantization must be one of {QUANTIZATIONS}, got {mode!r}")
-    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
-        raise ConfigError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     swaps = []
     for parent_name, parent in model.named_modules():
         for name, child in parent.named_children():
             if type(child) is nn.Linear and child is not head:
                 swaps.append((parent, name, child, f"{parent_name}.{name}".lstrip(".")))
-    for parent, name, child, path in swaps:
-        try:
-            setattr(parent, name, QuantizedLinear(child, mode, group_size))
-        except ConfigError as exc:
-            raise ConfigError(f"cannot quantize {path} to {mode}: {exc.message}") from exc
-    log.info("quantized %d linear layers to %s", len(swaps), mode)
+    if mode == "int4":
+        group_size = int4_group_size({path: c.in_features for _, _, c, path in swaps}, group_size)
+    for parent, name, child, _ in swaps:
+        setattr(parent, name, QuantizedLinear(child, mode, group_size))
+    packed = sum(getattr(parent, name).packed for parent, name, _, _ in swaps)
+    log.info("quantized %d linear layers to %s%s", len(swaps), mode,
+             f" in groups of {group_size}, {packed} packed for the CPU" if mode == "int4" else "")
     return len(swaps)
+
+
+def int4_group_size(in_features: dict[str, int], requested: int | None) -> int:
+    """The int4 group size for layers of these input sizes (by module path): `requested` if it
+    divides every one, else a `ConfigError`; None picks the largest size that does."""
+    fitting = [g for g in sorted(INT4_GROUP_SIZES, reverse=True)
+               if all(k % g == 0 for k in in_features.values())]
+    if requested is not None and requested not in INT4_GROUP_SIZES:
+        raise ConfigError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {requested}")
+    wanted = [requested] if requested is not None else list(INT4_GROUP_SIZES)
+    for path, k in in_features.items():
+        if not any(k % g == 0 for g in wanted):
+            groups = f"groups of {requested}" if requested is not None else \
+                f"any group size of {INT4_GROUP_SIZES}"
+            fix = (f"the group sizes that fit every layer are {fitting}; set one, or leave "
+                   f"quant_group_size unset to get the largest" if fitting
+                   else "no int4 group size fits every layer; use int8")
+            raise ConfigError(f"cannot quantize {path} to int4 in {groups}: its input size {k} "
+                              f"is not a multiple; {fix}")
+    return requested if requested is not None else fitting[0]

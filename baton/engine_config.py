@@ -91,6 +91,8 @@ class EngineConfig(BaseModel):
     `num_threads` pins torch's intra-op threads (two engines on one CPU box get disjoint counts).
     `quantization` ("int8" per channel, "int4" in groups of `quant_group_size`) stores the model's
     linear weights (not embeddings or the output head) quantized; activations keep `dtype`.
+    `quant_group_size` None takes the largest of `INT4_GROUP_SIZES` that divides every quantized
+    layer's input size; a given one that does not fails where the model loads, naming the layer.
     `methods` are the acceleration methods requests may ask for (None: `none`, `ngram`,
     `lookahead`, `layerskip`, plus `draft` / `medusa` when `draft_model` / `medusa_heads` are
     given); `max_speculative_tokens` caps a draft; `layerskip_layers` None calibrates the depth.
@@ -115,7 +117,7 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     seed: int = 0
     quantization: Quantization | None = None
-    quant_group_size: int = 128
+    quant_group_size: int | None = None
     methods: list[str] | None = None
     max_speculative_tokens: int = Field(8, ge=1, le=MAX_SPECULATIVE_TOKENS)
     draft_model: str | None = None
@@ -140,8 +142,8 @@ class EngineConfig(BaseModel):
 
     @field_validator("quant_group_size")
     @classmethod
-    def _int4_group(cls, size: int, info: ValidationInfo) -> int:
-        if info.data.get("quantization") == "int4" and size not in INT4_GROUP_SIZES:
+    def _int4_group(cls, size: int | None, info: ValidationInfo) -> int | None:
+        if info.data.get("quantization") == "int4" and size not in (None, *INT4_GROUP_SIZES):
             raise must_be(f"one of {INT4_GROUP_SIZES} with int4")
         return size
 

@@ -151,12 +151,16 @@ def bench_engine(
     seed: Annotated[int, typer.Option(help="Workload seed")] = 0,
     max_output_tokens: Annotated[int, typer.Option(
         help="Longest output; lengths are log-uniform from 32 (or this, if lower) up to it")] = 256,
+    quantizations: Annotated[list[str] | None, typer.Option(
+        "--quantization", help="Also run Baton single-stream on int8 or int4 weights "
+                               "(repeatable)")] = None,
 ) -> None:
     """Baton's engine against transformers generate, static batching and generate_batch."""
     from baton.ops.bench import engine as bench
 
     bench.main(json_path=json_path, model=model, num_prompts=num_prompts, dtype=dtype,
-               threads=threads, seed=seed, max_output_tokens=max_output_tokens)
+               threads=threads, seed=seed, max_output_tokens=max_output_tokens,
+               quantizations=tuple(quantizations or ()))
 
 
 @bench_app.command("actor")

@@ -3,8 +3,10 @@
 Systems, all on the same token-id prompts, output lengths (EOS ignored), model, dtype and threads:
 transformers `generate` one request at a time, transformers static batching (one left-padded
 batch), transformers continuous batching (the `generate_batch` machinery), and Baton's engine
-under a closed-loop client at concurrency 1, 4 and 16. A memory-bandwidth roofline puts the
-single-stream decode speed in context. Ratios, not absolute figures, are what to quote: these
+under a closed-loop client at concurrency 1, 4 and 16, plus, for each weight-only quantization
+asked for (`quantizations`), Baton single-stream on quantized weights, so int8 / int4 against the
+unquantized dtype come from one run. A memory-bandwidth roofline puts the single-stream decode
+speed in context. Ratios, not absolute figures, are what to quote: these
 machines are shared and noisy.
 """
 
@@ -26,6 +28,7 @@ from rich.table import Table
 
 from baton.actors.engine import DTYPES, Engine
 from baton.actors.model_source import resolve
+from baton.engine_config import QUANTIZATIONS
 from baton.errors import ConfigError
 from baton.ops.bench.hf_baselines import (
     load_hf,
@@ -54,16 +57,18 @@ BANDWIDTH_BYTES = 1 << 30
 # -- Baton ----------------------------------------------------------------------------------------
 
 
-def run_baton(model: str, dtype: str, threads: int, wl: Workload, concurrency: int) -> SystemResult:
+def run_baton(model: str, dtype: str, threads: int, wl: Workload, concurrency: int,
+              quantization: str | None = None) -> SystemResult:
     """A fresh engine (no prefix cache carried over between runs) under a closed-loop client.
 
     The client keeps `concurrency` requests in flight, submitting the next prompt as one finishes.
     """
-    engine = Engine(model=model, dtype=dtype, num_threads=threads)
+    engine = Engine(model=model, dtype=dtype, num_threads=threads, quantization=quantization)
     # Warm on a prompt not in the workload, so it seeds no prefix-cache hits.
     engine.generate([wl.requests[0].prompt_ids[:16][::-1]],
                     SamplingParams(max_tokens=4, ignore_eos=True))
     result = _closed_loop(engine, wl, concurrency)
+    result.notes["quantization"] = engine.config.quantization
     del engine
     gc.collect()
     return result
@@ -150,10 +155,13 @@ def _measure(name: str, fn: Callable[[], SystemResult], say: Callable[[str], Any
 
 def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16",
         threads: int | None = None, seed: int = 0, max_output_tokens: int = MAX_OUTPUT_TOKENS,
-        progress: Console | None = None) -> dict[str, Any]:
+        quantizations: tuple[str, ...] = (), progress: Console | None = None) -> dict[str, Any]:
     """Run every system over one workload and return the JSON report."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    bad = sorted(set(quantizations) - set(QUANTIZATIONS))
+    if bad:
+        raise ConfigError(f"--quantization must be one of {list(QUANTIZATIONS)}, got {bad}")
     if num_prompts < 1 or (threads is not None and threads < 1):
         raise ConfigError("--num-prompts and --threads must be >= 1")
     threads = threads or os.cpu_count() or 1
@@ -178,6 +186,10 @@ def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16
     for c in CONCURRENCY:
         run_c = partial(run_baton, model, dtype, threads, wl, c)
         systems[f"baton_c{c}"] = _measure(f"baton_c{c}", run_c, say)
+        if c == 1:  # quantized single streams next to the unquantized one: the least drift
+            for q in quantizations:
+                run_q = partial(run_baton, model, dtype, threads, wl, 1, q)
+                systems[f"baton_{q}_c1"] = _measure(f"baton_{q}_c1", run_q, say)
     summary = {name: res.summary() for name, res in systems.items()}
     roofline_tok_s = bandwidth * 1e9 / bytes_per_token
     c1_tpot = summary["baton_c1"]["tpot_p50_s"]
@@ -204,6 +216,8 @@ def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16
             "single_stream_vs_hf_generate": ratio("baton_c1", "hf_generate"),
             "c16_vs_hf_static_batch": ratio("baton_c16", "hf_static_batch"),
             "c16_vs_hf_generate_batch": ratio("baton_c16", "hf_generate_batch"),
+            **{f"{q}_single_stream_vs_{dtype}": ratio(f"baton_{q}_c1", "baton_c1")
+               for q in quantizations},
         },
         "roofline_fraction_bs1": c1_decode / roofline_tok_s if c1_decode else None,
     }
@@ -233,9 +247,11 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 
 def main(*, json_path: str | None = None, model: str = "default", num_prompts: int = 16,
          dtype: str = "bfloat16", threads: int | None = None, seed: int = 0,
-         max_output_tokens: int = MAX_OUTPUT_TOKENS) -> dict[str, Any]:
+         max_output_tokens: int = MAX_OUTPUT_TOKENS, quantizations: tuple[str, ...] = ()
+         ) -> dict[str, Any]:
     """Run the benchmark, write the JSON report to `json_path` (if given), print a table."""
     return run_and_report(
         lambda progress: run(model=model, num_prompts=num_prompts, dtype=dtype, threads=threads,
-                             seed=seed, max_output_tokens=max_output_tokens, progress=progress),
+                             seed=seed, max_output_tokens=max_output_tokens,
+                             quantizations=quantizations, progress=progress),
         print_report, json_path)

@@ -6,12 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from baton.actors.engine import Engine
 from baton.actors.model_runner import prepare_for_inference
-from baton.actors.quantized_linear import QuantizedLinear
+from baton.actors.model_source import resolve
+from baton.actors.quantized_linear import QuantizedLinear, int4_group_size
 from baton.actors.tiny import tiny_model
 from baton.errors import ConfigError
+from baton.kernels.quantized_matmul import int4_matmul_reference, quantize_int4
+from baton.kernels.quantized_matmul_cpu import force_int4_cpu_path
 from baton.sampling import SamplingParams
 from tests.conftest import hf_greedy
 
@@ -73,16 +77,40 @@ def test_int8_engine_picks_what_the_unquantized_engine_would():
             assert abs(lp.logprob - top[token]) < 0.25
 
 
-def test_int4_engine_matches_transformers_on_the_same_int4_weights():
-    engine = Engine("tiny:llama", dtype="float32", quantization="int4", quant_group_size=32,
-                    num_kv_blocks=16)
+@pytest.mark.parametrize("path", ["packed", "dequantize"])
+def test_int4_engine_matches_transformers_on_the_same_int4_weights(path):
+    """float32: the engine on packed (or dequantized) int4 weights generates exactly what
+    transformers does on Baton's dequantizing reference, from the same int4 weights."""
+    with force_int4_cpu_path(path):
+        engine = Engine("tiny:llama", dtype="float32", quantization="int4", num_kv_blocks=16)
     _assert_quantized(engine)
-    ref = prepare_for_inference(tiny_model("llama"), torch.float32, torch.device("cpu"), "int4",
-                                32)
+    layers = [m for m in engine.model.modules() if isinstance(m, QuantizedLinear)]
+    assert {m.group_size for m in layers} == {64}  # unset: the largest that fits 64 and 128
+    assert all(m.packed == (path == "packed") for m in layers)
+    with force_int4_cpu_path("dequantize"):
+        ref = prepare_for_inference(tiny_model("llama"), torch.float32, torch.device("cpu"),
+                                    "int4")
     prompts = [PROMPT[:5], PROMPT]
     outs = engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
     assert [o.token_ids for o in outs] == [hf_greedy(ref, p, 8, stop_at_eos=False)
                                            for p in prompts]
+
+
+def _linear_inputs(model) -> dict[str, int]:
+    head = model.get_output_embeddings()
+    return {name: m.in_features for name, m in model.named_modules()
+            if type(m) is nn.Linear and m is not head}
+
+
+def test_unset_int4_group_size_is_the_largest_that_fits_every_layer():
+    config = AutoConfig.from_pretrained(resolve("default").path)
+    with torch.device("meta"):  # the default model's shapes, without its weights
+        default = AutoModelForCausalLM.from_config(config)
+    assert set(_linear_inputs(default).values()) == {576, 1536}
+    assert int4_group_size(_linear_inputs(default), None) == 64  # 576 = 64 * 9
+    assert int4_group_size(_linear_inputs(tiny_model("llama")), None) == 64
+    assert int4_group_size({"a": 256, "b": 384}, None) == 128
+    assert int4_group_size({"a": 256, "b": 96}, None) == 32
 
 
 def test_bad_quantization_options_are_refused():
@@ -90,5 +118,50 @@ def test_bad_quantization_options_are_refused():
         Engine("tiny:llama", quantization="int3")
     with pytest.raises(ConfigError, match="quant_group_size"):
         Engine("tiny:llama", quantization="int4", quant_group_size=48)
-    with pytest.raises(ConfigError, match=r"cannot quantize .*\.q_proj to int4"):
+    with pytest.raises(ConfigError) as bad:
         Engine("tiny:llama", quantization="int4", quant_group_size=128)  # hidden size is 64
+    assert str(bad.value).startswith("cannot quantize model.layers.0.self_attn.q_proj to int4 "
+                                     "in groups of 128: its input size 64 is not a multiple")
+    assert "the group sizes that fit every layer are [64, 32]" in str(bad.value)
+    with pytest.raises(ConfigError, match=r"lm\.in_proj .* input size 100 .* use int8"):
+        int4_group_size({"lm.in_proj": 100}, None)
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _linear(n: int, k: int, bias: bool, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    linear = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(_rand(n, k) * k ** -0.5)
+        if bias:
+            linear.bias.copy_(_rand(n, seed=2))
+    return linear.to(dtype)
+
+
+def test_packed_layer_stays_close_to_the_unquantized_layer():
+    """4-bit error: a few percent of the output, in bfloat16 as in float32."""
+    for dtype in (torch.float32, torch.bfloat16):
+        linear = _linear(1536, 576, bias=False, dtype=dtype)
+        x = _rand(4, 576, seed=1).to(dtype)
+        with force_int4_cpu_path("packed"):
+            layer = QuantizedLinear(linear, "int4", 64)
+        assert layer.packed and layer.qweight is None  # one layout kept, not two
+        with torch.inference_mode():
+            exact, got = linear(x).float(), layer(x).float()
+        assert ((got - exact).norm() / exact.norm()).item() < 0.1
+
+
+def test_a_layer_the_packed_kernel_cannot_take_keeps_the_reference_layout():
+    """The packed layout needs whole tiles of 16 output channels; 40 falls back, same product."""
+    linear = _linear(40, 64, bias=True)
+    with force_int4_cpu_path("packed"):
+        layer = QuantizedLinear(linear, "int4", 32)
+    assert not layer.packed
+    x = _rand(3, 64, seed=1)
+    q, scales, zeros = quantize_int4(linear.weight.detach(), 32)
+    with torch.inference_mode():
+        out = layer(x)
+    torch.testing.assert_close(out, int4_matmul_reference(x, q, scales, zeros,
+                                                          linear.bias.detach()))
