@@ -32,7 +32,7 @@ from baton.errors import (
 from baton.outputs import RequestOutput
 from baton.prompts import chat_prompt, check_context, encode_prompt
 from baton.records import PerfRecord, RouterState
-from baton.router.dispatch import Dispatcher
+from baton.router.dispatch import Dispatcher, WorkerClock
 from baton.router.features import RequestFeatures
 from baton.router.selection import Selection
 from baton.router.selector import Choice
@@ -82,6 +82,9 @@ class RequestObserver(Protocol):
 
     `failed` also hears of requests refused before admission (reason: the error's type name);
     `selected`, of each finished request whose method the selector chose, with its record.
+    The router's own time: `relayed`, per chunk, from its arrival from the worker to the front
+    end's write of it to the client; `router_time`, once a request's first token is written,
+    the seconds from receiving it to calling its worker (admission) and that first chunk's relay.
     """
 
     def accepted(self, request_id: str, prompt_tokens: int) -> None: ...
@@ -92,6 +95,10 @@ class RequestObserver(Protocol):
                  e2e_s: float) -> None: ...
 
     def failed(self, request_id: str, reason: str) -> None: ...
+
+    def relayed(self, request_id: str, relay_s: float) -> None: ...
+
+    def router_time(self, request_id: str, admission_s: float, first_relay_s: float) -> None: ...
 
     def selected(self, record: PerfRecord) -> None: ...
 
@@ -143,8 +150,16 @@ class Router:
 
     async def generate(self, prompt: Prompt, params: SamplingParams, *,
                        request_id: str | None = None, model: str | None = None,
-                       timeout_s: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream one request's outputs; every failure is a `BatonError` with its gRPC status."""
+                       timeout_s: float | None = None, received_at: float | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs; every failure is a `BatonError` with its gRPC status.
+
+        `received_at` is when the front end received the request (`time.perf_counter()`; None:
+        now): the router's own time is counted from it. Ask for the next output once the last
+        one is written to the client: that is when its relay is taken to end.
+        """
+        if received_at is None:
+            received_at = time.perf_counter()
         try:
             request_id = self._request_id(request_id)
             self.check_model(model)
@@ -169,14 +184,18 @@ class Router:
                       selected_by="selector" if sel.choice is not None else "request")
         last: RequestOutput | None = None
         first_at: float | None = None
+        clock = WorkerClock()
         try:
             async with asyncio.timeout(timeout_s):
-                async for out in self.dispatcher.generate(request_id, ids, params, sel.pool):
-                    if first_at is None and out.token_ids:
+                async for out in self.dispatcher.generate(request_id, ids, params, sel.pool,
+                                                          clock):
+                    first = first_at is None and bool(out.token_ids)
+                    if first:
                         first_at = time.monotonic()
                         self._notify("first_token", request_id, first_at - started)
                     last = out
                     yield out
+                    self._relayed(request_id, clock, received_at, first)
         except TimeoutError as exc:
             self._failed(request_id, "deadline")
             raise DeadlineError(f"request {request_id} did not finish within its deadline of "
@@ -210,6 +229,15 @@ class Router:
         return request_id
 
     # -- accounting -------------------------------------------------------------------------------
+
+    def _relayed(self, request_id: str, clock: WorkerClock, received_at: float,
+                 first: bool) -> None:
+        """A chunk was written to the client: its relay, and for the first token's chunk, the
+        router's whole share of the TTFT."""
+        relay = time.perf_counter() - clock.chunk_at
+        self._notify("relayed", request_id, relay)
+        if first and clock.called_at is not None:
+            self._notify("router_time", request_id, clock.called_at - received_at, relay)
 
     def _journal(self, event: str, request_id: str, **detail: Any) -> None:
         if self.state is not None:
