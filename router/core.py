@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -75,6 +76,18 @@ class _Selected:
     choice: Choice | None = None
     pool: str | None = None  # the pool it must run on (None: any)
     served_pool: str | None = None
+
+
+class _Once:
+    """Runs its call the first time it is called, and never again."""
+
+    def __init__(self, call: Callable[[], None]):
+        self._call: Callable[[], None] | None = call
+
+    def __call__(self) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            call()
 
 
 class RequestObserver(Protocol):
@@ -179,9 +192,14 @@ class Router:
         self.counters["accepted"] += 1
         self._notify("accepted", request_id, len(ids))
         started = time.monotonic()
-        self._journal("accepted", request_id, prompt_tokens=len(ids),
-                      max_tokens=params.max_tokens, method=params.method,
-                      selected_by="selector" if sel.choice is not None else "request")
+        # Journalled once the worker has been called (the loop runs it when this task first
+        # waits), so the write is not on the way to the first token; written before any later
+        # event of the request all the same.
+        accepted = _Once(functools.partial(
+            self._journal, "accepted", request_id, prompt_tokens=len(ids),
+            max_tokens=params.max_tokens, method=params.method,
+            selected_by="selector" if sel.choice is not None else "request"))
+        asyncio.get_running_loop().call_soon(accepted)
         last: RequestOutput | None = None
         first_at: float | None = None
         clock = WorkerClock()
@@ -197,19 +215,23 @@ class Router:
                     yield out
                     self._relayed(request_id, clock, received_at, first)
         except TimeoutError as exc:
+            accepted()
             self._failed(request_id, "deadline")
             raise DeadlineError(f"request {request_id} did not finish within its deadline of "
                                 f"{timeout_s:.3g} s; allow more time or ask for fewer "
                                 "tokens") from exc
         except Exception as exc:  # one raised in a worker arrives wrapped by Ray
+            accepted()
             self._failed(request_id, type(as_baton_error(exc) or exc).__name__)
             raise
         except (asyncio.CancelledError, GeneratorExit):
+            accepted()
             self._failed(request_id, "cancelled")
             raise
         finally:
             self.in_flight -= 1
             sel.served_pool = self.dispatcher.served_pool.pop(request_id, sel.pool)
+        accepted()
         try:
             self._finished(request_id, ids, sel, last, started, first_at)
         except Exception:  # noqa: BLE001 - accounting never fails a request that was served

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from baton.errors import WorkerUnavailableError
 from baton.outputs import RequestOutput
@@ -32,6 +32,25 @@ from baton.router.affinity import PrefixAffinity, prefix_hashes
 from baton.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+class _ReadyGetIsNotBlocking(logging.Filter):
+    """Ray warns of any `ray.get` in an async actor; `_take`'s never waits (timeout 0)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Using blocking ray.get inside async actor")
+
+
+logging.getLogger("ray._private.worker").addFilter(_ReadyGetIsNotBlocking())
+
+
+async def _take(ref: Any) -> Any:
+    """A streamed chunk's value: read in place when it is already here (a streamed small object
+    is, as its ref arrives), which spares `await ref`'s hop through Ray's thread and back."""
+    try:
+        return ray.get(ref, timeout=0)
+    except GetTimeoutError:
+        return await ref
 
 
 def prefill_remotely(has_prefill_worker: bool, uncached_tokens: int, threshold: int) -> bool:
@@ -270,7 +289,7 @@ class Dispatcher:
                 async for ref in stream:
                     if clock is not None:
                         clock.chunk_at = time.perf_counter()
-                    out: RequestOutput = await ref
+                    out: RequestOutput = await _take(ref)
                     finished = out.finished
                     yield out
             finally:

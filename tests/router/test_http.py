@@ -23,6 +23,7 @@ from baton.actors.engine import Engine
 from baton.actors.model_source import load_tokenizer, resolve
 from baton.actors.worker import Worker, WorkerSpec
 from baton.client import BatonClient
+from baton.cluster.state import ClusterState
 from baton.errors import InvalidRequestError
 from baton.router.app import RouterActor, RouterSettings
 from baton.router.core import Router, ServedModel
@@ -49,13 +50,14 @@ def spawn(role: str):
 class Server:
     """A router and its HTTP front end on an event loop in a background thread."""
 
-    def __init__(self, decode: list[Any], prefill: list[Any], token: str | None = TOKEN):
+    def __init__(self, decode: list[Any], prefill: list[Any], token: str | None = TOKEN,
+                 state: ClusterState | None = None):
         info = ray.get(decode[0].info.remote()) if decode else {"model": MODEL,
                                                                   "vocab_size": 257,
                                                                   "max_model_len": 2048}
         model = ServedModel(name=info["model"], tokenizer=load_tokenizer(resolve(MODEL)),
                             vocab_size=info["vocab_size"], max_model_len=info["max_model_len"])
-        self.router = Router(model, Dispatcher(decode, prefill))
+        self.router = Router(model, Dispatcher(decode, prefill), state=state)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -389,3 +391,20 @@ def test_a_body_field_of_the_wrong_type_gets_a_400_that_names_it(server, path, b
     assert got["error"]["type"] == "invalid_request_error"
     assert got["error"]["param"] == field
     assert says in got["error"]["message"]
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_the_journal_has_a_request_accepted_before_it_ends(workers, redis_url, live):
+    # Without a decode worker the request fails at once, before the router ever waits.
+    state = ClusterState(redis_url, f"journal-order-{live}", background_writes=True)
+    prefill, decode = workers
+    s = Server([decode] if live else [], [prefill] if live else [], token=None, state=state)
+    try:
+        body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 2, "ignore_eos": True}).encode()
+        assert raw(s.url + "/v1/completions", body, token=None)[0] == (200 if live else 503)
+    finally:
+        s.close()
+        state.close()  # flushes the queued writes
+    events = ClusterState(redis_url, f"journal-order-{live}").events(10)
+    assert [e.event for e in events] == ["accepted", "finished" if live else "failed"]
+    assert len({e.request_id for e in events}) == 1
