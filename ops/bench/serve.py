@@ -40,6 +40,7 @@ from rich.console import Console
 
 from baton.actors.model_source import load_tokenizer, resolve
 from baton.cluster import local
+from baton.cluster.config import POOL_LEVEL
 from baton.cluster.lifecycle import get_controller
 from baton.errors import ConfigError
 from baton.ops.bench import sweep
@@ -95,7 +96,10 @@ def baton_cluster(model: str, dtype: str, address: str | None) -> Iterator[Baton
         pool.dtype = dtype
     with tempfile.TemporaryDirectory(prefix="baton-bench-") as scratch:
         path = Path(scratch) / "cluster.yaml"
-        path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+        # A pool's engine echoes the pool's model, dtype and device; a config sets them once.
+        dumped = config.model_dump(mode="json",
+                                   exclude={"pools": {"__all__": {"engine": set(POOL_LEVEL)}}})
+        path.write_text(yaml.safe_dump(dumped))
         try:
             # The HTTP front end serves the router's /metrics, where it times itself.
             cluster = local.up(str(path), grpc_port=free_port(), http_port=free_port())
