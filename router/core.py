@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from baton.errors import (
     BatonError,
@@ -35,6 +35,7 @@ from baton.prompts import chat_prompt, check_context, encode_prompt
 from baton.records import PerfRecord, RouterState
 from baton.router.dispatch import Dispatcher, WorkerClock
 from baton.router.features import RequestFeatures
+from baton.router.observer import RequestObserver
 from baton.router.selection import Selection
 from baton.router.selector import Choice
 from baton.router.speed_model import NO_LOAD, Load, load_features
@@ -88,32 +89,6 @@ class _Once:
         call, self._call = self._call, None
         if call is not None:
             call()
-
-
-class RequestObserver(Protocol):
-    """Told by the router of each request's life (metrics); calls are cheap and run inline.
-
-    `failed` also hears of requests refused before admission (reason: the error's type name);
-    `selected`, of each finished request whose method the selector chose, with its record.
-    The router's own time: `relayed`, per chunk, from its arrival from the worker to the front
-    end's write of it to the client; `router_time`, once a request's first token is written,
-    the seconds from receiving it to calling its worker (admission) and that first chunk's relay.
-    """
-
-    def accepted(self, request_id: str, prompt_tokens: int) -> None: ...
-
-    def first_token(self, request_id: str, ttft_s: float) -> None: ...
-
-    def finished(self, request_id: str, last: RequestOutput | None, tpot_s: float | None,
-                 e2e_s: float) -> None: ...
-
-    def failed(self, request_id: str, reason: str) -> None: ...
-
-    def relayed(self, request_id: str, relay_s: float) -> None: ...
-
-    def router_time(self, request_id: str, admission_s: float, first_relay_s: float) -> None: ...
-
-    def selected(self, record: PerfRecord) -> None: ...
 
 
 class Router:
