@@ -228,6 +228,9 @@ def bench_serve(
     num_requests: Annotated[int, typer.Option(help="Requests per rate")] = 16,
     overhead_requests: Annotated[int, typer.Option(
         help="One-token requests per path for the router's own latency")] = 30,
+    min_rate: Annotated[float, typer.Option(
+        help="Lowest rate (halving from the lowest --rate) for a system that misses the SLOs "
+             "at every rate swept")] = 0.0625,
     address: Annotated[str | None, typer.Option(
         help="gRPC address of a running `baton up` cluster (default: bring one up)")] = None,
     peer_continuous_batching: Annotated[bool, typer.Option(
@@ -239,7 +242,7 @@ def bench_serve(
 
     bench.main(json_path=json_path, model=model, dtype=dtype,
                rates=tuple(rates or bench.RATES), num_requests=num_requests,
-               overhead_requests=overhead_requests, address=address,
+               overhead_requests=overhead_requests, min_rate=min_rate, address=address,
                peer_continuous_batching=peer_continuous_batching, seed=seed)
 
 

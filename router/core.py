@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from baton.errors import (
     BatonError,
@@ -32,8 +33,9 @@ from baton.errors import (
 from baton.outputs import RequestOutput
 from baton.prompts import chat_prompt, check_context, encode_prompt
 from baton.records import PerfRecord, RouterState
-from baton.router.dispatch import Dispatcher
+from baton.router.dispatch import Dispatcher, WorkerClock
 from baton.router.features import RequestFeatures
+from baton.router.observer import RequestObserver
 from baton.router.selection import Selection
 from baton.router.selector import Choice
 from baton.router.speed_model import NO_LOAD, Load, load_features
@@ -77,23 +79,16 @@ class _Selected:
     served_pool: str | None = None
 
 
-class RequestObserver(Protocol):
-    """Told by the router of each request's life (metrics); calls are cheap and run inline.
+class _Once:
+    """Runs its call the first time it is called, and never again."""
 
-    `failed` also hears of requests refused before admission (reason: the error's type name);
-    `selected`, of each finished request whose method the selector chose, with its record.
-    """
+    def __init__(self, call: Callable[[], None]):
+        self._call: Callable[[], None] | None = call
 
-    def accepted(self, request_id: str, prompt_tokens: int) -> None: ...
-
-    def first_token(self, request_id: str, ttft_s: float) -> None: ...
-
-    def finished(self, request_id: str, last: RequestOutput | None, tpot_s: float | None,
-                 e2e_s: float) -> None: ...
-
-    def failed(self, request_id: str, reason: str) -> None: ...
-
-    def selected(self, record: PerfRecord) -> None: ...
+    def __call__(self) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            call()
 
 
 class Router:
@@ -143,8 +138,16 @@ class Router:
 
     async def generate(self, prompt: Prompt, params: SamplingParams, *,
                        request_id: str | None = None, model: str | None = None,
-                       timeout_s: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream one request's outputs; every failure is a `BatonError` with its gRPC status."""
+                       timeout_s: float | None = None, received_at: float | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs; every failure is a `BatonError` with its gRPC status.
+
+        `received_at` is when the front end received the request (`time.perf_counter()`; None:
+        now): the router's own time is counted from it. Ask for the next output once the last
+        one is written to the client: that is when its relay is taken to end.
+        """
+        if received_at is None:
+            received_at = time.perf_counter()
         try:
             request_id = self._request_id(request_id)
             self.check_model(model)
@@ -164,33 +167,46 @@ class Router:
         self.counters["accepted"] += 1
         self._notify("accepted", request_id, len(ids))
         started = time.monotonic()
-        self._journal("accepted", request_id, prompt_tokens=len(ids),
-                      max_tokens=params.max_tokens, method=params.method,
-                      selected_by="selector" if sel.choice is not None else "request")
+        # Journalled once the worker has been called (the loop runs it when this task first
+        # waits), so the write is not on the way to the first token; written before any later
+        # event of the request all the same.
+        accepted = _Once(functools.partial(
+            self._journal, "accepted", request_id, prompt_tokens=len(ids),
+            max_tokens=params.max_tokens, method=params.method,
+            selected_by="selector" if sel.choice is not None else "request"))
+        asyncio.get_running_loop().call_soon(accepted)
         last: RequestOutput | None = None
         first_at: float | None = None
+        clock = WorkerClock()
         try:
             async with asyncio.timeout(timeout_s):
-                async for out in self.dispatcher.generate(request_id, ids, params, sel.pool):
-                    if first_at is None and out.token_ids:
+                async for out in self.dispatcher.generate(request_id, ids, params, sel.pool,
+                                                          clock):
+                    first = first_at is None and bool(out.token_ids)
+                    if first:
                         first_at = time.monotonic()
                         self._notify("first_token", request_id, first_at - started)
                     last = out
                     yield out
+                    self._relayed(request_id, clock, received_at, first)
         except TimeoutError as exc:
+            accepted()
             self._failed(request_id, "deadline")
             raise DeadlineError(f"request {request_id} did not finish within its deadline of "
                                 f"{timeout_s:.3g} s; allow more time or ask for fewer "
                                 "tokens") from exc
         except Exception as exc:  # one raised in a worker arrives wrapped by Ray
+            accepted()
             self._failed(request_id, type(as_baton_error(exc) or exc).__name__)
             raise
         except (asyncio.CancelledError, GeneratorExit):
+            accepted()
             self._failed(request_id, "cancelled")
             raise
         finally:
             self.in_flight -= 1
             sel.served_pool = self.dispatcher.served_pool.pop(request_id, sel.pool)
+        accepted()
         try:
             self._finished(request_id, ids, sel, last, started, first_at)
         except Exception:  # noqa: BLE001 - accounting never fails a request that was served
@@ -210,6 +226,15 @@ class Router:
         return request_id
 
     # -- accounting -------------------------------------------------------------------------------
+
+    def _relayed(self, request_id: str, clock: WorkerClock, received_at: float,
+                 first: bool) -> None:
+        """A chunk was written to the client: its relay, and for the first token's chunk, the
+        router's whole share of the TTFT."""
+        relay = time.perf_counter() - clock.chunk_at
+        self._notify("relayed", request_id, relay)
+        if first and clock.called_at is not None:
+            self._notify("router_time", request_id, clock.called_at - received_at, relay)
 
     def _journal(self, event: str, request_id: str, **detail: Any) -> None:
         if self.state is not None:

@@ -17,12 +17,14 @@ import bisect
 import contextlib
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from baton.errors import WorkerUnavailableError
 from baton.outputs import RequestOutput
@@ -32,11 +34,40 @@ from baton.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 
+class _ReadyGetIsNotBlocking(logging.Filter):
+    """Ray warns of any `ray.get` in an async actor; `_take`'s never waits (timeout 0)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Using blocking ray.get inside async actor")
+
+
+logging.getLogger("ray._private.worker").addFilter(_ReadyGetIsNotBlocking())
+
+
+async def _take(ref: Any) -> Any:
+    """A streamed chunk's value: read in place when it is already here (a streamed small object
+    is, as its ref arrives), which spares `await ref`'s hop through Ray's thread and back."""
+    try:
+        return ray.get(ref, timeout=0)
+    except GetTimeoutError:
+        return await ref
+
+
 def prefill_remotely(has_prefill_worker: bool, uncached_tokens: int, threshold: int) -> bool:
     """Conditional disaggregation: whether a prompt goes to a prefill worker (its KV shipped back)
     rather than being prefilled where it decodes; only prompts with at least `threshold`
     uncached tokens are worth the transfer."""
     return has_prefill_worker and uncached_tokens >= threshold
+
+
+@dataclass(slots=True)
+class WorkerClock:
+    """When the dispatcher first called a decode worker for one request, and when that request's
+    latest chunk reached it (`time.perf_counter()`): the router's own time is measured from
+    these."""
+
+    called_at: float | None = None
+    chunk_at: float = 0.0
 
 
 class WorkerSet:
@@ -207,8 +238,10 @@ class Dispatcher:
         return cls(pools.by_role("decode", "both"), pools.by_role("prefill"), **kw)
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       pool: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request from a decode worker (of `pool`, when given)."""
+                       pool: str | None = None, clock: WorkerClock | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream a request from a decode worker (of `pool`, when given); `clock`, if given, is
+        stamped with the worker call and each chunk's arrival."""
         tried: list[Any] = [w for w in self.decode if pool is not None and self.pool(w) != pool]
         others = len(tried)
         hashes = (prefix_hashes(prompt, self.affinity.block_size, self.affinity.max_blocks)
@@ -225,7 +258,7 @@ class Dispatcher:
             self.affinity.remember(hashes, worker)
             streamed = False
             try:
-                async for out in self._stream(worker, request_id, prompt, params):
+                async for out in self._stream(worker, request_id, prompt, params, clock):
                     streamed = True
                     yield out
                 return
@@ -239,20 +272,24 @@ class Dispatcher:
                 self.retries += 1
                 log.warning("decode worker died before %s's first token; retrying", request_id)
 
-    async def _stream(self, worker: Any, request_id: str, prompt, params) -> AsyncIterator[
-            RequestOutput]:
+    async def _stream(self, worker: Any, request_id: str, prompt, params,
+                      clock: WorkerClock | None) -> AsyncIterator[RequestOutput]:
         prefill = self.prefill.pick()
         with self.decode.hold(worker), (self.prefill.hold(prefill) if prefill is not None
                                         else contextlib.nullcontext()):
             stream = worker.generate.options(num_returns="streaming").remote(
                 request_id, prompt, params, prefill, self.caller_id)
+            if clock is not None and clock.called_at is None:
+                clock.called_at = time.perf_counter()
             finished = False
             self._where[request_id] = worker
             self._keep_renewing()
             self.served_pool[request_id] = self.pool(worker)
             try:
                 async for ref in stream:
-                    out: RequestOutput = await ref
+                    if clock is not None:
+                        clock.chunk_at = time.perf_counter()
+                    out: RequestOutput = await _take(ref)
                     finished = out.finished
                     yield out
             finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -79,12 +80,14 @@ class BatonService(pb_grpc.BatonServicer):
 
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802 - gRPC method name
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        received = time.perf_counter()
         try:
             params = sampling_from_proto(request.sampling)
             remaining = context.time_remaining()
             stream = self.router.generate(prompt_from_proto(request), params,
                                           request_id=request.request_id or None,
-                                          model=request.model or None, timeout_s=remaining)
+                                          model=request.model or None, timeout_s=remaining,
+                                          received_at=received)
             sent = 0
             async for out in stream:
                 chunk = pb.GenerateResponse(request_id=out.request_id, text=out.delta_text,

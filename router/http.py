@@ -14,6 +14,7 @@ import contextlib
 import hmac
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -102,6 +103,7 @@ class OpenAIFrontEnd:
         return await self._serve(request, chat=True)
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        received = time.perf_counter()
         try:
             raw = await request.read()
             try:
@@ -113,7 +115,7 @@ class OpenAIFrontEnd:
             req = oa.parse_chat(body) if chat else oa.parse_completion(body)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             stream = self.router.generate(req.prompt, req.params, request_id=rid,
-                                          model=req.model)
+                                          model=req.model, received_at=received)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an HTTP error
             # Refused before the router saw it (body, fields): counted here, not by the router.
             self.metrics.failed("", type(as_baton_error(exc) or exc).__name__)

@@ -39,6 +39,10 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# The router's own time per request or chunk: fine around a millisecond, where it should sit.
+ROUTER_BUCKETS = (0.0001, 0.0002, 0.0003, 0.0004, 0.0005, 0.0006, 0.0008, 0.001, 0.00125,
+                  0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1,
+                  0.25, 0.5, 1.0)
 ERROR_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 PREFIX = "baton:"
 WORKER_LABELS = ["model_name", "worker", "role"]
@@ -142,6 +146,18 @@ class RouterMetrics:
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds",
                              "Seconds from acceptance to the last token.", m,
                              buckets=E2E_BUCKETS, registry=reg).labels(model_name)
+        self.admission = Histogram(
+            PREFIX + "router_admission_seconds", "Seconds from the router receiving a request "
+            "to its call to the decode worker (validation, tokenization, method selection, "
+            "worker choice).", m, buckets=ROUTER_BUCKETS, registry=reg).labels(model_name)
+        self.relay = Histogram(
+            PREFIX + "router_relay_seconds", "Seconds from a worker's chunk reaching the router "
+            "to its write to the client, per chunk.", m, buckets=ROUTER_BUCKETS,
+            registry=reg).labels(model_name)
+        self.added_ttft = Histogram(
+            PREFIX + "router_added_ttft_seconds", "The router's own share of a request's time "
+            "to first token: its admission plus the relay of the first token's chunk.", m,
+            buckets=ROUTER_BUCKETS, registry=reg).labels(model_name)
 
     @classmethod
     def attach(cls, router: Any) -> RouterMetrics:
@@ -174,6 +190,13 @@ class RouterMetrics:
         self.e2e.observe(e2e_s)
         if tpot_s is not None:
             self.tpot.observe(tpot_s)
+
+    def relayed(self, request_id: str, relay_s: float) -> None:
+        self.relay.observe(relay_s)
+
+    def router_time(self, request_id: str, admission_s: float, first_relay_s: float) -> None:
+        self.admission.observe(admission_s)
+        self.added_ttft.observe(admission_s + first_relay_s)
 
     def _spec(self, m: RequestMetrics) -> None:
         labels = (self.model_name, m.method)

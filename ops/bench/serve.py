@@ -9,8 +9,15 @@ rising rates, taking turns at each rate; a system stops after its first rate bel
 attainment. SLOs are a multiple of the unloaded TTFT (longest prompt, alone) and TPOT, the larger
 of the two systems' figures, so that either can meet them unloaded.
 
-The router's own latency: short requests of one token, one at a time, through the gRPC API and
-straight to the decode worker actor over Ray, alternating; the difference of their TTFTs.
+A system that misses the SLOs even at the lowest rate is run again at half that rate, and half
+again, down to `min_rate`, so that its goodput is a rate rather than zero (and the goodput ratio a
+number).
+
+The router's own latency, as the router times itself (its `baton:router_*_seconds` histograms,
+scraped from `/metrics` before and after): over short requests of one token, one at a time, and
+over the whole sweep. Beside it, the older estimate from outside: the same one-token requests
+through the gRPC API and straight to the decode worker actor over Ray, alternating, and the
+difference of their TTFTs.
 """
 
 from __future__ import annotations
@@ -33,12 +40,14 @@ from rich.console import Console
 
 from baton.actors.model_source import load_tokenizer, resolve
 from baton.cluster import local
+from baton.cluster.config import POOL_LEVEL
 from baton.cluster.lifecycle import get_controller
 from baton.errors import ConfigError
 from baton.ops.bench import sweep
 from baton.ops.bench.machine import machine_info
 from baton.ops.bench.openloop import SLO
 from baton.ops.bench.report import run_and_report
+from baton.ops.bench.router_time import summary
 from baton.ops.bench.serve_targets import BatonTarget, PeerTarget, Target, router_overhead
 from baton.ops.bench.transformers_serve import TransformersServe
 from baton.ports import free_port
@@ -46,6 +55,7 @@ from baton.ports import free_port
 log = logging.getLogger(__name__)
 
 RATES = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+MIN_RATE = 0.0625  # the lowest rate a system that misses at RATES[0] is tried at
 OVERHEAD_REQUESTS = 30
 PEER = PeerTarget.name
 TARGETS = {"goodput_vs_transformers_serve": 2.0, "router_overhead_ms_p50": 2.0}
@@ -64,6 +74,10 @@ def decode_worker() -> Any:
 # -- the run --------------------------------------------------------------------------------------
 
 
+def _metrics_url(cluster: local.LocalCluster) -> str | None:
+    return f"http://{cluster.http_address}/metrics" if cluster.http_address else None
+
+
 @contextlib.contextmanager
 def baton_cluster(model: str, dtype: str, address: str | None) -> Iterator[BatonTarget]:
     """A local cluster brought up for the run (and always down after), or a running one."""
@@ -72,7 +86,7 @@ def baton_cluster(model: str, dtype: str, address: str | None) -> Iterator[Baton
         if not ray.is_initialized():
             cluster.connect()
         try:
-            yield BatonTarget(address, cluster.token)
+            yield BatonTarget(address, cluster.token, _metrics_url(cluster))
         finally:
             ray.shutdown()
         return
@@ -82,23 +96,31 @@ def baton_cluster(model: str, dtype: str, address: str | None) -> Iterator[Baton
         pool.dtype = dtype
     with tempfile.TemporaryDirectory(prefix="baton-bench-") as scratch:
         path = Path(scratch) / "cluster.yaml"
-        path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+        # A pool's engine echoes the pool's model, dtype and device; a config sets them once.
+        dumped = config.model_dump(mode="json",
+                                   exclude={"pools": {"__all__": {"engine": set(POOL_LEVEL)}}})
+        path.write_text(yaml.safe_dump(dumped))
         try:
-            cluster = local.up(str(path), grpc_port=free_port(), http_port=None)
-            yield BatonTarget(cluster.grpc_address, cluster.token)
+            # The HTTP front end serves the router's /metrics, where it times itself.
+            cluster = local.up(str(path), grpc_port=free_port(), http_port=free_port())
+            yield BatonTarget(cluster.grpc_address, cluster.token, _metrics_url(cluster))
         finally:
             local.down()
 
 
 def run(*, model: str = "default", dtype: str = "bfloat16", rates: Sequence[float] = RATES,
         num_requests: int = 16, ttft_scale: float = 3.0, tpot_scale: float = 2.5,
-        overhead_requests: int = OVERHEAD_REQUESTS, address: str | None = None,
+        overhead_requests: int = OVERHEAD_REQUESTS, min_rate: float = MIN_RATE,
+        address: str | None = None,
         peer_continuous_batching: bool = False, seed: int = 0,
         progress: Console | None = None) -> dict[str, Any]:
     """Sweep `rates` through both systems; measure the router's latency; return the report."""
     sweep.check_args(num_requests, rates, ttft_scale, tpot_scale)
     if overhead_requests < 1:
         raise ConfigError(f"--overhead-requests must be positive, got {overhead_requests}")
+    if not 0 < min_rate <= min(rates):
+        raise ConfigError(f"--min-rate must be positive and at most the lowest --rate, got "
+                          f"{min_rate}")
     cores = sorted(os.sched_getaffinity(0))[:2]
     say = progress.print if progress else log.info
     source = resolve(model)
@@ -120,11 +142,17 @@ def run(*, model: str = "default", dtype: str = "bfloat16", rates: Sequence[floa
             + ")")
         for system in systems.values():
             system.slo = slo
+        before = asyncio.run(baton.router_time())
         results = sweep.run(systems, tokenizer, LOAD, num_requests, rates, slo, seed, say)
+        after = asyncio.run(baton.router_time())
+        sweep.extend_down(systems, results, tokenizer, LOAD, num_requests, slo, seed, say,
+                          min_rate)
         say(f"router overhead: {overhead_requests} one-token requests per path")
         prompts = [p.prompt_ids for p in sweep.probes(tokenizer, "Overhead",
                                                       2 * (overhead_requests + 3), 0, 1, seed)]
         overhead = asyncio.run(router_overhead(baton, decode_worker(), prompts))
+        overhead["in_router_over_sweep"] = (summary(before, after) if before and after
+                                            else None)
         checks = {name: s.checks for name, s in systems.items()}
         peer_info = peer_server.describe()
     return _report(source.name, dtype, cores, num_requests, slo, solo, (ttft_scale, tpot_scale),
@@ -165,6 +193,7 @@ def _report(model: str, dtype: str, cores: list[int], num_requests: int, slo: SL
                                                    systems[PEER]["goodput_rps"]),
             "router_overhead_ms_p50": overhead["overhead_ms_p50"],
             "router_overhead_ms_p99": overhead["overhead_ms_p99"],
+            "router_overhead_ttft_difference_ms_p50": overhead["ttft_difference_ms_p50"],
             "tok_s_vs_transformers_serve_by_rate": {
                 str(r): sweep.ratio(ours[r]["output_tok_s"], theirs[r]["output_tok_s"])
                 for r in shared},
@@ -176,6 +205,12 @@ def _report(model: str, dtype: str, cores: list[int], num_requests: int, slo: SL
 def print_report(report: dict[str, Any], console: Console) -> None:
     sweep.print_table(report, console, "serve")
     o = report["router_overhead"]
+    for label, phases in (("one at a time", o.get("in_router")),
+                          ("over the sweep", o.get("in_router_over_sweep"))):
+        if phases:
+            console.print(f"router's own time, {label}: " + ", ".join(
+                f"{name} {_ms(p['p50_ms'])} / {_ms(p['p99_ms'])} ms p50/p99 ({p['count']})"
+                for name, p in phases.items()))
     console.print(f"TTFT through the router {o['router_ttft_ms_p50']:.2f} ms p50 / "
                   f"{o['router_ttft_ms_p99']:.2f} ms p99, straight to the worker "
                   f"{o['direct_ttft_ms_p50']:.2f} / {o['direct_ttft_ms_p99']:.2f} ms")
@@ -183,6 +218,10 @@ def print_report(report: dict[str, Any], console: Console) -> None:
            if c["short_outputs"] or c["prompt_token_mismatches"]}
     if bad:
         console.print(f"[yellow]not every request did the same work: {bad}[/]")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _exit_on_sigterm() -> None:

@@ -126,19 +126,43 @@ def run(systems: Mapping[str, LoadedSystem], tokenizer: Any, load: MixedLoad,
         requests = load.requests(tokenizer, num_requests, seed + 1000 * (k + 1))
         arrivals = poisson_arrivals(len(requests), rate, seed + k)
         for name in live if k % 2 == 0 else live[::-1]:  # take turns going first
-            system = systems[name]
-            timings, wall = system.run(requests, arrivals)
-            s = run_record(timings, wall, slo, requests, load.long_prompt[0])
-            notes = system.notes()
-            s.update(notes)
-            results[name][rate] = s
-            say(f"{name:>18} @ {rate:.2f} req/s: attainment {s['attainment']:.0%}, TTFT p99 "
-                f"{s['ttft_p99_s']:.2f} s, TPOT p99 {_ms(s['tpot_p99_s'])} ms"
-                + "".join(f", {k} {v}" for k, v in notes.items()))
+            results[name][rate] = _run_at(name, systems[name], requests, arrivals, rate, slo,
+                                          load, say)
         live = [n for n in live if results[n][rate]["attainment"] >= ATTAINMENT]
         if not live:
             break
     return results
+
+
+def extend_down(systems: Mapping[str, LoadedSystem], results: Results, tokenizer: Any,
+                load: MixedLoad, num_requests: int, slo: SLO, seed: int,
+                say: Callable[[str], Any], min_rate: float) -> None:
+    """For each system that missed the SLOs at the lowest rate swept, halve the rate (fresh
+    requests each time) until it meets them or would go below `min_rate`; its goodput is then
+    the rate it met rather than 0. Adds the runs to `results`."""
+    for name, system in systems.items():
+        rate = min(results[name])
+        k = 0
+        while results[name][rate]["attainment"] < ATTAINMENT and rate / 2 >= min_rate:
+            rate, k = rate / 2, k + 1
+            requests = load.requests(tokenizer, num_requests, seed - 1000 * k)
+            arrivals = poisson_arrivals(len(requests), rate, seed - k)
+            results[name][rate] = _run_at(name, system, requests, arrivals, rate, slo, load,
+                                          say)
+
+
+def _run_at(name: str, system: LoadedSystem, requests: Sequence[BenchRequest],
+            arrivals: Sequence[float], rate: float, slo: SLO, load: MixedLoad,
+            say: Callable[[str], Any]) -> dict[str, Any]:
+    """One system's run at one rate, as the report keeps it."""
+    timings, wall = system.run(requests, arrivals)
+    s = run_record(timings, wall, slo, requests, load.long_prompt[0])
+    notes = system.notes()
+    s.update(notes)
+    say(f"{name:>18} @ {rate:.2f} req/s: attainment {s['attainment']:.0%}, TTFT p99 "
+        f"{s['ttft_p99_s']:.2f} s, TPOT p99 {_ms(s['tpot_p99_s'])} ms"
+        + "".join(f", {k} {v}" for k, v in notes.items()))
+    return s
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -155,7 +179,7 @@ def systems_report(results: Results) -> dict[str, dict[str, Any]]:
         out[name] = {"goodput_rps": good,
                      # Met the SLOs at the highest rate swept: goodput is a lower bound.
                      "goodput_is_lower_bound": good == swept,
-                     "rates": {str(r): s for r, s in by_rate.items()}}
+                     "rates": {str(r): s for r, s in sorted(by_rate.items())}}
     return out
 
 

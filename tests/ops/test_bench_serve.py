@@ -14,7 +14,7 @@ from aiohttp import web
 from rich.console import Console
 
 from baton.errors import ConfigError, EngineError
-from baton.ops.bench import serve, serve_targets
+from baton.ops.bench import router_time, serve, serve_targets, sweep
 from baton.ops.bench.openloop import SLO, run_open_loop
 from baton.ops.bench.transformers_serve import (
     StreamProgress,
@@ -22,7 +22,8 @@ from baton.ops.bench.transformers_serve import (
     serving_dir,
     stream_completion,
 )
-from baton.ops.bench.workload import BenchRequest
+from baton.ops.bench.workload import BenchRequest, RequestTiming
+from baton.router.metrics import RouterMetrics
 
 
 def _event(text: str = "", finish: str | None = None, usage: dict | None = None) -> bytes:
@@ -152,8 +153,12 @@ def _rates(attain: dict[float, float], tok_s: float) -> dict[float, dict]:
 def test_report_states_slos_and_ratios(capsys):
     results = {"baton": _rates({0.5: 1.0, 1.0: 0.95, 2.0: 0.5}, 40.0),
                serve.PEER: _rates({0.5: 1.0, 1.0: 0.4}, 10.0)}
+    phase = {"count": 30, "mean_ms": 0.8, "p50_ms": 0.7, "p99_ms": 2.0}
     overhead = {"router_ttft_ms_p50": 5.0, "router_ttft_ms_p99": 9.0, "direct_ttft_ms_p50": 4.0,
-                "direct_ttft_ms_p99": 6.0, "overhead_ms_p50": 1.0, "overhead_ms_p99": 3.0}
+                "direct_ttft_ms_p99": 6.0, "overhead_ms_p50": 1.0, "overhead_ms_p99": 3.0,
+                "ttft_difference_ms_p50": 1.0, "ttft_difference_ms_p99": 3.0,
+                "in_router": {p: phase for p in router_time.PHASES},
+                "in_router_over_sweep": None}
     checks = {n: {"requests": 3, "short_outputs": 0, "prompt_token_mismatches": 0}
               for n in results}
     report = serve._report("m", "bfloat16", [0, 1], 3, SLO(1.5, 0.25),
@@ -171,6 +176,7 @@ def test_report_states_slos_and_ratios(capsys):
     serve.print_report(report, Console(width=120))
     out = capsys.readouterr().out
     assert "goodput_vs_transformers_serve: 2.00 (target 2.0)" in out
+    assert "router's own time, one at a time: added_ttft 0.70 / 2.00 ms p50/p99 (30)" in out
 
 
 def test_workload_is_deterministic_with_distinct_prompts():
@@ -187,3 +193,63 @@ def test_workload_is_deterministic_with_distinct_prompts():
         reqs = load.requests(Tok(), 10, seed)
         assert sum(len(r.prompt_ids) >= load.long_prompt[0] for r in reqs) == 3
     assert all(load.short_output[0] <= r.max_tokens <= load.long_output[1] for r in a)
+
+
+def test_the_routers_own_time_is_read_off_its_metrics_between_two_scrapes():
+    metrics = RouterMetrics("m")
+    metrics.router_time("old", 0.2, 0.2)  # before the first scrape: not counted
+    before = router_time.parse(metrics.render().decode())
+    for admission in (0.00035,) * 6 + (0.0045,) * 4:  # p50 in (0.3, 0.4] ms, p99 in (4, 5]
+        metrics.router_time("r", admission, 0.0001)
+        metrics.relayed("r", 0.0001)
+    got = router_time.summary(before, router_time.parse(metrics.render().decode()))
+    assert got["admission"]["count"] == got["added_ttft"]["count"] == got["relay"]["count"] == 10
+    assert 0.3 < got["admission"]["p50_ms"] <= 0.4 and 4.0 < got["admission"]["p99_ms"] <= 5.0
+    assert got["admission"]["mean_ms"] == pytest.approx(0.6 * 0.35 + 0.4 * 4.5)
+    assert 0.4 < got["added_ttft"]["p50_ms"] <= 0.5  # admission + 0.1 ms of relay
+    assert got["relay"]["p99_ms"] <= 0.1
+
+
+def test_quantile_of_an_empty_histogram_or_one_past_its_buckets():
+    assert router_time.quantile(0.5, router_time.PhaseCounts()) is None
+    h = router_time.PhaseCounts({0.001: 0.0, 0.01: 1.0, float("inf"): 4.0}, 40.0, 4.0)
+    assert router_time.quantile(0.25, h) == pytest.approx(0.01)
+    assert router_time.quantile(0.99, h) == 0.01  # past the last finite bound: that bound
+
+
+class _MissesAtFirst:
+    """Misses the TTFT SLO on its first `misses` runs, meets it after."""
+
+    name = "peer"
+
+    def __init__(self, misses: int):
+        self.misses, self.runs = misses, 0
+
+    def run(self, requests, arrivals):
+        self.runs += 1
+        ttft = 9.0 if self.runs <= self.misses else 0.1
+        return [RequestTiming(ttft, 0.01, r.max_tokens) for r in requests], 1.0
+
+    def notes(self):
+        return {}
+
+
+@pytest.mark.parametrize(("min_rate", "goodput"), [(0.03, 0.03125), (0.05, 0.0)])
+def test_a_system_that_misses_every_rate_swept_is_tried_at_halved_rates(min_rate, goodput):
+    reqs = [BenchRequest([1, 2, 3], 4)] * 3
+
+    class Load:
+        long_prompt = (100, 200)
+
+        def requests(self, tokenizer, n, seed):
+            return reqs[:n]
+
+    peer, ok = _MissesAtFirst(3), _MissesAtFirst(0)
+    systems = {"peer": peer, "ok": ok}
+    slo = SLO(ttft_s=1.0, tpot_s=0.1)
+    results = sweep.run(systems, None, Load(), 3, [0.25, 0.5], slo, 0, print)
+    assert list(results["peer"]) == [0.25] and list(results["ok"]) == [0.25, 0.5]
+    sweep.extend_down(systems, results, None, Load(), 3, slo, 0, print, min_rate)
+    assert list(results["ok"]) == [0.25, 0.5]  # met the lowest rate: not run again
+    assert sweep.systems_report(results)["peer"]["goodput_rps"] == goodput
+    assert min(results["peer"]) >= min_rate

@@ -8,6 +8,7 @@ import asyncio
 import json
 import random
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from baton.actors.engine import Engine
 from baton.actors.model_source import load_tokenizer, resolve
 from baton.actors.worker import Worker, WorkerSpec
 from baton.client import BatonClient
+from baton.cluster.state import ClusterState
 from baton.errors import InvalidRequestError
 from baton.router.app import RouterActor, RouterSettings
 from baton.router.core import Router, ServedModel
@@ -48,13 +50,14 @@ def spawn(role: str):
 class Server:
     """A router and its HTTP front end on an event loop in a background thread."""
 
-    def __init__(self, decode: list[Any], prefill: list[Any], token: str | None = TOKEN):
+    def __init__(self, decode: list[Any], prefill: list[Any], token: str | None = TOKEN,
+                 state: ClusterState | None = None):
         info = ray.get(decode[0].info.remote()) if decode else {"model": MODEL,
                                                                   "vocab_size": 257,
                                                                   "max_model_len": 2048}
         model = ServedModel(name=info["model"], tokenizer=load_tokenizer(resolve(MODEL)),
                             vocab_size=info["vocab_size"], max_model_len=info["max_model_len"])
-        self.router = Router(model, Dispatcher(decode, prefill))
+        self.router = Router(model, Dispatcher(decode, prefill), state=state)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -294,12 +297,47 @@ def test_the_router_actor_counts_grpc_requests_in_its_http_metrics(workers):
     try:
         url = f"http://127.0.0.1:{ports['http']}"
         with BatonClient(f"127.0.0.1:{ports['grpc']}", token=TOKEN) as grpc_client:
-            assert grpc_client.complete([7, 8, 9], max_tokens=2, ignore_eos=True).text
+            chunks = list(grpc_client.generate([7, 8, 9], max_tokens=4, ignore_eos=True))
         assert raw(url + "/health", token=None)[0] == 200
-        assert metrics(url)[("baton:request_success_total",
-                              (("finished_reason", "length"),))] == 1
+        after = metrics(url)
+        assert after[("baton:request_success_total", (("finished_reason", "length"),))] == 1
+        # One gRPC message per worker chunk: each one's relay is timed, once.
+        assert after[("baton:router_relay_seconds_count", ())] == len(chunks)
+        assert after[("baton:router_admission_seconds_count", ())] == 1
+        assert after[("baton:router_added_ttft_seconds_count", ())] == 1
     finally:
         ray.get(actor.stop.remote())
+    assert_workers_idle(*workers)
+
+
+def test_the_routers_own_time_is_counted_per_request_and_chunk_and_adds_up(server, client,
+                                                                          workers):
+    name = server.router.model.name
+    before = metrics(server.url)
+    walls = []
+    for prompt in (ids(5, 5), ids(6, 60)):  # prefilled locally / on the prefill worker
+        t0 = time.perf_counter()
+        events = list(client.completions.create(model=name, prompt=prompt, max_tokens=6,
+                                                temperature=0, stream=True,
+                                                extra_body={"ignore_eos": True}))
+        walls.append(time.perf_counter() - t0)
+        assert [e.choices[0].finish_reason for e in events][-1] == "length"
+    after = metrics(server.url)
+
+    def moved(name: str, le: str | None = None) -> float:
+        key = (name, (("le", le),) if le else ())
+        return after.get(key, 0) - before.get(key, 0)
+
+    phases = ("admission", "relay", "added_ttft")
+    count = {p: moved(f"baton:router_{p}_seconds_count") for p in phases}
+    total = {p: moved(f"baton:router_{p}_seconds_sum") for p in phases}
+    assert count["admission"] == count["added_ttft"] == 2
+    assert 2 <= count["relay"] <= 2 * 6  # a chunk per request at least, a token each at most
+    assert all(total[p] >= 0 for p in phases)
+    # The first token's share is admission plus one of the relays, and all of the router's
+    # time lies inside the time the client waited.
+    assert total["admission"] <= total["added_ttft"] <= total["admission"] + total["relay"]
+    assert total["admission"] + total["relay"] <= sum(walls)
     assert_workers_idle(*workers)
 
 
@@ -353,3 +391,20 @@ def test_a_body_field_of_the_wrong_type_gets_a_400_that_names_it(server, path, b
     assert got["error"]["type"] == "invalid_request_error"
     assert got["error"]["param"] == field
     assert says in got["error"]["message"]
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_the_journal_has_a_request_accepted_before_it_ends(workers, redis_url, live):
+    # Without a decode worker the request fails at once, before the router ever waits.
+    state = ClusterState(redis_url, f"journal-order-{live}", background_writes=True)
+    prefill, decode = workers
+    s = Server([decode] if live else [], [prefill] if live else [], token=None, state=state)
+    try:
+        body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 2, "ignore_eos": True}).encode()
+        assert raw(s.url + "/v1/completions", body, token=None)[0] == (200 if live else 503)
+    finally:
+        s.close()
+        state.close()  # flushes the queued writes
+    events = ClusterState(redis_url, f"journal-order-{live}").events(10)
+    assert [e.event for e in events] == ["accepted", "finished" if live else "failed"]
+    assert len({e.request_id for e in events}) == 1
