@@ -54,6 +54,7 @@ from baton.protos.kv_link_pb2 import KVChunk, PushResult
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(slots=True)
 class Transfer:
     """What a receiver expects for one transfer, and how it is going (shared by its streams)."""

@@ -51,21 +51,19 @@ def unpack_layer(
     cache: PagedKVCache, layer: int, block_ids: torch.Tensor, payload: torch.Tensor
 ) -> None:
     """Write a `pack_layer` payload into `block_ids` of this cache (sizes checked by the caller)."""
-    keys, values = cache.layer(layer)
-    shape = (1, *payload_shape(cache.spec, len(block_ids)))
-    scatter_blocks([keys], [values], block_ids, payload.view(keys.dtype).view(shape))
+    unpack_layers(cache, layer, block_ids, payload)
 
 
 def unpack_layers(cache: PagedKVCache, first_layer: int, block_ids: torch.Tensor,
-                  payload: WireBytes) -> None:
-    """Write consecutive `pack_layer` payloads from `first_layer` on, read straight from wire
-    bytes (no copy on the CPU), into `block_ids` of this cache (sizes checked by the caller)."""
+                  payload: torch.Tensor | WireBytes) -> None:
+    """Write consecutive `pack_layer` payloads from `first_layer` on into `block_ids` of this
+    cache (sizes checked by the caller); wire bytes are read in place (no copy on the CPU)."""
     spec = cache.spec
-    n = len(payload) // payload_nbytes(spec, len(block_ids))
-    data = torch.frombuffer(payload, dtype=torch.uint8).view(spec.dtype)
-    layers = slice(first_layer, first_layer + n)
-    scatter_blocks(cache.keys[layers], cache.values[layers], block_ids,
-                   data.view(n, *payload_shape(spec, len(block_ids))))
+    if not isinstance(payload, torch.Tensor):
+        payload = torch.frombuffer(payload, dtype=torch.uint8)
+    data = payload.view(spec.dtype).view(-1, *payload_shape(spec, len(block_ids)))
+    layers = slice(first_layer, first_layer + data.shape[0])
+    scatter_blocks(cache.keys[layers], cache.values[layers], block_ids, data)
 
 
 def pack_all_layers(cache: PagedKVCache, block_ids: torch.Tensor) -> torch.Tensor:
@@ -76,6 +74,4 @@ def pack_all_layers(cache: PagedKVCache, block_ids: torch.Tensor) -> torch.Tenso
 def unpack_all_layers(cache: PagedKVCache, block_ids: torch.Tensor,
                       payload: torch.Tensor) -> None:
     """Write a `pack_all_layers` payload into `block_ids` of this cache."""
-    shape = (cache.spec.num_layers, *payload_shape(cache.spec, len(block_ids)))
-    scatter_blocks(cache.keys, cache.values, block_ids,
-                   payload.view(cache.spec.dtype).view(shape))
+    unpack_layers(cache, 0, block_ids, payload)
