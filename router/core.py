@@ -179,34 +179,33 @@ class Router:
         first_at: float | None = None
         clock = WorkerClock()
         try:
-            async with asyncio.timeout(timeout_s):
-                async for out in self.dispatcher.generate(request_id, ids, params, sel.pool,
-                                                          clock):
-                    first = first_at is None and bool(out.token_ids)
-                    if first:
-                        first_at = time.monotonic()
-                        self._notify("first_token", request_id, first_at - started)
-                    last = out
-                    yield out
-                    self._relayed(request_id, clock, received_at, first)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    async for out in self.dispatcher.generate(request_id, ids, params, sel.pool,
+                                                              clock):
+                        first = first_at is None and bool(out.token_ids)
+                        if first:
+                            first_at = time.monotonic()
+                            self._notify("first_token", request_id, first_at - started)
+                        last = out
+                        yield out
+                        self._relayed(request_id, clock, received_at, first)
+            finally:
+                accepted()  # if the loop has not yet: before the request's end, whatever it is
         except TimeoutError as exc:
-            accepted()
             self._failed(request_id, "deadline")
             raise DeadlineError(f"request {request_id} did not finish within its deadline of "
                                 f"{timeout_s:.3g} s; allow more time or ask for fewer "
                                 "tokens") from exc
         except Exception as exc:  # one raised in a worker arrives wrapped by Ray
-            accepted()
             self._failed(request_id, type(as_baton_error(exc) or exc).__name__)
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            accepted()
             self._failed(request_id, "cancelled")
             raise
         finally:
             self.in_flight -= 1
             sel.served_pool = self.dispatcher.served_pool.pop(request_id, sel.pool)
-        accepted()
         try:
             self._finished(request_id, ids, sel, last, started, first_at)
         except Exception:  # noqa: BLE001 - accounting never fails a request that was served
