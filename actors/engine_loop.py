@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
+from baton.actors.engine import Engine
 from baton.actors.handoff import HandoffEngine
 from baton.outputs import RequestOutput
 
@@ -43,6 +44,16 @@ class LoopTimings:
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+    def step(self, engine: Engine) -> list[RequestOutput]:
+        """`engine.step()`, counted: its time, and its forward pass's when it ran one."""
+        t0, last = time.perf_counter(), engine.last_step
+        outputs = engine.step()
+        self.steps += 1
+        self.step_s += time.perf_counter() - t0
+        if engine.last_step is not last and engine.last_step is not None:
+            self.forward_s += engine.last_step.seconds
+        return outputs
 
 
 class EngineLoop:
@@ -93,14 +104,8 @@ class EngineLoop:
                 self._apply(*item)
                 t.calls_s += clock() - t0
                 block = False
-            t0 = clock()
-            last = self.engine.last_step
-            outputs = self.engine.step()
+            outputs = t.step(self.engine)
             t1 = clock()
-            t.steps += 1
-            t.step_s += t1 - t0
-            if self.engine.last_step is not last and self.engine.last_step is not None:
-                t.forward_s += self.engine.last_step.seconds
             self._deliver(outputs)
             t.deliver_s += clock() - t1
             t.cpu_s = time.thread_time()

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from baton.actors.engine import DTYPES, Engine
+from baton.actors.engine_loop import LoopTimings
 from baton.cluster.config import ClusterConfig, PoolConfig
 from baton.cluster.pools import start_pools
 from baton.errors import ConfigError
@@ -89,7 +90,7 @@ class EngineAlone:
         self.core = core
         with _pinned(core):
             self.engine = Engine(model=model, dtype=dtype, num_threads=1)
-        self.step_s = self.forward_s = 0.0
+        self.timings = LoopTimings()  # its steps, counted as the worker's engine loop counts them
 
     def generate(self, rid: str, prompt: list[int], params: SamplingParams) -> Run:
         engine = self.engine
@@ -97,12 +98,7 @@ class EngineAlone:
 
         def outputs() -> Iterator[RequestOutput]:
             while engine.has_unfinished():
-                t0, last = time.perf_counter(), engine.last_step
-                outs = engine.step()
-                self.step_s += time.perf_counter() - t0
-                if engine.last_step is not last and engine.last_step is not None:
-                    self.forward_s += engine.last_step.seconds
-                yield from (o for o in outs if o.request_id == rid)
+                yield from (o for o in self.timings.step(engine) if o.request_id == rid)
 
         with _pinned(self.core):
             return _collect(outputs())
@@ -159,7 +155,7 @@ def run(*, model: str = "default", dtype: str = "bfloat16", repeats: int = 8,
         for name, system in systems.items():
             system.generate(f"warm-{name}", _prompt(10_000, prompt_tokens, vocab), warm)
         runs: dict[str, list[Run]] = {name: [] for name in systems}
-        alone.step_s = alone.forward_s = 0.0
+        alone.timings = LoopTimings()
         loop_before = actor.loop_timings()
         others = OtherCPUBusy()
         for i in range(repeats):
@@ -172,7 +168,7 @@ def run(*, model: str = "default", dtype: str = "bfloat16", repeats: int = 8,
         other = others.share(also_ours_s=loop["process_cpu_s"])
     finally:
         ray.shutdown()
-    return _report(alone, runs, loop, other,
+    return _report(alone.timings, runs, loop, other,
                    {"model": alone.engine.source.name, "dtype": dtype, "core": core,
                     "repeats": repeats, "max_tokens": max_tokens, "prompt_tokens": prompt_tokens})
 
@@ -185,7 +181,7 @@ def _summary(runs: list[Run]) -> dict[str, Any]:
             "tpot_s": tpots, "tokens_per_item": sum(r.tokens for r in runs) / max(items, 1)}
 
 
-def _report(alone: EngineAlone, runs: dict[str, list[Run]], loop: dict[str, float],
+def _report(alone: LoopTimings, runs: dict[str, list[Run]], loop: dict[str, float],
             other: float | None, setup: dict[str, Any]) -> dict[str, Any]:
     systems = {name: _summary(rs) for name, rs in runs.items()}
     engine_tokens = systems["engine"]["output_tokens"]
