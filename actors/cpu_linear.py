@@ -43,6 +43,13 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.weight_dtype = weight.dtype
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The plain [out, in] weight, unpacked anew on every read (exact): for the code that reads
+        a layer's weight rather than calling it (layer-skip calibration's LM head, the expert
+        cache's next-layer router), not for the forward pass."""
+        return self.packed_weight.to_dense()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 

@@ -34,6 +34,16 @@ def test_packed_linear_equals_nn_linear(dtype, rows, bias):
 
 
 @pytest.mark.parametrize("dtype", PACKABLE)
+def test_a_packed_linear_still_shows_its_weight(dtype):
+    """Code that reads a layer's weight (layer-skip calibration reads the LM head's) gets the
+    weight it was packed from, exactly."""
+    linear = nn.Linear(576, 1536, bias=False).to(dtype)
+    packed = PackedLinear(linear)
+    assert packed.weight.dtype == dtype
+    assert torch.equal(packed.weight, linear.weight)
+
+
+@pytest.mark.parametrize("dtype", PACKABLE)
 def test_engine_gives_the_same_tokens_and_logprobs_packed_or_not(dtype, monkeypatch):
     name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     packed = Engine("tiny:llama", dtype=name)
