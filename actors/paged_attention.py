@@ -59,6 +59,7 @@ class AttentionBatch:
     trees: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     _masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     _tree_mask: torch.Tensor | None = None
+    _ragged: RaggedPlan | None = None
 
     @property
     def batch_size(self) -> int:
@@ -86,6 +87,15 @@ class AttentionBatch:
             self._masks[key] = m.repeat(1, groups, 1).unsqueeze(0)
         return self._masks[key]
 
+    def ragged(self) -> RaggedPlan | None:
+        """How to attend row by row when one step mixes a prompt chunk with other requests (None:
+        a padded batch wastes little, or masks it cannot express: trees)."""
+        if self.max_query_len == 1 or self.batch_size == 1 or self.trees:
+            return None
+        if self._ragged is None:
+            self._ragged = RaggedPlan.of(self)
+        return self._ragged
+
     def fits_kernel(self, groups: int) -> bool:
         """Whether the paged kernel can run this step (see `_KERNEL_MAX_ROWS`)."""
         rows = 1 << (groups - 1).bit_length()
@@ -112,6 +122,74 @@ class AttentionBatch:
                 m[lo:lo + n, q0:q0 + n] = anc
             self._tree_mask = m.to(self.query_pos.device)
         return self._tree_mask
+
+
+@dataclass(slots=True)
+class RaggedPlan:
+    """A mixed step attended without padding: each multi-token run (a prompt chunk) on its own,
+    every single-token row (decode) together. Padding every row to the longest chunk made such a
+    step cost two to three times a prompt alone on the CPU (measured: a 500-token chunk beside one
+    decode, 2.2 s against 0.75 s)."""
+
+    runs: list[tuple[int, int, int, int]]  # (row, first packed query, queries, context length)
+    single_rows: torch.Tensor | None  # [S] batch rows of one query each
+    single_queries: torch.Tensor | None  # [S] their packed query index
+    single_mask: torch.Tensor | None  # [1, S, 1, kv_len]: within each row's context
+
+    @classmethod
+    def of(cls, batch: AttentionBatch) -> RaggedPlan:
+        assert batch.query_start is not None  # the model runner always sets it
+        starts = batch.query_start.tolist()
+        ctx = batch.context_lens.tolist()
+        runs, singles = [], []
+        for row in range(batch.batch_size):
+            n = starts[row + 1] - starts[row]
+            if n == 1:
+                singles.append((row, starts[row]))
+            else:
+                runs.append((row, starts[row], n, ctx[row]))
+        if not singles:
+            return cls(runs, None, None, None)
+        dev = batch.query_pos.device
+        rows = torch.tensor([r for r, _ in singles], device=dev)
+        kpos = torch.arange(batch.kv_len, device=dev)
+        mask = (kpos < batch.context_lens[rows].unsqueeze(-1)).view(1, len(singles), 1, -1)
+        return cls(runs, rows, torch.tensor([q for _, q in singles], device=dev), mask)
+
+
+def _ragged_attention(plan: RaggedPlan, batch: AttentionBatch, q: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, scaling: float
+                      ) -> torch.Tensor:
+    """`q [T, H, D]` packed -> `[T, H, D]`, per `plan`."""
+    t, n_heads, d = q.shape
+    n_kv = k_cache.shape[0]
+    groups = n_heads // n_kv
+    bs = batch.cache.spec.block_size
+    out = q.new_empty(t, n_heads, d)
+    for row, q0, n, ctx in plan.runs:
+        blocks = batch.block_tables[row, : (ctx + bs - 1) // bs]
+        keys = k_cache.index_select(1, blocks).view(n_kv, -1, d)[:, :ctx].unsqueeze(0)
+        values = v_cache.index_select(1, blocks).view(n_kv, -1, d)[:, :ctx].unsqueeze(0)
+        qr = q[q0 : q0 + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if n == ctx:  # nothing cached before the run: plain causal attention
+            o = F.scaled_dot_product_attention(qr, keys, values, is_causal=True, scale=scaling,
+                                               enable_gqa=groups > 1)
+        else:  # query i sits at ctx - n + i and sees keys up to there
+            qpos = torch.arange(ctx - n, ctx, device=q.device).unsqueeze(-1)
+            mask = torch.arange(ctx, device=q.device) <= qpos
+            o = F.scaled_dot_product_attention(qr, keys, values, attn_mask=mask, scale=scaling,
+                                               enable_gqa=groups > 1)
+        out[q0 : q0 + n] = o[0].transpose(0, 1)
+    if plan.single_rows is not None:
+        assert plan.single_queries is not None and plan.single_mask is not None
+        keys = gather_kv(k_cache, batch.block_tables[plan.single_rows])
+        values = gather_kv(v_cache, batch.block_tables[plan.single_rows])
+        s = len(plan.single_rows)
+        qs = q[plan.single_queries].view(s, n_kv, groups, d).permute(1, 0, 2, 3)  # [Hkv,S,G,D]
+        mask = plan.single_mask.expand(1, s, groups, -1)
+        o = _matmul_attention(qs, keys, values, mask, scaling)
+        out[plan.single_queries] = o.permute(1, 0, 2, 3).reshape(s, n_heads, d)
+    return out
 
 
 _current: ContextVar[AttentionBatch | None] = ContextVar("baton_attention_batch", default=None)
@@ -185,6 +263,11 @@ def paged_attention_forward(
                               query_start=batch.query_start if varlen else None,
                               max_query_len=batch.max_query_len, scale=scaling,
                               sliding_window=sliding_window, tree_mask=batch.tree_mask())
+        return out.unsqueeze(0), None
+    ragged = None if sliding_window else batch.ragged()
+    if ragged is not None:
+        out = _ragged_attention(ragged, batch, query[0].transpose(0, 1), k_cache, v_cache,
+                                scaling)
         return out.unsqueeze(0), None
     keys = gather_kv(k_cache, batch.block_tables)
     values = gather_kv(v_cache, batch.block_tables)

@@ -1,0 +1,46 @@
+"""A step that mixes prompt chunks with decoding requests attends row by row, unpadded, and gives
+each request what it gets alone (float32: the same tokens, logprobs to rounding)."""
+
+from __future__ import annotations
+
+import pytest
+
+from baton.actors import paged_attention
+from baton.actors.engine import Engine
+from baton.sampling import SamplingParams
+
+PROMPTS = [list(range(3, 83)), [7, 5, 3] * 9, list(range(200, 235))]
+
+
+def _alone(prompt: list[int], params: SamplingParams):
+    (out,) = Engine("tiny:llama", dtype="float32", max_num_batched_tokens=48).generate(
+        [prompt], params)
+    return out
+
+
+def test_a_mixed_step_gives_each_request_what_it_gets_alone(monkeypatch) -> None:
+    calls = []
+    ragged = paged_attention._ragged_attention
+    monkeypatch.setattr(paged_attention, "_ragged_attention",
+                        lambda *a: calls.append(a[0]) or ragged(*a))
+    params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=2)
+    # A 48-token budget: the 80-token prompt runs in two chunks, the second (its cached first
+    # chunk before it) beside the others' whole prompts, then their decodes beside its own.
+    engine = Engine("tiny:llama", dtype="float32", max_num_batched_tokens=48)
+    engine.add_request(PROMPTS[0], params, request_id="0")
+    engine.step()
+    for i, prompt in enumerate(PROMPTS[1:], start=1):
+        engine.add_request(prompt, params, request_id=str(i))
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = out
+    # The ragged path ran, with a chunk after cached tokens and decoding rows beside it.
+    assert any(p.single_rows is not None and p.runs for p in calls)
+    assert any(ctx > n for p in calls for _, _, n, ctx in p.runs)
+    for i, prompt in enumerate(PROMPTS):
+        ref = _alone(prompt, params)
+        assert done[i].token_ids == ref.token_ids
+        for got, want in zip(done[i].logprobs, ref.logprobs, strict=True):
+            assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
