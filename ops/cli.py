@@ -256,13 +256,17 @@ def bench_plan(
     seed: Annotated[int, typer.Option(help="Workload and arrival seed")] = 0,
     calibrate: Annotated[bool, typer.Option(
         help="Also compare a real engine with the simulator fed its profile")] = True,
+    replay: Annotated[list[str] | None, typer.Option(
+        help="A `bench pd` or `bench serve` JSON report to replay (repeatable)")] = None,
+    profile: Annotated[str | None, typer.Option(
+        help="This machine's `baton profile` (with --replay)")] = None,
 ) -> None:
     """The planner's simulator on a 1,000-GPU cluster (simulated seconds per wall second), and
-    its calibration against a real engine."""
+    its calibration against a real engine and against bench pd / bench serve reports."""
     from baton.ops.bench import plan as bench
 
     bench.main(json_path=json_path, hours=hours, rate=rate, baseline_s=baseline_s, seed=seed,
-               calibrate=calibrate)
+               calibrate=calibrate, replay=tuple(replay or ()), profile=profile)
 
 
 @bench_app.command("kernels")

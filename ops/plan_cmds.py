@@ -16,6 +16,7 @@ from rich.table import Table
 from baton.cluster.planner.candidates import THRESHOLDS
 from baton.cluster.planner.plan import PlanRequest, PlanResult, plan
 from baton.cluster.planner.search import SLO
+from baton.cluster.planner.sim import Speculation
 from baton.errors import ConfigError
 from baton.ops.cli_options import Output, OutputOpt
 
@@ -44,6 +45,21 @@ def _names(text: str | None) -> list[str] | None:
     return [g.strip() for g in text.split(",") if g.strip()] if text else None
 
 
+def parse_speculation(text: str | None) -> Speculation | None:
+    """`--speculation TOKENS_PER_STEP:VERIFIED_TOKENS[:SHARE]` (None: no method)."""
+    if not text:
+        return None
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError(text)
+        share = float(parts[2]) if len(parts) == 3 else 1.0
+        return Speculation(float(parts[0]), int(parts[1]), share)
+    except ValueError as exc:
+        raise ConfigError(f"--speculation takes TOKENS_PER_STEP:VERIFIED_TOKENS[:SHARE] (e.g. "
+                          f"2.2:5:0.5), not {text!r}") from exc
+
+
 def plan_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Built-in config (llama-3-8b, "
                                        "llama-3-70b, mixtral-8x7b, smollm2-135m), a config.json, "
@@ -68,6 +84,10 @@ def plan_command(
                                                 "share of line rate")] = None,
     thresholds: Annotated[str, typer.Option(help="Prefill thresholds to try")] =
         ",".join(map(str, THRESHOLDS)),
+    speculation: Annotated[str | None, typer.Option(
+        help="An acceleration method as `baton bench spec` measured it: TOKENS_PER_STEP:"
+             "VERIFIED_TOKENS[:SHARE], e.g. 2.2:5:0.5 (mean accepted length + 1, draft + 1, "
+             "share of requests)")] = None,
     requests: Annotated[int, typer.Option(help="Simulated requests per rate")] = 400,
     seed: Annotated[int, typer.Option(help="Workload seed")] = 0,
     values: Annotated[str | None, typer.Option(help="Write the winner's deployment values "
@@ -84,7 +104,7 @@ def plan_command(
         budget=budget, rate=rate, catalog=catalog, profile=profile, cores=cores,
         link_efficiency=_link_efficiency(kv_json),
         thresholds=[int(t) for t in _names(thresholds) or []] or THRESHOLDS,
-        num_requests=requests, seed=seed)
+        speculation=parse_speculation(speculation), num_requests=requests, seed=seed)
     if gpus:
         req.gpus = _names(gpus) or req.gpus
     req.decode_gpus = _names(decode_gpus)

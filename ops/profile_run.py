@@ -21,9 +21,9 @@ from baton.engine_config import EngineConfig
 from baton.ops.bench.machine import machine_info
 from baton.sampling import SamplingParams
 
-PREFILL_LENS = (16, 64, 256)
+PREFILL_LENS = (16, 64, 256, 1024)
 BATCHES = (1, 4, 8)
-CONTEXTS = (16, 96)
+CONTEXTS = (16, 256, 1024)
 DECODE_STEPS = 6
 MODEL_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim", "intermediate_size", "vocab_size", "tie_word_embeddings",

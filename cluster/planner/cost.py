@@ -37,6 +37,9 @@ class Efficiency:
 
     compute: float = 0.5  # of peak FLOP/s (prefill MFU)
     memory: float = 0.75  # of HBM bandwidth (decode)
+    # Attention FLOPs run at this share of the matmul rate (CPU: far below 1, a profile says how
+    # far; GPU kernels near 1).
+    attention: float = 1.0
     overhead_s: float = 0.004  # per iteration: launches, sampling, scheduling
     per_seq_s: float = 0.0  # per request in the batch (CPU: per-sequence Python work)
     link: float = DEFAULT_LINK_EFFICIENCY  # of NIC bandwidth a KV transfer reaches
@@ -63,7 +66,8 @@ class CostModel:
                               f"not fit {tp} x {device.name} with room for its KV cache; use more "
                               "or larger devices per replica")
         self._dense_bytes = model.weight_bytes_read(1 << 30) if not model.num_experts else None
-        self._attention = 4 * model.num_layers * model.q_dim  # `attention_flops` per token
+        # `attention_flops` per token of context, at attention's share of the matmul rate.
+        self._attention = 4 * model.num_layers * model.q_dim / self.eff.attention
 
     @property
     def price_per_hour(self) -> float:
@@ -74,13 +78,17 @@ class CostModel:
         return self.device.nic_bw * self.tp * self.eff.link
 
     def iteration(self, prefill_tokens: int, prefill_context: float, decode_n: int,
-                  decode_context: float, prefill_seqs: int = 1) -> float:
+                  decode_context: float, prefill_seqs: int = 1,
+                  decode_tokens: int | None = None) -> float:
         """Seconds for one forward pass: `prefill_tokens` prompt tokens (of `prefill_seqs`
         requests) whose attention spans `prefill_context` (sum over tokens of the positions they
-        attend to) and `decode_n` decoding requests holding `decode_context` tokens of KV."""
+        attend to) and `decode_n` decoding requests holding `decode_context` tokens of KV, which
+        compute `decode_tokens` tokens (default one each; more when they verify drafts)."""
         m = self.model
-        tokens = prefill_tokens + decode_n
-        flops = m.flops_per_token * tokens + m.attention_flops(prefill_context + decode_context)
+        tokens = prefill_tokens + (decode_n if decode_tokens is None else decode_tokens)
+        verify = 1 if decode_tokens is None or not decode_n else decode_tokens / decode_n
+        flops = (m.flops_per_token * tokens
+                 + self._attention * (prefill_context + verify * decode_context))
         weights = (self._dense_bytes if self._dense_bytes is not None
                    else m.weight_bytes_read(tokens))
         mem = weights + m.kv_bytes_per_token * (decode_context + prefill_tokens)
@@ -89,12 +97,17 @@ class CostModel:
         return (self.eff.overhead_s + self.eff.per_seq_s * seqs
                 + (max(c, b) if self.eff.overlap else c + b))
 
-    def decode_step(self, n: int, context: float) -> float:
-        """`iteration(0, 0.0, n, context)`, the same float, with less work: the simulator asks
-        it for every decode run."""
+    def decode_step(self, n: int, context: float, tokens: int | None = None) -> float:
+        """`iteration(0, 0.0, n, context, decode_tokens=tokens)`, the same float, with less
+        work: the simulator asks it for every decode run."""
         m = self.model
-        flops = m.flops_per_token * n + self._attention * context
-        weights = self._dense_bytes if self._dense_bytes is not None else m.weight_bytes_read(n)
+        if tokens is None or tokens == n:
+            flops = m.flops_per_token * n + self._attention * context
+            tokens = n
+        else:  # each verified token attends over its request's context
+            flops = m.flops_per_token * tokens + self._attention * (0.0 + tokens / n * context)
+        weights = (self._dense_bytes if self._dense_bytes is not None
+                   else m.weight_bytes_read(tokens))
         b = (weights + m.kv_bytes_per_token * context) / self._bw
         c = flops / self._flops
         eff = self.eff
@@ -121,19 +134,20 @@ def min_tp(device: DeviceSpec, model: ModelProfile, min_kv_tokens: int = 16384) 
 
 
 def _features(model: ModelProfile, profile: Profile) -> tuple[np.ndarray, ...]:
-    """(FLOPs, bytes, seconds, requests) of every profile point, prefill then decode."""
+    """(matmul FLOPs, attention FLOPs, bytes, seconds, requests) of every profile point,
+    prefill then decode."""
     rows = []
     for tokens, seconds in profile.prefill:
-        rows.append((model.flops_per_token * tokens + model.attention_flops(tokens * tokens / 2),
+        rows.append((model.flops_per_token * tokens, model.attention_flops(tokens * tokens / 2),
                      model.weight_bytes_read(tokens) + model.kv_bytes_per_token * tokens,
                      seconds, 1))
     for batch, context, seconds in profile.decode:
         ctx = batch * context
-        rows.append((model.flops_per_token * batch + model.attention_flops(ctx),
+        rows.append((model.flops_per_token * batch, model.attention_flops(ctx),
                      model.weight_bytes_read(batch) + model.kv_bytes_per_token * ctx, seconds,
                      batch))
     a = np.array(rows, dtype=float)
-    return a[:, 0], a[:, 1], a[:, 2], a[:, 3]
+    return a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4]
 
 
 def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -148,7 +162,8 @@ def calibrate(device: DeviceSpec, model: ModelProfile, profile: Profile,
     if len(profile.prefill) < 2 or len(profile.decode) < 2:
         raise ConfigError("a profile needs at least two prefill and two decode points")
     n_pre = len(profile.prefill)
-    flops, mem, secs, _ = _features(model, profile)
+    matmul, attention, mem, secs, _ = _features(model, profile)
+    flops = matmul + attention
     slope_c, _ = _fit_line(flops[:n_pre], secs[:n_pre])
     slope_m, overhead = _fit_line(mem[n_pre:], secs[n_pre:])
     return Efficiency(compute=min(1.0, 1 / (slope_c * device.flops)),
@@ -180,16 +195,21 @@ def _nonnegative_fit(design: np.ndarray, secs: np.ndarray) -> np.ndarray:
 def device_from_profile(profile: Profile, model: ModelProfile,
                         price_per_hour: float) -> tuple[DeviceSpec, Efficiency]:
     """A CPU worker as a device whose FLOP/s and bandwidth are the effective rates measured:
-    seconds = overhead + requests x per-request cost + FLOPs / F + bytes / B, fitted over every
-    point (relative error, coefficients >= 0). A dense model reads the same weights every step,
-    so overhead and bytes trade off in the fit; predictions do not depend on the split."""
-    flops, mem, secs, seqs = _features(model, profile)
-    design = np.column_stack([np.ones_like(flops), seqs, flops, mem])
-    overhead, per_seq, per_flop, per_byte = (float(c) for c in _nonnegative_fit(design, secs))
-    device = DeviceSpec(name=profile.device, flops=1 / max(per_flop, 1e-30),
+    seconds = overhead + requests x per-request cost + matmul FLOPs / F + attention FLOPs / A
+    + bytes / B, fitted over every point (relative error, coefficients >= 0). Attention gets its
+    own rate: on a CPU it runs far below the matmuls (long prompts cost more than linearly, and
+    decode grows with context). A dense model reads the same weights every step, so overhead and
+    bytes trade off in the fit; predictions do not depend on the split."""
+    matmul, attention, mem, secs, seqs = _features(model, profile)
+    design = np.column_stack([np.ones_like(matmul), seqs, matmul, attention, mem])
+    overhead, per_seq, per_flop, per_attention, per_byte = (
+        float(c) for c in _nonnegative_fit(design, secs))
+    per_flop = max(per_flop, 1e-30)
+    device = DeviceSpec(name=profile.device, flops=1 / per_flop,
                         mem_bw=1 / max(per_byte, 1e-30),
                         memory=model.weight_bytes + profile.kv_cache_memory,
                         nic_bw=profile.kv_link_bytes_per_s, price_per_hour=price_per_hour,
                         kind="cpu")
-    return device, Efficiency(compute=1.0, memory=1.0, overhead_s=overhead, per_seq_s=per_seq,
-                              link=1.0, overlap=False)
+    return device, Efficiency(compute=1.0, memory=1.0,
+                              attention=per_flop / per_attention if per_attention else 1e30,
+                              overhead_s=overhead, per_seq_s=per_seq, link=1.0, overlap=False)

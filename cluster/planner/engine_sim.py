@@ -28,7 +28,7 @@ class SimRequest:
 
     __slots__ = ("index", "arrival", "prompt", "output", "left", "ctx", "todo", "first",
                  "finish", "decode", "prefill", "held", "started", "remote", "joined", "ctx0",
-                 "end")
+                 "end", "gain", "verify")
 
     def __init__(self, index: int, arrival: float, prompt: int, output: int):
         self.index = index
@@ -50,6 +50,10 @@ class SimRequest:
         self.joined = 0
         self.ctx0 = 0
         self.end = 0
+        # Per decode step (an acceleration method, as measured): tokens it gains, on average,
+        # and tokens the step computes for it (its draft plus one).
+        self.gain: float = 1
+        self.verify = 1
 
 
 class SimEngine:
@@ -78,8 +82,10 @@ class SimEngine:
         # else happens here at its end unless a prompt arrives meanwhile): when it ends.
         self._ahead = sim.lookahead and role == "prefill"
         self._settle_at: float | None = None
-        self.kv_used = 0
-        self.decode_ctx = 0  # KV tokens of the running requests
+        self.kv_used: float = 0
+        self.decode_ctx: float = 0  # KV tokens of the running requests
+        self.gain: float = 0  # tokens the running requests gain per decode step (their number)
+        self.verify = 0  # tokens a decode step computes for them (their number)
         self.busy = False
         self._version = 0
         self._group: tuple[float, float, int] = (0.0, 0.0, 0)  # (start, step s, steps)
@@ -164,15 +170,28 @@ class SimEngine:
         self._schedule(now + step * steps, self._done, self._version)
 
     def _join(self, req: SimRequest) -> None:
-        req.joined, req.ctx0, req.end = self.clock, req.ctx, self.clock + req.left
+        steps = req.left if req.gain == 1 else math.ceil(req.left / req.gain)
+        req.joined, req.ctx0, req.end = self.clock, req.ctx, self.clock + steps
         self.decode_ctx += req.ctx
+        self.gain += req.gain
+        self.verify += req.verify
         self.running[req] = None
         heapq.heappush(self._ends, (req.end, req.index, req))
 
     def _leave(self, req: SimRequest) -> None:
         """Take `req` out of the decode batch with its `left` and `ctx` brought up to date."""
-        req.ctx = req.ctx0 + self.clock - req.joined
-        req.left = req.end - self.clock
+        steps = self.clock - req.joined
+        if req.gain == 1:
+            made = steps
+        else:  # the batch's KV grew by `gain` a step for it: keep the tokens it really made
+            grown = req.gain * steps
+            made = min(req.left, int(grown))
+            self.kv_used -= grown - made
+            self.decode_ctx -= grown - made
+        req.ctx = req.ctx0 + made
+        req.left -= made
+        self.gain -= req.gain
+        self.verify -= req.verify
         del self.running[req]
 
     def _next_end(self) -> int:
@@ -192,10 +211,10 @@ class SimEngine:
             self._join(heapq.heappop(expected)[2])
         running, partial = self.running, self.prefilling
         n = len(running)
-        if n and not partial and not self.waiting and self.kv_used + n <= self.capacity:
+        if n and not partial and not self.waiting and self.kv_used + self.gain <= self.capacity:
             self._decode_run(now, n)  # the common case, first
             return
-        while running and self.kv_used + len(running) > self.capacity:
+        while running and self.kv_used + self.gain > self.capacity:
             if partial:
                 self._preempt(partial.pop())
             else:
@@ -209,10 +228,11 @@ class SimEngine:
                 return
             self._decode_run(now, n)
             return
-        budget = self.budget - n
+        budget = self.budget - self.verify
         seats = self.max_seqs - n - len(partial)
         chunks: list[tuple[SimRequest, int]] = []
         p_tokens = 0
+        grow = self.gain  # KV the decode tokens take this step
         p_ctx = 0.0
         whole = True  # every chunk is the rest of its prompt
         # Admitted prompts first (most recently admitted preempted when KV is short), then new.
@@ -220,9 +240,9 @@ class SimEngine:
         while i < len(partial) and budget > 0:
             req = partial[i]
             c = min(req.todo, budget)
-            while self.kv_used + p_tokens + n + c > self.capacity and partial[-1] is not req:
+            while self.kv_used + p_tokens + grow + c > self.capacity and partial[-1] is not req:
                 self._preempt(partial.pop())
-            if self.kv_used + p_tokens + n + c > self.capacity:
+            if self.kv_used + p_tokens + grow + c > self.capacity:
                 break
             chunks.append((req, c))
             p_ctx += c * (req.ctx + c / 2)
@@ -233,7 +253,7 @@ class SimEngine:
         while self.waiting and budget > 0 and seats > 0 and len(chunks) == len(partial):
             req = self.waiting[0]
             c = min(req.todo, budget)
-            if self.kv_used + p_tokens + n + c > self.capacity:
+            if self.kv_used + p_tokens + grow + c > self.capacity:
                 break
             self.waiting.popleft()
             partial.append(req)
@@ -254,7 +274,7 @@ class SimEngine:
             self._decode_run(now, n)
             return
         self._chunks = chunks
-        step = self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx, len(chunks))
+        step = self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx, len(chunks), self.verify)
         if self._ahead and whole and not self.waiting and len(chunks) == len(partial):
             # every prompt completes and none waits: nothing happens here at the step's end
             self.busy = True
@@ -276,12 +296,14 @@ class SimEngine:
     def _decode_run(self, now: float, n: int) -> None:
         """Decode steps up to the next completion (or the KV limit) as one event."""
         steps = 1
+        gain = self.gain
         if self._skipping:
             steps = self._next_end()
-            room = (self.capacity - self.kv_used) // n
+            room = int((self.capacity - self.kv_used) // gain)
             if room < steps:
                 steps = room if room > 1 else 1
-        self._start(now, self._decode_step(n, self.decode_ctx + n * (steps - 1) / 2), steps)
+        self._start(now, self._decode_step(n, self.decode_ctx + gain * (steps - 1) / 2,
+                                           self.verify), steps)
 
     def _done(self, now: float, version: int) -> None:
         if version != self._version:
@@ -296,9 +318,9 @@ class SimEngine:
         self.busy_s += now - start
         running = self.running
         if running:
-            n = len(running)
-            self.kv_used += n * steps
-            self.decode_ctx += n * steps
+            grown = self.gain * steps
+            self.kv_used += grown
+            self.decode_ctx += grown
             self.clock = clock = self.clock + steps
             ends = self._ends
             while ends and ends[0][0] <= clock:

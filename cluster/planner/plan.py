@@ -15,6 +15,7 @@ from baton.cluster.planner.layout import Layout
 from baton.cluster.planner.model import ModelProfile, load_model, profile_from_config
 from baton.cluster.planner.profile import Profile
 from baton.cluster.planner.search import SLO, Bench, Evaluated, cheapest_for_rate, search
+from baton.cluster.planner.sim import Speculation
 from baton.cluster.planner.workload import Lengths, Trace, get_workload, load_trace
 from baton.errors import ConfigError
 
@@ -39,6 +40,7 @@ class PlanRequest:
     cpu_price: float = CPU_PRICE_PER_CORE_HOUR
     link_efficiency: float | None = None  # KV link share of the NIC (`baton bench kv`)
     thresholds: Sequence[int] = THRESHOLDS
+    speculation: Speculation | None = None  # an acceleration method's measured figures
     num_requests: int = 400
     seed: int = 0
     dtype: str = "bfloat16"
@@ -108,7 +110,7 @@ def plan(req: PlanRequest, progress: Callable[[Evaluated], None] | None = None) 
         target = target if target is not None else trace.rate
     else:
         workload = get_workload(req.workload)
-    bench = Bench(workload, req.slo, req.num_requests, req.seed)
+    bench = Bench(workload, req.slo, req.num_requests, req.seed, req.speculation)
     ranked = search(layouts, bench, req.budget, progress)
     best = ranked[0]
     winner, goodput = best.layout, best.goodput_rps

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from baton.cluster.planner.layout import Layout
-from baton.cluster.planner.sim import ClusterSim, SimResult
+from baton.cluster.planner.sim import ClusterSim, SimResult, Speculation
 from baton.cluster.planner.workload import Lengths
 from baton.errors import PlanError
 
@@ -53,12 +53,16 @@ class Evaluated:
 
 
 class Bench:
-    """One workload sample under one SLO: attainment of a layout at a rate."""
+    """One workload sample under one SLO: attainment of a layout at a rate (with an
+    acceleration method, as measured, for a share of the requests)."""
 
-    def __init__(self, workload: Lengths, slo: SLO, num_requests: int, seed: int):
+    def __init__(self, workload: Lengths, slo: SLO, num_requests: int, seed: int,
+                 speculation: Speculation | None = None):
         rng = np.random.default_rng(seed)
         self.workload = workload
         self.slo = slo
+        self.speculation = speculation
+        self.seed = seed
         self.prompts, self.outputs = workload.sample(num_requests, rng)
         gaps = rng.exponential(1.0, num_requests)
         gaps[0] = 0.0
@@ -67,7 +71,8 @@ class Bench:
         self.mean_output = float(self.outputs.mean())
 
     def run(self, layout: Layout, rate: float) -> SimResult:
-        sim = ClusterSim(layout.replica_specs(), layout.prefill_threshold)
+        sim = ClusterSim(layout.replica_specs(), layout.prefill_threshold,
+                         speculation=self.speculation, seed=self.seed)
         return sim.run(self.unit_arrivals / rate, self.prompts, self.outputs)
 
     def meets(self, layout: Layout, rate: float) -> tuple[bool, SimResult]:

@@ -4,12 +4,17 @@ Requests arrive at the router, which picks workers with the router's own code
 (`baton.router.dispatch.WorkerSet`: fewest requests in flight, ties in turn; both holds last the
 whole request, as in `Dispatcher`) and applies conditional disaggregation with the decode worker's
 own rule (`prefill_remotely`: a prefill worker exists and the prompt has at least
-`prefill_threshold` uncached tokens). A remote prefill reserves the prompt's KV on the decode
-worker first (no room: prefill locally, as the worker does), runs on the prefill worker, and its
-KV streams layer by layer while later layers compute: the decode worker has it
-`max(transfer / layers, transfer - prefill time)` after the prefill ends, and the client gets the
-first token then. Workloads carry lengths only, so prefix-cache affinity never applies (every
-prompt is uncached).
+`prefill_threshold` uncached tokens). Requests that share a cached prefix (a system prompt: the
+same `prefix_groups` id) are steered by the router's own prefix-cache affinity
+(`baton.router.affinity.PrefixAffinity`: to the worker that last took that prefix, while it has
+at most `slack` more requests in flight than the least loaded). A remote prefill reserves the
+prompt's KV on the decode worker first (no room: prefill locally, as the worker does), runs on
+the prefill worker, and its KV streams layer by layer while later layers compute: the decode
+worker has it `max(transfer / layers, transfer - prefill time)` after the prefill ends, and the
+client gets the first token then. Workloads carry lengths only: a prompt's length is what its
+worker computes (what a shared prefix spares is taken off before). An acceleration method enters
+as measured (`Speculation`: tokens gained and tokens verified per decode step), for a share of
+the requests.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 from baton.cluster.planner.cost import CostModel
 from baton.cluster.planner.engine_sim import SimEngine, SimRequest
 from baton.errors import ConfigError
+from baton.router.affinity import PrefixAffinity
 from baton.router.dispatch import WorkerSet, prefill_remotely
 
 
@@ -38,6 +44,24 @@ class ReplicaSpec:
     count: int
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Speculation:
+    """An acceleration method as `baton bench spec` measures it, for `share` of the requests:
+    each decode step gains `tokens_per_step` tokens for a request on average (its mean accepted
+    draft length plus one) and computes `verified_tokens` for it (its draft plus one)."""
+
+    tokens_per_step: float
+    verified_tokens: int
+    share: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.tokens_per_step <= self.verified_tokens:
+            raise ConfigError(f"a method gains 1 to verified_tokens ({self.verified_tokens}) "
+                              f"tokens a step, not {self.tokens_per_step}")
+        if not 0 <= self.share <= 1:
+            raise ConfigError(f"the share of requests using a method is 0 to 1, not {self.share}")
 
 
 @dataclass(slots=True)
@@ -70,10 +94,13 @@ class ClusterSim:
     arrival at its engine) in one event; without, one event per iteration."""
 
     def __init__(self, replicas: Sequence[ReplicaSpec], prefill_threshold: int,
-                 event_skipping: bool = True, lookahead: bool = True):
+                 event_skipping: bool = True, lookahead: bool = True,
+                 speculation: Speculation | None = None, seed: int = 0):
         if not any(r.role in ("decode", "both") and r.count for r in replicas):
             raise ConfigError("a layout needs at least one decode or both replica")
         self.threshold = prefill_threshold
+        self.speculation = speculation
+        self._seed = seed  # which requests use the method
         # False: one event per decode iteration (slow; the reference event skipping must match).
         self.event_skipping = event_skipping
         # True: a decode engine hears of an import when its prefill ends and plans its runs
@@ -86,6 +113,7 @@ class ClusterSim:
                                               spec.max_num_batched_tokens, spec.max_num_seqs))
         self.decode = WorkerSet([e for e in self.engines if e.role in ("decode", "both")])
         self.prefill = WorkerSet([e for e in self.engines if e.role == "prefill"])
+        self.affinity = PrefixAffinity()
         self._heap: list[tuple[float, int, Callable[[float, Any], None], Any]] = []
         self._seq = itertools.count()
         self.remote_prefills = 0
@@ -96,13 +124,19 @@ class ClusterSim:
     def schedule(self, t: float, fn: Callable[[float, Any], None], arg: Any) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), fn, arg))
 
-    def run(self, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray) -> SimResult:
+    def run(self, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray,
+            prefix_groups: np.ndarray | None = None) -> SimResult:
+        """Serve the requests (arrival s, prompt tokens to compute, output tokens); requests with
+        the same `prefix_groups` id >= 0 share a cached prefix (affinity applies)."""
         n = len(arrivals)
+        groups = prefix_groups.tolist() if prefix_groups is not None else None
         times, lens, outs = arrivals.tolist(), prompts.tolist(), outputs.tolist()
         # Each request's first token and finish time, kept as it finishes (-1: not served).
         self._first = [-1.0] * n
         self._finish = [-1.0] * n
         limit = min(e.capacity for e in self.decode)
+        spec = self.speculation
+        uses = (np.random.default_rng(self._seed).random(n) < spec.share).tolist() if spec else []
         heap = self._heap
         pop = heapq.heappop
         events = 0
@@ -116,7 +150,11 @@ class ClusterSim:
                 break
             events += 1
             if lens[i] + outs[i] <= limit:
-                self._arrive(SimRequest(i, t_next, lens[i], outs[i]))
+                req = SimRequest(i, t_next, lens[i], outs[i])
+                if uses and uses[i]:
+                    assert spec is not None
+                    req.gain, req.verify = spec.tokens_per_step, spec.verified_tokens
+                self._arrive(req, groups[i] if groups is not None else -1)
         first, finish = np.array(self._first), np.array(self._finish)
         served = finish >= 0
         ttft = np.where(served, first - arrivals, np.nan)
@@ -135,9 +173,14 @@ class ClusterSim:
 
     # -- the router and the decode worker's admission ---------------------------------------------
 
-    def _arrive(self, req: SimRequest) -> None:
+    def _arrive(self, req: SimRequest, group: int = -1) -> None:
         now = req.arrival
-        worker = self.decode.pick()
+        if group >= 0:  # the router's prefix-cache affinity, as `Dispatcher.generate` applies it
+            hashes = [group]
+            worker = self.decode.pick(prefer=self.affinity.choose(hashes, self.decode.loads()))
+            self.affinity.remember(hashes, worker)
+        else:
+            worker = self.decode.pick()
         prefill = self.prefill.pick()
         self.decode.take(worker)
         if prefill is not None:

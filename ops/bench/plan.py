@@ -7,6 +7,10 @@ the same simulator with one event per decode iteration, over a short window of t
 (it is too slow for the hour); both runs' TTFT/TPOT p50 over that window are compared, so the
 report also says what event skipping costs in accuracy. Figure: simulated seconds per wall second.
 
+With `replays`, reports of `baton bench pd` / `baton bench serve` run on this machine are replayed
+through the simulator fed this machine's `profile` (`plan_replay`): per system and rate, the
+measured and simulated TTFT/TPOT p50, attainment and goodput.
+
 With `calibrate`, a real engine (`CALIBRATION_MODEL`, in process) is profiled, then run open-loop
 at rising rates beside the simulator fed that profile (`plan_calibration.sweep`): TTFT/TPOT p50
 errors per rate and both goodputs.
@@ -14,7 +18,10 @@ errors per rate and both goodputs.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,9 +32,11 @@ from baton.actors.engine import Engine
 from baton.cluster.planner.catalog import Catalog
 from baton.cluster.planner.cost import CostModel
 from baton.cluster.planner.model import load_model
+from baton.cluster.planner.profile import Profile
 from baton.cluster.planner.sim import ClusterSim, ReplicaSpec, SimResult
 from baton.cluster.planner.workload import get_workload, poisson
-from baton.ops.bench import plan_calibration
+from baton.errors import ConfigError
+from baton.ops.bench import plan_calibration, plan_replay
 from baton.ops.bench.machine import machine_info
 from baton.ops.bench.report import run_and_report
 from baton.ops.profile_run import measure
@@ -77,10 +86,31 @@ def calibration(seed: int) -> dict[str, Any]:
     return {"model": CALIBRATION_MODEL, **out}
 
 
+def replays(paths: Sequence[str], profile_path: str | None) -> dict[str, Any]:
+    """Each bench report at `paths` replayed on the profile (see `plan_replay`)."""
+    if not paths:
+        return {}
+    if profile_path is None:
+        raise ConfigError("--replay needs --profile: a `baton profile` of this machine's engine "
+                          "to cost the replayed layouts")
+    profile = Profile.load(profile_path)
+    out = {}
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"bench report {p} does not exist")
+        report = json.loads(p.read_text())
+        cached = plan_replay.cached_prefix_tokens(profile.model)  # the model it profiled
+        out[str(p)] = plan_replay.replay(report, profile, cached)
+    return out
+
+
 def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, seed: int = 0,
-        calibrate: bool = True, progress: Console | None = None) -> dict[str, Any]:
+        calibrate: bool = True, replay: Sequence[str] = (), profile: str | None = None,
+        progress: Console | None = None) -> dict[str, Any]:
     """Simulate `hours` of traffic at `rate` requests/s, and `baseline_s` of it both ways."""
     say = progress.print if progress else (lambda _: None)
+    replayed = replays(replay, profile)
     calib = None
     if calibrate:
         say(f"calibration: profiling {CALIBRATION_MODEL}, then real and simulated runs")
@@ -108,6 +138,7 @@ def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, se
         "full": _summary(full, wall, sim_s),
         "window": window,
         "calibration": calib,
+        "replays": replayed,
         "ratios": {
             "simulated_seconds_per_wall_second": sim_s / wall,
             "skipping_speedup_vs_per_iteration": base_wall / short_wall,
@@ -115,8 +146,19 @@ def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, se
             / window["per_iteration"]["ttft_p50_s"],
             "tpot_p50_skipping_vs_per_iteration": window["skipping"]["tpot_p50_s"]
             / window["per_iteration"]["tpot_p50_s"],
+            **_replay_ratios(replayed),
         },
     }
+
+
+def _replay_ratios(replayed: dict[str, Any]) -> dict[str, float]:
+    """The worst replay errors over every replayed report (none: no ratios)."""
+    if not replayed:
+        return {}
+    worst = [r["worst_abs_error_within_slo"] for r in replayed.values()]
+    return {"replay_ttft_p50_worst_abs_error": max(w["ttft_p50"] for w in worst),
+            "replay_tpot_p50_worst_abs_error": max(w["tpot_p50"] for w in worst),
+            "replay_goodput_worst_rate_steps": max(w["goodput_rate_steps"] for w in worst)}
 
 
 def show(report: dict[str, Any], console: Console) -> None:
@@ -143,6 +185,28 @@ def show(report: dict[str, Any], console: Console) -> None:
                           f"{r['real']['attainment']:.0%} / sim {r['sim']['attainment']:.0%}")
         console.print(f"calibration goodput: real {calib['goodput_real_rps']:g}/s, simulated "
                       f"{calib['goodput_sim_rps']:g}/s")
+    for path, rep in report.get("replays", {}).items():
+        _show_replay(path, rep, console)
+
+
+def _show_replay(path: str, rep: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"replayed {path} on a {rep['profile_device']} profile",
+                  caption="TTFT in s, TPOT in ms; sim / measured")
+    for col in ("system", "req/s", "TTFT p50", "TPOT p50", "attainment"):
+        table.add_column(col, justify="right")
+    for name, system in rep["systems"].items():
+        for rate, run in system["rates"].items():
+            real, sim = run["real"], run["sim"]
+            table.add_row(name, rate, f"{_num(sim['ttft_p50_s'])} / {_num(real['ttft_p50_s'])}",
+                          f"{_num(sim['tpot_p50_s'], 1000)} / {_num(real['tpot_p50_s'], 1000)}",
+                          f"{sim['attainment']:.0%} / {real['attainment']:.0%}")
+        table.add_row(name, "goodput", "", "",
+                      f"{system['goodput_sim_rps']:g} / {system['goodput_real_rps']:g} req/s")
+    console.print(table)
+
+
+def _num(value: float | None, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{value * scale:.3g}"
 
 
 def main(*, json_path: str | None = None, **kw: Any) -> dict[str, Any]:

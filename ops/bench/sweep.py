@@ -157,6 +157,7 @@ def _run_at(name: str, system: LoadedSystem, requests: Sequence[BenchRequest],
     """One system's run at one rate, as the report keeps it."""
     timings, wall = system.run(requests, arrivals)
     s = run_record(timings, wall, slo, requests, load.long_prompt[0])
+    s["arrivals"] = list(arrivals)  # offsets in s: with the lengths, enough to replay the run
     notes = system.notes()
     s.update(notes)
     say(f"{name:>18} @ {rate:.2f} req/s: attainment {s['attainment']:.0%}, TTFT p99 "

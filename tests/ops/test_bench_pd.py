@@ -7,10 +7,11 @@ import statistics
 
 import pytest
 
-from baton.ops.bench import pd
+from baton.ops.bench import pd, plan_replay
 from baton.ops.bench.openloop import SLO, goodput, poisson_arrivals, summarize
 from baton.ops.bench.sweep import ATTAINMENT
 from baton.ops.bench.workload import RequestTiming
+from baton.ops.profile_run import measure
 
 pytestmark = pytest.mark.ray  # starts Ray (see tests/conftest.py)
 
@@ -70,3 +71,32 @@ def test_bench_pd_runs_both_systems_and_reports_ratios(tmp_path, capsys):
     (decode,) = [w for w in workers["disaggregated"] if w["role"] == "decode"]
     assert decode["handoffs"] >= 2 and decode["handoff_failures"] == 0
     assert "goodput_pd_vs_colocated" in capsys.readouterr().out
+
+
+def test_a_bench_pd_report_replays_through_the_planner(tmp_path):
+    """The short form of the planner's calibration: a real `bench pd` run on a local Ray cluster,
+    this machine's engine profiled, and the same requests through the simulated layouts. How close
+    the figures come is `baton bench plan --replay`'s to measure, not a test's."""
+    out = tmp_path / "pd.json"
+    pd.main(json_path=str(out), model="tiny:llama", dtype="float32", rates=(1.0, 4.0),
+            num_requests=6, seed=3)
+    report = json.loads(out.read_text())
+    profile = measure(model="tiny:llama", dtype="float32", prefill_lens=(16, 64, 256),
+                      batches=(1, 4), contexts=(16, 128), decode_steps=4)
+    replayed = plan_replay.replay(report, profile, plan_replay.cached_prefix_tokens("tiny:llama"))
+    for name, system in report["systems"].items():
+        sim = replayed["systems"][name]
+        assert set(sim["rates"]) == set(system["rates"])  # every rate the system ran
+        assert sim["goodput_real_rps"] == system["goodput_rps"]
+        for rate, run in sim["rates"].items():
+            measured = system["rates"][rate]
+            assert run["real"]["ttft_p50_s"] == measured["ttft_p50_s"]
+            assert run["sim"]["ttft_p50_s"] > 0 and run["sim"]["tpot_p50_s"] > 0
+            assert run["error"]["ttft_p50"] == pytest.approx(
+                run["sim"]["ttft_p50_s"] / measured["ttft_p50_s"] - 1)
+            # The simulated router sends exactly the prompts with at least the threshold's
+            # uncached tokens away, as the real decode worker does.
+            cached = replayed["cached_prefix_tokens"]
+            long = sum(n - cached >= pd.PREFILL_THRESHOLD for n in measured["prompt_tokens"])
+            remote = run["sim"]["remote_prefills"]
+            assert remote == (long if name == "disaggregated" else 0), (name, rate)

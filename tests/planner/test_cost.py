@@ -34,3 +34,9 @@ def test_a_decode_step_costs_exactly_what_the_same_iteration_does(model: str,
     cost = CostModel(Catalog().get("H100"), load_model(model), 2, eff)
     for n, context in ((1, 17.0), (7, 9000.5), (64, 131072.25), (256, 3.5e6)):
         assert cost.decode_step(n, context) == cost.iteration(0, 0.0, n, context)
+        # Verifying drafts: 4 tokens a request, each attending over its request's context.
+        verify = cost.decode_step(n, context, 4 * n)
+        assert verify == cost.iteration(0, 0.0, n, context, decode_tokens=4 * n)
+        # Free while a step is memory-bound on a GPU; never free where compute adds up (CPU).
+        assert verify >= cost.decode_step(n, context)
+        assert eff.overlap or verify > cost.decode_step(n, context)

@@ -8,8 +8,9 @@ import pytest
 from baton.cluster.planner.catalog import Catalog
 from baton.cluster.planner.cost import CostModel
 from baton.cluster.planner.model import load_model
-from baton.cluster.planner.sim import ClusterSim, ReplicaSpec
+from baton.cluster.planner.sim import ClusterSim, ReplicaSpec, Speculation
 from baton.cluster.planner.workload import get_workload, poisson
+from baton.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,58 @@ def test_a_full_kv_cache_preempts_and_every_request_still_finishes() -> None:
         arrivals[keep], prompts[keep], outputs[keep])
     assert res.preemptions > 0
     assert not np.isnan(res.ttft).any()
+
+
+def test_a_speculating_request_takes_one_step_per_tokens_gained(h100: CostModel) -> None:
+    """11 tokens at 2 a step: the first from the prefill, then 5 steps, each computing 3 tokens
+    (a draft of 2 and the bonus) over a context that grows by 2."""
+    spec = Speculation(tokens_per_step=2.0, verified_tokens=3)
+    sim = ClusterSim([ReplicaSpec("both", h100, 1, max_num_batched_tokens=4096)], 64,
+                     speculation=spec)
+    res = sim.run(np.array([0.0]), np.array([1000]), np.array([11]))
+    steps = [h100.iteration(0, 0.0, 1, 1000 + 2 * i, decode_tokens=3) for i in range(5)]
+    assert res.ttft[0] == pytest.approx(h100.iteration(1000, 1000 * 500, 0, 0.0))
+    assert res.tpot[0] == pytest.approx(sum(steps) / 10, rel=1e-6)
+    assert res.iterations == 6
+
+
+def test_speculation_for_no_request_changes_nothing(h100: CostModel) -> None:
+    arrivals, prompts, outputs = _load(400, 8.0)
+    specs = [ReplicaSpec("prefill", h100, 1), ReplicaSpec("decode", h100, 1)]
+    plain = ClusterSim(specs, 64).run(arrivals, prompts, outputs)
+    none = ClusterSim(specs, 64, speculation=Speculation(2.5, 4, share=0.0)).run(
+        arrivals, prompts, outputs)
+    assert np.array_equal(plain.ttft, none.ttft) and np.array_equal(plain.tpot, none.tpot)
+
+
+def test_speculation_under_load_with_preemption_frees_all_kv() -> None:
+    small = CostModel(Catalog().get("H100"), load_model("llama-3-8b"), 1, kv_memory=6000 * 131072)
+    arrivals, prompts, outputs = _load(120, 20.0)
+    keep = prompts + outputs <= 6000
+    specs = [ReplicaSpec("both", small, 1)]
+    load = arrivals[keep], prompts[keep], outputs[keep]
+    sim = ClusterSim(specs, 64, speculation=Speculation(2.5, 4, share=0.5), seed=1)
+    res = sim.run(*load)
+    assert res.preemptions > 0 and not np.isnan(res.ttft).any()
+    (engine,) = sim.engines
+    assert engine.kv_used == pytest.approx(0, abs=1e-6) and not engine.running
+    plain = ClusterSim(specs, 64).run(*load)
+    assert np.nanmedian(res.tpot) < np.nanmedian(plain.tpot)  # the speculating half is faster
+
+
+@pytest.mark.parametrize("roles", [("both",), ("prefill", "decode")])
+def test_event_skipping_matches_per_iteration_with_speculation(h100: CostModel, roles) -> None:
+    arrivals, prompts, outputs = _load(1000, 6.0)
+    specs = [ReplicaSpec(role, h100, 2) for role in roles]
+    spec = Speculation(1.8, 4, share=0.6)
+    fast = ClusterSim(specs, 64, speculation=spec).run(arrivals, prompts, outputs)
+    slow = ClusterSim(specs, 64, event_skipping=False, speculation=spec).run(
+        arrivals, prompts, outputs)
+    for a, b in ((fast.ttft, slow.ttft), (fast.tpot, slow.tpot)):
+        assert np.nanmedian(a) == pytest.approx(np.nanmedian(b), rel=0.02)
+
+
+@pytest.mark.parametrize("args", [(0.5, 4), (5.0, 4), (2.0, 4, 1.5)])
+def test_a_method_that_cannot_be_is_refused(args) -> None:
+    with pytest.raises(ConfigError, match="method"):
+        Speculation(*args)

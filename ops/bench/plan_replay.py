@@ -1,0 +1,140 @@
+"""The planner against what `baton bench pd` and `baton bench serve` measured on this machine.
+
+Each Baton system of a report is rebuilt as a simulated layout of workers costed by a profile of
+this machine's engine (`baton profile`): `bench pd`'s colocated pair (two `both` workers) and its
+disaggregated pair (one prefill, one decode worker, its prefill threshold), `bench serve`'s
+cluster as `baton up` brings it (the default local config's pools and threshold). Every rate's
+recorded requests are replayed (arrival offsets, prompt and output lengths; a block-aligned shared
+system prompt counted as cached), and the simulated TTFT/TPOT p50 and attainment under the
+report's own SLOs are set beside the measured ones, with each system's goodput over the rates it
+ran. `bench serve`'s peer is not Baton and is not simulated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from baton.cluster.planner.cost import CostModel
+from baton.cluster.planner.profile import Profile
+from baton.cluster.planner.sim import ClusterSim, ReplicaSpec
+from baton.engine_config import EngineConfig
+from baton.errors import ConfigError
+from baton.ops.bench.openloop import goodput
+from baton.ops.bench.plan_calibration import profile_cost
+from baton.ops.bench.sweep import ATTAINMENT
+
+Layout = tuple[list[ReplicaSpec], int]  # replicas, prefill threshold
+
+
+def _pd_layouts(cost: CostModel, engine: EngineConfig) -> dict[str, Layout]:
+    from baton.ops.bench import pd  # its Ray imports only when a pd report is replayed
+
+    def spec(role: str, count: int) -> ReplicaSpec:
+        return ReplicaSpec(role, cost, count, engine.max_num_batched_tokens, engine.max_num_seqs)
+
+    return {"colocated": ([spec("both", 2)], pd.PREFILL_THRESHOLD),
+            "disaggregated": ([spec("prefill", 1), spec("decode", 1)], pd.PREFILL_THRESHOLD)}
+
+
+def _serve_layouts(cost: CostModel, engine: EngineConfig) -> dict[str, Layout]:
+    from baton.cluster.local import default_local_config
+
+    config = default_local_config()
+    specs = [ReplicaSpec(p.role, cost, p.replicas, engine.max_num_batched_tokens,
+                         engine.max_num_seqs) for p in config.pools]
+    return {"baton": (specs, config.prefill_threshold)}
+
+
+def layouts(report: dict[str, Any], cost: CostModel) -> dict[str, Layout]:
+    """The simulated layout of each Baton system in a `bench pd` or `bench serve` report."""
+    ratios = report.get("ratios", {})
+    engine = EngineConfig()
+    if "goodput_pd_vs_colocated" in ratios:
+        return _pd_layouts(cost, engine)
+    if "goodput_vs_transformers_serve" in ratios:
+        return _serve_layouts(cost, engine)
+    raise ConfigError("the report is neither `baton bench pd`'s nor `baton bench serve`'s; "
+                      "replay a JSON report one of them wrote with --json")
+
+
+def _p50(values: np.ndarray) -> float | None:
+    v = values[~np.isnan(values)]
+    return float(np.median(v)) if len(v) else None
+
+
+def _error(sim: float | None, real: float | None) -> float | None:
+    return sim / real - 1 if sim is not None and real else None
+
+
+def replay_run(layout: Layout, record: dict[str, Any], slo: tuple[float, float],
+               cached_tokens: int) -> dict[str, Any]:
+    """One measured run through the simulator: its p50s and attainment, and their errors."""
+    if "arrivals" not in record:
+        raise ConfigError("the report's runs carry no arrival offsets (written before they were "
+                          "recorded); run the benchmark again to replay it")
+    specs, threshold = layout
+    prompts = np.maximum(np.asarray(record["prompt_tokens"]) - cached_tokens, 1)
+    outputs = np.asarray(record["max_tokens"])
+    # Every prompt opens with the same cached blocks, which the router's affinity follows.
+    groups = np.zeros(len(prompts), dtype=int) if cached_tokens else None
+    res = ClusterSim(specs, threshold).run(np.asarray(record["arrivals"], dtype=float), prompts,
+                                           outputs, groups)
+    sim = {"ttft_p50_s": _p50(res.ttft), "tpot_p50_s": _p50(res.tpot),
+           "attainment": res.attainment(*slo), "remote_prefills": res.remote_prefills}
+    real = {k: record[k] for k in ("ttft_p50_s", "tpot_p50_s", "attainment")}
+    return {"real": real, "sim": sim,
+            "error": {k: _error(sim[f"{k}_s"], real[f"{k}_s"]) for k in ("ttft_p50", "tpot_p50")}}
+
+
+def _steps_apart(rates: Sequence[float], a: float, b: float) -> int:
+    """How many of the swept rates lie between goodputs `a` and `b` (0 below every rate)."""
+    def index(g: float) -> int:
+        return sum(r <= g for r in rates)
+
+    return abs(index(a) - index(b))
+
+
+def replay(report: dict[str, Any], profile: Profile, cached_tokens: int = 0) -> dict[str, Any]:
+    """Every Baton system and rate of `report` replayed on `profile`'s cost model."""
+    cost = profile_cost(profile)
+    slo = (report["slo"]["ttft_s"], report["slo"]["tpot_s"])
+    systems: dict[str, Any] = {}
+    # Errors where the real system met its SLOs (past that its queue, and the error, grows).
+    worst: dict[str, float] = {"ttft_p50": 0.0, "tpot_p50": 0.0}
+    steps = 0
+    for name, layout in layouts(report, cost).items():
+        measured = report["systems"][name]
+        runs = {float(r): replay_run(layout, rec, slo, cached_tokens)
+                for r, rec in measured["rates"].items()}
+        real_good = measured["goodput_rps"]
+        sim_good = goodput({r: run["sim"] for r, run in runs.items()}, ATTAINMENT)
+        apart = _steps_apart(sorted(runs), real_good, sim_good)
+        steps = max(steps, apart)
+        for rate, run in runs.items():
+            if rate > real_good and rate != min(runs):
+                continue
+            for k, e in run["error"].items():
+                if e is not None:
+                    worst[k] = max(worst[k], abs(e))
+        systems[name] = {"goodput_real_rps": real_good, "goodput_sim_rps": sim_good,
+                         "goodput_rate_steps_apart": apart,
+                         "rates": {str(r): run for r, run in sorted(runs.items())}}
+    return {"model": report.get("model"), "profile_device": profile.device,
+            "cached_prefix_tokens": cached_tokens, "systems": systems,
+            "worst_abs_error_within_slo": {**worst, "goodput_rate_steps": steps}}
+
+
+def cached_prefix_tokens(model: str, block_size: int | None = None) -> int:
+    """The prompt tokens every request of the benchmarks' chat workload shares (the chat
+    template and system prompt), in whole KV blocks: what the prefix cache spares each prefill."""
+    from baton.actors.model_source import load_tokenizer, resolve
+    from baton.ops.bench.sweep import probes
+
+    block = block_size or EngineConfig().block_size
+    a, b = (p.prompt_ids for p in probes(load_tokenizer(resolve(model)), "Prefix", 2, 0, 1, 0))
+    shared = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                  min(len(a), len(b)))
+    return shared // block * block
