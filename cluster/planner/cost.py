@@ -40,6 +40,9 @@ class Efficiency:
     # Attention FLOPs run at this share of the matmul rate (CPU: far below 1, a profile says how
     # far; GPU kernels near 1).
     attention: float = 1.0
+    # KV-cache reads reach this share of the weights' bandwidth (CPU decode gathers the blocks
+    # and converts them; GPU kernels read them in place, near 1).
+    kv: float = 1.0
     overhead_s: float = 0.004  # per iteration: launches, sampling, scheduling
     per_seq_s: float = 0.0  # per request in the batch (CPU: per-sequence Python work)
     link: float = DEFAULT_LINK_EFFICIENCY  # of NIC bandwidth a KV transfer reaches
@@ -58,6 +61,7 @@ class CostModel:
         scale = tp * (TP_EFFICIENCY if tp > 1 else 1.0)
         self._flops = device.flops * self.eff.compute * scale
         self._bw = device.mem_bw * self.eff.memory * scale
+        self._kv_bytes = model.kv_bytes_per_token / self.eff.kv  # per token, at weights' rate
         free = (kv_memory if kv_memory is not None
                 else device.memory * tp * KV_MEMORY_FRACTION - model.weight_bytes)
         self.kv_capacity_tokens = int(free // model.kv_bytes_per_token)
@@ -91,7 +95,7 @@ class CostModel:
                  + self._attention * (prefill_context + verify * decode_context))
         weights = (self._dense_bytes if self._dense_bytes is not None
                    else m.weight_bytes_read(tokens))
-        mem = weights + m.kv_bytes_per_token * (decode_context + prefill_tokens)
+        mem = weights + self._kv_bytes * (decode_context + prefill_tokens)
         c, b = flops / self._flops, mem / self._bw
         seqs = decode_n + (prefill_seqs if prefill_tokens else 0)
         return (self.eff.overhead_s + self.eff.per_seq_s * seqs
@@ -108,7 +112,7 @@ class CostModel:
             flops = m.flops_per_token * tokens + self._attention * (0.0 + tokens / n * context)
         weights = (self._dense_bytes if self._dense_bytes is not None
                    else m.weight_bytes_read(tokens))
-        b = (weights + m.kv_bytes_per_token * context) / self._bw
+        b = (weights + self._kv_bytes * context) / self._bw
         c = flops / self._flops
         eff = self.eff
         return eff.overhead_s + eff.per_seq_s * n + (max(c, b) if eff.overlap else c + b)
@@ -134,20 +138,20 @@ def min_tp(device: DeviceSpec, model: ModelProfile, min_kv_tokens: int = 16384) 
 
 
 def _features(model: ModelProfile, profile: Profile) -> tuple[np.ndarray, ...]:
-    """(matmul FLOPs, attention FLOPs, bytes, seconds, requests) of every profile point,
-    prefill then decode."""
+    """(matmul FLOPs, attention FLOPs, weight bytes, KV bytes, seconds, requests) of every
+    profile point, prefill then decode."""
     rows = []
     for tokens, seconds in profile.prefill:
         rows.append((model.flops_per_token * tokens, model.attention_flops(tokens * tokens / 2),
-                     model.weight_bytes_read(tokens) + model.kv_bytes_per_token * tokens,
+                     model.weight_bytes_read(tokens), model.kv_bytes_per_token * tokens,
                      seconds, 1))
     for batch, context, seconds in profile.decode:
         ctx = batch * context
         rows.append((model.flops_per_token * batch, model.attention_flops(ctx),
-                     model.weight_bytes_read(batch) + model.kv_bytes_per_token * ctx, seconds,
+                     model.weight_bytes_read(batch), model.kv_bytes_per_token * ctx, seconds,
                      batch))
     a = np.array(rows, dtype=float)
-    return a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4]
+    return tuple(a[:, i] for i in range(6))
 
 
 def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -162,8 +166,8 @@ def calibrate(device: DeviceSpec, model: ModelProfile, profile: Profile,
     if len(profile.prefill) < 2 or len(profile.decode) < 2:
         raise ConfigError("a profile needs at least two prefill and two decode points")
     n_pre = len(profile.prefill)
-    matmul, attention, mem, secs, _ = _features(model, profile)
-    flops = matmul + attention
+    matmul, attention, weights, kv, secs, _ = _features(model, profile)
+    flops, mem = matmul + attention, weights + kv
     slope_c, _ = _fit_line(flops[:n_pre], secs[:n_pre])
     slope_m, overhead = _fit_line(mem[n_pre:], secs[n_pre:])
     return Efficiency(compute=min(1.0, 1 / (slope_c * device.flops)),
@@ -196,20 +200,22 @@ def device_from_profile(profile: Profile, model: ModelProfile,
                         price_per_hour: float) -> tuple[DeviceSpec, Efficiency]:
     """A CPU worker as a device whose FLOP/s and bandwidth are the effective rates measured:
     seconds = overhead + requests x per-request cost + matmul FLOPs / F + attention FLOPs / A
-    + bytes / B, fitted over every point (relative error, coefficients >= 0). Attention gets its
-    own rate: on a CPU it runs far below the matmuls (long prompts cost more than linearly, and
-    decode grows with context). A dense model reads the same weights every step, so overhead and
-    bytes trade off in the fit; predictions do not depend on the split."""
-    matmul, attention, mem, secs, seqs = _features(model, profile)
-    design = np.column_stack([np.ones_like(matmul), seqs, matmul, attention, mem])
-    overhead, per_seq, per_flop, per_attention, per_byte = (
+    + weight bytes / B + KV bytes / K, fitted over every point (relative error, coefficients
+    >= 0). Attention and KV reads get rates of their own: on a CPU both run far below the
+    matmuls and weight reads (long prompts cost more than linearly; decode grows with context,
+    the KV blocks gathered and converted). A dense model reads the same weights every step, so
+    overhead and weight bytes trade off in the fit; predictions do not depend on the split."""
+    matmul, attention, weights, kv, secs, seqs = _features(model, profile)
+    design = np.column_stack([np.ones_like(matmul), seqs, matmul, attention, weights, kv])
+    overhead, per_seq, per_flop, per_attention, per_byte, per_kv = (
         float(c) for c in _nonnegative_fit(design, secs))
-    per_flop = max(per_flop, 1e-30)
+    per_flop, per_byte = max(per_flop, 1e-30), max(per_byte, 1e-30)
     device = DeviceSpec(name=profile.device, flops=1 / per_flop,
-                        mem_bw=1 / max(per_byte, 1e-30),
+                        mem_bw=1 / per_byte,
                         memory=model.weight_bytes + profile.kv_cache_memory,
                         nic_bw=profile.kv_link_bytes_per_s, price_per_hour=price_per_hour,
                         kind="cpu")
     return device, Efficiency(compute=1.0, memory=1.0,
                               attention=per_flop / per_attention if per_attention else 1e30,
+                              kv=per_byte / per_kv if per_kv else 1e30,
                               overhead_s=overhead, per_seq_s=per_seq, link=1.0, overlap=False)

@@ -37,10 +37,29 @@ def test_a_mixed_step_gives_each_request_what_it_gets_alone(monkeypatch) -> None
             if out.finished:
                 done[int(out.request_id)] = out
     # The ragged path ran, with a chunk after cached tokens and decoding rows beside it.
-    assert any(p.single_rows is not None and p.runs for p in calls)
+    assert any(p.groups and p.runs for p in calls)
     assert any(ctx > n for p in calls for _, _, n, ctx in p.runs)
     for i, prompt in enumerate(PROMPTS):
         ref = _alone(prompt, params)
         assert done[i].token_ids == ref.token_ids
         for got, want in zip(done[i].logprobs, ref.logprobs, strict=True):
+            assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+
+
+def test_decoding_rows_of_far_apart_contexts_attend_in_groups(monkeypatch) -> None:
+    calls = []
+    ragged = paged_attention._ragged_attention
+    monkeypatch.setattr(paged_attention, "_ragged_attention",
+                        lambda *a: calls.append(a[0]) or ragged(*a))
+    prompts = [[3 + i % 250 for i in range(600)], [9, 8, 7, 6], list(range(40, 60))]
+    params = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2)
+    outs = Engine("tiny:llama", dtype="float32", max_num_batched_tokens=1024).generate(
+        prompts, params)
+    # Decode steps: the 600-token row apart from the two short ones, which share a group.
+    decode = [p for p in calls if not p.runs]
+    assert decode and all(sorted(len(g.rows) for g in p.groups) == [1, 2] for p in decode)
+    for prompt, out in zip(prompts, outs, strict=True):
+        ref = _alone(prompt, params)
+        assert out.token_ids == ref.token_ids
+        for got, want in zip(out.logprobs, ref.logprobs, strict=True):
             assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
