@@ -260,13 +260,18 @@ def bench_plan(
         help="A `bench pd` or `bench serve` JSON report to replay (repeatable)")] = None,
     profile: Annotated[str | None, typer.Option(
         help="This machine's `baton profile` (with --replay)")] = None,
+    fit_on: Annotated[str | None, typer.Option(
+        help="A bench report to fit the profile's serving scale to before replaying")] = None,
+    save_profile: Annotated[str | None, typer.Option(
+        help="Write the profile with its fitted serving scale here (for `baton plan`)")] = None,
 ) -> None:
     """The planner's simulator on a 1,000-GPU cluster (simulated seconds per wall second), and
     its calibration against a real engine and against bench pd / bench serve reports."""
     from baton.ops.bench import plan as bench
 
     bench.main(json_path=json_path, hours=hours, rate=rate, baseline_s=baseline_s, seed=seed,
-               calibrate=calibrate, replay=tuple(replay or ()), profile=profile)
+               calibrate=calibrate, replay=tuple(replay or ()), profile=profile,
+               fit_on=fit_on, save_profile=save_profile)
 
 
 @bench_app.command("kernels")

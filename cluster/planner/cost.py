@@ -27,8 +27,9 @@ from baton.errors import ConfigError
 TP_EFFICIENCY = 0.9  # share of the devices' sum a tensor-parallel replica reaches
 KV_MEMORY_FRACTION = 0.9  # of device memory, weights included, the engine may use
 MAX_TP = 8
-# A gRPC KV link's share of line rate (`baton bench kv`: 0.1-0.2 of raw TCP on loopback).
-DEFAULT_LINK_EFFICIENCY = 0.15
+# A gRPC KV link's share of line rate (`baton bench kv`: 0.18-0.24 of raw TCP on loopback at
+# 64 MiB with the v2 wire).
+DEFAULT_LINK_EFFICIENCY = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,9 @@ class Efficiency:
     # and converts them; GPU kernels read them in place, near 1).
     kv: float = 1.0
     overhead_s: float = 0.004  # per iteration: launches, sampling, scheduling
+    # Per KV handoff, beyond moving its bytes: the calls that set it up and bring the first token
+    # back (a profile fitted to a served benchmark measures it; none assumed otherwise).
+    handoff_s: float = 0.0
     per_seq_s: float = 0.0  # per request in the batch (CPU: per-sequence Python work)
     link: float = DEFAULT_LINK_EFFICIENCY  # of NIC bandwidth a KV transfer reaches
     overlap: bool = True  # compute and memory overlap (GPU) or add up (CPU)
@@ -204,11 +208,16 @@ def device_from_profile(profile: Profile, model: ModelProfile,
     >= 0). Attention and KV reads get rates of their own: on a CPU both run far below the
     matmuls and weight reads (long prompts cost more than linearly; decode grows with context,
     the KV blocks gathered and converted). A dense model reads the same weights every step, so
-    overhead and weight bytes trade off in the fit; predictions do not depend on the split."""
+    overhead and weight bytes trade off in the fit; predictions do not depend on the split.
+    Every rate is then slowed by the profile's `serving_scale`."""
     matmul, attention, weights, kv, secs, seqs = _features(model, profile)
     design = np.column_stack([np.ones_like(matmul), seqs, matmul, attention, weights, kv])
     overhead, per_seq, per_flop, per_attention, per_byte, per_kv = (
         float(c) for c in _nonnegative_fit(design, secs))
+    # A serving worker's step takes `serving_scale` times the engine's own: every term scales.
+    k = profile.serving_scale
+    overhead, per_seq, per_flop, per_attention, per_byte, per_kv = (
+        k * c for c in (overhead, per_seq, per_flop, per_attention, per_byte, per_kv))
     per_flop, per_byte = max(per_flop, 1e-30), max(per_byte, 1e-30)
     device = DeviceSpec(name=profile.device, flops=1 / per_flop,
                         mem_bw=1 / per_byte,
@@ -218,4 +227,5 @@ def device_from_profile(profile: Profile, model: ModelProfile,
     return device, Efficiency(compute=1.0, memory=1.0,
                               attention=per_flop / per_attention if per_attention else 1e30,
                               kv=per_byte / per_kv if per_kv else 1e30,
-                              overhead_s=overhead, per_seq_s=per_seq, link=1.0, overlap=False)
+                              overhead_s=overhead, per_seq_s=per_seq,
+                              handoff_s=profile.handoff_s, link=1.0, overlap=False)

@@ -2,7 +2,11 @@
 
 JSON: the device (`cpu` or a catalog GPU name), the model's transformers config, the engine's
 dtype, threads and KV cache size, the KV link's measured bytes/s, and the timings: prefill seconds
-per prompt length, decode step seconds per (batch size, context length per request).
+per prompt length, decode step seconds per (batch size, context length per request). The timings
+are of the engine alone; `serving_scale` is how many times longer a step takes in a serving worker
+(its actor, Ray, the router and the KV link sharing the machine) and `handoff_s` what one KV
+handoff adds to a remote prefill's TTFT beyond moving its bytes, both fitted to a served benchmark
+by `baton bench plan --fit-on` (1.0 and 0 until then).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class Profile:
     prefill: list[tuple[int, float]] = field(default_factory=list)
     decode: list[tuple[int, int, float]] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
+    serving_scale: float = 1.0
+    handoff_s: float = 0.0
 
     @property
     def is_cpu(self) -> bool:
@@ -55,4 +61,7 @@ class Profile:
         prof.decode = [(int(b), int(c), float(s)) for b, c, s in prof.decode]
         if len(prof.prefill) < 2 or len(prof.decode) < 2:
             raise ConfigError(f"profile {p} needs at least two prefill and two decode points")
+        if not prof.serving_scale > 0 or not prof.handoff_s >= 0:
+            raise ConfigError(f"profile {p}: serving_scale must be positive and handoff_s at "
+                              f"least 0, not {prof.serving_scale!r} and {prof.handoff_s!r}")
         return prof

@@ -203,7 +203,7 @@ class ClusterSim:
         """A prefill worker finished `req`'s prompt: its KV reaches the decode worker later."""
         xfer = req.prefill.cost.transfer(req.prompt, req.decode.cost)
         layers = req.prefill.cost.model.num_layers
-        tail = max(xfer / layers, xfer - (now - req.started))
+        tail = max(xfer / layers, xfer - (now - req.started)) + req.prefill.cost.eff.handoff_s
         req.todo = 0
         if self.lookahead and req.left > 1:
             req.first = now + tail

@@ -9,7 +9,9 @@ report also says what event skipping costs in accuracy. Figure: simulated second
 
 With `replays`, reports of `baton bench pd` / `baton bench serve` run on this machine are replayed
 through the simulator fed this machine's `profile` (`plan_replay`): per system and rate, the
-measured and simulated TTFT/TPOT p50, attainment and goodput.
+measured and simulated TTFT/TPOT p50, attainment and goodput. With `fit_on`, the profile's
+serving scale is first fitted to that report (and the profile so fitted saved to `save_profile`),
+so the other replays check it.
 
 With `calibrate`, a real engine (`CALIBRATION_MODEL`, in process) is profiled, then run open-loop
 at rising rates beside the simulator fed that profile (`plan_calibration.sweep`): TTFT/TPOT p50
@@ -18,6 +20,7 @@ errors per rate and both goodputs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -86,31 +89,43 @@ def calibration(seed: int) -> dict[str, Any]:
     return {"model": CALIBRATION_MODEL, **out}
 
 
-def replays(paths: Sequence[str], profile_path: str | None) -> dict[str, Any]:
-    """Each bench report at `paths` replayed on the profile (see `plan_replay`)."""
-    if not paths:
+def _bench_report(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"bench report {p} does not exist")
+    return json.loads(p.read_text())
+
+
+def replays(paths: Sequence[str], profile_path: str | None, fit_on: str | None = None,
+            save_profile: str | None = None) -> dict[str, Any]:
+    """Each bench report at `paths` replayed on the profile (see `plan_replay`), its serving
+    scale first fitted to the report at `fit_on` when given."""
+    if not paths and fit_on is None:
         return {}
     if profile_path is None:
-        raise ConfigError("--replay needs --profile: a `baton profile` of this machine's engine "
-                          "to cost the replayed layouts")
+        raise ConfigError("--replay and --fit-on need --profile: a `baton profile` of this "
+                          "machine's engine to cost the replayed layouts")
     profile = Profile.load(profile_path)
-    out = {}
+    cached = plan_replay.cached_prefix_tokens(profile.model)  # the model it profiled
+    out: dict[str, Any] = {}
+    if fit_on is not None:
+        scale, handoff = plan_replay.fit_serving(_bench_report(fit_on), profile, cached)
+        profile = dataclasses.replace(profile, serving_scale=scale, handoff_s=handoff)
+        out["serving_scale"] = {"fitted_on": fit_on, "scale": scale, "handoff_s": handoff}
+        if save_profile:
+            profile.save(save_profile)
     for path in paths:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"bench report {p} does not exist")
-        report = json.loads(p.read_text())
-        cached = plan_replay.cached_prefix_tokens(profile.model)  # the model it profiled
-        out[str(p)] = plan_replay.replay(report, profile, cached)
+        out[str(path)] = plan_replay.replay(_bench_report(path), profile, cached)
     return out
 
 
 def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, seed: int = 0,
         calibrate: bool = True, replay: Sequence[str] = (), profile: str | None = None,
+        fit_on: str | None = None, save_profile: str | None = None,
         progress: Console | None = None) -> dict[str, Any]:
     """Simulate `hours` of traffic at `rate` requests/s, and `baseline_s` of it both ways."""
     say = progress.print if progress else (lambda _: None)
-    replayed = replays(replay, profile)
+    replayed = replays(replay, profile, fit_on, save_profile)
     calib = None
     if calibrate:
         say(f"calibration: profiling {CALIBRATION_MODEL}, then real and simulated runs")
@@ -153,9 +168,9 @@ def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, se
 
 def _replay_ratios(replayed: dict[str, Any]) -> dict[str, float]:
     """The worst replay errors over every replayed report (none: no ratios)."""
-    if not replayed:
+    worst = [r["worst_abs_error_within_slo"] for k, r in replayed.items() if k != "serving_scale"]
+    if not worst:
         return {}
-    worst = [r["worst_abs_error_within_slo"] for r in replayed.values()]
     return {"replay_ttft_p50_worst_abs_error": max(w["ttft_p50"] for w in worst),
             "replay_tpot_p50_worst_abs_error": max(w["tpot_p50"] for w in worst),
             "replay_goodput_worst_rate_steps": max(w["goodput_rate_steps"] for w in worst)}
@@ -186,7 +201,11 @@ def show(report: dict[str, Any], console: Console) -> None:
         console.print(f"calibration goodput: real {calib['goodput_real_rps']:g}/s, simulated "
                       f"{calib['goodput_sim_rps']:g}/s")
     for path, rep in report.get("replays", {}).items():
-        _show_replay(path, rep, console)
+        if path == "serving_scale":
+            console.print(f"serving scale {rep['scale']:.3f} and handoff "
+                          f"{rep['handoff_s'] * 1000:.0f} ms, fitted on {rep['fitted_on']}")
+        else:
+            _show_replay(path, rep, console)
 
 
 def _show_replay(path: str, rep: dict[str, Any], console: Console) -> None:

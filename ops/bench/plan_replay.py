@@ -8,10 +8,19 @@ recorded requests are replayed (arrival offsets, prompt and output lengths; a bl
 system prompt counted as cached), and the simulated TTFT/TPOT p50 and attainment under the
 report's own SLOs are set beside the measured ones, with each system's goodput over the rates it
 ran. `bench serve`'s peer is not Baton and is not simulated.
+
+A profile times the engine alone; a serving worker's steps take longer (its actor, Ray, the router
+and the KV link share the machine), and a remote prefill's handoff costs calls beyond moving its
+bytes. `fit_serving` measures both on one report, at its lowest rate, where a request waits for
+little but its own steps: the step factor as measured over simulated TPOT p50, per system
+(geometric mean), then the handoff as the median of measured minus simulated TTFT over the
+prompts prefilled remotely. Fit on one benchmark and replay another to check them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +28,7 @@ import numpy as np
 
 from baton.cluster.planner.cost import CostModel
 from baton.cluster.planner.profile import Profile
-from baton.cluster.planner.sim import ClusterSim, ReplicaSpec
+from baton.cluster.planner.sim import ClusterSim, ReplicaSpec, SimResult
 from baton.engine_config import EngineConfig
 from baton.errors import ConfigError
 from baton.ops.bench.openloop import goodput
@@ -69,19 +78,27 @@ def _error(sim: float | None, real: float | None) -> float | None:
     return sim / real - 1 if sim is not None and real else None
 
 
+def _prompts(record: dict[str, Any], cached_tokens: int) -> np.ndarray:
+    """Each prompt's tokens left to compute past the shared cached prefix."""
+    return np.maximum(np.asarray(record["prompt_tokens"]) - cached_tokens, 1)
+
+
+def _simulate(layout: Layout, record: dict[str, Any], cached_tokens: int) -> SimResult:
+    specs, threshold = layout
+    prompts = _prompts(record, cached_tokens)
+    # Every prompt opens with the same cached blocks, which the router's affinity follows.
+    groups = np.zeros(len(prompts), dtype=int) if cached_tokens else None
+    return ClusterSim(specs, threshold).run(np.asarray(record["arrivals"], dtype=float), prompts,
+                                            np.asarray(record["max_tokens"]), groups)
+
+
 def replay_run(layout: Layout, record: dict[str, Any], slo: tuple[float, float],
                cached_tokens: int) -> dict[str, Any]:
     """One measured run through the simulator: its p50s and attainment, and their errors."""
     if "arrivals" not in record:
         raise ConfigError("the report's runs carry no arrival offsets (written before they were "
                           "recorded); run the benchmark again to replay it")
-    specs, threshold = layout
-    prompts = np.maximum(np.asarray(record["prompt_tokens"]) - cached_tokens, 1)
-    outputs = np.asarray(record["max_tokens"])
-    # Every prompt opens with the same cached blocks, which the router's affinity follows.
-    groups = np.zeros(len(prompts), dtype=int) if cached_tokens else None
-    res = ClusterSim(specs, threshold).run(np.asarray(record["arrivals"], dtype=float), prompts,
-                                           outputs, groups)
+    res = _simulate(layout, record, cached_tokens)
     sim = {"ttft_p50_s": _p50(res.ttft), "tpot_p50_s": _p50(res.tpot),
            "attainment": res.attainment(*slo), "remote_prefills": res.remote_prefills}
     real = {k: record[k] for k in ("ttft_p50_s", "tpot_p50_s", "attainment")}
@@ -125,6 +142,39 @@ def replay(report: dict[str, Any], profile: Profile, cached_tokens: int = 0) -> 
     return {"model": report.get("model"), "profile_device": profile.device,
             "cached_prefix_tokens": cached_tokens, "systems": systems,
             "worst_abs_error_within_slo": {**worst, "goodput_rate_steps": steps}}
+
+
+def _lowest_runs(report: dict[str, Any], cost: CostModel):
+    for name, layout in layouts(report, cost).items():
+        rates = report["systems"][name]["rates"]
+        yield layout, rates[min(rates, key=float)]
+
+
+def fit_serving(report: dict[str, Any], profile: Profile,
+                cached_tokens: int = 0) -> tuple[float, float]:
+    """(serving scale, handoff seconds) that `report`'s lowest rates measured (see the module's
+    doc); the profile's own values are ignored."""
+    bare = dataclasses.replace(profile, serving_scale=1.0, handoff_s=0.0)
+    logs = []
+    for layout, record in _lowest_runs(report, profile_cost(bare)):
+        res = _simulate(layout, record, cached_tokens)
+        real, sim = record["tpot_p50_s"], _p50(res.tpot)
+        if real and sim:
+            logs.append(math.log(real / sim))
+    if not logs:
+        raise ConfigError("the report has no run with a TPOT to fit the serving scale to")
+    scale = math.exp(sum(logs) / len(logs))
+    gaps: list[float] = []
+    for layout, record in _lowest_runs(report, profile_cost(dataclasses.replace(
+            bare, serving_scale=scale))):
+        specs, threshold = layout
+        if not any(s.role == "prefill" for s in specs):
+            continue
+        res = _simulate(layout, record, cached_tokens)
+        real = np.asarray([t[0] for t in record["timings"]], dtype=float)
+        remote = _prompts(record, cached_tokens) >= threshold
+        gaps.extend((real - res.ttft)[remote].tolist())
+    return scale, max(0.0, float(np.median(gaps))) if gaps else 0.0
 
 
 def cached_prefix_tokens(model: str, block_size: int | None = None) -> int:

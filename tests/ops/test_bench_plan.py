@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from baton.cluster.planner.profile import Profile
+from baton.errors import ConfigError
 from baton.ops.bench import plan
 
 
@@ -19,3 +23,22 @@ def test_bench_plan_reports_speed_and_the_per_iteration_baseline() -> None:
     assert ratios["skipping_speedup_vs_per_iteration"] == pytest.approx(
         window["per_iteration"]["wall_s"] / window["skipping"]["wall_s"])
     assert report["calibration"] is None
+
+
+def test_bench_plan_fits_the_serving_scale_on_one_report_and_replays(tmp_path) -> None:
+    data = Path(__file__).parents[1] / "planner" / "data"
+    report_path, saved = str(data / "bench_pd_cpu_smollm2.json"), tmp_path / "served.json"
+    report = plan.run(hours=0.0005, rate=100.0, baseline_s=0.1, calibrate=False,
+                      replay=[report_path], profile=str(data / "cpu_smollm2_1thread.json"),
+                      fit_on=report_path, save_profile=str(saved))
+    fitted = report["replays"]["serving_scale"]
+    assert Profile.load(saved).serving_scale == pytest.approx(fitted["scale"])
+    replayed = report["replays"][report_path]
+    assert set(replayed["systems"]) == {"colocated", "disaggregated"}
+    assert report["ratios"]["replay_goodput_worst_rate_steps"] == (
+        replayed["worst_abs_error_within_slo"]["goodput_rate_steps"])
+
+
+def test_replaying_without_a_profile_says_what_to_add() -> None:
+    with pytest.raises(ConfigError, match="--profile"):
+        plan.run(hours=0.0005, rate=100.0, calibrate=False, replay=["pd.json"])
