@@ -37,7 +37,7 @@ def test_the_fitted_scale_and_handoff_match_the_lowest_rate() -> None:
     fitted = dataclasses.replace(PROFILE, serving_scale=scale, handoff_s=handoff)
     replayed = plan_replay.replay(REPORT, fitted, CACHED)
     ratios = []
-    for name, system in replayed["systems"].items():
+    for system in replayed["systems"].values():
         lowest = min(system["rates"], key=float)
         run = system["rates"][lowest]
         ratios.append(run["sim"]["tpot_p50_s"] / run["real"]["tpot_p50_s"])
