@@ -151,6 +151,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
 
+    def take_pending(self) -> list[RequestOutput]:
+        """Outputs decided between steps (an abort's final output, an imported prompt's first
+        token), now rather than after the next forward pass; `step` returns them otherwise."""
+        outputs, self._pending = self._pending, []
+        return outputs
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

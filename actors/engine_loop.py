@@ -104,6 +104,9 @@ class EngineLoop:
                 self._apply(*item)
                 t.calls_s += clock() - t0
                 block = False
+            # What the calls decided (an imported prompt's first token: the TTFT of every remote
+            # prefill) goes out now, not one forward pass later.
+            self._deliver(self.engine.take_pending())
             outputs = t.step(self.engine)
             t1 = clock()
             self._deliver(outputs)
