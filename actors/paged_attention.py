@@ -89,10 +89,10 @@ class AttentionBatch:
             self._masks[key] = m.repeat(1, groups, 1).unsqueeze(0)
         return self._masks[key]
 
-    def ragged(self) -> RaggedPlan | None:
+    def ragged(self, window: int | None) -> RaggedPlan | None:
         """How to attend without padding every row to the longest (None: one row, or masks the
-        plan cannot express: draft trees)."""
-        if self.batch_size == 1 or self.trees:
+        plan cannot express: draft trees, a sliding window)."""
+        if self.batch_size == 1 or self.trees or window:
             return None
         if self._ragged is None:
             self._ragged = RaggedPlan.of(self)
@@ -190,9 +190,9 @@ def _ragged_attention(plan: RaggedPlan, batch: AttentionBatch, q: torch.Tensor,
     bs = batch.cache.spec.block_size
     out = q.new_empty(t, n_heads, d)
     for row, q0, n, ctx in plan.runs:
-        blocks = batch.block_tables[row, : (ctx + bs - 1) // bs]
-        keys = k_cache.index_select(1, blocks).view(n_kv, -1, d)[:, :ctx].unsqueeze(0)
-        values = v_cache.index_select(1, blocks).view(n_kv, -1, d)[:, :ctx].unsqueeze(0)
+        blocks = batch.block_tables[row : row + 1, : (ctx + bs - 1) // bs]
+        keys = gather_kv(k_cache, blocks)[:, :, :ctx].transpose(0, 1)  # [1, Hkv, ctx, D]
+        values = gather_kv(v_cache, blocks)[:, :, :ctx].transpose(0, 1)
         qr = q[q0 : q0 + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if n == ctx:  # nothing cached before the run: plain causal attention
             o = F.scaled_dot_product_attention(qr, keys, values, is_causal=True, scale=scaling,
@@ -285,7 +285,7 @@ def paged_attention_forward(
                               max_query_len=batch.max_query_len, scale=scaling,
                               sliding_window=sliding_window, tree_mask=batch.tree_mask())
         return out.unsqueeze(0), None
-    ragged = None if sliding_window else batch.ragged()
+    ragged = batch.ragged(sliding_window)
     if ragged is not None:
         out = _ragged_attention(ragged, batch, query[0].transpose(0, 1), k_cache, v_cache,
                                 scaling)

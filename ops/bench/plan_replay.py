@@ -69,9 +69,10 @@ def layouts(report: dict[str, Any], cost: CostModel) -> dict[str, Layout]:
                       "replay a JSON report one of them wrote with --json")
 
 
-def _p50(values: np.ndarray) -> float | None:
-    v = values[~np.isnan(values)]
-    return float(np.median(v)) if len(v) else None
+def _p50(res: SimResult, values: np.ndarray) -> float | None:
+    """`res.p50`, None (JSON null) rather than NaN where nothing was served."""
+    p = res.p50(values)
+    return None if math.isnan(p) else p
 
 
 def _error(sim: float | None, real: float | None) -> float | None:
@@ -99,7 +100,7 @@ def replay_run(layout: Layout, record: dict[str, Any], slo: tuple[float, float],
         raise ConfigError("the report's runs carry no arrival offsets (written before they were "
                           "recorded); run the benchmark again to replay it")
     res = _simulate(layout, record, cached_tokens)
-    sim = {"ttft_p50_s": _p50(res.ttft), "tpot_p50_s": _p50(res.tpot),
+    sim = {"ttft_p50_s": _p50(res, res.ttft), "tpot_p50_s": _p50(res, res.tpot),
            "attainment": res.attainment(*slo), "remote_prefills": res.remote_prefills}
     real = {k: record[k] for k in ("ttft_p50_s", "tpot_p50_s", "attainment")}
     return {"real": real, "sim": sim,
@@ -158,7 +159,7 @@ def fit_serving(report: dict[str, Any], profile: Profile,
     logs = []
     for layout, record in _lowest_runs(report, profile_cost(bare)):
         res = _simulate(layout, record, cached_tokens)
-        real, sim = record["tpot_p50_s"], _p50(res.tpot)
+        real, sim = record["tpot_p50_s"], _p50(res, res.tpot)
         if real and sim:
             logs.append(math.log(real / sim))
     if not logs:
