@@ -28,6 +28,7 @@ from ray._private import ray_constants
 from baton.actors.model_source import cache_root
 from baton.cluster.config import ClusterConfig, load_config
 from baton.cluster.local_daemon import RAY_LOOPBACK_ENV
+from baton.cluster.pools import SERVING_RUNTIME_ENV
 from baton.errors import ClusterNotRunningError, ConfigError
 from baton.router.app import RouterActor, RouterSettings
 from baton.router.selection import SelectionSettings
@@ -153,7 +154,7 @@ def _start_services(config: ClusterConfig, cluster: LocalCluster, host: str, grp
                               selection=SelectionSettings(**config.selector.model_dump()))
     router = ray.remote(RouterActor).options(
         name=ROUTER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-        max_restarts=0).remote(settings)
+        max_restarts=0, runtime_env=SERVING_RUNTIME_ENV).remote(settings)
     ray.get(router.start.remote())
 
 

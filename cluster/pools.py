@@ -32,13 +32,17 @@ class Pools:
                 for w in self.workers.get(pool.name, [])]
 
 
+# Ray lowers its worker processes' CPU priority (niceness 15) by default. Serving workers are the
+# cluster's main work, and the router is on every request's path: at niceness 15 beside busy
+# workers it got a few percent of a core, and new requests waited in it for up to a second.
+SERVING_RUNTIME_ENV: dict[str, Any] = {"env_vars": {"RAY_worker_niceness": "0"}}
+
+
 def actor_options(pool: PoolConfig) -> dict[str, Any]:
     """Ray actor options that place one replica of `pool` where it belongs."""
     options: dict[str, Any] = {
         "num_cpus": pool.num_cpus, "max_restarts": 0,
-        # Ray lowers its workers' CPU priority (niceness 15) by default; serving workers are the
-        # cluster's main work and must not yield their cores to every other process.
-        "runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}},
+        "runtime_env": SERVING_RUNTIME_ENV,
     }
     if pool.num_gpus:
         options["num_gpus"] = pool.num_gpus

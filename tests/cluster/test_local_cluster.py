@@ -157,6 +157,23 @@ def test_every_port_the_local_cluster_listens_on_is_on_loopback(cluster):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
+def test_the_router_and_the_workers_run_at_full_cpu_priority(cluster):
+    # Ray starts its worker processes at niceness 15; a router left there beside busy workers
+    # held new requests back for up to a second. The controller may stay in the background.
+    _, _, _, home = cluster
+    run = json.loads((home / "cache" / "run" / "cluster.json").read_text())
+    niceness: dict[str, list[int]] = {}
+    for proc in psutil.Process(run["daemon_pid"]).children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+            if title.startswith("ray::"):
+                niceness.setdefault(title.split()[0], []).append(proc.nice())
+        except psutil.NoSuchProcess:
+            continue
+    assert niceness.get("ray::RouterActor") == [0], niceness
+    assert niceness.get("ray::Worker") == [0, 0], niceness
+
+
 def test_a_batch_job_submitted_to_the_local_cluster_runs_through_its_router(cluster, tmp_path):
     """`baton up` serves Ray's job API on loopback; `baton submit` there runs the rows through
     the cluster's own router and `baton jobs` reports the job."""
