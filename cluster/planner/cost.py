@@ -48,6 +48,10 @@ class Efficiency:
     # Per KV handoff, beyond moving its bytes: the calls that set it up and bring the first token
     # back (a profile fitted to a served benchmark measures it; none assumed otherwise).
     handoff_s: float = 0.0
+    # A prefill worker's iterations take this many times a decode worker's (a CPU worker's KV
+    # sender shares its core with the forward pass; a profile fitted to a served benchmark
+    # measures it).
+    prefill_scale: float = 1.0
     per_seq_s: float = 0.0  # per request in the batch (CPU: per-sequence Python work)
     link: float = DEFAULT_LINK_EFFICIENCY  # of NIC bandwidth a KV transfer reaches
     overlap: bool = True  # compute and memory overlap (GPU) or add up (CPU)
@@ -87,7 +91,7 @@ class CostModel:
 
     def iteration(self, prefill_tokens: int, prefill_context: float, decode_n: int,
                   decode_context: float, prefill_seqs: int = 1,
-                  decode_tokens: int | None = None) -> float:
+                  decode_tokens: float | None = None) -> float:
         """Seconds for one forward pass: `prefill_tokens` prompt tokens (of `prefill_seqs`
         requests) whose attention spans `prefill_context` (sum over tokens of the positions they
         attend to) and `decode_n` decoding requests holding `decode_context` tokens of KV, which
@@ -105,7 +109,7 @@ class CostModel:
         return (self.eff.overhead_s + self.eff.per_seq_s * seqs
                 + (max(c, b) if self.eff.overlap else c + b))
 
-    def decode_step(self, n: int, context: float, tokens: int | None = None) -> float:
+    def decode_step(self, n: int, context: float, tokens: float | None = None) -> float:
         """`iteration(0, 0.0, n, context, decode_tokens=tokens)`, the same float, with less
         work: the simulator asks it for every decode run."""
         m = self.model
@@ -209,7 +213,8 @@ def device_from_profile(profile: Profile, model: ModelProfile,
     matmuls and weight reads (long prompts cost more than linearly; decode grows with context,
     the KV blocks gathered and converted). A dense model reads the same weights every step, so
     overhead and weight bytes trade off in the fit; predictions do not depend on the split.
-    Every rate is then slowed by the profile's `serving_scale`."""
+    Every rate is then slowed by the profile's `serving_scale` (and a prefill worker's further by
+    its `prefill_scale`)."""
     matmul, attention, weights, kv, secs, seqs = _features(model, profile)
     design = np.column_stack([np.ones_like(matmul), seqs, matmul, attention, weights, kv])
     overhead, per_seq, per_flop, per_attention, per_byte, per_kv = (
@@ -228,4 +233,5 @@ def device_from_profile(profile: Profile, model: ModelProfile,
                               attention=per_flop / per_attention if per_attention else 1e30,
                               kv=per_byte / per_kv if per_kv else 1e30,
                               overhead_s=overhead, per_seq_s=per_seq,
-                              handoff_s=profile.handoff_s, link=1.0, overlap=False)
+                              handoff_s=profile.handoff_s, prefill_scale=profile.prefill_scale,
+                              link=1.0, overlap=False)

@@ -53,7 +53,7 @@ class SimRequest:
         # Per decode step (an acceleration method, as measured): tokens it gains, on average,
         # and tokens the step computes for it (its draft plus one).
         self.gain: float = 1
-        self.verify = 1
+        self.verify: float = 1
 
 
 class SimEngine:
@@ -85,7 +85,7 @@ class SimEngine:
         self.kv_used: float = 0
         self.decode_ctx: float = 0  # KV tokens of the running requests
         self.gain: float = 0  # tokens the running requests gain per decode step (their number)
-        self.verify = 0  # tokens a decode step computes for them (their number)
+        self.verify: float = 0  # tokens a decode step computes for them (their number)
         self.busy = False
         self._version = 0
         self._group: tuple[float, float, int] = (0.0, 0.0, 0)  # (start, step s, steps)
@@ -94,6 +94,7 @@ class SimEngine:
         self.preemptions = 0
         self.busy_s = 0.0
         self._decode_step = cost.decode_step
+        self._prefill_scale = cost.eff.prefill_scale if role == "prefill" else 1.0
         self._schedule = sim.schedule
         self._skipping: bool = sim.event_skipping
 
@@ -228,7 +229,7 @@ class SimEngine:
                 return
             self._decode_run(now, n)
             return
-        budget = self.budget - self.verify
+        budget = self.budget - math.ceil(self.verify - 1e-9)  # whole tokens, as planned
         seats = self.max_seqs - n - len(partial)
         chunks: list[tuple[SimRequest, int]] = []
         p_tokens = 0
@@ -274,7 +275,8 @@ class SimEngine:
             self._decode_run(now, n)
             return
         self._chunks = chunks
-        step = self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx, len(chunks), self.verify)
+        step = self._prefill_scale * self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx,
+                                                         len(chunks), self.verify)
         if self._ahead and whole and not self.waiting and len(chunks) == len(partial):
             # every prompt completes and none waits: nothing happens here at the step's end
             self.busy = True

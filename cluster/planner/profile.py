@@ -4,9 +4,10 @@ JSON: the device (`cpu` or a catalog GPU name), the model's transformers config,
 dtype, threads and KV cache size, the KV link's measured bytes/s, and the timings: prefill seconds
 per prompt length, decode step seconds per (batch size, context length per request). The timings
 are of the engine alone; `serving_scale` is how many times longer a step takes in a serving worker
-(its actor, Ray, the router and the KV link sharing the machine) and `handoff_s` what one KV
-handoff adds to a remote prefill's TTFT beyond moving its bytes, both fitted to a served benchmark
-by `baton bench plan --fit-on` (1.0 and 0 until then).
+(its actor, Ray, the router and the KV link sharing the machine), `prefill_scale` how many times
+longer again a prefill worker's step takes (its KV sender shares its core) and `handoff_s` what
+one KV handoff adds to a remote prefill's TTFT beyond moving its bytes, all fitted to a served
+benchmark by `baton bench plan --fit-on` (1.0, 1.0 and 0 until then).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Profile:
     machine: dict[str, Any] = field(default_factory=dict)
     serving_scale: float = 1.0
     handoff_s: float = 0.0
+    prefill_scale: float = 1.0
 
     @property
     def is_cpu(self) -> bool:
@@ -61,7 +63,8 @@ class Profile:
         prof.decode = [(int(b), int(c), float(s)) for b, c, s in prof.decode]
         if len(prof.prefill) < 2 or len(prof.decode) < 2:
             raise ConfigError(f"profile {p} needs at least two prefill and two decode points")
-        if not prof.serving_scale > 0 or not prof.handoff_s >= 0:
-            raise ConfigError(f"profile {p}: serving_scale must be positive and handoff_s at "
-                              f"least 0, not {prof.serving_scale!r} and {prof.handoff_s!r}")
+        if not (prof.serving_scale > 0 and prof.prefill_scale > 0 and prof.handoff_s >= 0):
+            raise ConfigError(f"profile {p}: serving_scale and prefill_scale must be positive "
+                              f"and handoff_s at least 0, not {prof.serving_scale!r}, "
+                              f"{prof.prefill_scale!r} and {prof.handoff_s!r}")
         return prof

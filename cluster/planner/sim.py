@@ -14,7 +14,7 @@ worker has it `max(transfer / layers, transfer - prefill time)` after the prefil
 client gets the first token then. Workloads carry lengths only: a prompt's length is what its
 worker computes (what a shared prefix spares is taken off before). An acceleration method enters
 as measured (`Speculation`: tokens gained and tokens verified per decode step), for a share of
-the requests.
+the requests, or per request (a replayed benchmark's own requests, as each was served).
 """
 
 from __future__ import annotations
@@ -125,9 +125,12 @@ class ClusterSim:
         heapq.heappush(self._heap, (t, next(self._seq), fn, arg))
 
     def run(self, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray,
-            prefix_groups: np.ndarray | None = None) -> SimResult:
+            prefix_groups: np.ndarray | None = None,
+            decoding: Sequence[tuple[float, float] | None] | None = None) -> SimResult:
         """Serve the requests (arrival s, prompt tokens to compute, output tokens); requests with
-        the same `prefix_groups` id >= 0 share a cached prefix (affinity applies)."""
+        the same `prefix_groups` id >= 0 share a cached prefix (affinity applies). `decoding`
+        gives each request's own (tokens gained, tokens verified) per decode step (None: one
+        and one) in place of `speculation`."""
         n = len(arrivals)
         groups = prefix_groups.tolist() if prefix_groups is not None else None
         times, lens, outs = arrivals.tolist(), prompts.tolist(), outputs.tolist()
@@ -151,7 +154,10 @@ class ClusterSim:
             events += 1
             if lens[i] + outs[i] <= limit:
                 req = SimRequest(i, t_next, lens[i], outs[i])
-                if uses and uses[i]:
+                if decoding is not None:
+                    if (measured := decoding[i]) is not None:
+                        req.gain, req.verify = measured
+                elif uses and uses[i]:
                     assert spec is not None
                     req.gain, req.verify = spec.tokens_per_step, spec.verified_tokens
                 self._arrive(req, groups[i] if groups is not None else -1)

@@ -97,26 +97,25 @@ def _bench_report(path: str) -> dict[str, Any]:
 
 
 def replays(paths: Sequence[str], profile_path: str | None, fit_on: str | None = None,
-            save_profile: str | None = None) -> dict[str, Any]:
-    """Each bench report at `paths` replayed on the profile (see `plan_replay`), its serving
-    scale first fitted to the report at `fit_on` when given."""
+            save_profile: str | None = None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """What serving adds to the profile, fitted to the report at `fit_on` (None: not fitted),
+    and each bench report at `paths` replayed on the profile (see `plan_replay`)."""
     if not paths and fit_on is None:
-        return {}
+        return None, {}
     if profile_path is None:
         raise ConfigError("--replay and --fit-on need --profile: a `baton profile` of this "
                           "machine's engine to cost the replayed layouts")
     profile = Profile.load(profile_path)
     cached = plan_replay.cached_prefix_tokens(profile.model)  # the model it profiled
-    out: dict[str, Any] = {}
+    fitted = None
     if fit_on is not None:
-        scale, handoff = plan_replay.fit_serving(_bench_report(fit_on), profile, cached)
-        profile = dataclasses.replace(profile, serving_scale=scale, handoff_s=handoff)
-        out["serving_scale"] = {"fitted_on": fit_on, "scale": scale, "handoff_s": handoff}
+        fit = plan_replay.fit_serving(_bench_report(fit_on), profile, cached)
+        profile = fit.apply(profile)
+        fitted = {"fitted_on": fit_on, **dataclasses.asdict(fit)}
         if save_profile:
             profile.save(save_profile)
-    for path in paths:
-        out[str(path)] = plan_replay.replay(_bench_report(path), profile, cached)
-    return out
+    return fitted, {str(path): plan_replay.replay(_bench_report(path), profile, cached)
+                    for path in paths}
 
 
 def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, seed: int = 0,
@@ -125,7 +124,7 @@ def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, se
         progress: Console | None = None) -> dict[str, Any]:
     """Simulate `hours` of traffic at `rate` requests/s, and `baseline_s` of it both ways."""
     say = progress.print if progress else (lambda _: None)
-    replayed = replays(replay, profile, fit_on, save_profile)
+    fitted, replayed = replays(replay, profile, fit_on, save_profile)
     calib = None
     if calibrate:
         say(f"calibration: profiling {CALIBRATION_MODEL}, then real and simulated runs")
@@ -153,6 +152,7 @@ def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, se
         "full": _summary(full, wall, sim_s),
         "window": window,
         "calibration": calib,
+        "serving_fit": fitted,
         "replays": replayed,
         "ratios": {
             "simulated_seconds_per_wall_second": sim_s / wall,
@@ -168,7 +168,7 @@ def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, se
 
 def _replay_ratios(replayed: dict[str, Any]) -> dict[str, float]:
     """The worst replay errors over every replayed report (none: no ratios)."""
-    worst = [r["worst_abs_error_within_slo"] for k, r in replayed.items() if k != "serving_scale"]
+    worst = [r["worst_abs_error_within_slo"] for r in replayed.values()]
     if not worst:
         return {}
     return {"replay_ttft_p50_worst_abs_error": max(w["ttft_p50"] for w in worst),
@@ -200,12 +200,12 @@ def show(report: dict[str, Any], console: Console) -> None:
                           f"{r['real']['attainment']:.0%} / sim {r['sim']['attainment']:.0%}")
         console.print(f"calibration goodput: real {calib['goodput_real_rps']:g}/s, simulated "
                       f"{calib['goodput_sim_rps']:g}/s")
+    if fit := report.get("serving_fit"):
+        console.print(f"serving scale {fit['scale']:.3f}, prefill scale {fit['prefill_scale']:.2f}"
+                      f" and handoff {fit['handoff_s'] * 1000:.0f} ms, fitted on "
+                      f"{fit['fitted_on']}")
     for path, rep in report.get("replays", {}).items():
-        if path == "serving_scale":
-            console.print(f"serving scale {rep['scale']:.3f} and handoff "
-                          f"{rep['handoff_s'] * 1000:.0f} ms, fitted on {rep['fitted_on']}")
-        else:
-            _show_replay(path, rep, console)
+        _show_replay(path, rep, console)
 
 
 def _show_replay(path: str, rep: dict[str, Any], console: Console) -> None:

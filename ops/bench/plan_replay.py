@@ -10,11 +10,17 @@ report's own SLOs are set beside the measured ones, with each system's goodput o
 ran. `bench serve`'s peer is not Baton and is not simulated.
 
 A profile times the engine alone; a serving worker's steps take longer (its actor, Ray, the router
-and the KV link share the machine), and a remote prefill's handoff costs calls beyond moving its
-bytes. `fit_serving` measures both on one report, at its lowest rate, where a request waits for
-little but its own steps: the step factor as measured over simulated TPOT p50, per system
-(geometric mean), then the handoff as the median of measured minus simulated TTFT over the
-prompts prefilled remotely. Fit on one benchmark and replay another to check them.
+and the KV link share the machine), a prefill worker's longer again (its KV sender shares its
+core), and a remote prefill's handoff costs calls beyond moving its bytes. `fit_serving` measures
+the three on one report, at its lowest rate, where a request waits for little but its own steps:
+the step factor as measured over simulated TPOT p50, per system (geometric mean), then the
+prefill factor and handoff that bring the remote prefills' simulated TTFTs nearest the measured
+ones (least squares in relative error; the handoff, for each factor tried, the median gap). Fit
+on one benchmark and replay another to check them.
+
+Requests are replayed as they were served: where the report carries each request's forward
+passes and draft tokens (`bench serve`: the router picks acceleration methods), the request
+decodes in the simulator with the tokens a step it gained and verified.
 """
 
 from __future__ import annotations
@@ -84,13 +90,32 @@ def _prompts(record: dict[str, Any], cached_tokens: int) -> np.ndarray:
     return np.maximum(np.asarray(record["prompt_tokens"]) - cached_tokens, 1)
 
 
+def decoding(record: dict[str, Any]) -> list[tuple[float, float] | None] | None:
+    """Each request's (tokens gained, tokens verified) per decode step, from the forward passes
+    and draft tokens the run recorded (None: the report has none; an entry None: one and one)."""
+    passes = record.get("forward_passes")
+    if passes is None:
+        return None
+    out: list[tuple[float, float] | None] = []
+    for timing, counted in zip(record["timings"], passes, strict=True):
+        # The first pass makes the first token (a prefill, or an import's); the rest decode.
+        steps, tokens = (counted[0] - 1, timing[2] - 1) if counted else (0, 0)
+        if steps < 1 or tokens <= steps:
+            out.append(None)
+            continue
+        gain = tokens / steps
+        out.append((gain, max(gain, 1 + counted[1] / steps)))
+    return out
+
+
 def _simulate(layout: Layout, record: dict[str, Any], cached_tokens: int) -> SimResult:
     specs, threshold = layout
     prompts = _prompts(record, cached_tokens)
     # Every prompt opens with the same cached blocks, which the router's affinity follows.
     groups = np.zeros(len(prompts), dtype=int) if cached_tokens else None
     return ClusterSim(specs, threshold).run(np.asarray(record["arrivals"], dtype=float), prompts,
-                                            np.asarray(record["max_tokens"]), groups)
+                                            np.asarray(record["max_tokens"]), groups,
+                                            decoding(record))
 
 
 def replay_run(layout: Layout, record: dict[str, Any], slo: tuple[float, float],
@@ -145,17 +170,50 @@ def replay(report: dict[str, Any], profile: Profile, cached_tokens: int = 0) -> 
             "worst_abs_error_within_slo": {**worst, "goodput_rate_steps": steps}}
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServingFit:
+    """What serving adds to a profile's engine-alone timings (see the module's doc)."""
+
+    scale: float  # every step
+    prefill_scale: float  # a prefill worker's steps, on top of `scale`
+    handoff_s: float  # each remote prefill's TTFT
+
+    def apply(self, profile: Profile) -> Profile:
+        return dataclasses.replace(profile, serving_scale=self.scale,
+                                   prefill_scale=self.prefill_scale, handoff_s=self.handoff_s)
+
+
+# Prefill factors tried: a prefill worker measured 1.0-1.5x a decode worker's step factor here.
+PREFILL_SCALES = np.round(np.arange(1.0, 2.001, 0.02), 2)
+
+
 def _lowest_runs(report: dict[str, Any], cost: CostModel):
     for name, layout in layouts(report, cost).items():
         rates = report["systems"][name]["rates"]
         yield layout, rates[min(rates, key=float)]
 
 
-def fit_serving(report: dict[str, Any], profile: Profile,
-                cached_tokens: int = 0) -> tuple[float, float]:
-    """(serving scale, handoff seconds) that `report`'s lowest rates measured (see the module's
-    doc); the profile's own values are ignored."""
-    bare = dataclasses.replace(profile, serving_scale=1.0, handoff_s=0.0)
+def _remote_ttfts(report: dict[str, Any], profile: Profile,
+                  cached_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(measured, simulated) TTFTs of the lowest rates' remote prefills on `profile`."""
+    real: list[np.ndarray] = []
+    sim: list[np.ndarray] = []
+    for layout, record in _lowest_runs(report, profile_cost(profile)):
+        specs, threshold = layout
+        if not any(s.role == "prefill" for s in specs):
+            continue
+        res = _simulate(layout, record, cached_tokens)
+        remote = _prompts(record, cached_tokens) >= threshold
+        real.append(np.asarray([t[0] for t in record["timings"]], dtype=float)[remote])
+        sim.append(res.ttft[remote])
+    return ((np.concatenate(real), np.concatenate(sim)) if real
+            else (np.empty(0), np.empty(0)))
+
+
+def fit_serving(report: dict[str, Any], profile: Profile, cached_tokens: int = 0) -> ServingFit:
+    """The step factor, prefill factor and handoff that `report`'s lowest rates measured (see the
+    module's doc); the profile's own values are ignored."""
+    bare = ServingFit(1.0, 1.0, 0.0).apply(profile)
     logs = []
     for layout, record in _lowest_runs(report, profile_cost(bare)):
         res = _simulate(layout, record, cached_tokens)
@@ -165,17 +223,20 @@ def fit_serving(report: dict[str, Any], profile: Profile,
     if not logs:
         raise ConfigError("the report has no run with a TPOT to fit the serving scale to")
     scale = math.exp(sum(logs) / len(logs))
-    gaps: list[float] = []
-    for layout, record in _lowest_runs(report, profile_cost(dataclasses.replace(
-            bare, serving_scale=scale))):
-        specs, threshold = layout
-        if not any(s.role == "prefill" for s in specs):
-            continue
-        res = _simulate(layout, record, cached_tokens)
-        real = np.asarray([t[0] for t in record["timings"]], dtype=float)
-        remote = _prompts(record, cached_tokens) >= threshold
-        gaps.extend((real - res.ttft)[remote].tolist())
-    return scale, max(0.0, float(np.median(gaps))) if gaps else 0.0
+    best = ServingFit(scale, 1.0, 0.0)
+    best_err = math.inf
+    for prefill_scale in PREFILL_SCALES:
+        trial = ServingFit(scale, float(prefill_scale), 0.0)
+        real, sim = _remote_ttfts(report, trial.apply(profile), cached_tokens)
+        keep = np.isfinite(sim) & (real > 0)
+        if not keep.any():
+            return best  # no remote prefill to fit the rest to
+        real, sim = real[keep], sim[keep]
+        handoff = max(0.0, float(np.median(real - sim)))
+        err = float(np.sum(((sim + handoff) / real - 1) ** 2))
+        if err < best_err - 1e-12:
+            best, best_err = ServingFit(scale, float(prefill_scale), handoff), err
+    return best
 
 
 def cached_prefix_tokens(model: str, block_size: int | None = None) -> int:

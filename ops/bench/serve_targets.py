@@ -44,16 +44,28 @@ class Target:
         self.slo: SLO | None = None  # set once calibrated: requests are cut at its deadline
         self.checks = {"requests": 0, "short_outputs": 0, "prompt_token_mismatches": 0}
         self.cut: dict[int, int] = {}  # last run: request index -> tokens it got before the cut
+        # Last run: request index -> (forward passes that made tokens, draft tokens verified),
+        # and the acceleration method that served it.
+        self.passes: dict[int, tuple[int, int]] = {}
+        self.methods: dict[int, str] = {}
+        self._num_requests = 0
 
     def run(self, requests: Sequence[BenchRequest], arrivals: Sequence[float]) -> Timings:
-        self.cut = {}
+        self.cut, self.passes, self.methods = {}, {}, {}
+        self._num_requests = len(requests)
         timings, wall = asyncio.run(self._run(requests, arrivals))
         for i, tokens in self.cut.items():
             timings[i].tokens = tokens
         return timings, wall
 
     def notes(self) -> dict[str, Any]:
-        return {"cut_at_slo_deadline": len(self.cut)}
+        """The last run's cuts; for a system that reports them, each request's forward passes and
+        draft tokens (None where it did not report), which a replay of the run decodes as."""
+        notes: dict[str, Any] = {"cut_at_slo_deadline": len(self.cut)}
+        if self.passes:
+            notes["forward_passes"] = [self.passes.get(i) for i in range(self._num_requests)]
+            notes["methods"] = [self.methods.get(i) for i in range(self._num_requests)]
+        return notes
 
     async def _run(self, requests: Sequence[BenchRequest],
                    arrivals: Sequence[float]) -> Timings:
@@ -84,6 +96,10 @@ class Target:
             await it.aclose()  # type: ignore[attr-defined]
         self.checks["requests"] += 1
         self.checks["short_outputs"] += last.tokens < req.max_tokens
+        if last.forward_passes is not None:
+            self.passes[i] = (last.forward_passes, last.draft_tokens)
+        if last.method is not None:
+            self.methods[i] = last.method
         self.checks["prompt_token_mismatches"] += last.prompt_tokens not in (
             None, len(req.prompt_ids))
 
@@ -146,6 +162,10 @@ async def grpc_stream(client: AsyncBatonClient, prompt_ids: list[int],
         progress.tokens += len(chunk.token_ids)
         progress.prompt_tokens = chunk.prompt_tokens or progress.prompt_tokens
         progress.finish_reason = chunk.finish_reason
+        if chunk.spec_decode is not None:
+            progress.forward_passes = chunk.spec_decode.num_forward_passes
+            progress.draft_tokens = chunk.spec_decode.num_draft_tokens
+            progress.method = chunk.spec_decode.method or None
         yield progress
 
 

@@ -162,7 +162,7 @@ def _run_at(name: str, system: LoadedSystem, requests: Sequence[BenchRequest],
     s.update(notes)
     say(f"{name:>18} @ {rate:.2f} req/s: attainment {s['attainment']:.0%}, TTFT p99 "
         f"{s['ttft_p99_s']:.2f} s, TPOT p99 {_ms(s['tpot_p99_s'])} ms"
-        + "".join(f", {k} {v}" for k, v in notes.items()))
+        + "".join(f", {k} {v}" for k, v in notes.items() if not isinstance(v, list)))
     return s
 
 

@@ -43,6 +43,10 @@ class StreamProgress:
     tokens: int = 0
     prompt_tokens: int | None = None
     finish_reason: str | None = None
+    # Baton's last chunk: its forward passes that made tokens and the draft tokens it verified.
+    forward_passes: int | None = None
+    draft_tokens: int = 0
+    method: str | None = None  # the acceleration method that served it
 
     @property
     def token_ids(self) -> range:

@@ -31,8 +31,10 @@ def test_bench_plan_fits_the_serving_scale_on_one_report_and_replays(tmp_path) -
     report = plan.run(hours=0.0005, rate=100.0, baseline_s=0.1, calibrate=False,
                       replay=[report_path], profile=str(data / "cpu_smollm2_1thread.json"),
                       fit_on=report_path, save_profile=str(saved))
-    fitted = report["replays"]["serving_scale"]
-    assert Profile.load(saved).serving_scale == pytest.approx(fitted["scale"])
+    fitted, served = report["serving_fit"], Profile.load(saved)
+    assert (served.serving_scale, served.prefill_scale, served.handoff_s) == pytest.approx(
+        (fitted["scale"], fitted["prefill_scale"], fitted["handoff_s"]))
+    assert list(report["replays"]) == [report_path]
     replayed = report["replays"][report_path]
     assert set(replayed["systems"]) == {"colocated", "disaggregated"}
     assert report["ratios"]["replay_goodput_worst_rate_steps"] == (

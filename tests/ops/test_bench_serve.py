@@ -145,6 +145,33 @@ def test_a_request_past_its_slo_deadline_is_cut_and_counted_a_miss(monkeypatch):
     assert slow.checks["requests"] == 0  # cut requests are not counted as served
 
 
+class _Speculating(_Fake):
+    """Like `_Fake`, but the last chunk reports its forward passes, as Baton's does, for the
+    requests with an even prompt."""
+
+    async def _stream(self, n: int, even: bool = True) -> AsyncIterator[StreamProgress]:
+        async for p in super()._stream(n):
+            if p.tokens == n and even:
+                p.forward_passes, p.draft_tokens, p.method = n // 2 + 1, n, "ngram"
+            yield p
+
+    async def _run(self, requests, arrivals):
+        return await run_open_loop(
+            lambda i, r: self._watched(i, r, self._stream(r.max_tokens,
+                                                          r.prompt_ids[0] % 2 == 0)),
+            requests, arrivals)
+
+
+def test_each_requests_forward_passes_are_noted_for_the_replay():
+    target = _Speculating(0.0)
+    target.run([BenchRequest([2], 9), BenchRequest([1], 5), BenchRequest([4], 7)],
+               [0.0, 0.0, 0.0])
+    notes = target.notes()
+    assert notes["forward_passes"] == [(5, 9), None, (4, 7)]
+    assert notes["methods"] == ["ngram", None, "ngram"]
+    assert "forward_passes" not in _Fake(0.0).notes()  # a peer that reports none
+
+
 def _rates(attain: dict[float, float], tok_s: float) -> dict[float, dict]:
     return {r: {"attainment": a, "ttft_p50_s": 0.1, "ttft_p99_s": 0.2, "tpot_p50_s": 0.02,
                 "tpot_p99_s": 0.03, "output_tok_s": tok_s} for r, a in attain.items()}

@@ -32,9 +32,10 @@ def test_the_fitted_scale_and_handoff_match_the_lowest_rate() -> None:
     """Fitted on a report, the lowest rate's simulated TPOT p50s meet the measured ones in their
     geometric mean, and remote prefills' TTFTs the measured ones in their median; a profile
     fitted already fits to the same values."""
-    scale, handoff = plan_replay.fit_serving(REPORT, PROFILE, CACHED)
-    assert scale > 1 and handoff > 0  # a serving worker is slower than its engine alone
-    fitted = dataclasses.replace(PROFILE, serving_scale=scale, handoff_s=handoff)
+    fit = plan_replay.fit_serving(REPORT, PROFILE, CACHED)
+    # A serving worker is slower than its engine alone, a prefill worker no faster than that.
+    assert fit.scale > 1 and fit.prefill_scale >= 1 and fit.handoff_s >= 0
+    fitted = fit.apply(PROFILE)
     replayed = plan_replay.replay(REPORT, fitted, CACHED)
     ratios = []
     for system in replayed["systems"].values():
@@ -42,13 +43,57 @@ def test_the_fitted_scale_and_handoff_match_the_lowest_rate() -> None:
         run = system["rates"][lowest]
         ratios.append(run["sim"]["tpot_p50_s"] / run["real"]["tpot_p50_s"])
     assert math.prod(ratios) ** (1 / len(ratios)) == pytest.approx(1.0, rel=0.01)
-    assert plan_replay.fit_serving(REPORT, fitted, CACHED) == pytest.approx((scale, handoff))
+    again = plan_replay.fit_serving(REPORT, fitted, CACHED)
+    assert dataclasses.astuple(again) == pytest.approx(dataclasses.astuple(fit))
     record = REPORT["systems"]["disaggregated"]["rates"]["0.25"]
     layout = plan_replay.layouts(REPORT, profile_cost(fitted))["disaggregated"]
     res = plan_replay._simulate(layout, record, CACHED)
     remote = np.asarray(record["prompt_tokens"]) - CACHED >= layout[1]
     gaps = np.asarray([t[0] for t in record["timings"]])[remote] - res.ttft[remote]
-    assert abs(float(np.median(gaps))) < 0.01
+    if fit.handoff_s > 0:  # the handoff is the median gap left (none when it would be negative)
+        assert abs(float(np.median(gaps))) < 0.01
+    # No prefill factor tried fits the remote prefills' TTFTs better than the one chosen.
+    def error(prefill_scale: float) -> float:
+        trial = dataclasses.replace(fit, prefill_scale=prefill_scale, handoff_s=0.0)
+        real, sim = plan_replay._remote_ttfts(REPORT, trial.apply(PROFILE), CACHED)
+        handoff = max(0.0, float(np.median(real - sim)))
+        return float(np.sum(((sim + handoff) / real - 1) ** 2))
+
+    assert all(error(fit.prefill_scale) <= error(float(s)) + 1e-12
+               for s in plan_replay.PREFILL_SCALES)
+
+
+def test_a_prefill_scale_slows_only_the_prefill_workers_steps() -> None:
+    record = REPORT["systems"]["disaggregated"]["rates"]["0.25"]
+    runs = {}
+    for k in (1.0, 1.5):
+        layout = plan_replay.layouts(REPORT, profile_cost(dataclasses.replace(
+            PROFILE, prefill_scale=k)))["disaggregated"]
+        runs[k] = plan_replay._simulate(layout, record, CACHED)
+    remote = np.asarray(record["prompt_tokens"]) - CACHED >= plan_replay.layouts(
+        REPORT, profile_cost(PROFILE))["disaggregated"][1]
+    assert (runs[1.5].ttft[remote] > runs[1.0].ttft[remote]).all()
+    assert runs[1.5].busy["prefill"] == pytest.approx(1.5 * runs[1.0].busy["prefill"], rel=1e-6)
+    assert runs[1.5].busy["decode"] == pytest.approx(runs[1.0].busy["decode"], rel=0.05)
+
+
+def test_requests_replay_with_the_speculation_they_were_served_with() -> None:
+    """A report's forward passes per request make the replay decode each request in as many
+    steps as it took: a request that gained 3 tokens a step finishes in a third of the steps."""
+    record = json.loads(json.dumps(REPORT["systems"]["colocated"]["rates"]["0.25"]))
+    tokens = [t[2] for t in record["timings"]]
+    record["forward_passes"] = [[1 + math.ceil((n - 1) / 3), 2 * math.ceil((n - 1) / 3)]
+                                if i % 2 == 0 else None for i, n in enumerate(tokens)]
+    decoding = plan_replay.decoding(record)
+    assert decoding is not None
+    assert decoding[1] is None and decoding[0] == pytest.approx(
+        ((tokens[0] - 1) / math.ceil((tokens[0] - 1) / 3), 3.0), rel=0.2)
+    layout = plan_replay.layouts(REPORT, profile_cost(PROFILE))["colocated"]
+    plain = plan_replay._simulate(layout, {**record, "forward_passes": None}, CACHED)
+    fast = plan_replay._simulate(layout, record, CACHED)
+    for i in (0, 2):
+        assert fast.tpot[i] < 0.6 * plain.tpot[i]
+    assert plan_replay.decoding({**record, "forward_passes": None}) is None
 
 
 def test_a_report_of_another_benchmark_is_refused() -> None:
