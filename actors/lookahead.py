@@ -83,6 +83,13 @@ class LookaheadProposer:
                 draft.merge(trie.continuations(context_ids, m, max_nodes))
         return draft.build()
 
+    def forget_shared(self) -> None:
+        """Start the shared trie afresh: what earlier requests generated is no longer drafted
+        (requests in flight feed the new one from here on)."""
+        self.shared = TokenTrie(self.branch_length, self.max_match, self.shared.capacity)
+        for req in self._requests.values():
+            req.shared = self.shared.writer()
+
     def finish(self, request_id: str) -> None:
         """Drop the request's own trie (what it taught the shared trie stays); unknown ids pass."""
         self._requests.pop(request_id, None)

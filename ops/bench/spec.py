@@ -90,25 +90,46 @@ def run_batch1(engine: Engine, items: list[WorkItem], methods: list[str],
     return results
 
 
+def _forget_generated(engine: Engine) -> None:
+    """Clear what `lookahead`'s shared trie learnt from earlier runs: the concurrent runs repeat
+    the batch-1 prompts, whose greedy outputs it would otherwise draft from memory."""
+    lookahead = getattr(engine.speculator, "lookahead", None)
+    if lookahead is not None:
+        lookahead.forget_shared()
+
+
+def _concurrent_rate(engine: Engine, batch: list[WorkItem], method: str,
+                     max_tokens: int | None = None) -> float:
+    """Output tokens per second of `batch` run together with `method`."""
+    _forget_generated(engine)
+    ids = [engine.add_request(it.prompt, SamplingParams(
+        max_tokens=max_tokens or it.max_tokens, method=method)) for it in batch]
+    t0 = time.perf_counter()
+    tokens = 0
+    left = set(ids)
+    while left:
+        for o in engine.step():
+            if o.finished and o.request_id in left:
+                left.discard(o.request_id)
+                tokens += len(o.token_ids)
+    return tokens / (time.perf_counter() - t0)
+
+
 def run_concurrent(engine: Engine, items: list[WorkItem], methods: list[str],
-                   console: Console) -> dict[str, float]:
-    """Tokens per second of `CONCURRENCY` requests at once (the workload cycled), per method."""
+                   console: Console, rounds: int = 2) -> dict[str, float]:
+    """Tokens per second of `CONCURRENCY` requests at once (the workload cycled), per method:
+    the mean of `rounds` runs, every other round in reverse order, after a short warm-up of
+    every method at that width (so the first method measured pays for no first-time setup)."""
     batch = [items[i % len(items)] for i in range(CONCURRENCY)]
-    out = {}
     for method in methods:
-        ids = [engine.add_request(it.prompt, SamplingParams(max_tokens=it.max_tokens,
-                                                              method=method)) for it in batch]
-        t0 = time.perf_counter()
-        tokens = 0
-        left = set(ids)
-        while left:
-            for o in engine.step():
-                if o.finished and o.request_id in left:
-                    left.discard(o.request_id)
-                    tokens += len(o.token_ids)
-        out[method] = tokens / (time.perf_counter() - t0)
-        console.log(f"{CONCURRENCY} concurrent: {method} {out[method]:.1f} tok/s")
-    return out
+        _concurrent_rate(engine, batch, method, max_tokens=4)
+    rates: dict[str, list[float]] = defaultdict(list)
+    for r in range(rounds):
+        for method in methods if r % 2 == 0 else methods[::-1]:
+            rates[method].append(_concurrent_rate(engine, batch, method))
+            console.log(f"{CONCURRENCY} concurrent, round {r + 1}: {method} "
+                        f"{rates[method][-1]:.1f} tok/s")
+    return {m: sum(v) / len(v) for m, v in rates.items()}
 
 
 def summarize(items: list[WorkItem], bs1: list[dict[str, dict[str, Any]]],

@@ -153,6 +153,21 @@ def test_the_shared_trie_learns_outputs_across_requests():
     assert prop.propose("b", [703, 3], max_nodes=1).tokens == [300]
 
 
+def test_forgetting_the_shared_trie_drops_what_earlier_requests_generated():
+    prop = LookaheadProposer(branch_length=6, max_match=2)
+    answer = [300, 301, 302, 303, 304, 305]
+    prop.start("a", [1, 2, 3])
+    prop.extend("a", answer)
+    prop.finish("a")
+    prop.start("open", [9, 9])  # in flight across the reset: it feeds the new shared trie
+    prop.forget_shared()
+    prop.start("b", [5, 6, 7])
+    assert prop.propose("b", [5, 6, 7, 300, 301], max_nodes=8) is None
+    prop.extend("open", [400, 401, 402, 403])
+    draft = prop.propose("b", [5, 400, 401], max_nodes=8)
+    assert draft is not None and draft.tokens == [402, 403]
+
+
 def test_the_shared_trie_stays_within_capacity_across_many_requests():
     rng = random.Random(3)
     prop = LookaheadProposer(branch_length=6, max_match=2, shared_capacity=1000)
