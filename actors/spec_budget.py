@@ -15,29 +15,47 @@ from dataclasses import dataclass
 
 
 class StepCostModel:
-    """Seconds of one forward pass as `a + b * tokens`, least squares over recent steps."""
+    """Seconds of one forward pass as `a + b * tokens`, least squares over recent steps.
 
-    def __init__(self, window: int = 128, prior_ratio: float = 1 / 32):
-        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+    Steps are kept per size class (tokens 1, 2-3, 4-7, ...; the latest `per_size` of each), not
+    as one window of the latest steps: after a quiet spell of one-token steps the window would
+    hold only those, fit almost no cost per token, and draft freely into a burst of 16 requests
+    where each token costs. Every size seen recently keeps its say in the fit."""
+
+    def __init__(self, per_size: int = 16, prior_ratio: float = 1 / 32):
+        self.per_size = per_size
         self.prior_ratio = prior_ratio  # b / a before the steps say otherwise
+        self._by_size: dict[int, deque[tuple[int, float]]] = {}
+
+    @property
+    def samples(self) -> list[tuple[int, float]]:
+        """The steps the fit uses, (tokens, seconds)."""
+        return [s for size in sorted(self._by_size) for s in self._by_size[size]]
 
     def observe(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
-            self.samples.append((tokens, seconds))
+            size = tokens.bit_length()  # 1, 2-3, 4-7, ...
+            if size not in self._by_size:
+                self._by_size[size] = deque(maxlen=self.per_size)
+            self._by_size[size].append((tokens, seconds))
+
+    def clear(self) -> None:
+        self._by_size.clear()
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b) in seconds and seconds per token (relative units before any step ran)."""
-        if not self.samples:
+        samples = self.samples
+        if not samples:
             return 1.0, self.prior_ratio
-        n = len(self.samples)
-        mx = sum(t for t, _ in self.samples) / n
-        my = sum(s for _, s in self.samples) / n
-        var = sum((t - mx) ** 2 for t, _ in self.samples)
+        n = len(samples)
+        mx = sum(t for t, _ in samples) / n
+        my = sum(s for _, s in samples) / n
+        var = sum((t - mx) ** 2 for t, _ in samples)
         if var < 1e-9 * n or n < 8:
             # One batch shape seen so far: split its cost by the prior.
             a = my / (1 + self.prior_ratio * mx)
             return a, a * self.prior_ratio
-        b = sum((t - mx) * (s - my) for t, s in self.samples) / var
+        b = sum((t - mx) * (s - my) for t, s in samples) / var
         b = max(b, 0.0)
         a = max(my - b * mx, 1e-6)
         return a, b

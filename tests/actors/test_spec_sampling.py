@@ -128,6 +128,24 @@ def _cost(per_token_ratio: float) -> StepCostModel:
     return cost
 
 
+def test_the_step_cost_remembers_large_steps_through_a_run_of_small_ones():
+    """A burst after a quiet spell: hundreds of one-token steps must not crowd out what a
+    16-token step was seen to cost, or drafting looks free at the burst's start."""
+    cost = StepCostModel()
+    for _ in range(20):
+        cost.observe(16, 0.05 + 16 * 0.003)
+    for _ in range(500):
+        cost.observe(1, 0.05 + 0.003)
+    a, b = cost.coefficients()
+    assert a == pytest.approx(0.05, rel=1e-6) and b == pytest.approx(0.003, rel=1e-6)
+    # So a batch of 16 with middling acceptance does not draft.
+    assert sum(choose_k([Candidate(0.3, 8) for _ in range(16)], 16, 512, cost)) == 0
+    # Each size keeps only its latest steps: a size whose cost changed shows the new cost.
+    for _ in range(16):
+        cost.observe(16, 0.05 + 16 * 0.006)
+    assert cost.coefficients()[1] == pytest.approx((16 * 0.006 - 0.003) / 15, rel=1e-6)
+
+
 def test_adaptive_k_drafts_when_memory_bound_and_stops_when_compute_bound():
     cands = [Candidate(0.7, 8) for _ in range(16)]
     # Memory-bound: 64 tokens cost 1.06x one token.
