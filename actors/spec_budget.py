@@ -30,7 +30,7 @@ class StepCostModel:
     @property
     def samples(self) -> list[tuple[int, float]]:
         """The steps the fit uses, (tokens, seconds)."""
-        return [s for size in sorted(self._by_size) for s in self._by_size[size]]
+        return [s for steps in self._by_size.values() for s in steps]
 
     def observe(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
@@ -38,9 +38,6 @@ class StepCostModel:
             if size not in self._by_size:
                 self._by_size[size] = deque(maxlen=self.per_size)
             self._by_size[size].append((tokens, seconds))
-
-    def clear(self) -> None:
-        self._by_size.clear()
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b) in seconds and seconds per token (relative units before any step ran)."""

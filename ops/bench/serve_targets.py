@@ -44,14 +44,13 @@ class Target:
         self.slo: SLO | None = None  # set once calibrated: requests are cut at its deadline
         self.checks = {"requests": 0, "short_outputs": 0, "prompt_token_mismatches": 0}
         self.cut: dict[int, int] = {}  # last run: request index -> tokens it got before the cut
-        # Last run: request index -> (forward passes that made tokens, draft tokens verified),
-        # and the acceleration method that served it.
-        self.passes: dict[int, tuple[int, int]] = {}
-        self.methods: dict[int, str] = {}
+        # Last run: request index -> (forward passes that made tokens, draft tokens verified,
+        # the acceleration method), for requests whose system reported them.
+        self.served: dict[int, tuple[int, int, str | None]] = {}
         self._num_requests = 0
 
     def run(self, requests: Sequence[BenchRequest], arrivals: Sequence[float]) -> Timings:
-        self.cut, self.passes, self.methods = {}, {}, {}
+        self.cut, self.served = {}, {}
         self._num_requests = len(requests)
         timings, wall = asyncio.run(self._run(requests, arrivals))
         for i, tokens in self.cut.items():
@@ -62,9 +61,10 @@ class Target:
         """The last run's cuts; for a system that reports them, each request's forward passes and
         draft tokens (None where it did not report), which a replay of the run decodes as."""
         notes: dict[str, Any] = {"cut_at_slo_deadline": len(self.cut)}
-        if self.passes:
-            notes["forward_passes"] = [self.passes.get(i) for i in range(self._num_requests)]
-            notes["methods"] = [self.methods.get(i) for i in range(self._num_requests)]
+        if self.served:
+            served = [self.served.get(i) for i in range(self._num_requests)]
+            notes["forward_passes"] = [s and s[:2] for s in served]
+            notes["methods"] = [s and s[2] for s in served]
         return notes
 
     async def _run(self, requests: Sequence[BenchRequest],
@@ -97,9 +97,7 @@ class Target:
         self.checks["requests"] += 1
         self.checks["short_outputs"] += last.tokens < req.max_tokens
         if last.forward_passes is not None:
-            self.passes[i] = (last.forward_passes, last.draft_tokens)
-        if last.method is not None:
-            self.methods[i] = last.method
+            self.served[i] = (last.forward_passes, last.draft_tokens, last.method)
         self.checks["prompt_token_mismatches"] += last.prompt_tokens not in (
             None, len(req.prompt_ids))
 

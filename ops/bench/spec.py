@@ -93,9 +93,8 @@ def run_batch1(engine: Engine, items: list[WorkItem], methods: list[str],
 def _forget_generated(engine: Engine) -> None:
     """Clear what `lookahead`'s shared trie learnt from earlier runs: the concurrent runs repeat
     the batch-1 prompts, whose greedy outputs it would otherwise draft from memory."""
-    lookahead = getattr(engine.speculator, "lookahead", None)
-    if lookahead is not None:
-        lookahead.forget_shared()
+    if engine.speculator.lookahead is not None:
+        engine.speculator.lookahead.forget_shared()
 
 
 def _concurrent_rate(engine: Engine, batch: list[WorkItem], method: str,
