@@ -36,6 +36,11 @@ class DraftTree:
     def chain(cls, tokens: list[int], probs: torch.Tensor | None = None) -> DraftTree:
         return cls(list(tokens), list(range(-1, len(tokens) - 1)), probs)
 
+    def prefix(self, n: int) -> DraftTree:
+        """The first `n` nodes: a tree too, since parents precede their children."""
+        return DraftTree(self.tokens[:n], self.parents[:n],
+                         None if self.probs is None else self.probs[:n])
+
     @property
     def is_chain(self) -> bool:
         return all(p == i - 1 for i, p in enumerate(self.parents))

@@ -228,19 +228,18 @@ class Engine:
         now = time.monotonic()
         outputs = []
         plain, plain_rows, row = [], [], 0
+        hidden_rows: list[int] = []  # per `done` request: the row whose hidden state made its token
         hidden = self.runner.last_hidden
         for seq in done:
             n = 1 + seq.num_draft_tokens
             if seq.draft is None:
                 plain.append(seq)
                 plain_rows.append(row)
-                if hidden is not None:
-                    self.speculator.observe_hidden(seq, hidden[row])
+                hidden_rows.append(row)
             else:
                 out, last_row = self._settle_draft(seq, logits[row : row + n], now)
                 outputs.append(out)
-                if hidden is not None:
-                    self.speculator.observe_hidden(seq, hidden[row + last_row])
+                hidden_rows.append(row + last_row)
             row += n
         if plain:
             gens = [self._generators.get(s.request_id) for s in plain]
@@ -248,6 +247,9 @@ class Engine:
             tokens, logprobs = sample(rows, [s.params for s in plain], gens)
             for seq, token, lp in zip(plain, tokens, logprobs, strict=True):
                 outputs.append(self._emit(seq, [token], [lp], now))
+        if hidden is not None:
+            # After emitting: finished requests draft nothing, the rest share one heads pass.
+            self.speculator.observe_hidden(done, hidden[hidden_rows])
         return outputs
 
     def _settle_draft(self, seq: Sequence, logits: torch.Tensor,

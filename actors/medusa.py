@@ -7,6 +7,9 @@ i + 1 after t. `W_i` and `b_i` start at zero, so a fresh head is the LM head its
 
 Heads are saved as `medusa_heads.safetensors` plus `medusa_config.json` (K, hidden size, vocab,
 base model name and fingerprint) and loaded against a model with `MedusaHeads.load(dir, model)`.
+Training may also save `vocab`, the tokens the heads learnt to rank (the model's likeliest tokens
+anywhere in its training text): serving then scores only those, a few thousand rows of the LM
+head instead of all of it, and the heads' untrained logits elsewhere cannot win a draft.
 `propose_tree` turns one step's head logits into the sparse candidate tree the engine verifies.
 """
 
@@ -26,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
+from baton.actors.cpu_linear import PackedLinear, packing_supported
 from baton.actors.draft_tree import DraftTree
 from baton.errors import ConfigError, ModelLoadError
 
@@ -83,8 +87,13 @@ class MedusaHeads(nn.Module):
         self.fingerprint = fingerprint
         self.weight = nn.Parameter(torch.zeros(num_heads, hidden_size, hidden_size))
         self.bias = nn.Parameter(torch.zeros(num_heads, hidden_size))
+        self.vocab: torch.Tensor | None = None  # sorted token ids the heads rank; None: all
         # Shared with the model, not owned: kept out of parameters(), state_dict() and .to().
         object.__setattr__(self, "lm_head", lm_head)
+        # Built by `prepare_serving` from the weights above: all heads' projections as one linear,
+        # and the LM head's rows for `vocab`.
+        self._proj: nn.Module | None = None
+        self._draft_head: nn.Module | None = None
 
     @classmethod
     def for_model(cls, model: PreTrainedModel, num_heads: int, base_model: str = "") -> MedusaHeads:
@@ -100,12 +109,59 @@ class MedusaHeads(nn.Module):
         return hidden.unsqueeze(0) + F.silu(proj)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
-            raise ValueError(f"Medusa heads take hidden states [N, {self.hidden_size}], "
-                             f"got {tuple(hidden.shape)}")
+        """[N, H] -> [K, N, V]: every head's logits over the full vocabulary."""
+        self._check(hidden)
         states = self.head_states(hidden)
         logits = self.lm_head(states.reshape(-1, self.hidden_size))
         return logits.reshape(self.num_heads, hidden.shape[0], -1)
+
+    def candidates(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What drafting reads: ([K, N, S] logits, the [S] token ids they score), over `vocab`
+        when the heads have one (token ids None: the full vocabulary, S = V)."""
+        self._check(hidden)
+        if self._proj is None or self._draft_head is None:
+            states = self.head_states(hidden)
+            head = self.lm_head
+            if self.vocab is not None:
+                weight, bias = linear_params(self.lm_head)
+                logits = F.linear(states, weight[self.vocab],
+                                  None if bias is None else bias[self.vocab])
+                return logits, self.vocab
+        else:
+            n = hidden.shape[0]
+            proj = self._proj(hidden).view(n, self.num_heads, self.hidden_size).transpose(0, 1)
+            states = hidden.unsqueeze(0) + F.silu(proj)
+            head = self._draft_head
+        logits = head(states.reshape(-1, self.hidden_size))
+        return logits.view(self.num_heads, hidden.shape[0], -1), self.vocab
+
+    def prepare_serving(self) -> MedusaHeads:
+        """Fold the heads into one linear and cut the LM head down to `vocab` (packed for oneDNN
+        where it can), for `candidates`; call after the last change to the weights."""
+        weight, bias = self.weight.detach(), self.bias.detach()
+        proj = nn.Linear(self.hidden_size, self.num_heads * self.hidden_size,
+                         device=weight.device, dtype=weight.dtype)
+        proj.weight.data = weight.reshape(-1, self.hidden_size).contiguous()
+        proj.bias.data = bias.reshape(-1).contiguous()
+        head: nn.Module = self.lm_head
+        if self.vocab is not None:
+            lm_weight, lm_bias = linear_params(self.lm_head)
+            head = nn.Linear(self.hidden_size, int(self.vocab.numel()), bias=lm_bias is not None,
+                             device=weight.device, dtype=lm_weight.dtype)
+            head.weight.data = lm_weight[self.vocab].contiguous()
+            if lm_bias is not None:
+                head.bias.data = lm_bias[self.vocab].contiguous()
+        if packing_supported(weight.dtype, weight.device):
+            proj = PackedLinear(proj)
+            head = PackedLinear(head) if isinstance(head, nn.Linear) else head
+        object.__setattr__(self, "_proj", proj)
+        object.__setattr__(self, "_draft_head", head)
+        return self
+
+    def _check(self, hidden: torch.Tensor) -> None:
+        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
+            raise ValueError(f"Medusa heads take hidden states [N, {self.hidden_size}], "
+                             f"got {tuple(hidden.shape)}")
 
     def config(self) -> dict[str, Any]:
         return {
@@ -123,6 +179,8 @@ class MedusaHeads(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         tensors = {"weight": self.weight.detach().float().cpu().contiguous(),
                    "bias": self.bias.detach().float().cpu().contiguous()}
+        if self.vocab is not None:
+            tensors["vocab"] = self.vocab.cpu().contiguous()
         save_file(tensors, str(out / WEIGHTS_FILE))
         (out / CONFIG_FILE).write_text(json.dumps({**self.config(), **(extra or {})}, indent=2))
         return out
@@ -159,10 +217,15 @@ class MedusaHeads(nn.Module):
             tensors = load_file(str(path / WEIGHTS_FILE))
         except (SafetensorError, OSError) as exc:
             raise ModelLoadError(f"cannot read {path / WEIGHTS_FILE}: {exc}; {retrain}") from exc
+        vocab_ids = tensors.pop("vocab", None)
         expected = {"weight": (num_heads, hidden, hidden), "bias": (num_heads, hidden)}
         found = {k: tuple(v.shape) for k, v in tensors.items()}
-        if found != expected:
-            raise ModelLoadError(f"{path / WEIGHTS_FILE} holds tensors {found}, its config says "
+        bad_vocab = vocab_ids is not None and (
+            vocab_ids.dim() != 1 or vocab_ids.dtype != torch.int64 or vocab_ids.numel() == 0
+            or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= vocab)
+        if found != expected or bad_vocab:
+            raise ModelLoadError(f"{path / WEIGHTS_FILE} holds tensors {found}"
+                                 f"{' and a bad vocab' if bad_vocab else ''}, its config says "
                                  f"{expected}; {retrain}")
         fingerprint = model_fingerprint(model)
         if cfg.get("fingerprint") and cfg["fingerprint"] != fingerprint:
@@ -172,18 +235,34 @@ class MedusaHeads(nn.Module):
         heads = cls(model.get_output_embeddings(), num_heads, hidden, vocab,
                     str(cfg.get("base_model", "")), fingerprint)
         heads.load_state_dict(tensors)
-        return heads.to(*placement(model)).eval().requires_grad_(False)
+        heads = heads.to(*placement(model)).eval().requires_grad_(False)
+        if vocab_ids is not None:
+            heads.vocab = vocab_ids.to(heads.weight.device)
+        return heads.prepare_serving()
 
 
-def propose_tree(next_token: int, head_logits: torch.Tensor, max_nodes: int,
-                 top_k: int) -> DraftTree:
-    """The sparse candidate tree after `next_token` (the root: sampled, its KV not yet computed).
+def linear_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear layer's plain [out, in] weight and its bias (packed layers unpack theirs)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ConfigError("Medusa heads need a plain linear LM head (load the model unquantized)")
+    bias = getattr(module, "bias", None)
+    return weight.detach(), bias.detach() if isinstance(bias, torch.Tensor) else None
+
+
+def propose_tree(head_logits: torch.Tensor, max_nodes: int, top_k: int,
+                 token_ids: torch.Tensor | None = None) -> tuple[DraftTree, list[float]]:
+    """The sparse candidate tree after the next token (the root: sampled, its KV not yet
+    computed), and each node's score.
 
     A node at depth d is one of head d-1's `top_k` tokens; its score is the product of the head
-    probabilities along its path. The `max_nodes` best-scoring nodes are kept (best first, so
-    every parent precedes its children, and a node never outscores its parent). Medusa-1 heads do
-    not condition on drafted tokens, so every node at depth d chooses among the same tokens.
-    `head_logits` is [K, V]: the heads' logits at the position that produced `next_token`.
+    probabilities along its path: what the heads believe is the chance that the path is the
+    model's continuation, so the scores summed are the accepted length the heads expect. The
+    `max_nodes` best-scoring nodes are kept, best first (every parent precedes its children, a
+    node never outscores its parent, and so every prefix of the list is a tree too). Medusa-1
+    heads do not condition on drafted tokens, so every node at depth d chooses among the same
+    tokens. `head_logits` is [K, S]: the heads' logits at the position that produced the next
+    token, over `token_ids [S]` (None: the whole vocabulary, S = V).
     """
     if head_logits.dim() != 2:
         raise ValueError(f"head_logits must be [K, V], got {tuple(head_logits.shape)}")
@@ -192,9 +271,12 @@ def propose_tree(next_token: int, head_logits: torch.Tensor, max_nodes: int,
     num_heads, vocab = head_logits.shape
     probs = torch.softmax(head_logits.float(), dim=-1)
     top_p, top_ids = probs.topk(min(top_k, vocab), dim=-1)
+    if token_ids is not None:
+        top_ids = token_ids[top_ids]
     p_rows, id_rows = top_p.tolist(), top_ids.tolist()
     tokens: list[int] = []
     parents: list[int] = []
+    scores: list[float] = []
     order = 0  # tie-break: earlier pushes (higher parents, better ranks) first
     frontier: list[tuple[float, int, int, int, int]] = []  # (-score, order, parent, depth, rank)
     for rank, p in enumerate(p_rows[0]):
@@ -206,8 +288,9 @@ def propose_tree(next_token: int, head_logits: torch.Tensor, max_nodes: int,
         node = len(tokens)
         tokens.append(id_rows[depth][rank])
         parents.append(parent)
+        scores.append(-neg_score)
         if depth + 1 < num_heads:
             for child_rank, p in enumerate(p_rows[depth + 1]):
                 heapq.heappush(frontier, (neg_score * p, order, node, depth + 1, child_rank))
                 order += 1
-    return DraftTree(tokens, parents)
+    return DraftTree(tokens, parents), scores

@@ -61,11 +61,24 @@ class StepCostModel:
 @dataclass(slots=True)
 class Candidate:
     """A request that may draft: its acceptance estimate, its cap, and the extra seconds one
-    more draft token costs it outside the target's pass (a draft model's forward)."""
+    more draft token costs it outside the target's pass (a draft model's forward).
+
+    `gains`, when given, are the expected tokens of its 1st, 2nd, ... draft token directly, not
+    the chain's acceptance^i: a tree whose nodes carry their own chance of being accepted (Medusa's
+    path probabilities, best first)."""
 
     acceptance: float
     max_k: int
     draft_cost: float = 0.0
+    gains: list[float] | None = None
+
+    def gain(self, k: int) -> float:
+        """Expected tokens of its (k+1)-th draft token; -1 past its cap."""
+        if k >= self.max_k:
+            return -1.0
+        if self.gains is not None:
+            return self.gains[k] if k < len(self.gains) else -1.0
+        return self.acceptance ** (k + 1)
 
 
 def choose_k(cands: list[Candidate], base_tokens: int, budget: int,
@@ -73,23 +86,21 @@ def choose_k(cands: list[Candidate], base_tokens: int, budget: int,
     """Draft lengths that maximize expected tokens per second for this step."""
     a, b = cost.coefficients()
     ks = [0] * len(cands)
-    gain = [c.acceptance for c in cands]  # marginal expected tokens of the next draft token
     tokens = max(base_tokens, 1)
     expected = float(tokens)  # every scheduled request yields at least one token
     seconds = a + b * tokens
     room = budget - base_tokens
-    while room > 0:
-        best = max(range(len(cands)), key=lambda i: gain[i] if ks[i] < cands[i].max_k else -1.0,
-                   default=None)
-        if best is None or ks[best] >= cands[best].max_k:
+    while room > 0 and cands:
+        gains = [c.gain(k) for c, k in zip(cands, ks, strict=True)]
+        best = max(range(len(cands)), key=gains.__getitem__)
+        if gains[best] <= 0.0:
             break
         extra = b + cands[best].draft_cost
-        if (expected + gain[best]) * seconds <= expected * (seconds + extra):
+        if (expected + gains[best]) * seconds <= expected * (seconds + extra):
             break  # the best next token no longer pays for itself
-        expected += gain[best]
+        expected += gains[best]
         seconds += extra
         ks[best] += 1
-        gain[best] *= cands[best].acceptance
         room -= 1
     return ks
 

@@ -16,6 +16,7 @@ import torch
 
 from baton.actors.block_manager import BlockManager
 from baton.actors.draft_model import DraftModelProposer, DraftRequest
+from baton.actors.draft_tree import DraftTree
 from baton.actors.kv_cache import PagedKVCache
 from baton.actors.lookahead import LookaheadProposer
 from baton.actors.medusa import MedusaHeads, propose_tree
@@ -28,8 +29,9 @@ from baton.speculation import AUTO, NONE
 
 log = logging.getLogger(__name__)
 
-# Acceptance assumed before a request has drafted anything.
 MEDUSA_TOP_K = 4  # candidates per head in a Medusa tree
+CALIBRATION_DECAY = 0.85  # how fast a request's heads calibration forgets older drafts
+# Acceptance assumed before a request has drafted anything.
 PRIOR_ACCEPTANCE = {"ngram": 0.4, "lookahead": 0.4, "draft": 0.6, "layerskip": 0.5,
                     "medusa": 0.5}
 
@@ -59,7 +61,11 @@ class Speculator:
         self.cost = StepCostModel()
         self.lookahead = LookaheadProposer() if "lookahead" in settings.methods else None
         self.medusa: MedusaHeads | None = None  # set when the pool offers `medusa`
-        self._head_logits: dict[str, torch.Tensor] = {}  # request -> [K, V] for its next draft
+        self._hidden: dict[str, torch.Tensor] = {}  # request -> [H] its heads draft from next
+        # Medusa: request -> [accepted, expected] (decayed sums), how far its heads' path
+        # probabilities are to be trusted, and what its draft in flight expects.
+        self._calibration: dict[str, list[float]] = {}
+        self._expected: dict[str, float] = {}
         self._trackers: dict[str, AcceptanceTracker] = {}
 
     # -- requests ---------------------------------------------------------------------------------
@@ -88,15 +94,20 @@ class Speculator:
         """Whether this step must keep final hidden states (Medusa heads draft from them)."""
         return self.medusa is not None and any(s.metrics.method == "medusa" for s in seqs)
 
-    def observe_hidden(self, seq: Sequence, hidden: torch.Tensor) -> None:
-        """`hidden [H]` produced the last token of `seq`: its heads' logits draft the next step."""
-        if self.medusa is not None and seq.metrics.method == "medusa" and not seq.is_finished:
-            with torch.inference_mode():
-                self._head_logits[seq.request_id] = self.medusa(hidden.unsqueeze(0))[:, 0]
+    def observe_hidden(self, seqs: list[Sequence], hidden: torch.Tensor) -> None:
+        """`hidden [N, H]`: row i produced the last token of `seqs[i]`; an unfinished Medusa
+        request's heads draft its next step from it."""
+        if self.medusa is None:
+            return
+        for i, seq in enumerate(seqs):
+            if seq.metrics.method == "medusa" and not seq.is_finished:
+                self._hidden[seq.request_id] = hidden[i]
 
     def finish(self, request_id: str) -> None:
         self._trackers.pop(request_id, None)
-        self._head_logits.pop(request_id, None)
+        self._hidden.pop(request_id, None)
+        self._calibration.pop(request_id, None)
+        self._expected.pop(request_id, None)
         if self.lookahead is not None:
             self.lookahead.finish(request_id)
 
@@ -115,6 +126,7 @@ class Speculator:
                                    if s not in decoding) + waiting_tokens
         base = min(base, self.budget_tokens)
         a, _ = self.cost.coefficients()
+        trees = self._medusa_trees([s for s in spec if s.metrics.method == "medusa"])
         cands, fixed = [], []
         for seq in spec:
             method = seq.metrics.method
@@ -126,7 +138,12 @@ class Speculator:
             ratio = self.settings.draft_cost_ratio.get(method, 0.0)
             cap = min(self.settings.max_speculative_tokens, left)
             fixed.append(0)
-            cands.append(Candidate(self._tracker(seq).rate, cap, ratio * a))
+            cand = Candidate(self._tracker(seq).rate, cap, ratio * a)
+            if method == "medusa":  # the tree's own path probabilities, calibrated
+                _, scores = trees.get(seq.request_id, (None, []))
+                trust = self._trust(seq.request_id)
+                cand.gains = [min(trust * p, 0.98) for p in scores]
+            cands.append(cand)
         room = self.budget_tokens - sum(fixed)
         ks = [f + k for f, k in zip(fixed, choose_k(cands, base, room, self.cost), strict=True)]
         by_model: dict[str, list[DraftRequest]] = {}
@@ -143,14 +160,35 @@ class Speculator:
                 draft = self.lookahead.propose(seq.request_id, seq.token_ids, k)
                 if draft is not None and len(draft):
                     seq.attach_draft(draft)
-            elif method == "medusa" and seq.request_id in self._head_logits:
-                logits = self._head_logits.pop(seq.request_id)
-                seq.attach_draft(propose_tree(seq.token_ids[-1], logits, k, MEDUSA_TOP_K))
+            elif method == "medusa" and seq.request_id in trees:
+                tree, scores = trees[seq.request_id]
+                if len(tree):
+                    seq.attach_draft(tree.prefix(k))
+                    self._expected[seq.request_id] = sum(scores[:k])
             elif method in self.proposers:
                 req = DraftRequest(seq, k, generators.get(seq.request_id))
                 by_model.setdefault(method, []).append(req)
         for method, reqs in by_model.items():
             self.proposers[method].propose(reqs)
+
+    def _medusa_trees(self, seqs: list[Sequence]) -> dict[str, tuple[DraftTree, list[float]]]:
+        """Per Medusa request with a hidden state to draft from: its candidate tree as large as
+        it may grow, and the nodes' scores (one heads pass for all of them)."""
+        ready = [s for s in seqs if s.request_id in self._hidden]
+        if self.medusa is None or not ready:
+            return {}
+        with torch.inference_mode():
+            hidden = torch.stack([self._hidden.pop(s.request_id) for s in ready])
+            logits, token_ids = self.medusa.candidates(hidden)  # [K, N, S]
+        most = self.settings.max_speculative_tokens
+        return {s.request_id: propose_tree(logits[:, j], most, MEDUSA_TOP_K, token_ids)
+                for j, s in enumerate(ready)}
+
+    def _trust(self, request_id: str) -> float:
+        """Accepted tokens per token the heads expected, over the request's recent drafts (1
+        before it has any): scales its path probabilities into gains."""
+        accepted, expected = self._calibration.get(request_id, (1.0, 1.0))
+        return min(max(accepted / max(expected, 1e-6), 0.05), 2.0)
 
     def _reserve(self, seq: Sequence, k: int, num_running: int) -> bool:
         """Blocks for the draft's KV, keeping one free block per running request in reserve."""
@@ -181,6 +219,11 @@ class Speculator:
         seq.draft_kv_len = min(draft_kv, seq.num_computed_tokens)
         depth = max(draft.depths(), default=0)
         self._tracker(seq).update(depth, accepted)
+        expected = self._expected.pop(seq.request_id, None)
+        if expected is not None:
+            calib = self._calibration.setdefault(seq.request_id, [1.0, 1.0])
+            calib[0] = CALIBRATION_DECAY * calib[0] + accepted
+            calib[1] = CALIBRATION_DECAY * calib[1] + expected
         m = seq.metrics
         m.spec_num_drafts += 1
         m.spec_draft_tokens += len(draft)

@@ -292,6 +292,8 @@ def bench_spec(
     methods: Annotated[str, typer.Option(
         help="Comma-separated methods compared with none")] = "ngram,lookahead,layerskip",
     draft_model: Annotated[str | None, typer.Option(help="Draft model for 'draft'")] = None,
+    medusa_heads: Annotated[str | None, typer.Option(
+        help="Heads directory for 'medusa' (from baton train-heads)")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for the engine")] = 2,
     dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
 ) -> None:
@@ -300,7 +302,8 @@ def bench_spec(
     from baton.ops.bench.report import run_and_report
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    run_and_report(lambda c: bench.run_spec_bench(workload, names, draft_model, threads, dtype, c),
+    run_and_report(lambda c: bench.run_spec_bench(workload, names, draft_model, threads, dtype, c,
+                                                          medusa_heads=medusa_heads),
                    bench.show, json_path)
 
 

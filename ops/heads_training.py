@@ -8,9 +8,9 @@
    training share runs out. The softmax runs over the tokens the model ranks among its top
    TOP_K anywhere in the training text (a few thousand of a 49k vocabulary): the LM head product
    over the full vocabulary is nearly all the cost, and the heads only need to rank what the
-   model itself would write.
+   model itself would write. Those tokens are saved with the heads: serving drafts among them.
 3. Held-out sequences (whole answers the heads never saw) measure each head's top-1 agreement with
-   the model over the full vocabulary, against untrained heads (the LM head itself).
+   the model, drafting as serving does, against untrained heads (the LM head itself).
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-from baton.actors.medusa import MedusaHeads
+from baton.actors.medusa import MedusaHeads, linear_params
 from baton.actors.model_runner import load_model
 from baton.actors.model_source import resolve
 from baton.errors import ConfigError
@@ -115,9 +114,9 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
 
     heads = MedusaHeads.for_model(model, num_heads, base_model=source.name).float()
     train_end = loaded + budget * 0.9
-    steps, softmax_tokens = fit(heads, train, train_end, seed=seed, max_steps=max_steps,
-                                batch_positions=batch_positions, lr=lr,
-                                on_step=progress.on_train)
+    steps, heads.vocab = fit(heads, train, train_end, seed=seed, max_steps=max_steps,
+                             batch_positions=batch_positions, lr=lr, on_step=progress.on_train)
+    softmax_tokens = heads.vocab_size if heads.vocab is None else int(heads.vocab.numel())
     trained = time.monotonic()
 
     positions = eval_positions(held, num_heads, seed)
@@ -138,8 +137,9 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
 
 def fit(heads: MedusaHeads, corpus: Corpus, deadline: float, *, seed: int,
         max_steps: int | None, batch_positions: int, lr: float,
-        on_step: Callable[[int, float, float], None]) -> tuple[int, int]:
-    """Train `heads` in place on `corpus` until `deadline` or `max_steps`; (steps, softmax size).
+        on_step: Callable[[int, float, float], None]) -> tuple[int, torch.Tensor | None]:
+    """Train `heads` in place on `corpus` until `deadline` or `max_steps`; (steps, the tokens
+    its softmax ran over: None for the full vocabulary).
 
     Cross-entropy of each head against the model's own token at its offset, on random positions.
     """
@@ -147,9 +147,11 @@ def fit(heads: MedusaHeads, corpus: Corpus, deadline: float, *, seed: int,
     usable = torch.nonzero(targets[:, 0] >= 0).squeeze(1)
     if usable.numel() == 0:
         raise ConfigError("the generated answers are too short to train on; raise --minutes")
-    lm_weight, lm_bias = _lm_head_params(heads.lm_head)
-    vocab = torch.unique(corpus.top)
-    if vocab.numel() <= FULL_VOCAB_SHARE * lm_weight.shape[0]:
+    weight, bias = linear_params(heads.lm_head)
+    lm_weight, lm_bias = weight.float(), None if bias is None else bias.float()
+    subset = torch.unique(corpus.top)
+    vocab = subset if subset.numel() <= FULL_VOCAB_SHARE * lm_weight.shape[0] else None
+    if vocab is not None:
         # Targets re-indexed into the subset; -1 (past the end) stays -1.
         index = torch.full((lm_weight.shape[0],), -1, dtype=torch.long)
         index[vocab] = torch.arange(vocab.numel())
@@ -182,16 +184,7 @@ def fit(heads: MedusaHeads, corpus: Corpus, deadline: float, *, seed: int,
         smooth = loss.item() if math.isnan(smooth) else 0.9 * smooth + 0.1 * loss.item()
         on_step(steps, min(frac, 1.0), smooth)
     heads.eval()
-    return steps, int(lm_weight.shape[0])
-
-
-def _lm_head_params(lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = getattr(lm_head, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise ConfigError("training Medusa heads needs a plain linear LM head (load the model "
-                          "unquantized, in float32)")
-    bias = getattr(lm_head, "bias", None)
-    return weight.detach().float(), None if bias is None else bias.detach().float()
+    return steps, vocab
 
 
 def eval_positions(corpus: Corpus, num_heads: int, seed: int) -> torch.Tensor:
@@ -206,13 +199,16 @@ def eval_positions(corpus: Corpus, num_heads: int, seed: int) -> torch.Tensor:
 @torch.inference_mode()
 def agreement(heads: MedusaHeads, corpus: Corpus, positions: torch.Tensor,
               chunk: int = 128) -> list[float]:
-    """Per head, the share of `positions` where its top-1 (full vocabulary) is the model's token."""
+    """Per head, the share of `positions` where its top-1 (among the tokens it drafts from) is
+    the model's token."""
     targets = corpus.targets(heads.num_heads)[positions]
     hits = torch.zeros(heads.num_heads)
     device = heads.weight.device
     for start in range(0, positions.numel(), chunk):
         rows = positions[start : start + chunk]
-        top = heads(corpus.hidden[rows].to(device, heads.weight.dtype)).argmax(-1).cpu()  # [K, n]
+        logits, token_ids = heads.candidates(corpus.hidden[rows].to(device, heads.weight.dtype))
+        top = logits.argmax(-1)  # [K, n]
+        top = (top if token_ids is None else token_ids[top]).cpu()
         hits += (top == targets[start : start + chunk].T).sum(dim=1)
     return (hits / max(positions.numel(), 1)).tolist()
 

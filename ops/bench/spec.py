@@ -169,10 +169,12 @@ def summarize(items: list[WorkItem], bs1: list[dict[str, dict[str, Any]]],
 
 
 def run_spec_bench(workload: str | None, methods: list[str], draft_model: str | None,
-                   threads: int, dtype: str, console: Console) -> dict[str, Any]:
+                   threads: int, dtype: str, console: Console,
+                   medusa_heads: str | None = None) -> dict[str, Any]:
     if "none" not in methods:
         methods = ["none", *methods]
-    engine = Engine(dtype=dtype, num_threads=threads, methods=methods, draft_model=draft_model)
+    engine = Engine(dtype=dtype, num_threads=threads, methods=methods, draft_model=draft_model,
+                    medusa_heads=medusa_heads)
     items = load_workload(workload, engine)
     engine.generate([items[0].prompt], SamplingParams(max_tokens=8))  # warm-up
     bs1 = run_batch1(engine, items, methods, console)

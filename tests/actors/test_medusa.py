@@ -70,6 +70,33 @@ def test_save_load_round_trip(model, tmp_path):
     hidden = torch.randn(7, 64)
     assert torch.equal(loaded(hidden), heads(hidden))
     assert all(not p.requires_grad for p in loaded.parameters())
+    # Serving's folded heads draft from the same logits (one GEMM: up to summation order).
+    logits, token_ids = loaded.candidates(hidden)
+    assert token_ids is None
+    torch.testing.assert_close(logits, heads(hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_heads_with_a_vocabulary_draft_only_among_its_tokens(model, tmp_path):
+    heads = _trained_like(model)
+    heads.vocab = torch.tensor([3, 17, 18, 100, 256])
+    heads.save(tmp_path)
+    assert set(load_file(str(tmp_path / WEIGHTS_FILE))) == {"weight", "bias", "vocab"}
+    loaded = MedusaHeads.load(tmp_path, model)
+    assert torch.equal(loaded.vocab, heads.vocab)
+    hidden = torch.randn(4, 64)
+    logits, token_ids = loaded.candidates(hidden)
+    assert torch.equal(token_ids, heads.vocab)
+    # The full vocabulary's logits, restricted to those tokens.
+    torch.testing.assert_close(logits, heads(hidden)[:, :, heads.vocab], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(heads.candidates(hidden)[0], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_heads_with_a_vocabulary_outside_the_model_are_refused(model, tmp_path):
+    heads = _trained_like(model)
+    heads.vocab = torch.tensor([3, 257])  # the tiny model's vocabulary ends at 256
+    heads.save(tmp_path)
+    with pytest.raises(ModelLoadError, match="bad vocab"):
+        MedusaHeads.load(tmp_path, model)
 
 
 def test_load_follows_the_models_dtype(model, tmp_path):
@@ -77,7 +104,12 @@ def test_load_follows_the_models_dtype(model, tmp_path):
     bf16 = tiny_model("llama", dtype=torch.bfloat16)
     loaded = MedusaHeads.load(tmp_path, bf16)
     assert loaded.weight.dtype == torch.bfloat16
-    assert loaded(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    hidden = torch.randn(2, 64, dtype=torch.bfloat16)
+    assert loaded(hidden).dtype == torch.bfloat16
+    # Serving's folded (and, where oneDNN can, packed) heads: the same logits up to bf16 rounding.
+    logits, _ = loaded.candidates(hidden)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), loaded(hidden).float(), rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -128,7 +160,7 @@ def _logits(num_heads: int, vocab: int, seed: int) -> torch.Tensor:
 def test_tree_keeps_the_likeliest_paths(seed, max_nodes, top_k):
     num_heads = 3
     logits = _logits(num_heads, 50, seed)
-    tree = propose_tree(7, logits, max_nodes=max_nodes, top_k=top_k)
+    tree, scores = propose_tree(logits, max_nodes=max_nodes, top_k=top_k)
 
     probs = logits.softmax(-1)
     top = probs.topk(top_k, dim=-1)
@@ -150,19 +182,33 @@ def test_tree_keeps_the_likeliest_paths(seed, max_nodes, top_k):
     assert len(tree) == min(max_nodes, len(every))
     assert set(paths) == set(best)
     assert max(tree.depths()) <= num_heads
+    # Each node's score is its path's probability, best first: every prefix is a tree whose
+    # expected accepted length is the sum of its scores.
+    assert scores == pytest.approx([every[p] for p in paths], rel=1e-5)
+    assert scores == sorted(scores, reverse=True)
+    for n in range(len(tree) + 1):
+        prefix = tree.prefix(n)
+        assert prefix.tokens == tree.tokens[:n] and prefix.parents == tree.parents[:n]
 
 
 def test_tree_with_one_candidate_per_head_is_the_chain_of_argmaxes():
     logits = _logits(4, 50, 0)
-    tree = propose_tree(3, logits, max_nodes=10, top_k=1)
+    tree, _ = propose_tree(logits, max_nodes=10, top_k=1)
     assert tree.is_chain
     assert tree.tokens == logits.argmax(-1).tolist()
-    assert propose_tree(3, logits, max_nodes=2, top_k=1).tokens == logits.argmax(-1)[:2].tolist()
+    assert propose_tree(logits, max_nodes=2, top_k=1)[0].tokens == logits.argmax(-1)[:2].tolist()
+
+
+def test_tree_over_a_vocabulary_subset_names_the_real_tokens():
+    logits = _logits(3, 5, 0)
+    token_ids = torch.tensor([4, 40, 41, 90, 200])
+    tree, _ = propose_tree(logits, max_nodes=3, top_k=1, token_ids=token_ids)
+    assert tree.tokens == token_ids[logits.argmax(-1)].tolist()
 
 
 def test_tree_without_room_is_empty_and_bad_input_is_refused():
-    assert len(propose_tree(3, _logits(2, 10, 0), max_nodes=0, top_k=2)) == 0
+    assert len(propose_tree(_logits(2, 10, 0), max_nodes=0, top_k=2)[0]) == 0
     with pytest.raises(ValueError):
-        propose_tree(3, torch.zeros(10), max_nodes=4, top_k=2)
+        propose_tree(torch.zeros(10), max_nodes=4, top_k=2)
     with pytest.raises(ValueError):
-        propose_tree(3, torch.zeros(2, 10), max_nodes=4, top_k=0)
+        propose_tree(torch.zeros(2, 10), max_nodes=4, top_k=0)

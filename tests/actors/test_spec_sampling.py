@@ -156,3 +156,19 @@ def test_adaptive_k_drafts_when_memory_bound_and_stops_when_compute_bound():
     poor = choose_k([Candidate(0.1, 8)], 1, 512, _cost(0.05))
     good = choose_k([Candidate(0.9, 8)], 1, 512, _cost(0.05))
     assert poor[0] < good[0]
+
+
+def test_a_tree_drafts_the_nodes_whose_own_acceptance_pays_for_them():
+    """Medusa's nodes carry their path probabilities: a node is drafted exactly while its chance
+    of being accepted beats what one more token costs the step."""
+    cost = _cost(0.05)  # one more token costs 5% of a one-token step
+    gains = [0.6, 0.3, 0.2, 0.12, 0.08, 0.04, 0.02]
+    # Expected tokens 1 -> 1.6 -> 1.9 -> 2.1 -> 2.22 against step time 1.05 -> 1.25 (x 0.05 s):
+    # the fifth node (0.08) would buy 3.6% more tokens for 4% more time.
+    assert choose_k([Candidate(0.0, 8, gains=gains)], 1, 512, cost) == [4]
+    # Neither past its gains nor past its cap.
+    assert choose_k([Candidate(0.0, 8, gains=[0.9, 0.9])], 1, 512, _cost(0.001)) == [2]
+    assert choose_k([Candidate(0.0, 1, gains=[0.9, 0.9])], 1, 512, _cost(0.001)) == [1]
+    # Among requests, the likelier nodes go first.
+    assert choose_k([Candidate(0.0, 8, gains=[0.2]), Candidate(0.0, 8, gains=[0.9, 0.8])],
+                    2, 3, _cost(0.001)) == [0, 1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from baton.actors.draft_tree import DraftTree
 from baton.actors.engine import Engine
@@ -211,4 +212,28 @@ def test_medusa_heads_draft_trees_and_keep_the_greedy_tokens(reference, tmp_path
                                                    method="medusa", num_speculative_tokens=6))
     assert [o.token_ids for o in outs] == list(reference.values())
     assert all(o.metrics.spec_draft_tokens > 0 for o in outs)
+    assert_no_leaks(medusa)
+
+
+def test_medusa_sizes_its_trees_itself_and_stays_lossless(reference, tmp_path):
+    """Adaptive k: each tree is cut where its nodes' path probabilities stop paying; heads with a
+    vocabulary draft only among its tokens. Neither changes a greedy token."""
+    target = Engine("tiny:llama", dtype="float32")
+    heads = MedusaHeads.for_model(target.model, num_heads=3)
+    heads.vocab = torch.arange(0, 257, 2)  # every other token
+    heads.save(tmp_path / "heads")
+    medusa = Engine("tiny:llama", dtype="float32", block_size=8, methods=["medusa"],
+                    medusa_heads=str(tmp_path / "heads"), max_speculative_tokens=6)
+    drafted: list[list[int]] = []
+    original = medusa.speculator.settle
+
+    def keep(seq, logits, generator):
+        drafted.append(list(seq.draft.tokens))
+        return original(seq, logits, generator)
+
+    medusa.speculator.settle = keep
+    outs = medusa.generate([list(p) for p in reference],
+                           SamplingParams(max_tokens=48, ignore_eos=True, method="medusa"))
+    assert [o.token_ids for o in outs] == list(reference.values())
+    assert drafted and all(1 <= len(d) <= 6 and all(t % 2 == 0 for t in d) for d in drafted)
     assert_no_leaks(medusa)
