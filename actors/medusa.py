@@ -250,47 +250,63 @@ def linear_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     return weight.detach(), bias.detach() if isinstance(bias, torch.Tensor) else None
 
 
+def top_candidates(head_logits: torch.Tensor, top_k: int, token_ids: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's `top_k` tokens and their probabilities, for any leading shape:
+    `head_logits [..., S]` over `token_ids [S]` (None: the whole vocabulary) ->
+    (probabilities [..., top_k], token ids [..., top_k]), best first."""
+    if top_k < 1:
+        raise ValueError(f"need top_k >= 1, got {top_k}")
+    top_logits, top_ids = head_logits.topk(min(top_k, head_logits.shape[-1]), dim=-1)
+    probs = (top_logits.float() - torch.logsumexp(head_logits.float(), -1, keepdim=True)).exp()
+    return probs, top_ids if token_ids is None else token_ids[top_ids]
+
+
 def propose_tree(head_logits: torch.Tensor, max_nodes: int, top_k: int,
                  token_ids: torch.Tensor | None = None) -> tuple[DraftTree, list[float]]:
     """The sparse candidate tree after the next token (the root: sampled, its KV not yet
-    computed), and each node's score.
+    computed), and each node's score; `head_logits` is [K, S]: the heads' logits at the position
+    that produced the next token, over `token_ids [S]` (None: the whole vocabulary, S = V).
+    See `tree_from_candidates`."""
+    if head_logits.dim() != 2:
+        raise ValueError(f"head_logits must be [K, V], got {tuple(head_logits.shape)}")
+    probs, ids = top_candidates(head_logits, top_k, token_ids)
+    return tree_from_candidates(probs.tolist(), ids.tolist(), max_nodes)
 
-    A node at depth d is one of head d-1's `top_k` tokens; its score is the product of the head
+
+def tree_from_candidates(probs: list[list[float]], ids: list[list[int]],
+                         max_nodes: int) -> tuple[DraftTree, list[float]]:
+    """The tree of the heads' candidates (`probs[d]`, `ids[d]`: head d's, best first) and each
+    node's score.
+
+    A node at depth d is one of head d-1's candidates; its score is the product of the head
     probabilities along its path: what the heads believe is the chance that the path is the
     model's continuation, so the scores summed are the accepted length the heads expect. The
     `max_nodes` best-scoring nodes are kept, best first (every parent precedes its children, a
     node never outscores its parent, and so every prefix of the list is a tree too). Medusa-1
     heads do not condition on drafted tokens, so every node at depth d chooses among the same
-    tokens. `head_logits` is [K, S]: the heads' logits at the position that produced the next
-    token, over `token_ids [S]` (None: the whole vocabulary, S = V).
+    tokens.
     """
-    if head_logits.dim() != 2:
-        raise ValueError(f"head_logits must be [K, V], got {tuple(head_logits.shape)}")
-    if top_k < 1 or max_nodes < 0:
-        raise ValueError(f"need top_k >= 1 and max_nodes >= 0, got {top_k} and {max_nodes}")
-    num_heads, vocab = head_logits.shape
-    probs = torch.softmax(head_logits.float(), dim=-1)
-    top_p, top_ids = probs.topk(min(top_k, vocab), dim=-1)
-    if token_ids is not None:
-        top_ids = token_ids[top_ids]
-    p_rows, id_rows = top_p.tolist(), top_ids.tolist()
+    if max_nodes < 0:
+        raise ValueError(f"need max_nodes >= 0, got {max_nodes}")
+    num_heads = len(probs)
     tokens: list[int] = []
     parents: list[int] = []
     scores: list[float] = []
     order = 0  # tie-break: earlier pushes (higher parents, better ranks) first
     frontier: list[tuple[float, int, int, int, int]] = []  # (-score, order, parent, depth, rank)
-    for rank, p in enumerate(p_rows[0]):
+    for rank, p in enumerate(probs[0] if num_heads else []):
         frontier.append((-p, order, -1, 0, rank))
         order += 1
     heapq.heapify(frontier)
     while frontier and len(tokens) < max_nodes:
         neg_score, _, parent, depth, rank = heapq.heappop(frontier)
         node = len(tokens)
-        tokens.append(id_rows[depth][rank])
+        tokens.append(ids[depth][rank])
         parents.append(parent)
         scores.append(-neg_score)
         if depth + 1 < num_heads:
-            for child_rank, p in enumerate(p_rows[depth + 1]):
+            for child_rank, p in enumerate(probs[depth + 1]):
                 heapq.heappush(frontier, (neg_score * p, order, node, depth + 1, child_rank))
                 order += 1
     return DraftTree(tokens, parents), scores

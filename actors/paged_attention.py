@@ -90,9 +90,9 @@ class AttentionBatch:
         return self._masks[key]
 
     def ragged(self, window: int | None) -> RaggedPlan | None:
-        """How to attend without padding every row to the longest (None: one row, or masks the
-        plan cannot express: draft trees, a sliding window)."""
-        if self.batch_size == 1 or self.trees or window:
+        """How to attend without padding every row to the longest (None: one row, or a sliding
+        window, which the plan cannot express)."""
+        if self.batch_size == 1 or window:
             return None
         if self._ragged is None:
             self._ragged = RaggedPlan.of(self)
@@ -137,14 +137,27 @@ class DecodeGroup:
 
 
 @dataclass(slots=True)
-class RaggedPlan:
-    """A step attended without padding to its longest row: each multi-token run (a prompt chunk)
-    on its own, single-token rows (decode) in groups of similar context. On the CPU, padding
-    every row to the longest made a 500-token chunk beside one decode cost 2.2 s against 0.75 s
-    alone, and one 1000-token decode among seven 50-token ones cost more than eight 1000-token
-    ones."""
+class RaggedRun:
+    """One request's multi-token run (a prompt chunk, or a token and its draft to verify)."""
 
-    runs: list[tuple[int, int, int, int]]  # (row, first packed query, queries, context length)
+    row: int
+    q0: int  # its first packed query
+    n: int  # its queries: the last n of its context
+    ctx: int  # context length after this step
+    # [n, ctx] which keys each query sees; None: plain causal with nothing cached before it.
+    mask: torch.Tensor | None
+
+
+@dataclass(slots=True)
+class RaggedPlan:
+    """A step attended without padding to its longest row: each multi-token run (a prompt chunk,
+    a draft being verified) on its own, single-token rows (decode) in groups of similar context.
+    On the CPU, padding every row to the longest made a 500-token chunk beside one decode cost
+    2.2 s against 0.75 s alone, and one 1000-token decode among seven 50-token ones cost more than
+    eight 1000-token ones; sixteen requests verifying Medusa trees padded to one mask cost a
+    third more per step than the same tokens run row by row."""
+
+    runs: list[RaggedRun]
     groups: list[DecodeGroup]
 
     @classmethod
@@ -152,13 +165,16 @@ class RaggedPlan:
         assert batch.query_start is not None  # the model runner always sets it
         starts = batch.query_start.tolist()
         ctx = batch.context_lens.tolist()
+        trees = {row: (q0, anc) for row, q0, anc in batch.trees}
         runs, singles = [], []
         for row in range(batch.batch_size):
             n = starts[row + 1] - starts[row]
             if n == 1:
                 singles.append((ctx[row], row, starts[row]))
             else:
-                runs.append((row, starts[row], n, ctx[row]))
+                runs.append(RaggedRun(row, starts[row], n, ctx[row],
+                                      _run_mask(n, ctx[row], trees.get(row),
+                                                batch.query_pos.device)))
         singles.sort()
         bunches: list[list[tuple[int, int, int]]] = []
         for single in singles:  # a new group where the context more than doubles
@@ -167,6 +183,21 @@ class RaggedPlan:
             else:
                 bunches.append([single])
         return cls(runs, [_decode_group(batch, bunch) for bunch in bunches])
+
+
+def _run_mask(n: int, ctx: int, tree: tuple[int, torch.Tensor] | None,
+              device: torch.device) -> torch.Tensor | None:
+    """Keys each of a run's `n` queries (the last `n` of `ctx`) sees: every key up to its own,
+    except inside a draft tree (root at run query q0), where a node sees only its ancestors."""
+    if tree is None and n == ctx:
+        return None
+    qpos = torch.arange(ctx - n, ctx).unsqueeze(-1)
+    mask = torch.arange(ctx) <= qpos
+    if tree is not None:
+        q0, anc = tree
+        k0 = ctx - n + q0
+        mask[q0 : q0 + anc.shape[0], k0 : k0 + anc.shape[0]] = anc.cpu()
+    return mask.to(device)
 
 
 def _decode_group(batch: AttentionBatch, bunch: list[tuple[int, int, int]]) -> DecodeGroup:
@@ -189,19 +220,29 @@ def _ragged_attention(plan: RaggedPlan, batch: AttentionBatch, q: torch.Tensor,
     groups = n_heads // n_kv
     bs = batch.cache.spec.block_size
     out = q.new_empty(t, n_heads, d)
-    for row, q0, n, ctx in plan.runs:
-        blocks = batch.block_tables[row : row + 1, : (ctx + bs - 1) // bs]
-        keys = gather_kv(k_cache, blocks)[:, :, :ctx].transpose(0, 1)  # [1, Hkv, ctx, D]
-        values = gather_kv(v_cache, blocks)[:, :, :ctx].transpose(0, 1)
+    for run in plan.runs:
+        q0, n, ctx = run.q0, run.n, run.ctx
+        blocks = batch.block_tables[run.row : run.row + 1, : (ctx + bs - 1) // bs]
+        keys = gather_kv(k_cache, blocks)[:, :, :ctx]  # [Hkv, 1, ctx, D]
+        values = gather_kv(v_cache, blocks)[:, :, :ctx]
+        if run.mask is not None and groups * n <= _MATMUL_MAX_ROWS:
+            # A short run (a draft to verify): the decode recipe, each kv head's query group
+            # folded into its rows as (g, i).
+            qr = q[q0 : q0 + n].view(n, n_kv, groups, d).permute(1, 2, 0, 3)
+            mask = run.mask.repeat(groups, 1).view(1, 1, groups * n, ctx)
+            o = _matmul_attention(qr.reshape(n_kv, 1, groups * n, d), keys, values, mask,
+                                  scaling)
+            out[q0 : q0 + n] = o.view(n_kv, groups, n, d).permute(2, 0, 1, 3).reshape(
+                n, n_heads, d)
+            continue
         qr = q[q0 : q0 + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        if n == ctx:  # nothing cached before the run: plain causal attention
+        keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [1, Hkv, ctx, D]
+        if run.mask is None:  # nothing cached before the run: plain causal attention
             o = F.scaled_dot_product_attention(qr, keys, values, is_causal=True, scale=scaling,
                                                enable_gqa=groups > 1)
-        else:  # query i sits at ctx - n + i and sees keys up to there
-            qpos = torch.arange(ctx - n, ctx, device=q.device).unsqueeze(-1)
-            mask = torch.arange(ctx, device=q.device) <= qpos
-            o = F.scaled_dot_product_attention(qr, keys, values, attn_mask=mask, scale=scaling,
-                                               enable_gqa=groups > 1)
+        else:
+            o = F.scaled_dot_product_attention(qr, keys, values, attn_mask=run.mask,
+                                               scale=scaling, enable_gqa=groups > 1)
         out[q0 : q0 + n] = o[0].transpose(0, 1)
     for group in plan.groups:
         keys = gather_kv(k_cache, group.tables)

@@ -19,7 +19,7 @@ from baton.actors.draft_model import DraftModelProposer, DraftRequest
 from baton.actors.draft_tree import DraftTree
 from baton.actors.kv_cache import PagedKVCache
 from baton.actors.lookahead import LookaheadProposer
-from baton.actors.medusa import MedusaHeads, propose_tree
+from baton.actors.medusa import MedusaHeads, top_candidates, tree_from_candidates
 from baton.actors.ngram import propose_ngram
 from baton.actors.sequence import Sequence
 from baton.actors.spec_budget import AcceptanceTracker, Candidate, StepCostModel, choose_k
@@ -126,7 +126,12 @@ class Speculator:
                                    if s not in decoding) + waiting_tokens
         base = min(base, self.budget_tokens)
         a, _ = self.cost.coefficients()
-        trees = self._medusa_trees([s for s in spec if s.metrics.method == "medusa"])
+        # Heads run only for Medusa requests whose recent acceptance pays for one draft token in
+        # this step (a large batch turns them off, and the heads' pass with them).
+        trees = self._medusa_trees([
+            s for s in spec if s.metrics.method == "medusa" and (
+                s.params.num_speculative_tokens
+                or choose_k([Candidate(self._tracker(s).rate, 1)], base, base + 1, self.cost)[0])])
         cands, fixed = [], []
         for seq in spec:
             method = seq.metrics.method
@@ -180,9 +185,10 @@ class Speculator:
         with torch.inference_mode():
             hidden = torch.stack([self._hidden.pop(s.request_id) for s in ready])
             logits, token_ids = self.medusa.candidates(hidden)  # [K, N, S]
+            probs, ids = top_candidates(logits.transpose(0, 1), MEDUSA_TOP_K, token_ids)
         most = self.settings.max_speculative_tokens
-        return {s.request_id: propose_tree(logits[:, j], most, MEDUSA_TOP_K, token_ids)
-                for j, s in enumerate(ready)}
+        return {s.request_id: tree_from_candidates(p, i, most)
+                for s, p, i in zip(ready, probs.tolist(), ids.tolist(), strict=True)}
 
     def _trust(self, request_id: str) -> float:
         """Accepted tokens per token the heads expected, over the request's recent drafts (1

@@ -4,6 +4,7 @@ each request what it gets alone (float32: the same tokens, logprobs to rounding)
 from __future__ import annotations
 
 import pytest
+import torch
 
 from baton.actors import paged_attention
 from baton.actors.engine import Engine
@@ -38,7 +39,7 @@ def test_a_mixed_step_gives_each_request_what_it_gets_alone(monkeypatch) -> None
                 done[int(out.request_id)] = out
     # The ragged path ran, with a chunk after cached tokens and decoding rows beside it.
     assert any(p.groups and p.runs for p in calls)
-    assert any(ctx > n for p in calls for _, _, n, ctx in p.runs)
+    assert any(run.ctx > run.n for p in calls for run in p.runs)
     for i, prompt in enumerate(PROMPTS):
         ref = _alone(prompt, params)
         assert done[i].token_ids == ref.token_ids
@@ -60,6 +61,33 @@ def test_decoding_rows_of_far_apart_contexts_attend_in_groups(monkeypatch) -> No
     assert decode and all(sorted(len(g.rows) for g in p.groups) == [1, 2] for p in decode)
     for prompt, out in zip(prompts, outs, strict=True):
         ref = _alone(prompt, params)
+        assert out.token_ids == ref.token_ids
+        for got, want in zip(out.logprobs, ref.logprobs, strict=True):
+            assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+
+
+def test_draft_trees_beside_other_rows_are_verified_row_by_row(monkeypatch, tmp_path) -> None:
+    """Medusa trees in a batch run as ragged runs under their ancestor masks: the same tokens and
+    logprobs as decoding one token at a time."""
+    from baton.actors.medusa import MedusaHeads
+
+    calls = []
+    ragged = paged_attention._ragged_attention
+    monkeypatch.setattr(paged_attention, "_ragged_attention",
+                        lambda *a: calls.append(a[0]) or ragged(*a))
+    MedusaHeads.for_model(Engine("tiny:llama", dtype="float32").model, 3).save(tmp_path)
+    engine = Engine("tiny:llama", dtype="float32", methods=["medusa"], medusa_heads=str(tmp_path))
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=2, method="medusa",
+                            num_speculative_tokens=6)
+    outs = engine.generate(PROMPTS, params)
+    # Some step verified trees (runs whose own block is not causal: a node does not see its
+    # siblings) together.
+    own = [run.mask[:, run.ctx - run.n:] for p in calls if len(p.runs) > 1
+           for run in p.runs if run.mask is not None]
+    assert any(not m.equal(torch.ones_like(m).tril()) for m in own)
+    plain = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=2)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        ref = _alone(prompt, plain)
         assert out.token_ids == ref.token_ids
         for got, want in zip(out.logprobs, ref.logprobs, strict=True):
             assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
