@@ -175,7 +175,11 @@ class Engine:
             logits = self.runner.run(sched, self._layer_hook(sched),
                                      self.speculator.wants_hidden(sched.seqs))
             seconds = time.perf_counter() - t0
-            self.speculator.observe_step(sched.total_tokens, seconds)
+            if all(sched.num_scheduled_tokens[s.request_id] == 1 + s.num_draft_tokens
+                   for s in sched.seqs):
+                # Only decode and verify steps: what drafting adds to. Prompt chunks run many
+                # tokens per row far more cheaply, and would make a draft token look free.
+                self.speculator.observe_step(sched.total_tokens, seconds)
         except Exception as exc:  # one bad batch must not take the engine down
             log.exception("model step failed; failing its %d requests", len(sched.seqs))
             self._forward_done(sched)

@@ -35,6 +35,8 @@ _MATMUL_MAX_ROWS = 64
 _KERNEL_MAX_ROWS = 128
 # Decode rows whose contexts are all within this many tokens share one group (see `RaggedPlan`).
 _GROUP_SLACK = 256
+# Runs of up to this many queries (a token and its draft) join the decode groups, padded.
+_SHORT_RUN = 17
 
 
 @dataclass(slots=True)
@@ -128,12 +130,24 @@ class AttentionBatch:
 
 @dataclass(slots=True)
 class DecodeGroup:
-    """Single-query rows of similar context, attended together over their own blocks."""
+    """Rows of similar context with one query each (decode) or a few (a token and its draft,
+    padded to the group's longest run), attended together over their own blocks."""
 
     rows: torch.Tensor  # [S] batch rows
-    queries: torch.Tensor  # [S] their packed query index
+    queries: torch.Tensor  # [S, Q] their packed query indices (padding repeats the last one)
+    real: torch.Tensor | None  # [S * Q] which of those are not padding; None: all are
     tables: torch.Tensor  # [S, nb] their block tables, cut to the group's longest context
-    mask: torch.Tensor  # [1, S, 1, nb * block_size]: within each row's context
+    mask: torch.Tensor  # [S, Q, nb * block_size]: what each query sees
+    _folded: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def folded_mask(self, groups: int) -> torch.Tensor:
+        """`[1, S, groups * Q, kv]`: the mask for query rows folded as (kv-head group, query)."""
+        if groups not in self._folded:
+            s, q, kv = self.mask.shape
+            m = self.mask.unsqueeze(1).expand(s, groups, q, kv)
+            self._folded[groups] = m.reshape(1, s, groups * q, kv) if q > 1 else m.view(
+                1, s, groups, kv)
+        return self._folded[groups]
 
 
 @dataclass(slots=True)
@@ -150,12 +164,12 @@ class RaggedRun:
 
 @dataclass(slots=True)
 class RaggedPlan:
-    """A step attended without padding to its longest row: each multi-token run (a prompt chunk,
-    a draft being verified) on its own, single-token rows (decode) in groups of similar context.
-    On the CPU, padding every row to the longest made a 500-token chunk beside one decode cost
-    2.2 s against 0.75 s alone, and one 1000-token decode among seven 50-token ones cost more than
-    eight 1000-token ones; sixteen requests verifying Medusa trees padded to one mask cost a
-    third more per step than the same tokens run row by row."""
+    """A step attended without padding to its longest row: each long run (a prompt chunk) on its
+    own, decoding rows and short runs (a token and its draft, chain or tree) in groups of similar
+    context. On the CPU, padding every row to the longest made a 500-token chunk beside one decode
+    cost 2.2 s against 0.75 s alone, and one 1000-token decode among seven 50-token ones cost more
+    than eight 1000-token ones; attending each verifying row on its own cost about 3 ms a row per
+    step (thirty layers of small gathers and products), more than its draft could win."""
 
     runs: list[RaggedRun]
     groups: list[DecodeGroup]
@@ -166,23 +180,27 @@ class RaggedPlan:
         starts = batch.query_start.tolist()
         ctx = batch.context_lens.tolist()
         trees = {row: (q0, anc) for row, q0, anc in batch.trees}
-        runs, singles = [], []
+        runs, short = [], []
         for row in range(batch.batch_size):
             n = starts[row + 1] - starts[row]
-            if n == 1:
-                singles.append((ctx[row], row, starts[row]))
+            if n <= _SHORT_RUN and n < ctx[row]:
+                short.append((ctx[row], row, starts[row], n, trees.get(row)))
             else:
                 runs.append(RaggedRun(row, starts[row], n, ctx[row],
                                       _run_mask(n, ctx[row], trees.get(row),
                                                 batch.query_pos.device)))
-        singles.sort()
-        bunches: list[list[tuple[int, int, int]]] = []
-        for single in singles:  # a new group where the context more than doubles
-            if bunches and single[0] <= max(2 * bunches[-1][0][0], _GROUP_SLACK):
-                bunches[-1].append(single)
+        short.sort(key=lambda r: r[:2])
+        bunches: list[list[_Short]] = []
+        for item in short:  # a new group where the context more than doubles
+            if bunches and item[0] <= max(2 * bunches[-1][0][0], _GROUP_SLACK):
+                bunches[-1].append(item)
             else:
-                bunches.append([single])
+                bunches.append([item])
         return cls(runs, [_decode_group(batch, bunch) for bunch in bunches])
+
+
+# A short row: (context length, batch row, first packed query, queries, its draft tree if any).
+_Short = tuple[int, int, int, int, "tuple[int, torch.Tensor] | None"]
 
 
 def _run_mask(n: int, ctx: int, tree: tuple[int, torch.Tensor] | None,
@@ -200,15 +218,28 @@ def _run_mask(n: int, ctx: int, tree: tuple[int, torch.Tensor] | None,
     return mask.to(device)
 
 
-def _decode_group(batch: AttentionBatch, bunch: list[tuple[int, int, int]]) -> DecodeGroup:
+def _decode_group(batch: AttentionBatch, bunch: list[_Short]) -> DecodeGroup:
     dev = batch.query_pos.device
     bs = batch.cache.spec.block_size
-    rows = torch.tensor([r for _, r, _ in bunch], device=dev)
-    nb = (bunch[-1][0] + bs - 1) // bs
-    kpos = torch.arange(nb * bs, device=dev)
-    mask = kpos < batch.context_lens[rows].unsqueeze(-1)
-    return DecodeGroup(rows, torch.tensor([q for *_, q in bunch], device=dev),
-                       batch.block_tables[rows, :nb], mask.view(1, len(bunch), 1, -1))
+    rows = torch.tensor([r for _, r, *_ in bunch], device=dev)
+    nb = (max(c for c, *_ in bunch) + bs - 1) // bs
+    width = max(n for *_, n, _ in bunch)
+    if width == 1:
+        kpos = torch.arange(nb * bs, device=dev)
+        mask = kpos < batch.context_lens[rows].unsqueeze(-1)
+        return DecodeGroup(rows, torch.tensor([[q] for _, _, q, *_ in bunch], device=dev), None,
+                           batch.block_tables[rows, :nb], mask.unsqueeze(1))
+    queries, real = [], []
+    mask = torch.zeros(len(bunch), width, nb * bs, dtype=torch.bool)
+    for i, (ctx, _, q0, n, tree) in enumerate(bunch):
+        queries.append([q0 + min(j, n - 1) for j in range(width)])
+        real.extend([True] * n + [False] * (width - n))
+        run = _run_mask(n, ctx, tree, torch.device("cpu"))
+        assert run is not None  # a short run always has context before it
+        mask[i, :n, :ctx] = run
+        mask[i, n:] = mask[i, n - 1]  # padding repeats the last query
+    return DecodeGroup(rows, torch.tensor(queries, device=dev), torch.tensor(real, device=dev),
+                       batch.block_tables[rows, :nb], mask.to(dev))
 
 
 def _ragged_attention(plan: RaggedPlan, batch: AttentionBatch, q: torch.Tensor,
@@ -247,10 +278,16 @@ def _ragged_attention(plan: RaggedPlan, batch: AttentionBatch, q: torch.Tensor,
     for group in plan.groups:
         keys = gather_kv(k_cache, group.tables)
         values = gather_kv(v_cache, group.tables)
-        s = len(group.rows)
-        qs = q[group.queries].view(s, n_kv, groups, d).permute(1, 0, 2, 3)  # [Hkv, S, G, D]
-        o = _matmul_attention(qs, keys, values, group.mask.expand(1, s, groups, -1), scaling)
-        out[group.queries] = o.permute(1, 0, 2, 3).reshape(s, n_heads, d)
+        s, width = group.queries.shape
+        # [S * Q, H, D] -> [Hkv, S, G * Q, D], query rows as (kv-head group, query)
+        qs = q[group.queries.flatten()].view(s, width, n_kv, groups, d).permute(2, 0, 3, 1, 4)
+        o = _matmul_attention(qs.reshape(n_kv, s, groups * width, d), keys, values,
+                              group.folded_mask(groups), scaling)
+        o = o.view(n_kv, s, groups, width, d).permute(1, 3, 0, 2, 4).reshape(s * width, n_heads, d)
+        if group.real is None:
+            out[group.queries.flatten()] = o
+        else:
+            out[group.queries.flatten()[group.real]] = o[group.real]
     return out
 
 

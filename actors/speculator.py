@@ -10,6 +10,7 @@ method `none` (or a step where drafting does not pay, see `spec_budget`) decodes
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +67,7 @@ class Speculator:
         # probabilities are to be trusted, and what its draft in flight expects.
         self._calibration: dict[str, list[float]] = {}
         self._expected: dict[str, float] = {}
+        self._heads_s = 0.0  # seconds the heads and their trees take per request (moving mean)
         self._trackers: dict[str, AcceptanceTracker] = {}
 
     # -- requests ---------------------------------------------------------------------------------
@@ -126,12 +128,13 @@ class Speculator:
                                    if s not in decoding) + waiting_tokens
         base = min(base, self.budget_tokens)
         a, _ = self.cost.coefficients()
-        # Heads run only for Medusa requests whose recent acceptance pays for one draft token in
-        # this step (a large batch turns them off, and the heads' pass with them).
+        # Heads run only for Medusa requests whose recent acceptance pays for one draft token
+        # and their share of the heads' pass in this step (a large batch turns them off).
         trees = self._medusa_trees([
             s for s in spec if s.metrics.method == "medusa" and (
                 s.params.num_speculative_tokens
-                or choose_k([Candidate(self._tracker(s).rate, 1)], base, base + 1, self.cost)[0])])
+                or choose_k([Candidate(self._tracker(s).rate, 1, self._heads_s)], base, base + 1,
+                            self.cost)[0])])
         cands, fixed = [], []
         for seq in spec:
             method = seq.metrics.method
@@ -182,13 +185,17 @@ class Speculator:
         ready = [s for s in seqs if s.request_id in self._hidden]
         if self.medusa is None or not ready:
             return {}
+        t0 = time.perf_counter()
         with torch.inference_mode():
             hidden = torch.stack([self._hidden.pop(s.request_id) for s in ready])
             logits, token_ids = self.medusa.candidates(hidden)  # [K, N, S]
             probs, ids = top_candidates(logits.transpose(0, 1), MEDUSA_TOP_K, token_ids)
         most = self.settings.max_speculative_tokens
-        return {s.request_id: tree_from_candidates(p, i, most)
-                for s, p, i in zip(ready, probs.tolist(), ids.tolist(), strict=True)}
+        trees = {s.request_id: tree_from_candidates(p, i, most)
+                 for s, p, i in zip(ready, probs.tolist(), ids.tolist(), strict=True)}
+        took = (time.perf_counter() - t0) / len(ready)
+        self._heads_s = took if not self._heads_s else 0.8 * self._heads_s + 0.2 * took
+        return trees
 
     def _trust(self, request_id: str) -> float:
         """Accepted tokens per token the heads expected, over the request's recent drafts (1

@@ -66,25 +66,32 @@ def test_decoding_rows_of_far_apart_contexts_attend_in_groups(monkeypatch) -> No
             assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
 
 
-def test_draft_trees_beside_other_rows_are_verified_row_by_row(monkeypatch, tmp_path) -> None:
-    """Medusa trees in a batch run as ragged runs under their ancestor masks: the same tokens and
-    logprobs as decoding one token at a time."""
+def test_draft_trees_beside_other_rows_are_verified_in_groups(monkeypatch, tmp_path) -> None:
+    """Medusa trees in a batch join the decode groups under their ancestor masks (padded to the
+    group's longest draft): the same tokens and logprobs as decoding one token at a time."""
     from baton.actors.medusa import MedusaHeads
 
     calls = []
     ragged = paged_attention._ragged_attention
     monkeypatch.setattr(paged_attention, "_ragged_attention",
-                        lambda *a: calls.append(a[0]) or ragged(*a))
+                        lambda *a: calls.append(a[:2]) or ragged(*a))
     MedusaHeads.for_model(Engine("tiny:llama", dtype="float32").model, 3).save(tmp_path)
     engine = Engine("tiny:llama", dtype="float32", methods=["medusa"], medusa_heads=str(tmp_path))
     params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=2, method="medusa",
                             num_speculative_tokens=6)
     outs = engine.generate(PROMPTS, params)
-    # Some step verified trees (runs whose own block is not causal: a node does not see its
-    # siblings) together.
-    own = [run.mask[:, run.ctx - run.n:] for p in calls if len(p.runs) > 1
-           for run in p.runs if run.mask is not None]
-    assert any(not m.equal(torch.ones_like(m).tril()) for m in own)
+    # Some step verified trees together: a group row whose own block is not causal (a node does
+    # not see its siblings).
+    blocks = []
+    for plan, batch in calls:
+        for group in plan.groups:
+            if group.real is None:
+                continue
+            counts = group.real.view(group.queries.shape).sum(1).tolist()
+            for i, (row, n) in enumerate(zip(group.rows.tolist(), counts, strict=True)):
+                ctx = int(batch.context_lens[row])
+                blocks.append(group.mask[i, :n, ctx - n : ctx])
+    assert any(not m.equal(torch.ones_like(m).tril()) for m in blocks)
     plain = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=2)
     for prompt, out in zip(PROMPTS, outs, strict=True):
         ref = _alone(prompt, plain)
