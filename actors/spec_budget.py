@@ -112,7 +112,6 @@ class AcceptanceTracker:
         self.accepted = prior * strength
         self.trials = strength
         self.decay = decay
-        self.drafts = 0  # drafts it has seen verified
 
     @property
     def rate(self) -> float:
@@ -122,6 +121,5 @@ class AcceptanceTracker:
         """`accepted` of a draft `drafted_depth` deep were taken (a rejection ends the run)."""
         if drafted_depth <= 0:
             return
-        self.drafts += 1
         self.accepted = self.decay * self.accepted + accepted
         self.trials = self.decay * self.trials + accepted + (1 if accepted < drafted_depth else 0)

@@ -32,8 +32,7 @@ log = logging.getLogger(__name__)
 
 MEDUSA_TOP_K = 4  # candidates per head in a Medusa tree
 CALIBRATION_DECAY = 0.85  # how fast a request's heads calibration forgets older drafts
-MIN_PRIOR = 0.1  # the least acceptance a new request starts from
-# Acceptance assumed before any request of the method has drafted on this engine.
+# Acceptance assumed before a request has drafted anything.
 PRIOR_ACCEPTANCE = {"ngram": 0.4, "lookahead": 0.4, "draft": 0.6, "layerskip": 0.5,
                     "medusa": 0.5}
 
@@ -69,12 +68,7 @@ class Speculator:
         self._calibration: dict[str, list[float]] = {}
         self._expected: dict[str, float] = {}
         self._heads_s = 0.0  # seconds the heads and their trees take per request (moving mean)
-        self._trackers: dict[str, tuple[str, AcceptanceTracker]] = {}  # request -> (method, ...)
-        # What finished requests saw, per method (and Medusa's calibration): a new request
-        # starts from there, not from a fixed guess, so a method that never pays on this model
-        # and traffic is hardly tried, one that pays is drafted at once.
-        self._learned: dict[str, float] = {}
-        self._learned_trust: float | None = None
+        self._trackers: dict[str, AcceptanceTracker] = {}
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -112,15 +106,9 @@ class Speculator:
                 self._hidden[seq.request_id] = hidden[i]
 
     def finish(self, request_id: str) -> None:
-        entry = self._trackers.pop(request_id, None)
-        if entry is not None and entry[1].drafts:
-            method, tracker = entry
-            self._learned[method] = _blend(self._learned.get(method), tracker.rate)
-        calibration = self._calibration.pop(request_id, None)
-        if calibration is not None:
-            self._learned_trust = _blend(self._learned_trust,
-                                         calibration[0] / max(calibration[1], 1e-6))
+        self._trackers.pop(request_id, None)
         self._hidden.pop(request_id, None)
+        self._calibration.pop(request_id, None)
         self._expected.pop(request_id, None)
         if self.lookahead is not None:
             self.lookahead.finish(request_id)
@@ -212,7 +200,7 @@ class Speculator:
     def _trust(self, request_id: str) -> float:
         """Accepted tokens per token the heads expected, over the request's recent drafts (1
         before it has any): scales its path probabilities into gains."""
-        accepted, expected = self._calibration.get(request_id, (self._learned_trust or 1.0, 1.0))
+        accepted, expected = self._calibration.get(request_id, (1.0, 1.0))
         return min(max(accepted / max(expected, 1e-6), 0.05), 2.0)
 
     def _reserve(self, seq: Sequence, k: int, num_running: int) -> bool:
@@ -246,8 +234,7 @@ class Speculator:
         self._tracker(seq).update(depth, accepted)
         expected = self._expected.pop(seq.request_id, None)
         if expected is not None:
-            calib = self._calibration.setdefault(seq.request_id,
-                                                 [self._learned_trust or 1.0, 1.0])
+            calib = self._calibration.setdefault(seq.request_id, [1.0, 1.0])
             calib[0] = CALIBRATION_DECAY * calib[0] + accepted
             calib[1] = CALIBRATION_DECAY * calib[1] + expected
         m = seq.metrics
@@ -288,18 +275,9 @@ class Speculator:
             flat.index_copy_(1, dst_t, flat.index_select(1, src_t))
 
     def _tracker(self, seq: Sequence) -> AcceptanceTracker:
-        entry = self._trackers.get(seq.request_id)
-        if entry is None:
-            method = seq.metrics.method
-            learned = self._learned.get(method)
-            # Never below MIN_PRIOR: a method that failed on earlier traffic is still tried once
-            # on a new request, in case this traffic suits it.
-            prior = (PRIOR_ACCEPTANCE.get(method, 0.5) if learned is None
-                     else max(learned, MIN_PRIOR))
-            entry = self._trackers[seq.request_id] = (method, AcceptanceTracker(prior))
-        return entry[1]
-
-
-def _blend(old: float | None, new: float, weight: float = 0.2) -> float:
-    return new if old is None else (1 - weight) * old + weight * new
+        tracker = self._trackers.get(seq.request_id)
+        if tracker is None:
+            tracker = AcceptanceTracker(PRIOR_ACCEPTANCE.get(seq.metrics.method, 0.5))
+            self._trackers[seq.request_id] = tracker
+        return tracker
 

@@ -12,7 +12,6 @@ import torch
 from baton.actors.draft_tree import DraftTree
 from baton.actors.engine import Engine
 from baton.actors.medusa import MedusaHeads
-from baton.actors.spec_budget import StepCostModel
 from baton.errors import ConfigError, InvalidRequestError
 from baton.sampling import SamplingParams
 from tests.conftest import assert_no_leaks, run_to_completion
@@ -238,33 +237,3 @@ def test_medusa_sizes_its_trees_itself_and_stays_lossless(reference, tmp_path):
     assert [o.token_ids for o in outs] == list(reference.values())
     assert drafted and all(1 <= len(d) <= 6 and all(t % 2 == 0 for t in d) for d in drafted)
     assert_no_leaks(medusa)
-
-
-def test_a_new_request_starts_from_what_earlier_ones_of_its_method_saw(reference):
-    """The draft model here is the target itself, so every draft is accepted: the first request
-    learns that draft by draft from the method's fixed prior, later ones draft long at once
-    (and stay lossless)."""
-    engine = Engine("tiny:llama", dtype="float32", block_size=8, methods=["draft"],
-                    draft_model="tiny:llama")
-    # Steps priced as memory-bound (64 tokens cost 1.06x one), so draft length follows acceptance.
-    engine.speculator.cost = StepCostModel()
-    for tokens in (1, 4, 8, 16, 32, 64):
-        for _ in range(3):
-            engine.speculator.cost.observe(tokens, 0.05 * (1 + 0.001 * tokens))
-    engine.speculator.observe_step = lambda tokens, seconds: None
-    engine.speculator.settings.draft_cost_ratio["draft"] = 0.01  # priced as a far smaller model
-    first_drafts: dict[str, int] = {}
-    original = engine.speculator.settle
-
-    def keep(seq, logits, generator):
-        first_drafts.setdefault(seq.request_id, len(seq.draft))
-        return original(seq, logits, generator)
-
-    engine.speculator.settle = keep
-    prompts = [list(p) for p in reference][:5]
-    params = SamplingParams(max_tokens=48, ignore_eos=True, method="draft")
-    outs = [engine.generate([p], params)[0] for p in prompts]
-    assert [o.token_ids for o in outs] == [reference[tuple(p)] for p in prompts]
-    firsts = [first_drafts[o.request_id] for o in outs]
-    assert min(firsts[2:]) > firsts[0]
-    assert_no_leaks(engine)
