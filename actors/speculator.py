@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 MEDUSA_TOP_K = 4  # candidates per head in a Medusa tree
 CALIBRATION_DECAY = 0.85  # how fast a request's heads calibration forgets older drafts
+# Pseudo-tokens of "the heads are right" the calibration starts from and always keeps: a few bad
+# trees must not scale a request's gains so low that it never drafts (and never re-learns) again.
+CALIBRATION_PRIOR = 4.0
 # Acceptance assumed before a request has drafted anything.
 PRIOR_ACCEPTANCE = {"ngram": 0.4, "lookahead": 0.4, "draft": 0.6, "layerskip": 0.5,
                     "medusa": 0.5}
@@ -198,10 +201,11 @@ class Speculator:
         return trees
 
     def _trust(self, request_id: str) -> float:
-        """Accepted tokens per token the heads expected, over the request's recent drafts (1
-        before it has any): scales its path probabilities into gains."""
-        accepted, expected = self._calibration.get(request_id, (1.0, 1.0))
-        return min(max(accepted / max(expected, 1e-6), 0.05), 2.0)
+        """Accepted tokens per token the heads expected, over the request's recent drafts and
+        CALIBRATION_PRIOR tokens of trust (1 before it has any): scales its path probabilities
+        into gains."""
+        accepted, expected = self._calibration.get(request_id, (0.0, 0.0))
+        return min((accepted + CALIBRATION_PRIOR) / (expected + CALIBRATION_PRIOR), 2.0)
 
     def _reserve(self, seq: Sequence, k: int, num_running: int) -> bool:
         """Blocks for the draft's KV, keeping one free block per running request in reserve."""
@@ -234,7 +238,7 @@ class Speculator:
         self._tracker(seq).update(depth, accepted)
         expected = self._expected.pop(seq.request_id, None)
         if expected is not None:
-            calib = self._calibration.setdefault(seq.request_id, [1.0, 1.0])
+            calib = self._calibration.setdefault(seq.request_id, [0.0, 0.0])
             calib[0] = CALIBRATION_DECAY * calib[0] + accepted
             calib[1] = CALIBRATION_DECAY * calib[1] + expected
         m = seq.metrics
