@@ -117,46 +117,50 @@ class MedusaHeads(nn.Module):
 
     def candidates(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What drafting reads: ([K, N, S] logits, the [S] token ids they score), over `vocab`
-        when the heads have one (token ids None: the full vocabulary, S = V)."""
+        when the heads have one (token ids None: the full vocabulary, S = V). Runs the layers
+        `prepare_serving` built (on first use, if nobody called it)."""
         self._check(hidden)
         if self._proj is None or self._draft_head is None:
-            states = self.head_states(hidden)
-            head = self.lm_head
-            if self.vocab is not None:
-                weight, bias = linear_params(self.lm_head)
-                logits = F.linear(states, weight[self.vocab],
-                                  None if bias is None else bias[self.vocab])
-                return logits, self.vocab
-        else:
-            n = hidden.shape[0]
-            proj = self._proj(hidden).view(n, self.num_heads, self.hidden_size).transpose(0, 1)
-            states = hidden.unsqueeze(0) + F.silu(proj)
-            head = self._draft_head
-        logits = head(states.reshape(-1, self.hidden_size))
-        return logits.view(self.num_heads, hidden.shape[0], -1), self.vocab
+            self.prepare_serving()
+        assert self._proj is not None and self._draft_head is not None
+        n = hidden.shape[0]
+        proj = self._proj(hidden).view(n, self.num_heads, self.hidden_size).transpose(0, 1)
+        states = hidden.unsqueeze(0) + F.silu(proj)  # = head_states(hidden), one GEMM
+        logits = self._draft_head(states.reshape(-1, self.hidden_size))
+        return logits.view(self.num_heads, n, -1), self.vocab
 
     def prepare_serving(self) -> MedusaHeads:
         """Fold the heads into one linear and cut the LM head down to `vocab` (packed for oneDNN
-        where it can), for `candidates`; call after the last change to the weights."""
-        weight, bias = self.weight.detach(), self.bias.detach()
-        proj = nn.Linear(self.hidden_size, self.num_heads * self.hidden_size,
-                         device=weight.device, dtype=weight.dtype)
-        proj.weight.data = weight.reshape(-1, self.hidden_size).contiguous()
-        proj.bias.data = bias.reshape(-1).contiguous()
-        head: nn.Module = self.lm_head
-        if self.vocab is not None:
-            lm_weight, lm_bias = linear_params(self.lm_head)
-            head = nn.Linear(self.hidden_size, int(self.vocab.numel()), bias=lm_bias is not None,
-                             device=weight.device, dtype=lm_weight.dtype)
-            head.weight.data = lm_weight[self.vocab].contiguous()
-            if lm_bias is not None:
-                head.bias.data = lm_bias[self.vocab].contiguous()
-        if packing_supported(weight.dtype, weight.device):
-            proj = PackedLinear(proj)
-            head = PackedLinear(head) if isinstance(head, nn.Linear) else head
+        where it can), for `candidates`; call again after changing the weights or `vocab`."""
+        # Plain tensors, also when first used under inference mode (from `candidates`).
+        with torch.inference_mode(False), torch.no_grad():
+            weight, bias = self.weight.detach(), self.bias.detach()
+            proj = nn.Linear(self.hidden_size, self.num_heads * self.hidden_size,
+                             device=weight.device, dtype=weight.dtype)
+            proj.weight.copy_(weight.reshape(-1, self.hidden_size))
+            proj.bias.copy_(bias.reshape(-1))
+            head: nn.Module = self.lm_head
+            if self.vocab is not None:
+                lm_weight, lm_bias = linear_params(self.lm_head)
+                head = nn.Linear(self.hidden_size, int(self.vocab.numel()),
+                                 bias=lm_bias is not None, device=weight.device,
+                                 dtype=lm_weight.dtype)
+                head.weight.copy_(lm_weight[self.vocab])
+                if lm_bias is not None:
+                    head.bias.copy_(lm_bias[self.vocab])
+            if packing_supported(weight.dtype, weight.device):
+                proj = PackedLinear(proj)
+                head = PackedLinear(head) if isinstance(head, nn.Linear) else head
         object.__setattr__(self, "_proj", proj)
         object.__setattr__(self, "_draft_head", head)
         return self
+
+    def train(self, mode: bool = True) -> MedusaHeads:
+        """Training changes the weights: the serving layers are rebuilt on next use."""
+        if mode:
+            object.__setattr__(self, "_proj", None)
+            object.__setattr__(self, "_draft_head", None)
+        return super().train(mode)
 
     def _check(self, hidden: torch.Tensor) -> None:
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:

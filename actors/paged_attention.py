@@ -254,20 +254,9 @@ def _ragged_attention(plan: RaggedPlan, batch: AttentionBatch, q: torch.Tensor,
     for run in plan.runs:
         q0, n, ctx = run.q0, run.n, run.ctx
         blocks = batch.block_tables[run.row : run.row + 1, : (ctx + bs - 1) // bs]
-        keys = gather_kv(k_cache, blocks)[:, :, :ctx]  # [Hkv, 1, ctx, D]
-        values = gather_kv(v_cache, blocks)[:, :, :ctx]
-        if run.mask is not None and groups * n <= _MATMUL_MAX_ROWS:
-            # A short run (a draft to verify): the decode recipe, each kv head's query group
-            # folded into its rows as (g, i).
-            qr = q[q0 : q0 + n].view(n, n_kv, groups, d).permute(1, 2, 0, 3)
-            mask = run.mask.repeat(groups, 1).view(1, 1, groups * n, ctx)
-            o = _matmul_attention(qr.reshape(n_kv, 1, groups * n, d), keys, values, mask,
-                                  scaling)
-            out[q0 : q0 + n] = o.view(n_kv, groups, n, d).permute(2, 0, 1, 3).reshape(
-                n, n_heads, d)
-            continue
+        keys = gather_kv(k_cache, blocks)[:, :, :ctx].transpose(0, 1)  # [1, Hkv, ctx, D]
+        values = gather_kv(v_cache, blocks)[:, :, :ctx].transpose(0, 1)
         qr = q[q0 : q0 + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [1, Hkv, ctx, D]
         if run.mask is None:  # nothing cached before the run: plain causal attention
             o = F.scaled_dot_product_attention(qr, keys, values, is_causal=True, scale=scaling,
                                                enable_gqa=groups > 1)

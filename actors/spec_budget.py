@@ -26,6 +26,7 @@ class StepCostModel:
         self.per_size = per_size
         self.prior_ratio = prior_ratio  # b / a before the steps say otherwise
         self._by_size: dict[int, deque[tuple[int, float]]] = {}
+        self._fit: tuple[float, float] | None = None  # until the next observation
 
     @property
     def samples(self) -> list[tuple[int, float]]:
@@ -38,9 +39,15 @@ class StepCostModel:
             if size not in self._by_size:
                 self._by_size[size] = deque(maxlen=self.per_size)
             self._by_size[size].append((tokens, seconds))
+            self._fit = None
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b) in seconds and seconds per token (relative units before any step ran)."""
+        if self._fit is None:
+            self._fit = self._least_squares()
+        return self._fit
+
+    def _least_squares(self) -> tuple[float, float]:
         samples = self.samples
         if not samples:
             return 1.0, self.prior_ratio

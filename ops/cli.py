@@ -303,7 +303,7 @@ def bench_spec(
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     run_and_report(lambda c: bench.run_spec_bench(workload, names, draft_model, threads, dtype, c,
-                                                          medusa_heads=medusa_heads),
+                                                  medusa_heads=medusa_heads),
                    bench.show, json_path)
 
 
