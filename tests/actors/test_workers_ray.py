@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import sys
+import threading
 
 import pytest
 import ray
@@ -17,7 +19,23 @@ pytestmark = pytest.mark.ray  # starts Ray (see tests/conftest.py)
 
 MODEL = "tiny:llama"
 ENGINE = {"dtype": "float32", "block_size": 8, "num_threads": 1}
-RemoteWorker = ray.remote(Worker)
+
+
+class HoldableWorker(Worker):
+    """A worker whose engine loop a test can stop between steps: the way to act while a decode
+    worker waits on its prefill worker, however fast the prefill would otherwise be."""
+
+    async def hold(self) -> None:
+        gate = self._gate = threading.Event()
+        self.loop.call(lambda _: gate.wait())
+
+    async def release(self) -> None:
+        self._gate.set()
+
+
+# Ray's workers cannot import a test module: the class travels by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+RemoteWorker = ray.remote(HoldableWorker)
 
 
 def _spawn(role: str, engine=ENGINE, **kw):
@@ -28,15 +46,15 @@ def _spawn(role: str, engine=ENGINE, **kw):
     return actor
 
 
-# A budget of 4 tokens per step makes a long prompt take hundreds of steps to prefill, so a test
-# can act while a decode worker waits on the prefill worker (the tiny model's steps are quick).
-SLOW_PREFILL = dict(ENGINE, max_num_batched_tokens=4)
-
-
 @pytest.fixture(scope="module")
 def workers(ray_local):
-    """A slow prefill worker and a decode worker whose callers' leases last 1 s."""
-    return _spawn("prefill", engine=SLOW_PREFILL), _spawn("decode", caller_lease_s=1.0)
+    """A prefill worker and a decode worker whose callers' leases last 1 s."""
+    return _spawn("prefill"), _spawn("decode", caller_lease_s=1.0)
+
+
+def _waiting_on_prefill(decode, handoffs: int) -> None:
+    wait_until(lambda: ray.get(decode.info.remote())["handoffs"] == handoffs, 60,
+               "the decode worker to reserve blocks and wait on the prefill worker")
 
 
 def _generate(decode, rid, prompt, params, prefill):
@@ -80,16 +98,14 @@ def test_killed_prefill_worker_falls_back_to_local_prefill(ray_local):
 
 
 def test_prefill_worker_killed_mid_request_falls_back_and_leaks_nothing(ray_local):
-    # The slow prefill worker takes hundreds of steps over the 1500-token prompt, so the kill
-    # lands while the decode worker is waiting on it.
-    prefill = _spawn("prefill", engine=SLOW_PREFILL)
+    prefill = _spawn("prefill")
     decode = _spawn("decode", kv_timeout_s=10)
     prompt = _prompts(4, (1500,))[0]
     params = SamplingParams(max_tokens=5, ignore_eos=True)
+    ray.get(prefill.hold.remote())  # the kill lands while the decode worker waits on it
     stream = decode.generate.options(num_returns="streaming").remote("mid", prompt, params,
                                                                       prefill)
-    wait_until(lambda: ray.get(prefill.info.remote())["num_running"] > 0, 60,
-               "the prefill worker to have the request in its batch")
+    _waiting_on_prefill(decode, 1)
     ray.kill(prefill)
     out = [ray.get(r) for r in stream][-1]
     expected = Engine(MODEL, **ENGINE).generate([prompt], params)[0].token_ids
@@ -102,14 +118,25 @@ def test_prefill_worker_killed_mid_request_falls_back_and_leaks_nothing(ray_loca
 def test_a_caller_that_stops_renewing_its_lease_mid_handoff_has_its_blocks_freed(workers):
     prefill, decode = workers
     prompt = _prompts(5, (1500,))[0]
-    stream = decode.generate.options(num_returns="streaming").remote(  # noqa: F841 - kept alive
+    handoffs = ray.get(decode.info.remote())["handoffs"] + 1
+    ray.get(prefill.hold.remote())
+    stream = decode.generate.options(num_returns="streaming").remote(
         "orphan", prompt, SamplingParams(max_tokens=5, ignore_eos=True), prefill, "gone-caller")
-    wait_until(lambda: ray.get(prefill.info.remote())["num_running"] > 0, 60,
-               "the prefill worker to have the request in its batch")
+    _waiting_on_prefill(decode, handoffs)
     assert ray.get(decode.info.remote())["kv_usage"] > 0  # its blocks reserved for the handoff
     # Nobody renews "gone-caller": its lease lapses while the decode worker waits on the prefill.
     wait_until(lambda: ray.get(decode.info.remote())["lease_expiries"] == 1, 30, "the expiry")
     wait_until(lambda: ray.get(decode.info.remote())["kv_usage"] == 0, 30, "its blocks freed")
+    with pytest.raises(ray.exceptions.RayError):  # the stream ends; it does not hang
+        for ref in stream:
+            ray.get(ref, timeout=30)
+    assert ray.get(decode.block_violations.remote()) == []
+    # Released, the prefill worker's push finds its transfer refused, and it keeps serving.
+    ray.get(prefill.release.remote())
+    out = _generate(decode, "after-orphan", _prompts(6, (40,))[0],
+                    SamplingParams(max_tokens=3, ignore_eos=True), prefill)
+    assert out.finish_reason == "length"
+    assert ray.get(prefill.block_violations.remote()) == []
     assert ray.get(decode.block_violations.remote()) == []
 
 
