@@ -20,7 +20,8 @@ from baton.actors.draft_model import DraftModelProposer, DraftRequest
 from baton.actors.draft_tree import DraftTree
 from baton.actors.kv_cache import PagedKVCache
 from baton.actors.lookahead import LookaheadProposer
-from baton.actors.medusa import MedusaHeads, top_candidates, tree_from_candidates
+from baton.actors.medusa import MedusaHeads
+from baton.actors.medusa_trees import draft_trees
 from baton.actors.ngram import propose_ngram
 from baton.actors.sequence import Sequence
 from baton.actors.spec_budget import AcceptanceTracker, Candidate, StepCostModel, choose_k
@@ -191,11 +192,10 @@ class Speculator:
         t0 = time.perf_counter()
         with torch.inference_mode():
             hidden = torch.stack([self._hidden.pop(s.request_id) for s in ready])
-            logits, token_ids = self.medusa.candidates(hidden)  # [K, N, S]
-            probs, ids = top_candidates(logits.transpose(0, 1), MEDUSA_TOP_K, token_ids)
-        most = self.settings.max_speculative_tokens
-        trees = {s.request_id: tree_from_candidates(p, i, most)
-                 for s, p, i in zip(ready, probs.tolist(), ids.tolist(), strict=True)}
+            roots = [s.token_ids[-1] for s in ready]  # sampled from `hidden`, not yet computed
+            drafted = draft_trees(self.medusa, hidden, roots, self.settings.max_speculative_tokens,
+                                  MEDUSA_TOP_K)
+        trees = {s.request_id: scored for s, scored in zip(ready, drafted, strict=True)}
         took = (time.perf_counter() - t0) / len(ready)
         self._heads_s = took if not self._heads_s else 0.8 * self._heads_s + 0.2 * took
         return trees

@@ -53,6 +53,7 @@ class Corpus:
 
     hidden: torch.Tensor  # [N, H] float32
     top: torch.Tensor  # [N, TOP_K] long
+    tokens: torch.Tensor  # [N] long: the token `hidden[n]` gave (what the answer says)
     ends: torch.Tensor  # [N] long: index just past the end of n's answer
     num_sequences: int
 
@@ -74,15 +75,27 @@ class Corpus:
             out[ok, i] = self.greedy[at[ok]]
         return out
 
+    def prev_tokens(self, num_heads: int) -> torch.Tensor:
+        """[N, K]: what token-conditioned head i sees at n, the answer's token just before its
+        target (`tokens[n + i]`); -1 past the end of the answer."""
+        n = torch.arange(len(self))
+        out = torch.full((len(self), num_heads), -1, dtype=torch.long)
+        for i in range(num_heads):
+            at = n + i
+            ok = at < self.ends
+            out[ok, i] = self.tokens[at[ok]]
+        return out
+
     @classmethod
     def join(cls, answers: Sequence[Answer], hidden_size: int) -> Corpus:
         if not answers:
+            empty = torch.zeros(0, dtype=torch.long)
             return cls(torch.zeros(0, hidden_size), torch.zeros(0, TOP_K, dtype=torch.long),
-                       torch.zeros(0, dtype=torch.long), 0)
+                       empty, empty, 0)
         lengths = torch.tensor([len(a) for a in answers])
         ends = torch.repeat_interleave(torch.cumsum(lengths, 0), lengths)
         return cls(torch.cat([a.hidden for a in answers]), torch.cat([a.top for a in answers]),
-                   ends, len(answers))
+                   torch.cat([a.tokens for a in answers]), ends, len(answers))
 
 
 class _Deadline(StoppingCriteria):

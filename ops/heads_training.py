@@ -4,7 +4,8 @@
    sampled, keeping the hidden state behind every token and its own likeliest tokens there:
    generation gets `data_fraction` of the budget.
 2. The heads (backbone and LM head frozen) learn to predict the model's own token i + 1 ahead of
-   the next one (its greedy choice there), from cached hidden states, until the budget's
+   the next one (its greedy choice there), from cached hidden states (token-conditioned heads
+   also from the answer's token before their target), until the budget's
    training share runs out. The softmax runs over the tokens the model ranks among its top
    TOP_K anywhere in the training text (a few thousand of a 49k vocabulary): the LM head product
    over the full vocabulary is nearly all the cost, and the heads only need to rank what the
@@ -68,7 +69,7 @@ class Progress:
 def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads",
                 minutes: float = 15.0, num_heads: int = 4, seed: int = 0, device: str = "cpu",
                 threads: int | None = None, *, max_steps: int | None = None,
-                data_fraction: float = 0.6,
+                data_fraction: float = 0.6, conditioned: bool = True,
                 max_new_tokens: int = 160, batch_size: int = 32, batch_positions: int = 256,
                 lr: float = 1e-3, prompts: list[HeadsPrompt] | None = None,
                 progress: Progress | None = None) -> HeadsReport:
@@ -76,6 +77,7 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
 
     The whole run (loading aside) fits `minutes`; `max_steps` stops training earlier (tests).
     `threads` sets torch's CPU threads (fewer than the cores can be faster on a shared machine).
+    `conditioned`: token-conditioned heads (see `MedusaHeads`), else plain Medusa-1 heads.
     """
     if minutes <= 0 or num_heads < 1 or not 0 < data_fraction < 1:
         raise ConfigError(f"need minutes > 0, heads >= 1 and 0 < data_fraction < 1; got "
@@ -112,7 +114,8 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
     held = Corpus.join(answers.heldout, hidden_size)
     generated = time.monotonic()
 
-    heads = MedusaHeads.for_model(model, num_heads, base_model=source.name).float()
+    heads = MedusaHeads.for_model(model, num_heads, base_model=source.name,
+                                  conditioned=conditioned).float()
     train_end = loaded + budget * 0.9
     steps, heads.vocab = fit(heads, train, train_end, seed=seed, max_steps=max_steps,
                              batch_positions=batch_positions, lr=lr, on_step=progress.on_train)
@@ -144,6 +147,7 @@ def fit(heads: MedusaHeads, corpus: Corpus, deadline: float, *, seed: int,
     Cross-entropy of each head against the model's own token at its offset, on random positions.
     """
     targets = corpus.targets(heads.num_heads)
+    prev = corpus.prev_tokens(heads.num_heads).clamp(min=0)  # wherever a target is, so is prev
     usable = torch.nonzero(targets[:, 0] >= 0).squeeze(1)
     if usable.numel() == 0:
         raise ConfigError("the generated answers are too short to train on; raise --minutes")
@@ -159,7 +163,7 @@ def fit(heads: MedusaHeads, corpus: Corpus, deadline: float, *, seed: int,
         lm_weight = lm_weight[vocab]
         lm_bias = None if lm_bias is None else lm_bias[vocab]
     device = heads.weight.device
-    lm_weight, targets = lm_weight.to(device), targets.to(device)
+    lm_weight, targets, prev = lm_weight.to(device), targets.to(device), prev.to(device)
     lm_bias = None if lm_bias is None else lm_bias.to(device)
     hidden = corpus.hidden.to(device)
     opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
@@ -174,7 +178,7 @@ def fit(heads: MedusaHeads, corpus: Corpus, deadline: float, *, seed: int,
         for group in opt.param_groups:
             group["lr"] = lr * warm * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
         pick = usable[torch.randint(usable.numel(), (batch_positions,), generator=gen)]
-        states = heads.head_states(hidden[pick])  # [K, B, H]
+        states = heads.head_states(hidden[pick], prev[pick].T if heads.conditioned else None)
         logits = F.linear(states, lm_weight, lm_bias)
         loss = F.cross_entropy(logits.flatten(0, 1), targets[pick].T.reshape(-1), ignore_index=-1)
         opt.zero_grad(set_to_none=True)
@@ -200,17 +204,33 @@ def eval_positions(corpus: Corpus, num_heads: int, seed: int) -> torch.Tensor:
 def agreement(heads: MedusaHeads, corpus: Corpus, positions: torch.Tensor,
               chunk: int = 128) -> list[float]:
     """Per head, the share of `positions` where its top-1 (among the tokens it drafts from) is
-    the model's token."""
+    the model's token; a token-conditioned head sees the one head before it drafted (head 0:
+    the answer's token at the position)."""
     targets = corpus.targets(heads.num_heads)[positions]
     hits = torch.zeros(heads.num_heads)
     device = heads.weight.device
     for start in range(0, positions.numel(), chunk):
         rows = positions[start : start + chunk]
-        logits, token_ids = heads.candidates(corpus.hidden[rows].to(device, heads.weight.dtype))
-        top = logits.argmax(-1)  # [K, n]
-        top = (top if token_ids is None else token_ids[top]).cpu()
-        hits += (top == targets[start : start + chunk].T).sum(dim=1)
+        hidden = corpus.hidden[rows].to(device, heads.weight.dtype)
+        hits += (_top1(heads, hidden, corpus.tokens[rows].to(device)).cpu()
+                 == targets[start : start + chunk].T).sum(dim=1)
     return (hits / max(positions.numel(), 1)).tolist()
+
+
+def _top1(heads: MedusaHeads, hidden: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
+    """[K, n]: each head's best token, drafting as a chain from `roots` as serving does."""
+    if not heads.conditioned:
+        logits, token_ids = heads.candidates(hidden)
+        top = logits.argmax(-1)
+        return top if token_ids is None else token_ids[top]
+    proj = heads.hidden_projections(hidden)
+    prev, out = roots, []
+    for i in range(heads.num_heads):
+        logits, token_ids = heads.conditioned_candidates(i, proj[i], hidden, prev)
+        top = logits.argmax(-1)
+        prev = top if token_ids is None else token_ids[top]
+        out.append(prev)
+    return torch.stack(out)
 
 
 def untrained_agreement(corpus: Corpus, num_heads: int, positions: torch.Tensor) -> list[float]:

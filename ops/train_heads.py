@@ -24,6 +24,9 @@ def train_heads_command(
         help="Budget for the whole run: generating the model's answers, training, evaluating")
     ] = 15.0,
     heads: Annotated[int, typer.Option(help="Number of heads (head i drafts i + 2 ahead)")] = 4,
+    conditioned: Annotated[bool, typer.Option(
+        "--conditioned/--plain", help="Heads that also see the token before the one they draft "
+        "(default), or plain Medusa-1 heads")] = True,
     seed: Annotated[int, typer.Option(help="Seed for the data split and training")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
@@ -54,6 +57,7 @@ def train_heads_command(
     with bars:
         report = heads_training.train_heads(
             model, out, minutes=minutes, num_heads=heads, seed=seed, device=device,
+            conditioned=conditioned,
             threads=threads,
             progress=heads_training.Progress(on_generate=on_generate, on_train=on_train),
         )

@@ -1,9 +1,8 @@
 """Medusa heads: fresh heads are the LM head, saved heads come back on the model they fit (and a
-clear error on one they do not), and the candidate tree keeps the likeliest paths."""
+clear error on one they do not); token-conditioned heads see the token before their target."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from baton.actors.medusa import CONFIG_FILE, WEIGHTS_FILE, MedusaHeads, propose_tree
+from baton.actors.medusa import CONFIG_FILE, WEIGHTS_FILE, MedusaHeads
 from baton.actors.tiny import tiny_config, tiny_model
 from baton.errors import ConfigError, ModelLoadError
 
@@ -22,13 +21,15 @@ def model():
     return tiny_model("llama")
 
 
-def _trained_like(model, num_heads: int = 3, seed: int = 0) -> MedusaHeads:
+def _trained_like(model, num_heads: int = 3, seed: int = 0,
+                  conditioned: bool = False) -> MedusaHeads:
     """Heads with random (non-zero) weights, as if trained."""
-    heads = MedusaHeads.for_model(model, num_heads, base_model="tiny:llama")
+    heads = MedusaHeads.for_model(model, num_heads, base_model="tiny:llama",
+                                  conditioned=conditioned)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        heads.weight.copy_(torch.randn(heads.weight.shape, generator=gen) * 0.3)
-        heads.bias.copy_(torch.randn(heads.bias.shape, generator=gen) * 0.3)
+        for param in heads.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
     return heads
 
 
@@ -148,67 +149,46 @@ def test_heads_from_another_checkpoint_load_with_a_warning(model, tmp_path, capl
     assert "different checkpoint" in caplog.text
 
 
-# -- propose_tree ----------------------------------------------------------------------------------
+# -- token-conditioned heads -----------------------------------------------------------------------
 
 
-def _logits(num_heads: int, vocab: int, seed: int) -> torch.Tensor:
-    return torch.randn(num_heads, vocab, generator=torch.Generator().manual_seed(seed)) * 2.0
+def test_conditioned_heads_round_trip_and_serve_the_logits_they_trained_with(model, tmp_path):
+    heads = _trained_like(model, conditioned=True)
+    heads.vocab = torch.arange(0, 257, 3)
+    heads.save(tmp_path)
+    assert set(load_file(str(tmp_path / WEIGHTS_FILE))) == {
+        "weight", "bias", "cond", "out", "out_bias", "vocab"}
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["conditioned"] is True
+    loaded = MedusaHeads.load(tmp_path, model)
+    assert loaded.conditioned
+    hidden = torch.randn(5, 64)
+    prev = torch.randint(257, (3, 5))
+    full = heads(hidden, prev)
+    assert torch.equal(loaded(hidden, prev), full)
+    proj = loaded.hidden_projections(hidden)
+    for i in range(3):  # serving runs one head at a time, over the vocabulary only
+        logits, token_ids = loaded.conditioned_candidates(i, proj[i], hidden, prev[i])
+        assert torch.equal(token_ids, heads.vocab)
+        torch.testing.assert_close(logits, full[i][:, heads.vocab], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("max_nodes, top_k", [(1, 3), (6, 3), (20, 4), (64, 10)])
-def test_tree_keeps_the_likeliest_paths(seed, max_nodes, top_k):
-    num_heads = 3
-    logits = _logits(num_heads, 50, seed)
-    tree, scores = propose_tree(logits, max_nodes=max_nodes, top_k=top_k)
-
-    probs = logits.softmax(-1)
-    top = probs.topk(top_k, dim=-1)
-    every = {}  # path of tokens -> product of head probabilities
-    for depth in range(1, num_heads + 1):
-        for ranks in itertools.product(range(top_k), repeat=depth):
-            path = tuple(top.indices[d, r].item() for d, r in enumerate(ranks))
-            every[path] = float(torch.tensor([top.values[d, r] for d, r in enumerate(ranks)]
-                                             ).prod())
-    best = sorted(every, key=every.__getitem__, reverse=True)[: min(max_nodes, len(every))]
-
-    paths = []
-    for i in range(len(tree)):
-        path, node = [], i
-        while node >= 0:
-            path.append(tree.tokens[node])
-            node = tree.parents[node]
-        paths.append(tuple(reversed(path)))
-    assert len(tree) == min(max_nodes, len(every))
-    assert set(paths) == set(best)
-    assert max(tree.depths()) <= num_heads
-    # Each node's score is its path's probability, best first: every prefix is a tree whose
-    # expected accepted length is the sum of its scores.
-    assert scores == pytest.approx([every[p] for p in paths], rel=1e-5)
-    assert scores == sorted(scores, reverse=True)
-    for n in range(len(tree) + 1):
-        prefix = tree.prefix(n)
-        assert prefix.tokens == tree.tokens[:n] and prefix.parents == tree.parents[:n]
+def test_the_token_before_changes_what_a_conditioned_head_drafts(model):
+    heads = _trained_like(model, conditioned=True)
+    hidden = torch.randn(1, 64).expand(2, 64)
+    prev = torch.tensor([[5, 6], [5, 6], [5, 6]])
+    out = heads(hidden, prev)
+    assert not torch.allclose(out[:, 0], out[:, 1])  # same hidden state, other token before
+    fresh = MedusaHeads.for_model(model, 3, conditioned=True)  # zero: the LM head itself
+    torch.testing.assert_close(fresh(hidden, prev)[0], model.lm_head(hidden), rtol=1e-5,
+                               atol=1e-5)
 
 
-def test_tree_with_one_candidate_per_head_is_the_chain_of_argmaxes():
-    logits = _logits(4, 50, 0)
-    tree, _ = propose_tree(logits, max_nodes=10, top_k=1)
-    assert tree.is_chain
-    assert tree.tokens == logits.argmax(-1).tolist()
-    assert propose_tree(logits, max_nodes=2, top_k=1)[0].tokens == logits.argmax(-1)[:2].tolist()
-
-
-def test_tree_over_a_vocabulary_subset_names_the_real_tokens():
-    logits = _logits(3, 5, 0)
-    token_ids = torch.tensor([4, 40, 41, 90, 200])
-    tree, _ = propose_tree(logits, max_nodes=3, top_k=1, token_ids=token_ids)
-    assert tree.tokens == token_ids[logits.argmax(-1)].tolist()
-
-
-def test_tree_without_room_is_empty_and_bad_input_is_refused():
-    assert len(propose_tree(_logits(2, 10, 0), max_nodes=0, top_k=2)[0]) == 0
-    with pytest.raises(ValueError):
-        propose_tree(torch.zeros(10), max_nodes=4, top_k=2)
-    with pytest.raises(ValueError):
-        propose_tree(torch.zeros(2, 10), max_nodes=4, top_k=0)
+def test_conditioned_heads_refuse_to_run_without_their_tokens(model):
+    heads = _trained_like(model, conditioned=True)
+    with pytest.raises(ValueError, match="prev tokens"):
+        heads(torch.randn(2, 64))
+    with pytest.raises(ValueError, match="conditioned_candidates"):
+        heads.candidates(torch.randn(2, 64))
+    with pytest.raises(ValueError, match="not token-conditioned"):
+        _trained_like(model).conditioned_candidates(0, torch.randn(2, 64), torch.randn(2, 64),
+                                                    torch.tensor([1, 2]))

@@ -215,11 +215,16 @@ def test_medusa_heads_draft_trees_and_keep_the_greedy_tokens(reference, tmp_path
     assert_no_leaks(medusa)
 
 
-def test_medusa_sizes_its_trees_itself_and_stays_lossless(reference, tmp_path):
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_medusa_sizes_its_trees_itself_and_stays_lossless(reference, tmp_path, conditioned):
     """Adaptive k: each tree is cut where its nodes' path probabilities stop paying; heads with a
-    vocabulary draft only among its tokens. Neither changes a greedy token."""
+    vocabulary draft only among its tokens; token-conditioned heads draft depth by depth. None
+    of it changes a greedy token."""
     target = Engine("tiny:llama", dtype="float32")
-    heads = MedusaHeads.for_model(target.model, num_heads=3)
+    heads = MedusaHeads.for_model(target.model, num_heads=3, conditioned=conditioned)
+    if conditioned:
+        with torch.no_grad():  # drafts that follow the token before them
+            heads.out.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
     heads.vocab = torch.arange(0, 257, 2)  # every other token
     heads.save(tmp_path / "heads")
     medusa = Engine("tiny:llama", dtype="float32", block_size=8, methods=["medusa"],

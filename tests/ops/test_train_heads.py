@@ -80,9 +80,18 @@ def test_targets_are_the_models_own_tokens_ahead_within_each_answer():
     ]
 
 
-def test_training_raises_agreement_with_the_model_on_its_own_text(model_and_corpus):
+def test_conditioned_heads_see_the_answers_token_before_their_target():
+    corpus = Corpus.join([Answer(torch.zeros(3, 2), torch.tensor([10, 11, 12]),
+                                 torch.tensor([[10], [11], [12]]).expand(3, TOP_K))], 2)
+    # hidden[0] produced 10: head 0 drafts the token after 10 (seeing 10), head 1 the next
+    # (seeing 11); where a head has no target it sees nothing.
+    assert corpus.prev_tokens(2).tolist() == [[10, 11], [11, 12], [12, -1]]
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_training_raises_agreement_with_the_model_on_its_own_text(model_and_corpus, conditioned):
     model, corpus, _ = model_and_corpus
-    heads = MedusaHeads.for_model(model, 3)
+    heads = MedusaHeads.for_model(model, 3, conditioned=conditioned)
     positions = torch.nonzero(corpus.targets(3)[:, -1] >= 0).squeeze(1)
     before = agreement(heads, corpus, positions)
     assert before == pytest.approx(untrained_agreement(corpus, 3, positions))
