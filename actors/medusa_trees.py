@@ -81,13 +81,15 @@ def tree_from_candidates(probs: list[list[float]], ids: list[list[int]],
 
 
 def draft_trees(heads: MedusaHeads, hidden: torch.Tensor, roots: list[int], max_nodes: int,
-                top_k: int) -> list[Scored]:
+                top_k: int, min_scores: list[float] | None = None) -> list[Scored]:
     """One scored tree per row of `hidden [N, H]` (the hidden state that produced the root
-    token `roots[n]`), with at most `max_nodes` nodes and `top_k` children per node."""
+    token `roots[n]`), with at most `max_nodes` nodes and `top_k` children per node. Conditioned
+    heads do not expand request n's nodes scoring below `min_scores[n]` (see
+    `conditioned_trees`)."""
     if max_nodes < 0:
         raise ValueError(f"need max_nodes >= 0, got {max_nodes}")
     if heads.conditioned:
-        return conditioned_trees(heads, hidden, roots, max_nodes, top_k)
+        return conditioned_trees(heads, hidden, roots, max_nodes, top_k, min_scores=min_scores)
     logits, token_ids = heads.candidates(hidden)  # [K, N, S]
     probs, ids = top_candidates(logits.transpose(0, 1), top_k, token_ids)
     return [tree_from_candidates(p, i, max_nodes)
@@ -95,15 +97,22 @@ def draft_trees(heads: MedusaHeads, hidden: torch.Tensor, roots: list[int], max_
 
 
 def conditioned_trees(heads: MedusaHeads, hidden: torch.Tensor, roots: list[int],
-                      max_nodes: int, top_k: int, beam: int | None = None) -> list[Scored]:
+                      max_nodes: int, top_k: int, beam: int | None = None,
+                      min_scores: list[float] | None = None) -> list[Scored]:
     """Trees of token-conditioned heads. Depth d runs head d once over the `beam` best nodes of
     depth d - 1 of every request (the roots at depth 0), each with that node's token; their
     `top_k` children scored by path probability; a request keeps its `max_nodes` best nodes.
-    `beam` defaults to `top_k`: the nodes past it rarely make a tree of `max_nodes`."""
+    `beam` defaults to `top_k`: the nodes past it rarely make a tree of `max_nodes`.
+
+    Request n's nodes scoring below `min_scores[n]` stay leaves: their children would score
+    lower still, and a node that cannot pay for its place in the step is never drafted, so
+    the heads' passes deeper down (each reads the LM head's rows again) would be wasted."""
     beam = top_k if beam is None else beam
     n = hidden.shape[0]
-    if len(roots) != n:
-        raise ValueError(f"{n} hidden states but {len(roots)} root tokens")
+    if len(roots) != n or (min_scores is not None and len(min_scores) != n):
+        raise ValueError(f"{n} hidden states but {len(roots)} root tokens"
+                         f"{'' if min_scores is None else f' and {len(min_scores)} floors'}")
+    floors = [0.0] * n if min_scores is None else min_scores
     # Per request, its nodes as (score, depth, parent, token), parents indexing the same list.
     nodes: list[list[tuple[float, int, int, int]]] = [[] for _ in range(n)]
     # The nodes to expand next: (request, node index or -1 for the root, score, token).
@@ -126,7 +135,7 @@ def conditioned_trees(heads: MedusaHeads, hidden: torch.Tensor, roots: list[int]
         for r, kids in enumerate(children):
             kids.sort(key=lambda kid: -kid[0])
             for rank, (score, parent, token) in enumerate(kids[:max_nodes]):
-                if rank < beam and depth + 1 < heads.num_heads:
+                if rank < beam and depth + 1 < heads.num_heads and score >= floors[r]:
                     frontier.append((r, len(nodes[r]), score, token))
                 nodes[r].append((score, depth, parent, token))
     return [_best_first(request_nodes, max_nodes) for request_nodes in nodes]

@@ -193,8 +193,12 @@ class Speculator:
         with torch.inference_mode():
             hidden = torch.stack([self._hidden.pop(s.request_id) for s in ready])
             roots = [s.token_ids[-1] for s in ready]  # sampled from `hidden`, not yet computed
+            # A node pays for its token only if its gain beats the step's marginal cost per
+            # token against a one-token step, b / (a + b), at the least (a larger batch asks more).
+            a, b = self.cost.coefficients()
+            floor = b / max(a + b, 1e-12)
             drafted = draft_trees(self.medusa, hidden, roots, self.settings.max_speculative_tokens,
-                                  MEDUSA_TOP_K)
+                                  MEDUSA_TOP_K, [floor / self._trust(s.request_id) for s in ready])
         trees = {s.request_id: scored for s, scored in zip(ready, drafted, strict=True)}
         took = (time.perf_counter() - t0) / len(ready)
         self._heads_s = took if not self._heads_s else 0.8 * self._heads_s + 0.2 * took

@@ -164,3 +164,24 @@ def test_plain_heads_draft_trees_the_way_propose_tree_does():
     for r in range(2):
         tree, scores = propose_tree(logits[:, r], max_nodes=8, top_k=3)
         assert got[r][0] == tree and got[r][1] == pytest.approx(scores)
+
+
+def test_nodes_below_a_requests_floor_are_not_expanded(conditioned):
+    hidden = torch.randn(2, 64, generator=torch.Generator().manual_seed(4))
+    full = conditioned_trees(conditioned, hidden, [3, 9], max_nodes=40, top_k=3)
+    tree, scores = full[0]
+    assert max(tree.depths()) == 3
+    # The best second-level node's score: the others at that level are not expanded.
+    floor = max(s for s, d in zip(scores, tree.depths(), strict=True) if d == 2)
+    cut = conditioned_trees(conditioned, hidden, [3, 9], max_nodes=40, top_k=3,
+                            min_scores=[floor, 0.0])
+    tree, scores = cut[0]
+    for node in range(len(tree)):  # only nodes at or above the floor have children
+        if tree.children(node):
+            assert scores[node] >= floor
+    assert len(tree) < len(full[0][0])
+    # What was kept is what the full tree has for those paths; the other request is untouched.
+    full_scores = dict(zip(_paths(full[0][0]), full[0][1], strict=True))
+    for path, score in zip(_paths(tree), scores, strict=True):
+        assert full_scores[path] == pytest.approx(score)
+    assert cut[1][0] == full[1][0] and cut[1][1] == pytest.approx(full[1][1], rel=1e-4)
