@@ -9,7 +9,9 @@
    training share runs out. The softmax runs over the tokens the model ranks among its top
    TOP_K anywhere in the training text (a few thousand of a 49k vocabulary): the LM head product
    over the full vocabulary is nearly all the cost, and the heads only need to rank what the
-   model itself would write. Those tokens are saved with the heads: serving drafts among them.
+   model itself would write. Serving drafts among fewer: the tokens that were the model's own
+   first choice somewhere in the training text (`draft_vocab`), about a third as many, since
+   each drafted depth reads those rows of the LM head again.
 3. Held-out sequences (whole answers the heads never saw) measure each head's top-1 agreement with
    the model, drafting as serving does, against untrained heads (the LM head itself).
 """
@@ -50,6 +52,7 @@ class HeadsReport:
     passes: int = 0  # over the prompt set: the first greedy, later ones sampled
     steps: int = 0
     softmax_tokens: int = 0
+    draft_tokens: int = 0  # the tokens serving drafts among
     agreement: list[float] = field(default_factory=list)  # trained heads, top-1, held-out
     untrained: list[float] = field(default_factory=list)  # fresh heads (the LM head itself)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -117,9 +120,10 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
     heads = MedusaHeads.for_model(model, num_heads, base_model=source.name,
                                   conditioned=conditioned).float()
     train_end = loaded + budget * 0.9
-    steps, heads.vocab = fit(heads, train, train_end, seed=seed, max_steps=max_steps,
+    steps, softmax_vocab = fit(heads, train, train_end, seed=seed, max_steps=max_steps,
                              batch_positions=batch_positions, lr=lr, on_step=progress.on_train)
-    softmax_tokens = heads.vocab_size if heads.vocab is None else int(heads.vocab.numel())
+    heads.vocab = draft_vocab(train, softmax_vocab)
+    softmax_tokens = heads.vocab_size if softmax_vocab is None else int(softmax_vocab.numel())
     trained = time.monotonic()
 
     positions = eval_positions(held, num_heads, seed)
@@ -129,6 +133,7 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
         passes=answers.passes,
         positions={"train": len(train), "heldout": len(held), "evaluated": len(positions)},
         steps=steps, softmax_tokens=softmax_tokens,
+        draft_tokens=heads.vocab_size if heads.vocab is None else int(heads.vocab.numel()),
         agreement=agreement(heads, held, positions),
         untrained=untrained_agreement(held, num_heads, positions),
     )
@@ -189,6 +194,13 @@ def fit(heads: MedusaHeads, corpus: Corpus, deadline: float, *, seed: int,
         on_step(steps, min(frac, 1.0), smooth)
     heads.eval()
     return steps, vocab
+
+
+def draft_vocab(corpus: Corpus, softmax_vocab: torch.Tensor | None) -> torch.Tensor | None:
+    """The tokens serving drafts among: those the model chose first somewhere in `corpus` (a
+    head's draft is the model's first choice or it is rejected). None, the whole vocabulary,
+    where training ran over all of it."""
+    return None if softmax_vocab is None else torch.unique(corpus.greedy)
 
 
 def eval_positions(corpus: Corpus, num_heads: int, seed: int) -> torch.Tensor:

@@ -77,7 +77,8 @@ def train_heads_command(
     console.print(
         f"{report.sequences['train']} answers ({report.positions['train']} tokens) for training, "
         f"{report.sequences['heldout']} held out ({report.positions['evaluated']} positions "
-        f"evaluated); {report.steps} steps over {report.softmax_tokens} tokens; "
+        f"evaluated); {report.steps} steps over {report.softmax_tokens} tokens, drafting "
+        f"among {report.draft_tokens}; "
         f"load {secs['load']:.0f}s, generate {secs['generate']:.0f}s, train {secs['train']:.0f}s, "
         f"evaluate {secs['evaluate']:.0f}s"
     )

@@ -18,7 +18,7 @@ from baton.actors.model_source import resolve
 from baton.actors.tiny import tiny_model, tiny_tokenizer
 from baton.ops.heads_corpus import TOP_K, Answer, Corpus, encode, generate_answers
 from baton.ops.heads_prompts import build_prompts
-from baton.ops.heads_training import agreement, fit, untrained_agreement
+from baton.ops.heads_training import agreement, draft_vocab, fit, untrained_agreement
 from baton.ops.train_heads import train_heads_command
 
 MAX_NEW = 40
@@ -86,6 +86,13 @@ def test_conditioned_heads_see_the_answers_token_before_their_target():
     # hidden[0] produced 10: head 0 drafts the token after 10 (seeing 10), head 1 the next
     # (seeing 11); where a head has no target it sees nothing.
     assert corpus.prev_tokens(2).tolist() == [[10, 11], [11, 12], [12, -1]]
+
+
+def test_serving_drafts_among_the_models_own_first_choices():
+    top = torch.tensor([[12, 3], [11, 4], [12, 5], [10, 3]])  # first choices, then runners-up
+    corpus = Corpus.join([Answer(torch.zeros(4, 2), top[:, 0], top)], 2)
+    assert draft_vocab(corpus, torch.tensor([3, 4, 5, 10, 11, 12])).tolist() == [10, 11, 12]
+    assert draft_vocab(corpus, None) is None  # trained over every token: drafts among all
 
 
 @pytest.mark.parametrize("conditioned", [False, True])
