@@ -15,6 +15,17 @@ from baton.actors.tiny import tiny_model
 # -- propose_tree ----------------------------------------------------------------------------------
 
 
+def _paths(tree) -> list[tuple[int, ...]]:
+    out = []
+    for i in range(len(tree)):
+        path, node = [], i
+        while node >= 0:
+            path.append(tree.tokens[node])
+            node = tree.parents[node]
+        out.append(tuple(reversed(path)))
+    return out
+
+
 def _logits(num_heads: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randn(num_heads, vocab, generator=torch.Generator().manual_seed(seed)) * 2.0
 
@@ -36,13 +47,7 @@ def test_tree_keeps_the_likeliest_paths(seed, max_nodes, top_k):
                                              ).prod())
     best = sorted(every, key=every.__getitem__, reverse=True)[: min(max_nodes, len(every))]
 
-    paths = []
-    for i in range(len(tree)):
-        path, node = [], i
-        while node >= 0:
-            path.append(tree.tokens[node])
-            node = tree.parents[node]
-        paths.append(tuple(reversed(path)))
+    paths = _paths(tree)
     assert len(tree) == min(max_nodes, len(every))
     assert set(paths) == set(best)
     assert max(tree.depths()) <= num_heads
@@ -89,17 +94,6 @@ def conditioned():
         for param in heads.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
     return heads.eval()
-
-
-def _paths(tree) -> list[tuple[int, ...]]:
-    out = []
-    for i in range(len(tree)):
-        path, node = [], i
-        while node >= 0:
-            path.append(tree.tokens[node])
-            node = tree.parents[node]
-        out.append(tuple(reversed(path)))
-    return out
 
 
 def _every_path(heads, hidden, root: int, top_k: int) -> dict[tuple[int, ...], float]:
