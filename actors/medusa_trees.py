@@ -117,7 +117,7 @@ def conditioned_trees(heads: MedusaHeads, hidden: torch.Tensor, roots: list[int]
     nodes: list[list[tuple[float, int, int, int]]] = [[] for _ in range(n)]
     # The nodes to expand next: (request, node index or -1 for the root, score, token).
     frontier = [(r, -1, 1.0, roots[r]) for r in range(n)] if max_nodes else []
-    proj = heads.hidden_projections(hidden) if frontier else None  # [K, N, H]
+    proj = heads.hidden_projections(hidden) if frontier else None  # [K, N, F]
     for depth in range(heads.num_heads):
         if not frontier:
             break

@@ -67,23 +67,21 @@ class Corpus:
     def targets(self, num_heads: int) -> torch.Tensor:
         """[N, K]: head i's target at n, the model's own choice i + 1 positions after the token
         `hidden[n]` gave; -1 past the end of the answer."""
-        n = torch.arange(len(self))
-        out = torch.full((len(self), num_heads), -1, dtype=torch.long)
-        for i in range(num_heads):
-            at = n + 1 + i
-            ok = at < self.ends
-            out[ok, i] = self.greedy[at[ok]]
-        return out
+        return self._ahead(self.greedy, 1, num_heads)
 
     def prev_tokens(self, num_heads: int) -> torch.Tensor:
         """[N, K]: what token-conditioned head i sees at n, the answer's token just before its
         target (`tokens[n + i]`); -1 past the end of the answer."""
+        return self._ahead(self.tokens, 0, num_heads)
+
+    def _ahead(self, values: torch.Tensor, first: int, num_heads: int) -> torch.Tensor:
+        """[N, K]: `values[n + first + i]` in column i, -1 where that is past n's answer."""
         n = torch.arange(len(self))
         out = torch.full((len(self), num_heads), -1, dtype=torch.long)
         for i in range(num_heads):
-            at = n + i
+            at = n + first + i
             ok = at < self.ends
-            out[ok, i] = self.tokens[at[ok]]
+            out[ok, i] = values[at[ok]]
         return out
 
     @classmethod

@@ -29,6 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from baton.actors.medusa import MedusaHeads, linear_params
+from baton.actors.medusa_trees import draft_trees
 from baton.actors.model_runner import load_model
 from baton.actors.model_source import resolve
 from baton.errors import ConfigError
@@ -230,19 +231,10 @@ def agreement(heads: MedusaHeads, corpus: Corpus, positions: torch.Tensor,
 
 
 def _top1(heads: MedusaHeads, hidden: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
-    """[K, n]: each head's best token, drafting as a chain from `roots` as serving does."""
-    if not heads.conditioned:
-        logits, token_ids = heads.candidates(hidden)
-        top = logits.argmax(-1)
-        return top if token_ids is None else token_ids[top]
-    proj = heads.hidden_projections(hidden)
-    prev, out = roots, []
-    for i in range(heads.num_heads):
-        logits, token_ids = heads.conditioned_candidates(i, proj[i], hidden, prev)
-        top = logits.argmax(-1)
-        prev = top if token_ids is None else token_ids[top]
-        out.append(prev)
-    return torch.stack(out)
+    """[K, n]: each head's best token, drafted as serving drafts: a tree of one candidate per
+    node, from each row's root token."""
+    chains = draft_trees(heads, hidden, roots.tolist(), heads.num_heads, 1)
+    return torch.tensor([tree.tokens for tree, _ in chains], device=hidden.device).T
 
 
 def untrained_agreement(corpus: Corpus, num_heads: int, positions: torch.Tensor) -> list[float]:
