@@ -4,6 +4,11 @@
 results on the same CPU (tests/actors/test_cpu_linear.py compares a layer and a whole engine bit
 for bit, packed and not, wherever oneDNN can pack) in about two thirds of the time at batch 1,
 where decode lives. Prepare once (`pack_linears`), run many times: the gpt-fast split.
+
+Decode-sized calls (a few rows) on the model's projections go to Baton's own bf16 kernel
+(`baton.kernels.cpu_gemv`) where the CPU has one: oneDNN reads a weight far below the memory
+bandwidth at one row. Those calls keep fp32 accumulation but not oneDNN's summation order, so a
+layer's results on that path are the kernel's own, not `nn.Linear`'s bit for bit.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import logging
 
 import torch
 from torch import nn
+
+from baton.kernels import cpu_gemv
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +35,13 @@ def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """Drop-in for `nn.Linear` (inference only) holding a oneDNN-packed weight."""
+    """Drop-in for `nn.Linear` (inference only) holding a oneDNN-packed weight.
 
-    def __init__(self, linear: nn.Linear, batch_hint: int = 1):
+    Calls of up to `skinny_rows` rows run on the skinny kernel over a plain copy of the weight
+    (default: `cpu_gemv.MAX_ROWS` where that kernel takes this weight, else 0: oneDNN only).
+    """
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 1, skinny_rows: int | None = None):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -42,15 +53,24 @@ class PackedLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         self.register_buffer("bias", bias, persistent=False)
         self.weight_dtype = weight.dtype
+        if skinny_rows is None:
+            skinny_rows = cpu_gemv.MAX_ROWS if cpu_gemv.fits(weight) else 0
+        self.skinny_rows = skinny_rows
+        plain = weight.contiguous() if skinny_rows else None
+        self.register_buffer("plain_weight", plain, persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The plain [out, in] weight, unpacked anew on every read (exact): for the code that reads
-        a layer's weight rather than calling it (layer-skip calibration's LM head, the expert
-        cache's next-layer router), not for the forward pass."""
+        """The plain [out, in] weight (exact; unpacked anew on every read unless the skinny path
+        keeps a copy): for the code that reads a layer's weight rather than calling it (layer-skip
+        calibration's LM head, the expert cache's next-layer router), not for the forward pass."""
+        if self.plain_weight is not None:
+            return self.plain_weight
         return self.packed_weight.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain_weight is not None and x.numel() <= self.skinny_rows * self.in_features:
+            return cpu_gemv.skinny_linear(x, self.plain_weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:

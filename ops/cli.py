@@ -134,11 +134,17 @@ app.command("moefy")(moefy_command)
 
 @app.command("prepare-model")
 def prepare_model(model: ModelOpt = "default") -> None:
-    """Resolve a model once (GGUF is converted into the local cache) and print where it lives."""
+    """Resolve a model once (GGUF is converted into the local cache) and print where it lives.
+
+    Also builds Baton's CPU decode kernel for this machine, so no engine waits on the compiler.
+    """
     from baton.actors.model_source import resolve
+    from baton.kernels import cpu_gemv
 
     source = resolve(model)
     typer.echo(str(source.path or source.spec))
+    built = cpu_gemv.kernel() is not None
+    typer.echo(f"CPU decode kernel: {'built' if built else 'not used on this machine'}", err=True)
 
 
 @bench_app.command("engine")
