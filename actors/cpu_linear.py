@@ -6,7 +6,7 @@ for bit, packed and not, wherever oneDNN can pack) in about two thirds of the ti
 where decode lives. Prepare once (`pack_linears`), run many times: the gpt-fast split.
 
 Decode-sized calls (a few rows) on the model's projections go to Baton's own bf16 kernel
-(`baton.kernels.cpu_gemv`) where the CPU has one: oneDNN reads a weight far below the memory
+(`baton.kernels.cpu_decode`) where the CPU has one: oneDNN reads a weight far below the memory
 bandwidth at one row. Those calls keep fp32 accumulation but not oneDNN's summation order, so a
 layer's results on that path are the kernel's own, not `nn.Linear`'s bit for bit.
 """
@@ -18,7 +18,7 @@ import logging
 import torch
 from torch import nn
 
-from baton.kernels import cpu_gemv
+from baton.kernels import cpu_decode
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class PackedLinear(nn.Module):
     """Drop-in for `nn.Linear` (inference only) holding a oneDNN-packed weight.
 
     Calls of up to `skinny_rows` rows run on the skinny kernel over a plain copy of the weight
-    (default: `cpu_gemv.MAX_ROWS` where that kernel takes this weight, else 0: oneDNN only).
+    (default: `cpu_decode.MAX_ROWS` where that kernel takes this weight, else 0: oneDNN only).
     """
 
     def __init__(self, linear: nn.Linear, batch_hint: int = 1, skinny_rows: int | None = None):
@@ -54,7 +54,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.weight_dtype = weight.dtype
         if skinny_rows is None:
-            skinny_rows = cpu_gemv.MAX_ROWS if cpu_gemv.fits(weight) else 0
+            skinny_rows = cpu_decode.MAX_ROWS if cpu_decode.fits(weight) else 0
         self.skinny_rows = skinny_rows
         plain = weight.contiguous() if skinny_rows else None
         self.register_buffer("plain_weight", plain, persistent=False)
@@ -70,7 +70,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.plain_weight is not None and x.numel() <= self.skinny_rows * self.in_features:
-            return cpu_gemv.skinny_linear(x, self.plain_weight, self.bias)
+            return cpu_decode.skinny_linear(x, self.plain_weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:

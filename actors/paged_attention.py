@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from baton.actors.kv_cache import PagedKVCache
+from baton.kernels import cpu_decode
 from baton.kernels.dispatch import backend
 from baton.kernels.paged_attention import paged_attention
 
@@ -351,6 +352,12 @@ def paged_attention_forward(
                               query_start=batch.query_start if varlen else None,
                               max_query_len=batch.max_query_len, scale=scaling,
                               sliding_window=sliding_window, tree_mask=batch.tree_mask())
+        return out.unsqueeze(0), None
+    if (batch.max_query_len == 1 and not sliding_window and not batch.trees
+            and cpu_decode.takes_decode_attention(query[0].transpose(0, 1), k_cache)):
+        # A CPU decode step in bf16: Baton's C++ kernel reads the blocks in place.
+        out = cpu_decode.decode_attention(query[0].transpose(0, 1), k_cache, v_cache,
+                                        batch.block_tables, batch.context_lens, scaling)
         return out.unsqueeze(0), None
     ragged = batch.ragged(sliding_window)
     if ragged is not None:

@@ -139,11 +139,11 @@ def prepare_model(model: ModelOpt = "default") -> None:
     Also builds Baton's CPU decode kernel for this machine, so no engine waits on the compiler.
     """
     from baton.actors.model_source import resolve
-    from baton.kernels import cpu_gemv
+    from baton.kernels import cpu_decode
 
     source = resolve(model)
     typer.echo(str(source.path or source.spec))
-    built = cpu_gemv.kernel() is not None
+    built = cpu_decode.kernel() is not None
     typer.echo(f"CPU decode kernel: {'built' if built else 'not used on this machine'}", err=True)
 
 

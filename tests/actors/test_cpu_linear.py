@@ -3,7 +3,7 @@
 Each test compares the two paths in one process, so the claim holds per CPU (bf16 rounding
 differs between CPUs, but not between these two paths on one). Skipped where oneDNN cannot pack
 the dtype (CPUs without avx512 / AMX / avx_ne_convert). The claim is oneDNN's: decode-sized calls
-that the skinny kernel takes instead are tests/kernels/test_cpu_gemv.py's.
+that the skinny kernel takes instead are tests/kernels/test_cpu_decode.py's.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 from baton.actors import model_runner
 from baton.actors.cpu_linear import PackedLinear, packing_supported
 from baton.actors.engine import Engine
-from baton.kernels import cpu_gemv
+from baton.kernels import cpu_decode
 from baton.sampling import SamplingParams
 
 CPU = torch.device("cpu")
@@ -47,7 +47,7 @@ def test_a_packed_linear_still_shows_its_weight(dtype):
 
 @pytest.mark.parametrize("dtype", PACKABLE)
 def test_engine_gives_the_same_tokens_and_logprobs_packed_or_not(dtype, monkeypatch):
-    monkeypatch.setattr(cpu_gemv, "fits", lambda _weight: False)  # oneDNN for every call
+    monkeypatch.setattr(cpu_decode, "fits", lambda _weight: False)  # oneDNN for every call
     name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     packed = Engine("tiny:llama", dtype=name)
     assert any(isinstance(m, PackedLinear) for m in packed.model.modules())

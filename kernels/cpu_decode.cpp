@@ -1,0 +1,222 @@
+// Baton's bf16 kernels for the CPU decode step (see baton/kernels/cpu_decode.py).
+//
+// skinny_linear: y[M, N] = x[M, K] @ w[N, K]^T (+ bias), M small.
+// oneDNN's bf16 GEMM is built for large M; at M = 1 it reads the weight at a fraction of the
+// memory bandwidth. Here each thread streams its own rows of w once (prefetched a few blocks
+// ahead) and keeps x (tiny) in L1: four weight rows at a time against up to four token rows,
+// VDPBF16PS (avx512_bf16: pairs of bf16 multiplied and summed into fp32 lanes), one horizontal
+// sum per output, rounded to bf16 once. K must be a multiple of 32; `baton.kernels.cpu_decode`
+// checks the CPU and the shapes, and leaves everything else to oneDNN.
+//
+// decode_attention: one query per sequence over its paged keys and values, each (sequence, kv
+// head) pair on one thread with its query heads together, read in place.
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int kRows = 4;  // weight rows per block
+constexpr int kToks = 4;  // token rows per block
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void dot_block(const uint16_t* w, int64_t K, const uint16_t* x, int64_t ldx, int64_t nrows,
+               int64_t ntoks, const float* bias, at::BFloat16* out, int64_t ldo) {
+  __m512 acc[kRows][kToks];
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < kToks; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh xv[kToks];
+    for (int t = 0; t < kToks; ++t)
+      xv[t] = t < ntoks ? (__m512bh)_mm512_loadu_si512(x + t * ldx + k)
+                        : (__m512bh)_mm512_setzero_si512();
+    for (int r = 0; r < kRows; ++r) {
+      if (r >= nrows) break;
+      __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+      // Four blocks ahead: about as far as helps here (a prefetch past the end is harmless).
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 4 * kRows) * K + k), _MM_HINT_T0);
+      for (int t = 0; t < kToks; ++t) {
+        if (t >= ntoks) break;
+        acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
+      }
+    }
+  }
+  for (int r = 0; r < nrows; ++r)
+    for (int t = 0; t < ntoks; ++t)
+      out[t * ldo + r] = at::BFloat16(_mm512_reduce_add_ps(acc[r][t]) + (bias ? bias[r] : 0.f));
+}
+
+
+// e^x for x <= 0 (Cephes' expf: x = n ln2 + r, a degree-5 polynomial in r, scaled by 2^n).
+__attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+__attribute__((target("avx512f"))) inline __m512 widen(const uint16_t* p) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+constexpr int kMaxGroup = 16;     // query heads per kv head
+constexpr int kMaxHeadDim = 256;
+
+// One kv head of one sequence: its `groups` query heads over `ctx` keys in paged blocks.
+// Scores, softmax and the weighted sum all in fp32; the output rounded to bf16 once.
+__attribute__((target("avx512f")))
+void attend_kv_head(const uint16_t* q, int64_t groups, int64_t D, const uint16_t* k_head,
+                    const uint16_t* v_head, const int64_t* table, int64_t bs, int64_t ctx,
+                    float scale, float* scores, uint16_t* out) {
+  const int64_t chunks = D / 16;
+  __m512 qv[kMaxGroup][kMaxHeadDim / 16];
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t c = 0; c < chunks; ++c)
+      qv[g][c] = _mm512_mul_ps(widen(q + g * D + c * 16), _mm512_set1_ps(scale));
+  float best[kMaxGroup];
+  for (int64_t g = 0; g < groups; ++g) best[g] = -INFINITY;
+  for (int64_t t = 0; t < ctx; ++t) {
+    const uint16_t* k = k_head + (table[t / bs] * bs + t % bs) * D;
+    __m512 kc[kMaxHeadDim / 16];
+    for (int64_t c = 0; c < chunks; ++c) kc[c] = widen(k + c * 16);
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 acc = _mm512_mul_ps(qv[g][0], kc[0]);
+      for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[g][c], kc[c], acc);
+      const float s = _mm512_reduce_add_ps(acc);
+      scores[g * ctx + t] = s;
+      best[g] = s > best[g] ? s : best[g];
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    float* sg = scores + g * ctx;
+    const __m512 m = _mm512_set1_ps(best[g]);
+    __m512 total = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + 16 <= ctx; t += 16) {
+      __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sg + t), m));
+      _mm512_storeu_ps(sg + t, e);
+      total = _mm512_add_ps(total, e);
+    }
+    if (t < ctx) {
+      const __mmask16 tail = static_cast<__mmask16>((1u << (ctx - t)) - 1);
+      __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + t), m));
+      e = _mm512_maskz_mov_ps(tail, e);
+      _mm512_mask_storeu_ps(sg + t, tail, e);
+      total = _mm512_add_ps(total, e);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(total);
+    for (int64_t i = 0; i < ctx; ++i) sg[i] *= inv;
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[kMaxHeadDim / 16];
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+    const float* pg = scores + g * ctx;
+    for (int64_t t = 0; t < ctx; ++t) {
+      const uint16_t* v = v_head + (table[t / bs] * bs + t % bs) * D;
+      const __m512 p = _mm512_set1_ps(pg[t]);
+      for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, widen(v + c * 16), acc[c]);
+    }
+    alignas(64) float row[kMaxHeadDim];
+    for (int64_t c = 0; c < chunks; ++c) _mm512_store_ps(row + c * 16, acc[c]);
+    for (int64_t i = 0; i < D; ++i) out[g * D + i] = at::BFloat16(row[i]).x;
+  }
+}
+
+}  // namespace
+
+// One query per sequence against its paged keys and values (a decode step):
+// q [B, H, D] bf16, caches [Hkv, num_blocks, block_size, D] bf16, tables [B, nb] int64,
+// lens [B] int64 (keys per sequence, this step's included) -> [B, H, D] bf16.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                               torch::Tensor tables, torch::Tensor lens, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+                  v_cache.scalar_type() == at::kBFloat16,
+              "decode_attention takes bfloat16");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  auto qc = q.contiguous();
+  auto tab = tables.to(at::kLong).contiguous();
+  auto len = lens.to(at::kLong).contiguous();
+  const int64_t B = qc.size(0), H = qc.size(1), D = qc.size(2);
+  const int64_t Hkv = k_cache.size(0), num_blocks = k_cache.size(1), bs = k_cache.size(2);
+  TORCH_CHECK(H % Hkv == 0 && H / Hkv <= kMaxGroup, "unsupported grouping ", H, "/", Hkv);
+  TORCH_CHECK(D % 16 == 0 && D <= kMaxHeadDim, "unsupported head_dim ", D);
+  const int64_t groups = H / Hkv, nb = tab.size(1);
+  const int64_t* lp = len.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= nb * bs, "context length ", lp[b], " out of the table");
+    longest = std::max(longest, lp[b]);
+  }
+  auto out = torch::empty({B, H, D}, qc.options());
+  const auto* qp = reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>());
+  const auto* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t* tp = tab.data_ptr<int64_t>();
+  const int64_t head_stride = num_blocks * bs * D;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(groups * longest);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / Hkv, h = i % Hkv;
+      attend_kv_head(qp + (b * H + h * groups) * D, groups, D, kp + h * head_stride,
+                     vp + h * head_stride, tp + b * nb, bs, lp[b], static_cast<float>(scale),
+                     scores.data(), op + (b * H + h * groups) * D);
+    }
+  });
+  return out;
+}
+
+// x [..., K] bf16, w [N, K] bf16 contiguous, bias [N] (any float dtype) or None -> [..., N] bf16.
+torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
+              "skinny_linear takes bfloat16");
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 2, "weight must be a contiguous [N, K] matrix");
+  const int64_t K = w.size(1), N = w.size(0);
+  TORCH_CHECK(K % 32 == 0, "skinny_linear needs K to be a multiple of 32, got ", K);
+  auto lead = x.sizes().vec();
+  lead.pop_back();
+  auto x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  auto out = torch::empty({M, N}, x.options());
+  torch::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  // A grain of 16 blocks (64 rows) keeps tiny matrices on one thread.
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kRows;
+      const int64_t nrows = std::min<int64_t>(kRows, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += kToks) {
+        const int64_t ntoks = std::min<int64_t>(kToks, M - m0);
+        dot_block(wp + n0 * K, K, xp + m0 * K, K, nrows, ntoks, bp ? bp + n0 : nullptr,
+                  op + m0 * N + n0, N);
+      }
+    }
+  });
+  lead.push_back(N);
+  return out.reshape(lead);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("skinny_linear", &skinny_linear, "bf16 x @ w.T for a few rows of x");
+  m.def("decode_attention", &decode_attention, "one query per sequence over paged bf16 KV");
+}
