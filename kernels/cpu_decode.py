@@ -36,9 +36,11 @@ oneDNN and the torch path run everything (logged once).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -72,6 +74,11 @@ def kernel() -> ModuleType | None:
         return None
     from torch.utils.cpp_extension import load
 
+    if shutil.which("ninja") is None:  # torch runs `ninja` from PATH: the pip package's own
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     try:
         return load("baton_cpu_decode", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
