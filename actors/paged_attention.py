@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from baton.actors.attention_plans import SHORT_RUN, RaggedPlan, TokenPlan
 from baton.actors.kv_cache import PagedKVCache
 from baton.kernels import cpu_decode
 from baton.kernels.dispatch import backend
@@ -34,10 +35,6 @@ _MATMUL_MAX_ROWS = 64
 # The paged kernel holds a kv head's whole query group of a sequence in one tile: up to this many
 # rows (padded to powers of two) it runs the step, past it (prompt chunks) the gather path does.
 _KERNEL_MAX_ROWS = 128
-# Decode rows whose contexts are all within this many tokens share one group (see `RaggedPlan`).
-_GROUP_SLACK = 256
-# Runs of up to this many queries (a token and its draft) join the decode groups, padded.
-_SHORT_RUN = 17
 
 
 @dataclass(slots=True)
@@ -65,6 +62,7 @@ class AttentionBatch:
     _masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     _tree_mask: torch.Tensor | None = None
     _ragged: RaggedPlan | None = None
+    _tokens: TokenPlan | None = None
 
     @property
     def batch_size(self) -> int:
@@ -101,6 +99,13 @@ class AttentionBatch:
             self._ragged = RaggedPlan.of(self)
         return self._ragged
 
+    def token_plan(self) -> TokenPlan | None:
+        """What each query token sees, for Baton's CPU decode attention (None: a run longer
+        than `SHORT_RUN`, such as a prompt chunk, which the gather path handles better)."""
+        if self._tokens is None and self.max_query_len <= SHORT_RUN:
+            self._tokens = TokenPlan.of(self)
+        return self._tokens
+
     def fits_kernel(self, groups: int) -> bool:
         """Whether the paged kernel can run this step (see `_KERNEL_MAX_ROWS`)."""
         rows = 1 << (groups - 1).bit_length()
@@ -127,120 +132,6 @@ class AttentionBatch:
                 m[lo:lo + n, q0:q0 + n] = anc
             self._tree_mask = m.to(self.query_pos.device)
         return self._tree_mask
-
-
-@dataclass(slots=True)
-class DecodeGroup:
-    """Rows of similar context with one query each (decode) or a few (a token and its draft,
-    padded to the group's longest run), attended together over their own blocks."""
-
-    rows: torch.Tensor  # [S] batch rows
-    queries: torch.Tensor  # [S, Q] their packed query indices (padding repeats the last one)
-    real: torch.Tensor | None  # [S * Q] which of those are not padding; None: all are
-    tables: torch.Tensor  # [S, nb] their block tables, cut to the group's longest context
-    mask: torch.Tensor  # [S, Q, nb * block_size]: what each query sees
-    _folded: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def folded_mask(self, groups: int) -> torch.Tensor:
-        """`[1, S, groups * Q, kv]`: the mask for query rows folded as (kv-head group, query)."""
-        if groups not in self._folded:
-            s, q, kv = self.mask.shape
-            m = self.mask.unsqueeze(1).expand(s, groups, q, kv)
-            self._folded[groups] = m.reshape(1, s, groups * q, kv) if q > 1 else m.view(
-                1, s, groups, kv)
-        return self._folded[groups]
-
-
-@dataclass(slots=True)
-class RaggedRun:
-    """One request's multi-token run (a prompt chunk, or a token and its draft to verify)."""
-
-    row: int
-    q0: int  # its first packed query
-    n: int  # its queries: the last n of its context
-    ctx: int  # context length after this step
-    # [n, ctx] which keys each query sees; None: plain causal with nothing cached before it.
-    mask: torch.Tensor | None
-
-
-@dataclass(slots=True)
-class RaggedPlan:
-    """A step attended without padding to its longest row: each long run (a prompt chunk) on its
-    own, decoding rows and short runs (a token and its draft, chain or tree) in groups of similar
-    context. On the CPU, padding every row to the longest made a 500-token chunk beside one decode
-    cost 2.2 s against 0.75 s alone, and one 1000-token decode among seven 50-token ones cost more
-    than eight 1000-token ones; attending each verifying row on its own cost about 3 ms a row per
-    step (thirty layers of small gathers and products), more than its draft could win."""
-
-    runs: list[RaggedRun]
-    groups: list[DecodeGroup]
-
-    @classmethod
-    def of(cls, batch: AttentionBatch) -> RaggedPlan:
-        assert batch.query_start is not None  # the model runner always sets it
-        starts = batch.query_start.tolist()
-        ctx = batch.context_lens.tolist()
-        trees = {row: (q0, anc) for row, q0, anc in batch.trees}
-        runs, short = [], []
-        for row in range(batch.batch_size):
-            n = starts[row + 1] - starts[row]
-            if n <= _SHORT_RUN and n < ctx[row]:
-                short.append((ctx[row], row, starts[row], n, trees.get(row)))
-            else:
-                runs.append(RaggedRun(row, starts[row], n, ctx[row],
-                                      _run_mask(n, ctx[row], trees.get(row),
-                                                batch.query_pos.device)))
-        short.sort(key=lambda r: r[:2])
-        bunches: list[list[_Short]] = []
-        for item in short:  # a new group where the context more than doubles
-            if bunches and item[0] <= max(2 * bunches[-1][0][0], _GROUP_SLACK):
-                bunches[-1].append(item)
-            else:
-                bunches.append([item])
-        return cls(runs, [_decode_group(batch, bunch) for bunch in bunches])
-
-
-# A short row: (context length, batch row, first packed query, queries, its draft tree if any).
-_Short = tuple[int, int, int, int, "tuple[int, torch.Tensor] | None"]
-
-
-def _run_mask(n: int, ctx: int, tree: tuple[int, torch.Tensor] | None,
-              device: torch.device) -> torch.Tensor | None:
-    """Keys each of a run's `n` queries (the last `n` of `ctx`) sees: every key up to its own,
-    except inside a draft tree (root at run query q0), where a node sees only its ancestors."""
-    if tree is None and n == ctx:
-        return None
-    qpos = torch.arange(ctx - n, ctx).unsqueeze(-1)
-    mask = torch.arange(ctx) <= qpos
-    if tree is not None:
-        q0, anc = tree
-        k0 = ctx - n + q0
-        mask[q0 : q0 + anc.shape[0], k0 : k0 + anc.shape[0]] = anc.cpu()
-    return mask.to(device)
-
-
-def _decode_group(batch: AttentionBatch, bunch: list[_Short]) -> DecodeGroup:
-    dev = batch.query_pos.device
-    bs = batch.cache.spec.block_size
-    rows = torch.tensor([r for _, r, *_ in bunch], device=dev)
-    nb = (max(c for c, *_ in bunch) + bs - 1) // bs
-    width = max(n for *_, n, _ in bunch)
-    if width == 1:
-        kpos = torch.arange(nb * bs, device=dev)
-        mask = kpos < batch.context_lens[rows].unsqueeze(-1)
-        return DecodeGroup(rows, torch.tensor([[q] for _, _, q, *_ in bunch], device=dev), None,
-                           batch.block_tables[rows, :nb], mask.unsqueeze(1))
-    queries, real = [], []
-    mask = torch.zeros(len(bunch), width, nb * bs, dtype=torch.bool)
-    for i, (ctx, _, q0, n, tree) in enumerate(bunch):
-        queries.append([q0 + min(j, n - 1) for j in range(width)])
-        real.extend([True] * n + [False] * (width - n))
-        run = _run_mask(n, ctx, tree, torch.device("cpu"))
-        assert run is not None  # a short run always has context before it
-        mask[i, :n, :ctx] = run
-        mask[i, n:] = mask[i, n - 1]  # padding repeats the last query
-    return DecodeGroup(rows, torch.tensor(queries, device=dev), torch.tensor(real, device=dev),
-                       batch.block_tables[rows, :nb], mask.to(dev))
 
 
 def _ragged_attention(plan: RaggedPlan, batch: AttentionBatch, q: torch.Tensor,
@@ -353,12 +244,12 @@ def paged_attention_forward(
                               max_query_len=batch.max_query_len, scale=scaling,
                               sliding_window=sliding_window, tree_mask=batch.tree_mask())
         return out.unsqueeze(0), None
-    if (batch.max_query_len == 1 and not sliding_window and not batch.trees
-            and cpu_decode.takes_decode_attention(query[0].transpose(0, 1), k_cache)):
-        # A CPU decode step in bf16: Baton's C++ kernel reads the blocks in place.
-        out = cpu_decode.decode_attention(query[0].transpose(0, 1), k_cache, v_cache,
-                                        batch.block_tables, batch.context_lens, scaling)
-        return out.unsqueeze(0), None
+    if not sliding_window and cpu_decode.takes_decode_attention(query[0].transpose(0, 1), k_cache):
+        plan = batch.token_plan()
+        if plan is not None:  # a bf16 CPU decode or verify step: Baton's C++ kernel
+            out = cpu_decode.decode_attention(query[0].transpose(0, 1), k_cache, v_cache,
+                                              batch.block_tables, plan, scaling)
+            return out.unsqueeze(0), None
     ragged = batch.ragged(sliding_window)
     if ragged is not None:
         out = _ragged_attention(ragged, batch, query[0].transpose(0, 1), k_cache, v_cache,

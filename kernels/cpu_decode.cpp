@@ -8,8 +8,9 @@
 // sum per output, rounded to bf16 once. K must be a multiple of 32; `baton.kernels.cpu_decode`
 // checks the CPU and the shapes, and leaves everything else to oneDNN.
 //
-// decode_attention: one query per sequence over its paged keys and values, each (sequence, kv
-// head) pair on one thread with its query heads together, read in place.
+// decode_attention: decode tokens (and short runs: a token and its draft, chain or tree) over
+// their sequences' paged keys and values, read in place, each (token, kv head) pair on one
+// thread with its query heads together.
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -77,12 +78,23 @@ __attribute__((target("avx512f"))) inline __m512 widen(const uint16_t* p) {
 constexpr int kMaxGroup = 16;     // query heads per kv head
 constexpr int kMaxHeadDim = 256;
 
-// One kv head of one sequence: its `groups` query heads over `ctx` keys in paged blocks.
-// Scores, softmax and the weighted sum all in fp32; the output rounded to bf16 once.
+// One kv head of one query token: its `groups` query heads over the keys it sees in paged
+// blocks, the first `base` keys of its sequence and, from the 32 after them, those set in
+// `bits` (a token of a draft tree sees its ancestors only). Scores, softmax and the weighted sum
+// all in fp32; the output rounded to bf16 once.
 __attribute__((target("avx512f")))
 void attend_kv_head(const uint16_t* q, int64_t groups, int64_t D, const uint16_t* k_head,
-                    const uint16_t* v_head, const int64_t* table, int64_t bs, int64_t ctx,
-                    float scale, float* scores, uint16_t* out) {
+                    const uint16_t* v_head, const int64_t* table, int64_t bs, int64_t base,
+                    uint32_t bits, float scale, float* scores, uint16_t* out) {
+  int64_t extra[32];
+  int64_t n_extra = 0;
+  for (int j = 0; j < 32; ++j)
+    if (bits >> j & 1u) extra[n_extra++] = base + j;
+  const int64_t ctx = base + n_extra;
+  auto slot = [&](int64_t i) {
+    const int64_t t = i < base ? i : extra[i - base];
+    return (table[t / bs] * bs + t % bs) * D;
+  };
   const int64_t chunks = D / 16;
   __m512 qv[kMaxGroup][kMaxHeadDim / 16];
   for (int64_t g = 0; g < groups; ++g)
@@ -91,7 +103,7 @@ void attend_kv_head(const uint16_t* q, int64_t groups, int64_t D, const uint16_t
   float best[kMaxGroup];
   for (int64_t g = 0; g < groups; ++g) best[g] = -INFINITY;
   for (int64_t t = 0; t < ctx; ++t) {
-    const uint16_t* k = k_head + (table[t / bs] * bs + t % bs) * D;
+    const uint16_t* k = k_head + slot(t);
     __m512 kc[kMaxHeadDim / 16];
     for (int64_t c = 0; c < chunks; ++c) kc[c] = widen(k + c * 16);
     for (int64_t g = 0; g < groups; ++g) {
@@ -127,7 +139,7 @@ void attend_kv_head(const uint16_t* q, int64_t groups, int64_t D, const uint16_t
     for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
     const float* pg = scores + g * ctx;
     for (int64_t t = 0; t < ctx; ++t) {
-      const uint16_t* v = v_head + (table[t / bs] * bs + t % bs) * D;
+      const uint16_t* v = v_head + slot(t);
       const __m512 p = _mm512_set1_ps(pg[t]);
       for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, widen(v + c * 16), acc[c]);
     }
@@ -139,43 +151,57 @@ void attend_kv_head(const uint16_t* q, int64_t groups, int64_t D, const uint16_t
 
 }  // namespace
 
-// One query per sequence against its paged keys and values (a decode step):
-// q [B, H, D] bf16, caches [Hkv, num_blocks, block_size, D] bf16, tables [B, nb] int64,
-// lens [B] int64 (keys per sequence, this step's included) -> [B, H, D] bf16.
+// Query tokens against their sequences' paged keys and values (a decode step, or a token and
+// its draft): q [T, H, D] bf16, caches [Hkv, num_blocks, block_size, D] bf16, tables [B, nb]
+// int64; per token, its sequence `rows[t]`, the keys it sees in full `base[t]` and the mask
+// `bits[t]` over the 32 keys after them (see attend_kv_head) -> [T, H, D] bf16.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                               torch::Tensor tables, torch::Tensor lens, double scale) {
+                               torch::Tensor tables, torch::Tensor rows, torch::Tensor base,
+                               torch::Tensor bits, double scale) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
                   v_cache.scalar_type() == at::kBFloat16,
               "decode_attention takes bfloat16");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   auto qc = q.contiguous();
   auto tab = tables.to(at::kLong).contiguous();
-  auto len = lens.to(at::kLong).contiguous();
-  const int64_t B = qc.size(0), H = qc.size(1), D = qc.size(2);
+  auto row = rows.to(at::kLong).contiguous();
+  auto full = base.to(at::kLong).contiguous();
+  auto mask = bits.to(at::kLong).contiguous();
+  const int64_t T = qc.size(0), H = qc.size(1), D = qc.size(2);
   const int64_t Hkv = k_cache.size(0), num_blocks = k_cache.size(1), bs = k_cache.size(2);
   TORCH_CHECK(H % Hkv == 0 && H / Hkv <= kMaxGroup, "unsupported grouping ", H, "/", Hkv);
   TORCH_CHECK(D % 16 == 0 && D <= kMaxHeadDim, "unsupported head_dim ", D);
-  const int64_t groups = H / Hkv, nb = tab.size(1);
-  const int64_t* lp = len.data_ptr<int64_t>();
+  TORCH_CHECK(row.numel() == T && full.numel() == T && mask.numel() == T,
+              "rows, base and bits need one entry per query token");
+  const int64_t groups = H / Hkv, B = tab.size(0), nb = tab.size(1);
+  const int64_t* rp = row.data_ptr<int64_t>();
+  const int64_t* fp = full.data_ptr<int64_t>();
+  const int64_t* mp = mask.data_ptr<int64_t>();
   int64_t longest = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lp[b] >= 1 && lp[b] <= nb * bs, "context length ", lp[b], " out of the table");
-    longest = std::max(longest, lp[b]);
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(rp[t] >= 0 && rp[t] < B, "query token ", t, " names sequence ", rp[t],
+                " of ", B);
+    TORCH_CHECK(mp[t] >= 0 && mp[t] < (int64_t{1} << 32), "bits must fit 32 bits");
+    const int64_t last = mp[t] ? fp[t] + 31 - __builtin_clz(static_cast<uint32_t>(mp[t])) + 1
+                               : fp[t];
+    TORCH_CHECK(last >= 1 && last <= nb * bs, "context length ", last, " out of the table");
+    longest = std::max(longest, fp[t] + 32);
   }
-  auto out = torch::empty({B, H, D}, qc.options());
+  auto out = torch::empty({T, H, D}, qc.options());
   const auto* qp = reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>());
   const auto* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());
   const auto* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t* tp = tab.data_ptr<int64_t>();
   const int64_t head_stride = num_blocks * bs * D;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(groups * longest);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / Hkv, h = i % Hkv;
-      attend_kv_head(qp + (b * H + h * groups) * D, groups, D, kp + h * head_stride,
-                     vp + h * head_stride, tp + b * nb, bs, lp[b], static_cast<float>(scale),
-                     scores.data(), op + (b * H + h * groups) * D);
+      const int64_t t = i / Hkv, h = i % Hkv;
+      attend_kv_head(qp + (t * H + h * groups) * D, groups, D, kp + h * head_stride,
+                     vp + h * head_stride, tp + rp[t] * nb, bs, fp[t],
+                     static_cast<uint32_t>(mp[t]), static_cast<float>(scale), scores.data(),
+                     op + (t * H + h * groups) * D);
     }
   });
   return out;
@@ -218,5 +244,5 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "bf16 x @ w.T for a few rows of x");
-  m.def("decode_attention", &decode_attention, "one query per sequence over paged bf16 KV");
+  m.def("decode_attention", &decode_attention, "query tokens over their paged bf16 KV");
 }

@@ -6,9 +6,10 @@ than the bytes they read, and Baton runs them itself:
 - **Linears** (`skinny_linear`): oneDNN runs a bf16 linear at one row much slower than the weight
   can be read. This kernel (AVX-512 BF16 dot products, rows split over torch's threads) does the
   decode-sized calls instead.
-- **Attention** (`decode_attention`): one query per sequence over its paged keys and values, read
-  in place (no gather), scores, softmax and sum in fp32, in one call per layer instead of about
-  twenty-five small torch ops. At a 300-token context it takes 16 us a layer here.
+- **Attention** (`decode_attention`): each query token of a decode or verify step (a token and
+  its draft, chain or tree) over its sequence's paged keys and values, read in place (no gather),
+  scores, softmax and sum in fp32, in one call per layer instead of about twenty-five small torch
+  ops. One query at a 300-token context takes 16 us a layer here.
 
 Linears, measured on an AMD EPYC with avx512_bf16, 2 threads, weights hot in cache (us per call,
 oneDNN packed -> this kernel):
@@ -38,11 +39,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import shutil
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -64,13 +67,17 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def wanted() -> bool:
+    """Whether this machine should run the kernels: a CPU with avx512_bf16, and not turned off."""
+    return os.environ.get("BATON_CPU_KERNELS", "1") != "0" and "avx512_bf16" in cpu_flags()
+
+
 @functools.cache
 def kernel() -> ModuleType | None:
     """The built extension, or None where it is off, unsupported or fails to build."""
-    if os.environ.get("BATON_CPU_KERNELS", "1") == "0":
-        return None
-    if "avx512_bf16" not in cpu_flags():
-        log.info("no avx512_bf16 on this CPU: the decode step stays on oneDNN and torch")
+    if not wanted():
+        log.info("CPU decode kernels off (BATON_CPU_KERNELS=0) or no avx512_bf16 on this CPU: "
+                 "the decode step stays on oneDNN and torch")
         return None
     from torch.utils.cpp_extension import load
 
@@ -80,8 +87,11 @@ def kernel() -> ModuleType | None:
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     try:
-        return load("baton_cpu_decode", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        # Named by the source's hash: two versions of Baton on one machine never load each
+        # other's build.
+        digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+        return load(f"baton_cpu_decode_{digest}", [str(SOURCE)],
+                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a compiler without avx512bf16 ...
         log.warning("cannot build Baton's CPU decode kernels (%s); oneDNN and torch run the "
                     "decode step", exc)
@@ -106,14 +116,15 @@ def takes_decode_attention(query: torch.Tensor, cache: torch.Tensor) -> bool:
 
 
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, context_lens: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """One query per sequence (`query [B, H, D]`) over its first `context_lens[b]` keys in the
-    paged caches, fp32 inside, a two-pass softmax -> `[B, H, D]` bf16."""
+                     block_tables: torch.Tensor, plan: Any, scale: float) -> torch.Tensor:
+    """Query tokens `[T, H, D]` over their rows' paged keys and values, each seeing what `plan`
+    (`rows`, `base`, `bits` per token: see `attention_plans.TokenPlan`) says, fp32 inside, a
+    two-pass softmax -> `[T, H, D]` bf16."""
     ext = kernel()
     if ext is None:
         raise RuntimeError("Baton's CPU decode kernel is not available on this machine")
-    return ext.decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
+    return ext.decode_attention(query, k_cache, v_cache, block_tables, plan.rows, plan.base,
+                                plan.bits, scale)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor,

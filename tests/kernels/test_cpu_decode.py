@@ -1,20 +1,34 @@
-"""Baton's skinny bf16 CPU matmul: exact sums rounded once, the shapes it takes and refuses, and
-the packed linear layers that hand it their decode-sized calls.
+"""Baton's bf16 CPU decode kernels. The skinny matmul: exact sums rounded once, the shapes it
+takes and refuses, and the packed linear layers that hand it their decode-sized calls. The decode
+attention: the torch path's results on the same prepared steps (decode rows, chains, trees, short
+prompts), and an engine that decodes the same on either.
 
-Skipped on CPUs without avx512_bf16 (where oneDNN runs every linear) and with the kernel off.
+Skipped on CPUs without avx512_bf16 (where oneDNN runs every linear) and with the kernels off;
+where the CPU has it, a kernel that fails to build fails here.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from baton.actors import paged_attention
 from baton.actors.cpu_linear import PackedLinear, packing_supported
+from baton.actors.draft_tree import DraftTree
+from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
+from baton.actors.model_runner import BatchRow, ModelRunner
 from baton.kernels import cpu_decode
 
-pytestmark = pytest.mark.skipif(cpu_decode.kernel() is None,
+pytestmark = pytest.mark.skipif(not cpu_decode.wanted(),
                                 reason="no avx512_bf16 here, or BATON_CPU_KERNELS=0")
+
+
+def test_the_kernels_build_on_a_cpu_that_has_avx512_bf16():
+    """A build failure would leave oneDNN and torch running silently: here it fails instead."""
+    assert cpu_decode.kernel() is not None
 
 
 def bf16_exact(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -87,55 +101,85 @@ def test_the_kernel_can_be_turned_off(monkeypatch):
     assert cpu_decode.kernel() is not None
 
 
-def torch_decode_attention(q, k_cache, v_cache, tables, lens, scale):
-    """The same step in float64 torch: each sequence's blocks gathered, plain softmax."""
-    b, h, d = q.shape
-    n_kv, _, bs, _ = k_cache.shape
-    out = torch.empty(b, h, d, dtype=torch.float64)
-    for i in range(b):
-        n = int(lens[i])
-        keys = k_cache[:, tables[i]].reshape(n_kv, -1, d)[:, :n].double()
-        values = v_cache[:, tables[i]].reshape(n_kv, -1, d)[:, :n].double()
-        qi = q[i].double().view(n_kv, h // n_kv, d)
-        probs = (qi @ keys.transpose(-1, -2) * scale).softmax(-1)
-        out[i] = (probs @ values).reshape(h, d)
+def step(rows_spec, n_kv=3, groups=3, d=64, bs=16, dtype=torch.bfloat16, seed=0):
+    """A prepared step over a random cache: `rows_spec` is (context after the step, tokens run,
+    draft tree or None) per row, each row on scattered blocks of its own. The same seed gives
+    the same values in any dtype (drawn in bf16)."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=n_kv, head_dim=d, block_size=bs, dtype=dtype)
+    cache = PagedKVCache(spec, num_blocks=96, device=torch.device("cpu"))
+    for part in (cache.keys[0], cache.values[0]):
+        part.copy_(torch.randn(part.shape, generator=gen).to(torch.bfloat16))
+    free = torch.randperm(96, generator=gen).tolist()
+    rows = []
+    for ctx, n, tree in rows_spec:
+        table = [free.pop() for _ in range((ctx + bs - 1) // bs)]
+        rows.append(BatchRow(list(range(ctx)), ctx - n, n, table, n, tree))
+    _, _, batch, _ = ModelRunner(None, cache, torch.device("cpu")).prepare(rows)
+    t = sum(n for _, n, _ in rows_spec)
+    q = (torch.randn(1, n_kv * groups, t, d, generator=gen) * 3).to(torch.bfloat16).to(dtype)
+    k = torch.randn(1, n_kv, t, d, generator=gen).to(torch.bfloat16).to(dtype)
+    return batch, q, k, k.clone()
+
+
+def attend(batch, q, k, v, kernel: bool, monkeypatch) -> torch.Tensor:
+    layer = SimpleNamespace(layer_idx=0)
+    with monkeypatch.context() as m:
+        if not kernel:
+            m.setattr(paged_attention.cpu_decode, "takes_decode_attention", lambda *_: False)
+        with paged_attention.attention_batch(batch):
+            out, _ = paged_attention.paged_attention_forward(layer, q, k, v, None)
     return out
 
 
+TREE = DraftTree([11, 12, 13, 14, 15, 16], [-1, -1, 0, 0, 2, 1])
+
+
 @pytest.mark.parametrize(("n_kv", "groups", "d"), [(3, 3, 64), (2, 1, 16), (1, 8, 128)])
-def test_decode_attention_matches_attention_over_the_gathered_blocks(n_kv, groups, d):
-    """Contexts of one key, a block boundary, a ragged tail and several blocks, each sequence
-    on scattered blocks of its own: every output within bf16 rounding of float64 attention."""
-    torch.manual_seed(n_kv * 100 + d)
-    bs, num_blocks, nb = 16, 64, 12
-    k_cache = torch.randn(n_kv, num_blocks, bs, d).to(torch.bfloat16)
-    v_cache = torch.randn(n_kv, num_blocks, bs, d).to(torch.bfloat16)
-    lens = torch.tensor([1, 16, 17, 150, nb * bs])
-    tables = torch.stack([torch.randperm(num_blocks)[:nb] for _ in lens])
-    q = (torch.randn(len(lens), n_kv * groups, d) * 3).to(torch.bfloat16)
-    scale = d**-0.5
-    out = cpu_decode.decode_attention(q, k_cache, v_cache, tables, lens, scale)
-    assert out.shape == q.shape and out.dtype == torch.bfloat16
-    exact = torch_decode_attention(q, k_cache, v_cache, tables, lens, scale)
-    assert ((out.double() - exact).abs() <= exact.abs() * 2.0**-7 + 1e-4).all()
-    # One key: the output is that key's value, exactly.
-    assert torch.equal(out[0].view(n_kv, groups, d),
-                       v_cache[:, tables[0, 0], 0].unsqueeze(1).expand(n_kv, groups, d))
+@pytest.mark.parametrize("rows_spec", [
+    [(1, 1, None), (16, 1, None), (17, 1, None), (150, 1, None)],  # decode, block edges
+    [(40, 1, None), (60, 5, None), (33, 7, TREE), (9, 9, None)],  # chain, tree, short prompt
+], ids=["decode", "verify"])
+def test_decode_attention_matches_the_torch_path(n_kv, groups, d, rows_spec, monkeypatch):
+    """The same prepared step through the kernel (bf16) and through torch's path in float32 on
+    the same values: every output within bf16 rounding, for decode tokens, a chain, a draft tree
+    under its ancestor mask beside them, and a short prompt with nothing cached."""
+    seed = n_kv * 100 + d
+    batch, q, k, v = step(rows_spec, n_kv, groups, d, seed=seed)
+    calls = []
+    real = cpu_decode.decode_attention
+    monkeypatch.setattr(cpu_decode, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    got = attend(batch, q, k, v, True, monkeypatch)
+    assert calls and got.dtype == torch.bfloat16
+    batch32, q32, k32, v32 = step(rows_spec, n_kv, groups, d, dtype=torch.float32, seed=seed)
+    assert torch.equal(q32, q.float())
+    want = attend(batch32, q32, k32, v32, True, monkeypatch)  # float32: torch's path
+    assert got.shape == want.shape
+    assert ((got.float() - want).abs() <= want.abs() * 2.0**-8 + 1e-5).all()
+
+
+def test_one_key_gives_that_keys_value_exactly(monkeypatch):
+    batch, q, k, v = step([(1, 1, None)])
+    out = attend(batch, q, k, v, True, monkeypatch)  # [1, T, H, D]
+    assert torch.equal(out[0, 0].view(3, 3, 64), v[0, :, 0].unsqueeze(1).expand(3, 3, 64))
 
 
 def test_decode_attention_refuses_a_context_longer_than_its_table():
     k_cache = torch.zeros(1, 4, 16, 16, dtype=torch.bfloat16)
     q = torch.zeros(1, 1, 16, dtype=torch.bfloat16)
-    tables = torch.tensor([[0, 1]])
+    plan = SimpleNamespace(rows=torch.tensor([0]), base=torch.tensor([33]),
+                           bits=torch.tensor([0]))
     with pytest.raises(RuntimeError, match="context length 33 out of the table"):
-        cpu_decode.decode_attention(q, k_cache, k_cache, tables, torch.tensor([33]), 0.25)
+        cpu_decode.decode_attention(q, k_cache, k_cache, torch.tensor([[0, 1]]), plan, 0.25)
+    plan.base, plan.bits = torch.tensor([30]), torch.tensor([0b1000])  # key 33 again
+    with pytest.raises(RuntimeError, match="context length 34 out of the table"):
+        cpu_decode.decode_attention(q, k_cache, k_cache, torch.tensor([[0, 1]]), plan, 0.25)
     assert not cpu_decode.takes_decode_attention(q.float(), k_cache)  # float32: torch's path
 
 
 def test_a_bf16_engine_decodes_on_the_kernels_as_on_the_torch_path(monkeypatch):
     """The same greedy requests through one engine with the kernels on and off: the same tokens
     and logprobs within bf16 rounding, up to a near tie where the two paths may part."""
-    from baton.actors import paged_attention
     from baton.actors.engine import Engine
     from baton.sampling import SamplingParams
 
