@@ -12,6 +12,7 @@ import torch
 
 from baton.actors import paged_attention
 from baton.actors.cpu_linear import pack_linears, packing_supported
+from baton.actors.cpu_norm import use_kernel_norms
 from baton.actors.draft_tree import DraftTree
 from baton.actors.kv_cache import PagedKVCache
 from baton.actors.model_source import ModelSource
@@ -73,7 +74,7 @@ def prepare_for_inference(model, dtype: torch.dtype, device: torch.device,
                           quantization: str | None = None, group_size: int | None = None):
     """Check the model fits Baton's attention, then apply run-time conversions: MoE layers on
     Baton's grouped GEMM (CUDA), weight-only quantization if asked for, then packed CPU linears
-    (which keep results bit for bit)."""
+    (which keep results bit for bit) and, in bf16 on the CPU, RMSNorms on Baton's kernel."""
     text = model.config.get_text_config()
     if getattr(text, "attn_logit_softcapping", None):
         raise ModelLoadError(
@@ -85,6 +86,8 @@ def prepare_for_inference(model, dtype: torch.dtype, device: torch.device,
         quantize_linears(model, quantization, group_size)
     if packing_supported(dtype, device):
         pack_linears(model)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        use_kernel_norms(model)
     return model
 
 

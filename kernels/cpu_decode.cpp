@@ -8,6 +8,8 @@
 // sum per output, rounded to bf16 once. K must be a multiple of 32; `baton.kernels.cpu_decode`
 // checks the CPU and the shapes, and leaves everything else to oneDNN.
 //
+// rms_norm: Llama's RMSNorm in one call instead of eight small ones.
+//
 // decode_attention: decode tokens (and short runs: a token and its draft, chain or tree) over
 // their sequences' paged keys and values, read in place, each (token, kv head) pair on one
 // thread with its query heads together.
@@ -242,7 +244,40 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
   return out.reshape(lead);
 }
 
+// y = w * bf16(x * rsqrt(mean(x^2) + eps)) per row, x [..., H] and w [H] bf16: Llama's RMSNorm
+// (statistics in fp32, the normalized row rounded to bf16 before the weight) in one call.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
+              "rms_norm takes bfloat16");
+  const int64_t H = w.numel();
+  TORCH_CHECK(x.size(-1) == H, "rms_norm: rows of ", x.size(-1), " against a weight of ", H);
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto out = torch::empty_like(xc);
+  const int64_t rows = xc.numel() / H;
+  const auto* xp = xc.data_ptr<at::BFloat16>();
+  const auto* wp = wc.data_ptr<at::BFloat16>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const at::BFloat16* xr = xp + r * H;
+      float sum = 0.f;
+      for (int64_t i = 0; i < H; ++i) {
+        const float v = static_cast<float>(xr[i]);
+        sum += v * v;
+      }
+      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(H) + static_cast<float>(eps));
+      for (int64_t i = 0; i < H; ++i) {
+        const at::BFloat16 normed(static_cast<float>(xr[i]) * inv);
+        op[r * H + i] = at::BFloat16(static_cast<float>(wp[i]) * static_cast<float>(normed));
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "bf16 x @ w.T for a few rows of x");
   m.def("decode_attention", &decode_attention, "query tokens over their paged bf16 KV");
+  m.def("rms_norm", &rms_norm, "Llama's RMSNorm over bf16 rows");
 }

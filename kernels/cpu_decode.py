@@ -1,6 +1,6 @@
 """Baton's C++ kernels for bf16 CPU decode steps (`cpu_decode.cpp`), built once per machine.
 
-At one token a row, a decode step on the CPU is hundreds of small calls; two kinds cost far more
+At one token a row, a decode step on the CPU is hundreds of small calls; three kinds cost far more
 than the bytes they read, and Baton runs them itself:
 
 - **Linears** (`skinny_linear`): oneDNN runs a bf16 linear at one row much slower than the weight
@@ -10,6 +10,8 @@ than the bytes they read, and Baton runs them itself:
   its draft, chain or tree) over its sequence's paged keys and values, read in place (no gather),
   scores, softmax and sum in fp32, in one call per layer instead of about twenty-five small torch
   ops. One query at a 300-token context takes 16 us a layer here.
+- **RMSNorm** (`rms_norm`, swapped in by `baton.actors.cpu_norm`): Llama's formula in one call
+  instead of eight; about 2 ms of a 35 ms batch-1 forward here.
 
 Linears, measured on an AMD EPYC with avx512_bf16, 2 threads, weights hot in cache (us per call,
 oneDNN packed -> this kernel):
@@ -125,6 +127,14 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         raise RuntimeError("Baton's CPU decode kernel is not available on this machine")
     return ext.decode_attention(query, k_cache, v_cache, block_tables, plan.rows, plan.base,
                                 plan.bits, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm of bf16 rows `x [..., H]` with a bf16 `weight [H]`, in one call."""
+    ext = kernel()
+    if ext is None:
+        raise RuntimeError("Baton's CPU decode kernel is not available on this machine")
+    return ext.rms_norm(x, weight, eps)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor,

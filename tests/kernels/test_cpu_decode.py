@@ -208,3 +208,37 @@ def test_a_bf16_engine_decodes_on_the_kernels_as_on_the_torch_path(monkeypatch):
             assert abs(a.logprobs[i].logprob - b.logprobs[i].logprob) < 0.05
         if parted:  # the torch path's choice was within rounding of the kernels' best
             assert a.logprobs[n].top[b.token_ids[n]] > a.logprobs[n].logprob - 0.05
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_kernel_rmsnorm_computes_the_models_own_norm(arch):
+    """Swapped norms give the transformers module's output up to one bf16 step (the mean is
+    summed in another order), nearly always the same bits."""
+    from baton.actors.cpu_norm import KernelRMSNorm, use_kernel_norms
+    from baton.actors.tiny import tiny_model
+
+    model = tiny_model(arch, torch.bfloat16, "eager")
+    norms = {n: m for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")}
+    for m in norms.values():
+        m.weight.data.copy_(torch.randn(m.weight.shape))
+    x = (torch.randn(2, 5, model.config.hidden_size) * 4).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = {n: m(x[..., : m.weight.shape[0]]) for n, m in norms.items()}
+        assert use_kernel_norms(model) == len(norms) > 0
+        for name, module in model.named_modules():
+            if name in norms:
+                assert isinstance(module, KernelRMSNorm)
+                got = module(x[..., : module.weight.shape[0]])
+                step = want[name].float().abs() * 2.0**-7 + 1e-6
+                assert ((got.float() - want[name].float()).abs() <= step).all()
+                assert (got == want[name]).float().mean() > 0.97
+
+
+def test_other_norms_and_float32_keep_their_modules():
+    from baton.actors.cpu_norm import KernelRMSNorm, use_kernel_norms
+    from baton.actors.tiny import tiny_model
+
+    for arch, dtype in (("gemma", torch.bfloat16), ("llama", torch.float32)):
+        model = tiny_model(arch, dtype, "eager")
+        assert use_kernel_norms(model) == 0
+        assert not any(isinstance(m, KernelRMSNorm) for m in model.modules())
