@@ -17,6 +17,17 @@ GROUP_SLACK = 256
 # Runs of up to this many queries (a token and its draft) join the decode groups, padded.
 SHORT_RUN = 17
 
+# A draft tree in a row: its root's query index in the row's run, its [n+1, n+1] ancestor mask.
+_Tree = tuple[int, torch.Tensor]
+
+
+def _layout(batch: AttentionBatch) -> tuple[list[int], list[int], dict[int, _Tree]]:
+    """The step's packed query starts (B + 1), each row's context after the step, and the draft
+    trees by row (their root's query index in the run, their ancestor mask)."""
+    assert batch.query_start is not None  # the model runner always sets it
+    trees = {row: (q0, anc) for row, q0, anc in batch.trees}
+    return batch.query_start.tolist(), batch.context_lens.tolist(), trees
+
 
 @dataclass(slots=True)
 class TokenPlan:
@@ -30,10 +41,7 @@ class TokenPlan:
 
     @classmethod
     def of(cls, batch: AttentionBatch) -> TokenPlan:
-        assert batch.query_start is not None  # the model runner always sets it
-        starts = batch.query_start.tolist()
-        ctx = batch.context_lens.tolist()
-        trees = {row: (q0, anc) for row, q0, anc in batch.trees}
+        starts, ctx, trees = _layout(batch)
         rows: list[int] = []
         base: list[int] = []
         bits: list[int] = []
@@ -103,10 +111,7 @@ class RaggedPlan:
 
     @classmethod
     def of(cls, batch: AttentionBatch) -> RaggedPlan:
-        assert batch.query_start is not None  # the model runner always sets it
-        starts = batch.query_start.tolist()
-        ctx = batch.context_lens.tolist()
-        trees = {row: (q0, anc) for row, q0, anc in batch.trees}
+        starts, ctx, trees = _layout(batch)
         runs, short = [], []
         for row in range(batch.batch_size):
             n = starts[row + 1] - starts[row]
