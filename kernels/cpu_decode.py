@@ -32,9 +32,10 @@ rounds in one run here: 45.6 ms on oneDNN and torch's attention path, 38.4 ms wi
 this kernel, 32.0 ms with both (1.43x).
 
 They are compiled with the machine's C++ compiler through `torch.utils.cpp_extension` (about 30 s,
-once, by `baton prepare-model`; cached under `TORCH_EXTENSIONS_DIR`). They are used only where
-the CPU has avx512_bf16, and `BATON_CPU_KERNELS=0` turns them off. Where they cannot be built,
-oneDNN and the torch path run everything (logged once).
+once, by `baton prepare-model`; cached under `TORCH_EXTENSIONS_DIR`, else
+`~/.cache/torch_extensions/baton_cpu`). They are used only where the CPU has avx512_bf16, and
+`BATON_CPU_KERNELS=0` turns them off. Where they cannot be built, oneDNN and the torch path run
+everything (logged once).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -74,6 +76,31 @@ def wanted() -> bool:
     return os.environ.get("BATON_CPU_KERNELS", "1") != "0" and "avx512_bf16" in cpu_flags()
 
 
+# A build takes about 30 s here; a lock older than this was left by a process killed mid-build.
+STALE_LOCK_SECONDS = 600.0
+
+
+def build_root() -> Path:
+    """Where builds go: `TORCH_EXTENSIONS_DIR`, else torch's default root for CPU builds."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(root) if root else Path(get_default_build_root()) / "baton_cpu"
+
+
+def clear_stale_lock(build_dir: Path) -> None:
+    """torch waits for a build's lock file to go, forever: one left by a process killed while
+    building would hang every later engine on this machine. Remove it once it is stale."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        log.warning("removing a stale build lock (%.0f s old) at %s", age, lock)
+        lock.unlink(missing_ok=True)
+
+
 @functools.cache
 def kernel() -> ModuleType | None:
     """The built extension, or None where it is off, unsupported or fails to build."""
@@ -92,8 +119,12 @@ def kernel() -> ModuleType | None:
         # Named by the source's hash: two versions of Baton on one machine never load each
         # other's build.
         digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-        return load(f"baton_cpu_decode_{digest}", [str(SOURCE)],
-                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        name = f"baton_cpu_decode_{digest}"
+        build_dir = build_root() / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(build_dir)
+        return load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # no compiler, no ninja, a compiler without avx512bf16 ...
         log.warning("cannot build Baton's CPU decode kernels (%s); oneDNN and torch run the "
                     "decode step", exc)

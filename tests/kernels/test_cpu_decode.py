@@ -242,3 +242,20 @@ def test_other_norms_and_float32_keep_their_modules():
         model = tiny_model(arch, dtype, "eager")
         assert use_kernel_norms(model) == 0
         assert not any(isinstance(m, KernelRMSNorm) for m in model.modules())
+
+
+def test_a_build_lock_left_by_a_killed_build_is_cleared_and_a_live_one_kept(tmp_path):
+    """torch waits for a build's lock to go, forever: a process killed mid-build would otherwise
+    hang every later engine start on the machine."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    cpu_decode.clear_stale_lock(tmp_path)
+    assert lock.exists()  # a build under way: wait for it
+    old = time.time() - cpu_decode.STALE_LOCK_SECONDS - 1
+    os.utime(lock, (old, old))
+    cpu_decode.clear_stale_lock(tmp_path)
+    assert not lock.exists()
+    cpu_decode.clear_stale_lock(tmp_path)  # nothing there: nothing to do
