@@ -77,7 +77,7 @@ def wanted() -> bool:
 
 
 # A build takes about 30 s here; a lock older than this was left by a process killed mid-build.
-STALE_LOCK_SECONDS = 600.0
+STALE_LOCK_SECONDS = 120.0
 
 
 def build_root() -> Path:
@@ -88,17 +88,21 @@ def build_root() -> Path:
     return Path(root) if root else Path(get_default_build_root()) / "baton_cpu"
 
 
-def clear_stale_lock(build_dir: Path) -> None:
-    """torch waits for a build's lock file to go, forever: one left by a process killed while
-    building would hang every later engine on this machine. Remove it once it is stale."""
+def wait_for_build(build_dir: Path, poll: float = 0.5) -> None:
+    """Wait while another process builds here; remove its lock once it is stale. (torch waits for
+    a lock to go, forever: one left by a process killed while building would hang every later
+    engine on this machine.)"""
     lock = build_dir / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_SECONDS:
-        log.warning("removing a stale build lock (%.0f s old) at %s", age, lock)
-        lock.unlink(missing_ok=True)
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_SECONDS:
+            log.warning("removing a stale build lock (%.0f s old) at %s", age, lock)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(poll)
 
 
 @functools.cache
@@ -122,7 +126,7 @@ def kernel() -> ModuleType | None:
         name = f"baton_cpu_decode_{digest}"
         build_dir = build_root() / name
         build_dir.mkdir(parents=True, exist_ok=True)
-        clear_stale_lock(build_dir)
+        wait_for_build(build_dir)
         return load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # no compiler, no ninja, a compiler without avx512bf16 ...

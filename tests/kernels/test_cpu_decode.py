@@ -244,18 +244,22 @@ def test_other_norms_and_float32_keep_their_modules():
         assert not any(isinstance(m, KernelRMSNorm) for m in model.modules())
 
 
-def test_a_build_lock_left_by_a_killed_build_is_cleared_and_a_live_one_kept(tmp_path):
+def test_a_build_lock_left_by_a_killed_build_is_cleared_and_a_live_one_waited_for(tmp_path):
     """torch waits for a build's lock to go, forever: a process killed mid-build would otherwise
     hang every later engine start on the machine."""
     import os
+    import threading
     import time
 
+    cpu_decode.wait_for_build(tmp_path)  # no lock: nothing to wait for
     lock = tmp_path / "lock"
     lock.touch()
-    cpu_decode.clear_stale_lock(tmp_path)
-    assert lock.exists()  # a build under way: wait for it
+    threading.Timer(0.3, lock.unlink).start()  # a build under way finishes
+    t0 = time.monotonic()
+    cpu_decode.wait_for_build(tmp_path, poll=0.05)
+    assert time.monotonic() - t0 >= 0.25 and not lock.exists()
+    lock.touch()
     old = time.time() - cpu_decode.STALE_LOCK_SECONDS - 1
     os.utime(lock, (old, old))
-    cpu_decode.clear_stale_lock(tmp_path)
+    cpu_decode.wait_for_build(tmp_path, poll=0.05)
     assert not lock.exists()
-    cpu_decode.clear_stale_lock(tmp_path)  # nothing there: nothing to do
