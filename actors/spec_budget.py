@@ -2,20 +2,14 @@
 
 A draft of k tokens whose tokens are each accepted with probability a yields
 (1 - a^(k+1)) / (1 - a) tokens in one step, and makes the step run k more tokens. The step's cost
-grows with its tokens as measured on this engine (fitted online), so while a step is memory-bound
-(GPU decode, batch 1 on a CPU) long drafts are nearly free, and once it is compute-bound (large
-batches) the marginal draft token costs more than it is expected to yield and speculation switches
-itself off (SmartSpec's goodput rule, applied per token).
-
-The cost is not one straight line: on the CPU, steps of up to 8 tokens run their linears on
-Baton's skinny kernel and longer ones on oneDNN (measured at batch 1: 27.7 ms for 1 token, 29.2
-for 5, 38.3 for 9, 49.0 for 17), so a token is nearly free up to 8 and costs more past it. The
-model follows the mean step of each size class, piecewise.
+grows with its tokens as measured on this engine (a + b * tokens, fitted online), so while a step
+is memory-bound (b small: GPU decode, batch 1 on a CPU) long drafts are nearly free, and once it is
+compute-bound (large batches) the marginal draft token costs more than it is expected to yield and
+speculation switches itself off (SmartSpec's goodput rule, applied per token).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -33,7 +27,6 @@ class StepCostModel:
         self.prior_ratio = prior_ratio  # b / a before the steps say otherwise
         self._by_size: dict[int, deque[tuple[int, float]]] = {}
         self._fit: tuple[float, float] | None = None  # until the next observation
-        self._points: list[tuple[float, float]] | None = None
 
     @property
     def samples(self) -> list[tuple[int, float]]:
@@ -47,35 +40,12 @@ class StepCostModel:
                 self._by_size[size] = deque(maxlen=self.per_size)
             self._by_size[size].append((tokens, seconds))
             self._fit = None
-            self._points = None
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b) in seconds and seconds per token (relative units before any step ran)."""
         if self._fit is None:
             self._fit = self._least_squares()
         return self._fit
-
-    def seconds(self, tokens: float) -> float:
-        """Predicted seconds of a step of `tokens` tokens: straight between the mean steps of the
-        size classes seen (never falling as tokens grow), the fitted slope beyond the largest and
-        below the smallest; the fitted line while fewer than two classes have been seen."""
-        a, b = self.coefficients()
-        if self._points is None:
-            points = []
-            for steps in sorted(self._by_size.values(), key=lambda q: q[0][0]):
-                t = sum(x for x, _ in steps) / len(steps)
-                y = sum(y for _, y in steps) / len(steps)
-                points.append((t, max(y, points[-1][1]) if points else y))
-            self._points = points
-        pts = self._points
-        if len(pts) < 2:
-            return a + b * tokens
-        if tokens <= pts[0][0]:
-            return max(pts[0][1] - b * (pts[0][0] - tokens), 1e-9)
-        for (t0, y0), (t1, y1) in itertools.pairwise(pts):
-            if tokens <= t1:
-                return y0 + (y1 - y0) * (tokens - t0) / max(t1 - t0, 1e-9)
-        return pts[-1][1] + b * (tokens - pts[-1][0])
 
     def _least_squares(self) -> tuple[float, float]:
         samples = self.samples
@@ -121,23 +91,22 @@ class Candidate:
 def choose_k(cands: list[Candidate], base_tokens: int, budget: int,
              cost: StepCostModel) -> list[int]:
     """Draft lengths that maximize expected tokens per second for this step."""
+    a, b = cost.coefficients()
     ks = [0] * len(cands)
     tokens = max(base_tokens, 1)
     expected = float(tokens)  # every scheduled request yields at least one token
-    seconds = cost.seconds(tokens)
+    seconds = a + b * tokens
     room = budget - base_tokens
     while room > 0 and cands:
         gains = [c.gain(k) for c, k in zip(cands, ks, strict=True)]
         best = max(range(len(cands)), key=gains.__getitem__)
         if gains[best] <= 0.0:
             break
-        step = cost.seconds(tokens + 1) - cost.seconds(tokens)
-        extra = step + cands[best].draft_cost
+        extra = b + cands[best].draft_cost
         if (expected + gains[best]) * seconds <= expected * (seconds + extra):
             break  # the best next token no longer pays for itself
         expected += gains[best]
         seconds += extra
-        tokens += 1
         ks[best] += 1
         room -= 1
     return ks

@@ -194,9 +194,9 @@ class Speculator:
             hidden = torch.stack([self._hidden.pop(s.request_id) for s in ready])
             roots = [s.token_ids[-1] for s in ready]  # sampled from `hidden`, not yet computed
             # A node pays for its token only if its gain beats the step's marginal cost per
-            # token against a one-token step, at the least (a larger batch asks more).
-            one = self.cost.seconds(1)
-            floor = (self.cost.seconds(2) - one) / max(one, 1e-12)
+            # token against a one-token step, b / (a + b), at the least (a larger batch asks more).
+            a, b = self.cost.coefficients()
+            floor = b / max(a + b, 1e-12)
             drafted = draft_trees(self.medusa, hidden, roots, self.settings.max_speculative_tokens,
                                   MEDUSA_TOP_K, [floor / self._trust(s.request_id) for s in ready])
         trees = {s.request_id: scored for s, scored in zip(ready, drafted, strict=True)}

@@ -172,18 +172,3 @@ def test_a_tree_drafts_the_nodes_whose_own_acceptance_pays_for_them():
     # Among requests, the likelier nodes go first.
     assert choose_k([Candidate(0.0, 8, gains=[0.2]), Candidate(0.0, 8, gains=[0.9, 0.8])],
                     2, 3, _cost(0.001)) == [0, 1]
-
-
-def test_drafts_ride_a_flat_stretch_of_the_step_cost():
-    """A CPU step's cost bends: nearly free up to 8 tokens (the skinny kernel), about 1.8 ms a
-    token past them (oneDNN). The model follows the bend instead of one line through it: a chain
-    accepted half the time drafts 4 tokens on the flat stretch (a line through the same steps
-    charges 1.5 ms for each and stops at 3) and none past it."""
-    cost = StepCostModel()
-    for _ in range(3):
-        for tokens, ms in ((1, 28.0), (3, 28.6), (5, 29.2), (16, 49.0)):
-            cost.observe(tokens, ms / 1000)
-    assert cost.seconds(5) - cost.seconds(1) == pytest.approx(0.0012)
-    assert cost.seconds(16) - cost.seconds(15) == pytest.approx(0.0018)
-    assert cost.seconds(40) - cost.seconds(39) == pytest.approx(cost.coefficients()[1])
-    assert choose_k([Candidate(0.5, 16)], 1, 64, cost) == [4]
