@@ -236,24 +236,24 @@ def paged_attention_forward(
     write_kv(v_cache, batch.slot_mapping, value[0])
     if batch.on_layer_done is not None:
         batch.on_layer_done(module.layer_idx)
+    tokens = query[0].transpose(0, 1)  # [T, H, D]
     if backend(query.device) == "triton" and batch.fits_kernel(groups):
         varlen = batch.max_query_len > 1
-        out = paged_attention(query[0].transpose(0, 1), k_cache, v_cache, batch.block_tables,
+        out = paged_attention(tokens, k_cache, v_cache, batch.block_tables,
                               batch.context_lens,
                               query_start=batch.query_start if varlen else None,
                               max_query_len=batch.max_query_len, scale=scaling,
                               sliding_window=sliding_window, tree_mask=batch.tree_mask())
         return out.unsqueeze(0), None
-    if not sliding_window and cpu_decode.takes_decode_attention(query[0].transpose(0, 1), k_cache):
+    if not sliding_window and cpu_decode.takes_decode_attention(tokens, k_cache):
         plan = batch.token_plan()
         if plan is not None:  # a bf16 CPU decode or verify step: Baton's C++ kernel
-            out = cpu_decode.decode_attention(query[0].transpose(0, 1), k_cache, v_cache,
-                                              batch.block_tables, plan, scaling)
+            out = cpu_decode.decode_attention(tokens, k_cache, v_cache, batch.block_tables,
+                                              plan.rows, plan.base, plan.bits, scaling)
             return out.unsqueeze(0), None
     ragged = batch.ragged(sliding_window)
     if ragged is not None:
-        out = _ragged_attention(ragged, batch, query[0].transpose(0, 1), k_cache, v_cache,
-                                scaling)
+        out = _ragged_attention(ragged, batch, tokens, k_cache, v_cache, scaling)
         return out.unsqueeze(0), None
     keys = gather_kv(k_cache, batch.block_tables)
     values = gather_kv(v_cache, batch.block_tables)
@@ -273,7 +273,7 @@ def paged_attention_forward(
         )
         return out.transpose(1, 2), None
 
-    q = query[0].transpose(0, 1)  # [T, H, D]
+    q = tokens
     if batch.q_index is not None:
         padded = q.new_zeros(b * qlen, n_heads, d)
         padded.index_copy_(0, batch.q_index, q)

@@ -49,7 +49,6 @@ import shutil
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import torch
 
@@ -153,29 +152,28 @@ def takes_decode_attention(query: torch.Tensor, cache: torch.Tensor) -> bool:
 
 
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, plan: Any, scale: float) -> torch.Tensor:
-    """Query tokens `[T, H, D]` over their rows' paged keys and values, each seeing what `plan`
-    (`rows`, `base`, `bits` per token: see `attention_plans.TokenPlan`) says, fp32 inside, a
-    two-pass softmax -> `[T, H, D]` bf16."""
-    ext = kernel()
-    if ext is None:
-        raise RuntimeError("Baton's CPU decode kernel is not available on this machine")
-    return ext.decode_attention(query, k_cache, v_cache, block_tables, plan.rows, plan.base,
-                                plan.bits, scale)
+                     block_tables: torch.Tensor, rows: torch.Tensor, base: torch.Tensor,
+                     bits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Query tokens `[T, H, D]` over their rows' paged keys and values, token t seeing row
+    `rows[t]`'s first `base[t]` keys and, of the 32 after them, those set in `bits[t]` (see
+    `attention_plans.TokenPlan`); fp32 inside, a two-pass softmax -> `[T, H, D]` bf16."""
+    return _ext().decode_attention(query, k_cache, v_cache, block_tables, rows, base, bits,
+                                   scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's RMSNorm of bf16 rows `x [..., H]` with a bf16 `weight [H]`, in one call."""
-    ext = kernel()
-    if ext is None:
-        raise RuntimeError("Baton's CPU decode kernel is not available on this machine")
-    return ext.rms_norm(x, weight, eps)
+    return _ext().rms_norm(x, weight, eps)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for bf16 `x [..., K]` with few rows, fp32 accumulation."""
+    return _ext().skinny_linear(x, weight.contiguous(), bias)
+
+
+def _ext() -> ModuleType:
     ext = kernel()
     if ext is None:
         raise RuntimeError("Baton's CPU decode kernel is not available on this machine")
-    return ext.skinny_linear(x, weight.contiguous(), bias)
+    return ext

@@ -167,13 +167,13 @@ def test_one_key_gives_that_keys_value_exactly(monkeypatch):
 def test_decode_attention_refuses_a_context_longer_than_its_table():
     k_cache = torch.zeros(1, 4, 16, 16, dtype=torch.bfloat16)
     q = torch.zeros(1, 1, 16, dtype=torch.bfloat16)
-    plan = SimpleNamespace(rows=torch.tensor([0]), base=torch.tensor([33]),
-                           bits=torch.tensor([0]))
+    tables, rows = torch.tensor([[0, 1]]), torch.tensor([0])
     with pytest.raises(RuntimeError, match="context length 33 out of the table"):
-        cpu_decode.decode_attention(q, k_cache, k_cache, torch.tensor([[0, 1]]), plan, 0.25)
-    plan.base, plan.bits = torch.tensor([30]), torch.tensor([0b1000])  # key 33 again
-    with pytest.raises(RuntimeError, match="context length 34 out of the table"):
-        cpu_decode.decode_attention(q, k_cache, k_cache, torch.tensor([[0, 1]]), plan, 0.25)
+        cpu_decode.decode_attention(q, k_cache, k_cache, tables, rows, torch.tensor([33]),
+                                    torch.tensor([0]), 0.25)
+    with pytest.raises(RuntimeError, match="context length 34 out of the table"):  # key 33 again
+        cpu_decode.decode_attention(q, k_cache, k_cache, tables, rows, torch.tensor([30]),
+                                    torch.tensor([0b1000]), 0.25)
     assert not cpu_decode.takes_decode_attention(q.float(), k_cache)  # float32: torch's path
 
 
