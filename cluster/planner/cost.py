@@ -48,6 +48,9 @@ class Efficiency:
     # Per KV handoff, beyond moving its bytes: the calls that set it up and bring the first token
     # back (a profile fitted to a served benchmark measures it; none assumed otherwise).
     handoff_s: float = 0.0
+    # Per request, before its prompt reaches an engine and after its tokens leave one: the API,
+    # the router and the actor calls (a profile fitted to a served benchmark measures it).
+    request_s: float = 0.0
     # A prefill worker's iterations take this many times a decode worker's (a CPU worker's KV
     # sender shares its core with the forward pass; a profile fitted to a served benchmark
     # measures it).
@@ -233,5 +236,6 @@ def device_from_profile(profile: Profile, model: ModelProfile,
                               attention=per_flop / per_attention if per_attention else 1e30,
                               kv=per_byte / per_kv if per_kv else 1e30,
                               overhead_s=overhead, per_seq_s=per_seq,
-                              handoff_s=profile.handoff_s, prefill_scale=profile.prefill_scale,
+                              handoff_s=profile.handoff_s, request_s=profile.request_s,
+                              prefill_scale=profile.prefill_scale,
                               link=1.0, overlap=False)

@@ -14,7 +14,9 @@ worker has it `max(transfer / layers, transfer - prefill time)` after the prefil
 client gets the first token then. Workloads carry lengths only: a prompt's length is what its
 worker computes (what a shared prefix spares is taken off before). An acceleration method enters
 as measured (`Speculation`: tokens gained and tokens verified per decode step), for a share of
-the requests, or per request (a replayed benchmark's own requests, as each was served).
+the requests, or per request (a replayed benchmark's own requests, as each was served). The
+serving path's own time per request (`Efficiency.request_s`: API, router, actor calls; the decode
+pool's) delays each prompt's arrival at the router and so every timestamp after it.
 """
 
 from __future__ import annotations
@@ -112,6 +114,9 @@ class ClusterSim:
                 self.engines.append(SimEngine(self, spec.cost, spec.role, f"{spec.role}-{i}",
                                               spec.max_num_batched_tokens, spec.max_num_seqs))
         self.decode = WorkerSet([e for e in self.engines if e.role in ("decode", "both")])
+        # A constant delay on every arrival: routing and batching see the same gaps between them.
+        self.request_s = max(e.cost.eff.request_s for e in self.engines
+                             if e.role in ("decode", "both"))
         self.prefill = WorkerSet([e for e in self.engines if e.role == "prefill"])
         self.affinity = PrefixAffinity()
         self._heap: list[tuple[float, int, Callable[[float, Any], None], Any]] = []
@@ -133,7 +138,8 @@ class ClusterSim:
         and one) in place of `speculation`."""
         n = len(arrivals)
         groups = prefix_groups.tolist() if prefix_groups is not None else None
-        times, lens, outs = arrivals.tolist(), prompts.tolist(), outputs.tolist()
+        times = (arrivals + self.request_s).tolist() if self.request_s else arrivals.tolist()
+        lens, outs = prompts.tolist(), outputs.tolist()
         # Each request's first token and finish time, kept as it finishes (-1: not served).
         self._first = [-1.0] * n
         self._finish = [-1.0] * n

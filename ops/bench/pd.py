@@ -25,7 +25,7 @@ from baton.actors.model_source import load_tokenizer, resolve
 from baton.cluster.config import ClusterConfig, PoolConfig
 from baton.cluster.pools import Pools, start_pools
 from baton.errors import ConfigError
-from baton.ops.bench import sweep
+from baton.ops.bench import sweep, worker_load
 from baton.ops.bench.machine import machine_info
 from baton.ops.bench.openloop import SLO, run_open_loop
 from baton.ops.bench.report import run_and_report
@@ -65,6 +65,7 @@ class System:
         self.pools = pools
         self.dispatcher = Dispatcher.for_pools(pools)
         self._runs = 0
+        self._loads: list[dict[str, Any]] = []  # the last run's, per worker (`worker_load`)
 
     @property
     def workers(self) -> list[Any]:
@@ -79,10 +80,13 @@ class System:
             params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True)
             return self.dispatcher.generate(f"{tag}-{i}", req.prompt_ids, params)
 
-        return asyncio.run(run_open_loop(send, requests, arrivals))
+        before = worker_load.snapshot(self.workers)
+        timings, wall = asyncio.run(run_open_loop(send, requests, arrivals))
+        self._loads = worker_load.between(before, worker_load.snapshot(self.workers), wall)
+        return timings, wall
 
     def notes(self) -> dict[str, Any]:
-        return {}
+        return {"workers": self._loads}
 
     def health(self) -> dict[str, Any]:
         """Every worker's `info()` and any broken KV-block invariant, after the run."""

@@ -201,26 +201,29 @@ def show(report: dict[str, Any], console: Console) -> None:
         console.print(f"calibration goodput: real {calib['goodput_real_rps']:g}/s, simulated "
                       f"{calib['goodput_sim_rps']:g}/s")
     if fit := report.get("serving_fit"):
-        console.print(f"serving scale {fit['scale']:.3f}, prefill scale {fit['prefill_scale']:.2f}"
-                      f" and handoff {fit['handoff_s'] * 1000:.0f} ms, fitted on "
-                      f"{fit['fitted_on']}")
+        console.print(f"serving scale {fit['scale']:.3f}, prefill scale {fit['prefill_scale']:.2f},"
+                      f" request path {fit.get('request_s', 0.0) * 1000:.0f} ms and handoff "
+                      f"{fit['handoff_s'] * 1000:.0f} ms, fitted on {fit['fitted_on']}")
     for path, rep in report.get("replays", {}).items():
         _show_replay(path, rep, console)
 
 
 def _show_replay(path: str, rep: dict[str, Any], console: Console) -> None:
     table = Table(title=f"replayed {path} on a {rep['profile_device']} profile",
-                  caption="TTFT in s, TPOT in ms; sim / measured")
-    for col in ("system", "req/s", "TTFT p50", "TPOT p50", "attainment"):
+                  caption="TTFT in s, TPOT in ms, busy: share of the run a role's engines "
+                          "stepped; sim / measured")
+    for col in ("system", "req/s", "TTFT p50", "TPOT p50", "attainment", "busy"):
         table.add_column(col, justify="right")
     for name, system in rep["systems"].items():
         for rate, run in system["rates"].items():
             real, sim = run["real"], run["sim"]
+            busy = "\n".join(f"{role} {b['sim']:.2f}/{b['real']:.2f}"
+                              for role, b in run.get("busy", {}).items())
             table.add_row(name, rate, f"{_num(sim['ttft_p50_s'])} / {_num(real['ttft_p50_s'])}",
                           f"{_num(sim['tpot_p50_s'], 1000)} / {_num(real['tpot_p50_s'], 1000)}",
-                          f"{sim['attainment']:.0%} / {real['attainment']:.0%}")
+                          f"{sim['attainment']:.0%} / {real['attainment']:.0%}", busy)
         table.add_row(name, "goodput", "", "",
-                      f"{system['goodput_sim_rps']:g} / {system['goodput_real_rps']:g} req/s")
+                      f"{system['goodput_sim_rps']:g} / {system['goodput_real_rps']:g} req/s", "")
     console.print(table)
 
 

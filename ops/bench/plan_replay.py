@@ -11,12 +11,14 @@ ran. `bench serve`'s peer is not Baton and is not simulated.
 
 A profile times the engine alone; a serving worker's steps take longer (its actor, Ray, the router
 and the KV link share the machine), a prefill worker's longer again (its KV sender shares its
-core), and a remote prefill's handoff costs calls beyond moving its bytes. `fit_serving` measures
-the three on one report, at its lowest rate, where a request waits for little but its own steps:
-the step factor as measured over simulated TPOT p50, per system (geometric mean), then the
-prefill factor and handoff that bring the remote prefills' simulated TTFTs nearest the measured
-ones (least squares in relative error; the handoff, for each factor tried, the median gap). Fit
-on one benchmark and replay another to check them.
+core), every request pays for the serving path (API, router, actor calls), and a remote
+prefill's handoff costs calls beyond moving its bytes. `fit_serving` measures the four on one
+report, at its lowest rate, where a request waits for little but its own steps: the step factor
+as measured over simulated TPOT p50, per system (geometric mean); the request's path as the
+median gap between measured and simulated TTFT of the prompts prefilled where they decode; then
+the prefill factor and handoff that bring the remote prefills' simulated TTFTs nearest the
+measured ones (least squares in relative error; the handoff, for each factor tried, the median
+gap). Fit on one benchmark and replay another to check them.
 
 Requests are replayed as they were served: where the report carries each request's forward
 passes and draft tokens (`bench serve`: the router picks acceleration methods), the request
@@ -129,7 +131,20 @@ def replay_run(layout: Layout, record: dict[str, Any], slo: tuple[float, float],
            "attainment": res.attainment(*slo), "remote_prefills": res.remote_prefills}
     real = {k: record[k] for k in ("ttft_p50_s", "tpot_p50_s", "attainment")}
     return {"real": real, "sim": sim,
-            "error": {k: _error(sim[f"{k}_s"], real[f"{k}_s"]) for k in ("ttft_p50", "tpot_p50")}}
+            "error": {k: _error(sim[f"{k}_s"], real[f"{k}_s"]) for k in ("ttft_p50", "tpot_p50")},
+            "busy": _busy(record, res)}
+
+
+def _busy(record: dict[str, Any], res: SimResult) -> dict[str, dict[str, float]]:
+    """Per role, the share of the run its engines spent stepping (mean over the role's
+    workers): measured (a worker's step time over the run's wall time, where the report kept
+    the workers' loads) and simulated. Empty for a report without them."""
+    shares: dict[str, list[float]] = {}
+    for w in record.get("workers") or []:
+        if w["wall_s"] > 0:
+            shares.setdefault(w["role"], []).append(w["step_s"] / w["wall_s"])
+    return {role: {"real": float(np.mean(v)), "sim": res.busy.get(role, 0.0)}
+            for role, v in sorted(shares.items())}
 
 
 def _steps_apart(rates: Sequence[float], a: float, b: float) -> int:
@@ -177,10 +192,12 @@ class ServingFit:
     scale: float  # every step
     prefill_scale: float  # a prefill worker's steps, on top of `scale`
     handoff_s: float  # each remote prefill's TTFT
+    request_s: float = 0.0  # every request's TTFT
 
     def apply(self, profile: Profile) -> Profile:
         return dataclasses.replace(profile, serving_scale=self.scale,
-                                   prefill_scale=self.prefill_scale, handoff_s=self.handoff_s)
+                                   prefill_scale=self.prefill_scale, handoff_s=self.handoff_s,
+                                   request_s=self.request_s)
 
 
 # Prefill factors tried: a prefill worker measured 1.0-1.5x a decode worker's step factor here.
@@ -193,21 +210,28 @@ def _lowest_runs(report: dict[str, Any], cost: CostModel):
         yield layout, rates[min(rates, key=float)]
 
 
-def _remote_ttfts(report: dict[str, Any], profile: Profile,
-                  cached_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """(measured, simulated) TTFTs of the lowest rates' remote prefills on `profile`."""
+def _lowest_ttfts(report: dict[str, Any], profile: Profile, cached_tokens: int,
+                  remote: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(measured, simulated) TTFTs on `profile` of the lowest rates' remote prefills (`remote`)
+    or of their prompts prefilled where they decode (every prompt, without a prefill worker);
+    only pairs with a simulated TTFT and a positive measured one."""
     real: list[np.ndarray] = []
     sim: list[np.ndarray] = []
     for layout, record in _lowest_runs(report, profile_cost(profile)):
         specs, threshold = layout
-        if not any(s.role == "prefill" for s in specs):
+        split = any(s.role == "prefill" for s in specs)
+        if remote and not split:
             continue
         res = _simulate(layout, record, cached_tokens)
-        remote = _prompts(record, cached_tokens) >= threshold
-        real.append(np.asarray([t[0] for t in record["timings"]], dtype=float)[remote])
-        sim.append(res.ttft[remote])
-    return ((np.concatenate(real), np.concatenate(sim)) if real
-            else (np.empty(0), np.empty(0)))
+        away = (_prompts(record, cached_tokens) >= threshold) & split
+        pick = away if remote else ~away
+        real.append(np.asarray([t[0] for t in record["timings"]], dtype=float)[pick])
+        sim.append(res.ttft[pick])
+    if not real:
+        return np.empty(0), np.empty(0)
+    r, s = np.concatenate(real), np.concatenate(sim)
+    keep = np.isfinite(s) & (r > 0)
+    return r[keep], s[keep]
 
 
 def fit_serving(report: dict[str, Any], profile: Profile, cached_tokens: int = 0) -> ServingFit:
@@ -223,19 +247,20 @@ def fit_serving(report: dict[str, Any], profile: Profile, cached_tokens: int = 0
     if not logs:
         raise ConfigError("the report has no run with a TPOT to fit the serving scale to")
     scale = math.exp(sum(logs) / len(logs))
-    best = ServingFit(scale, 1.0, 0.0)
+    real, sim = _lowest_ttfts(report, ServingFit(scale, 1.0, 0.0).apply(profile), cached_tokens,
+                              remote=False)
+    request = max(0.0, float(np.median(real - sim))) if len(real) else 0.0
+    best = ServingFit(scale, 1.0, 0.0, request)
     best_err = math.inf
     for prefill_scale in PREFILL_SCALES:
-        trial = ServingFit(scale, float(prefill_scale), 0.0)
-        real, sim = _remote_ttfts(report, trial.apply(profile), cached_tokens)
-        keep = np.isfinite(sim) & (real > 0)
-        if not keep.any():
+        trial = ServingFit(scale, float(prefill_scale), 0.0, request)
+        real, sim = _lowest_ttfts(report, trial.apply(profile), cached_tokens, remote=True)
+        if not len(real):
             return best  # no remote prefill to fit the rest to
-        real, sim = real[keep], sim[keep]
         handoff = max(0.0, float(np.median(real - sim)))
         err = float(np.sum(((sim + handoff) / real - 1) ** 2))
         if err < best_err - 1e-12:
-            best, best_err = ServingFit(scale, float(prefill_scale), handoff), err
+            best, best_err = ServingFit(scale, float(prefill_scale), handoff, request), err
     return best
 
 

@@ -63,9 +63,13 @@ TARGETS = {"goodput_vs_transformers_serve": 2.0, "router_overhead_ms_p50": 2.0}
 LOAD = sweep.MixedLoad(long_prompt=(300, 600), long_output=(32, 64))
 
 
+def cluster_workers() -> list[dict[str, Any]]:
+    """The local cluster's ready workers as its controller lists them (role, handle, ...)."""
+    return ray.get(get_controller(namespace=local.NAMESPACE).workers.remote())
+
+
 def decode_worker() -> Any:
-    workers = ray.get(get_controller(namespace=local.NAMESPACE).workers.remote())
-    for w in workers:
+    for w in cluster_workers():
         if w["role"] in ("decode", "both"):
             return w["handle"]
     raise ConfigError("the cluster has no ready decode worker to measure against")
@@ -86,7 +90,7 @@ def baton_cluster(model: str, dtype: str, address: str | None) -> Iterator[Baton
         if not ray.is_initialized():
             cluster.connect()
         try:
-            yield BatonTarget(address, cluster.token, _metrics_url(cluster))
+            yield BatonTarget(address, cluster.token, _metrics_url(cluster), cluster_workers)
         finally:
             ray.shutdown()
         return
@@ -103,7 +107,8 @@ def baton_cluster(model: str, dtype: str, address: str | None) -> Iterator[Baton
         try:
             # The HTTP front end serves the router's /metrics, where it times itself.
             cluster = local.up(str(path), grpc_port=free_port(), http_port=free_port())
-            yield BatonTarget(cluster.grpc_address, cluster.token, _metrics_url(cluster))
+            yield BatonTarget(cluster.grpc_address, cluster.token, _metrics_url(cluster),
+                              cluster_workers)
         finally:
             local.down()
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aiohttp
 
 from baton.client import AsyncBatonClient
+from baton.ops.bench import worker_load
 from baton.ops.bench.openloop import SLO, run_open_loop
 from baton.ops.bench.router_time import Scrape, scrape, summary
 from baton.ops.bench.transformers_serve import (
@@ -104,13 +105,33 @@ class Target:
 
 class BatonTarget(Target):
     """Baton through its gRPC API, prompts as token ids; `metrics_url` is its router's
-    `/metrics` (None: the router has no HTTP front end, and its own time goes unread)."""
+    `/metrics` (None: the router has no HTTP front end, and its own time goes unread);
+    `workers` lists the cluster's workers (controller entries with a `handle`), whose loads over
+    each run the notes keep (`worker_load`)."""
 
     name = "baton"
 
-    def __init__(self, address: str, token: str | None, metrics_url: str | None = None):
+    def __init__(self, address: str, token: str | None, metrics_url: str | None = None,
+                 workers: Callable[[], list[dict[str, Any]]] | None = None):
         super().__init__()
         self.address, self.token, self.metrics_url = address, token, metrics_url
+        self._workers = workers
+        self._loads: list[dict[str, Any]] = []
+
+    def run(self, requests: Sequence[BenchRequest], arrivals: Sequence[float]) -> Timings:
+        if self._workers is None:
+            return super().run(requests, arrivals)
+        handles = [w["handle"] for w in self._workers()]
+        before = worker_load.snapshot(handles)
+        timings, wall = super().run(requests, arrivals)
+        self._loads = worker_load.between(before, worker_load.snapshot(handles), wall)
+        return timings, wall
+
+    def notes(self) -> dict[str, Any]:
+        notes = super().notes()
+        if self._workers is not None:
+            notes["workers"] = self._loads
+        return notes
 
     async def router_time(self) -> Scrape | None:
         """The router's own-time histograms now (None without a metrics URL)."""

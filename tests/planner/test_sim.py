@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -25,6 +27,20 @@ def test_a_request_alone_takes_its_prefill_then_one_step_per_token(h100: CostMod
     steps = [h100.iteration(0, 0.0, 1, 1000 + i) for i in range(10)]
     assert res.ttft[0] == pytest.approx(prefill)
     assert res.tpot[0] == pytest.approx(sum(steps) / 10, rel=1e-6)
+
+
+def test_the_request_path_delays_every_first_token_and_nothing_else(h100: CostModel) -> None:
+    """A decode pool's `request_s` (API, router, actor calls) adds exactly that to every TTFT;
+    the engines see the same gaps between arrivals, so TPOT and the routing do not change."""
+    arrivals = poisson(40, 8.0, np.random.default_rng(1))
+    prompts, outputs = np.full(40, 600), np.full(40, 50)
+    plain, slow = (CostModel(h100.device, h100.model, 1,
+                             dataclasses.replace(h100.eff, request_s=s)) for s in (0.0, 0.04))
+    runs = [ClusterSim([ReplicaSpec("prefill", c, 1), ReplicaSpec("decode", c, 2)], 256).run(
+        arrivals, prompts, outputs) for c in (plain, slow)]
+    assert runs[1].ttft == pytest.approx(runs[0].ttft + 0.04, abs=1e-9)
+    assert runs[1].tpot == pytest.approx(runs[0].tpot, rel=1e-9)
+    assert runs[1].remote_prefills == runs[0].remote_prefills == 40
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_of_the_token_budget(h100: CostModel) -> None:
