@@ -118,6 +118,11 @@ def replays(paths: Sequence[str], profile_path: str | None, fit_on: str | None =
                     for path in paths}
 
 
+def repeated(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """The replayed reports' runs of the same requests, measured twice (`plan_replay.repeats`)."""
+    return plan_replay.repeats({str(p): _bench_report(p) for p in paths}) if paths else []
+
+
 def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, seed: int = 0,
         calibrate: bool = True, replay: Sequence[str] = (), profile: str | None = None,
         fit_on: str | None = None, save_profile: str | None = None,
@@ -125,6 +130,7 @@ def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, se
     """Simulate `hours` of traffic at `rate` requests/s, and `baseline_s` of it both ways."""
     say = progress.print if progress else (lambda _: None)
     fitted, replayed = replays(replay, profile, fit_on, save_profile)
+    repeats = repeated(replay)
     calib = None
     if calibrate:
         say(f"calibration: profiling {CALIBRATION_MODEL}, then real and simulated runs")
@@ -154,6 +160,7 @@ def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, se
         "calibration": calib,
         "serving_fit": fitted,
         "replays": replayed,
+        "repeats": repeats,
         "ratios": {
             "simulated_seconds_per_wall_second": sim_s / wall,
             "skipping_speedup_vs_per_iteration": base_wall / short_wall,
@@ -162,6 +169,7 @@ def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, se
             "tpot_p50_skipping_vs_per_iteration": window["skipping"]["tpot_p50_s"]
             / window["per_iteration"]["tpot_p50_s"],
             **_replay_ratios(replayed),
+            **_repeat_ratios(repeats),
         },
     }
 
@@ -174,6 +182,15 @@ def _replay_ratios(replayed: dict[str, Any]) -> dict[str, float]:
     return {"replay_ttft_p50_worst_abs_error": max(w["ttft_p50"] for w in worst),
             "replay_tpot_p50_worst_abs_error": max(w["tpot_p50"] for w in worst),
             "replay_goodput_worst_rate_steps": max(w["goodput_rate_steps"] for w in worst)}
+
+
+def _repeat_ratios(repeats: list[dict[str, Any]]) -> dict[str, float]:
+    """The largest difference between two measurements of the same requests (none: no ratios)."""
+    if not repeats:
+        return {}
+    return {f"repeat_{k}_worst_abs_difference": max(abs(r["difference"][k] or 0.0)
+                                                    for r in repeats)
+            for k in plan_replay.P50S}
 
 
 def show(report: dict[str, Any], console: Console) -> None:
@@ -206,6 +223,8 @@ def show(report: dict[str, Any], console: Console) -> None:
                       f"{fit['handoff_s'] * 1000:.0f} ms, fitted on {fit['fitted_on']}")
     for path, rep in report.get("replays", {}).items():
         _show_replay(path, rep, console)
+    if repeats := report.get("repeats"):
+        _show_repeats(repeats, console)
 
 
 def _show_replay(path: str, rep: dict[str, Any], console: Console) -> None:
@@ -225,6 +244,24 @@ def _show_replay(path: str, rep: dict[str, Any], console: Console) -> None:
         table.add_row(name, "goodput", "", "",
                       f"{system['goodput_sim_rps']:g} / {system['goodput_real_rps']:g} req/s", "")
     console.print(table)
+
+
+def _show_repeats(repeats: list[dict[str, Any]], console: Console) -> None:
+    table = Table(title="the same requests measured twice",
+                  caption="TTFT in s, TPOT in ms; first / second report (difference)")
+    for col in ("reports", "system", "req/s", "TTFT p50", "TPOT p50"):
+        table.add_column(col, justify="right")
+    for r in repeats:
+        (t1, t2), (p1, p2) = r["ttft_p50"], r["tpot_p50"]
+        diff = r["difference"]
+        table.add_row(" / ".join(Path(p).name for p in r["reports"]), r["system"], r["rate"],
+                      f"{_num(t1)} / {_num(t2)} ({_pct(diff['ttft_p50'])})",
+                      f"{_num(p1, 1000)} / {_num(p2, 1000)} ({_pct(diff['tpot_p50'])})")
+    console.print(table)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.0%}"
 
 
 def _num(value: float | None, scale: float = 1.0) -> str:

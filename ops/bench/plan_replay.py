@@ -44,6 +44,7 @@ from baton.ops.bench.plan_calibration import profile_cost
 from baton.ops.bench.sweep import ATTAINMENT
 
 Layout = tuple[list[ReplicaSpec], int]  # replicas, prefill threshold
+P50S = ("ttft_p50", "tpot_p50")  # the latencies compared, each `{name}_s` in a run's record
 
 
 def _pd_layouts(cost: CostModel, engine: EngineConfig) -> dict[str, Layout]:
@@ -131,7 +132,7 @@ def replay_run(layout: Layout, record: dict[str, Any], slo: tuple[float, float],
            "attainment": res.attainment(*slo), "remote_prefills": res.remote_prefills}
     real = {k: record[k] for k in ("ttft_p50_s", "tpot_p50_s", "attainment")}
     return {"real": real, "sim": sim,
-            "error": {k: _error(sim[f"{k}_s"], real[f"{k}_s"]) for k in ("ttft_p50", "tpot_p50")},
+            "error": {k: _error(sim[f"{k}_s"], real[f"{k}_s"]) for k in P50S},
             "busy": _busy(record, res)}
 
 
@@ -262,6 +263,34 @@ def fit_serving(report: dict[str, Any], profile: Profile, cached_tokens: int = 0
         if err < best_err - 1e-12:
             best, best_err = ServingFit(scale, float(prefill_scale), handoff, request), err
     return best
+
+
+def repeats(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The measured p50s of every system and rate that two of `reports` ran on the same
+    requests (the same arrival offsets and lengths: the same benchmark with the same seed) set
+    side by side, with the first over the second - 1: how far the real system repeats itself,
+    the floor under any simulated error."""
+    def runs(report: dict[str, Any]):
+        for system, measured in report["systems"].items():
+            for rate, record in measured["rates"].items():
+                key = (system, rate, tuple(record.get("arrivals", ())),
+                       tuple(record["prompt_tokens"]), tuple(record["max_tokens"]))
+                yield key, record
+
+    out = []
+    names = list(reports)
+    for i, a in enumerate(names):
+        first = dict(runs(reports[a]))
+        for b in names[i + 1:]:
+            for key, second in runs(reports[b]):
+                if key not in first or not key[2]:
+                    continue
+                one = first[key]
+                out.append({"system": key[0], "rate": key[1], "reports": [a, b],
+                            **{k: [one[f"{k}_s"], second[f"{k}_s"]] for k in P50S},
+                            "difference": {k: _error(one[f"{k}_s"], second[f"{k}_s"])
+                                           for k in P50S}})
+    return out
 
 
 def cached_prefix_tokens(model: str, block_size: int | None = None) -> int:

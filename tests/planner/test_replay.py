@@ -127,6 +127,27 @@ def test_the_replay_sets_each_roles_busy_share_beside_the_measured_one() -> None
         "systems"].values() for run in system["rates"].values())
 
 
+def test_two_reports_of_the_same_requests_are_set_side_by_side() -> None:
+    """Runs of the same requests (same arrivals and lengths) in two reports are compared, the
+    first's p50 over the second's; runs of other requests are not."""
+    again = json.loads(json.dumps(REPORT))
+    run = again["systems"]["disaggregated"]["rates"]["1.0"]
+    run["ttft_p50_s"] *= 2
+    moved = again["systems"]["colocated"]["rates"]["0.5"]
+    moved["arrivals"] = [a + 0.5 for a in moved["arrivals"]]  # other requests: not compared
+    pairs = plan_replay.repeats({"first": REPORT, "second": again})
+    ran = {(n, r) for n, system in REPORT["systems"].items() for r in system["rates"]}
+    assert {(p["system"], p["rate"]) for p in pairs} == ran - {("colocated", "0.5")}
+    for p in pairs:
+        assert p["reports"] == ["first", "second"]
+        one = REPORT["systems"][p["system"]]["rates"][p["rate"]]
+        assert p["ttft_p50"][0] == one["ttft_p50_s"] and p["tpot_p50"][0] == one["tpot_p50_s"]
+        doubled = (p["system"], p["rate"]) == ("disaggregated", "1.0")
+        assert p["difference"]["ttft_p50"] == pytest.approx(-0.5 if doubled else 0.0)
+        assert p["difference"]["tpot_p50"] == pytest.approx(0.0)
+    assert plan_replay.repeats({"only": REPORT}) == []
+
+
 def test_a_report_of_another_benchmark_is_refused() -> None:
     with pytest.raises(ConfigError, match="bench pd.*bench serve"):
         plan_replay.replay({"slo": REPORT["slo"], "ratios": {}}, PROFILE)
