@@ -48,6 +48,9 @@ class Efficiency:
     # Per KV handoff, beyond moving its bytes: the calls that set it up and bring the first token
     # back (a profile fitted to a served benchmark measures it; none assumed otherwise).
     handoff_s: float = 0.0
+    # More per handoff whose decode worker is stepping when the prefill ends: its admission and
+    # the KV receiver wait on the busy engine (a profile fitted to a served benchmark measures it).
+    handoff_busy_s: float = 0.0
     # Per request, before its prompt reaches an engine and after its tokens leave one: the API,
     # the router and the actor calls (a profile fitted to a served benchmark measures it).
     request_s: float = 0.0
@@ -237,5 +240,6 @@ def device_from_profile(profile: Profile, model: ModelProfile,
                               kv=per_byte / per_kv if per_kv else 1e30,
                               overhead_s=overhead, per_seq_s=per_seq,
                               handoff_s=profile.handoff_s, request_s=profile.request_s,
+                              handoff_busy_s=profile.handoff_busy_s,
                               prefill_scale=profile.prefill_scale,
                               link=1.0, overlap=False)

@@ -6,9 +6,10 @@ per prompt length, decode step seconds per (batch size, context length per reque
 are of the engine alone; `serving_scale` is how many times longer a step takes in a serving worker
 (its actor, Ray, the router and the KV link sharing the machine), `prefill_scale` how many times
 longer again a prefill worker's step takes (its KV sender shares its core), `handoff_s` what
-one KV handoff adds to a remote prefill's TTFT beyond moving its bytes and `request_s` what the
-serving path (API, router, actor calls) adds to every request's, all fitted to a served benchmark
-by `baton bench plan --fit-on` (1.0, 1.0, 0 and 0 until then).
+one KV handoff adds to a remote prefill's TTFT beyond moving its bytes (`handoff_busy_s` more
+when its decode worker is stepping then) and `request_s` what the serving path (API, router,
+actor calls) adds to every request's, all fitted to a served benchmark by `baton bench plan
+--fit-on` (1.0, 1.0, 0, 0 and 0 until then).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Profile:
     handoff_s: float = 0.0
     prefill_scale: float = 1.0
     request_s: float = 0.0
+    handoff_busy_s: float = 0.0
 
     @property
     def is_cpu(self) -> bool:
@@ -65,10 +67,11 @@ class Profile:
         prof.decode = [(int(b), int(c), float(s)) for b, c, s in prof.decode]
         if len(prof.prefill) < 2 or len(prof.decode) < 2:
             raise ConfigError(f"profile {p} needs at least two prefill and two decode points")
-        if not (prof.serving_scale > 0 and prof.prefill_scale > 0 and prof.handoff_s >= 0
-                and prof.request_s >= 0):
+        if not (prof.serving_scale > 0 and prof.prefill_scale > 0
+                and min(prof.handoff_s, prof.handoff_busy_s, prof.request_s) >= 0):
             raise ConfigError(f"profile {p}: serving_scale and prefill_scale must be positive "
-                              f"and handoff_s and request_s at least 0, not "
+                              f"and handoff_s, handoff_busy_s and request_s at least 0, not "
                               f"{prof.serving_scale!r}, {prof.prefill_scale!r}, "
-                              f"{prof.handoff_s!r} and {prof.request_s!r}")
+                              f"{prof.handoff_s!r}, {prof.handoff_busy_s!r} and "
+                              f"{prof.request_s!r}")
         return prof

@@ -215,7 +215,10 @@ class ClusterSim:
         """A prefill worker finished `req`'s prompt: its KV reaches the decode worker later."""
         xfer = req.prefill.cost.transfer(req.prompt, req.decode.cost)
         layers = req.prefill.cost.model.num_layers
-        tail = max(xfer / layers, xfer - (now - req.started)) + req.prefill.cost.eff.handoff_s
+        eff = req.prefill.cost.eff
+        tail = max(xfer / layers, xfer - (now - req.started)) + eff.handoff_s
+        if req.decode.busy:  # the receiver and the import wait on a stepping engine
+            tail += eff.handoff_busy_s
         req.todo = 0
         if self.lookahead and req.left > 1:
             req.first = now + tail

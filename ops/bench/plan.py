@@ -220,7 +220,9 @@ def show(report: dict[str, Any], console: Console) -> None:
     if fit := report.get("serving_fit"):
         console.print(f"serving scale {fit['scale']:.3f}, prefill scale {fit['prefill_scale']:.2f},"
                       f" request path {fit.get('request_s', 0.0) * 1000:.0f} ms and handoff "
-                      f"{fit['handoff_s'] * 1000:.0f} ms, fitted on {fit['fitted_on']}")
+                      f"{fit['handoff_s'] * 1000:.0f} ms (+"
+                      f"{fit.get('handoff_busy_s', 0.0) * 1000:.0f} ms to a stepping decode "
+                      f"worker), fitted on {fit['fitted_on']}")
     for path, rep in report.get("replays", {}).items():
         _show_replay(path, rep, console)
     if repeats := report.get("repeats"):

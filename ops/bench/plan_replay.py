@@ -194,11 +194,12 @@ class ServingFit:
     prefill_scale: float  # a prefill worker's steps, on top of `scale`
     handoff_s: float  # each remote prefill's TTFT
     request_s: float = 0.0  # every request's TTFT
+    handoff_busy_s: float = 0.0  # a remote prefill's TTFT, more while its decode worker steps
 
     def apply(self, profile: Profile) -> Profile:
         return dataclasses.replace(profile, serving_scale=self.scale,
                                    prefill_scale=self.prefill_scale, handoff_s=self.handoff_s,
-                                   request_s=self.request_s)
+                                   request_s=self.request_s, handoff_busy_s=self.handoff_busy_s)
 
 
 # Prefill factors tried: a prefill worker measured 1.0-1.5x a decode worker's step factor here.
@@ -211,14 +212,23 @@ def _lowest_runs(report: dict[str, Any], cost: CostModel):
         yield layout, rates[min(rates, key=float)]
 
 
+def _loaded_runs(report: dict[str, Any], cost: CostModel):
+    """Per system, its run at the highest rate above its lowest that still met the SLOs."""
+    for name, layout in layouts(report, cost).items():
+        rates = report["systems"][name]["rates"]
+        met = [r for r in rates if rates[r]["attainment"] >= ATTAINMENT]
+        if len(met) > 1 or (met and float(met[0]) > min(map(float, rates))):
+            yield layout, rates[max(met, key=float)]
+
+
 def _lowest_ttfts(report: dict[str, Any], profile: Profile, cached_tokens: int,
-                  remote: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(measured, simulated) TTFTs on `profile` of the lowest rates' remote prefills (`remote`)
-    or of their prompts prefilled where they decode (every prompt, without a prefill worker);
-    only pairs with a simulated TTFT and a positive measured one."""
+                  remote: bool, runs=_lowest_runs) -> tuple[np.ndarray, np.ndarray]:
+    """(measured, simulated) TTFTs on `profile` of the lowest rates' (or other `runs`') remote
+    prefills (`remote`) or of their prompts prefilled where they decode (every prompt, without a
+    prefill worker); only pairs with a simulated TTFT and a positive measured one."""
     real: list[np.ndarray] = []
     sim: list[np.ndarray] = []
-    for layout, record in _lowest_runs(report, profile_cost(profile)):
+    for layout, record in runs(report, profile_cost(profile)):
         specs, threshold = layout
         split = any(s.role == "prefill" for s in specs)
         if remote and not split:
@@ -262,6 +272,28 @@ def fit_serving(report: dict[str, Any], profile: Profile, cached_tokens: int = 0
         err = float(np.sum(((sim + handoff) / real - 1) ** 2))
         if err < best_err - 1e-12:
             best, best_err = ServingFit(scale, float(prefill_scale), handoff, request), err
+    return _fit_busy_handoff(report, profile, cached_tokens, best)
+
+
+# Extra handoff times tried for a decode worker that is stepping (0 to 0.4 s).
+HANDOFF_BUSY = np.round(np.arange(0.0, 0.4001, 0.01), 2)
+
+
+def _fit_busy_handoff(report: dict[str, Any], profile: Profile, cached_tokens: int,
+                      fit: ServingFit) -> ServingFit:
+    """`fit` with the extra handoff time that brings the remote prefills' simulated TTFTs
+    nearest the measured ones (least squares in relative error) at each system's highest rate
+    within the SLOs, where the decode worker is busy; unchanged without such a run."""
+    best, best_err = fit, math.inf
+    for extra in HANDOFF_BUSY:
+        trial = dataclasses.replace(fit, handoff_busy_s=float(extra))
+        real, sim = _lowest_ttfts(report, trial.apply(profile), cached_tokens, remote=True,
+                                  runs=_loaded_runs)
+        if not len(real):
+            return fit
+        err = float(np.sum((sim / real - 1) ** 2))
+        if err < best_err - 1e-12:
+            best, best_err = trial, err
     return best
 
 

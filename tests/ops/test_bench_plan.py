@@ -33,9 +33,10 @@ def test_bench_plan_fits_the_serving_scale_on_one_report_and_replays(tmp_path) -
                       replay=[report_path], profile=str(data / "cpu_smollm2_1thread.json"),
                       fit_on=report_path, save_profile=str(saved))
     fitted, served = report["serving_fit"], Profile.load(saved)
-    assert (served.serving_scale, served.prefill_scale, served.handoff_s,
-            served.request_s) == pytest.approx((fitted["scale"], fitted["prefill_scale"],
-                                                fitted["handoff_s"], fitted["request_s"]))
+    assert (served.serving_scale, served.prefill_scale, served.handoff_s, served.request_s,
+            served.handoff_busy_s) == pytest.approx(
+        (fitted["scale"], fitted["prefill_scale"], fitted["handoff_s"], fitted["request_s"],
+         fitted["handoff_busy_s"]))
     assert list(report["replays"]) == [report_path]
     replayed = report["replays"][report_path]
     assert set(replayed["systems"]) == {"colocated", "disaggregated"}

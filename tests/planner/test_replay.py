@@ -68,6 +68,25 @@ def test_the_fitted_scale_and_handoff_match_the_lowest_rate() -> None:
                for s in plan_replay.PREFILL_SCALES)
 
 
+def test_the_busy_handoff_is_fitted_where_the_decode_worker_was_loaded() -> None:
+    """The extra handoff time for a stepping decode worker is the one of those tried that fits
+    the remote prefills' TTFTs best at each system's highest rate within the SLOs."""
+    fit = plan_replay.fit_serving(REPORT, PROFILE, CACHED)
+    # Each system met the SLOs up to its goodput (above its lowest rate): that run is the one.
+    loaded = [record for _, record in plan_replay._loaded_runs(REPORT, profile_cost(PROFILE))]
+    assert loaded == [system["rates"][str(system["goodput_rps"])]
+                      for system in REPORT["systems"].values()]
+
+    def error(extra: float) -> float:
+        trial = dataclasses.replace(fit, handoff_busy_s=extra)
+        real, sim = plan_replay._lowest_ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=True,
+                                              runs=plan_replay._loaded_runs)
+        return float(np.sum((sim / real - 1) ** 2))
+
+    assert all(error(fit.handoff_busy_s) <= error(float(x)) + 1e-12
+               for x in plan_replay.HANDOFF_BUSY)
+
+
 def test_a_prefill_scale_slows_only_the_prefill_workers_steps() -> None:
     record = REPORT["systems"]["disaggregated"]["rates"]["0.25"]
     runs = {}

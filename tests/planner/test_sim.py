@@ -63,6 +63,25 @@ def test_a_remote_prefill_adds_the_transfer_the_prefill_did_not_hide(h100: CostM
     assert res.tpot[0] == pytest.approx(h100.iteration(0, 0.0, 1, 2000))
 
 
+def test_a_handoff_to_a_stepping_decode_worker_takes_its_extra_time(h100: CostModel) -> None:
+    """`handoff_busy_s` lengthens a remote prefill's TTFT only where its decode worker is
+    stepping when the prefill ends: not a prompt's alone, but one's beside a long decode."""
+    specs = {k: [ReplicaSpec("prefill", c, 1, max_num_batched_tokens=4096),
+                 ReplicaSpec("decode", c, 1)]
+             for k, c in ((0.0, h100), (0.05, CostModel(h100.device, h100.model, 1,
+                                                         dataclasses.replace(
+                                                             h100.eff, handoff_busy_s=0.05))))}
+    alone = {k: ClusterSim(s, 64).run(np.array([0.0]), np.array([2000]), np.array([2]))
+             for k, s in specs.items()}
+    assert alone[0.05].ttft[0] == pytest.approx(alone[0.0].ttft[0])
+    # A short prompt decodes 400 tokens locally while a long one is prefilled remotely.
+    arrivals, prompts, outputs = np.array([0.0, 0.01]), np.array([32, 2000]), np.array([400, 2])
+    beside = {k: ClusterSim(s, 64).run(arrivals, prompts, outputs) for k, s in specs.items()}
+    assert beside[0.05].remote_prefills == 1
+    assert beside[0.05].ttft[1] == pytest.approx(beside[0.0].ttft[1] + 0.05, abs=1e-9)
+    assert beside[0.05].ttft[0] == pytest.approx(beside[0.0].ttft[0])
+
+
 def _load(n: int, rate: float, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     prompts, outputs = get_workload("conversation").sample(n, rng)
