@@ -203,13 +203,18 @@ class SimEngine:
         return ends[0][0] - self.clock
 
     def _plan(self, now: float) -> None:
+        # An import joins between iterations, and its first token goes out then (as a worker's
+        # engine loop takes an import's completion between steps).
         if self.joining:
             for req in self.joining:
+                req.first = now
                 self._join(req)
             self.joining = []
         expected = self._expected
         while expected and expected[0][0] <= now:
-            self._join(heapq.heappop(expected)[2])
+            req = heapq.heappop(expected)[2]
+            req.first = now
+            self._join(req)
         running, partial = self.running, self.prefilling
         n = len(running)
         if n and not partial and not self.waiting and self.kv_used + self.gain <= self.capacity:
