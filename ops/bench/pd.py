@@ -80,9 +80,8 @@ class System:
             params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True)
             return self.dispatcher.generate(f"{tag}-{i}", req.prompt_ids, params)
 
-        before = worker_load.snapshot(self.workers)
-        timings, wall = asyncio.run(run_open_loop(send, requests, arrivals))
-        self._loads = worker_load.between(before, worker_load.snapshot(self.workers), wall)
+        timings, wall, self._loads = worker_load.during(
+            self.workers, lambda: asyncio.run(run_open_loop(send, requests, arrivals)))
         return timings, wall
 
     def notes(self) -> dict[str, Any]:

@@ -96,15 +96,20 @@ def _bench_report(path: str) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
+Replays = tuple[dict[str, Any] | None, dict[str, Any], list[dict[str, Any]]]
+
+
 def replays(paths: Sequence[str], profile_path: str | None, fit_on: str | None = None,
-            save_profile: str | None = None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+            save_profile: str | None = None) -> Replays:
     """What serving adds to the profile, fitted to the report at `fit_on` (None: not fitted),
-    and each bench report at `paths` replayed on the profile (see `plan_replay`)."""
+    each bench report at `paths` replayed on the profile (see `plan_replay`), and their runs of
+    the same requests side by side (`plan_replay.repeats`)."""
     if not paths and fit_on is None:
-        return None, {}
+        return None, {}, []
     if profile_path is None:
         raise ConfigError("--replay and --fit-on need --profile: a `baton profile` of this "
                           "machine's engine to cost the replayed layouts")
+    reports = {str(path): _bench_report(path) for path in paths}
     profile = Profile.load(profile_path)
     cached = plan_replay.cached_prefix_tokens(profile.model)  # the model it profiled
     fitted = None
@@ -114,13 +119,8 @@ def replays(paths: Sequence[str], profile_path: str | None, fit_on: str | None =
         fitted = {"fitted_on": fit_on, **dataclasses.asdict(fit)}
         if save_profile:
             profile.save(save_profile)
-    return fitted, {str(path): plan_replay.replay(_bench_report(path), profile, cached)
-                    for path in paths}
-
-
-def repeated(paths: Sequence[str]) -> list[dict[str, Any]]:
-    """The replayed reports' runs of the same requests, measured twice (`plan_replay.repeats`)."""
-    return plan_replay.repeats({str(p): _bench_report(p) for p in paths}) if paths else []
+    return (fitted, {path: plan_replay.replay(report, profile, cached)
+                     for path, report in reports.items()}, plan_replay.repeats(reports))
 
 
 def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, seed: int = 0,
@@ -129,8 +129,7 @@ def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, se
         progress: Console | None = None) -> dict[str, Any]:
     """Simulate `hours` of traffic at `rate` requests/s, and `baseline_s` of it both ways."""
     say = progress.print if progress else (lambda _: None)
-    fitted, replayed = replays(replay, profile, fit_on, save_profile)
-    repeats = repeated(replay)
+    fitted, replayed, repeats = replays(replay, profile, fit_on, save_profile)
     calib = None
     if calibrate:
         say(f"calibration: profiling {CALIBRATION_MODEL}, then real and simulated runs")

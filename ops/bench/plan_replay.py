@@ -217,15 +217,15 @@ def _loaded_runs(report: dict[str, Any], cost: CostModel):
     for name, layout in layouts(report, cost).items():
         rates = report["systems"][name]["rates"]
         met = [r for r in rates if rates[r]["attainment"] >= ATTAINMENT]
-        if len(met) > 1 or (met and float(met[0]) > min(map(float, rates))):
+        if met and max(met, key=float) != min(rates, key=float):
             yield layout, rates[max(met, key=float)]
 
 
-def _lowest_ttfts(report: dict[str, Any], profile: Profile, cached_tokens: int,
+def _ttfts(report: dict[str, Any], profile: Profile, cached_tokens: int,
                   remote: bool, runs=_lowest_runs) -> tuple[np.ndarray, np.ndarray]:
-    """(measured, simulated) TTFTs on `profile` of the lowest rates' (or other `runs`') remote
-    prefills (`remote`) or of their prompts prefilled where they decode (every prompt, without a
-    prefill worker); only pairs with a simulated TTFT and a positive measured one."""
+    """(measured, simulated) TTFTs on `profile`, in the lowest rates' runs (or other `runs`), of
+    the remote prefills (`remote`) or of the prompts prefilled where they decode (every prompt,
+    without a prefill worker); only pairs with a simulated TTFT and a positive measured one."""
     real: list[np.ndarray] = []
     sim: list[np.ndarray] = []
     for layout, record in runs(report, profile_cost(profile)):
@@ -258,14 +258,14 @@ def fit_serving(report: dict[str, Any], profile: Profile, cached_tokens: int = 0
     if not logs:
         raise ConfigError("the report has no run with a TPOT to fit the serving scale to")
     scale = math.exp(sum(logs) / len(logs))
-    real, sim = _lowest_ttfts(report, ServingFit(scale, 1.0, 0.0).apply(profile), cached_tokens,
+    real, sim = _ttfts(report, ServingFit(scale, 1.0, 0.0).apply(profile), cached_tokens,
                               remote=False)
     request = max(0.0, float(np.median(real - sim))) if len(real) else 0.0
     best = ServingFit(scale, 1.0, 0.0, request)
     best_err = math.inf
     for prefill_scale in PREFILL_SCALES:
         trial = ServingFit(scale, float(prefill_scale), 0.0, request)
-        real, sim = _lowest_ttfts(report, trial.apply(profile), cached_tokens, remote=True)
+        real, sim = _ttfts(report, trial.apply(profile), cached_tokens, remote=True)
         if not len(real):
             return best  # no remote prefill to fit the rest to
         handoff = max(0.0, float(np.median(real - sim)))
@@ -287,7 +287,7 @@ def _fit_busy_handoff(report: dict[str, Any], profile: Profile, cached_tokens: i
     best, best_err = fit, math.inf
     for extra in HANDOFF_BUSY:
         trial = dataclasses.replace(fit, handoff_busy_s=float(extra))
-        real, sim = _lowest_ttfts(report, trial.apply(profile), cached_tokens, remote=True,
+        real, sim = _ttfts(report, trial.apply(profile), cached_tokens, remote=True,
                                   runs=_loaded_runs)
         if not len(real):
             return fit

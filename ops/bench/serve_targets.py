@@ -122,9 +122,8 @@ class BatonTarget(Target):
         if self._workers is None:
             return super().run(requests, arrivals)
         handles = [w["handle"] for w in self._workers()]
-        before = worker_load.snapshot(handles)
-        timings, wall = super().run(requests, arrivals)
-        self._loads = worker_load.between(before, worker_load.snapshot(handles), wall)
+        timings, wall, self._loads = worker_load.during(
+            handles, lambda: super(BatonTarget, self).run(requests, arrivals))
         return timings, wall
 
     def notes(self) -> dict[str, Any]:

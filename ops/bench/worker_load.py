@@ -10,12 +10,13 @@ enough to see where a loaded worker's time went.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import ray
 
 LOOP_FIELDS = ("steps", "step_s", "forward_s", "calls_s", "deliver_s")
+T = TypeVar("T")
 
 
 def snapshot(workers: Sequence[Any]) -> list[dict[str, Any]]:
@@ -42,3 +43,11 @@ def between(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]],
         row["process_cpu_s"] = a["process_cpu_s"] - b["process_cpu_s"]
         out.append(row)
     return out
+
+
+def during(workers: Sequence[Any],
+           run: Callable[[], tuple[T, float]]) -> tuple[T, float, list[dict[str, Any]]]:
+    """`run()` (its result and wall seconds) and what `workers` did meanwhile (`between`)."""
+    before = snapshot(workers)
+    result, wall = run()
+    return result, wall, between(before, snapshot(workers), wall)

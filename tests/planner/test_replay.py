@@ -55,12 +55,12 @@ def test_the_fitted_scale_and_handoff_match_the_lowest_rate() -> None:
     gaps = np.asarray([t[0] for t in record["timings"]])[remote] - res.ttft[remote]
     if fit.handoff_s > 0:  # the handoff is the median gap left (none when it would be negative)
         assert abs(float(np.median(gaps))) < 0.01
-    real, sim = plan_replay._lowest_ttfts(REPORT, fitted, CACHED, remote=False)
+    real, sim = plan_replay._ttfts(REPORT, fitted, CACHED, remote=False)
     assert len(real) > 10 and abs(float(np.median(real - sim))) < 0.005
     # No prefill factor tried fits the remote prefills' TTFTs better than the one chosen.
     def error(prefill_scale: float) -> float:
         trial = dataclasses.replace(fit, prefill_scale=prefill_scale, handoff_s=0.0)
-        real, sim = plan_replay._lowest_ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=True)
+        real, sim = plan_replay._ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=True)
         handoff = max(0.0, float(np.median(real - sim)))
         return float(np.sum(((sim + handoff) / real - 1) ** 2))
 
@@ -79,7 +79,7 @@ def test_the_busy_handoff_is_fitted_where_the_decode_worker_was_loaded() -> None
 
     def error(extra: float) -> float:
         trial = dataclasses.replace(fit, handoff_busy_s=extra)
-        real, sim = plan_replay._lowest_ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=True,
+        real, sim = plan_replay._ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=True,
                                               runs=plan_replay._loaded_runs)
         return float(np.sum((sim / real - 1) ** 2))
 
