@@ -37,8 +37,9 @@ def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
 class PackedLinear(nn.Module):
     """Drop-in for `nn.Linear` (inference only) holding a oneDNN-packed weight.
 
-    Calls of up to `skinny_rows` rows run on the skinny kernel over a plain copy of the weight
-    (default: `cpu_decode.MAX_ROWS` where that kernel takes this weight, else 0: oneDNN only).
+    Calls of up to `skinny_rows` rows run on the skinny kernel over a copy of the weight in its
+    layout (default: `cpu_decode.MAX_ROWS` where that kernel takes this weight, else 0: oneDNN
+    only).
     """
 
     def __init__(self, linear: nn.Linear, batch_hint: int = 1, skinny_rows: int | None = None):
@@ -56,21 +57,21 @@ class PackedLinear(nn.Module):
         if skinny_rows is None:
             skinny_rows = cpu_decode.MAX_ROWS if cpu_decode.fits(weight) else 0
         self.skinny_rows = skinny_rows
-        plain = weight.contiguous() if skinny_rows else None
-        self.register_buffer("plain_weight", plain, persistent=False)
+        skinny = cpu_decode.pack_skinny(weight) if skinny_rows else None
+        self.register_buffer("skinny_weight", skinny, persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The plain [out, in] weight (exact; unpacked anew on every read unless the skinny path
-        keeps a copy): for the code that reads a layer's weight rather than calling it (layer-skip
-        calibration's LM head, the expert cache's next-layer router), not for the forward pass."""
-        if self.plain_weight is not None:
-            return self.plain_weight
+        """The plain [out, in] weight (exact, unpacked anew on every read): for the code that
+        reads a layer's weight rather than calling it (layer-skip calibration's LM head, the
+        expert cache's next-layer router), not for the forward pass."""
+        if self.skinny_weight is not None:
+            return cpu_decode.unpack_skinny(self.skinny_weight, self.out_features)
         return self.packed_weight.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plain_weight is not None and x.numel() <= self.skinny_rows * self.in_features:
-            return cpu_decode.skinny_linear(x, self.plain_weight, self.bias)
+        if self.skinny_weight is not None and x.numel() <= self.skinny_rows * self.in_features:
+            return cpu_decode.skinny_linear(x, self.skinny_weight, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:

@@ -2,11 +2,14 @@
 //
 // skinny_linear: y[M, N] = x[M, K] @ w[N, K]^T (+ bias), M small.
 // oneDNN's bf16 GEMM is built for large M; at M = 1 it reads the weight at a fraction of the
-// memory bandwidth. Here each thread streams its own rows of w once (prefetched a few blocks
-// ahead) and keeps x (tiny) in L1: four weight rows at a time against up to four token rows,
-// VDPBF16PS (avx512_bf16: pairs of bf16 multiplied and summed into fp32 lanes), one horizontal
-// sum per output, rounded to bf16 once. K must be a multiple of 32; `baton.kernels.cpu_decode`
-// checks the CPU and the shapes, and leaves everything else to oneDNN.
+// memory bandwidth. Here the weight is laid out once, at load, in blocks of four rows with their
+// 32-wide K chunks interleaved ([N/4, K/32, 4, 32]), so a call reads it front to back as one
+// stream: the hardware prefetcher keeps up, where four interleaved row streams (the plain
+// [N, K] layout) reached about half the bandwidth. Each thread takes whole blocks and keeps x
+// (tiny) in L1: four weight rows against up to four token rows, VDPBF16PS (avx512_bf16: pairs of
+// bf16 multiplied and summed into fp32 lanes), one horizontal sum per output, rounded to bf16
+// once. `baton.kernels.cpu_decode` checks the CPU and the shapes, and leaves everything else to
+// oneDNN.
 //
 // rms_norm: Llama's RMSNorm in one call instead of eight small ones.
 //
@@ -27,6 +30,7 @@ namespace {
 constexpr int kRows = 4;  // weight rows per block
 constexpr int kToks = 4;  // token rows per block
 
+// One block of four weight rows, laid out [K/32, 4, 32], against up to four token rows of x.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 void dot_block(const uint16_t* w, int64_t K, const uint16_t* x, int64_t ldx, int64_t nrows,
                int64_t ntoks, const float* bias, at::BFloat16* out, int64_t ldo) {
@@ -38,11 +42,9 @@ void dot_block(const uint16_t* w, int64_t K, const uint16_t* x, int64_t ldx, int
     for (int t = 0; t < kToks; ++t)
       xv[t] = t < ntoks ? (__m512bh)_mm512_loadu_si512(x + t * ldx + k)
                         : (__m512bh)_mm512_setzero_si512();
+    const uint16_t* chunk = w + k * kRows;  // this K chunk of the block's four rows
     for (int r = 0; r < kRows; ++r) {
-      if (r >= nrows) break;
-      __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * K + k);
-      // Four blocks ahead: about as far as helps here (a prefetch past the end is harmless).
-      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 4 * kRows) * K + k), _MM_HINT_T0);
+      __m512bh wv = (__m512bh)_mm512_load_si512(chunk + r * 32);
       for (int t = 0; t < kToks; ++t) {
         if (t >= ntoks) break;
         acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv, xv[t]);
@@ -53,7 +55,6 @@ void dot_block(const uint16_t* w, int64_t K, const uint16_t* x, int64_t ldx, int
     for (int t = 0; t < ntoks; ++t)
       out[t * ldo + r] = at::BFloat16(_mm512_reduce_add_ps(acc[r][t]) + (bias ? bias[r] : 0.f));
 }
-
 
 // e^x for x <= 0 (Cephes' expf: x = n ln2 + r, a degree-5 polynomial in r, scaled by 2^n).
 __attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
@@ -209,13 +210,21 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
-// x [..., K] bf16, w [N, K] bf16 contiguous, bias [N] (any float dtype) or None -> [..., N] bf16.
-torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+// x [..., K] bf16, w the [N, K] weight in blocks ([ceil(N/4), K/32, 4, 32] bf16, rows past N
+// zero; see baton.kernels.cpu_decode.pack_skinny), bias [N] (any float dtype) or None
+// -> [..., N] bf16.
+torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, int64_t N,
+                            c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
               "skinny_linear takes bfloat16");
-  TORCH_CHECK(w.is_contiguous() && w.dim() == 2, "weight must be a contiguous [N, K] matrix");
-  const int64_t K = w.size(1), N = w.size(0);
-  TORCH_CHECK(K % 32 == 0, "skinny_linear needs K to be a multiple of 32, got ", K);
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 4 && w.size(2) == kRows && w.size(3) == 32,
+              "skinny_linear takes a weight packed by pack_skinny, [N/4, K/32, 4, 32]");
+  const int64_t blocks = w.size(0), K = w.size(1) * 32;
+  TORCH_CHECK(N > (blocks - 1) * kRows && N <= blocks * kRows, "a packed weight of ", blocks,
+              " blocks cannot have ", N, " rows");
+  TORCH_CHECK(x.size(-1) == K, "skinny_linear: rows of ", x.size(-1), " against a weight of ", K);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 64 == 0,
+              "skinny_linear needs a 64-byte aligned weight");
   auto lead = x.sizes().vec();
   lead.pop_back();
   auto x2 = x.reshape({-1, K}).contiguous();
@@ -227,7 +236,6 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
   const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  const int64_t blocks = (N + kRows - 1) / kRows;
   // A grain of 16 blocks (64 rows) keeps tiny matrices on one thread.
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -277,7 +285,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("skinny_linear", &skinny_linear, "bf16 x @ w.T for a few rows of x");
+  m.def("skinny_linear", &skinny_linear, "bf16 x @ w.T for a few rows of x, w packed in blocks");
   m.def("decode_attention", &decode_attention, "query tokens over their paged bf16 KV");
   m.def("rms_norm", &rms_norm, "Llama's RMSNorm over bf16 rows");
 }

@@ -5,7 +5,8 @@ than the bytes they read, and Baton runs them itself:
 
 - **Linears** (`skinny_linear`): oneDNN runs a bf16 linear at one row much slower than the weight
   can be read. This kernel (AVX-512 BF16 dot products, rows split over torch's threads) does the
-  decode-sized calls instead.
+  decode-sized calls instead, on a copy of the weight laid out at load (`pack_skinny`) so that
+  each call reads it as one front-to-back stream.
 - **Attention** (`decode_attention`): each query token of a decode or verify step (a token and
   its draft, chain or tree) over its sequence's paged keys and values, read in place (no gather),
   scores, softmax and sum in fp32, in one call per layer instead of about twenty-five small torch
@@ -166,10 +167,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _ext().rms_norm(x, weight, eps)
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor,
+SKINNY_BLOCK = 4  # weight rows per block of the packed layout (kRows in cpu_decode.cpp)
+
+
+def pack_skinny(weight: torch.Tensor) -> torch.Tensor:
+    """`weight [N, K]` (bf16, K a multiple of 32) laid out for `skinny_linear`: blocks of four
+    rows with their 32-wide K chunks interleaved, `[ceil(N/4), K/32, 4, 32]`, rows past N zero."""
+    n, k = weight.shape
+    if k % 32:
+        raise ValueError(f"the skinny kernel needs K to be a multiple of 32, got {k}")
+    blocks = -(-n // SKINNY_BLOCK)
+    padded = weight.new_zeros(blocks * SKINNY_BLOCK, k)
+    padded[:n] = weight
+    return padded.view(blocks, SKINNY_BLOCK, k // 32, 32).transpose(1, 2).contiguous()
+
+
+def unpack_skinny(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The `[N, K]` weight `pack_skinny` laid out (a copy)."""
+    blocks, chunks = packed.shape[:2]
+    return packed.transpose(1, 2).reshape(blocks * SKINNY_BLOCK, chunks * 32)[:out_features]
+
+
+def skinny_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for bf16 `x [..., K]` with few rows, fp32 accumulation."""
-    return _ext().skinny_linear(x, weight.contiguous(), bias)
+    """`F.linear(x, weight, bias)` for bf16 `x [..., K]` with few rows, fp32 accumulation, on
+    `packed = pack_skinny(weight)`."""
+    return _ext().skinny_linear(x, packed, out_features, bias)
 
 
 def _ext() -> ModuleType:

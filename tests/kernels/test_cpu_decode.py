@@ -47,7 +47,7 @@ def test_skinny_linear_is_the_exact_sum_rounded_to_bf16(rows, n, k, with_bias):
     x = torch.randn(1, rows, k).to(torch.bfloat16)
     w = torch.randn(n, k).to(torch.bfloat16)
     bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
-    y = cpu_decode.skinny_linear(x, w, bias)
+    y = cpu_decode.skinny_linear(x, cpu_decode.pack_skinny(w), n, bias)
     assert y.shape == (1, rows, n) and y.dtype == torch.bfloat16
     exact = bf16_exact(x, w, bias)
     step = exact.abs() * 2.0**-7 + 1e-6  # one bf16 ulp of the exact value, at most
@@ -57,10 +57,17 @@ def test_skinny_linear_is_the_exact_sum_rounded_to_bf16(rows, n, k, with_bias):
     assert (y == ref.to(torch.bfloat16)).float().mean() > 0.95
 
 
-def test_a_width_that_is_not_a_multiple_of_32_is_refused_and_left_to_onednn():
+def test_shapes_the_kernel_cannot_take_are_refused_and_left_to_onednn():
     w = torch.randn(8, 48).to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="multiple of 32, got 48"):
-        cpu_decode.skinny_linear(torch.randn(1, 48).to(torch.bfloat16), w)
+    with pytest.raises(ValueError, match="multiple of 32, got 48"):
+        cpu_decode.pack_skinny(w)
+    packed = cpu_decode.pack_skinny(torch.randn(6, 64).to(torch.bfloat16))  # two blocks of four
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    for rows in (4, 9):
+        with pytest.raises(RuntimeError, match=f"2 blocks cannot have {rows} rows"):
+            cpu_decode.skinny_linear(x, packed, rows)
+    with pytest.raises(RuntimeError, match="rows of 32 against a weight of 64"):
+        cpu_decode.skinny_linear(x[:, :32], packed, 6)
     assert not cpu_decode.fits(w)
     assert not cpu_decode.fits(torch.randn(8, 64))  # float32: oneDNN's
     assert not cpu_decode.fits(torch.randn(49152, 576).to(torch.bfloat16))  # an LM head
@@ -75,11 +82,13 @@ def test_packed_linear_runs_decode_rows_on_the_kernel_and_prompts_on_onednn(bias
     linear = nn.Linear(576, 1536, bias=bias).to(torch.bfloat16)
     layer = PackedLinear(linear)
     onednn = PackedLinear(linear, skinny_rows=0)
-    assert layer.skinny_rows == cpu_decode.MAX_ROWS and onednn.plain_weight is None
+    assert layer.skinny_rows == cpu_decode.MAX_ROWS and onednn.skinny_weight is None
+    packed = cpu_decode.pack_skinny(linear.weight)
     with torch.inference_mode():
         for rows in (1, 3, cpu_decode.MAX_ROWS):
             x = torch.randn(1, rows, 576).to(torch.bfloat16)
-            assert torch.equal(layer(x), cpu_decode.skinny_linear(x, linear.weight, linear.bias))
+            assert torch.equal(layer(x),
+                               cpu_decode.skinny_linear(x, packed, 1536, linear.bias))
         x = torch.randn(1, cpu_decode.MAX_ROWS + 1, 576).to(torch.bfloat16)
         assert torch.equal(layer(x), onednn(x))
         assert torch.equal(layer(x), linear(x))
@@ -94,7 +103,7 @@ def test_the_kernel_can_be_turned_off(monkeypatch):
         assert not cpu_decode.fits(torch.randn(64, 64).to(torch.bfloat16))
         with pytest.raises(RuntimeError, match="not available"):
             cpu_decode.skinny_linear(torch.randn(1, 64).to(torch.bfloat16),
-                                   torch.randn(64, 64).to(torch.bfloat16))
+                                     torch.zeros(16, 2, 4, 32, dtype=torch.bfloat16), 64)
     finally:
         monkeypatch.delenv("BATON_CPU_KERNELS")
         cpu_decode.kernel.cache_clear()
