@@ -13,6 +13,7 @@ import torch
 from baton.actors import paged_attention
 from baton.actors.cpu_linear import pack_linears, packing_supported
 from baton.actors.cpu_norm import use_kernel_norms
+from baton.actors.cpu_step import CpuDecodeStep
 from baton.actors.draft_tree import DraftTree
 from baton.actors.kv_cache import PagedKVCache
 from baton.actors.model_source import ModelSource
@@ -20,6 +21,7 @@ from baton.actors.moe_experts import use_grouped_experts
 from baton.actors.quantized_linear import quantize_linears
 from baton.actors.scheduler import SchedulerOutput
 from baton.errors import ModelLoadError, ModelNotFoundError
+from baton.kernels import cpu_decode
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,9 @@ class ModelRunner:
         # With `capture_hidden`, the final hidden states (what the LM head reads) of the rows
         # that returned logits, in the same order: Medusa heads draft from them.
         self.last_hidden: torch.Tensor | None = None
+        # Steps of up to `cpu_decode.MAX_ROWS` tokens skip transformers' modules where the model
+        # allows (bf16 Llama-family models on Baton's CPU kernels).
+        self.decode_step = CpuDecodeStep.of(model)
 
     def prepare(self, rows: list[BatchRow]) -> tuple[torch.Tensor, torch.Tensor,
                                                      paged_attention.AttentionBatch, list[int]]:
@@ -204,8 +209,14 @@ class ModelRunner:
         input_ids, position_ids, batch, sample_rows = self.prepare(rows)
         batch.on_layer_done = on_layer_done
         keep = torch.tensor(sample_rows or [0], device=self.device)  # none: keep it cheap
-        hook = None
         self.last_hidden = None
+        if self.decode_step is not None and input_ids.shape[1] <= cpu_decode.MAX_ROWS:
+            with paged_attention.attention_batch(batch):
+                logits, hidden = self.decode_step.forward(input_ids, position_ids, keep)
+            if capture_hidden:
+                self.last_hidden = hidden
+            return logits[: len(sample_rows)].float()
+        hook = None
         if capture_hidden:
             def grab(_module, _inputs, output):
                 self.last_hidden = output[0].index_select(0, keep)

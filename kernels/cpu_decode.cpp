@@ -13,6 +13,8 @@
 //
 // rms_norm: Llama's RMSNorm in one call instead of eight small ones.
 //
+// rope: rotary position embedding of a step's queries or keys in one call.
+//
 // decode_attention: decode tokens (and short runs: a token and its draft, chain or tree) over
 // their sequences' paged keys and values, read in place, each (token, kv head) pair on one
 // thread with its query heads together.
@@ -284,8 +286,44 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return out;
 }
 
+// Rotary position embedding, transformers' rotate_half convention: x [T, H, D] bf16 and the
+// step's cos, sin [T, D] bf16 -> x * cos + rotate_half(x) * sin, each product and the sum
+// rounded to bf16 as torch's three bf16 ops round them (bit for bit), in one call.
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 &&
+                  sin.scalar_type() == at::kBFloat16,
+              "rope takes bfloat16");
+  TORCH_CHECK(x.dim() == 3, "rope takes x [tokens, heads, head_dim]");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  TORCH_CHECK(D % 2 == 0, "rope needs an even head_dim, got ", D);
+  auto c = cos.reshape({-1, D}).contiguous();
+  auto s = sin.reshape({-1, D}).contiguous();
+  TORCH_CHECK(c.size(0) == T && s.size(0) == T, "rope: cos and sin need one row per token");
+  auto xc = x.contiguous();
+  auto out = torch::empty_like(xc);
+  const auto* xp = xc.data_ptr<at::BFloat16>();
+  const auto* cp = c.data_ptr<at::BFloat16>();
+  const auto* sp = s.data_ptr<at::BFloat16>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t h = 0; h < H; ++h) {
+      const at::BFloat16* xr = xp + (t * H + h) * D;
+      at::BFloat16* orow = op + (t * H + h) * D;
+      for (int64_t i = 0; i < D; ++i) {
+        const float rotated = i < half ? -static_cast<float>(xr[i + half])
+                                       : static_cast<float>(xr[i - half]);
+        const at::BFloat16 a(static_cast<float>(xr[i]) * static_cast<float>(cp[t * D + i]));
+        const at::BFloat16 b(rotated * static_cast<float>(sp[t * D + i]));
+        orow[i] = at::BFloat16(static_cast<float>(a) + static_cast<float>(b));
+      }
+    }
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "bf16 x @ w.T for a few rows of x, w packed in blocks");
   m.def("decode_attention", &decode_attention, "query tokens over their paged bf16 KV");
   m.def("rms_norm", &rms_norm, "Llama's RMSNorm over bf16 rows");
+  m.def("rope", &rope, "rotary position embedding, rotate_half convention, bf16");
 }

@@ -195,6 +195,12 @@ def skinny_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     return _ext().skinny_linear(x, packed, out_features, bias)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' `apply_rotary_pos_emb` for one of q, k: bf16 `x [T, H, D]` with the step's
+    `cos`, `sin` (`[1, T, D]` or `[T, D]`), bit for bit, in one call."""
+    return _ext().rope(x, cos, sin)
+
+
 def _ext() -> ModuleType:
     ext = kernel()
     if ext is None:

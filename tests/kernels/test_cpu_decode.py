@@ -203,6 +203,7 @@ def test_a_bf16_engine_decodes_on_the_kernels_as_on_the_torch_path(monkeypatch):
     on = engine.generate(prompts, params)
     assert calls, "decode steps did not reach the kernel"
     monkeypatch.setattr(paged_attention.cpu_decode, "takes_decode_attention", lambda *_: False)
+    engine.runner.decode_step = None  # transformers' forward, on oneDNN linears
     for layer in engine.model.modules():
         if isinstance(layer, PackedLinear):
             layer.skinny_rows = 0

@@ -1,0 +1,176 @@
+"""A decode step of a Llama-family model in bf16 on Baton's CPU kernels, without transformers'
+modules (`CpuDecodeStep`).
+
+At one token a row, a step's math is a few milliseconds of weight reads; driving it through
+transformers' modules costs about as much again in Python (module calls, views, transposes, the
+dozen small ops of rotary embedding), which showed as 10 of a 26 ms step of the default model here.
+This forward runs the same arithmetic straight on the kernels: per layer one RMSNorm, one skinny
+matmul for q, k and v together, one rotary call each for q and k, Baton's paged attention
+function, the output projection, one RMSNorm, one skinny matmul for gate and up together, SiLU
+times up, the down projection.
+
+Each output row of the skinny kernel is its own sum, so a fused projection gives the very values
+of the separate ones, and every other op is the one transformers runs: the tokens and logits are
+those of the transformers forward on the same kernels, bit for bit
+(tests/actors/test_cpu_step.py). It takes steps of up to `cpu_decode.MAX_ROWS` tokens (decode rows
+and short drafts); prompt chunks keep the transformers forward on oneDNN.
+
+Models: Llama, Qwen2 (with its q/k/v biases) and Qwen3 (with its q/k norms), with full attention
+in every layer and default rotary embedding; others keep the transformers forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baton.actors import paged_attention
+from baton.actors.cpu_linear import PackedLinear
+from baton.actors.cpu_norm import KernelRMSNorm
+from baton.kernels import cpu_decode
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+
+
+@dataclass(slots=True)
+class _Layer:
+    attn: nn.Module  # paged attention reads its `layer_idx`
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    qkv: torch.Tensor  # q, k and v projections stacked, packed for the skinny kernel
+    qkv_bias: torch.Tensor | None
+    o_proj: PackedLinear
+    gate_up: torch.Tensor  # gate and up projections stacked, packed
+    down_proj: PackedLinear
+
+
+class CpuDecodeStep:
+    """The forward of a decode-sized step (see the module doc); build it with `of`."""
+
+    def __init__(self, model, layers: list[_Layer], eps: float):
+        config = model.config
+        self.model = model
+        self.layers = layers
+        self.eps = eps
+        self.head_dim = layers[0].attn.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.intermediate = config.intermediate_size
+        self.scaling = layers[0].attn.scaling
+
+    @classmethod
+    def of(cls, model) -> CpuDecodeStep | None:
+        """The lean step for `model`, or None where it does not apply (another architecture, not
+        bf16 on a CPU with the kernels, quantized or unpacked projections, sliding windows)."""
+        why = _unsupported(model)
+        if why:
+            log.debug("decode steps keep transformers' forward: %s", why)
+            return None
+        base = model.get_decoder()
+        layers = [_layer(layer) for layer in base.layers]
+        return cls(model, layers, float(base.norm.variance_epsilon))
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits `[R, V]` in the model's dtype, final hidden states `[R, H]`) of the rows
+        `keep` of a step of `[1, T]` tokens, inside `paged_attention.attention_batch`."""
+        base = self.model.get_decoder()
+        hidden = base.embed_tokens(input_ids)[0]  # [T, H]
+        cos, sin = base.rotary_emb(hidden, position_ids)
+        t = hidden.shape[0]
+        n_q = self.n_heads * self.head_dim
+        n_kv = self.n_kv_heads * self.head_dim
+        d = self.head_dim
+        for layer in self.layers:
+            x = cpu_decode.rms_norm(hidden, layer.input_norm, self.eps)
+            qkv = cpu_decode.skinny_linear(x, layer.qkv, n_q + 2 * n_kv, layer.qkv_bias)
+            q = qkv[:, :n_q].view(t, self.n_heads, d)
+            k = qkv[:, n_q : n_q + n_kv].view(t, self.n_kv_heads, d)
+            v = qkv[:, n_q + n_kv :].view(t, self.n_kv_heads, d)
+            if layer.q_norm is not None:
+                q = cpu_decode.rms_norm(q, layer.q_norm, self.eps)
+                k = cpu_decode.rms_norm(k, layer.k_norm, self.eps)
+            q = cpu_decode.rope(q, cos, sin)
+            k = cpu_decode.rope(k, cos, sin)
+            out, _ = paged_attention.paged_attention_forward(
+                layer.attn, q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2),
+                v.unsqueeze(0).transpose(1, 2), None, self.scaling)
+            o = layer.o_proj
+            hidden = hidden + cpu_decode.skinny_linear(out.reshape(t, n_q), o.skinny_weight,
+                                                       o.out_features, o.bias)
+            x = cpu_decode.rms_norm(hidden, layer.post_norm, self.eps)
+            gate_up = cpu_decode.skinny_linear(x, layer.gate_up, 2 * self.intermediate)
+            x = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
+            down = layer.down_proj
+            hidden = hidden + cpu_decode.skinny_linear(x, down.skinny_weight, down.out_features,
+                                                       down.bias)
+        hidden = base.norm(hidden).index_select(0, keep)
+        return self.model.lm_head(hidden.unsqueeze(0))[0], hidden
+
+
+def _unsupported(model) -> str | None:
+    """Why `CpuDecodeStep` cannot run `model` (None: it can)."""
+    name = type(model).__name__
+    if name not in ARCHITECTURES:
+        return f"{name} is not one of {sorted(ARCHITECTURES)}"
+    config = model.config
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
+        return "the MLP is not Llama's (SiLU, no bias)"
+    base = model.get_decoder()
+    rope_type = getattr(base.rotary_emb, "rope_type", "default")
+    if rope_type != "default":
+        return f"rotary embedding {rope_type!r}"
+    if not isinstance(base.norm, KernelRMSNorm) or cpu_decode.kernel() is None:
+        return "not bf16 on a CPU with Baton's kernels"
+    for layer in base.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if getattr(attn, "sliding_window", None):
+            return "a layer attends through a sliding window"
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                   mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if not all(isinstance(p, PackedLinear) and p.skinny_rows >= cpu_decode.MAX_ROWS
+                   for p in linears):
+            return "a projection is not on the skinny kernel (quantized, or too large)"
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        norms += [getattr(attn, n) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
+        if not all(isinstance(n, KernelRMSNorm) for n in norms):
+            return "a norm is not on the kernel"
+    return None
+
+
+def _layer(layer: nn.Module) -> _Layer:
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, qkv_bias = _stacked(attn, ("q_proj", "k_proj", "v_proj"))
+    gate_up, _ = _stacked(mlp, ("gate_proj", "up_proj"))
+    q_norm = getattr(attn, "q_norm", None)
+    k_norm = getattr(attn, "k_norm", None)
+    return _Layer(attn, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                  None if q_norm is None else q_norm.weight,
+                  None if k_norm is None else k_norm.weight,
+                  qkv, qkv_bias, attn.o_proj, gate_up, mlp.down_proj)
+
+
+def _stacked(parent: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The projections `names` of `parent` as one packed weight (and bias), built once and kept on
+    `parent`; the projections then free their own skinny copies (their decode-sized calls run
+    here; longer ones stay on oneDNN), so the weights are not held twice."""
+    cached = getattr(parent, "_baton_stacked", None)
+    if cached is None:
+        linears = [getattr(parent, n) for n in names]
+        weight = torch.cat([p.weight for p in linears])
+        biases = [p.bias for p in linears]
+        bias = None if biases[0] is None else torch.cat(biases)
+        cached = (cpu_decode.pack_skinny(weight), bias)
+        parent._baton_stacked = cached
+        for p in linears:
+            p.skinny_weight = None
+    return cached

@@ -1,0 +1,120 @@
+"""The lean bf16 decode step (`CpuDecodeStep`): the tokens and logprobs of transformers' forward
+on the same kernels, bit for bit (the same engine code against itself, so this holds on every CPU
+that runs the kernels), for single requests, batches, drafts and prompt chunks; the models it
+leaves to transformers; its rotary kernel against transformers' own.
+
+Skipped where the CPU kernels do not run (no avx512_bf16, or BATON_CPU_KERNELS=0).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from baton.actors import model_runner
+from baton.actors.cpu_step import CpuDecodeStep
+from baton.actors.engine import Engine
+from baton.actors.tiny import tiny_model
+from baton.kernels import cpu_decode
+from baton.sampling import SamplingParams
+
+pytestmark = pytest.mark.skipif(not cpu_decode.wanted(),
+                                reason="no avx512_bf16 here, or BATON_CPU_KERNELS=0")
+
+PROMPTS = [list(range(5, 40)), [3, 1, 4, 1, 5], [7] * 12 + [8, 9] * 6]
+
+
+def engines(arch: str, monkeypatch, **kw) -> tuple[Engine, Engine]:
+    """Two engines on the same weights: one with the lean step, one on transformers' forward."""
+    lean = Engine(f"tiny:{arch}", dtype="bfloat16", **kw)
+    with monkeypatch.context() as m:
+        m.setattr(model_runner.CpuDecodeStep, "of", classmethod(lambda cls, model: None))
+        plain = Engine(f"tiny:{arch}", dtype="bfloat16", **kw)
+    assert lean.runner.decode_step is not None and plain.runner.decode_step is None
+    return lean, plain
+
+
+def count_steps(engine: Engine, monkeypatch) -> list[int]:
+    """Token counts of the steps the lean forward ran."""
+    seen: list[int] = []
+    step = engine.runner.decode_step
+    real = step.forward
+    monkeypatch.setattr(step, "forward",
+                        lambda ids, pos, keep: seen.append(ids.shape[1]) or real(ids, pos, keep))
+    return seen
+
+
+def same_outputs(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert x.token_ids == y.token_ids
+        assert [t.logprob for t in x.logprobs] == [t.logprob for t in y.logprobs]
+        assert [t.top for t in x.logprobs] == [t.top for t in y.logprobs]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_batched_decode_matches_the_transformers_forward_bit_for_bit(arch, monkeypatch):
+    lean, plain = engines(arch, monkeypatch, max_num_batched_tokens=16)
+    seen = count_steps(lean, monkeypatch)
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3)
+    same_outputs(lean.generate(PROMPTS, params), plain.generate(PROMPTS, params))
+    # Three rows decoding together ran here; the prompts (chunked by 16) did not.
+    assert 3 in seen and max(seen) <= cpu_decode.MAX_ROWS
+    assert lean.block_violations() == [] and plain.block_violations() == []
+
+
+def test_drafted_runs_verify_on_the_lean_step_with_the_same_tokens(monkeypatch):
+    """n-gram drafts make verify runs of several tokens a row. k is fixed: adaptive k follows
+    each engine's measured step times, and with sampling another k draws other random numbers."""
+    lean, plain = engines("llama", monkeypatch, methods=["ngram"])
+    seen = count_steps(lean, monkeypatch)
+    prompt = [10, 11, 12, 13, 14] * 8
+    spec = dict(max_tokens=24, ignore_eos=True, method="ngram", num_speculative_tokens=4,
+                logprobs=1)
+    for params in (SamplingParams(**spec), SamplingParams(**spec, temperature=0.8, seed=7)):
+        a, b = lean.generate([prompt], params), plain.generate([prompt], params)
+        same_outputs(a, b)
+        assert a[0].metrics.spec_draft_tokens > 0
+    assert any(n > 1 for n in seen)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma", "mixtral"])
+def test_models_it_does_not_cover_keep_the_transformers_forward(arch):
+    """Mistral's sliding window, Gemma's norm and embedding scale, Mixtral's experts."""
+    assert Engine(f"tiny:{arch}", dtype="bfloat16").runner.decode_step is None
+
+
+def test_float32_and_quantized_models_keep_the_transformers_forward():
+    assert Engine("tiny:llama", dtype="float32").runner.decode_step is None
+    assert Engine("tiny:llama", dtype="bfloat16", quantization="int8").runner.decode_step is None
+
+
+def test_the_stacked_projections_are_held_once():
+    """q/k/v and gate/up move to one packed weight each; the layers keep their oneDNN weights
+    (for prompt chunks) and no second skinny copy."""
+    engine = Engine("tiny:llama", dtype="bfloat16")
+    layer = engine.model.get_decoder().layers[0]
+    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.up_proj):
+        assert proj.skinny_weight is None
+    assert layer.self_attn.o_proj.skinny_weight is not None
+    lean = engine.runner.decode_step.layers[0]
+    wanted = torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                        layer.self_attn.v_proj.weight])
+    assert torch.equal(cpu_decode.unpack_skinny(lean.qkv, wanted.shape[0]), wanted)
+    # A second step over the same model (a layer-skip draft does this) reuses them.
+    again = CpuDecodeStep.of(engine.model)
+    assert again is not None and again.layers[0].qkv is lean.qkv
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_the_rotary_kernel_is_transformers_rotary_bit_for_bit(tokens):
+    model = tiny_model("qwen3", torch.bfloat16)
+    rotary = model.get_decoder().rotary_emb
+    torch.manual_seed(tokens)
+    heads, d = 4, model.config.head_dim
+    x = (torch.randn(tokens, heads, d) * 3).to(torch.bfloat16)
+    positions = torch.randint(0, 2000, (1, tokens))
+    cos, sin = rotary(x, positions)
+    want, _ = apply_rotary_pos_emb(x.transpose(0, 1).unsqueeze(0), x.transpose(0, 1).unsqueeze(0),
+                                   cos, sin)
+    assert torch.equal(cpu_decode.rope(x, cos, sin), want[0].transpose(0, 1))
