@@ -1,19 +1,21 @@
-"""A decode step of a Llama-family model in bf16 on Baton's CPU kernels, without transformers'
+"""A forward step of a Llama-family model in bf16 on Baton's CPU kernels, without transformers'
 modules (`CpuDecodeStep`).
 
 At one token a row, a step's math is a few milliseconds of weight reads; driving it through
 transformers' modules costs about as much again in Python (module calls, views, transposes, the
-dozen small ops of rotary embedding), which showed as 10 of a 26 ms step of the default model here.
-This forward runs the same arithmetic straight on the kernels: per layer one RMSNorm, one skinny
-matmul for q, k and v together, one rotary call each for q and k, Baton's paged attention
-function, the output projection, one RMSNorm, one skinny matmul for gate and up together, SiLU
-times up, the down projection.
+dozen small ops of rotary embedding): 10 of a 26 ms batch-1 step of the default model here. This
+forward runs the same arithmetic straight on the kernels. Per layer: one RMSNorm, the q, k and v
+projections, one rotary call each for q and k, Baton's paged attention function, the output
+projection, one RMSNorm, the gate and up projections, SiLU times up, the down projection.
 
-Each output row of the skinny kernel is its own sum, so a fused projection gives the very values
-of the separate ones, and every other op is the one transformers runs: the tokens and logits are
-those of the transformers forward on the same kernels, bit for bit
-(tests/actors/test_cpu_step.py). It takes steps of up to `cpu_decode.MAX_ROWS` tokens (decode rows
-and short drafts); prompt chunks keep the transformers forward on oneDNN.
+Steps of up to `cpu_decode.MAX_ROWS` tokens (decode rows, short drafts) run q, k and v as one
+skinny matmul and gate and up as another. Each output row of that kernel is its own sum, so the
+stacked projection gives the very values of the separate ones. Steps of up to `MAX_TOKENS` (long
+drafts, batches) call the layers' own oneDNN projections. Every other op is the one transformers
+runs, so the tokens and logprobs are those of the transformers forward on the same kernels, bit
+for bit (tests/actors/test_cpu_step.py). Longer steps (prompt chunks) keep transformers' forward:
+there the Python costs little against the math, and its rotary ops, vectorized over the chunk,
+beat the rotary kernel (a 1024-token prompt took 1.30 s that way against 1.44 s here).
 
 Models: Llama, Qwen2 (with its q/k/v biases) and Qwen3 (with its q/k norms), with full attention
 in every layer and default rotary embedding; others keep the transformers forward.
@@ -36,24 +38,24 @@ from baton.kernels import cpu_decode
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+MAX_TOKENS = 32  # the longest step it runs
 
 
 @dataclass(slots=True)
 class _Layer:
-    attn: nn.Module  # paged attention reads its `layer_idx`
+    attn: nn.Module  # its projections; paged attention reads its `layer_idx`
+    mlp: nn.Module
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     qkv: torch.Tensor  # q, k and v projections stacked, packed for the skinny kernel
     qkv_bias: torch.Tensor | None
-    o_proj: PackedLinear
     gate_up: torch.Tensor  # gate and up projections stacked, packed
-    down_proj: PackedLinear
 
 
 class CpuDecodeStep:
-    """The forward of a decode-sized step (see the module doc); build it with `of`."""
+    """The forward of one engine step (see the module doc); build it with `of`."""
 
     def __init__(self, model, layers: list[_Layer], eps: float):
         config = model.config
@@ -90,29 +92,35 @@ class CpuDecodeStep:
         n_q = self.n_heads * self.head_dim
         n_kv = self.n_kv_heads * self.head_dim
         d = self.head_dim
+        skinny = t <= cpu_decode.MAX_ROWS  # else oneDNN, through the layers' own modules
         for layer in self.layers:
             x = cpu_decode.rms_norm(hidden, layer.input_norm, self.eps)
-            qkv = cpu_decode.skinny_linear(x, layer.qkv, n_q + 2 * n_kv, layer.qkv_bias)
-            q = qkv[:, :n_q].view(t, self.n_heads, d)
-            k = qkv[:, n_q : n_q + n_kv].view(t, self.n_kv_heads, d)
-            v = qkv[:, n_q + n_kv :].view(t, self.n_kv_heads, d)
+            attn = layer.attn
+            if skinny:
+                qkv = cpu_decode.skinny_linear(x, layer.qkv, n_q + 2 * n_kv, layer.qkv_bias)
+                q, k, v = qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], qkv[:, n_q + n_kv :]
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = q.view(t, self.n_heads, d)
+            k = k.view(t, self.n_kv_heads, d)
+            v = v.view(t, self.n_kv_heads, d)
             if layer.q_norm is not None:
                 q = cpu_decode.rms_norm(q, layer.q_norm, self.eps)
                 k = cpu_decode.rms_norm(k, layer.k_norm, self.eps)
             q = cpu_decode.rope(q, cos, sin)
             k = cpu_decode.rope(k, cos, sin)
             out, _ = paged_attention.paged_attention_forward(
-                layer.attn, q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2),
+                attn, q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2),
                 v.unsqueeze(0).transpose(1, 2), None, self.scaling)
-            o = layer.o_proj
-            hidden = hidden + cpu_decode.skinny_linear(out.reshape(t, n_q), o.skinny_weight,
-                                                       o.out_features, o.bias)
+            hidden = hidden + attn.o_proj(out.reshape(t, n_q))
             x = cpu_decode.rms_norm(hidden, layer.post_norm, self.eps)
-            gate_up = cpu_decode.skinny_linear(x, layer.gate_up, 2 * self.intermediate)
-            x = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
-            down = layer.down_proj
-            hidden = hidden + cpu_decode.skinny_linear(x, down.skinny_weight, down.out_features,
-                                                       down.bias)
+            mlp = layer.mlp
+            if skinny:
+                gate_up = cpu_decode.skinny_linear(x, layer.gate_up, 2 * self.intermediate)
+                gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            hidden = hidden + mlp.down_proj(F.silu(gate) * up)
         hidden = base.norm(hidden).index_select(0, keep)
         return self.model.lm_head(hidden.unsqueeze(0))[0], hidden
 
@@ -153,16 +161,16 @@ def _layer(layer: nn.Module) -> _Layer:
     gate_up, _ = _stacked(mlp, ("gate_proj", "up_proj"))
     q_norm = getattr(attn, "q_norm", None)
     k_norm = getattr(attn, "k_norm", None)
-    return _Layer(attn, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+    return _Layer(attn, mlp, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                   None if q_norm is None else q_norm.weight,
                   None if k_norm is None else k_norm.weight,
-                  qkv, qkv_bias, attn.o_proj, gate_up, mlp.down_proj)
+                  qkv, qkv_bias, gate_up)
 
 
 def _stacked(parent: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The projections `names` of `parent` as one packed weight (and bias), built once and kept on
-    `parent`; the projections then free their own skinny copies (their decode-sized calls run
-    here; longer ones stay on oneDNN), so the weights are not held twice."""
+    `parent`. The projections then free their own skinny copies, so the weights are not held
+    twice: their decode-sized calls run here, and they keep their oneDNN weights for the rest."""
     cached = getattr(parent, "_baton_stacked", None)
     if cached is None:
         linears = [getattr(parent, n) for n in names]

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from baton.actors import paged_attention
+from baton.actors import cpu_step, paged_attention
 from baton.actors.cpu_linear import pack_linears, packing_supported
 from baton.actors.cpu_norm import use_kernel_norms
 from baton.actors.cpu_step import CpuDecodeStep
@@ -21,7 +21,6 @@ from baton.actors.moe_experts import use_grouped_experts
 from baton.actors.quantized_linear import quantize_linears
 from baton.actors.scheduler import SchedulerOutput
 from baton.errors import ModelLoadError, ModelNotFoundError
-from baton.kernels import cpu_decode
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +135,8 @@ class ModelRunner:
         # With `capture_hidden`, the final hidden states (what the LM head reads) of the rows
         # that returned logits, in the same order: Medusa heads draft from them.
         self.last_hidden: torch.Tensor | None = None
-        # Steps of up to `cpu_decode.MAX_ROWS` tokens skip transformers' modules where the model
-        # allows (bf16 Llama-family models on Baton's CPU kernels).
+        # Decode-sized steps skip transformers' modules where the model allows (bf16
+        # Llama-family models on Baton's CPU kernels).
         self.decode_step = CpuDecodeStep.of(model)
 
     def prepare(self, rows: list[BatchRow]) -> tuple[torch.Tensor, torch.Tensor,
@@ -210,7 +209,7 @@ class ModelRunner:
         batch.on_layer_done = on_layer_done
         keep = torch.tensor(sample_rows or [0], device=self.device)  # none: keep it cheap
         self.last_hidden = None
-        if self.decode_step is not None and input_ids.shape[1] <= cpu_decode.MAX_ROWS:
+        if self.decode_step is not None and input_ids.shape[1] <= cpu_step.MAX_TOKENS:
             with paged_attention.attention_batch(batch):
                 logits, hidden = self.decode_step.forward(input_ids, position_ids, keep)
             if capture_hidden:

@@ -1,7 +1,7 @@
-"""The lean bf16 decode step (`CpuDecodeStep`): the tokens and logprobs of transformers' forward
+"""The lean bf16 forward step (`CpuDecodeStep`): the tokens and logprobs of transformers' forward
 on the same kernels, bit for bit (the same engine code against itself, so this holds on every CPU
-that runs the kernels), for single requests, batches, drafts and prompt chunks; the models it
-leaves to transformers; its rotary kernel against transformers' own.
+that runs the kernels), for prompt chunks, batches and drafts; the models it leaves to
+transformers; its rotary kernel against transformers' own.
 
 Skipped where the CPU kernels do not run (no avx512_bf16, or BATON_CPU_KERNELS=0).
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from baton.actors import model_runner
+from baton.actors import cpu_step, model_runner
 from baton.actors.cpu_step import CpuDecodeStep
 from baton.actors.engine import Engine
 from baton.actors.tiny import tiny_model
@@ -58,8 +58,9 @@ def test_batched_decode_matches_the_transformers_forward_bit_for_bit(arch, monke
     seen = count_steps(lean, monkeypatch)
     params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3)
     same_outputs(lean.generate(PROMPTS, params), plain.generate(PROMPTS, params))
-    # Three rows decoding together ran here; the prompts (chunked by 16) did not.
-    assert 3 in seen and max(seen) <= cpu_decode.MAX_ROWS
+    # Three rows decoding together ran here (stacked projections), and so did the prompts,
+    # chunked by 16 (the layers' own projections).
+    assert 3 in seen and 16 in seen and max(seen) <= cpu_step.MAX_TOKENS
     assert lean.block_violations() == [] and plain.block_violations() == []
 
 
