@@ -38,8 +38,7 @@ class PackedLinear(nn.Module):
     """Drop-in for `nn.Linear` (inference only) holding a oneDNN-packed weight.
 
     Calls of up to `skinny_rows` rows run on the skinny kernel over a copy of the weight in its
-    layout (default: `cpu_decode.MAX_ROWS` where that kernel takes this weight, else 0: oneDNN
-    only).
+    layout (default: what `cpu_decode.skinny_rows` gives this weight; 0: oneDNN only).
     """
 
     def __init__(self, linear: nn.Linear, batch_hint: int = 1, skinny_rows: int | None = None):
@@ -55,7 +54,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.weight_dtype = weight.dtype
         if skinny_rows is None:
-            skinny_rows = cpu_decode.MAX_ROWS if cpu_decode.fits(weight) else 0
+            skinny_rows = cpu_decode.skinny_rows(weight)
         self.skinny_rows = skinny_rows
         skinny = cpu_decode.pack_skinny(weight) if skinny_rows else None
         self.register_buffer("skinny_weight", skinny, persistent=False)

@@ -1,36 +1,47 @@
 """Baton's C++ kernels for bf16 CPU decode steps (`cpu_decode.cpp`), built once per machine.
 
-At one token a row, a decode step on the CPU is hundreds of small calls; three kinds cost far more
+At one token a row, a decode step on the CPU is hundreds of small calls; four kinds cost far more
 than the bytes they read, and Baton runs them itself:
 
 - **Linears** (`skinny_linear`): oneDNN runs a bf16 linear at one row much slower than the weight
   can be read. This kernel (AVX-512 BF16 dot products, rows split over torch's threads) does the
-  decode-sized calls instead, on a copy of the weight laid out at load (`pack_skinny`) so that
-  each call reads it as one front-to-back stream.
+  decode-sized calls instead, on a copy of the weight laid out at load (`pack_skinny`: blocks of
+  four rows, their 32-wide K chunks interleaved) so that each call reads it as one front-to-back
+  stream.
 - **Attention** (`decode_attention`): each query token of a decode or verify step (a token and
   its draft, chain or tree) over its sequence's paged keys and values, read in place (no gather),
   scores, softmax and sum in fp32, in one call per layer instead of about twenty-five small torch
   ops. One query at a 300-token context takes 16 us a layer here.
 - **RMSNorm** (`rms_norm`, swapped in by `baton.actors.cpu_norm`): Llama's formula in one call
   instead of eight; about 2 ms of a 35 ms batch-1 forward here.
+- **Rotary embedding** (`rope`, for `baton.actors.cpu_step`): transformers' formula, bit for bit,
+  in one call instead of about a dozen.
 
-Linears, measured on an AMD EPYC with avx512_bf16, 2 threads, weights hot in cache (us per call,
-oneDNN packed -> this kernel):
+The layout is what lets a decode step read its weights at the memory's speed. The default
+model's 210 projections (212 MB, far past the caches), one row each, measured in one process on
+an AMD EPYC with avx512_bf16: 10.0 GB/s on one thread with the plain `[N, K]` weight (four rows
+read side by side, four short interleaved streams), 18.6 GB/s laid out (`torch.sum` reads 19.9);
+on two threads 15.7 against 26.3 (`torch.sum` 31.6). Software prefetching ahead of the stream
+only slowed it (to 10-12 GB/s at 1 KiB ahead): the hardware prefetcher follows one stream best.
 
-| weight [N, K] | 1 row | 4 rows | 8 rows | 17 rows |
-| --- | --- | --- | --- | --- |
-| 192 x 576 (k/v) | 38 -> 5 | 33 -> 8 | 29 -> 12 | 45 -> 33 |
-| 576 x 576 (q/o) | 44 -> 18 | 30 -> 19 | 40 -> 26 | 63 -> 80 |
-| 576 x 1536 (down) | 42 -> 24 | 45 -> 31 | 87 -> 61 | 126 -> 188 |
-| 3072 x 576 (gate+up) | 67 -> 70 | 71 -> 72 | 104 -> 127 | 194 -> 345 |
-| 49152 x 576 (LM head) | 3083 -> 3281 | 2779 -> 4600 | 3402 -> 3865 | 4366 -> 6750 |
+Linears, the same machine, 2 threads, weights hot in cache (us per call, oneDNN packed -> this
+kernel):
 
-So it takes calls of up to `MAX_ROWS` rows on weights of up to `MAX_WEIGHT_ELEMENTS`, and
-oneDNN keeps the rest (prompt chunks, long verify runs, the LM head).
+| weight [N, K] | 1 row | 4 rows | 8 rows | 12 rows | 17 rows |
+| --- | --- | --- | --- | --- | --- |
+| 192 x 576 (k/v) | 23 -> 6 | 30 -> 8 | 32 -> 12 | 35 -> 15 | 40 -> 21 |
+| 576 x 576 (q/o) | 36 -> 10 | 39 -> 15 | 43 -> 27 | 55 -> 40 | 63 -> 58 |
+| 960 x 576 (q+k+v) | 39 -> 16 | 50 -> 33 | 63 -> 46 | 62 -> 65 | 90 -> 95 |
+| 576 x 1536 (down) | 41 -> 17 | 47 -> 29 | 70 -> 54 | 86 -> 77 | 118 -> 110 |
+| 3072 x 576 (gate+up) | 65 -> 45 | 74 -> 70 | 119 -> 126 | 153 -> 223 | 195 -> 227 |
+| 49152 x 576 (LM head) | 3234 -> 2112 | 2866 -> 2109 | 3027 -> 3622 | 3781 -> 4719 | 4606 -> 7792 |
 
-A batch-1 decode forward of the default model at a 300-token context, medians of six interleaved
-rounds in one run here: 45.6 ms on oneDNN and torch's attention path, 38.4 ms with the linears on
-this kernel, 32.0 ms with both (1.43x).
+Past 8 rows the dot products, not the reads, set the pace (no AMX here), and oneDNN's blocking
+wins on the larger weights. The LM head (56 MB) is read from memory on every call.
+
+So it takes calls of up to `MAX_ROWS` rows on weights of up to `MAX_WEIGHT_ELEMENTS`, and of up to
+`LARGE_MAX_ROWS` on larger ones (the LM head: read from memory on every call, where the one
+stream pays most), and oneDNN keeps the rest (prompt chunks, long verify runs).
 
 They are compiled with the machine's C++ compiler through `torch.utils.cpp_extension` (about 30 s,
 once, by `baton prepare-model`; cached under `TORCH_EXTENSIONS_DIR`, else
@@ -58,6 +69,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 MAX_ROWS = 8
 MAX_WEIGHT_ELEMENTS = 1 << 21  # 4 MiB of bf16: every projection of a small model, no LM head
+LARGE_MAX_ROWS = 4  # rows it takes on larger weights (LM heads), where the stream wins longer
 
 
 def cpu_flags() -> set[str]:
@@ -135,11 +147,13 @@ def kernel() -> ModuleType | None:
         return None
 
 
-def fits(weight: torch.Tensor) -> bool:
-    """Whether decode-sized calls on `weight [N, K]` go to this kernel (see the table above)."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-            and weight.dim() == 2 and weight.shape[1] % 32 == 0
-            and weight.numel() <= MAX_WEIGHT_ELEMENTS and kernel() is not None)
+def skinny_rows(weight: torch.Tensor) -> int:
+    """Up to how many rows calls on `weight [N, K]` go to this kernel (0: none; see the table
+    above): `MAX_ROWS` on weights of up to `MAX_WEIGHT_ELEMENTS`, `LARGE_MAX_ROWS` on larger."""
+    if not (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            and weight.dim() == 2 and weight.shape[1] % 32 == 0 and kernel() is not None):
+        return 0
+    return MAX_ROWS if weight.numel() <= MAX_WEIGHT_ELEMENTS else LARGE_MAX_ROWS
 
 
 def takes_decode_attention(query: torch.Tensor, cache: torch.Tensor) -> bool:

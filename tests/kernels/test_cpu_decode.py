@@ -68,10 +68,11 @@ def test_shapes_the_kernel_cannot_take_are_refused_and_left_to_onednn():
             cpu_decode.skinny_linear(x, packed, rows)
     with pytest.raises(RuntimeError, match="rows of 32 against a weight of 64"):
         cpu_decode.skinny_linear(x[:, :32], packed, 6)
-    assert not cpu_decode.fits(w)
-    assert not cpu_decode.fits(torch.randn(8, 64))  # float32: oneDNN's
-    assert not cpu_decode.fits(torch.randn(49152, 576).to(torch.bfloat16))  # an LM head
-    assert cpu_decode.fits(torch.randn(1536, 576).to(torch.bfloat16))
+    assert cpu_decode.skinny_rows(w) == 0
+    assert cpu_decode.skinny_rows(torch.randn(8, 64)) == 0  # float32: oneDNN's
+    lm_head = torch.randn(49152, 576).to(torch.bfloat16)
+    assert cpu_decode.skinny_rows(lm_head) == cpu_decode.LARGE_MAX_ROWS  # 1-4 rows only
+    assert cpu_decode.skinny_rows(torch.randn(1536, 576).to(torch.bfloat16)) == cpu_decode.MAX_ROWS
 
 
 @pytest.mark.skipif(not packing_supported(torch.bfloat16, torch.device("cpu")),
@@ -100,7 +101,7 @@ def test_the_kernel_can_be_turned_off(monkeypatch):
     cpu_decode.kernel.cache_clear()
     try:
         assert cpu_decode.kernel() is None
-        assert not cpu_decode.fits(torch.randn(64, 64).to(torch.bfloat16))
+        assert cpu_decode.skinny_rows(torch.randn(64, 64).to(torch.bfloat16)) == 0
         with pytest.raises(RuntimeError, match="not available"):
             cpu_decode.skinny_linear(torch.randn(1, 64).to(torch.bfloat16),
                                      torch.zeros(16, 2, 4, 32, dtype=torch.bfloat16), 64)
