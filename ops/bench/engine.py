@@ -30,6 +30,7 @@ from baton.actors.engine import DTYPES, Engine
 from baton.actors.model_source import resolve
 from baton.engine_config import QUANTIZATIONS
 from baton.errors import ConfigError
+from baton.ops.bench import llama_cpp_peer
 from baton.ops.bench.hf_baselines import (
     load_hf,
     run_hf_generate,
@@ -173,6 +174,11 @@ def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16
     limit = getattr(hf_model.config.get_text_config(), "max_position_embeddings", 4096) or 4096
     wl = build_workload(tokenizer, num_prompts, seed, limit, max_output_tokens)
     say(f"workload: {len(wl.requests)} prompts, {wl.total_output_tokens} output tokens")
+    gguf = llama_cpp_peer.gguf_file(source)
+    peer = ("runs" if gguf is not None and llama_cpp_peer.available() else
+            "not installed (an optional extra, see ops/bench/llama_cpp_peer.py)"
+            if gguf is not None else "no GGUF file behind this model")
+    say(f"llama.cpp peer: {peer}")
     bytes_per_token = bytes_per_decode_token(hf_model)
     say("measuring memory read bandwidth")
     bandwidth = read_bandwidth_gbps()
@@ -186,10 +192,13 @@ def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16
     for c in CONCURRENCY:
         run_c = partial(run_baton, model, dtype, threads, wl, c)
         systems[f"baton_c{c}"] = _measure(f"baton_c{c}", run_c, say)
-        if c == 1:  # quantized single streams next to the unquantized one: the least drift
+        if c == 1:  # quantized single streams and the peer next to Baton's: the least drift
             for q in quantizations:
                 run_q = partial(run_baton, model, dtype, threads, wl, 1, q)
                 systems[f"baton_{q}_c1"] = _measure(f"baton_{q}_c1", run_q, say)
+            if gguf is not None and llama_cpp_peer.available():
+                run_peer = partial(llama_cpp_peer.run_llama_cpp, gguf, threads, wl, limit)
+                systems[llama_cpp_peer.NAME] = _measure(llama_cpp_peer.NAME, run_peer, say)
     summary = {name: res.summary() for name, res in systems.items()}
     roofline_tok_s = bandwidth * 1e9 / bytes_per_token
     c1_tpot = summary["baton_c1"]["tpot_p50_s"]
@@ -218,7 +227,14 @@ def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16
             "c16_vs_hf_generate_batch": ratio("baton_c16", "hf_generate_batch"),
             **{f"{q}_single_stream_vs_{dtype}": ratio(f"baton_{q}_c1", "baton_c1")
                for q in quantizations},
+            **({"single_stream_vs_llama_cpp": ratio("baton_c1", llama_cpp_peer.NAME),
+                **{f"{q}_single_stream_vs_llama_cpp": ratio(f"baton_{q}_c1", llama_cpp_peer.NAME)
+                   for q in quantizations}}
+               if llama_cpp_peer.NAME in summary else {}),
         },
+        "peers": {"llama_cpp": {
+            "status": peer, "gguf": None if gguf is None else gguf.name,
+            "quantization": None if gguf is None else llama_cpp_peer.quantization(gguf)}},
         "roofline_fraction_bs1": c1_decode / roofline_tok_s if c1_decode else None,
     }
 
@@ -237,6 +253,9 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                  "those figures are skewed; rerun on a quiet machine")
     for name, value in report["ratios"].items():
         console.print(f"{name}: {value:.2f}x")
+    peer = report["peers"]["llama_cpp"]
+    console.print(f"llama.cpp peer: {peer['status']}"
+                  + (f" ({peer['gguf']}, {peer['quantization']})" if peer["gguf"] else ""))
     roof = report["roofline"]
     frac = report["roofline_fraction_bs1"]
     console.print(f"roofline: {roof['read_bandwidth_gbps']:.1f} GB/s / "

@@ -47,3 +47,7 @@ def test_bench_engine_writes_ratios_and_roofline(tmp_path):
     assert report["roofline_fraction_bs1"] == pytest.approx(
         roof["baton_c1_decode_tok_s"] / roof["roofline_tok_s"])
     assert "single_stream_vs_hf_generate" in res.stdout
+    # A tiny model comes from no GGUF file: the llama.cpp peer has nothing to run, and says so.
+    assert report["peers"]["llama_cpp"] == {"status": "no GGUF file behind this model",
+                                            "gguf": None, "quantization": None}
+    assert "llama.cpp peer: no GGUF file behind this model" in res.stdout
