@@ -18,7 +18,8 @@ there the Python costs little against the math, and its rotary ops, vectorized o
 beat the rotary kernel (a 1024-token prompt took 1.30 s that way against 1.44 s here).
 
 Models: Llama, Qwen2 (with its q/k/v biases) and Qwen3 (with its q/k norms), with full attention
-in every layer and default rotary embedding; others keep the transformers forward.
+in every layer and default rotary embedding; others keep the transformers forward. Weight-only
+quantized models (int8, int4) run here too, their projections through their own modules.
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ class _Layer:
     post_norm: torch.Tensor
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    qkv: torch.Tensor  # q, k and v projections stacked, packed for the skinny kernel
+    # q, k and v projections stacked, packed for the skinny kernel; gate and up likewise (None
+    # where the projections are not on the kernel: quantized, or too large)
+    qkv: torch.Tensor | None
     qkv_bias: torch.Tensor | None
-    gate_up: torch.Tensor  # gate and up projections stacked, packed
+    gate_up: torch.Tensor | None
 
 
 class CpuDecodeStep:
@@ -71,7 +74,7 @@ class CpuDecodeStep:
     @classmethod
     def of(cls, model) -> CpuDecodeStep | None:
         """The lean step for `model`, or None where it does not apply (another architecture, not
-        bf16 on a CPU with the kernels, quantized or unpacked projections, sliding windows)."""
+        bf16 on a CPU with the kernels, sliding windows)."""
         why = _unsupported(model)
         if why:
             log.debug("decode steps keep transformers' forward: %s", why)
@@ -92,8 +95,9 @@ class CpuDecodeStep:
         n_q = self.n_heads * self.head_dim
         n_kv = self.n_kv_heads * self.head_dim
         d = self.head_dim
-        skinny = t <= cpu_decode.MAX_ROWS  # else oneDNN, through the layers' own modules
+        short = t <= cpu_decode.MAX_ROWS  # else oneDNN, through the layers' own modules
         for layer in self.layers:
+            skinny = short and layer.qkv is not None
             x = cpu_decode.rms_norm(hidden, layer.input_norm, self.eps)
             attn = layer.attn
             if skinny:
@@ -143,11 +147,8 @@ def _unsupported(model) -> str | None:
         attn, mlp = layer.self_attn, layer.mlp
         if getattr(attn, "sliding_window", None):
             return "a layer attends through a sliding window"
-        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                   mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        if not all(isinstance(p, PackedLinear) and p.skinny_rows >= cpu_decode.MAX_ROWS
-                   for p in linears):
-            return "a projection is not on the skinny kernel (quantized, or too large)"
+        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            return "a layer's MLP is not gate, up and down projections"
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
         norms += [getattr(attn, n) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
         if not all(isinstance(n, KernelRMSNorm) for n in norms):
@@ -155,10 +156,21 @@ def _unsupported(model) -> str | None:
     return None
 
 
+def _on_skinny(layer: nn.Module) -> bool:
+    """Whether every projection of `layer` runs its decode-sized calls on the skinny kernel
+    (not where they are quantized, or too large)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return all(isinstance(p, PackedLinear) and p.skinny_rows >= cpu_decode.MAX_ROWS
+               for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                         mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+
+
 def _layer(layer: nn.Module) -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
-    qkv, qkv_bias = _stacked(attn, ("q_proj", "k_proj", "v_proj"))
-    gate_up, _ = _stacked(mlp, ("gate_proj", "up_proj"))
+    qkv = qkv_bias = gate_up = None
+    if _on_skinny(layer):
+        qkv, qkv_bias = _stacked(attn, ("q_proj", "k_proj", "v_proj"))
+        gate_up, _ = _stacked(mlp, ("gate_proj", "up_proj"))
     q_norm = getattr(attn, "q_norm", None)
     k_norm = getattr(attn, "k_norm", None)
     return _Layer(attn, mlp, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,

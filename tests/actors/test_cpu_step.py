@@ -85,9 +85,22 @@ def test_models_it_does_not_cover_keep_the_transformers_forward(arch):
     assert Engine(f"tiny:{arch}", dtype="bfloat16").runner.decode_step is None
 
 
-def test_float32_and_quantized_models_keep_the_transformers_forward():
+def test_float32_models_keep_the_transformers_forward():
     assert Engine("tiny:llama", dtype="float32").runner.decode_step is None
-    assert Engine("tiny:llama", dtype="bfloat16", quantization="int8").runner.decode_step is None
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_models_run_their_own_projections_on_the_lean_step(quantization,
+                                                                      monkeypatch):
+    """No stacked weights (the projections are quantized), the same tokens and logprobs."""
+    lean, plain = engines("llama", monkeypatch, quantization=quantization,
+                          quant_group_size=32)
+    assert all(layer.qkv is None and layer.gate_up is None
+               for layer in lean.runner.decode_step.layers)
+    seen = count_steps(lean, monkeypatch)
+    params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=3)
+    same_outputs(lean.generate(PROMPTS, params), plain.generate(PROMPTS, params))
+    assert 3 in seen
 
 
 def test_the_stacked_projections_are_held_once():
