@@ -203,13 +203,17 @@ class ModelRunner:
     @torch.inference_mode()
     def run_rows(self, rows: list[BatchRow],
                  on_layer_done: Callable[[int], None] | None = None,
-                 capture_hidden: bool = False) -> torch.Tensor:
-        """Logits `[R, V]` (float32) for every row's `num_logits` trailing tokens, in order."""
+                 capture_hidden: bool = False, through_modules: bool = False) -> torch.Tensor:
+        """Logits `[R, V]` (float32) for every row's `num_logits` trailing tokens, in order.
+
+        `through_modules` runs transformers' forward even where the lean CPU step would, for
+        callers whose hooks must see the layer modules."""
         input_ids, position_ids, batch, sample_rows = self.prepare(rows)
         batch.on_layer_done = on_layer_done
         keep = torch.tensor(sample_rows or [0], device=self.device)  # none: keep it cheap
         self.last_hidden = None
-        if self.decode_step is not None and input_ids.shape[1] <= cpu_step.MAX_TOKENS:
+        if (self.decode_step is not None and not through_modules
+                and input_ids.shape[1] <= cpu_step.MAX_TOKENS):
             with paged_attention.attention_batch(batch):
                 logits, hidden = self.decode_step.forward(input_ids, position_ids, keep)
             if capture_hidden:

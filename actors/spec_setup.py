@@ -95,12 +95,10 @@ def calibrate_layerskip(engine: Engine, depth: int, max_k: int = 8) -> int:
     hidden: list[torch.Tensor] = []
     hooks = [layer.register_forward_hook(lambda _m, _i, out: hidden.append(
         out[0] if isinstance(out, tuple) else out)) for layer in layers]
-    # The hooks need transformers' forward: the lean CPU step does not call the layer modules.
-    lean, engine.runner.decode_step = engine.runner.decode_step, None
     try:
-        final = engine.runner.run_rows([BatchRow(ids, 0, len(ids), seq.block_table, len(ids))])
+        final = engine.runner.run_rows([BatchRow(ids, 0, len(ids), seq.block_table, len(ids))],
+                                       through_modules=True)  # the hooks need the layers
     finally:
-        engine.runner.decode_step = lean
         for h in hooks:
             h.remove()
         engine.blocks.free(seq)

@@ -175,9 +175,7 @@ def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16
     wl = build_workload(tokenizer, num_prompts, seed, limit, max_output_tokens)
     say(f"workload: {len(wl.requests)} prompts, {wl.total_output_tokens} output tokens")
     gguf = llama_cpp_peer.gguf_file(source)
-    peer = ("runs" if gguf is not None and llama_cpp_peer.available() else
-            "not installed (an optional extra, see ops/bench/llama_cpp_peer.py)"
-            if gguf is not None else "no GGUF file behind this model")
+    peer = llama_cpp_peer.status(gguf)
     say(f"llama.cpp peer: {peer}")
     bytes_per_token = bytes_per_decode_token(hf_model)
     say("measuring memory read bandwidth")
@@ -196,7 +194,7 @@ def run(*, model: str = "default", num_prompts: int = 16, dtype: str = "bfloat16
             for q in quantizations:
                 run_q = partial(run_baton, model, dtype, threads, wl, 1, q)
                 systems[f"baton_{q}_c1"] = _measure(f"baton_{q}_c1", run_q, say)
-            if gguf is not None and llama_cpp_peer.available():
+            if gguf is not None and peer == llama_cpp_peer.RUNS:
                 run_peer = partial(llama_cpp_peer.run_llama_cpp, gguf, threads, wl, limit)
                 systems[llama_cpp_peer.NAME] = _measure(llama_cpp_peer.NAME, run_peer, say)
     summary = {name: res.summary() for name, res in systems.items()}

@@ -26,8 +26,20 @@ log = logging.getLogger(__name__)
 NAME = "llama_cpp_c1"
 
 
+RUNS = "runs"
+
+
 def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
+
+
+def status(gguf: Path | None) -> str:
+    """`RUNS`, or why the peer cannot run on this model here."""
+    if gguf is None:
+        return "no GGUF file behind this model"
+    if not available():
+        return "not installed (an optional extra, see ops/bench/llama_cpp_peer.py)"
+    return RUNS
 
 
 def gguf_file(source: ModelSource) -> Path | None:
