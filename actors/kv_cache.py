@@ -2,6 +2,9 @@
 
 Heads come first so that gathering a batch's blocks (`index_select` on dim 1) lands directly in
 the `[heads, batch, tokens, head_dim]` layout attention multiplies with: one copy, no permute.
+All layers' keys and values are views of one tensor, `blocks [layers, 2, heads, num_blocks,
+block_size, head_dim]`, so a request's blocks over a run of layers gather into the KV link's
+payload layout in one copy.
 """
 
 from __future__ import annotations
@@ -50,10 +53,9 @@ class PagedKVCache:
         self.spec = spec
         self.num_blocks = num_blocks
         shape = (spec.num_kv_heads, num_blocks, spec.block_size, spec.head_dim)
-        self.keys = [torch.zeros(shape, dtype=spec.dtype, device=device)
-                     for _ in range(spec.num_layers)]
-        self.values = [torch.zeros(shape, dtype=spec.dtype, device=device)
-                       for _ in range(spec.num_layers)]
+        self.blocks = torch.zeros((spec.num_layers, 2, *shape), dtype=spec.dtype, device=device)
+        self.keys = [self.blocks[layer, 0] for layer in range(spec.num_layers)]
+        self.values = [self.blocks[layer, 1] for layer in range(spec.num_layers)]
 
     def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[idx], self.values[idx]

@@ -2,29 +2,30 @@
 
 The receiver (`KVReceiver`, one per decode worker) accepts a push only for a transfer it was
 told to expect (`expect`): same request, the very block ids it reserved, the cache's dtype and
-shape, within a deadline, with the shared token in every call's metadata. A transfer travels on
-several concurrent Push calls (streams, each naming the transfer and their number in its
-metadata), each carrying whole groups of layers as raw bytes (see `kv_wire`); each chunk carries
-a CRC32C of its bytes. Layers land in the cache as soon as their
-group's last chunk arrives, so a sender can stream early layers while later ones are still being
-computed. Anything wrong aborts the call with a status that says what, fails the whole transfer
-(its other streams are refused from their next chunk on), and the transfer's waiter gets a
+shape, within a deadline, with the shared token in every call's metadata. A transfer is a series
+of unary Push calls, a few in flight at once, each carrying one chunk of a group of consecutive
+layers as raw bytes (see `kv_wire`) with a CRC32C of its bytes. Layers land in the cache as soon
+as their group's last chunk arrives, so a sender can stream early layers while later ones are
+still being computed. Anything wrong refuses the call with a status that says what and fails the
+whole transfer (its later calls are refused too), and the transfer's waiter gets a
 `KVTransferError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Iterable
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import NoReturn
 
 import grpc
+import numpy as np
 import torch
-from google.protobuf.message import DecodeError
 
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
 from baton.actors.kv_transfer import (
@@ -36,17 +37,18 @@ from baton.actors.kv_transfer import (
 )
 from baton.actors.kv_wire import (
     CHUNK_BYTES,
+    IN_FLIGHT,
+    MAX_IN_FLIGHT,
     MAX_MESSAGE_BYTES,
-    MAX_STREAMS,
     PUSH_METHOD,
     SERVICE,
-    STREAMS,
-    STREAMS_HEADER,
     TOKEN_HEADER,
     TRANSFER_HEADER,
-    LayerFeed,
+    LayerGroup,
     checksum,
+    decode,
     encode,
+    end_frame,
     group_size,
 )
 from baton.errors import ConfigError, KVTransferError
@@ -54,10 +56,23 @@ from baton.protos.kv_link_pb2 import KVChunk, PushResult
 
 log = logging.getLogger(__name__)
 
+FORGOTTEN_KEPT = 1024  # ended transfers remembered, so that their late chunks get a clear answer
+
+
+@dataclass(slots=True)
+class _Group:
+    """A layer group cut across chunks, while its chunks arrive (in any order)."""
+
+    num_layers: int
+    total: int
+    buffer: np.ndarray  # uint8, `total` bytes
+    offsets: set[int] = field(default_factory=set)
+    received: int = 0
+
 
 @dataclass(slots=True)
 class Transfer:
-    """What a receiver expects for one transfer, and how it is going (shared by its streams)."""
+    """What a receiver expects for one transfer, and how it is going (shared by its calls)."""
 
     transfer_id: str
     request_id: str
@@ -65,9 +80,9 @@ class Transfer:
     deadline: float
     block_tensor: torch.Tensor = field(init=False)
     layers_done: set[int] = field(default_factory=set)
-    claimed: set[int] = field(default_factory=set)  # layers a stream has begun (or landed)
-    streams: int = 0  # as the first call announced it; every call must agree
-    streams_ended: int = 0
+    claimed: set[int] = field(default_factory=set)  # layers whose group has begun (or landed)
+    groups: dict[int, _Group] = field(default_factory=dict)  # cut groups by first layer
+    calls: int = 0  # Push calls that reached it
     bytes_received: int = 0
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -75,27 +90,6 @@ class Transfer:
 
     def __post_init__(self) -> None:
         self.block_tensor = torch.tensor(self.block_ids)
-
-
-@dataclass(slots=True)
-class _Group:
-    """The layer group a stream is receiving: its chunks so far."""
-
-    first_layer: int
-    num_layers: int
-    total: int
-    received: int = 0
-    buffer: bytearray | None = None  # only when the group is cut across chunks
-
-
-@dataclass(slots=True)
-class _Stream:
-    """One Push call's progress."""
-
-    transfer: Transfer
-    group: _Group | None = None
-    layers: int = 0
-    nbytes: int = 0
 
 
 class KVReceiver:
@@ -106,13 +100,14 @@ class KVReceiver:
         self.cache = cache
         self.token = token
         self._transfers: dict[str, Transfer] = {}
+        self._ended: OrderedDict[str, str] = OrderedDict()  # transfer id -> why it ended
         self._lock = threading.Lock()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-recv"),
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
         )
-        # Bytes in, bytes out: the payload messages reach `_push` as gRPC hands them over.
-        handler = grpc.stream_unary_rpc_method_handler(self._push)
+        # Bytes in, bytes out: the frame reaches `_push` as gRPC hands it over.
+        handler = grpc.unary_unary_rpc_method_handler(self._push)
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, {"Push": handler}),))
         self.port = self._server.add_insecure_port(f"{host}:{port}")
@@ -130,6 +125,7 @@ class KVReceiver:
         t = Transfer(transfer_id, request_id, list(block_ids), time.monotonic() + timeout_s)
         with self._lock:
             self._transfers[transfer_id] = t
+            self._ended.pop(transfer_id, None)
         return t
 
     def wait(self, transfer_id: str) -> Transfer:
@@ -148,90 +144,108 @@ class KVReceiver:
         it still under way is refused from its next chunk on (its blocks may be freed now)."""
         with self._lock:
             t = self._transfers.pop(transfer_id, None)
-        if t is not None and not t.done.is_set():
+        if t is None:
+            return
+        if not t.done.is_set():
             self._fail(t, f"transfer {transfer_id} was given up on by the receiver")
+        with self._lock:
+            self._ended[transfer_id] = t.error or f"transfer {transfer_id} has already completed"
+            while len(self._ended) > FORGOTTEN_KEPT:
+                self._ended.popitem(last=False)
 
     # -- gRPC side --------------------------------------------------------------------------------
 
-    def _push(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    def _push(self, message: bytes, context: grpc.ServicerContext) -> bytes:
         metadata = dict(context.invocation_metadata())
         if metadata.get(TOKEN_HEADER) != self.token:
             _refuse(context, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong KV link token")
         try:
-            transfer = self._lookup(str(metadata.get(TRANSFER_HEADER, "")))
+            header, payload = decode(message)
+        except KVTransferError as exc:  # the transfer the call names cannot complete now
+            with self._lock:
+                named = self._transfers.get(str(metadata.get(TRANSFER_HEADER, "")))
+            if named is not None:
+                self._fail(named, exc.message)
+            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+        try:
+            transfer = self._lookup(header.transfer_id)
         except KVTransferError as exc:
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message)
-        stream = _Stream(transfer)
         try:
-            self._join(transfer, str(metadata.get(STREAMS_HEADER, "")))
-            for header, data in _chunks(messages):
-                self._accept(transfer, stream, header, data)
-            self._end(transfer, stream)
+            with transfer.lock:
+                transfer.calls += 1
+            if header.end:
+                self._end(transfer, header)
+                return PushResult(transfer_id=transfer.transfer_id).SerializeToString()
+            layers = self._accept(transfer, header, payload)
         except KVTransferError as exc:
             self._fail(transfer, exc.message)
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message)
-        except grpc.RpcError:  # the sender cancelled this stream: the transfer cannot complete
-            self._fail(transfer, f"a stream of transfer {transfer.transfer_id} was cancelled "
-                                 "by its sender")
-            raise
-        return PushResult(transfer_id=transfer.transfer_id, layers_received=stream.layers,
-                          bytes_received=stream.nbytes).SerializeToString()
+        except Exception as exc:  # a bug here must still fail the transfer, not leave it waiting
+            log.exception("KV link receiver failed on transfer %s", transfer.transfer_id)
+            self._fail(transfer, f"the receiver failed: {type(exc).__name__}: {exc}")
+            _refuse(context, grpc.StatusCode.INTERNAL, transfer.error or "receiver failed")
+        return PushResult(transfer_id=transfer.transfer_id, layers_received=layers,
+                          bytes_received=len(payload)).SerializeToString()
 
     def _lookup(self, transfer_id: str) -> Transfer:
         with self._lock:
             t = self._transfers.get(transfer_id)
+            ended = self._ended.get(transfer_id)
         if t is None:
-            raise KVTransferError(f"no transfer {transfer_id!r} is expected here")
+            raise KVTransferError(ended or f"no transfer {transfer_id!r} is expected here")
         return t
 
-    def _join(self, t: Transfer, streams: str) -> None:
-        """A call of the transfer starts: it must agree on how many calls carry the transfer."""
-        if not streams.isdigit() or not 1 <= int(streams) <= MAX_STREAMS:
-            raise KVTransferError(f"{streams or 'no'} streams announced, 1 to {MAX_STREAMS} "
-                                  "allowed")
+    def _accept(self, t: Transfer, h: KVChunk, data: np.ndarray) -> int:
+        """Check a chunk and land it; the layers it completed (0 while its group is partial)."""
+        self._check(t, h, data)
+        if checksum(data) != h.crc32c:
+            raise KVTransferError(f"checksum mismatch in layer {h.first_layer} at {h.offset}")
+        layers = range(h.first_layer, h.first_layer + h.num_layers)
+        whole = h.offset == 0 and h.length == h.total_bytes
         with t.lock:
-            if t.streams and int(streams) != t.streams:
-                raise KVTransferError(f"{streams} streams announced, earlier {t.streams}")
-            t.streams = int(streams)
+            group = t.groups.get(h.first_layer)
+            if group is None:
+                if t.claimed.intersection(layers):
+                    raise KVTransferError(f"unexpected layer {h.first_layer}: sent twice")
+                t.claimed.update(layers)
+                if not whole:
+                    group = t.groups[h.first_layer] = _Group(
+                        h.num_layers, h.total_bytes, np.empty(h.total_bytes, dtype=np.uint8))
+            elif (group.num_layers, group.total) != (h.num_layers, h.total_bytes) or \
+                    h.offset in group.offsets:
+                raise KVTransferError(f"chunk of layer {h.first_layer} at offset {h.offset} "
+                                      "does not fit its group, or came twice")
+            if group is not None:
+                group.offsets.add(h.offset)
+            t.bytes_received += len(data)
+        payload = data
+        if group is not None:  # cut across chunks: gather them in the group's buffer
+            group.buffer[h.offset : h.offset + len(data)] = data
+            with t.lock:
+                group.received += len(data)
+                if group.received < group.total:
+                    return 0
+                del t.groups[h.first_layer]
+            payload = group.buffer
+        if t.error:  # failed (or given up on) meanwhile: its blocks may belong to another now
+            raise KVTransferError(t.error)
+        unpack_layers(self.cache, h.first_layer, t.block_tensor, payload)
+        with t.lock:
+            t.layers_done.update(layers)
+            if len(t.layers_done) == self.cache.spec.num_layers:
+                t.done.set()
+        return h.num_layers
 
-    def _accept(self, t: Transfer, stream: _Stream, h: KVChunk, data: bytes) -> None:
+    def _check(self, t: Transfer, h: KVChunk, data: np.ndarray) -> None:
+        """A chunk's header, and its payload's length, against what the transfer expects."""
         if t.error:
             raise KVTransferError(t.error)
         if time.monotonic() > t.deadline:
             raise KVTransferError(f"transfer {t.transfer_id} is past its deadline")
-        if h.transfer_id != t.transfer_id or h.request_id != t.request_id:
+        if h.request_id != t.request_id:
             raise KVTransferError("chunk names another transfer or request")
-        if checksum(data) != h.crc32c:
-            raise KVTransferError(f"checksum mismatch in layer {h.first_layer} at {h.offset}")
-        group = stream.group or self._begin_group(t, h)
-        if (h.first_layer, h.num_layers, h.offset) != \
-                (group.first_layer, group.num_layers, group.received) or \
-                group.received + len(data) > group.total:
-            raise KVTransferError(f"chunk at offset {h.offset} out of order or past the end")
-        stream.group = group
-        payload: bytes | bytearray = data
-        if len(data) != group.total:  # cut across chunks: gather them in one buffer
-            group.buffer = group.buffer or bytearray(group.total)
-            group.buffer[group.received : group.received + len(data)] = data
-            payload = group.buffer
-        group.received += len(data)
-        stream.nbytes += len(data)
-        with t.lock:
-            t.bytes_received += len(data)
-        if group.received == group.total:
-            unpack_layers(self.cache, group.first_layer, t.block_tensor, payload)
-            stream.group = None
-            stream.layers += group.num_layers
-            with t.lock:
-                t.layers_done.update(range(group.first_layer, group.first_layer + group.num_layers))
-                if len(t.layers_done) == self.cache.spec.num_layers:
-                    t.done.set()
-
-    def _begin_group(self, t: Transfer, h: KVChunk) -> _Group:
-        """Check a group's first chunk against what the transfer expects, and claim its layers."""
         spec = self.cache.spec
-        if h.offset != 0:
-            raise KVTransferError(f"chunk at offset {h.offset} out of order or past the end")
         layers = range(h.first_layer, h.first_layer + h.num_layers)
         if not layers or layers.stop > spec.num_layers:
             raise KVTransferError(f"unexpected layer {h.first_layer} (+{h.num_layers})")
@@ -245,44 +259,28 @@ class KVReceiver:
         if tuple(h.shape) != shape or \
                 h.total_bytes != payload_nbytes(spec, len(t.block_ids)) * h.num_layers:
             raise KVTransferError(f"layer shape {tuple(h.shape)} does not match {shape}")
-        with t.lock:
-            if t.claimed.intersection(layers):
-                raise KVTransferError(f"unexpected layer {h.first_layer}: sent twice")
-            t.claimed.update(layers)
-        return _Group(h.first_layer, h.num_layers, h.total_bytes)
+        if len(data) != h.length:
+            raise KVTransferError(f"{len(data)} payload bytes after the header of layer "
+                                  f"{h.first_layer} at {h.offset}, which announced {h.length} "
+                                  "bytes")
+        if h.offset + h.length > h.total_bytes:
+            raise KVTransferError(f"chunk at offset {h.offset} (+{h.length}) runs past the "
+                                  f"group's {h.total_bytes} bytes")
 
-    def _end(self, t: Transfer, stream: _Stream) -> None:
-        """A stream ended cleanly: the last of the transfer's streams must leave it complete."""
-        with t.lock:
-            t.streams_ended += 1
-            last = t.streams_ended >= t.streams
+    def _end(self, t: Transfer, h: KVChunk) -> None:
+        """The sender stopped after `h.layers_sent` layers: short of all of them, the transfer
+        cannot complete."""
         if t.error:
             raise KVTransferError(t.error)
-        if t.done.is_set() or (stream.group is None and not last):
-            return
-        raise KVTransferError(f"push for {t.transfer_id} ended after {len(t.layers_done)} of "
-                              f"{self.cache.spec.num_layers} layers")
+        if not t.done.is_set():
+            raise KVTransferError(f"push for {t.transfer_id} ended after {h.layers_sent} of "
+                                  f"{self.cache.spec.num_layers} layers")
 
     def _fail(self, t: Transfer, message: str) -> None:
         if t.error is None:
             t.error = message
             log.warning("KV transfer %s failed: %s", t.transfer_id, message)
         t.done.set()
-
-
-def _chunks(messages: Iterator[bytes]) -> Iterator[tuple[KVChunk, bytes]]:
-    """Pair each header message with the payload message that follows it."""
-    for raw in messages:
-        try:
-            header = KVChunk.FromString(raw)
-        except DecodeError as exc:
-            raise KVTransferError("malformed chunk header") from exc
-        data = next(messages, None)
-        if data is None or len(data) != header.length:
-            got = "no" if data is None else f"{len(data)} bytes of"
-            raise KVTransferError(f"{got} payload after the header of layer {header.first_layer} "
-                                  f"at {header.offset}, which announced {header.length} bytes")
-        yield header, data
 
 
 def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -293,24 +291,24 @@ def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) 
 class KVSender:
     """Client side of the KV link (run by a prefill worker): streams layers as they are ready.
 
-    A transfer's layer groups go round-robin onto up to `streams` concurrent Push calls, in
-    messages of up to `chunk_bytes` payload bytes.
+    Each group of layers goes out in chunks of up to `chunk_bytes` payload bytes, one unary call
+    each, with up to `in_flight` calls of a transfer under way at once.
     """
 
     def __init__(self, address: str, token: str, chunk_bytes: int = CHUNK_BYTES,
-                 streams: int = STREAMS):
+                 in_flight: int = IN_FLIGHT):
         if not 1 <= chunk_bytes <= CHUNK_BYTES:
             raise ConfigError(f"chunk_bytes must be 1 to {CHUNK_BYTES}, got {chunk_bytes}")
-        if not 1 <= streams <= MAX_STREAMS:
-            raise ConfigError(f"streams must be 1 to {MAX_STREAMS}, got {streams}")
+        if not 1 <= in_flight <= MAX_IN_FLIGHT:
+            raise ConfigError(f"in_flight must be 1 to {MAX_IN_FLIGHT}, got {in_flight}")
         self.address = address
         self.token = token
         self.chunk_bytes = chunk_bytes
-        self.streams = streams
+        self.in_flight = in_flight
         self._channel = grpc.insecure_channel(
             address, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         )
-        self._push = self._channel.stream_unary(PUSH_METHOD)  # bytes in, bytes out
+        self._push = self._channel.unary_unary(PUSH_METHOD)  # bytes in, bytes out
 
     def close(self) -> None:
         self._channel.close()
@@ -318,28 +316,41 @@ class KVSender:
     def push(self, transfer_id: str, request_id: str, dst_block_ids: list[int],
              layers: Iterable[tuple[int, torch.Tensor]], spec: KVCacheSpec,
              timeout_s: float) -> PushResult:
-        """Send each `(layer, payload)` as `layers` yields it, then wait for every stream's answer.
+        """Send each `(first_layer, payload)` as `layers` yields it, then wait for every answer.
 
-        `layers` may block between items: a prefill worker yields a layer as soon as the model
-        has written it (`pack_layer`), so the transfer overlaps the compute of later layers.
+        A payload is one or more consecutive layers' `pack_layer` bytes. `layers` may block
+        between items: a prefill worker yields a layer as soon as the model has written it, so
+        the transfer overlaps the compute of later layers.
         """
-        num_streams = self._streams_for(spec, len(dst_block_ids))
-        feed = LayerFeed(num_streams, self._group_size(spec, len(dst_block_ids)))
+        layer_bytes = payload_nbytes(spec, len(dst_block_ids))
         template = KVChunk(transfer_id=transfer_id, request_id=request_id,
                            block_ids=dst_block_ids, dtype=DTYPE_NAMES[spec.dtype],
                            shape=payload_shape(spec, len(dst_block_ids)))
-        metadata = ((TOKEN_HEADER, self.token), (TRANSFER_HEADER, transfer_id),
-                    (STREAMS_HEADER, str(num_streams)))
-        calls = [self._push.future(self._messages(feed, i, template), timeout=timeout_s,
-                                   metadata=metadata) for i in range(num_streams)]
+        metadata = ((TOKEN_HEADER, self.token), (TRANSFER_HEADER, transfer_id))
+        calls: deque[grpc.Future] = deque()
+        total = PushResult(transfer_id=transfer_id)
+        sent = 0
         try:
-            for layer, payload in layers:
-                feed.put(layer, payload)
+            for first, payload in layers:
+                group = LayerGroup(first, max(1, payload.numel() // layer_bytes), payload)
+                for message in encode(group, template, self.chunk_bytes):
+                    while len(calls) >= self.in_flight:
+                        self._settle(transfer_id, calls.popleft(), total)
+                    calls.append(self._push.future(message, timeout=timeout_s,
+                                                   metadata=metadata))
+                sent += group.num_layers
+            while calls:
+                self._settle(transfer_id, calls.popleft(), total)
         except BaseException:
-            _cancel(feed, calls)
+            for call in calls:
+                call.cancel()
+            self._tell_end(template, sent, metadata)  # the receiver need not wait it out
             raise
-        feed.close()
-        return self._results(transfer_id, feed, calls)
+        if sent < spec.num_layers:
+            end = self._push.future(end_frame(template, sent), timeout=timeout_s,
+                                    metadata=metadata)
+            self._settle(transfer_id, end, total)  # refused: the transfer fails, and says why
+        return total
 
     def push_blocks(self, cache: PagedKVCache, transfer_id: str, request_id: str,
                     src_block_ids: list[int], dst_block_ids: list[int],
@@ -347,46 +358,30 @@ class KVSender:
         """Send every layer of blocks that are already computed (packed a group at a time)."""
         src = torch.tensor(src_block_ids)
         spec = cache.spec
-        size = self._group_size(spec, len(src_block_ids))
+        size = self.group_size(spec, len(src_block_ids))
+        groups = ((first, pack_layers(cache, first, min(size, spec.num_layers - first), src))
+                  for first in range(0, spec.num_layers, size))
+        return self.push(transfer_id, request_id, dst_block_ids, groups, spec, timeout_s)
 
-        def layers() -> Iterator[tuple[int, torch.Tensor]]:
-            for first in range(0, spec.num_layers, size):
-                n = min(size, spec.num_layers - first)
-                packed = pack_layers(cache, first, n, src).view(n, -1)
-                yield from ((first + i, packed[i]) for i in range(n))
+    def group_size(self, spec: KVCacheSpec, num_blocks: int) -> int:
+        """Layers per group when all of them are ready at once: as many as fill a chunk, but
+        enough groups for the calls a transfer this size keeps in flight."""
+        layer_bytes = payload_nbytes(spec, num_blocks)
+        chunks = -(-layer_bytes * spec.num_layers // self.chunk_bytes)
+        calls = max(1, min(self.in_flight, chunks))  # each call has a fixed cost
+        return group_size(spec.num_layers, layer_bytes, calls, self.chunk_bytes)
 
-        return self.push(transfer_id, request_id, dst_block_ids, layers(), spec, timeout_s)
+    def _settle(self, transfer_id: str, call: grpc.Future, total: PushResult) -> None:
+        """Wait for one call's answer and add it to `total`; a failed call is raised."""
+        try:
+            answer = PushResult.FromString(call.result())
+        except grpc.RpcError as exc:
+            raise KVTransferError(f"KV push {transfer_id} to {self.address} failed: "
+                                  f"{exc.code().name}: {exc.details()}") from exc
+        total.layers_received += answer.layers_received
+        total.bytes_received += answer.bytes_received
 
-    def _streams_for(self, spec: KVCacheSpec, num_blocks: int) -> int:
-        """Streams for a transfer: one per full message at most (each call has a fixed cost)."""
-        messages = -(-payload_nbytes(spec, num_blocks) * spec.num_layers // self.chunk_bytes)
-        return max(1, min(self.streams, spec.num_layers, messages))
-
-    def _group_size(self, spec: KVCacheSpec, num_blocks: int) -> int:
-        return group_size(spec.num_layers, payload_nbytes(spec, num_blocks),
-                          self._streams_for(spec, num_blocks), self.chunk_bytes)
-
-    def _messages(self, feed: LayerFeed, stream: int, template: KVChunk) -> Iterator[bytes]:
-        while (group := feed.take(stream)) is not None:
-            yield from encode(group, template, self.chunk_bytes)
-
-    def _results(self, transfer_id: str, feed: LayerFeed, calls: list[grpc.Future]) -> PushResult:
-        """Every stream's answer summed; the first failure cancels the others and is raised."""
-        total = PushResult(transfer_id=transfer_id)
-        for call in calls:
-            try:
-                answer = PushResult.FromString(call.result())
-            except grpc.RpcError as exc:
-                _cancel(feed, calls)
-                raise KVTransferError(f"KV push {transfer_id} to {self.address} failed: "
-                                      f"{exc.code().name}: {exc.details()}") from exc
-            total.layers_received += answer.layers_received
-            total.bytes_received += answer.bytes_received
-        return total
-
-
-def _cancel(feed: LayerFeed, calls: list[grpc.Future]) -> None:
-    """Abandon a push: no more layers go out, and every stream is cancelled."""
-    feed.close(drop=True)
-    for call in calls:
-        call.cancel()
+    def _tell_end(self, template: KVChunk, sent: int, metadata: tuple) -> None:
+        """Best effort, on a failed push: the receiver fails the transfer at once."""
+        with contextlib.suppress(grpc.RpcError):  # refused (already failed) or unreachable:
+            self._push(end_frame(template, sent), timeout=5.0, metadata=metadata)  # deadline

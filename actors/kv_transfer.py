@@ -3,22 +3,23 @@
 The one place the KV link touches cache memory: a layer's blocks for one request are packed into
 a single contiguous `[2, kv_heads, num_blocks, block_size, head_dim]` payload (keys, then values)
 that goes on the wire as raw bytes, and unpacked into whichever blocks the receiver reserved.
-The copies go through `baton.kernels.kv_blocks`: a Triton kernel on CUDA, `index_select` and
-`index_copy_` on the CPU, bit for bit alike.
+The copies go through `baton.kernels.kv_blocks`: a Triton kernel on CUDA, numpy over all the
+layers at once on the CPU, bit for bit alike.
 """
 
 from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
-from baton.kernels.kv_blocks import gather_blocks, scatter_blocks
+from baton.kernels.kv_blocks import gather_stacked, scatter_stacked
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-WireBytes = bytes | bytearray
+WireBytes = bytes | bytearray | np.ndarray  # np.ndarray: a uint8 view of received bytes
 
 # The receiver reads KV straight out of the bytes gRPC handed it (no copy): torch warns once that
 # such a tensor is not writable. It is only ever read (scattered into the cache).
@@ -42,8 +43,7 @@ def pack_layers(cache: PagedKVCache, first_layer: int, num_layers: int,
                 block_ids: torch.Tensor) -> torch.Tensor:
     """`num_layers` consecutive `pack_layer` payloads, back to back, in one gather (one byte
     tensor on the CPU): per layer, small gathers cost more in dispatch than in copying."""
-    layers = slice(first_layer, first_layer + num_layers)
-    payload = gather_blocks(cache.keys[layers], cache.values[layers], block_ids)
+    payload = gather_stacked(cache.blocks[first_layer : first_layer + num_layers], block_ids)
     return payload.cpu().view(torch.uint8).reshape(-1)
 
 
@@ -62,8 +62,7 @@ def unpack_layers(cache: PagedKVCache, first_layer: int, block_ids: torch.Tensor
     if not isinstance(payload, torch.Tensor):
         payload = torch.frombuffer(payload, dtype=torch.uint8)
     data = payload.view(spec.dtype).view(-1, *payload_shape(spec, len(block_ids)))
-    layers = slice(first_layer, first_layer + data.shape[0])
-    scatter_blocks(cache.keys[layers], cache.values[layers], block_ids, data)
+    scatter_stacked(cache.blocks[first_layer : first_layer + data.shape[0]], block_ids, data)
 
 
 def pack_all_layers(cache: PagedKVCache, block_ids: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import ray
 
 from baton.actors.engine_loop import EngineLoop
 from baton.actors.handoff import HandoffEngine, ImportReservation
+from baton.actors.host_memory import keep_freed_memory
 from baton.actors.kv_link import KVReceiver, KVSender
 from baton.actors.output_stream import OutputStream
 from baton.engine_config import EngineConfig
@@ -90,6 +91,7 @@ class Worker:
         if spec.cpu_affinity:
             # Before the engine starts torch's thread pool, so its threads inherit the mask.
             os.sched_setaffinity(0, spec.cpu_affinity)
+        keep_freed_memory()  # KV payloads and frames of MiBs, allocated per transfer
         self.engine = HandoffEngine(config=spec.engine)
         self.loop = EngineLoop(self.engine)
         self.receiver = (

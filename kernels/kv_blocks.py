@@ -8,7 +8,9 @@ whichever blocks the receiver reserved. Copies are bit for bit on every path.
 On the CPU the copies run in numpy, on one thread: they are memory-bound, and torch's parallel
 index ops stall whenever their second thread is descheduled (on a busy 2-core machine, scattering
 a 2 MiB layer took 16 ms with torch's 2 threads, 1.3 ms with one, 0.2 ms in numpy), while
-`torch.set_num_threads` cannot be lowered for one thread alone.
+`torch.set_num_threads` cannot be lowered for one thread alone. Where the layers are views of one
+stacked tensor (`gather_stacked`, `scatter_stacked`: how `PagedKVCache` holds them), all layers go
+in one numpy call: 30 layers of 3 blocks took 0.03 ms so, 0.32 ms layer by layer.
 """
 
 from __future__ import annotations
@@ -58,6 +60,52 @@ def scatter_blocks(keys: list[torch.Tensor], values: list[torch.Tensor],
         _scatter_blocks_cpu(keys, values, ids, payload)
         return
     scatter_blocks_reference(keys, values, ids, payload)
+
+
+def gather_stacked(blocks: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """`gather_blocks` over layers stacked in one tensor `[L, 2, kv_heads, num_blocks,
+    block_size, head_dim]` (keys, then values, per layer)."""
+    if blocks.device.type != "cpu":
+        return gather_blocks(list(blocks[:, 0]), list(blocks[:, 1]), block_ids)
+    ids = _checked_stacked_ids(blocks, block_ids)
+    layers, _, hkv, _, bs, d = blocks.shape
+    out = torch.empty((layers, 2, hkv, len(ids), bs, d), dtype=blocks.dtype)
+    np.take(_rows(blocks), ids.numpy(), axis=3, out=_rows(out), mode="clip")  # ids checked
+    return out
+
+
+def scatter_stacked(blocks: torch.Tensor, block_ids: torch.Tensor,
+                    payload: torch.Tensor) -> None:
+    """`scatter_blocks` into layers stacked in one tensor (see `gather_stacked`)."""
+    if blocks.device.type != "cpu":
+        scatter_blocks(list(blocks[:, 0]), list(blocks[:, 1]), block_ids, payload)
+        return
+    ids = _checked_stacked_ids(blocks, block_ids)
+    layers, _, hkv, _, bs, d = blocks.shape
+    shape = (layers, 2, hkv, len(ids), bs, d)
+    if tuple(payload.shape) != shape or payload.dtype != blocks.dtype:
+        raise KVTransferError(f"KV payload is {tuple(payload.shape)} {payload.dtype}, this cache "
+                              f"expects {shape} {blocks.dtype}")
+    _rows(blocks)[:, :, :, ids.numpy()] = _rows(payload.contiguous())
+
+
+def _rows(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor `[..., block_size, head_dim]` as numpy uint8 `[..., block bytes]`."""
+    return t.view(torch.uint8).numpy().reshape(*t.shape[:-2], -1)
+
+
+def _checked_stacked_ids(blocks: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    if blocks.dim() != 6 or blocks.shape[1] != 2 or not blocks.is_contiguous():
+        raise KVTransferError("stacked KV layers must be one contiguous [layers, 2, kv_heads, "
+                              f"num_blocks, block_size, head_dim] tensor, got "
+                              f"{tuple(blocks.shape)}")
+    if block_ids.dim() != 1:
+        raise KVTransferError(f"block_ids must be 1-D, got shape {tuple(block_ids.shape)}")
+    ids = block_ids.to(dtype=torch.long)
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= blocks.shape[3]):
+        raise KVTransferError(f"block ids {ids.tolist()} outside this cache's "
+                              f"{blocks.shape[3]} blocks")
+    return ids
 
 
 def gather_blocks_reference(keys: list[torch.Tensor], values: list[torch.Tensor],

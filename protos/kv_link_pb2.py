@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rkv_link.proto\x12\x0b\x62\x61ton.kv.v2\"\xd1\x01\n\x07KVChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x11\n\tblock_ids\x18\x05 \x03(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\r\x12\x0e\n\x06offset\x18\x08 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\t \x01(\x04\x12\x0e\n\x06length\x18\n \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x0b \x01(\r\"R\n\nPushResult\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x17\n\x0flayers_received\x18\x02 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rkv_link.proto\x12\x0b\x62\x61ton.kv.v3\"\xf3\x01\n\x07KVChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x11\n\tblock_ids\x18\x05 \x03(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\r\x12\x0e\n\x06offset\x18\x08 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\t \x01(\x04\x12\x0e\n\x06length\x18\n \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x0b \x01(\r\x12\x0b\n\x03\x65nd\x18\x0c \x01(\x08\x12\x13\n\x0blayers_sent\x18\r \x01(\r\"R\n\nPushResult\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x17\n\x0flayers_received\x18\x02 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kv_link_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVCHUNK']._serialized_start=31
-  _globals['_KVCHUNK']._serialized_end=240
-  _globals['_PUSHRESULT']._serialized_start=242
-  _globals['_PUSHRESULT']._serialized_end=324
+  _globals['_KVCHUNK']._serialized_end=274
+  _globals['_PUSHRESULT']._serialized_start=276
+  _globals['_PUSHRESULT']._serialized_end=358
 # @@protoc_insertion_point(module_scope)

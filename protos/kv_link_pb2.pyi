@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVChunk(_message.Message):
-    __slots__ = ("transfer_id", "request_id", "first_layer", "num_layers", "block_ids", "dtype", "shape", "offset", "total_bytes", "length", "crc32c")
+    __slots__ = ("transfer_id", "request_id", "first_layer", "num_layers", "block_ids", "dtype", "shape", "offset", "total_bytes", "length", "crc32c", "end", "layers_sent")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,8 @@ class KVChunk(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_SENT_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     request_id: str
     first_layer: int
@@ -30,7 +32,9 @@ class KVChunk(_message.Message):
     total_bytes: int
     length: int
     crc32c: int
-    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., first_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., length: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
+    end: bool
+    layers_sent: int
+    def __init__(self, transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., first_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., length: _Optional[int] = ..., crc32c: _Optional[int] = ..., end: _Optional[bool] = ..., layers_sent: _Optional[int] = ...) -> None: ...
 
 class PushResult(_message.Message):
     __slots__ = ("transfer_id", "layers_received", "bytes_received")

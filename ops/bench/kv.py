@@ -1,8 +1,8 @@
 """`baton bench kv`: the KV link against raw TCP and Ray's object store, in one run.
 
 Throughput: the same payload bytes (one request's KV, all layers, of the default model's shape)
-cross loopback through Baton's gRPC KV link (end to end: pack, raw-bytes chunks on its concurrent
-streams, CRC32C, unpack into the receiver's blocks; and once more with the layers packed
+cross loopback through Baton's gRPC KV link (end to end: pack, raw-bytes chunks on concurrent
+unary calls, CRC32C, unpack into the receiver's blocks; and once more with the layers packed
 beforehand), through a bare TCP socket into a preallocated buffer, and through Ray's object store
 into another process. Repeats are interleaved, so noise from other processes lands on every
 system alike. `ratios` holds the largest size's ratios, plus `grpc_vs_raw_tcp_4mib` when 4 MiB
@@ -31,9 +31,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from baton.actors.host_memory import keep_freed_memory
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
 from baton.actors.kv_link import KVReceiver, KVSender
-from baton.actors.kv_transfer import pack_layer, payload_nbytes, unpack_layer
+from baton.actors.kv_transfer import pack_layer, pack_layers, payload_nbytes, unpack_layer
 from baton.errors import ConfigError
 from baton.ops.bench.kv_baselines import RawTCPLink, RayObjectStoreLink, expected_touch
 from baton.ops.bench.machine import OtherCPUBusy, machine_info, warn_if_busy
@@ -84,6 +85,7 @@ class LinkRig:
     """
 
     def __init__(self, max_blocks: int):
+        keep_freed_memory()  # as a worker process runs its link ends
         cpu = torch.device("cpu")
         self.src = PagedKVCache(SPEC, max_blocks, cpu)
         gen = torch.Generator().manual_seed(0)
@@ -100,6 +102,13 @@ class LinkRig:
     def pack(self, n: int) -> Layers:
         src = torch.tensor(self.block_ids(n)[0])
         return [(i, pack_layer(self.src, i, src)) for i in range(SPEC.num_layers)]
+
+    def pack_groups(self, n: int) -> Layers:
+        """The layers packed as the sender groups them when all are ready at once."""
+        src = torch.tensor(self.block_ids(n)[0])
+        size = self.sender.group_size(SPEC, n)
+        return [(first, pack_layers(self.src, first, min(size, SPEC.num_layers - first), src))
+                for first in range(0, SPEC.num_layers, size)]
 
     def unpack(self, n: int, layers: Layers) -> None:
         dst = torch.tensor(self.block_ids(n)[1])
@@ -152,7 +161,7 @@ def measure_size(rig: LinkRig, tcp: RawTCPLink, store: RayObjectStoreLink, size_
         raise RuntimeError(f"packed {nbytes} bytes for {n} blocks")
     systems: dict[str, Callable[[], Any]] = {
         "grpc_link": partial(rig.push_blocks, n),
-        "grpc_link_prepacked": partial(rig.push, n, packed),
+        "grpc_link_prepacked": partial(rig.push, n, rig.pack_groups(n)),
         "raw_tcp": partial(tcp.send, wire),
         "ray_object_store": partial(store.send, arr),
     }

@@ -16,11 +16,10 @@ from baton.actors.kv_link import KVReceiver, KVSender
 from baton.actors.kv_transfer import pack_layer
 from baton.actors.kv_wire import (
     PUSH_METHOD,
-    STREAMS_HEADER,
     TOKEN_HEADER,
     TRANSFER_HEADER,
-    LayerFeed,
     checksum,
+    frame,
 )
 from baton.errors import KVTransferError
 from baton.protos import kv_link_pb2
@@ -124,14 +123,14 @@ def test_a_push_under_way_when_the_receiver_gives_up_writes_no_more_layers(src, 
     sender.close()
 
 
-def _raw_push(receiver, chunks, token=TOKEN, streams="1"):
-    """Push `(header, payload)` pairs as the wire carries them: header message, payload message."""
+def _raw_push(receiver, chunks, token=TOKEN, messages=None):
+    """Push `(header, payload)` pairs as the wire carries them: one frame per unary call."""
     with grpc.insecure_channel(receiver.address) as ch:
-        push = ch.stream_unary(PUSH_METHOD)
-        messages = (m for header, data in chunks for m in (header.SerializeToString(), data))
-        metadata = ((TOKEN_HEADER, token), (TRANSFER_HEADER, chunks[0][0].transfer_id),
-                    (STREAMS_HEADER, streams))
-        return push(messages, timeout=5, metadata=metadata)
+        push = ch.unary_unary(PUSH_METHOD)
+        metadata = ((TOKEN_HEADER, token), (TRANSFER_HEADER, chunks[0][0].transfer_id))
+        for message in messages or [frame(header, data) for header, data in chunks]:
+            answer = push(message, timeout=5, metadata=metadata)
+        return kv_link_pb2.PushResult.FromString(answer)
 
 
 def _chunk(**kw):
@@ -155,7 +154,7 @@ def _chunk(**kw):
         (_chunk(first_layer=9), "layer"),
         (_chunk(first_layer=3, num_layers=2), "layer"),
         (_chunk(length=65), "announced 65 bytes"),
-        (_chunk(offset=64), "offset"),
+        (_chunk(offset=1000), "runs past the group's 1024 bytes"),
     ],
 )
 def test_bad_chunks_are_refused_and_the_transfer_fails(receiver, chunk, says):
@@ -197,21 +196,21 @@ def test_stalled_transfer_times_out(receiver):
 
 
 @pytest.mark.parametrize(
-    ("chunk_bytes", "streams"),
+    ("chunk_bytes", "in_flight", "calls"),
     [
-        (1000, 3),  # each 3 KiB layer cut across chunks, on three streams
-        (8192, 2),  # two layers per message, on two streams
-        (8192, 1),  # two layers per message, one stream
+        (1000, 3, 16),  # each 3 KiB layer cut across four chunks, three calls at a time
+        (8192, 2, 2),  # two layers per call, both calls at once
+        (8192, 1, 2),  # two layers per call, one after the other
     ],
 )
-def test_a_transfer_split_across_streams_lands_every_layer_in_its_blocks(
-        src, receiver, chunk_bytes, streams):
+def test_a_transfer_in_several_calls_lands_every_layer_in_its_blocks(
+        src, receiver, chunk_bytes, in_flight, calls):
     src_ids, dst_ids = [3, 9, 1], [17, 0, 5]
     transfer = receiver.expect("ms", "rm", dst_ids, timeout_s=10)
-    sender = KVSender(receiver.address, TOKEN, chunk_bytes=chunk_bytes, streams=streams)
+    sender = KVSender(receiver.address, TOKEN, chunk_bytes=chunk_bytes, in_flight=in_flight)
     result = sender.push_blocks(src, "ms", "rm", src_ids, dst_ids, timeout_s=10)
     receiver.wait("ms")
-    assert transfer.streams == streams  # the receiver saw that many calls announced
+    assert transfer.calls == calls
     assert result.layers_received == SPEC.num_layers
     assert result.bytes_received == 3 * SPEC.bytes_per_block
     assert _same_blocks(src, receiver.cache, src_ids, dst_ids)
@@ -220,10 +219,43 @@ def test_a_transfer_split_across_streams_lands_every_layer_in_its_blocks(
     sender.close()
 
 
-def test_a_corrupted_chunk_on_one_stream_fails_the_whole_transfer(src, receiver, monkeypatch):
+def test_chunks_of_a_cut_group_may_land_in_any_order_but_not_twice(src, receiver):
+    payload = pack_layer(src, 2, torch.tensor([3, 9])).numpy().tobytes()  # 2 KiB
+    chunks = [_chunk(transfer_id="oo", request_id="ro", block_ids=[7, 8], first_layer=2,
+                     shape=[2, 2, 2, 8, 16], offset=off, total_bytes=len(payload),
+                     data=payload[off : off + 768]) for off in (0, 768, 1536)]
+    receiver.expect("oo", "ro", [7, 8], timeout_s=5)
+    transfer = receiver._transfers["oo"]
+    assert _raw_push(receiver, chunks[2:]).layers_received == 0  # the group is not whole yet
+    assert _raw_push(receiver, chunks[:1]).layers_received == 0
+    assert _raw_push(receiver, chunks[1:2]).layers_received == 1
+    assert transfer.layers_done == {2}
+    assert torch.equal(receiver.cache.keys[2][:, [7, 8]], src.keys[2][:, [3, 9]])
+    with pytest.raises(grpc.RpcError) as info:
+        _raw_push(receiver, chunks[:1])
+    assert "sent twice" in info.value.details()
+    with pytest.raises(KVTransferError, match="sent twice"):
+        receiver.wait("oo")
+
+
+def test_a_malformed_frame_is_refused(receiver):
+    receiver.expect("mf", "rm", [2], timeout_s=5)
+    header, data = _chunk(transfer_id="mf", request_id="rm")
+    whole = frame(header, data)
+    for message, says in ((b"\x01", "shorter than its length prefix"),
+                          (b"\xff\xff\x00\x00" + whole[4:], "header announced"),
+                          (whole[:4] + b"\xff" * (len(whole) - 4), "malformed chunk header")):
+        with pytest.raises(grpc.RpcError) as info:
+            _raw_push(receiver, [(header, data)], messages=[message])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert says in info.value.details()
+    assert not receiver.cache.keys[0].any()
+
+
+def test_a_corrupted_chunk_fails_the_whole_transfer(src, receiver, monkeypatch):
     monkeypatch.setattr("baton.actors.kv_link.encode", corrupting_encode(layer=3))
     receiver.expect("bad", "rb", [4, 5], timeout_s=10)
-    sender = KVSender(receiver.address, TOKEN, chunk_bytes=1024, streams=2)
+    sender = KVSender(receiver.address, TOKEN, chunk_bytes=1024, in_flight=2)
     with pytest.raises(KVTransferError, match="checksum mismatch in layer 3"):
         sender.push_blocks(src, "bad", "rb", [0, 1], [4, 5], timeout_s=10)
     with pytest.raises(KVTransferError, match="checksum mismatch in layer 3"):
@@ -234,7 +266,7 @@ def test_a_corrupted_chunk_on_one_stream_fails_the_whole_transfer(src, receiver,
 
 
 def test_a_producer_failing_mid_transfer_fails_it_at_once(src, receiver):
-    sender = KVSender(receiver.address, TOKEN, chunk_bytes=1024, streams=2)
+    sender = KVSender(receiver.address, TOKEN, chunk_bytes=1024, in_flight=2)
     receiver.expect("warm", "rw", [6], timeout_s=10)  # the channel's own threads start here
     sender.push_blocks(src, "warm", "rw", [0], [6], timeout_s=10)
     before = set(threading.enumerate())
@@ -243,7 +275,7 @@ def test_a_producer_failing_mid_transfer_fails_it_at_once(src, receiver):
     def layers():
         for layer in range(2):
             yield layer, pack_layer(src, layer, torch.tensor([0]))
-        # Both streams have started before the producer dies.
+        # Both layers have landed before the producer dies.
         for _ in range(500):
             if transfer.layers_done == {0, 1}:
                 break
@@ -252,22 +284,21 @@ def test_a_producer_failing_mid_transfer_fails_it_at_once(src, receiver):
 
     with pytest.raises(RuntimeError, match="prefill crashed"):
         sender.push("die", "rd", [6], layers(), SPEC, timeout_s=10)
-    # The receiver learns of it from the streams, not from its deadline.
-    with pytest.raises(KVTransferError, match="cancelled by its sender|ended after 2 of 4"):
+    # The receiver learns of it from the sender, not from its deadline.
+    with pytest.raises(KVTransferError, match="ended after 2 of 4"):
         receiver.wait("die")
-    # And no thread feeding the push's streams is left waiting for layers that will not come.
+    # And no thread of the push is left waiting for layers that will not come.
     wait_until(lambda: not [t for t in set(threading.enumerate()) - before
                             if not t.name.startswith("kv-recv")],
-               timeout_s=10, what="the push's stream threads to end")
+               timeout_s=10, what="the push's threads to end")
     sender.close()
 
 
-def test_layers_ready_at_once_travel_in_groups_and_streams_take_turns():
-    feed = LayerFeed(streams=2, size=3)
-    for layer in range(4):
-        feed.put(layer, torch.zeros(1, dtype=torch.uint8))
-    feed.close()
-    first, second = feed.take(0), feed.take(1)
-    assert (first.first_layer, len(first.payloads)) == (0, 3)
-    assert (second.first_layer, len(second.payloads)) == (3, 1)
-    assert feed.take(0) is None and feed.take(1) is None
+def test_layers_ready_at_once_travel_in_groups_and_every_call_has_some():
+    sender = KVSender("127.0.0.1:1", TOKEN, chunk_bytes=8192, in_flight=2)
+    layer_bytes = 3 * SPEC.bytes_per_block // SPEC.num_layers  # 3 KiB: two fill a chunk
+    assert sender.group_size(SPEC, 3) == 2 == 8192 // layer_bytes
+    sender = KVSender("127.0.0.1:1", TOKEN, chunk_bytes=4096, in_flight=4)
+    assert sender.group_size(SPEC, 3) == 1  # four chunks' worth, four calls in flight: one each
+    sender = KVSender("127.0.0.1:1", TOKEN, chunk_bytes=1 << 20, in_flight=4)
+    assert sender.group_size(SPEC, 3) == 4  # all of it fits one call: not split

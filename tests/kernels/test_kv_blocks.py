@@ -9,7 +9,9 @@ from baton.errors import KVTransferError
 from baton.kernels.kv_blocks import (
     gather_blocks,
     gather_blocks_reference,
+    gather_stacked,
     scatter_blocks,
+    scatter_stacked,
 )
 from tests.kernels.conftest import DEVICE
 
@@ -61,3 +63,25 @@ def test_bad_block_ids_and_payloads_are_refused():
         scatter_blocks(keys, values, torch.tensor([0]), torch.zeros(2, 2, 1, 2, 4, 8))
     with pytest.raises(KVTransferError, match="same number"):
         gather_blocks(keys, values[:1], torch.tensor([0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_stacked_layers_gather_and_scatter_as_the_reference_does(dtype):
+    # Layers as the paged cache holds them: views of one [L, 2, heads, blocks, bs, d] tensor.
+    g = torch.Generator().manual_seed(2)
+    src = torch.randn(3, 2, 2, 10, 5, 12, generator=g).to(dtype)
+    ids = torch.tensor([7, 0, 9, 3])
+    payload = gather_stacked(src[1:3], ids)
+    expected = gather_blocks_reference(list(src[1:3, 0]), list(src[1:3, 1]), ids)
+    assert torch.equal(payload.view(torch.uint8), expected.view(torch.uint8))
+
+    dst = torch.zeros(3, 2, 2, 12, 5, 12, dtype=dtype)
+    dst_ids = torch.tensor([11, 2, 5, 6])
+    scatter_stacked(dst[1:3], dst_ids, payload)
+    assert torch.equal(dst[1:3][:, :, :, dst_ids], src[1:3][:, :, :, ids])
+    others = [i for i in range(12) if i not in dst_ids.tolist()]
+    assert not dst[:, :, :, others].any() and not dst[0].any()  # nothing else was written
+    with pytest.raises(KVTransferError, match="outside"):
+        gather_stacked(src, torch.tensor([10]))
+    with pytest.raises(KVTransferError, match="expects"):
+        scatter_stacked(dst[1:3], dst_ids[:2], payload)

@@ -36,7 +36,7 @@ def test_check_catches_a_changed_proto(tmp_path):
     text = proto.read_text()
     anchor = "uint32 crc32c = 11;"
     assert anchor in text
-    proto.write_text(text.replace(anchor, anchor + "\n  string extra = 12;"))
+    proto.write_text(text.replace(anchor, anchor + "\n  string extra = 99;"))
 
     result = run_check(copy / "generate.py", cwd=tmp_path)
     assert result.returncode == 1
