@@ -11,7 +11,9 @@ projection, one RMSNorm, the gate and up projections, SiLU times up, the down pr
 Steps of up to `cpu_decode.MAX_ROWS` tokens (decode rows, short drafts) run q, k and v as one
 skinny matmul and gate and up as another. Each output row of that kernel is its own sum, so the
 stacked projection gives the very values of the separate ones. Steps of up to `MAX_TOKENS` (long
-drafts, batches) call the layers' own oneDNN projections. Every other op is the one transformers
+drafts, batches) call the layers' own oneDNN projections. int8 models on the skinny int8 kernel
+stack the same projections for every step (that kernel takes any number of rows), the layers'
+own weights becoming views of the stacked one. Every other op is the one transformers
 runs, so the tokens and logprobs are those of the transformers forward on the same kernels, bit
 for bit (tests/actors/test_cpu_step.py). Longer steps (prompt chunks) keep transformers' forward:
 there the Python costs little against the math, and its rotary ops, vectorized over the chunk,
@@ -19,7 +21,7 @@ beat the rotary kernel (a 1024-token prompt took 1.30 s that way against 1.44 s 
 
 Models: Llama, Qwen2 (with its q/k/v biases) and Qwen3 (with its q/k norms), with full attention
 in every layer and default rotary embedding; others keep the transformers forward. Weight-only
-quantized models (int8, int4) run here too, their projections through their own modules.
+quantized models (int8, int4) run here too; int4's projections through their own modules.
 """
 
 from __future__ import annotations
@@ -34,12 +36,30 @@ from torch import nn
 from baton.actors import paged_attention
 from baton.actors.cpu_linear import PackedLinear
 from baton.actors.cpu_norm import KernelRMSNorm
+from baton.actors.quantized_linear import QuantizedLinear
 from baton.kernels import cpu_decode
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
 MAX_TOKENS = 32  # the longest step it runs
+
+
+@dataclass(slots=True)
+class _Stacked:
+    """Projections of one input stacked into one skinny-kernel weight (bf16 or int8)."""
+
+    weight: torch.Tensor  # packed for the kernel
+    out_features: int
+    bias: torch.Tensor | None
+    scales: torch.Tensor | None  # int8's, float32; None: bf16
+    max_rows: int  # the longest step it runs
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scales is None:
+            return cpu_decode.skinny_linear(x, self.weight, self.out_features, self.bias)
+        return cpu_decode.skinny_linear_int8(x, self.weight, self.scales, self.out_features,
+                                             self.bias)
 
 
 @dataclass(slots=True)
@@ -50,11 +70,10 @@ class _Layer:
     post_norm: torch.Tensor
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    # q, k and v projections stacked, packed for the skinny kernel; gate and up likewise (None
-    # where the projections are not on the kernel: quantized, or too large)
-    qkv: torch.Tensor | None
-    qkv_bias: torch.Tensor | None
-    gate_up: torch.Tensor | None
+    # q, k and v projections stacked for the skinny kernel; gate and up likewise (None where the
+    # projections are not on a skinny kernel: int4, or too large)
+    qkv: _Stacked | None
+    gate_up: _Stacked | None
 
 
 class CpuDecodeStep:
@@ -95,13 +114,13 @@ class CpuDecodeStep:
         n_q = self.n_heads * self.head_dim
         n_kv = self.n_kv_heads * self.head_dim
         d = self.head_dim
-        short = t <= cpu_decode.MAX_ROWS  # else oneDNN, through the layers' own modules
         for layer in self.layers:
-            skinny = short and layer.qkv is not None
+            # Else the layers' own modules (oneDNN for bf16 steps past the kernel's rows).
+            skinny = layer.qkv is not None and t <= layer.qkv.max_rows
             x = cpu_decode.rms_norm(hidden, layer.input_norm, self.eps)
             attn = layer.attn
             if skinny:
-                qkv = cpu_decode.skinny_linear(x, layer.qkv, n_q + 2 * n_kv, layer.qkv_bias)
+                qkv = layer.qkv(x)
                 q, k, v = qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], qkv[:, n_q + n_kv :]
             else:
                 q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
@@ -120,7 +139,7 @@ class CpuDecodeStep:
             x = cpu_decode.rms_norm(hidden, layer.post_norm, self.eps)
             mlp = layer.mlp
             if skinny:
-                gate_up = cpu_decode.skinny_linear(x, layer.gate_up, 2 * self.intermediate)
+                gate_up = layer.gate_up(x)
                 gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
             else:
                 gate, up = mlp.gate_proj(x), mlp.up_proj(x)
@@ -165,21 +184,31 @@ def _on_skinny(layer: nn.Module) -> bool:
                          mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
 
+def _on_skinny_int8(parent: nn.Module, names: tuple[str, ...]) -> bool:
+    """Whether the projections `names` of `parent` are int8 on the skinny int8 kernel, in whole
+    blocks of four rows (so that their packed weights stack block by block)."""
+    projections = [getattr(parent, n) for n in names]
+    return all(isinstance(p, QuantizedLinear) and p.mode == "int8" and p.packed
+               and p.out_features % cpu_decode.SKINNY_BLOCK == 0 for p in projections)
+
+
 def _layer(layer: nn.Module) -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
-    qkv = qkv_bias = gate_up = None
+    qkv = gate_up = None
+    attn_names, mlp_names = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
     if _on_skinny(layer):
-        qkv, qkv_bias = _stacked(attn, ("q_proj", "k_proj", "v_proj"))
-        gate_up, _ = _stacked(mlp, ("gate_proj", "up_proj"))
+        qkv, gate_up = _stacked(attn, attn_names), _stacked(mlp, mlp_names)
+    elif _on_skinny_int8(attn, attn_names) and _on_skinny_int8(mlp, mlp_names):
+        qkv, gate_up = _stacked_int8(attn, attn_names), _stacked_int8(mlp, mlp_names)
     q_norm = getattr(attn, "q_norm", None)
     k_norm = getattr(attn, "k_norm", None)
     return _Layer(attn, mlp, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                   None if q_norm is None else q_norm.weight,
                   None if k_norm is None else k_norm.weight,
-                  qkv, qkv_bias, gate_up)
+                  qkv, gate_up)
 
 
-def _stacked(parent: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _stacked(parent: nn.Module, names: tuple[str, ...]) -> _Stacked:
     """The projections `names` of `parent` as one packed weight (and bias), built once and kept on
     `parent`. The projections then free their own skinny copies, so the weights are not held
     twice: their decode-sized calls run here, and they keep their oneDNN weights for the rest."""
@@ -189,8 +218,30 @@ def _stacked(parent: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, t
         weight = torch.cat([p.weight for p in linears])
         biases = [p.bias for p in linears]
         bias = None if biases[0] is None else torch.cat(biases)
-        cached = (cpu_decode.pack_skinny(weight), bias)
+        cached = _Stacked(cpu_decode.pack_skinny(weight), weight.shape[0], bias, None,
+                          cpu_decode.MAX_ROWS)
         parent._baton_stacked = cached
         for p in linears:
             p.skinny_weight = None
+    return cached
+
+
+def _stacked_int8(parent: nn.Module, names: tuple[str, ...]) -> _Stacked:
+    """The int8 projections `names` of `parent` as one packed weight, built once and kept on
+    `parent`; each projection's weight and scales become views of the stacked ones (held once)."""
+    cached = getattr(parent, "_baton_stacked", None)
+    if cached is None:
+        layers = [getattr(parent, n) for n in names]
+        weight = torch.cat([p.packed_weight for p in layers])  # whole blocks of four rows
+        scales = torch.cat([p.scales for p in layers])
+        biases = [p.bias for p in layers]
+        bias = None if biases[0] is None else torch.cat(biases)
+        blocks = rows = 0
+        for p in layers:
+            n = p.out_features
+            p.packed_weight = weight[blocks : blocks + n // cpu_decode.SKINNY_BLOCK]
+            p.scales = scales[rows : rows + n]
+            blocks, rows = blocks + n // cpu_decode.SKINNY_BLOCK, rows + n
+        cached = _Stacked(weight, rows, bias, scales, MAX_TOKENS)
+        parent._baton_stacked = cached
     return cached

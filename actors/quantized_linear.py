@@ -2,9 +2,11 @@
 
 `quantize_linears(model, "int8" | "int4")` swaps every `nn.Linear` except the output head for a
 `QuantizedLinear` (embeddings are not linears and stay as they are); the matmul runs through
-`baton.kernels`: Triton on CUDA; on the CPU, PyTorch's packed int8 matmul (int8) and, for int4,
-PyTorch's packed int4 matmul (weights packed once, here) or dequantize-then-matmul, whichever
-measured faster for the layer's shape (`baton.kernels.quantized_matmul_cpu`).
+`baton.kernels`: Triton on CUDA; on the CPU, for int8, Baton's skinny int8 kernel on bf16 models
+where the CPU kernels run (`cpu_decode.takes_int8`: weights laid out once, here), else PyTorch's
+int8 matmul; for int4, PyTorch's packed int4 matmul (weights packed once, here) or
+dequantize-then-matmul, whichever measured faster for the layer's shape
+(`baton.kernels.quantized_matmul_cpu`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from baton.engine_config import INT4_GROUP_SIZES, QUANTIZATIONS
 from baton.errors import ConfigError
+from baton.kernels import cpu_decode
 from baton.kernels.quantized_matmul import (
     int4_matmul,
     int8_matmul,
@@ -35,9 +38,10 @@ log = logging.getLogger(__name__)
 class QuantizedLinear(nn.Module):
     """Drop-in for `nn.Linear` (inference only) holding int8 or int4 weights and their scales.
 
-    An int4 layer on the CPU holds either Baton's int4 layout (`qweight`, `scales`, `zeros`) or
-    the packed kernel's (`packed_weight`, `scale_zeros`), never both; `packed` says which. Build
-    it on the device it will run on: the packed layout is the CPU's own.
+    A layer on the CPU holds either Baton's layout (`qweight`, `scales`, and for int4 `zeros`) or
+    a kernel's packed one, never both; `packed` says which. Packed int8 is the skinny kernel's
+    (`packed_weight`, float32 `scales`), packed int4 PyTorch's (`packed_weight`, `scale_zeros`).
+    Build it on the device it will run on: packed layouts are the CPU's own.
     """
 
     def __init__(self, linear: nn.Linear, mode: str, group_size: int | None = None):
@@ -50,6 +54,9 @@ class QuantizedLinear(nn.Module):
         zeros = packed = scale_zeros = None
         if mode == "int8":
             qweight, scales = quantize_int8(weight)
+            if cpu_decode.takes_int8(weight):
+                packed, scales = cpu_decode.pack_skinny_int8(qweight), scales.float()
+                qweight = None
         else:
             if group_size is None:
                 raise ConfigError("int4 needs a group size (see int4_group_size)")
@@ -68,6 +75,10 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "int8":
+            if self.packed:
+                out = cpu_decode.skinny_linear_int8(x.to(torch.bfloat16), self.packed_weight,
+                                                    self.scales, self.out_features, self.bias)
+                return out.to(x.dtype)
             return int8_matmul(x, self.qweight, self.scales, self.bias)
         if self.packed:
             return int4_packed_matmul(x, self.packed_weight, self.scale_zeros, self.group_size,
@@ -100,8 +111,8 @@ def quantize_linears(model: nn.Module, mode: str, group_size: int | None = None)
     for parent, name, child, _ in swaps:
         setattr(parent, name, QuantizedLinear(child, mode, group_size))
     packed = sum(getattr(parent, name).packed for parent, name, _, _ in swaps)
-    log.info("quantized %d linear layers to %s%s", len(swaps), mode,
-             f" in groups of {group_size}, {packed} packed for the CPU" if mode == "int4" else "")
+    log.info("quantized %d linear layers to %s%s, %d packed for the CPU", len(swaps), mode,
+             f" in groups of {group_size}" if mode == "int4" else "", packed)
     return len(swaps)
 
 

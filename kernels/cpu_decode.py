@@ -156,6 +156,17 @@ def skinny_rows(weight: torch.Tensor) -> int:
     return MAX_ROWS if weight.numel() <= MAX_WEIGHT_ELEMENTS else LARGE_MAX_ROWS
 
 
+def takes_int8(weight: torch.Tensor) -> bool:
+    """Whether a weight-only int8 layer built from this `[N, K]` weight should run on
+    `skinny_linear_int8`: a bf16 CPU weight, K a multiple of 64, and the kernels built. Over the
+    default model's projections (cold in cache, one thread) it took 5.2 ms for one token row
+    against 9.2 for PyTorch's int8 kernel and 8.4 for bf16 on the skinny kernel, and 13.0 against
+    16.2 and 13.1 for eight rows; in cache it beat PyTorch's at 64 rows too (0.24 against 0.31 ms
+    for a 576 x 576 weight)."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            and weight.dim() == 2 and weight.shape[1] % 64 == 0 and kernel() is not None)
+
+
 def takes_decode_attention(query: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether `decode_attention` can attend these bf16 CPU queries `[T, H, D]` over this cache
     `[Hkv, N, bs, D]` (at most 16 query heads per kv head, D a multiple of 16 up to 256)."""
@@ -187,19 +198,13 @@ SKINNY_BLOCK = 4  # weight rows per block of the packed layout (kRows in cpu_dec
 def pack_skinny(weight: torch.Tensor) -> torch.Tensor:
     """`weight [N, K]` (bf16, K a multiple of 32) laid out for `skinny_linear`: blocks of four
     rows with their 32-wide K chunks interleaved, `[ceil(N/4), K/32, 4, 32]`, rows past N zero."""
-    n, k = weight.shape
-    if k % 32:
-        raise ValueError(f"the skinny kernel needs K to be a multiple of 32, got {k}")
-    blocks = -(-n // SKINNY_BLOCK)
-    padded = weight.new_zeros(blocks * SKINNY_BLOCK, k)
-    padded[:n] = weight
-    return padded.view(blocks, SKINNY_BLOCK, k // 32, 32).transpose(1, 2).contiguous()
+    return _pack_blocks(weight, 32)
 
 
 def unpack_skinny(packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The `[N, K]` weight `pack_skinny` laid out (a copy)."""
-    blocks, chunks = packed.shape[:2]
-    return packed.transpose(1, 2).reshape(blocks * SKINNY_BLOCK, chunks * 32)[:out_features]
+    """The `[N, K]` weight `pack_skinny` (or `pack_skinny_int8`) laid out (a copy)."""
+    blocks, chunks, _, width = packed.shape
+    return packed.transpose(1, 2).reshape(blocks * SKINNY_BLOCK, chunks * width)[:out_features]
 
 
 def skinny_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
@@ -207,6 +212,29 @@ def skinny_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     """`F.linear(x, weight, bias)` for bf16 `x [..., K]` with few rows, fp32 accumulation, on
     `packed = pack_skinny(weight)`."""
     return _ext().skinny_linear(x, packed, out_features, bias)
+
+
+def pack_skinny_int8(qweight: torch.Tensor) -> torch.Tensor:
+    """An int8 `qweight [N, K]` (K a multiple of 64) laid out for `skinny_linear_int8`, as
+    `pack_skinny` lays out bf16 weights but in 64-wide chunks: `[ceil(N/4), K/64, 4, 64]`."""
+    return _pack_blocks(qweight, 64)
+
+
+def skinny_linear_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                       out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ (qweight * scales[:, None]).T (+ bias)` for bf16 `x [..., K]`, on `packed =
+    pack_skinny_int8(qweight)` and float32 `scales [N]`; fp32 accumulation, bf16 out."""
+    return _ext().skinny_linear_int8(x, packed, scales, out_features, bias)
+
+
+def _pack_blocks(weight: torch.Tensor, width: int) -> torch.Tensor:
+    n, k = weight.shape
+    if k % width:
+        raise ValueError(f"the skinny kernel needs K to be a multiple of {width}, got {k}")
+    blocks = -(-n // SKINNY_BLOCK)
+    padded = weight.new_zeros(blocks * SKINNY_BLOCK, k)
+    padded[:n] = weight
+    return padded.view(blocks, SKINNY_BLOCK, k // width, width).transpose(1, 2).contiguous()
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

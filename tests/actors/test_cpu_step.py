@@ -92,10 +92,12 @@ def test_float32_models_keep_the_transformers_forward():
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_quantized_models_run_their_own_projections_on_the_lean_step(quantization,
                                                                       monkeypatch):
-    """No stacked weights (the projections are quantized), the same tokens and logprobs."""
+    """The same tokens and logprobs; int8 projections on the skinny int8 kernel are stacked as
+    bf16 ones are, int4 ones run through their modules."""
     lean, plain = engines("llama", monkeypatch, quantization=quantization,
                           quant_group_size=32)
-    assert all(layer.qkv is None and layer.gate_up is None
+    stacked = quantization == "int8"
+    assert all((layer.qkv is not None) == stacked and (layer.gate_up is not None) == stacked
                for layer in lean.runner.decode_step.layers)
     seen = count_steps(lean, monkeypatch)
     params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=3)
@@ -114,10 +116,25 @@ def test_the_stacked_projections_are_held_once():
     lean = engine.runner.decode_step.layers[0]
     wanted = torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
                         layer.self_attn.v_proj.weight])
-    assert torch.equal(cpu_decode.unpack_skinny(lean.qkv, wanted.shape[0]), wanted)
+    assert torch.equal(cpu_decode.unpack_skinny(lean.qkv.weight, wanted.shape[0]), wanted)
     # A second step over the same model (a layer-skip draft does this) reuses them.
     again = CpuDecodeStep.of(engine.model)
     assert again is not None and again.layers[0].qkv is lean.qkv
+
+
+def test_stacked_int8_projections_are_held_once():
+    """int8 q/k/v and gate/up stack too, each projection's weight and scales then a view of the
+    stacked ones: its own calls (prompt chunks) and the stack's read the same bytes."""
+    engine = Engine("tiny:llama", dtype="bfloat16", quantization="int8")
+    attn = engine.model.get_decoder().layers[0].self_attn
+    lean = engine.runner.decode_step.layers[0].qkv
+    assert lean is not None and lean.scales is not None
+    start = lean.weight.data_ptr()
+    end = start + lean.weight.numel()
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert start <= proj.packed_weight.data_ptr() < end
+    assert torch.equal(torch.cat([attn.q_proj.scales, attn.k_proj.scales, attn.v_proj.scales]),
+                       lean.scales)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 8])
