@@ -258,21 +258,20 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
-// x [..., K] bf16, w the [N, K] weight in blocks ([ceil(N/4), K/32, 4, 32] bf16, rows past N
-// zero; see baton.kernels.cpu_decode.pack_skinny), bias [N] (any float dtype) or None
-// -> [..., N] bf16.
-torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, int64_t N,
-                            c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
-              "skinny_linear takes bfloat16");
-  TORCH_CHECK(w.is_contiguous() && w.dim() == 4 && w.size(2) == kRows && w.size(3) == 32,
-              "skinny_linear takes a weight packed by pack_skinny, [N/4, K/32, 4, 32]");
-  const int64_t blocks = w.size(0), K = w.size(1) * 32;
+// What both skinny matmuls share: checks of x [..., K] bf16 against a packed weight of `blocks`
+// blocks of four rows for N outputs, and the loop over blocks (in parallel) and token rows;
+// `block(n0, nrows, x rows, ntoks, bias or nullptr, out)` computes one block against up to four
+// token rows -> [..., N] bf16.
+template <typename Block>
+torch::Tensor over_blocks(const char* name, const torch::Tensor& x, const torch::Tensor& w,
+                          int64_t K, int64_t N, const c10::optional<torch::Tensor>& bias,
+                          Block block) {
+  const int64_t blocks = w.size(0);
   TORCH_CHECK(N > (blocks - 1) * kRows && N <= blocks * kRows, "a packed weight of ", blocks,
               " blocks cannot have ", N, " rows");
-  TORCH_CHECK(x.size(-1) == K, "skinny_linear: rows of ", x.size(-1), " against a weight of ", K);
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 64 == 0,
-              "skinny_linear needs a 64-byte aligned weight");
+  TORCH_CHECK(x.size(-1) == K, name, ": rows of ", x.size(-1), " against a weight of ", K);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 64 == 0, name,
+              " needs a 64-byte aligned weight");
   auto lead = x.sizes().vec();
   lead.pop_back();
   auto x2 = x.reshape({-1, K}).contiguous();
@@ -282,7 +281,6 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, int64_t N,
   if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   // A grain of 16 blocks (64 rows) keeps tiny matrices on one thread.
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
@@ -290,14 +288,31 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, int64_t N,
       const int64_t n0 = b * kRows;
       const int64_t nrows = std::min<int64_t>(kRows, N - n0);
       for (int64_t m0 = 0; m0 < M; m0 += kToks) {
-        const int64_t ntoks = std::min<int64_t>(kToks, M - m0);
-        dot_block(wp + n0 * K, K, xp + m0 * K, K, nrows, ntoks, bp ? bp + n0 : nullptr,
-                  op + m0 * N + n0, N);
+        block(n0, nrows, xp + m0 * K, std::min<int64_t>(kToks, M - m0), bp ? bp + n0 : nullptr,
+              op + m0 * N + n0);
       }
     }
   });
   lead.push_back(N);
   return out.reshape(lead);
+}
+
+// x [..., K] bf16, w the [N, K] weight in blocks ([ceil(N/4), K/32, 4, 32] bf16, rows past N
+// zero; see baton.kernels.cpu_decode.pack_skinny), bias [N] (any float dtype) or None
+// -> [..., N] bf16.
+torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, int64_t N,
+                            c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
+              "skinny_linear takes bfloat16");
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 4 && w.size(2) == kRows && w.size(3) == 32,
+              "skinny_linear takes a weight packed by pack_skinny, [N/4, K/32, 4, 32]");
+  const int64_t K = w.size(1) * 32;
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  return over_blocks("skinny_linear", x, w, K, N, bias,
+                     [&](int64_t n0, int64_t nrows, const uint16_t* xr, int64_t ntoks,
+                         const float* bp, at::BFloat16* out) {
+                       dot_block(wp + n0 * K, K, xr, K, nrows, ntoks, bp, out, N);
+                     });
 }
 
 // x [..., K] bf16, w the [N, K] int8 weight in blocks ([ceil(N/4), K/64, 4, 64] int8, rows past
@@ -310,39 +325,15 @@ torch::Tensor skinny_linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor
               "skinny_linear_int8 takes bfloat16 rows, an int8 weight and float32 scales");
   TORCH_CHECK(w.is_contiguous() && w.dim() == 4 && w.size(2) == kRows && w.size(3) == 64,
               "skinny_linear_int8 takes a weight packed by pack_skinny_int8, [N/4, K/64, 4, 64]");
-  const int64_t blocks = w.size(0), K = w.size(1) * 64;
-  TORCH_CHECK(N > (blocks - 1) * kRows && N <= blocks * kRows, "a packed weight of ", blocks,
-              " blocks cannot have ", N, " rows");
   TORCH_CHECK(scale.is_contiguous() && scale.numel() == N, "one scale per output row");
-  TORCH_CHECK(x.size(-1) == K, "skinny_linear_int8: rows of ", x.size(-1), " against a weight of ",
-              K);
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 64 == 0,
-              "skinny_linear_int8 needs a 64-byte aligned weight");
-  auto lead = x.sizes().vec();
-  lead.pop_back();
-  auto x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  auto out = torch::empty({M, N}, x.options());
-  torch::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
-  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
-  const float* sp = scale.data_ptr<float>();
+  const int64_t K = w.size(1) * 64;
   const int8_t* wp = w.data_ptr<int8_t>();
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * kRows;
-      const int64_t nrows = std::min<int64_t>(kRows, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += kToks) {
-        const int64_t ntoks = std::min<int64_t>(kToks, M - m0);
-        dot_block_i8(wp + n0 * K, K, xp + m0 * K, K, nrows, ntoks, sp + n0,
-                     bp ? bp + n0 : nullptr, op + m0 * N + n0, N);
-      }
-    }
-  });
-  lead.push_back(N);
-  return out.reshape(lead);
+  const float* sp = scale.data_ptr<float>();
+  return over_blocks("skinny_linear_int8", x, w, K, N, bias,
+                     [&](int64_t n0, int64_t nrows, const uint16_t* xr, int64_t ntoks,
+                         const float* bp, at::BFloat16* out) {
+                       dot_block_i8(wp + n0 * K, K, xr, K, nrows, ntoks, sp + n0, bp, out, N);
+                     });
 }
 
 // y = w * bf16(x * rsqrt(mean(x^2) + eps)) per row, x [..., H] and w [H] bf16: Llama's RMSNorm
