@@ -1,4 +1,5 @@
-"""Baton's C++ kernels for bf16 CPU decode steps (`cpu_decode.cpp`), built once per machine.
+"""Baton's C++ kernels for bf16 CPU decode steps (`cpu_decode.cpp`, `cpu_matmul.cpp`), built once
+per machine.
 
 At one token a row, a decode step on the CPU is hundreds of small calls; four kinds cost far more
 than the bytes they read, and Baton runs them itself:
@@ -66,7 +67,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+# The extension's sources: the Python module and the attention, norm and rotary kernels; the skinny
+# matmuls; what the one declares of the other.
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_decode.cpp", "cpu_matmul.cpp",
+                                                      "cpu_decode.h"))
 MAX_ROWS = 8
 MAX_WEIGHT_ELEMENTS = 1 << 21  # 4 MiB of bf16: every projection of a small model, no LM head
 LARGE_MAX_ROWS = 4  # rows it takes on larger weights (LM heads), where the stream wins longer
@@ -132,14 +136,15 @@ def kernel() -> ModuleType | None:
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     try:
-        # Named by the source's hash: two versions of Baton on one machine never load each
+        # Named by the sources' hash: two versions of Baton on one machine never load each
         # other's build.
-        digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:12]
         name = f"baton_cpu_decode_{digest}"
         build_dir = build_root() / name
         build_dir.mkdir(parents=True, exist_ok=True)
         wait_for_build(build_dir)
-        return load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+        return load(name, [str(p) for p in SOURCES if p.suffix == ".cpp"],
+                    extra_cflags=["-O3", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # no compiler, no ninja, a compiler without avx512bf16 ...
         log.warning("cannot build Baton's CPU decode kernels (%s); oneDNN and torch run the "
@@ -192,7 +197,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _ext().rms_norm(x, weight, eps)
 
 
-SKINNY_BLOCK = 4  # weight rows per block of the packed layout (kRows in cpu_decode.cpp)
+SKINNY_BLOCK = 4  # weight rows per block of the packed layout (kRows in cpu_matmul.cpp)
 
 
 def pack_skinny(weight: torch.Tensor) -> torch.Tensor:
