@@ -196,10 +196,9 @@ def _layer(layer: nn.Module) -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
     qkv = gate_up = None
     attn_names, mlp_names = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
-    if _on_skinny(layer):
+    if _on_skinny(layer) or (_on_skinny_int8(attn, attn_names)
+                             and _on_skinny_int8(mlp, mlp_names)):
         qkv, gate_up = _stacked(attn, attn_names), _stacked(mlp, mlp_names)
-    elif _on_skinny_int8(attn, attn_names) and _on_skinny_int8(mlp, mlp_names):
-        qkv, gate_up = _stacked_int8(attn, attn_names), _stacked_int8(mlp, mlp_names)
     q_norm = getattr(attn, "q_norm", None)
     k_norm = getattr(attn, "k_norm", None)
     return _Layer(attn, mlp, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
@@ -209,39 +208,36 @@ def _layer(layer: nn.Module) -> _Layer:
 
 
 def _stacked(parent: nn.Module, names: tuple[str, ...]) -> _Stacked:
-    """The projections `names` of `parent` as one packed weight (and bias), built once and kept on
-    `parent`. The projections then free their own skinny copies, so the weights are not held
-    twice: their decode-sized calls run here, and they keep their oneDNN weights for the rest."""
-    cached = getattr(parent, "_baton_stacked", None)
-    if cached is None:
-        linears = [getattr(parent, n) for n in names]
-        weight = torch.cat([p.weight for p in linears])
-        biases = [p.bias for p in linears]
-        bias = None if biases[0] is None else torch.cat(biases)
-        cached = _Stacked(cpu_decode.pack_skinny(weight), weight.shape[0], bias, None,
-                          cpu_decode.MAX_ROWS)
-        parent._baton_stacked = cached
-        for p in linears:
-            p.skinny_weight = None
-    return cached
-
-
-def _stacked_int8(parent: nn.Module, names: tuple[str, ...]) -> _Stacked:
-    """The int8 projections `names` of `parent` as one packed weight, built once and kept on
-    `parent`; each projection's weight and scales become views of the stacked ones (held once)."""
+    """The projections `names` of `parent` (bf16 or int8) as one packed weight (and bias), built
+    once and kept on `parent`, so that the weights are held once."""
     cached = getattr(parent, "_baton_stacked", None)
     if cached is None:
         layers = [getattr(parent, n) for n in names]
-        weight = torch.cat([p.packed_weight for p in layers])  # whole blocks of four rows
-        scales = torch.cat([p.scales for p in layers])
-        biases = [p.bias for p in layers]
-        bias = None if biases[0] is None else torch.cat(biases)
-        blocks = rows = 0
-        for p in layers:
-            n = p.out_features
-            p.packed_weight = weight[blocks : blocks + n // cpu_decode.SKINNY_BLOCK]
-            p.scales = scales[rows : rows + n]
-            blocks, rows = blocks + n // cpu_decode.SKINNY_BLOCK, rows + n
-        cached = _Stacked(weight, rows, bias, scales, MAX_TOKENS)
+        bias = None if layers[0].bias is None else torch.cat([p.bias for p in layers])
+        cached = (_stack_int8(layers, bias) if isinstance(layers[0], QuantizedLinear)
+                  else _stack_bf16(layers, bias))
         parent._baton_stacked = cached
     return cached
+
+
+def _stack_bf16(linears: list[nn.Module], bias: torch.Tensor | None) -> _Stacked:
+    """The projections free their own skinny copies: their decode-sized calls run on the stack,
+    and they keep their oneDNN weights for the rest."""
+    weight = torch.cat([p.weight for p in linears])
+    for p in linears:
+        p.skinny_weight = None
+    return _Stacked(cpu_decode.pack_skinny(weight), weight.shape[0], bias, None,
+                    cpu_decode.MAX_ROWS)
+
+
+def _stack_int8(layers: list[nn.Module], bias: torch.Tensor | None) -> _Stacked:
+    """Each projection's packed weight and scales become views of the stacked ones."""
+    weight = torch.cat([p.packed_weight for p in layers])  # whole blocks of four rows
+    scales = torch.cat([p.scales for p in layers])
+    blocks = rows = 0
+    for p in layers:
+        n = p.out_features
+        p.packed_weight = weight[blocks : blocks + n // cpu_decode.SKINNY_BLOCK]
+        p.scales = scales[rows : rows + n]
+        blocks, rows = blocks + n // cpu_decode.SKINNY_BLOCK, rows + n
+    return _Stacked(weight, rows, bias, scales, MAX_TOKENS)

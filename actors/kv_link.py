@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -356,12 +356,17 @@ class KVSender:
                     src_block_ids: list[int], dst_block_ids: list[int],
                     timeout_s: float) -> PushResult:
         """Send every layer of blocks that are already computed (packed a group at a time)."""
-        src = torch.tensor(src_block_ids)
-        spec = cache.spec
-        size = self.group_size(spec, len(src_block_ids))
-        groups = ((first, pack_layers(cache, first, min(size, spec.num_layers - first), src))
-                  for first in range(0, spec.num_layers, size))
-        return self.push(transfer_id, request_id, dst_block_ids, groups, spec, timeout_s)
+        return self.push(transfer_id, request_id, dst_block_ids,
+                         self.packed_groups(cache, src_block_ids), cache.spec, timeout_s)
+
+    def packed_groups(self, cache: PagedKVCache, block_ids: list[int]
+                      ) -> Iterator[tuple[int, torch.Tensor]]:
+        """`(first_layer, payload)` of every layer of `block_ids`, packed a group at a time."""
+        src = torch.tensor(block_ids)
+        layers = cache.spec.num_layers
+        size = self.group_size(cache.spec, len(block_ids))
+        for first in range(0, layers, size):
+            yield first, pack_layers(cache, first, min(size, layers - first), src)
 
     def group_size(self, spec: KVCacheSpec, num_blocks: int) -> int:
         """Layers per group when all of them are ready at once: as many as fill a chunk, but

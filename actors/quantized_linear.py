@@ -75,10 +75,9 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "int8":
-            if self.packed:
-                out = cpu_decode.skinny_linear_int8(x.to(torch.bfloat16), self.packed_weight,
-                                                    self.scales, self.out_features, self.bias)
-                return out.to(x.dtype)
+            if self.packed:  # a bf16 model's layer (`takes_int8`): x is bf16
+                return cpu_decode.skinny_linear_int8(x, self.packed_weight, self.scales,
+                                                     self.out_features, self.bias)
             return int8_matmul(x, self.qweight, self.scales, self.bias)
         if self.packed:
             return int4_packed_matmul(x, self.packed_weight, self.scale_zeros, self.group_size,

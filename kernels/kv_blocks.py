@@ -5,12 +5,14 @@ block_size, head_dim]`, keys and values apart), the blocks named by `block_ids` 
 `[L, 2, kv_heads, n, block_size, head_dim]` buffer (keys, then values, per layer), and go back into
 whichever blocks the receiver reserved. Copies are bit for bit on every path.
 
-On the CPU the copies run in numpy, on one thread: they are memory-bound, and torch's parallel
-index ops stall whenever their second thread is descheduled (on a busy 2-core machine, scattering
-a 2 MiB layer took 16 ms with torch's 2 threads, 1.3 ms with one, 0.2 ms in numpy), while
-`torch.set_num_threads` cannot be lowered for one thread alone. Where the layers are views of one
-stacked tensor (`gather_stacked`, `scatter_stacked`: how `PagedKVCache` holds them), all layers go
-in one numpy call: 30 layers of 3 blocks took 0.03 ms so, 0.32 ms layer by layer.
+The cache's layers are views of one stacked tensor (`PagedKVCache.blocks`), and the link copies
+through `gather_stacked` / `scatter_stacked`. On the CPU those run in numpy, on one thread, all
+layers in one call: the copies are memory-bound, and torch's parallel index ops stall whenever
+their second thread is descheduled (on a busy 2-core machine, scattering a 2 MiB layer took 16 ms
+with torch's 2 threads, 1.3 ms with one, 0.2 ms in numpy), while `torch.set_num_threads` cannot
+be lowered for one thread alone; 30 layers of 3 blocks took 0.03 ms in one call, 0.32 ms layer by
+layer. `gather_blocks` / `scatter_blocks` take the layers as lists, for the Triton kernel (and
+the reference elsewhere).
 """
 
 from __future__ import annotations
@@ -37,8 +39,6 @@ def gather_blocks(keys: list[torch.Tensor], values: list[torch.Tensor],
         out = keys[0].new_empty(payload_shape(keys, len(ids)))
         copy_blocks(keys, values, ids, out, to_payload=True)
         return out
-    if keys[0].device.type == "cpu":
-        return _gather_blocks_cpu(keys, values, ids)
     return gather_blocks_reference(keys, values, ids)
 
 
@@ -46,18 +46,12 @@ def scatter_blocks(keys: list[torch.Tensor], values: list[torch.Tensor],
                    block_ids: torch.Tensor, payload: torch.Tensor) -> None:
     """Write a `gather_blocks` buffer into `block_ids` of every layer's keys and values."""
     ids = _checked_ids(keys, values, block_ids)
-    shape = payload_shape(keys, len(ids))
-    if tuple(payload.shape) != shape or payload.dtype != keys[0].dtype:
-        raise KVTransferError(f"KV payload is {tuple(payload.shape)} {payload.dtype}, this cache "
-                              f"expects {shape} {keys[0].dtype}")
+    _check_payload(payload, payload_shape(keys, len(ids)), keys[0].dtype)
     payload = payload.to(keys[0].device).contiguous()
     if backend(keys[0].device) == "triton":
         from baton.kernels.kv_blocks_triton import copy_blocks
 
         copy_blocks(keys, values, ids, payload, to_payload=False)
-        return
-    if keys[0].device.type == "cpu":
-        _scatter_blocks_cpu(keys, values, ids, payload)
         return
     scatter_blocks_reference(keys, values, ids, payload)
 
@@ -82,10 +76,7 @@ def scatter_stacked(blocks: torch.Tensor, block_ids: torch.Tensor,
         return
     ids = _checked_stacked_ids(blocks, block_ids)
     layers, _, hkv, _, bs, d = blocks.shape
-    shape = (layers, 2, hkv, len(ids), bs, d)
-    if tuple(payload.shape) != shape or payload.dtype != blocks.dtype:
-        raise KVTransferError(f"KV payload is {tuple(payload.shape)} {payload.dtype}, this cache "
-                              f"expects {shape} {blocks.dtype}")
+    _check_payload(payload, (layers, 2, hkv, len(ids), bs, d), blocks.dtype)
     _rows(blocks)[:, :, :, ids.numpy()] = _rows(payload.contiguous())
 
 
@@ -99,13 +90,8 @@ def _checked_stacked_ids(blocks: torch.Tensor, block_ids: torch.Tensor) -> torch
         raise KVTransferError("stacked KV layers must be one contiguous [layers, 2, kv_heads, "
                               f"num_blocks, block_size, head_dim] tensor, got "
                               f"{tuple(blocks.shape)}")
-    if block_ids.dim() != 1:
-        raise KVTransferError(f"block_ids must be 1-D, got shape {tuple(block_ids.shape)}")
-    ids = block_ids.to(dtype=torch.long)
-    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= blocks.shape[3]):
-        raise KVTransferError(f"block ids {ids.tolist()} outside this cache's "
-                              f"{blocks.shape[3]} blocks")
-    return ids
+    _check_block_ids(block_ids, blocks.shape[3])
+    return block_ids.to(dtype=torch.long)
 
 
 def gather_blocks_reference(keys: list[torch.Tensor], values: list[torch.Tensor],
@@ -121,30 +107,6 @@ def scatter_blocks_reference(keys: list[torch.Tensor], values: list[torch.Tensor
         v.index_copy_(1, block_ids, payload[layer, 1])
 
 
-def _bytes(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor's memory as a numpy uint8 array (last dimension in bytes), shared."""
-    return t.view(torch.uint8).numpy()
-
-
-def _gather_blocks_cpu(keys: list[torch.Tensor], values: list[torch.Tensor],
-                       block_ids: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(payload_shape(keys, len(block_ids)), dtype=keys[0].dtype)
-    dst, ids = _bytes(out), block_ids.numpy()
-    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-        # mode="clip" skips numpy's buffered bounds check; `_checked_ids` checked the ids.
-        np.take(_bytes(k), ids, axis=1, out=dst[layer, 0], mode="clip")
-        np.take(_bytes(v), ids, axis=1, out=dst[layer, 1], mode="clip")
-    return out
-
-
-def _scatter_blocks_cpu(keys: list[torch.Tensor], values: list[torch.Tensor],
-                        block_ids: torch.Tensor, payload: torch.Tensor) -> None:
-    src, ids = _bytes(payload), block_ids.numpy()
-    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-        _bytes(k)[:, ids] = src[layer, 0]
-        _bytes(v)[:, ids] = src[layer, 1]
-
-
 def _checked_ids(keys: list[torch.Tensor], values: list[torch.Tensor],
                  block_ids: torch.Tensor) -> torch.Tensor:
     """Block ids on the cache's device, after checking the layers agree and the ids fit."""
@@ -157,11 +119,21 @@ def _checked_ids(keys: list[torch.Tensor], values: list[torch.Tensor],
             raise KVTransferError("every KV layer must share one shape, dtype and device")
         if not t.is_contiguous():
             raise KVTransferError("KV cache layers must be contiguous")
-    num_blocks = first.shape[1]
+    _check_block_ids(block_ids, first.shape[1])
+    return block_ids.to(device=first.device, dtype=torch.long)
+
+
+def _check_block_ids(block_ids: torch.Tensor, num_blocks: int) -> None:
+    """1-D, and (where they are on the CPU, so checking costs no device sync) within the cache."""
     if block_ids.dim() != 1:
         raise KVTransferError(f"block_ids must be 1-D, got shape {tuple(block_ids.shape)}")
     if block_ids.device.type == "cpu" and len(block_ids) and (
             int(block_ids.min()) < 0 or int(block_ids.max()) >= num_blocks):
         raise KVTransferError(f"block ids {block_ids.tolist()} outside this cache's "
                               f"{num_blocks} blocks")
-    return block_ids.to(device=first.device, dtype=torch.long)
+
+
+def _check_payload(payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if tuple(payload.shape) != shape or payload.dtype != dtype:
+        raise KVTransferError(f"KV payload is {tuple(payload.shape)} {payload.dtype}, this cache "
+                              f"expects {shape} {dtype}")

@@ -34,7 +34,7 @@ from rich.table import Table
 from baton.actors.host_memory import keep_freed_memory
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
 from baton.actors.kv_link import KVReceiver, KVSender
-from baton.actors.kv_transfer import pack_layer, pack_layers, payload_nbytes, unpack_layer
+from baton.actors.kv_transfer import pack_layer, payload_nbytes, unpack_layer
 from baton.errors import ConfigError
 from baton.ops.bench.kv_baselines import RawTCPLink, RayObjectStoreLink, expected_touch
 from baton.ops.bench.machine import OtherCPUBusy, machine_info, warn_if_busy
@@ -105,10 +105,7 @@ class LinkRig:
 
     def pack_groups(self, n: int) -> Layers:
         """The layers packed as the sender groups them when all are ready at once."""
-        src = torch.tensor(self.block_ids(n)[0])
-        size = self.sender.group_size(SPEC, n)
-        return [(first, pack_layers(self.src, first, min(size, SPEC.num_layers - first), src))
-                for first in range(0, SPEC.num_layers, size)]
+        return list(self.sender.packed_groups(self.src, self.block_ids(n)[0]))
 
     def unpack(self, n: int, layers: Layers) -> None:
         dst = torch.tensor(self.block_ids(n)[1])
