@@ -11,17 +11,19 @@ projection, one RMSNorm, the gate and up projections, SiLU times up, the down pr
 Steps of up to `cpu_decode.MAX_ROWS` tokens (decode rows, short drafts) run q, k and v as one
 skinny matmul and gate and up as another. Each output row of that kernel is its own sum, so the
 stacked projection gives the very values of the separate ones. Steps of up to `MAX_TOKENS` (long
-drafts, batches) call the layers' own oneDNN projections. int8 models on the skinny int8 kernel
-stack the same projections for every step (that kernel takes any number of rows), the layers'
-own weights becoming views of the stacked one. Every other op is the one transformers
-runs, so the tokens and logprobs are those of the transformers forward on the same kernels, bit
-for bit (tests/actors/test_cpu_step.py). Longer steps (prompt chunks) keep transformers' forward:
-there the Python costs little against the math, and its rotary ops, vectorized over the chunk,
-beat the rotary kernel (a 1024-token prompt took 1.30 s that way against 1.44 s here).
+drafts, batches) call the layers' own oneDNN projections. int8 and int4 models on the skinny
+int8 and int4 kernels stack the same projections for every step (those kernels take any number
+of rows), the layers' own weights becoming views of the stacked one. Every other op is the one
+transformers runs, so the tokens and logprobs are those of the transformers forward on the same
+kernels, bit for bit (tests/actors/test_cpu_step.py). Longer steps (prompt chunks) keep
+transformers' forward: there the Python costs little against the math, and its rotary ops,
+vectorized over the chunk, beat the rotary kernel (a 1024-token prompt took 1.30 s that way
+against 1.44 s here).
 
 Models: Llama, Qwen2 (with its q/k/v biases) and Qwen3 (with its q/k norms), with full attention
 in every layer and default rotary embedding; others keep the transformers forward. Weight-only
-quantized models (int8, int4) run here too; int4's projections through their own modules.
+quantized models (int8, int4) run here too; where their projections are not on Baton's
+kernels (another dtype), through their own modules.
 """
 
 from __future__ import annotations
@@ -47,17 +49,21 @@ MAX_TOKENS = 32  # the longest step it runs
 
 @dataclass(slots=True)
 class _Stacked:
-    """Projections of one input stacked into one skinny-kernel weight (bf16 or int8)."""
+    """Projections of one input stacked into one skinny-kernel weight (bf16, int8 or int4)."""
 
     weight: torch.Tensor  # packed for the kernel
     out_features: int
     bias: torch.Tensor | None
-    scales: torch.Tensor | None  # int8's, float32; None: bf16
+    scales: torch.Tensor | None  # int8's (float32) or int4's scales and zeros; None: bf16
     max_rows: int  # the longest step it runs
+    group_size: int | None = None  # int4's; None: bf16 or int8
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.scales is None:
             return cpu_decode.skinny_linear(x, self.weight, self.out_features, self.bias)
+        if self.group_size is not None:
+            return cpu_decode.skinny_linear_int4(x, self.weight, self.scales, self.out_features,
+                                                 self.group_size, self.bias)
         return cpu_decode.skinny_linear_int8(x, self.weight, self.scales, self.out_features,
                                              self.bias)
 
@@ -71,7 +77,7 @@ class _Layer:
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     # q, k and v projections stacked for the skinny kernel; gate and up likewise (None where the
-    # projections are not on a skinny kernel: int4, or too large)
+    # projections are not on a skinny kernel: another dtype, or too large)
     qkv: _Stacked | None
     gate_up: _Stacked | None
 
@@ -184,20 +190,23 @@ def _on_skinny(layer: nn.Module) -> bool:
                          mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
 
-def _on_skinny_int8(parent: nn.Module, names: tuple[str, ...]) -> bool:
-    """Whether the projections `names` of `parent` are int8 on the skinny int8 kernel, in whole
-    blocks of four rows (so that their packed weights stack block by block)."""
+def _on_skinny_quantized(parent: nn.Module, names: tuple[str, ...]) -> bool:
+    """Whether the projections `names` of `parent` are all int8 or all int4 (one group size) on
+    Baton's kernel, in whole blocks (so that their packed weights stack block by block)."""
     projections = [getattr(parent, n) for n in names]
-    return all(isinstance(p, QuantizedLinear) and p.mode == "int8" and p.packed
-               and p.out_features % cpu_decode.SKINNY_BLOCK == 0 for p in projections)
+    if not all(isinstance(p, QuantizedLinear) and p.skinny for p in projections):
+        return False
+    modes = {(p.mode, p.group_size) for p in projections}
+    block = cpu_decode.INT4_BLOCK if projections[0].mode == "int4" else cpu_decode.SKINNY_BLOCK
+    return len(modes) == 1 and all(p.out_features % block == 0 for p in projections)
 
 
 def _layer(layer: nn.Module) -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
     qkv = gate_up = None
     attn_names, mlp_names = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
-    if _on_skinny(layer) or (_on_skinny_int8(attn, attn_names)
-                             and _on_skinny_int8(mlp, mlp_names)):
+    if _on_skinny(layer) or (_on_skinny_quantized(attn, attn_names)
+                             and _on_skinny_quantized(mlp, mlp_names)):
         qkv, gate_up = _stacked(attn, attn_names), _stacked(mlp, mlp_names)
     q_norm = getattr(attn, "q_norm", None)
     k_norm = getattr(attn, "k_norm", None)
@@ -208,14 +217,18 @@ def _layer(layer: nn.Module) -> _Layer:
 
 
 def _stacked(parent: nn.Module, names: tuple[str, ...]) -> _Stacked:
-    """The projections `names` of `parent` (bf16 or int8) as one packed weight (and bias), built
-    once and kept on `parent`, so that the weights are held once."""
+    """The projections `names` of `parent` (bf16, int8 or int4) as one packed weight (and bias),
+    built once and kept on `parent`, so that the weights are held once."""
     cached = getattr(parent, "_baton_stacked", None)
     if cached is None:
         layers = [getattr(parent, n) for n in names]
         bias = None if layers[0].bias is None else torch.cat([p.bias for p in layers])
-        cached = (_stack_int8(layers, bias) if isinstance(layers[0], QuantizedLinear)
-                  else _stack_bf16(layers, bias))
+        if not isinstance(layers[0], QuantizedLinear):
+            cached = _stack_bf16(layers, bias)
+        elif layers[0].mode == "int8":
+            cached = _stack_int8(layers, bias)
+        else:
+            cached = _stack_int4(layers, bias)
         parent._baton_stacked = cached
     return cached
 
@@ -241,3 +254,17 @@ def _stack_int8(layers: list[nn.Module], bias: torch.Tensor | None) -> _Stacked:
         p.scales = scales[rows : rows + n]
         blocks, rows = blocks + n // cpu_decode.SKINNY_BLOCK, rows + n
     return _Stacked(weight, rows, bias, scales, MAX_TOKENS)
+
+
+def _stack_int4(layers: list[nn.Module], bias: torch.Tensor | None) -> _Stacked:
+    """Each projection's packed weight and scales become views of the stacked ones."""
+    weight = torch.cat([p.packed_weight for p in layers])  # whole blocks of 16 rows
+    scale_zeros = torch.cat([p.scale_zeros for p in layers])
+    blocks = 0
+    for p in layers:
+        n = p.out_features // cpu_decode.INT4_BLOCK
+        p.packed_weight = weight[blocks : blocks + n]
+        p.scale_zeros = scale_zeros[blocks : blocks + n]
+        blocks += n
+    rows = sum(p.out_features for p in layers)
+    return _Stacked(weight, rows, bias, scale_zeros, MAX_TOKENS, layers[0].group_size)

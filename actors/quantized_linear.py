@@ -2,10 +2,10 @@
 
 `quantize_linears(model, "int8" | "int4")` swaps every `nn.Linear` except the output head for a
 `QuantizedLinear` (embeddings are not linears and stay as they are); the matmul runs through
-`baton.kernels`: Triton on CUDA; on the CPU, for int8, Baton's skinny int8 kernel on bf16 models
-where the CPU kernels run (`cpu_decode.takes_int8`: weights laid out once, here), else PyTorch's
-int8 matmul; for int4, PyTorch's packed int4 matmul (weights packed once, here) or
-dequantize-then-matmul, whichever measured faster for the layer's shape
+`baton.kernels`: Triton on CUDA; on the CPU, Baton's skinny int8 and int4 kernels on bf16 models
+where the CPU kernels run (`cpu_decode.takes_int8`, `cpu_decode.takes_int4`: weights laid out
+once, here), else PyTorch's int8 matmul, and for int4 PyTorch's packed int4 matmul (weights
+packed once, here) or dequantize-then-matmul, whichever measured faster for the layer's shape
 (`baton.kernels.quantized_matmul_cpu`).
 """
 
@@ -39,9 +39,10 @@ class QuantizedLinear(nn.Module):
     """Drop-in for `nn.Linear` (inference only) holding int8 or int4 weights and their scales.
 
     A layer on the CPU holds either Baton's layout (`qweight`, `scales`, and for int4 `zeros`) or
-    a kernel's packed one, never both; `packed` says which. Packed int8 is the skinny kernel's
-    (`packed_weight`, float32 `scales`), packed int4 PyTorch's (`packed_weight`, `scale_zeros`).
-    Build it on the device it will run on: packed layouts are the CPU's own.
+    a kernel's packed one, never both; `packed` says which, and `skinny` whether the kernel is
+    Baton's. Packed int8 is the skinny kernel's (`packed_weight`, float32 `scales`); packed int4
+    the skinny kernel's (`packed_weight`, bf16 `scale_zeros`) or PyTorch's (`packed_weight`,
+    `scale_zeros`). Build it on the device it will run on: packed layouts are the CPU's own.
     """
 
     def __init__(self, linear: nn.Linear, mode: str, group_size: int | None = None):
@@ -52,16 +53,21 @@ class QuantizedLinear(nn.Module):
         self.group_size = group_size if mode == "int4" else None
         weight = linear.weight.detach()
         zeros = packed = scale_zeros = None
+        self.skinny = False
         if mode == "int8":
             qweight, scales = quantize_int8(weight)
             if cpu_decode.takes_int8(weight):
                 packed, scales = cpu_decode.pack_skinny_int8(qweight), scales.float()
-                qweight = None
+                qweight, self.skinny = None, True
         else:
             if group_size is None:
                 raise ConfigError("int4 needs a group size (see int4_group_size)")
             qweight, scales, zeros = quantize_int4(weight, group_size)
-            if packing_supported(self.out_features, group_size, weight.device) and \
+            if cpu_decode.takes_int4(weight, group_size):
+                packed, scale_zeros = cpu_decode.pack_skinny_int4(qweight, scales, zeros)
+                qweight = scales = zeros = None
+                self.skinny = True
+            elif packing_supported(self.out_features, group_size, weight.device) and \
                     packed_int4_wins(self.out_features, self.in_features, group_size, weight.dtype):
                 packed, scale_zeros = pack_int4(qweight, scales, zeros)
                 qweight = scales = zeros = None
@@ -79,6 +85,9 @@ class QuantizedLinear(nn.Module):
                 return cpu_decode.skinny_linear_int8(x, self.packed_weight, self.scales,
                                                      self.out_features, self.bias)
             return int8_matmul(x, self.qweight, self.scales, self.bias)
+        if self.skinny:  # a bf16 model's layer (`takes_int4`): x is bf16
+            return cpu_decode.skinny_linear_int4(x, self.packed_weight, self.scale_zeros,
+                                                 self.out_features, self.group_size, self.bias)
         if self.packed:
             return int4_packed_matmul(x, self.packed_weight, self.scale_zeros, self.group_size,
                                       self.bias)
@@ -87,7 +96,8 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
         shape = f"in_features={self.in_features}, out_features={self.out_features}"
-        return f"{shape}, {self.mode}{group}" + (", packed" if self.packed else "")
+        kind = ", skinny" if self.skinny else ", packed" if self.packed else ""
+        return f"{shape}, {self.mode}{group}{kind}"
 
 
 def quantize_linears(model: nn.Module, mode: str, group_size: int | None = None) -> int:

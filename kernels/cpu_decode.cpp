@@ -246,6 +246,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "bf16 x @ w.T for a few rows of x, w packed in blocks");
   m.def("skinny_linear_int8", &skinny_linear_int8,
         "bf16 x @ (int8 w * scale).T, w packed in blocks");
+  m.def("skinny_linear_int4", &skinny_linear_int4,
+        "bf16 x @ w.T for a few rows of x, w Baton's int4 in blocks");
   m.def("decode_attention", &decode_attention, "query tokens over their paged bf16 KV");
   m.def("rms_norm", &rms_norm, "Llama's RMSNorm over bf16 rows");
   m.def("rope", &rope, "rotary position embedding, rotate_half convention, bf16");

@@ -9,6 +9,13 @@ than the bytes they read, and Baton runs them itself:
   decode-sized calls instead, on a copy of the weight laid out at load (`pack_skinny`: blocks of
   four rows, their 32-wide K chunks interleaved) so that each call reads it as one front-to-back
   stream.
+- **Weight-only int8 and int4 linears** (`skinny_linear_int8`, `skinny_linear_int4`): the same
+  for quantized layers of bf16 models, weights widened to bf16 in registers. The int4 kernel
+  turns each vector's lanes to 16 output rows (see `cpu_matmul_int4.cpp`), so a group's scale
+  costs one multiply per 16 rows and group. Over the default model's 210 projections, cold in
+  cache, two threads, one token row: int4 2.7 ms against 3.8 for int8 and 3.9 for PyTorch's
+  packed int4 kernel; eight rows 5.7 against 12.7 and 11.5; 512 rows (a prompt chunk) 0.30 s
+  against 0.44 and 0.51.
 - **Attention** (`decode_attention`): each query token of a decode or verify step (a token and
   its draft, chain or tree) over its sequence's paged keys and values, read in place (no gather),
   scores, softmax and sum in fp32, in one call per layer instead of about twenty-five small torch
@@ -70,7 +77,7 @@ log = logging.getLogger(__name__)
 # The extension's sources: the Python module and the attention, norm and rotary kernels; the skinny
 # matmuls; what the one declares of the other.
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_decode.cpp", "cpu_matmul.cpp",
-                                                      "cpu_decode.h"))
+                                                      "cpu_matmul_int4.cpp", "cpu_decode.h"))
 MAX_ROWS = 8
 MAX_WEIGHT_ELEMENTS = 1 << 21  # 4 MiB of bf16: every projection of a small model, no LM head
 LARGE_MAX_ROWS = 4  # rows it takes on larger weights (LM heads), where the stream wins longer
@@ -172,6 +179,15 @@ def takes_int8(weight: torch.Tensor) -> bool:
             and weight.dim() == 2 and weight.shape[1] % 64 == 0 and kernel() is not None)
 
 
+def takes_int4(weight: torch.Tensor, group_size: int) -> bool:
+    """Whether an int4 layer built from this `[N, K]` weight in groups of `group_size` should run on
+    `skinny_linear_int4`: a bf16 CPU weight, K a multiple of 64, groups of 32, 64 or 128, and the
+    kernels built."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            and weight.dim() == 2 and weight.shape[1] % 64 == 0 and group_size in (32, 64, 128)
+            and kernel() is not None)
+
+
 def takes_decode_attention(query: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether `decode_attention` can attend these bf16 CPU queries `[T, H, D]` over this cache
     `[Hkv, N, bs, D]` (at most 16 query heads per kv head, D a multiple of 16 up to 256)."""
@@ -230,6 +246,44 @@ def skinny_linear_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
     """`x @ (qweight * scales[:, None]).T (+ bias)` for bf16 `x [..., K]`, on `packed =
     pack_skinny_int8(qweight)` and float32 `scales [N]`; fp32 accumulation, bf16 out."""
     return _ext().skinny_linear_int8(x, packed, scales, out_features, bias)
+
+
+INT4_BLOCK = 16  # weight rows per block of the int4 layout (kRows in cpu_matmul_int4.cpp)
+
+
+def pack_skinny_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Baton's int4 layout (`baton.kernels.quantized_matmul`: `qweight [N, K/2]`, two weights a
+    byte, low nibble first; `scales`, `zeros [N, K/group]`) laid out for `skinny_linear_int4`
+    (see cpu_matmul_int4.cpp): the weight `[ceil(N/16), K/8, 64]` bytes, each 64-byte line four
+    K pairs of the block's 16 rows; scales and zeros `[ceil(N/16), K/group, 2, 16]` bf16. Rows
+    past N are zero."""
+    n, half = qweight.shape
+    k = 2 * half
+    if k % 64:
+        raise ValueError(f"the skinny int4 kernel needs K to be a multiple of 64, got {k}")
+    blocks = -(-n // INT4_BLOCK)
+    q = qweight.new_zeros(blocks * INT4_BLOCK, k)
+    q[:n] = torch.stack((qweight & 15, qweight >> 4), dim=2).view(n, k)
+    # [block, row, line, nibble, parity] -> [block, line, row, parity, nibble]
+    q = q.view(blocks, INT4_BLOCK, k // 8, 4, 2).permute(0, 2, 1, 4, 3)
+    low = q[..., 0] | (q[..., 1] << 4)  # the 16-bit word's low byte (little-endian)
+    high = q[..., 2] | (q[..., 3] << 4)
+    packed = torch.stack((low, high), dim=-1).reshape(blocks, k // 8, 64).contiguous()
+    groups = scales.shape[1]
+    sz = scales.new_zeros(blocks * INT4_BLOCK, groups, 2)
+    sz[:n] = torch.stack((scales, zeros), dim=2)
+    sz = sz.to(torch.bfloat16).view(blocks, INT4_BLOCK, groups, 2).permute(0, 2, 3, 1)
+    return packed, sz.contiguous()
+
+
+def skinny_linear_int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor,
+                       out_features: int, group_size: int,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ w.T (+ bias)` for bf16 `x [..., K]` and the int4 weight `(packed, sz) =
+    pack_skinny_int4(...)` in groups of `group_size` (`w = (q - 8) * scale + zero`); fp32
+    accumulation, bf16 out."""
+    return _ext().skinny_linear_int4(x, packed, sz, out_features, group_size, bias)
 
 
 def _pack_blocks(weight: torch.Tensor, width: int) -> torch.Tensor:

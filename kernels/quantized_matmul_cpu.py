@@ -1,5 +1,9 @@
 """int4 weight-only matmul on the CPU: PyTorch's packed int4 kernel where it measures faster.
 
+bf16 layers on a CPU with Baton's kernels run `cpu_decode.skinny_linear_int4` instead (faster at
+every batch size measured there); this module serves the others (float32 models, CPUs without
+avx512_bf16).
+
 `torch.ops.aten._weight_int4pack_mm_for_cpu` reads a weight packed once
 (`_convert_weight_to_int4pack_for_cpu`, a layout of its own that depends on the CPU) with each
 group's scale and zero in one `[K // group, N, 2]` tensor, and computes `w = (q - 8) * scale +

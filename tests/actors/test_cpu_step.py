@@ -92,12 +92,11 @@ def test_float32_models_keep_the_transformers_forward():
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_quantized_models_run_their_own_projections_on_the_lean_step(quantization,
                                                                       monkeypatch):
-    """The same tokens and logprobs; int8 projections on the skinny int8 kernel are stacked as
-    bf16 ones are, int4 ones run through their modules."""
+    """The same tokens and logprobs; int8 and int4 projections on Baton's kernels are stacked
+    as bf16 ones are."""
     lean, plain = engines("llama", monkeypatch, quantization=quantization,
                           quant_group_size=32)
-    stacked = quantization == "int8"
-    assert all((layer.qkv is not None) == stacked and (layer.gate_up is not None) == stacked
+    assert all(layer.qkv is not None and layer.gate_up is not None
                for layer in lean.runner.decode_step.layers)
     seen = count_steps(lean, monkeypatch)
     params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=3)
@@ -134,6 +133,19 @@ def test_stacked_int8_projections_are_held_once():
     for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
         assert start <= proj.packed_weight.data_ptr() < end
     assert torch.equal(torch.cat([attn.q_proj.scales, attn.k_proj.scales, attn.v_proj.scales]),
+                       lean.scales)
+
+
+def test_stacked_int4_projections_are_held_once():
+    engine = Engine("tiny:llama", dtype="bfloat16", quantization="int4")
+    mlp = engine.model.get_decoder().layers[0].mlp
+    lean = engine.runner.decode_step.layers[0].gate_up
+    assert lean is not None and lean.group_size == 64
+    start = lean.weight.data_ptr()
+    end = start + lean.weight.numel()
+    for proj in (mlp.gate_proj, mlp.up_proj):
+        assert proj.skinny and start <= proj.packed_weight.data_ptr() < end
+    assert torch.equal(torch.cat([mlp.gate_proj.scale_zeros, mlp.up_proj.scale_zeros]),
                        lean.scales)
 
 
