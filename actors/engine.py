@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from baton.actors.block_manager import BlockManager
+from baton.actors import dtype_choice
 from baton.actors.detokenizer import IncrementalDetokenizer
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
 from baton.actors.model_runner import ModelRunner, load_model
@@ -57,7 +58,7 @@ class Engine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
-        self.dtype = DTYPES[config.dtype]
+        self.dtype = dtype_choice.resolve(config.dtype, self.device, config.num_threads)
         self.source = resolve(config.model)
         t0 = time.monotonic()
         self.moe: MoEOffload | None = None

@@ -117,6 +117,7 @@ class Worker:
             "vocab_size": self.engine.vocab_size,
             "max_model_len": self.engine.max_model_len,
             "methods": list(self.engine.speculator.settings.methods),
+            "dtype": str(self.engine.dtype).removeprefix("torch."),
             "quantization": self.spec.engine.quantization,
             "num_running": self.engine.num_running,
             "num_waiting": self.engine.num_waiting,

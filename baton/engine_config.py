@@ -25,9 +25,10 @@ from baton.errors import ConfigError
 from baton.speculation import MAX_SPECULATIVE_TOKENS, METHODS
 from baton.validation import must_be, one_of, problems
 
-Dtype = Literal["bfloat16", "float16", "float32"]
+TorchDtype = Literal["bfloat16", "float16", "float32"]
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]  # auto: this machine's fastest
 Quantization = Literal["int8", "int4"]
-DTYPE_NAMES: tuple[str, ...] = get_args(Dtype)
+DTYPE_NAMES: tuple[str, ...] = get_args(TorchDtype)
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 INT4_GROUP_SIZES = (32, 64, 128)
 GiB = 1 << 30
@@ -87,6 +88,8 @@ class MoEOffloadConfig(BaseModel):
 class EngineConfig(BaseModel):
     """Everything that shapes one engine; validated on construction.
 
+    `dtype` "auto" (the default) is this machine's fastest: measured once on a CPU, bf16 (else
+    fp16) on CUDA (see `baton.actors.dtype_choice`).
     `kv_cache_memory` (bytes) sizes the paged cache unless `num_kv_blocks` is given.
     `num_threads` pins torch's intra-op threads (two engines on one CPU box get disjoint counts).
     `quantization` ("int8" per channel, "int4" in groups of `quant_group_size`) stores the model's
@@ -104,7 +107,7 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = "default"
-    dtype: Dtype = "bfloat16"
+    dtype: Dtype = "auto"
     device: str = "cpu"
     num_threads: int | None = Field(None, ge=1)
     block_size: int = Field(16, ge=1)

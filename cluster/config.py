@@ -24,7 +24,7 @@ class PoolConfig(BaseModel):
     role: Literal["prefill", "decode", "both"]
     replicas: int = Field(1, ge=0)
     model: str | None = None  # defaults to the cluster's model
-    dtype: Dtype = "bfloat16"
+    dtype: Dtype = "auto"  # this machine's fastest (baton.actors.dtype_choice)
     device: Literal["cpu", "cuda"] = "cpu"
     accelerator_type: str | None = None  # Ray's `accelerator_type:<T>` resource
     num_gpus: float = Field(0, ge=0)

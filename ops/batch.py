@@ -55,8 +55,8 @@ def parser() -> argparse.ArgumentParser:
                        help="with --model: Ray CPUs (and engine threads) per worker")
     where.add_argument("--gpus-per-worker", type=float, default=0.0,
                        help="with --model: GPUs per worker (> 0 runs on cuda)")
-    where.add_argument("--dtype", default="bfloat16", help="with --model: bfloat16, float16, "
-                       "float32")
+    where.add_argument("--dtype", default="auto", help="with --model: auto (this machine's "
+                       "fastest), bfloat16, float16, float32")
     run = p.add_argument_group("how rows run")
     run.add_argument("--concurrency", type=int, default=16, help="rows in flight at once")
     run.add_argument("--max-attempts", type=int, default=3,

@@ -58,7 +58,8 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Apply the model's chat template")] = False,
     logprobs: Annotated[int | None, typer.Option(help="Return top-k logprobs per token")] = None,
     output: OutputOpt = Output.text,
-    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
+    dtype: Annotated[str, typer.Option(
+        help="auto (this machine's fastest), bfloat16, float16 or float32")] = "auto",
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for the engine")] = None,
     method: Annotated[str, typer.Option(

@@ -97,6 +97,25 @@ def test_killed_prefill_worker_falls_back_to_local_prefill(ray_local):
     assert info["num_running"] == 0 and info["handoff_failures"] == 1
 
 
+def test_pools_of_different_dtypes_fall_back_to_local_prefill(ray_local):
+    """dtype auto can resolve differently on two machine types: the KV link refuses a cache of
+    another dtype, and the decode worker prefills itself, with its own dtype's tokens."""
+    prefill = _spawn("prefill", engine={**ENGINE, "dtype": "bfloat16"})
+    decode = _spawn("decode")
+    assert ray.get(prefill.info.remote())["dtype"] == "bfloat16"
+    assert ray.get(decode.info.remote())["dtype"] == "float32"
+    prompt = _prompts(2, (40,))[0]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    expected = Engine(MODEL, **ENGINE).generate([prompt], params)[0].token_ids
+    out = _generate(decode, "mixed-dtypes", prompt, params, prefill)
+    assert out.token_ids == expected
+    info = ray.get(decode.info.remote())
+    assert info["handoff_failures"] == 1 and info["num_running"] == 0
+    assert ray.get(decode.block_violations.remote()) == []
+    ray.kill(prefill)
+    ray.kill(decode)
+
+
 def test_prefill_worker_killed_mid_request_falls_back_and_leaks_nothing(ray_local):
     prefill = _spawn("prefill")
     decode = _spawn("decode", kv_timeout_s=10)
