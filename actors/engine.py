@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from baton.actors.block_manager import BlockManager
 from baton.actors import dtype_choice
+from baton.actors.block_manager import BlockManager
 from baton.actors.detokenizer import IncrementalDetokenizer
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
 from baton.actors.model_runner import ModelRunner, load_model
