@@ -175,6 +175,11 @@ def _ragged_attention(plan: RaggedPlan, batch: AttentionBatch, q: torch.Tensor,
 _current: ContextVar[AttentionBatch | None] = ContextVar("baton_attention_batch", default=None)
 
 
+def current_batch() -> AttentionBatch | None:
+    """The step whose attention is running (inside `attention_batch`), else None."""
+    return _current.get()
+
+
 @contextlib.contextmanager
 def attention_batch(batch: AttentionBatch) -> Iterator[None]:
     token = _current.set(batch)

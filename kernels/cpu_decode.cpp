@@ -248,6 +248,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bf16 x @ (int8 w * scale).T, w packed in blocks");
   m.def("skinny_linear_int4", &skinny_linear_int4,
         "bf16 x @ w.T for a few rows of x, w Baton's int4 in blocks");
+  pybind11::class_<Projection>(m, "Projection")
+      .def(pybind11::init<torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t,
+                          c10::optional<torch::Tensor>>())
+      .def("__call__", &Projection::operator());
+  pybind11::class_<DecodeLayer>(m, "DecodeLayer")
+      .def(pybind11::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,
+                          c10::optional<torch::Tensor>, Projection, Projection, Projection,
+                          Projection, int64_t, int64_t, int64_t, double, double>())
+      .def("forward", &DecodeLayer::forward);
   m.def("decode_attention", &decode_attention, "query tokens over their paged bf16 KV");
   m.def("rms_norm", &rms_norm, "Llama's RMSNorm over bf16 rows");
   m.def("rope", &rope, "rotary position embedding, rotate_half convention, bf16");

@@ -10,3 +10,43 @@ torch::Tensor skinny_linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor
                                  c10::optional<torch::Tensor> bias);
 torch::Tensor skinny_linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t N,
                                  int64_t group, c10::optional<torch::Tensor> bias);
+
+// cpu_decode.cpp
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                               torch::Tensor tables, torch::Tensor rows, torch::Tensor base,
+                               torch::Tensor bits, double scale);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+
+// cpu_layer.cpp
+// One projection on a skinny kernel: `group` 0 bf16 (`weight` from pack_skinny), -1 int8
+// (pack_skinny_int8, float32 `scales`), else int4 in groups of `group` (pack_skinny_int4, its
+// scales and zeros as `scales`); `rows` output rows.
+struct Projection {
+  torch::Tensor weight;
+  c10::optional<torch::Tensor> scales;
+  int64_t rows;
+  int64_t group;
+  c10::optional<torch::Tensor> bias;
+  Projection(torch::Tensor weight, c10::optional<torch::Tensor> scales, int64_t rows,
+             int64_t group, c10::optional<torch::Tensor> bias);
+  torch::Tensor operator()(const torch::Tensor& x) const;
+};
+
+// One Llama-family decoder layer (q/k norms for Qwen3) for short bf16 CPU steps.
+struct DecodeLayer {
+  torch::Tensor input_norm, post_norm;
+  c10::optional<torch::Tensor> q_norm, k_norm;
+  Projection qkv, o, gate_up, down;
+  int64_t n_heads, n_kv_heads, head_dim;
+  double eps, scale;
+  DecodeLayer(torch::Tensor input_norm, torch::Tensor post_norm,
+              c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
+              Projection qkv, Projection o, Projection gate_up, Projection down, int64_t n_heads,
+              int64_t n_kv_heads, int64_t head_dim, double eps, double scale);
+  torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& cos,
+                        const torch::Tensor& sin, torch::Tensor k_cache, torch::Tensor v_cache,
+                        const torch::Tensor& slots, const torch::Tensor& tables,
+                        const torch::Tensor& rows, const torch::Tensor& base,
+                        const torch::Tensor& bits) const;
+};

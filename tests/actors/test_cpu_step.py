@@ -12,12 +12,16 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from baton.actors import cpu_step, model_runner
+from baton.actors import attention_plans, cpu_step, model_runner
 from baton.actors.cpu_step import CpuDecodeStep
 from baton.actors.engine import Engine
+from baton.actors.handoff import HandoffEngine
+from baton.actors.kv_link import KVReceiver, KVSender
 from baton.actors.tiny import tiny_model
 from baton.kernels import cpu_decode
 from baton.sampling import SamplingParams
+from tests.actors.test_handoff import TOKEN, handoff
+from tests.conftest import assert_no_leaks, run_to_completion
 
 pytestmark = pytest.mark.skipif(not cpu_decode.wanted(),
                                 reason="no avx512_bf16 here, or BATON_CPU_KERNELS=0")
@@ -102,6 +106,59 @@ def test_quantized_models_run_their_own_projections_on_the_lean_step(quantizatio
     params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=3)
     same_outputs(lean.generate(PROMPTS, params), plain.generate(PROMPTS, params))
     assert 3 in seen
+
+
+class _Counted:
+    """A fused layer whose calls are counted."""
+
+    def __init__(self, fused, calls: list[int]):
+        self.fused, self.calls = fused, calls
+
+    def forward(self, hidden, *args):
+        self.calls.append(hidden.shape[0])
+        return self.fused.forward(hidden, *args)
+
+
+@pytest.mark.parametrize(("arch", "quantization"), [("llama", None), ("qwen2", None),
+                                                    ("qwen3", None), ("llama", "int8"),
+                                                    ("llama", "int4")])
+def test_short_steps_run_each_layer_in_one_call_with_the_same_tokens(arch, quantization,
+                                                                     monkeypatch):
+    """Steps of up to `fused_rows` tokens run every layer as one C++ call (the same kernels and
+    ops in the same order); longer ones (a 16-token prompt chunk) the Python layers."""
+    lean, plain = engines(arch, monkeypatch, quantization=quantization,
+                          max_num_batched_tokens=16)
+    step = lean.runner.decode_step
+    assert step.fused_rows == (cpu_decode.MAX_ROWS if quantization is None
+                               else attention_plans.SHORT_RUN)
+    calls: list[int] = []
+    for layer in step.layers:
+        layer.fused = _Counted(layer.fused, calls)
+    params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=3)
+    same_outputs(lean.generate(PROMPTS, params), plain.generate(PROMPTS, params))
+    assert 3 in calls and max(calls) <= step.fused_rows
+    assert len(calls) % len(step.layers) == 0  # whole steps, every layer
+
+
+def test_a_prefill_worker_pushes_each_fused_layer_as_it_ends():
+    """A short prompt prefilled on the fused layers still hands its KV over layer by layer."""
+    engine = {"model": "tiny:qwen2", "dtype": "bfloat16", "block_size": 8}
+    prefill, decode = HandoffEngine(**engine), HandoffEngine(**engine)
+    assert prefill.runner.decode_step.fused_rows >= 6
+    receiver = KVReceiver(decode.cache, token=TOKEN)
+    sender = KVSender(receiver.address, TOKEN, chunk_bytes=4096)
+    try:
+        prompt = [11, 12, 13, 14, 15, 16]
+        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        res, pushed = handoff(prefill, decode, receiver, sender, prompt, params, "fused")
+        assert pushed.layers_received == prefill.model.config.num_hidden_layers
+        out = run_to_completion(decode)[res.request_id]
+        assert out.token_ids == Engine(**engine).generate([prompt], params)[0].token_ids
+        assert_no_leaks(prefill)
+        assert_no_leaks(decode)
+    finally:
+        sender.close()
+        receiver.stop(None)
 
 
 def test_the_stacked_projections_are_held_once():
