@@ -256,7 +256,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,
                           c10::optional<torch::Tensor>, Projection, Projection, Projection,
                           Projection, int64_t, int64_t, int64_t, double, double>())
-      .def("forward", &DecodeLayer::forward);
+      // Other Python threads (the worker's event loop, the KV link) run meanwhile.
+      .def("forward", &DecodeLayer::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("decode_attention", &decode_attention, "query tokens over their paged bf16 KV");
   m.def("rms_norm", &rms_norm, "Llama's RMSNorm over bf16 rows");
   m.def("rope", &rope, "rotary position embedding, rotate_half convention, bf16");
