@@ -3,6 +3,29 @@
 
 #include <torch/extension.h>
 
+// What every skinny matmul does with its rows: x [..., K] as M contiguous bf16 rows, the bias
+// (any float dtype, or none) as fp32, and an [M, N] output handed back as [..., N].
+struct SkinnyRows {
+  std::vector<int64_t> lead;
+  torch::Tensor rows, out, bias_f;
+  int64_t M;
+  const uint16_t* x;
+  const float* bias;
+  at::BFloat16* y;
+
+  SkinnyRows(const torch::Tensor& input, int64_t K, int64_t N,
+             const c10::optional<torch::Tensor>& b)
+      : lead(input.sizes().vec()), rows(input.reshape({-1, K}).contiguous()),
+        out(torch::empty({rows.size(0), N}, input.options())), M(rows.size(0)) {
+    lead.back() = N;
+    if (b.has_value() && b->defined()) bias_f = b->to(at::kFloat).contiguous();
+    x = reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>());
+    bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+    y = out.data_ptr<at::BFloat16>();
+  }
+  torch::Tensor result() const { return out.reshape(lead); }
+};
+
 // cpu_matmul.cpp
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, int64_t N,
                             c10::optional<torch::Tensor> bias);

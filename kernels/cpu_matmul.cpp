@@ -112,16 +112,11 @@ torch::Tensor over_blocks(const char* name, const torch::Tensor& x, const torch:
   TORCH_CHECK(x.size(-1) == K, name, ": rows of ", x.size(-1), " against a weight of ", K);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 64 == 0, name,
               " needs a 64-byte aligned weight");
-  auto lead = x.sizes().vec();
-  lead.pop_back();
-  auto x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  auto out = torch::empty({M, N}, x.options());
-  torch::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
-  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const SkinnyRows io(x, K, N, bias);
+  const int64_t M = io.M;
+  const uint16_t* xp = io.x;
+  const float* bp = io.bias;
+  at::BFloat16* op = io.y;
   // A grain of 16 blocks (64 rows) keeps tiny matrices on one thread.
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -133,8 +128,7 @@ torch::Tensor over_blocks(const char* name, const torch::Tensor& x, const torch:
       }
     }
   });
-  lead.push_back(N);
-  return out.reshape(lead);
+  return io.result();
 }
 
 // x [..., K] bf16, w the [N, K] weight in blocks ([ceil(N/4), K/32, 4, 32] bf16, rows past N

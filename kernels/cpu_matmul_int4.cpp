@@ -129,15 +129,10 @@ torch::Tensor skinny_linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor
               "scales and zeros laid out [N/16, K/group, 2, 16] (pack_skinny_int4)");
   TORCH_CHECK(x.size(-1) == K, "skinny_linear_int4: rows of ", x.size(-1),
               " against a weight of ", K);
-  auto lead = x.sizes().vec();
-  lead.pop_back();
-  auto x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  auto out = torch::empty({M, N}, x.options());
-  torch::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
-  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
+  const SkinnyRows io(x, K, N, bias);
+  const int64_t M = io.M;
+  const uint16_t* xp = io.x;
+  const float* bp = io.bias;
   // Each token row's sum of x over each group, once per call (torch's ops would cost more than
   // the sums).
   std::vector<float> xsum(M * groups);
@@ -153,7 +148,7 @@ torch::Tensor skinny_linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor
   }
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const at::BFloat16* szp = sz.data_ptr<at::BFloat16>();
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  at::BFloat16* op = io.y;
   // A grain of 4 blocks (64 rows) keeps tiny matrices on one thread.
   at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -170,6 +165,5 @@ torch::Tensor skinny_linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor
       }
     }
   });
-  lead.push_back(N);
-  return out.reshape(lead);
+  return io.result();
 }

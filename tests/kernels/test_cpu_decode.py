@@ -199,6 +199,11 @@ def test_a_bf16_engine_decodes_on_the_kernels_as_on_the_torch_path(monkeypatch):
                         lambda *a: calls.append(1) or real(*a))
     engine = Engine("tiny:llama", dtype="bfloat16")
     assert any(getattr(m, "skinny_rows", 0) for m in engine.model.modules())
+    # Short steps run each layer in one C++ call (attention on the kernel inside): count those.
+    for layer in engine.runner.decode_step.layers:
+        fused = layer.fused
+        layer.fused = SimpleNamespace(
+            forward=lambda *a, fused=fused: calls.append(1) or fused.forward(*a))
     prompts = [list(range(5, 40)), [3, 1, 4, 1, 5]]
     params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=5)
     on = engine.generate(prompts, params)
