@@ -60,12 +60,10 @@ everything (logged once).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from types import ModuleType
@@ -139,15 +137,13 @@ def kernel() -> ModuleType | None:
         return None
     from torch.utils.cpp_extension import load
 
-    if shutil.which("ninja") is None:  # torch runs `ninja` from PATH: the pip package's own
-        with contextlib.suppress(ImportError):
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    _use_one_ninja()
     try:
-        # Named by the sources' hash: two versions of Baton on one machine never load each
-        # other's build.
-        digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:12]
+        # Named by the sources' hash, where they are and the torch they build against: two
+        # versions of Baton, or two checkouts or environments of one, never load or rebuild each
+        # other's build (each other's paths in the build file would make ninja start over).
+        where = f"{SOURCES[0].parent}|{Path(torch.__file__).parent}".encode()
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + where).hexdigest()[:12]
         name = f"baton_cpu_decode_{digest}"
         build_dir = build_root() / name
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +155,35 @@ def kernel() -> ModuleType | None:
         log.warning("cannot build Baton's CPU decode kernels (%s); oneDNN and torch run the "
                     "decode step", exc)
         return None
+
+
+def _use_one_ninja() -> None:
+    """Put the `ninja` package's binary (a dependency) first on PATH, which torch runs it from.
+    Processes of one machine can see different ninjas (a system one, the environment's); ninja
+    1.12 changed how it hashes build commands, so a build made by one looks stale to the other
+    and every switch rebuilt the kernels from scratch (over a minute)."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    # A folder holding that one binary, so that nothing else on PATH changes.
+    own = Path(ninja.BIN_DIR) / "ninja"
+    if not own.exists():
+        return
+    folder = build_root() / f"ninja-{hashlib.sha256(str(own).encode()).hexdigest()[:12]}"
+    link = folder / "ninja"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            tmp = folder / f"ninja.{os.getpid()}"
+            tmp.symlink_to(own)
+            tmp.replace(link)
+    except OSError as exc:
+        log.warning("cannot pin the ninja that builds the kernels (%s)", exc)
+        return
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep, 1)[0] != str(folder):
+        os.environ["PATH"] = str(folder) + os.pathsep + path
 
 
 def skinny_rows(weight: torch.Tensor) -> int:

@@ -279,3 +279,20 @@ def test_a_build_lock_left_by_a_killed_build_is_cleared_and_a_live_one_waited_fo
     os.utime(lock, (old, old))
     cpu_decode.wait_for_build(tmp_path, poll=0.05)
     assert not lock.exists()
+
+
+def test_every_process_builds_with_the_environments_own_ninja(monkeypatch):
+    """Two ninjas on one machine (a system one, the environment's) hash build commands apart
+    since ninja 1.12: a process that ran the other would rebuild the kernels from scratch."""
+    import os
+    import shutil
+
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    cpu_decode._use_one_ninja()
+    found = shutil.which("ninja")
+    assert found is not None
+    assert os.path.realpath(found) == os.path.realpath(os.path.join(ninja.BIN_DIR, "ninja"))
+    assert os.environ["PATH"].split(os.pathsep)[1:] == ["/usr/bin", "/bin"]  # nothing else moved
+    cpu_decode._use_one_ninja()  # once is enough
+    assert os.environ["PATH"].count(os.pathsep) == 2
