@@ -51,11 +51,11 @@ So it takes calls of up to `MAX_ROWS` rows on weights of up to `MAX_WEIGHT_ELEME
 `LARGE_MAX_ROWS` on larger ones (the LM head: read from memory on every call, where the one
 stream pays most), and oneDNN keeps the rest (prompt chunks, long verify runs).
 
-They are compiled with the machine's C++ compiler through `torch.utils.cpp_extension` (about 30 s,
-once, by `baton prepare-model`; cached under `TORCH_EXTENSIONS_DIR`, else
-`~/.cache/torch_extensions/baton_cpu`). They are used only where the CPU has avx512_bf16, and
-`BATON_CPU_KERNELS=0` turns them off. Where they cannot be built, oneDNN and the torch path run
-everything (logged once).
+They are compiled with the machine's C++ compiler through `torch.utils.cpp_extension` (about a
+minute on 2 cores, once per checkout and environment, by `baton prepare-model`; cached under
+`TORCH_EXTENSIONS_DIR`, else `~/.cache/torch_extensions/baton_cpu`). They are used only where
+the CPU has avx512_bf16, and `BATON_CPU_KERNELS=0` turns them off. Where they cannot be built,
+oneDNN and the torch path run everything (logged once).
 """
 
 from __future__ import annotations
@@ -99,8 +99,9 @@ def wanted() -> bool:
     return os.environ.get("BATON_CPU_KERNELS", "1") != "0" and "avx512_bf16" in cpu_flags()
 
 
-# A build takes about 30 s here; a lock older than this was left by a process killed mid-build.
-STALE_LOCK_SECONDS = 120.0
+# A build takes 65-80 s here, longer under load; a lock older than this was left by a process
+# killed mid-build.
+STALE_LOCK_SECONDS = 600.0
 
 
 def build_root() -> Path:
