@@ -3,8 +3,10 @@
 The forward pass `acquire`s the experts a layer needs (a hit uses the resident copy, a miss loads
 it synchronously from the store), computes from the slots, and `release`s them. `prefetch` queues
 experts that a policy expects soon; a background thread loads them (on CUDA it issues the copies
-on a side stream, so they overlap with compute). A slot is never evicted while acquired, nor while
-its load is in flight. The pool is allocated once: resident bytes can never exceed the budget.
+on a side stream, so they overlap with compute; on a CPU it reads into the slot on its own
+thread, without the GIL or the forward's intra-op threads). A slot is never evicted while
+acquired, nor while its load is in flight. The pool is allocated once: resident bytes can never
+exceed the budget.
 """
 
 from __future__ import annotations
@@ -123,9 +125,11 @@ class ExpertCache:
             raise EngineError(f"{len(experts)} experts asked for at once; the cache holds "
                               f"{self.capacity}")
         t0 = time.perf_counter()
-        slots, misses, waits = [], [], []
+        slot_of: dict[int, int] = {}
+        misses, waits = [], []
         with self._cond:
-            for e in experts:
+            # Resident ones first: pinned, they cannot become the victim of this call's misses.
+            for e in sorted(experts, key=lambda e: (layer, e) not in self._slot_of):
                 key = (layer, e)
                 slot = self._slot_of.get(key)
                 # Reserving may wait for a slot, and the loader may bring `key` in meanwhile.
@@ -145,7 +149,7 @@ class ExpertCache:
                         waits.append((slot, key, load))
                 self._pins[slot] += 1
                 self.policy.touch(key)
-                slots.append(slot)
+                slot_of[e] = slot
         for slot, key, load in misses:
             self._copy(slot, key, load, side=False)
         for slot, key, load in waits:
@@ -157,7 +161,7 @@ class ExpertCache:
         if misses or waits:
             with self._cond:
                 self.stats.stall_seconds += time.perf_counter() - t0
-        return slots
+        return [slot_of[e] for e in experts]
 
     def release(self, slots: list[int]) -> None:
         """The forward is done reading `slots` (on CUDA: once the kernels queued so far ran)."""
@@ -215,7 +219,7 @@ class ExpertCache:
                 idle = [k for s, k in enumerate(self._key_of) if k is not None
                         and self._pins[s] == 0 and self._ready(s)]
                 if idle:
-                    victim = self.policy.victim(idle)
+                    victim = self.policy.victim(idle, key)
                     slot = self._slot_of.pop(victim)
                     self.policy.forget(victim)
                     self._prefetched.discard(victim)
@@ -238,11 +242,10 @@ class ExpertCache:
         """Copy `key` from the store into `slot`, then mark it ready. On CUDA the copy runs on
         the side stream (`side`: a prefetch) or the compute stream (a miss), after the compute
         that last read the slot and the copy that last wrote it."""
-        gate_up, down = self.store.read(*key)
         if self._side is None:
-            self.gate_up[slot].copy_(gate_up)
-            self.down[slot].copy_(down)
+            self.store.read_into(*key, self.gate_up[slot], self.down[slot])
         else:
+            gate_up, down = self.store.read(*key)
             stream = self._side if side else torch.cuda.current_stream(self.device)
             with torch.cuda.stream(stream):
                 for event in (self._freed[slot], self._written[slot]):

@@ -41,8 +41,10 @@ class ExpertPolicy:
     def forget(self, key: ExpertKey) -> None:
         """`key` was evicted."""
 
-    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
-        """The resident expert to evict among `candidates` (never empty)."""
+    def victim(self, candidates: Iterable[ExpertKey],
+               incoming: ExpertKey | None = None) -> ExpertKey:
+        """The resident expert to evict among `candidates` (never empty) to make room for
+        `incoming`."""
         raise NotImplementedError
 
     def route(self, layer: int, top_k_index: torch.Tensor) -> None:
@@ -66,7 +68,8 @@ class LRUPolicy(ExpertPolicy):
     def forget(self, key: ExpertKey) -> None:
         self._order.pop(key, None)
 
-    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+    def victim(self, candidates: Iterable[ExpertKey],
+               incoming: ExpertKey | None = None) -> ExpertKey:
         allowed = set(candidates)
         for key in self._order:
             if key in allowed:
@@ -94,29 +97,11 @@ class LFUPolicy(ExpertPolicy):
     def forget(self, key: ExpertKey) -> None:
         self._recency.forget(key)
 
-    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+    def victim(self, candidates: Iterable[ExpertKey],
+               incoming: ExpertKey | None = None) -> ExpertKey:
         allowed = list(candidates)
         fewest = min(self._uses[k] for k in allowed)
         return self._recency.victim(k for k in allowed if self._uses[k] == fewest)
-
-
-class LookaheadPolicy(LRUPolicy):
-    """LRU eviction; prefetches the next MoE layer's top-k experts by applying that layer's router
-    to this layer's MoE input (the residual stream changes little from one layer to the next)."""
-
-    def __init__(self, routers: dict[int, RouterLogits], top_k: int) -> None:
-        super().__init__()
-        self._routers = routers
-        self._next = dict(zip(sorted(routers), sorted(routers)[1:], strict=False))
-        self._top_k = top_k
-
-    def predict(self, layer: int, hidden: torch.Tensor) -> list[ExpertKey]:
-        nxt = self._next.get(layer)
-        if nxt is None:
-            return []
-        logits = self._routers[nxt](hidden)
-        top = torch.topk(logits, min(self._top_k, logits.shape[-1]), dim=-1).indices
-        return [(nxt, e) for e in most_voted(top, logits.shape[-1])]
 
 
 class PredictiveLRU(LRUPolicy):
@@ -143,7 +128,8 @@ class PredictiveLRU(LRUPolicy):
     def route(self, layer: int, top_k_index: torch.Tensor) -> None:
         self._in_use = int(torch.unique(top_k_index).numel())
 
-    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+    def victim(self, candidates: Iterable[ExpertKey],
+               incoming: ExpertKey | None = None) -> ExpertKey:
         allowed = list(candidates)
         spare = [k for k in allowed if k not in self._wanted]
         return super().victim(spare or allowed)

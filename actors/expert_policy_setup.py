@@ -9,11 +9,11 @@ import torch
 from baton.actors.expert_policies import (
     ExpertPolicy,
     LFUPolicy,
-    LookaheadPolicy,
     LRUPolicy,
     RouterLogits,
 )
 from baton.actors.learned_policy import LearnedPolicy
+from baton.actors.lookahead_policy import LookaheadPolicy
 from baton.actors.routing_predictor import ModelShape, RoutingPredictor
 from baton.actors.trace_policy import TracePolicy
 from baton.engine_config import MOE_POLICIES, MoEOffloadConfig
@@ -41,7 +41,8 @@ def make_policy(config: MoEOffloadConfig, inputs: PolicyInputs) -> ExpertPolicy:
     if name == "lfu":
         return LFUPolicy()
     if name == "lookahead":
-        return LookaheadPolicy(inputs.routers, inputs.shape.top_k)
+        return LookaheadPolicy(inputs.routers, inputs.shape.top_k, inputs.capacity,
+                               inputs.shape.num_experts)
     if name == "trace":
         return TracePolicy(list(inputs.shape.moe_layers), inputs.shape.num_experts,
                            inputs.capacity)

@@ -1,9 +1,12 @@
-"""Where offloaded experts live: host memory (pinned on CUDA) or memory-mapped safetensors on disk.
+"""Where offloaded experts live: host memory (pinned on CUDA) or safetensors files on disk.
 
 A store holds every expert of every MoE layer and hands out one expert's weights
-(`gate_up [2I, H]`, `down [H, I]`) as CPU tensors for the expert cache to copy onto the compute
-device. Building a store takes the fused expert tensors out of the model: the experts modules keep
-only meta-device placeholders of the same shape, so the full weights no longer sit in the model.
+(`gate_up [2I, H]`, `down [H, I]`): as CPU tensors for the expert cache to copy onto a CUDA
+device (`read`), or copied straight into a CPU cache's slot on the calling thread alone
+(`read_into`), so that a background prefetch never takes the forward's intra-op threads.
+
+Building a store takes the fused expert tensors out of the model: the experts modules keep only
+meta-device placeholders of the same shape, so the full weights no longer sit in the model.
 """
 
 from __future__ import annotations
@@ -18,13 +21,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from baton.actors.expert_file import DOWN, GATE_UP, RecordReader, copy_to, write_layer_file
 
 log = logging.getLogger(__name__)
-
-GATE_UP = "gate_up_proj"
-DOWN = "down_proj"
-
 
 @dataclass(frozen=True, slots=True)
 class ExpertShape:
@@ -80,6 +80,13 @@ class ExpertStore:
     def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def read_into(self, layer: int, expert: int, gate_up: torch.Tensor,
+                  down: torch.Tensor) -> None:
+        """Fill contiguous CPU tensors with one expert, on this thread only."""
+        src_gate_up, src_down = self.read(layer, expert)
+        copy_to(gate_up, src_gate_up.contiguous().data_ptr())
+        copy_to(down, src_down.contiguous().data_ptr())
+
     def close(self) -> None:
         """Release files and memory (idempotent)."""
 
@@ -106,14 +113,19 @@ class HostStore(ExpertStore):
 
 
 class DiskStore(ExpertStore):
-    """Experts on disk, one safetensors file per layer (`layer_<i>.safetensors`), memory-mapped.
+    """Experts on disk, one safetensors file per layer (`layer_<i>.safetensors`) of page-aligned
+    expert records (`expert_file`).
+
+    A CPU cache's reads (`read_into`) are direct (`O_DIRECT`) where the filesystem allows it: each
+    miss or prefetch reads the disk, as "LLM in a flash" assumes, instead of a copy the page
+    cache kept outside the budget. `read` (a CUDA cache's staging) maps the files.
 
     `directory` None writes into a temporary directory removed on `close` (or when the store is
     collected); a given directory is left in place.
     """
 
     def __init__(self, layers: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                 directory: str | Path | None = None):
+                 directory: str | Path | None = None, direct: bool = True):
         if directory is None:
             self.directory = Path(tempfile.mkdtemp(prefix="baton-experts-"))
             self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
@@ -122,22 +134,35 @@ class DiskStore(ExpertStore):
             self.directory.mkdir(parents=True, exist_ok=True)
             self._cleanup = None
         self._files = {}
+        self._fds: dict[int, int] = {}
+        layout = None
         for i, (gate_up, down) in layers.items():
-            path = self.directory / f"layer_{i}.safetensors"
+            path = self._path(i)
             # Written aside, then renamed: another worker sharing `directory` keeps reading the
             # file it mapped (truncating a mapped file would crash it).
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file({GATE_UP: gate_up, DOWN: down}, str(tmp))
+            layout = write_layer_file(tmp, gate_up, down)
             os.replace(tmp, path)
             self._files[i] = safe_open(str(path), framework="pt", device="cpu")
+        assert layout is not None, "a store needs at least one layer"
+        self.reader = RecordReader(layout, direct)
+        self._fds = {i: self.reader.open(self._path(i)) for i in layers}
         gate_up, down = next(iter(layers.values()))
         self.num_experts = gate_up.shape[0]
         self.shape = ExpertShape.of(gate_up, down)
-        log.info("experts of %d layers written to %s", len(layers), self.directory)
+        log.info("experts of %d layers written to %s (%s reads)", len(layers), self.directory,
+                 "direct" if self.reader.direct else "buffered")
+
+    def _path(self, layer: int) -> Path:
+        return self.directory / f"layer_{layer}.safetensors"
 
     def read(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         f = self._files[layer]
-        return f.get_slice(GATE_UP)[expert], f.get_slice(DOWN)[expert]
+        return f.get_tensor(f"{GATE_UP}.{expert}"), f.get_tensor(f"{DOWN}.{expert}")
+
+    def read_into(self, layer: int, expert: int, gate_up: torch.Tensor,
+                  down: torch.Tensor) -> None:
+        self.reader.read_into(self._fds[layer], expert, gate_up, down)
 
     def drop_page_cache(self) -> None:
         """Evict the expert files from the OS page cache, so the next reads come from the disk
@@ -146,7 +171,7 @@ class DiskStore(ExpertStore):
         layers = list(self._files)
         self._files = {}
         for i in layers:
-            path = self.directory / f"layer_{i}.safetensors"
+            path = self._path(i)
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)  # dirty pages are not dropped
@@ -157,5 +182,8 @@ class DiskStore(ExpertStore):
 
     def close(self) -> None:
         self._files = {}
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
         if self._cleanup is not None:
             self._cleanup()

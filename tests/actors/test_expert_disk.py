@@ -1,0 +1,113 @@
+"""The disk tier's files and reads, the cache's pinning of a layer's resident experts, and the
+lookahead policy's per-layer eviction."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from baton.actors import expert_file
+from baton.actors.expert_cache import ExpertCache
+from baton.actors.expert_file import PAGE
+from baton.actors.expert_policies import LRUPolicy
+from baton.actors.expert_store import DiskStore, HostStore
+from baton.actors.lookahead_policy import LookaheadPolicy
+
+
+def _experts(num: int, inter: int, hidden: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(num, 2 * inter, hidden, generator=gen).to(dtype),
+            torch.randn(num, hidden, inter, generator=gen).to(dtype))
+
+
+@pytest.mark.parametrize(("inter", "hidden", "dtype"), [
+    (96, 64, torch.bfloat16),  # 36,864 bytes: exactly 9 pages, no padding
+    (5, 7, torch.float32),  # 420 bytes: padded to a page
+])
+def test_layer_files_are_safetensors_with_page_aligned_expert_records(tmp_path, inter, hidden,
+                                                                      dtype):
+    gate_up, down = _experts(4, inter, hidden, dtype)
+    store = DiskStore({3: (gate_up, down)}, tmp_path)
+    path = tmp_path / "layer_3.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        for e in range(4):
+            assert torch.equal(f.get_tensor(f"gate_up_proj.{e}"), gate_up[e])
+            assert torch.equal(f.get_tensor(f"down_proj.{e}"), down[e])
+    layout = store.reader.layout
+    assert layout.data_start % PAGE == 0 and layout.record_bytes % PAGE == 0
+    assert path.stat().st_size == layout.data_start + 4 * layout.record_bytes
+    got_gate_up, got_down = torch.empty_like(gate_up[0]), torch.empty_like(down[0])
+    for e in (2, 0, 3):
+        store.read_into(3, e, got_gate_up, got_down)
+        assert torch.equal(got_gate_up, gate_up[e]) and torch.equal(got_down, down[e])
+        read_gate_up, read_down = store.read(3, e)
+        assert torch.equal(read_gate_up, gate_up[e]) and torch.equal(read_down, down[e])
+    store.close()
+
+
+def test_reads_fall_back_to_the_page_cache_where_direct_io_is_refused(tmp_path, monkeypatch,
+                                                                      caplog):
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "O_DIRECT not supported here")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(expert_file.os, "open", no_direct)
+    gate_up, down = _experts(3, 5, 7, torch.float32)
+    store = DiskStore({0: (gate_up, down)}, tmp_path)
+    assert not store.reader.direct
+    assert "direct reads" in caplog.text and "page cache" in caplog.text
+    got_gate_up, got_down = torch.empty_like(gate_up[0]), torch.empty_like(down[0])
+    store.read_into(0, 1, got_gate_up, got_down)
+    assert torch.equal(got_gate_up, gate_up[1]) and torch.equal(got_down, down[1])
+    store.close()
+
+
+def test_a_layers_resident_experts_are_not_evicted_by_its_own_misses():
+    gate_up, down = _experts(4, 3, 5, torch.float32)
+    store = HostStore({0: (gate_up, down)}, pin=False)
+    cache = ExpertCache(store, capacity=2, device=torch.device("cpu"), policy=LRUPolicy())
+    cache.release(cache.acquire(0, [0]))
+    cache.release(cache.acquire(0, [1]))
+    # Expert 0 is the least recent: a miss for 2 taken first would evict it, then miss it too.
+    slots = cache.acquire(0, [2, 0])
+    assert cache.stats.hits == 1 and cache.stats.misses == 3
+    assert sorted(cache.resident()) == [(0, 0), (0, 2)]
+    assert torch.equal(cache.gate_up[slots[0]], gate_up[2])
+    assert torch.equal(cache.gate_up[slots[1]], gate_up[0])
+    cache.release(slots)
+    cache.close()
+
+
+def _router(weights: list[list[float]]):
+    w = torch.tensor(weights)
+    return lambda hidden: hidden.reshape(-1, w.shape[1]) @ w.T
+
+
+def test_lookahead_evicts_within_a_layer_at_its_share_else_from_the_layer_that_just_ran():
+    # Three layers of four experts, six slots: a share of two per layer.
+    routers = {i: _router([[0.0, 0.1], [0.0, 0.0], [0.0, 1.0], [0.0, 0.2]]) for i in range(3)}
+    policy = LookaheadPolicy(routers, top_k=1, capacity=6, num_experts=4)
+    assert policy.share == 2
+    for key in [(0, 0), (0, 1), (1, 2), (1, 3), (2, 0), (2, 1)]:
+        policy.insert(key)
+        policy.touch(key)
+    policy.route(1, torch.tensor([[2]]))
+    # Layer 2 is next. Its router picks expert 2; the rest fill the share plus one, and the
+    # resident 0 and 1 rank above 3 (which the router scores higher than both): no read.
+    predicted = policy.predict(1, torch.tensor([[0.0, 1.0]]))
+    assert predicted == [(2, 2), (2, 0), (2, 1)]
+    resident = [(0, 0), (0, 1), (1, 2), (1, 3), (2, 0), (2, 1)]
+    # Layer 2 holds its share: loading (2, 2) evicts layer 2's lowest-ranked expert (1 scores
+    # below 0).
+    assert policy.victim(resident, (2, 2)) == (2, 1)
+    # Under its share, a layer takes from the fullest layer whose next use is furthest away:
+    # layer 1 ran last, so its experts wait a whole step.
+    policy.forget((2, 1))
+    assert policy.victim([(0, 0), (0, 1), (1, 2), (1, 3), (2, 0)], (2, 2)) in [(1, 2), (1, 3)]
