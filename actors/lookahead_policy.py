@@ -11,6 +11,7 @@ case, and prefetching makes the cycle larger. So this policy evicts by layer ins
   `l` holds its share of the slots (`capacity // layers`);
 - otherwise it takes a slot from the layer holding the most, and among those the layer whose
   next use is furthest away (the one that just ran);
+- the latest prediction's experts are spared while any other can go;
 - within a layer, rank is the latest prediction for it; an expert used since then ranks above
   every prediction until the next one for its layer (it is what that layer used last).
 
@@ -52,6 +53,7 @@ class LookaheadPolicy(LRUPolicy):
         self._resident: set[ExpertKey] = set()
         self._rank: dict[int, dict[int, float]] = {}  # layer -> expert -> latest predicted score
         self._current = self._layers[0] if self._layers else 0  # layer routed last
+        self._wanted: frozenset[ExpertKey] = frozenset()  # the latest prediction: spared
 
     # -- called under the cache's lock ------------------------------------------------------------
 
@@ -74,6 +76,8 @@ class LookaheadPolicy(LRUPolicy):
     def victim(self, candidates: Iterable[ExpertKey],
                incoming: ExpertKey | None = None) -> ExpertKey:
         allowed = list(candidates)
+        spare = self._wanted
+        allowed = [k for k in allowed if k not in spare] or allowed
         layer = incoming[0] if incoming is not None else None
         if layer is not None and self.share and self._held[layer] >= self.share:
             same = [k for k in allowed if k[0] == layer]
@@ -107,7 +111,9 @@ class LookaheadPolicy(LRUPolicy):
         # Every expert some token's router would pick comes first, then the best of the rest.
         chosen = set(logits.topk(min(self._top_k, self._num_experts)).indices.flatten().tolist())
         ranked = sorted(range(self._num_experts), key=lambda e: (e not in chosen, -values[e]))
-        return [(nxt, e) for e in ranked[: max(self._width, len(chosen))]]
+        keys = [(nxt, e) for e in ranked[: max(self._width, len(chosen))]]
+        self._wanted = frozenset(keys)
+        return keys
 
     # -- inside -----------------------------------------------------------------------------------
 

@@ -91,23 +91,30 @@ def _router(weights: list[list[float]]):
 
 
 def test_lookahead_evicts_within_a_layer_at_its_share_else_from_the_layer_that_just_ran():
-    # Three layers of four experts, six slots: a share of two per layer.
+    # Three layers of four experts, six slots: a share of two per layer, predictions of three.
     routers = {i: _router([[0.0, 0.1], [0.0, 0.0], [0.0, 1.0], [0.0, 0.2]]) for i in range(3)}
     policy = LookaheadPolicy(routers, top_k=1, capacity=6, num_experts=4)
     assert policy.share == 2
-    for key in [(0, 0), (0, 1), (1, 2), (1, 3), (2, 0), (2, 1)]:
+    resident = [(0, 0), (1, 2), (1, 3), (2, 0), (2, 1), (2, 3)]
+    for key in resident:
         policy.insert(key)
         policy.touch(key)
     policy.route(1, torch.tensor([[2]]))
-    # Layer 2 is next. Its router picks expert 2; the rest fill the share plus one, and the
-    # resident 0 and 1 rank above 3 (which the router scores higher than both): no read.
+    # Layer 2 is next. Its router picks expert 2; the best-ranked others fill the share plus one.
     predicted = policy.predict(1, torch.tensor([[0.0, 1.0]]))
-    assert predicted == [(2, 2), (2, 0), (2, 1)]
-    resident = [(0, 0), (0, 1), (1, 2), (1, 3), (2, 0), (2, 1)]
-    # Layer 2 holds its share: loading (2, 2) evicts layer 2's lowest-ranked expert (1 scores
-    # below 0).
+    assert predicted == [(2, 2), (2, 3), (2, 0)]
+    # Layer 2 holds more than its share: loading (2, 2) evicts its one expert not predicted.
     assert policy.victim(resident, (2, 2)) == (2, 1)
-    # Under its share, a layer takes from the fullest layer whose next use is furthest away:
-    # layer 1 ran last, so its experts wait a whole step.
+    # At its share with every resident expert predicted (spared), a layer takes from the fullest
+    # layer whose next use is furthest away: layer 1 ran last, its experts wait a whole step.
     policy.forget((2, 1))
-    assert policy.victim([(0, 0), (0, 1), (1, 2), (1, 3), (2, 0)], (2, 2)) in [(1, 2), (1, 3)]
+    resident.remove((2, 1))
+    assert policy.victim(resident, (2, 2)) in [(1, 2), (1, 3)]
+
+
+def test_lookahead_ranks_resident_experts_above_unread_ones_of_a_close_score():
+    routers = {i: _router([[0.0, 0.1], [0.0, 0.0], [0.0, 1.0], [0.0, 0.2]]) for i in range(2)}
+    policy = LookaheadPolicy(routers, top_k=1, capacity=4, num_experts=4)  # share 2, width 3
+    policy.insert((1, 1))
+    # Expert 3 scores above 0 and 1 but 1 is resident: no read, so it ranks second.
+    assert policy.predict(0, torch.tensor([[0.0, 1.0]])) == [(1, 2), (1, 1), (1, 3)]
