@@ -12,6 +12,7 @@ exceed the budget.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -59,11 +60,15 @@ class _Load:
         self.issued = threading.Event()
         self.failed = False  # the copy raised: whoever waits loads the expert itself
         self.cuda_event: torch.cuda.Event | None = None
+        self.ticket: int | None = None  # the store's read in flight (`store.begin_read`)
 
     def wait(self) -> None:
         self.issued.wait()
         if self.cuda_event is not None:  # ordered on the GPU, no host stall
             torch.cuda.current_stream().wait_event(self.cuda_event)
+
+
+_Pending = tuple[int, ExpertKey, _Load]  # slot, expert, its load
 
 
 class ExpertCache:
@@ -88,6 +93,8 @@ class ExpertCache:
         self._key_of: list[ExpertKey | None] = [None] * capacity
         self._load: list[_Load | None] = [None] * capacity
         self._pins = [0] * capacity
+        self._free = list(range(capacity - 1, -1, -1))  # empty slots, the lowest on top
+        self._idle: dict[ExpertKey, None] = {}  # resident, ready and unpinned: evictable
         self._prefetched: set[ExpertKey] = set()  # loaded ahead, not used yet
         self._queue: deque[ExpertKey] = deque()
         self._cond = threading.Condition()
@@ -126,7 +133,8 @@ class ExpertCache:
                               f"{self.capacity}")
         t0 = time.perf_counter()
         slot_of: dict[int, int] = {}
-        misses, waits = [], []
+        misses: list[_Pending] = []
+        waits: list[_Pending] = []
         with self._cond:
             # Resident ones first: pinned, they cannot become the victim of this call's misses.
             for e in sorted(experts, key=lambda e: (layer, e) not in self._slot_of):
@@ -148,26 +156,36 @@ class ExpertCache:
                     if load is not None:
                         waits.append((slot, key, load))
                 self._pins[slot] += 1
+                self._settle(slot)
                 self.policy.touch(key)
                 slot_of[e] = slot
+        self._fill(misses, waits)
+        if misses or waits:
+            with self._cond:
+                self.stats.stall_seconds += time.perf_counter() - t0
+        return [slot_of[e] for e in experts]
+
+    def _fill(self, misses: list[_Pending], waits: list[_Pending]) -> None:
+        """Load `misses` into their slots and wait for `waits` (loads in flight); a load that
+        failed is read again here."""
         for slot, key, load in misses:
             self._copy(slot, key, load, side=False)
         for slot, key, load in waits:
             load.wait()
             if load.failed:
-                with self._cond:
-                    retry = self._load[slot] = _Load()
-                self._copy(slot, key, retry, side=False)
-        if misses or waits:
-            with self._cond:
-                self.stats.stall_seconds += time.perf_counter() - t0
-        return [slot_of[e] for e in experts]
+                self._reload(slot, key)
+
+    def _reload(self, slot: int, key: ExpertKey) -> None:
+        with self._cond:
+            retry = self._load[slot] = _Load()
+        self._copy(slot, key, retry, side=False)
 
     def release(self, slots: list[int]) -> None:
         """The forward is done reading `slots` (on CUDA: once the kernels queued so far ran)."""
         with self._cond:
             for slot in slots:
                 self._pins[slot] -= 1
+                self._settle(slot)
                 if self._side is not None:
                     event = torch.cuda.Event()
                     event.record(torch.cuda.current_stream(self.device))
@@ -206,26 +224,26 @@ class ExpertCache:
 
     # -- inside -----------------------------------------------------------------------------------
 
-    def _reserve(self, key: ExpertKey) -> tuple[int, _Load] | None:
+    def _reserve(self, key: ExpertKey, wait: bool = True) -> tuple[int, _Load] | None:
         """A slot for `key` (free, or its policy's victim), marked loading; None when `key`
-        became resident while this waited for a slot (the other thread loads it). Holds
-        `_cond`."""
+        became resident while this waited for a slot (the other thread loads it), or when no
+        slot is free and not `wait`. Holds `_cond`."""
         deadline = time.monotonic() + SLOT_WAIT_S
         while True:
             if key in self._slot_of:
                 return None
-            slot = next((s for s, k in enumerate(self._key_of) if k is None), None)
-            if slot is None:
-                idle = [k for s, k in enumerate(self._key_of) if k is not None
-                        and self._pins[s] == 0 and self._ready(s)]
-                if idle:
-                    victim = self.policy.victim(idle, key)
-                    slot = self._slot_of.pop(victim)
-                    self.policy.forget(victim)
-                    self._prefetched.discard(victim)
+            slot = self._free.pop() if self._free else None
+            if slot is None and self._idle:
+                victim = self.policy.victim(self._idle, key)
+                slot = self._slot_of.pop(victim)
+                del self._idle[victim]
+                self.policy.forget(victim)
+                self._prefetched.discard(victim)
             if slot is not None:
                 break
-            if self._closed or not self._cond.wait(deadline - time.monotonic()):
+            if not wait:
+                return None
+            if self._closed or not self._wait_for_slot(deadline - time.monotonic()):
                 raise EngineError(f"no expert slot freed within {SLOT_WAIT_S:.0f}s "
                                   f"({self.capacity} slots, all in use)")
         self._slot_of[key] = slot
@@ -234,9 +252,23 @@ class ExpertCache:
         self.policy.insert(key)
         return slot, load
 
+    def _wait_for_slot(self, timeout: float) -> bool:
+        """Wait until a pin or a load may have freed a slot; False on timeout. Holds `_cond`."""
+        return self._cond.wait(timeout)
+
     def _ready(self, slot: int) -> bool:
         load = self._load[slot]
         return load is None or load.issued.is_set()
+
+    def _settle(self, slot: int) -> None:
+        """Keep `_idle` true to `slot` after its pins or load changed. Holds `_cond`."""
+        key = self._key_of[slot]
+        if key is None:
+            return
+        if self._pins[slot] == 0 and self._ready(slot):
+            self._idle[key] = None
+        else:
+            self._idle.pop(key, None)
 
     def _copy(self, slot: int, key: ExpertKey, load: _Load, side: bool) -> None:
         """Copy `key` from the store into `slot`, then mark it ready. On CUDA the copy runs on
@@ -260,9 +292,13 @@ class ExpertCache:
             if load.cuda_event is None and self._load[slot] is load:
                 self._load[slot] = None
             load.issued.set()
+            if self._key_of[slot] == key:
+                self._settle(slot)
             self._cond.notify_all()
 
     def _run_loader(self) -> None:
+        if self._side is None:
+            _yield_to_compute()
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
@@ -295,7 +331,23 @@ class ExpertCache:
             del self._slot_of[key]
             self._key_of[slot] = None
             self._load[slot] = None
+            self._idle.pop(key, None)
+            self._free.append(slot)
             self._prefetched.discard(key)
             self.policy.forget(key)
         load.issued.set()
         self._cond.notify_all()
+
+
+def _yield_to_compute() -> None:
+    """Run the calling (loader) thread only on cores the forward leaves idle (Linux SCHED_IDLE).
+
+    On a CPU the forward's intra-op threads hold every core; a loader thread that preempts one of
+    them stalls the whole parallel region until it blocks again. The loader mostly waits on the
+    disk, and the forward leaves cores idle between its parallel regions and whenever it waits
+    for an expert itself, so the loader still runs, just never in the forward's way.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError) as exc:  # not Linux, or refused: an ordinary thread
+        log.debug("expert loader keeps the default scheduling: %s", exc)

@@ -22,9 +22,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from baton.actors.expert_aio import AioReads, open_aio
 from baton.actors.expert_file import DOWN, GATE_UP, RecordReader, copy_to, write_layer_file
 
 log = logging.getLogger(__name__)
+
+AIO_DEPTH = 8  # direct reads in flight at once (each with a staging buffer of one expert)
 
 @dataclass(frozen=True, slots=True)
 class ExpertShape:
@@ -87,6 +90,25 @@ class ExpertStore:
         copy_to(gate_up, src_gate_up.contiguous().data_ptr())
         copy_to(down, src_down.contiguous().data_ptr())
 
+    #: `begin_read`/`collect`/`finish_read` work (reads the forward starts, then collects)
+    async_reads = False
+    read_slots = 0  # reads that can be in flight at once
+
+    def begin_read(self, layer: int, expert: int) -> int | None:
+        """Start reading one expert; a ticket, or None when no more reads can be in flight."""
+        raise NotImplementedError
+
+    def collect(self, wait_for: int | None = None) -> dict[int, bool]:
+        """Reads finished since the last call (until `wait_for` is among them, when given):
+        ticket -> whether it succeeded."""
+        raise NotImplementedError
+
+    def finish_read(self, ticket: int, gate_up: torch.Tensor | None,
+                    down: torch.Tensor | None) -> None:
+        """Copy a collected, successful read into contiguous CPU tensors (None: drop it) and
+        free its ticket."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release files and memory (idempotent)."""
 
@@ -118,7 +140,9 @@ class DiskStore(ExpertStore):
 
     A CPU cache's reads (`read_into`) are direct (`O_DIRECT`) where the filesystem allows it: each
     miss or prefetch reads the disk, as "LLM in a flash" assumes, instead of a copy the page
-    cache kept outside the budget. `read` (a CUDA cache's staging) maps the files.
+    cache kept outside the budget. With direct reads on Linux, `begin_read` starts up to
+    `AIO_DEPTH` of them at once through native AIO (`expert_aio`). `read` (a CUDA cache's
+    staging) maps the files.
 
     `directory` None writes into a temporary directory removed on `close` (or when the store is
     collected); a given directory is left in place.
@@ -147,6 +171,10 @@ class DiskStore(ExpertStore):
         assert layout is not None, "a store needs at least one layer"
         self.reader = RecordReader(layout, direct)
         self._fds = {i: self.reader.open(self._path(i)) for i in layers}
+        self._aio: AioReads | None = open_aio(AIO_DEPTH, layout.record_bytes) \
+            if self.reader.direct else None
+        self.async_reads = self._aio is not None
+        self.read_slots = AIO_DEPTH if self._aio is not None else 0
         gate_up, down = next(iter(layers.values()))
         self.num_experts = gate_up.shape[0]
         self.shape = ExpertShape.of(gate_up, down)
@@ -163,6 +191,28 @@ class DiskStore(ExpertStore):
     def read_into(self, layer: int, expert: int, gate_up: torch.Tensor,
                   down: torch.Tensor) -> None:
         self.reader.read_into(self._fds[layer], expert, gate_up, down)
+
+    def begin_read(self, layer: int, expert: int) -> int | None:
+        assert self._aio is not None, "begin_read needs async_reads"
+        return self._aio.submit(self._fds[layer], self.reader.layout.offset(expert))
+
+    def collect(self, wait_for: int | None = None) -> dict[int, bool]:
+        assert self._aio is not None, "collect needs async_reads"
+        want = self.reader.layout.record_bytes
+        done = self._aio.poll(wait_for)
+        for ticket, got in done.items():
+            if got != want:
+                log.warning("expert read failed: %s of %d bytes", got, want)
+        return {ticket: got == want for ticket, got in done.items()}
+
+    def finish_read(self, ticket: int, gate_up: torch.Tensor | None,
+                    down: torch.Tensor | None) -> None:
+        assert self._aio is not None, "finish_read needs async_reads"
+        if gate_up is not None and down is not None:
+            address = self._aio.address(ticket)
+            copy_to(gate_up, address)
+            copy_to(down, address + self.reader.layout.gate_up_bytes)
+        self._aio.release(ticket)
 
     def drop_page_cache(self) -> None:
         """Evict the expert files from the OS page cache, so the next reads come from the disk
@@ -182,6 +232,10 @@ class DiskStore(ExpertStore):
 
     def close(self) -> None:
         self._files = {}
+        if self._aio is not None:
+            self._aio.close()  # waits for reads in flight: their files stay open until then
+            self._aio = None
+            self.async_reads = False
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)

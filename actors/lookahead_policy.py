@@ -75,18 +75,17 @@ class LookaheadPolicy(LRUPolicy):
 
     def victim(self, candidates: Iterable[ExpertKey],
                incoming: ExpertKey | None = None) -> ExpertKey:
-        allowed = list(candidates)
         spare = self._wanted
-        allowed = [k for k in allowed if k not in spare] or allowed
+        allowed = [k for k in candidates if k not in spare] or list(candidates)
         layer = incoming[0] if incoming is not None else None
         if layer is not None and self.share and self._held[layer] >= self.share:
             same = [k for k in allowed if k[0] == layer]
             if same:
                 return self._lowest(same)
-        most = max(self._held[k[0]] for k in allowed)
-        fullest = [k for k in allowed if self._held[k[0]] == most]
-        furthest = max(self._distance(k[0]) for k in fullest)
-        return self._lowest([k for k in fullest if self._distance(k[0]) == furthest])
+        held = self._held
+        # The fullest layer, and among equals the one whose next use is furthest away.
+        worst = max({k[0] for k in allowed}, key=lambda i: (held[i], self._distance(i)))
+        return self._lowest([k for k in allowed if k[0] == worst])
 
     # -- called by the forward, outside the lock --------------------------------------------------
 
@@ -98,18 +97,24 @@ class LookaheadPolicy(LRUPolicy):
         if nxt is None:
             return []
         logits = self._routers[nxt](hidden).float()
-        # A batch ranks experts by its tokens' mean standardized score (a row or two in Python
-        # beats a dozen tiny tensor ops at batch 1).
-        z = (logits - logits.mean(-1, keepdim=True)) / logits.std(-1, keepdim=True).clamp_min(
-            1e-6)
-        values = z.mean(0).tolist()
+        if logits.shape[0] == 1:  # one token (decode at batch 1): a few floats, no tensor ops
+            row = logits[0].tolist()
+            mean = sum(row) / len(row)
+            std = max((sum((v - mean) ** 2 for v in row) / max(len(row) - 1, 1)) ** 0.5, 1e-6)
+            values = [(v - mean) / std for v in row]
+            chosen = set(sorted(range(len(row)), key=lambda e: -row[e])[: self._top_k])
+        else:  # a batch ranks experts by its tokens' mean standardized score
+            z = (logits - logits.mean(-1, keepdim=True)) / logits.std(
+                -1, keepdim=True).clamp_min(1e-6)
+            values = z.mean(0).tolist()
+            k = min(self._top_k, self._num_experts)
+            chosen = set(logits.topk(k).indices.flatten().tolist())
         for e in range(self._num_experts):
             if (nxt, e) in self._resident:
                 values[e] += RESIDENT_BONUS
         # Swapped whole: the cache reads ranks under its lock while the forward predicts.
         self._rank[nxt] = dict(enumerate(values))
         # Every expert some token's router would pick comes first, then the best of the rest.
-        chosen = set(logits.topk(min(self._top_k, self._num_experts)).indices.flatten().tolist())
         ranked = sorted(range(self._num_experts), key=lambda e: (e not in chosen, -values[e]))
         keys = [(nxt, e) for e in ranked[: max(self._width, len(chosen))]]
         self._wanted = frozenset(keys)
@@ -123,7 +128,10 @@ class LookaheadPolicy(LRUPolicy):
         return (self._pos.get(layer, 0) - self._pos.get(self._current, 0) - 1) % n
 
     def _lowest(self, keys: list[ExpertKey]) -> ExpertKey:
-        """The lowest-ranked of `keys` (one layer's or several), least recently used first."""
-        allowed = set(keys)
-        oldest_first = [k for k in self._order if k in allowed]
-        return min(oldest_first, key=lambda k: self._rank.get(k[0], {}).get(k[1], -USED))
+        """The lowest-ranked of `keys` (one layer's), the least recently used among equals."""
+        rank = self._rank.get(keys[0][0], {})
+        low = min(rank.get(k[1], -USED) for k in keys)
+        tied = [k for k in keys if rank.get(k[1], -USED) == low]
+        if len(tied) == 1:
+            return tied[0]
+        return next(k for k in self._order if k in tied)

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from baton.actors.expert_cache import ExpertCache
+from baton.actors.expert_cache_aio import AioExpertCache
 from baton.actors.expert_policies import ExpertPolicy, RouterLogits
 from baton.actors.expert_policy_setup import PolicyInputs, make_policy
 from baton.actors.expert_store import DiskStore, ExpertStore, HostStore, take_experts
@@ -111,7 +112,8 @@ def enable_offload(model, config: MoEOffloadConfig, device: torch.device,
     shape = ModelShape(tuple(layer.index for layer in layers), store.num_experts, top_k,
                        store.shape.gate_up[-1])
     policy = make_policy(config, PolicyInputs(routers, shape, capacity, device, model_name))
-    cache = ExpertCache(store, capacity, device, policy)
+    cache_type = AioExpertCache if device.type == "cpu" and store.async_reads else ExpertCache
+    cache = cache_type(store, capacity, device, policy)
     for layer in layers:
         layer.experts._baton_offload = (cache, layer.index)
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)

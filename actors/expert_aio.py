@@ -1,0 +1,132 @@
+"""Linux native AIO for the disk tier: expert reads the forward thread starts and collects itself.
+
+On a CPU the forward's intra-op threads hold every core. A loader thread that wakes to read an
+expert preempts one of them and stalls the whole parallel region; measured here, each background
+read cost the forward about as much as reading the expert synchronously. With `io_submit` on an
+`O_DIRECT` file the disk fills a buffer by DMA while no thread runs at all: the forward submits
+the next layer's experts (tens of microseconds of kernel time on its own thread) and collects them
+when it needs them. The syscalls are called through ctypes (which drops the GIL), so there is
+nothing to build.
+
+Reads land in page-aligned staging buffers, one per read in flight (`depth` of them, each one
+expert record): memory for I/O, beside the expert budget.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import platform
+
+log = logging.getLogger(__name__)
+
+# io_setup, io_destroy, io_getevents, io_submit
+_SYSCALLS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}
+_IOCB_CMD_PREAD = 0
+
+
+class _Iocb(ctypes.Structure):  # struct iocb, <linux/aio_abi.h>, little-endian
+    _fields_ = [("data", ctypes.c_uint64), ("key", ctypes.c_uint32),
+                ("rw_flags", ctypes.c_int32), ("opcode", ctypes.c_uint16),
+                ("reqprio", ctypes.c_int16), ("fildes", ctypes.c_uint32),
+                ("buf", ctypes.c_uint64), ("nbytes", ctypes.c_uint64),
+                ("offset", ctypes.c_int64), ("reserved2", ctypes.c_uint64),
+                ("flags", ctypes.c_uint32), ("resfd", ctypes.c_uint32)]
+
+
+class _Event(ctypes.Structure):  # struct io_event
+    _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64),
+                ("res", ctypes.c_int64), ("res2", ctypes.c_int64)]
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+class AioReads:
+    """Up to `depth` reads of `nbytes` each in flight; a read is named by its ticket (the index of
+    the staging buffer it fills) until `release`d."""
+
+    def __init__(self, depth: int, nbytes: int) -> None:
+        numbers = _SYSCALLS.get(platform.machine())
+        if numbers is None or os.name != "posix":
+            raise OSError(errno.ENOSYS, f"no native AIO on {platform.machine()}")
+        self._setup, self._destroy, self._getevents, self._submit = numbers
+        self._libc = _libc()
+        self._ctx = ctypes.c_ulong(0)
+        if self._call(self._setup, ctypes.c_long(depth), ctypes.byref(self._ctx)) < 0:
+            raise OSError(ctypes.get_errno(), "io_setup failed")
+        self.nbytes = nbytes
+        self._buffers = [mmap.mmap(-1, nbytes) for _ in range(depth)]  # page-aligned
+        self._addresses = [ctypes.addressof(ctypes.c_char.from_buffer(b)) for b in self._buffers]
+        self._iocbs = [_Iocb() for _ in range(depth)]
+        self._pointers = [ctypes.pointer(cb) for cb in self._iocbs]
+        self._events = (_Event * depth)()
+        self._free = list(range(depth - 1, -1, -1))
+        self._done: dict[int, int] = {}  # ticket -> bytes read (or -errno), not yet collected
+        self.in_flight = 0
+
+    def _call(self, number: int, *args) -> int:
+        return int(self._libc.syscall(ctypes.c_long(number), *args))
+
+    def submit(self, fd: int, offset: int) -> int | None:
+        """Start reading `nbytes` at `offset` of `fd`; its ticket, or None with no buffer free."""
+        if not self._free:
+            return None
+        ticket = self._free.pop()
+        cb = self._iocbs[ticket]
+        cb.data, cb.opcode, cb.fildes = ticket, _IOCB_CMD_PREAD, fd
+        cb.buf, cb.nbytes, cb.offset = self._addresses[ticket], self.nbytes, offset
+        array = (ctypes.POINTER(_Iocb) * 1)(self._pointers[ticket])
+        if self._call(self._submit, self._ctx, ctypes.c_long(1), array) != 1:
+            code = ctypes.get_errno()
+            self._free.append(ticket)
+            raise OSError(code, f"io_submit failed: {os.strerror(code)}")
+        self.in_flight += 1
+        return ticket
+
+    def poll(self, wait_for: int | None = None) -> dict[int, int]:
+        """Collect finished reads (waiting until `wait_for` is among them, when given): ticket ->
+        bytes read, or minus the errno of a failed read. Each ticket is reported once."""
+        while True:
+            if self.in_flight:
+                block = wait_for is not None and wait_for not in self._done
+                got = self._call(self._getevents, self._ctx, ctypes.c_long(1 if block else 0),
+                                 ctypes.c_long(len(self._events)), self._events, None)
+                if got < 0 and ctypes.get_errno() != errno.EINTR:
+                    raise OSError(ctypes.get_errno(), "io_getevents failed")
+                for event in self._events[: max(got, 0)]:
+                    self._done[int(event.data)] = int(event.res)
+                    self.in_flight -= 1
+            if wait_for is None or wait_for in self._done or not self.in_flight:
+                done, self._done = self._done, {}
+                return done
+
+    def address(self, ticket: int) -> int:
+        return self._addresses[ticket]
+
+    def release(self, ticket: int) -> None:
+        """The staging buffer of `ticket` (collected) is free for another read."""
+        self._free.append(ticket)
+
+    def close(self) -> None:
+        """Wait for reads in flight, then free the context (idempotent)."""
+        if self._ctx.value:
+            while self.in_flight:
+                self.poll(wait_for=-1)
+            self._call(self._destroy, self._ctx)
+            self._ctx = ctypes.c_ulong(0)
+
+
+def open_aio(depth: int, nbytes: int) -> AioReads | None:
+    """An `AioReads`, or None (logged) where this system has no native AIO."""
+    try:
+        return AioReads(depth, nbytes)
+    except OSError as exc:
+        log.info("no native AIO (%s): expert prefetches read on a loader thread", exc)
+        return None
