@@ -200,8 +200,8 @@ class DiskStore(ExpertStore):
         assert self._aio is not None, "collect needs async_reads"
         want = self.reader.layout.record_bytes
         done = self._aio.poll(wait_for)
-        for ticket, got in done.items():
-            if got != want:
+        for got in done.values():
+            if got != want:  # minus an errno, or a short read
                 log.warning("expert read failed: %s of %d bytes", got, want)
         return {ticket: got == want for ticket, got in done.items()}
 
