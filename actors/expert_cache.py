@@ -180,6 +180,13 @@ class ExpertCache:
             retry = self._load[slot] = _Load()
         self._copy(slot, key, retry, side=False)
 
+    def loading(self, slot: int) -> bool:
+        """Whether `slot`, acquired, may still be loading (then `ready` waits for it)."""
+        return False
+
+    def ready(self, slot: int) -> None:
+        """Return once acquired `slot` can be read (`acquire` here waits for every slot)."""
+
     def release(self, slots: list[int]) -> None:
         """The forward is done reading `slots` (on CUDA: once the kernels queued so far ran)."""
         with self._cond:

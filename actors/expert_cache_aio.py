@@ -3,12 +3,15 @@
 No loader thread: the forward thread itself starts a prefetch's reads (`store.begin_read`) and
 collects finished ones whenever it enters the cache, copying each into its slot. While a read is
 in flight no thread runs for it, so nothing competes with the forward's intra-op threads for the
-cores (see `expert_aio`). A layer's misses are started together and then waited for, so they
-overlap on the disk too. Every method runs on the forward thread; the lock only keeps the
+cores (see `expert_aio`). `acquire` only starts a layer's misses, together, so they overlap on the
+disk; the forward computes the experts that are ready first and waits for a slot (`ready`) only
+when it gets to it. Every method runs on the forward thread; the lock only keeps the
 counters consistent for readers on other threads.
 """
 
 from __future__ import annotations
+
+import time
 
 from baton.actors.expert_cache import ExpertCache, _Load, _Pending
 from baton.actors.expert_policies import ExpertKey
@@ -23,6 +26,7 @@ class AioExpertCache(ExpertCache):
         if self.device.type != "cpu" or not self.store.async_reads:
             raise EngineError("AioExpertCache needs a CPU device and a store with async reads")
         self._in_flight: dict[int, _Pending] = {}  # ticket -> the load it fills
+        self._unready: dict[int, _Pending] = {}  # acquired slots whose load may be in flight
 
     def prefetch(self, keys: list[ExpertKey]) -> None:
         """Start reading `keys` now (those resident are skipped), as many as reads and slots
@@ -58,18 +62,37 @@ class AioExpertCache(ExpertCache):
 
     # -- inside -----------------------------------------------------------------------------------
 
+    def loading(self, slot: int) -> bool:
+        return slot in self._unready
+
+    def ready(self, slot: int) -> None:
+        pending = self._unready.pop(slot, None)
+        if pending is None:
+            return
+        _, key, load = pending
+        t0 = time.perf_counter()
+        while not load.issued.is_set():
+            with self._cond:
+                self._collect(load.ticket)
+        if load.failed:
+            self._reload(slot, key)
+        with self._cond:
+            self.stats.stall_seconds += time.perf_counter() - t0
+
+    def release(self, slots: list[int]) -> None:
+        for slot in slots:  # released unread (the forward failed): its load completes anyway
+            self._unready.pop(slot, None)
+        super().release(slots)
+
     def _fill(self, misses: list[_Pending], waits: list[_Pending]) -> None:
+        """Start `misses`; both they and `waits` are waited for in `ready`."""
         with self._cond:
             for slot, key, load in misses:
                 while len(self._in_flight) >= self.store.read_slots:
                     self._collect(next(iter(self._in_flight)))
                 self._start(slot, key, load)
-        for slot, key, load in misses + waits:
-            while not load.issued.is_set():
-                with self._cond:
-                    self._collect(load.ticket)
-            if load.failed:
-                self._reload(slot, key)
+        for pending in misses + waits:
+            self._unready[pending[0]] = pending
 
     def _start(self, slot: int, key: ExpertKey, load: _Load) -> None:
         """Begin reading `key` for `slot`. Holds `_cond`."""

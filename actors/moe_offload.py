@@ -184,7 +184,10 @@ def offload_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
             # that it still needs, and loads while this layer and the next one's attention run.
             cache.prefetch(predicted)
         try:
-            for e, slot in zip(chunk, slots, strict=True):
+            # Experts already resident first: the others' reads go on meanwhile.
+            for e, slot in sorted(zip(chunk, slots, strict=True),
+                                  key=lambda pair: cache.loading(pair[1])):
+                cache.ready(slot)
                 rows = slice(starts[e], starts[e + 1])
                 h = self._apply_gate(x[rows] @ cache.gate_up[slot].T)
                 h = h @ cache.down[slot].T

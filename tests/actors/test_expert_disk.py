@@ -1,8 +1,9 @@
-"""The disk tier's files and reads, the cache's pinning of a layer's resident experts, and the
-lookahead policy's per-layer eviction."""
+"""The disk tier's files, direct and asynchronous reads, the caches' pinning of a layer's resident
+experts, and the lookahead policy's per-layer eviction."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 
@@ -11,7 +12,9 @@ import torch
 from safetensors import safe_open
 
 from baton.actors import expert_file
+from baton.actors.expert_aio import open_aio
 from baton.actors.expert_cache import ExpertCache
+from baton.actors.expert_cache_aio import AioExpertCache
 from baton.actors.expert_file import PAGE
 from baton.actors.expert_policies import LRUPolicy
 from baton.actors.expert_store import DiskStore, HostStore
@@ -118,3 +121,74 @@ def test_lookahead_ranks_resident_experts_above_unread_ones_of_a_close_score():
     policy.insert((1, 1))
     # Expert 3 scores above 0 and 1 but 1 is resident: no read, so it ranks second.
     assert policy.predict(0, torch.tensor([[0.0, 1.0]])) == [(1, 2), (1, 1), (1, 3)]
+
+
+def test_native_aio_reads_land_whole_and_report_short_reads(tmp_path):
+    aio = open_aio(depth=2, nbytes=PAGE)
+    if aio is None:
+        pytest.skip("no native AIO on this system")
+    path = tmp_path / "records"
+    path.write_bytes(b"".join(bytes([i]) * PAGE for i in range(3)))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        first, second = aio.submit(fd, 2 * PAGE), aio.submit(fd, 0)
+        assert first is not None and second is not None
+        assert aio.submit(fd, PAGE) is None  # both buffers are in flight
+        done = aio.poll(wait_for=second)
+        done.update(aio.poll(wait_for=first) if first not in done else {})
+        assert done == {first: PAGE, second: PAGE}
+        assert ctypes.string_at(aio.address(first), PAGE) == bytes([2]) * PAGE
+        assert ctypes.string_at(aio.address(second), PAGE) == bytes([0]) * PAGE
+        aio.release(first)
+        past_end = aio.submit(fd, 3 * PAGE)
+        assert past_end is not None and aio.poll(wait_for=past_end) == {past_end: 0}
+    finally:
+        aio.close()
+        os.close(fd)
+
+
+class FlakyDiskStore(DiskStore):
+    """Reports the first asynchronous read of `bad` as failed, as a failing disk would."""
+
+    def __init__(self, layers, directory, bad):
+        super().__init__(layers, directory)
+        self.bad, self.failed = bad, False
+        self._tickets: dict[int, tuple[int, int]] = {}
+
+    def begin_read(self, layer, expert):
+        ticket = super().begin_read(layer, expert)
+        if ticket is not None:
+            self._tickets[ticket] = (layer, expert)
+        return ticket
+
+    def collect(self, wait_for=None):
+        done = super().collect(wait_for)
+        for ticket in done:
+            if self._tickets.pop(ticket) == self.bad and not self.failed:
+                self.failed, done[ticket] = True, False
+        return done
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_aio_cache_computes_ready_experts_first_and_rereads_a_failed_read(tmp_path, fail):
+    gate_up, down = _experts(4, 3, 5, torch.float32)
+    store = FlakyDiskStore({0: (gate_up, down)}, tmp_path, bad=(0, 2) if fail else None)
+    if not store.async_reads:
+        pytest.skip("no direct reads or native AIO here")
+    cache = AioExpertCache(store, capacity=2, device=torch.device("cpu"), policy=LRUPolicy())
+    [first] = cache.acquire(0, [1])
+    cache.ready(first)
+    cache.release([first])
+    slots = cache.acquire(0, [2, 1])
+    # Expert 1 was resident: readable now. Expert 2's read was only started.
+    assert [cache.loading(s) for s in slots] == [True, False]
+    assert torch.equal(cache.gate_up[slots[1]], gate_up[1])
+    cache.ready(slots[0])
+    assert not cache.loading(slots[0])
+    assert torch.equal(cache.gate_up[slots[0]], gate_up[2])
+    assert torch.equal(cache.down[slots[0]], down[2])
+    assert store.failed == fail
+    cache.release(slots)
+    assert cache.stats.misses == 2 and cache.stats.hits == 1
+    cache.close()
+    store.close()
