@@ -8,8 +8,9 @@ the next layer's experts (tens of microseconds of kernel time on its own thread)
 when it needs them. The syscalls are called through ctypes (which drops the GIL), so there is
 nothing to build.
 
-Reads land in page-aligned staging buffers, one per read in flight (`depth` of them, each one
-expert record): memory for I/O, beside the expert budget.
+Reads land in staging buffers, one per read in flight (`depth` of them, each one expert record,
+in huge pages where the kernel gives them: see `page_buffer`): memory for I/O, beside the expert
+budget.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import mmap
 import os
 import platform
+
+from baton.actors.expert_file import page_buffer
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,8 @@ class AioReads:
         if self._call(self._setup, ctypes.c_long(depth), ctypes.byref(self._ctx)) < 0:
             raise OSError(ctypes.get_errno(), "io_setup failed")
         self.nbytes = nbytes
-        self._buffers = [mmap.mmap(-1, nbytes) for _ in range(depth)]  # page-aligned
-        self._addresses = [ctypes.addressof(ctypes.c_char.from_buffer(b)) for b in self._buffers]
+        self._region, base = page_buffer(depth * nbytes)  # nbytes: a multiple of the page
+        self._addresses = [base + i * nbytes for i in range(depth)]
         self._iocbs = [_Iocb() for _ in range(depth)]
         self._pointers = [ctypes.pointer(cb) for cb in self._iocbs]
         self._events = (_Event * depth)()

@@ -89,6 +89,30 @@ def write_layer_file(path: Path, gate_up: torch.Tensor, down: torch.Tensor) -> R
     return RecordLayout(size + 8, record, gu_bytes, d_bytes)
 
 
+HUGE_PAGE = 2 << 20
+
+
+def page_buffer(nbytes: int) -> tuple[mmap.mmap, int]:
+    """A private, zeroed buffer of `nbytes` starting on a huge-page boundary and backed by
+    transparent huge pages where the kernel gives them: its mapping and start address.
+
+    A direct read into huge pages reaches the device as fewer, larger requests and pins fewer
+    pages: measured here, a 332 KB read took half the time (175 against 360 us) and two thirds
+    of the CPU of one into 4 KB pages.
+    """
+    buf = mmap.mmap(-1, _round_up(nbytes, PAGE) + HUGE_PAGE,
+                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    offset = (-base) % HUGE_PAGE
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError as exc:  # no transparent huge pages here: 4 KB pages still work
+            log.debug("no huge pages for read buffers: %s", exc)
+    buf[offset : offset + nbytes] = bytes(nbytes)  # fault the pages in now, huge if given
+    return buf, base + offset
+
+
 def copy_to(dst: torch.Tensor, src_address: int) -> None:
     """Copy `dst.nbytes` bytes from `src_address` into contiguous CPU `dst`, on this thread only
     (no intra-op threads: a background loader must not take the forward's cores) and without
@@ -99,7 +123,8 @@ def copy_to(dst: torch.Tensor, src_address: int) -> None:
 class RecordReader:
     """Reads expert records of layer files, `O_DIRECT` when the filesystem takes it.
 
-    Direct reads land in a page-aligned buffer of the calling thread and are copied from there;
+    Direct reads land in an aligned buffer of the calling thread (`page_buffer`) and are copied
+    from there;
     buffered reads (the fallback) go straight into the destination tensors.
     """
 
@@ -140,12 +165,12 @@ class RecordReader:
 
     def _read_direct(self, fd: int, expert: int) -> int:
         """Read record `expert` into this thread's aligned buffer; its address."""
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = mmap.mmap(-1, self.layout.record_bytes)  # anonymous maps are page-aligned
-            self._local.buf = buf
-            self._local.address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        got = os.preadv(fd, [buf], self.layout.offset(expert))
+        view = getattr(self._local, "view", None)
+        if view is None:
+            self._local.buf, self._local.address = page_buffer(self.layout.record_bytes)
+            view = self._local.view = (ctypes.c_char * self.layout.record_bytes).from_address(
+                self._local.address)
+        got = os.preadv(fd, [view], self.layout.offset(expert))
         if got != self.layout.record_bytes:
             raise OSError(errno.EIO, f"short read of expert {expert}: {got} of "
                           f"{self.layout.record_bytes} bytes")

@@ -21,13 +21,6 @@ ExpertKey = tuple[int, int]  # (layer, expert)
 RouterLogits = Callable[[torch.Tensor], torch.Tensor]
 
 
-def most_voted(chosen: torch.Tensor, num_experts: int) -> list[int]:
-    """The experts `chosen` (indices, any shape) names, most often named first, ties by index."""
-    votes = torch.bincount(chosen.flatten(), minlength=num_experts)
-    order = torch.argsort(votes, descending=True, stable=True).tolist()
-    return [e for e in order if votes[e] > 0]
-
-
 class ExpertPolicy:
     """Eviction order plus prefetch predictions; the default predicts nothing."""
 
@@ -102,48 +95,3 @@ class LFUPolicy(ExpertPolicy):
         allowed = list(candidates)
         fewest = min(self._uses[k] for k in allowed)
         return self._recency.victim(k for k in allowed if self._uses[k] == fewest)
-
-
-class PredictiveLRU(LRUPolicy):
-    """LRU eviction that spares the latest prediction's experts while any other can go, and
-    keeps predictions within the slots the current layer leaves free.
-
-    Subclasses call `_bounded` on what they predict. A predicted expert stops being spared once
-    it is used (from then on plain LRU decides).
-    """
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-        self._wanted: set[ExpertKey] = set()
-        self._in_use = 0  # distinct experts the current layer's tokens chose
-
-    def touch(self, key: ExpertKey) -> None:
-        super().touch(key)
-        self._wanted.discard(key)
-
-    def insert(self, key: ExpertKey) -> None:
-        LRUPolicy.touch(self, key)  # a prefetch arriving is not a use: it stays spared
-
-    def route(self, layer: int, top_k_index: torch.Tensor) -> None:
-        self._in_use = int(torch.unique(top_k_index).numel())
-
-    def victim(self, candidates: Iterable[ExpertKey],
-               incoming: ExpertKey | None = None) -> ExpertKey:
-        allowed = list(candidates)
-        spare = [k for k in allowed if k not in self._wanted]
-        return super().victim(spare or allowed)
-
-    def _bounded(self, keys: list[ExpertKey]) -> list[ExpertKey]:
-        """`keys` (most wanted first) cut so that those not resident fit in the slots the current
-        layer's experts leave; remembered as the experts to spare."""
-        free = self.capacity - self._in_use
-        kept = []
-        for key in dict.fromkeys(keys):
-            if key not in self._order:
-                if free <= 0:
-                    break
-                free -= 1
-            kept.append(key)
-        self._wanted = set(kept)
-        return kept

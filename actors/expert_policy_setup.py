@@ -45,7 +45,7 @@ def make_policy(config: MoEOffloadConfig, inputs: PolicyInputs) -> ExpertPolicy:
                                inputs.shape.num_experts)
     if name == "trace":
         return TracePolicy(list(inputs.shape.moe_layers), inputs.shape.num_experts,
-                           inputs.capacity)
+                           inputs.shape.top_k, inputs.capacity)
     if name == "learned":
         if config.predictor is None:  # the config model refuses this; stay total anyway
             raise ConfigError("moe_offload.predictor is required with policy 'learned'")

@@ -1,10 +1,11 @@
 """`baton train-experts`' work: record a MoE model's routing over text, fit and score its
 routing-path predictor, save it.
 
-The model answers the prompts `baton train-heads` uses (questions, stories, code, passages, edits,
-arithmetic, raw text); every token it reads or writes gives one example: its MoE input at the
-first MoE layer and the top-k experts every later MoE layer chose for it. Prompts are split into
-training and held-out ones before anything runs, so the scores are on text the fit never saw.
+The model answers the prompts `baton train-heads` uses (questions, stories, code, passages,
+edits, arithmetic, raw text); every token it reads or writes gives one example: its MoE input at
+every MoE layer but the last, and every later MoE layer's router logits and top-k experts for it.
+Prompts are split into training and held-out ones before anything runs, so the scores are on text
+the fit never saw.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
 from baton.actors.engine import Engine
 from baton.actors.moe_offload import moe_layers
@@ -38,14 +40,16 @@ BATCH = 8  # prompts run together
 
 @dataclass(slots=True)
 class Routes:
-    """Recorded examples: `hidden [N, H]` (first MoE layer inputs) and `chosen [N, targets, k]`
-    (every later MoE layer's experts for the same tokens)."""
+    """Recorded examples, per token and later MoE layer: `inputs [N, targets, H]` (the MoE input
+    of the layer before), `logits [N, targets, E]` and `chosen [N, targets, k]` (the layer's
+    router logits and top-k experts)."""
 
-    hidden: torch.Tensor
+    inputs: torch.Tensor
+    logits: torch.Tensor
     chosen: torch.Tensor
 
     def __len__(self) -> int:
-        return self.hidden.shape[0]
+        return self.inputs.shape[0]
 
 
 @dataclass(slots=True)
@@ -80,34 +84,46 @@ def model_shape(engine: Engine) -> ModelShape:
 
 def record_routes(engine: Engine, prompts: list[str], max_tokens: int, want: int,
                   on_tokens: Callable[[int], None] = lambda n: None) -> Routes:
-    """Run `prompts` (in batches) until `want` tokens went through the model, keeping each
-    token's first MoE layer input and later layers' experts (the first `want` are returned)."""
+    """Run `prompts` (in batches) until `want` tokens went through the model, keeping what
+    `Routes` holds (the first `want` tokens are returned)."""
     layers = moe_layers(engine.model)
-    hidden: list[torch.Tensor] = []
-    chosen: dict[int, list[torch.Tensor]] = {layer.index: [] for layer in layers[1:]}
+    if any(getattr(layer.router, "weight", None) is None for layer in layers):
+        raise ConfigError(f"--model {engine.source.name}: a MoE layer's router has no weight to "
+                          "record its logits with")
+    inputs: list[list[torch.Tensor]] = [[] for _ in layers[:-1]]
+    logits: list[list[torch.Tensor]] = [[] for _ in layers[1:]]
+    chosen: list[list[torch.Tensor]] = [[] for _ in layers[1:]]
 
-    def keep(index: int):
+    def keep(position: int):
+        router = layers[position].router
+
         def hook(_module, args) -> None:
-            if index == layers[0].index:
-                hidden.append(args[0].detach().float().cpu())
-            else:
-                chosen[index].append(args[1].detach().cpu())
+            hidden = args[0].detach().float()
+            if position < len(layers) - 1:
+                inputs[position].append(hidden.cpu())
+            if position > 0:
+                weight = router.weight.detach().float()
+                logits[position - 1].append(F.linear(hidden, weight).cpu())
+                chosen[position - 1].append(args[1].detach().cpu())
         return hook
 
-    handles = [layer.experts.register_forward_pre_hook(keep(layer.index)) for layer in layers]
+    handles = [layer.experts.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     try:
         for first in range(0, len(prompts), BATCH):
             engine.generate(list(prompts[first : first + BATCH]), params)
-            seen = sum(len(h) for h in hidden)
+            seen = sum(len(h) for h in inputs[0])
             on_tokens(seen)
             if seen >= want:
                 break
     finally:
         for handle in handles:
             handle.remove()
-    return Routes(torch.cat(hidden)[:want],
-                  torch.stack([torch.cat(c)[:want] for c in chosen.values()], dim=1))
+
+    def stacked(per_layer: list[list[torch.Tensor]]) -> torch.Tensor:
+        return torch.stack([torch.cat(t)[:want] for t in per_layer], dim=1)
+
+    return Routes(stacked(inputs), stacked(logits), stacked(chosen))
 
 
 def prompt_texts(engine: Engine, seed: int) -> tuple[list[str], list[str]]:
@@ -140,8 +156,8 @@ def train_experts(model: str, out: str | Path, tokens: int = 8192, max_tokens: i
     heldout = record_routes(engine, heldout_texts, max_tokens, heldout_want,
                             lambda n: on_tokens("heldout", n))
     t2 = time.monotonic()
-    predictor = RoutingPredictor.fit(shape, train.hidden, train.chosen, engine.source.name)
-    scores = predictor.evaluate(heldout.hidden, heldout.chosen,
+    predictor = RoutingPredictor.fit(shape, train.inputs, train.logits, engine.source.name)
+    scores = predictor.evaluate(heldout.inputs, heldout.chosen,
                                 popular_experts(train.chosen, shape.num_experts))
     predictor.save(out)
     t3 = time.monotonic()

@@ -94,16 +94,17 @@ def _router(weights: list[list[float]]):
 
 
 def test_lookahead_evicts_within_a_layer_at_its_share_else_from_the_layer_that_just_ran():
-    # Three layers of four experts, six slots: a share of two per layer, predictions of three.
+    # Three layers of four experts, six slots: a share of two per layer; top-2, so predictions of
+    # three.
     routers = {i: _router([[0.0, 0.1], [0.0, 0.0], [0.0, 1.0], [0.0, 0.2]]) for i in range(3)}
-    policy = LookaheadPolicy(routers, top_k=1, capacity=6, num_experts=4)
+    policy = LookaheadPolicy(routers, top_k=2, capacity=6, num_experts=4)
     assert policy.share == 2
     resident = [(0, 0), (1, 2), (1, 3), (2, 0), (2, 1), (2, 3)]
     for key in resident:
         policy.insert(key)
         policy.touch(key)
     policy.route(1, torch.tensor([[2]]))
-    # Layer 2 is next. Its router picks expert 2; the best-ranked others fill the share plus one.
+    # Layer 2 is next. Its router picks experts 2 and 3; the best-ranked other makes three.
     predicted = policy.predict(1, torch.tensor([[0.0, 1.0]]))
     assert predicted == [(2, 2), (2, 3), (2, 0)]
     # Layer 2 holds more than its share: loading (2, 2) evicts its one expert not predicted.
@@ -117,10 +118,10 @@ def test_lookahead_evicts_within_a_layer_at_its_share_else_from_the_layer_that_j
 
 def test_lookahead_ranks_resident_experts_above_unread_ones_of_a_close_score():
     routers = {i: _router([[0.0, 0.1], [0.0, 0.0], [0.0, 1.0], [0.0, 0.2]]) for i in range(2)}
-    policy = LookaheadPolicy(routers, top_k=1, capacity=4, num_experts=4)  # share 2, width 3
+    policy = LookaheadPolicy(routers, top_k=1, capacity=4, num_experts=4)  # predicts two
     policy.insert((1, 1))
-    # Expert 3 scores above 0 and 1 but 1 is resident: no read, so it ranks second.
-    assert policy.predict(0, torch.tensor([[0.0, 1.0]])) == [(1, 2), (1, 1), (1, 3)]
+    # Experts 3 and 0 score above 1, but 1 is resident (no read): it ranks right after the pick.
+    assert policy.predict(0, torch.tensor([[0.0, 1.0]])) == [(1, 2), (1, 1)]
 
 
 def test_native_aio_reads_land_whole_and_report_short_reads(tmp_path):

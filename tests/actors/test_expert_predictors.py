@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from baton.actors.engine import Engine
 from baton.actors.expert_cache import ExpertCache
-from baton.actors.expert_policies import ExpertPolicy, LRUPolicy, PredictiveLRU
+from baton.actors.expert_policies import ExpertPolicy, LRUPolicy
 from baton.actors.expert_store import HostStore
 from baton.actors.routing_predictor import ModelShape, RoutingPredictor
 from baton.actors.trace_policy import TracePolicy
@@ -75,27 +75,13 @@ def _repeating_steps(patterns: int, steps: int) -> list[list[list[int]]]:
 def test_trace_prefetches_become_used_when_routing_repeats():
     steps = _repeating_steps(patterns=3, steps=30)
     capacity = LAYERS * TOP_K  # one step's experts: LRU alone cannot keep three patterns
-    trace = _run_steps(TracePolicy(list(range(LAYERS)), EXPERTS, capacity), steps, capacity)
+    trace = _run_steps(TracePolicy(list(range(LAYERS)), EXPERTS, TOP_K, capacity), steps,
+                       capacity)
     lru = _run_steps(LRUPolicy(), steps, capacity)
     assert trace["prefetches_issued"] > 0
     assert trace["prefetch_precision"] > 0.8
     assert trace["prefetch_recall"] > 0.4  # most of layers 1 and 2 came in ahead
     assert trace["hit_rate"] > lru["hit_rate"] + 0.3
-
-
-def test_predictive_eviction_spares_the_prediction_and_fits_beside_the_current_layer():
-    policy = PredictiveLRU(capacity=4)
-    for key in [(1, 5), (0, 0), (0, 1)]:
-        policy.insert(key)
-    policy.route(0, torch.tensor([[0, 1]]))  # the current layer holds two of four slots
-    wanted = policy._bounded([(1, 5), (1, 2), (1, 3), (1, 4)])
-    assert wanted == [(1, 5), (1, 2), (1, 3)]  # (1, 5) is resident: it takes no new slot
-    # The least recent expert is predicted, so the next least recent goes instead.
-    assert policy.victim([(1, 5), (0, 0)]) == (0, 0)
-    assert policy.victim([(1, 5)]) == (1, 5)  # nothing else evictable: a predicted one goes
-    policy.touch((1, 5))  # used: no longer spared, plain LRU from here
-    policy.touch((0, 0))
-    assert policy.victim([(1, 5), (0, 0)]) == (1, 5)
 
 
 def test_train_experts_writes_a_predictor_that_beats_chance_and_the_engine_serves(tmp_path):
@@ -139,11 +125,17 @@ def test_trace_policy_serves_the_engine_and_its_prefetches_get_used():
 def test_a_predictor_for_another_model_shape_is_refused_naming_the_option(tmp_path):
     path = tmp_path / "other.safetensors"
     other = ModelShape(moe_layers=(0, 1), num_experts=EXPERTS, top_k=TOP_K, hidden_size=64)
-    RoutingPredictor(other, torch.zeros(65, EXPERTS), "other-model").save(path)
+    RoutingPredictor(other, torch.zeros(1, 65, EXPERTS), "other-model").save(path)
     with pytest.raises(ConfigError, match=r"moe_offload\.predictor .*other-model.*MoE layers "
                                           r"\[0, 1\].*has MoE layers \[0, 1, 2\]"):
         Engine("tiny:mixtral", dtype="float32", methods=["none"], num_threads=1,
                moe_offload={"budget": 0.5, "policy": "learned", "predictor": str(path)})
+    # A file of the older kind (one map from the first MoE layer to all later ones): retrain.
+    older = tmp_path / "older.safetensors"
+    RoutingPredictor(other, torch.zeros(65, EXPERTS), "other-model").save(older)
+    with pytest.raises(ConfigError, match=r"moe_offload\.predictor .*older kind.*train-experts"):
+        Engine("tiny:mixtral", dtype="float32", methods=["none"], num_threads=1,
+               moe_offload={"budget": 0.5, "policy": "learned", "predictor": str(older)})
     not_a_predictor = tmp_path / "notes.safetensors"
     not_a_predictor.write_text("hello")
     with pytest.raises(ConfigError, match=r"moe_offload\.predictor .* not a routing predictor"):

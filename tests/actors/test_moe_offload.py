@@ -177,10 +177,10 @@ def test_lookahead_predicts_with_the_next_layers_router():
         want = set(layers[1].router(hidden)[2].flatten().tolist())
         predicted = moe.policy.predict(first, hidden)
         assert predicted and {layer for layer, _ in predicted} == {second}
-        # Every expert a token's router picks comes first; the rest fill the layer's share.
+        # Every expert a token's router picks comes first; the best others fill top-k plus one.
         assert {e for _, e in predicted[: len(want)]} == want
-        assert len(predicted) == max(len(want), min(moe.policy.share + 1,
-                                                     moe.store.num_experts))
+        top_k = engine.model.config.num_experts_per_tok
+        assert len(predicted) == max(len(want), min(top_k + 1, moe.store.num_experts))
         assert moe.policy.predict(last, hidden) == []
     moe.close()
 
