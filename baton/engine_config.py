@@ -39,9 +39,10 @@ BUDGET_WORDS = "bytes (an integer >= 1) or a fraction of all experts (a number i
 
 
 class MoEOffloadConfig(BaseModel):
-    """Mixture-of-Experts offload: experts live in `tier` (host memory, or memory-mapped files on
-    disk under `dir`, a temporary directory when None) and a device cache of `budget` (bytes, or a
-    fraction of all experts) holds the resident ones, evicted and prefetched by `policy`.
+    """Mixture-of-Experts offload: experts live in `tier` (host memory, or files on disk under
+    `dir`, a temporary directory when None, read directly where the filesystem allows) and a
+    device cache of `budget` (bytes, or a fraction of all experts) holds the resident ones,
+    evicted and prefetched by `policy`.
     Policy `learned` reads its routing-path predictor from `predictor` (a file written by
     `baton train-experts` for this model).
 

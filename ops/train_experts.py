@@ -29,8 +29,9 @@ def train_experts_command(
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
     output: Annotated[str, typer.Option(help="table or json")] = "table",
 ) -> None:
-    """Record which experts the model routes its tokens to, fit a predictor of every later MoE
-    layer's experts from the first MoE layer's input, and score it on held-out prompts."""
+    """Record which experts the model routes its tokens to, fit a predictor of each later MoE
+    layer's router logits from the MoE input of the layer before it, and score it on held-out
+    prompts."""
     # torch and transformers load only when this command runs, so the rest of the CLI starts fast.
     from baton.ops import expert_traces
 
@@ -47,7 +48,7 @@ def train_experts_command(
         return
     k = report.shape.top_k
     table = Table(title=f"Routing predictor for {report.model}: held-out recall@{k} (= precision"
-                        f"@{k}) of each layer's experts, from layer {report.shape.moe_layers[0]}")
+                        f"@{k}) of each layer's experts, from the MoE layer before it")
     for name in ("layer", "predictor", "most used experts", "chance"):
         table.add_column(name, justify="left" if name == "layer" else "right")
     for s in report.layers:
