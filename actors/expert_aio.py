@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import platform
+import weakref
 
 from baton.actors.expert_file import page_buffer
 
@@ -63,6 +64,9 @@ class AioReads:
         self._ctx = ctypes.c_ulong(0)
         if self._call(self._setup, ctypes.c_long(depth), ctypes.byref(self._ctx)) < 0:
             raise OSError(ctypes.get_errno(), "io_setup failed")
+        # A context not closed is freed when collected (the kernel caps them system-wide).
+        self._destroy_ctx = weakref.finalize(self, _destroy, self._libc, self._destroy,
+                                             self._ctx.value)
         self.nbytes = nbytes
         self._region, base = page_buffer(depth * nbytes)  # nbytes: a multiple of the page
         self._addresses = [base + i * nbytes for i in range(depth)]
@@ -121,8 +125,13 @@ class AioReads:
         if self._ctx.value:
             while self.in_flight:
                 self.poll(wait_for=-1)
-            self._call(self._destroy, self._ctx)
+            self._destroy_ctx()
             self._ctx = ctypes.c_ulong(0)
+
+
+def _destroy(libc, number: int, ctx: int) -> None:
+    """io_destroy (it waits for reads still in flight)."""
+    libc.syscall(ctypes.c_long(number), ctypes.c_ulong(ctx))
 
 
 def open_aio(depth: int, nbytes: int) -> AioReads | None:

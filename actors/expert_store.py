@@ -171,6 +171,7 @@ class DiskStore(ExpertStore):
         assert layout is not None, "a store needs at least one layer"
         self.reader = RecordReader(layout, direct)
         self._fds = {i: self.reader.open(self._path(i)) for i in layers}
+        self._close_fds = weakref.finalize(self, _close_all, list(self._fds.values()))
         self._aio: AioReads | None = open_aio(AIO_DEPTH, layout.record_bytes) \
             if self.reader.direct else None
         self.async_reads = self._aio is not None
@@ -236,8 +237,12 @@ class DiskStore(ExpertStore):
             self._aio.close()  # waits for reads in flight: their files stay open until then
             self._aio = None
             self.async_reads = False
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
+        self._fds = {}
+        self._close_fds()
         if self._cleanup is not None:
             self._cleanup()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import os
 
 import pytest
@@ -146,6 +147,15 @@ def test_native_aio_reads_land_whole_and_report_short_reads(tmp_path):
     finally:
         aio.close()
         os.close(fd)
+
+
+def test_an_aio_context_and_a_stores_files_are_freed_when_not_closed(tmp_path):
+    gate_up, down = _experts(2, 5, 7, torch.float32)
+    store = DiskStore({0: (gate_up, down)}, tmp_path)
+    closers = [store._close_fds] + ([store._aio._destroy_ctx] if store._aio is not None else [])
+    del store
+    gc.collect()
+    assert not any(closer.alive for closer in closers)
 
 
 class FlakyDiskStore(DiskStore):
