@@ -12,7 +12,6 @@ exceed the budget.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -304,8 +303,6 @@ class ExpertCache:
             self._cond.notify_all()
 
     def _run_loader(self) -> None:
-        if self._side is None:
-            _yield_to_compute()
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
@@ -344,17 +341,3 @@ class ExpertCache:
             self.policy.forget(key)
         load.issued.set()
         self._cond.notify_all()
-
-
-def _yield_to_compute() -> None:
-    """Run the calling (loader) thread only on cores the forward leaves idle (Linux SCHED_IDLE).
-
-    On a CPU the forward's intra-op threads hold every core; a loader thread that preempts one of
-    them stalls the whole parallel region until it blocks again. The loader mostly waits on the
-    disk, and the forward leaves cores idle between its parallel regions and whenever it waits
-    for an expert itself, so the loader still runs, just never in the forward's way.
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError) as exc:  # not Linux, or refused: an ordinary thread
-        log.debug("expert loader keeps the default scheduling: %s", exc)

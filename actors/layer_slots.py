@@ -25,7 +25,6 @@ resident experts: consecutive tokens share many experts, and a resident one cost
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 
 import torch
@@ -50,8 +49,6 @@ class LayerSlotsPolicy(LRUPolicy):
         self._num_experts = num_experts
         self.share = capacity // max(len(self._layers), 1)
         self._width = min(num_experts, top_k + EXTRA)
-        self._held: Counter[int] = Counter()  # resident experts per layer
-        self._resident: set[ExpertKey] = set()
         self._rank: dict[int, dict[int, float]] = {}  # layer -> expert -> latest predicted score
         self._current = self._layers[0] if self._layers else 0  # layer routed last
         self._wanted: frozenset[ExpertKey] = frozenset()  # the latest prediction: spared
@@ -67,14 +64,10 @@ class LayerSlotsPolicy(LRUPolicy):
 
     def insert(self, key: ExpertKey) -> None:
         LRUPolicy.touch(self, key)  # arriving is not a use: it keeps its predicted rank
-        self._held[key[0]] += 1
-        self._resident.add(key)
         self._by_layer.setdefault(key[0], set()).add(key)
 
     def forget(self, key: ExpertKey) -> None:
         super().forget(key)
-        self._held[key[0]] -= 1
-        self._resident.discard(key)
         self._by_layer.get(key[0], set()).discard(key)
 
     def victim(self, candidates: Iterable[ExpertKey],
@@ -82,13 +75,15 @@ class LayerSlotsPolicy(LRUPolicy):
         evictable = candidates if isinstance(candidates, dict | set | frozenset) else \
             set(candidates)
         layer = incoming[0] if incoming is not None else None
-        held, n = self._held, len(self._layers)
+        held = {i: len(keys) for i, keys in self._by_layer.items()}
+        n = len(self._layers)
         at = self._pos.get(self._current, 0)
         # Walking back from the layer routed last meets layers furthest from their next use
         # first; the sort keeps that order among layers holding as many.
-        fullest = sorted((self._layers[(at - i) % n] for i in range(n)), key=lambda i: -held[i])
+        fullest = sorted((self._layers[(at - i) % n] for i in range(n)),
+                         key=lambda i: -held.get(i, 0))
         for spare in (self._wanted, frozenset()):  # the prediction goes last
-            if layer is not None and self.share and held[layer] >= self.share:
+            if layer is not None and self.share and held.get(layer, 0) >= self.share:
                 same = self._evictable(layer, evictable, spare)
                 if same:
                     return self._lowest(same)
@@ -126,8 +121,9 @@ class LayerSlotsPolicy(LRUPolicy):
             values = z.mean(0).tolist()
             k = min(self._top_k, self._num_experts)
             chosen = set(logits.topk(k).indices.flatten().tolist())
+        resident = self._by_layer.get(nxt, set())  # only tested, never iterated, out here
         for e in range(self._num_experts):
-            if (nxt, e) in self._resident:
+            if (nxt, e) in resident:
                 values[e] += RESIDENT_BONUS
         # Swapped whole: the cache reads ranks under its lock while the forward predicts.
         self._rank[nxt] = dict(enumerate(values))
