@@ -31,6 +31,9 @@ class AioExpertCache(ExpertCache):
     def prefetch(self, keys: list[ExpertKey]) -> None:
         """Start reading `keys` now (those resident are skipped), as many as reads and slots
         allow; unlike a queued prediction, a started read is not taken back."""
+        slot_of = self._slot_of  # only this thread changes it
+        if not self._in_flight and all(key in slot_of for key in keys):
+            return  # nothing to read, nothing to collect
         with self._cond:
             if self._closed:
                 return

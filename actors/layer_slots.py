@@ -75,23 +75,29 @@ class LayerSlotsPolicy(LRUPolicy):
         evictable = candidates if isinstance(candidates, dict | set | frozenset) else \
             set(candidates)
         layer = incoming[0] if incoming is not None else None
-        held = {i: len(keys) for i, keys in self._by_layer.items()}
-        n = len(self._layers)
-        at = self._pos.get(self._current, 0)
-        # Walking back from the layer routed last meets layers furthest from their next use
-        # first; the sort keeps that order among layers holding as many.
-        fullest = sorted((self._layers[(at - i) % n] for i in range(n)),
-                         key=lambda i: -held.get(i, 0))
+        at_share = layer is not None and self.share and \
+            len(self._by_layer.get(layer, ())) >= self.share
+        fullest: list[int] | None = None
         for spare in (self._wanted, frozenset()):  # the prediction goes last
-            if layer is not None and self.share and held.get(layer, 0) >= self.share:
+            if at_share:
                 same = self._evictable(layer, evictable, spare)
                 if same:
                     return self._lowest(same)
+            if fullest is None:
+                fullest = self._fullest_first()
             for other in fullest:
                 keys = self._evictable(other, evictable, spare)
                 if keys:
                     return self._lowest(keys)
         return next(iter(evictable))  # resident but unknown to the policy: stay total anyway
+
+    def _fullest_first(self) -> list[int]:
+        """Layers by how many experts they hold, most first; among equals the furthest from
+        their next use first (walking back from the layer routed last meets them in that
+        order, and the sort keeps it)."""
+        n, at = len(self._layers), self._pos.get(self._current, 0)
+        return sorted((self._layers[(at - i) % n] for i in range(n)),
+                      key=lambda i: -len(self._by_layer.get(i, ())))
 
     def _evictable(self, layer: int, evictable, spare: frozenset[ExpertKey]) -> list[ExpertKey]:
         return [k for k in self._by_layer.get(layer, ()) if k in evictable and k not in spare]
