@@ -294,13 +294,18 @@ class ExpertCache:
                 load.cuda_event = self._written[slot] = torch.cuda.Event()
                 load.cuda_event.record(stream)
         with self._cond:
-            self.stats.bytes_loaded += self.expert_bytes
-            if load.cuda_event is None and self._load[slot] is load:
-                self._load[slot] = None
-            load.issued.set()
-            if self._key_of[slot] == key:
-                self._settle(slot)
+            self._loaded(slot, key, load)
             self._cond.notify_all()
+
+    def _loaded(self, slot: int, key: ExpertKey, load: _Load) -> None:
+        """`load` of `key` into `slot` is issued: count it and let the slot be read (and, once
+        unpinned, evicted). Holds `_cond`."""
+        self.stats.bytes_loaded += self.expert_bytes
+        if load.cuda_event is None and self._load[slot] is load:
+            self._load[slot] = None
+        load.issued.set()
+        if self._key_of[slot] == key:
+            self._settle(slot)
 
     def _run_loader(self) -> None:
         while True:

@@ -63,8 +63,6 @@ class AioExpertCache(ExpertCache):
                 self._collect(next(iter(self._in_flight)))
         super().close()
 
-    # -- inside -----------------------------------------------------------------------------------
-
     def loading(self, slot: int) -> bool:
         return slot in self._unready
 
@@ -86,6 +84,8 @@ class AioExpertCache(ExpertCache):
         for slot in slots:  # released unread (the forward failed): its load completes anyway
             self._unready.pop(slot, None)
         super().release(slots)
+
+    # -- inside -----------------------------------------------------------------------------------
 
     def _fill(self, misses: list[_Pending], waits: list[_Pending]) -> None:
         """Start `misses`; both they and `waits` are waited for in `ready`."""
@@ -113,11 +113,7 @@ class AioExpertCache(ExpertCache):
             slot, key, load = self._in_flight.pop(ticket)
             if ok:
                 self.store.finish_read(ticket, self.gate_up[slot], self.down[slot])
-                self.stats.bytes_loaded += self.expert_bytes
-                if self._load[slot] is load:
-                    self._load[slot] = None
-                load.issued.set()
-                self._settle(slot)
+                self._loaded(slot, key, load)
             else:
                 self.store.finish_read(ticket, None, None)
                 self._evict_failed(slot, key, load)

@@ -124,8 +124,7 @@ class RecordReader:
     """Reads expert records of layer files, `O_DIRECT` when the filesystem takes it.
 
     Direct reads land in an aligned buffer of the calling thread (`page_buffer`) and are copied
-    from there;
-    buffered reads (the fallback) go straight into the destination tensors.
+    from there; buffered reads (the fallback) go straight into the destination tensors.
     """
 
     def __init__(self, layout: RecordLayout, direct: bool = True) -> None:
@@ -153,15 +152,18 @@ class RecordReader:
         """Fill contiguous CPU tensors `gate_up` and `down` with record `expert` of `fd`."""
         layout = self.layout
         if self.direct:
-            address = self._read_direct(fd, expert)
-            copy_to(gate_up, address)
-            copy_to(down, address + layout.gate_up_bytes)
+            self.copy_record(self._read_direct(fd, expert), gate_up, down)
             return
         views = [_writable(gate_up), _writable(down)]
         want = layout.gate_up_bytes + layout.down_bytes
         got = os.preadv(fd, views, layout.offset(expert))
         if got != want:
             raise OSError(errno.EIO, f"short read of expert {expert}: {got} of {want} bytes")
+
+    def copy_record(self, address: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Copy the expert record read to `address` into contiguous CPU tensors."""
+        copy_to(gate_up, address)
+        copy_to(down, address + self.layout.gate_up_bytes)
 
     def _read_direct(self, fd: int, expert: int) -> int:
         """Read record `expert` into this thread's aligned buffer; its address."""

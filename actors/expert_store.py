@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 AIO_DEPTH = 8  # direct reads in flight at once (each with a staging buffer of one expert)
 
+
 @dataclass(frozen=True, slots=True)
 class ExpertShape:
     """The shape and dtype every offloaded expert shares."""
@@ -86,13 +87,17 @@ class ExpertStore:
     def read_into(self, layer: int, expert: int, gate_up: torch.Tensor,
                   down: torch.Tensor) -> None:
         """Fill contiguous CPU tensors with one expert, on this thread only."""
-        src_gate_up, src_down = self.read(layer, expert)
-        copy_to(gate_up, src_gate_up.contiguous().data_ptr())
-        copy_to(down, src_down.contiguous().data_ptr())
+        src_gate_up, src_down = (t.contiguous() for t in self.read(layer, expert))
+        copy_to(gate_up, src_gate_up.data_ptr())
+        copy_to(down, src_down.data_ptr())
 
-    #: `begin_read`/`collect`/`finish_read` work (reads the forward starts, then collects)
-    async_reads = False
-    read_slots = 0  # reads that can be in flight at once
+    read_slots = 0  # reads that `begin_read` can have in flight at once
+
+    @property
+    def async_reads(self) -> bool:
+        """Whether `begin_read`/`collect`/`finish_read` work (reads the forward starts, then
+        collects)."""
+        return self.read_slots > 0
 
     def begin_read(self, layer: int, expert: int) -> int | None:
         """Start reading one expert; a ticket, or None when no more reads can be in flight."""
@@ -174,7 +179,6 @@ class DiskStore(ExpertStore):
         self._close_fds = weakref.finalize(self, _close_all, list(self._fds.values()))
         self._aio: AioReads | None = open_aio(AIO_DEPTH, layout.record_bytes) \
             if self.reader.direct else None
-        self.async_reads = self._aio is not None
         self.read_slots = AIO_DEPTH if self._aio is not None else 0
         gate_up, down = next(iter(layers.values()))
         self.num_experts = gate_up.shape[0]
@@ -210,9 +214,7 @@ class DiskStore(ExpertStore):
                     down: torch.Tensor | None) -> None:
         assert self._aio is not None, "finish_read needs async_reads"
         if gate_up is not None and down is not None:
-            address = self._aio.address(ticket)
-            copy_to(gate_up, address)
-            copy_to(down, address + self.reader.layout.gate_up_bytes)
+            self.reader.copy_record(self._aio.address(ticket), gate_up, down)
         self._aio.release(ticket)
 
     def drop_page_cache(self) -> None:
@@ -236,7 +238,7 @@ class DiskStore(ExpertStore):
         if self._aio is not None:
             self._aio.close()  # waits for reads in flight: their files stay open until then
             self._aio = None
-            self.async_reads = False
+            self.read_slots = 0
         self._fds = {}
         self._close_fds()
         if self._cleanup is not None:

@@ -88,15 +88,19 @@ class RoutingPredictor:
     def next_scores(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """`[T, E]` scores (higher: likelier chosen) of the MoE layer after `layer`, from
         `layer`'s MoE inputs `hidden [T, H]`."""
-        w = self.weight[self._target_after[layer]]
-        return torch.addmm(w[-1], hidden.reshape(-1, self.shape.hidden_size).float(), w[:-1])
+        return self._scores(self._target_after[layer], hidden.reshape(-1, self.shape.hidden_size))
 
     def top_k(self, inputs: torch.Tensor) -> torch.Tensor:
         """`[N, targets, k]` predicted experts per token and later layer, from `inputs [N,
         targets, H]` (as in `fit`)."""
-        scores = torch.stack([_with_bias(inputs[:, i]) @ self.weight[i]
+        scores = torch.stack([self._scores(i, inputs[:, i])
                               for i in range(len(self.shape.targets))], dim=1)
         return torch.topk(scores, self.shape.top_k, dim=-1).indices
+
+    def _scores(self, target: int, x: torch.Tensor) -> torch.Tensor:
+        """Map `target` (its weight rows, then its bias row) applied to MoE inputs `x [T, H]`."""
+        w = self.weight[target]
+        return torch.addmm(w[-1], x.float(), w[:-1])
 
     def evaluate(self, inputs: torch.Tensor, chosen: torch.Tensor,
                  popular: torch.Tensor) -> list[LayerScore]:
