@@ -14,11 +14,16 @@ from baton.errors import ContextLengthError, InvalidRequestError
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
+def check_text(prompt: str) -> None:
+    """Refuse an empty text prompt (before any model is loaded, where a caller can)."""
+    if not prompt:
+        raise InvalidRequestError("prompt is empty; send at least one character")
+
+
 def encode_prompt(tokenizer, vocab_size: int, prompt: str | Sequence[int]) -> list[int]:
     """Token ids of a prompt (text or ids), validated; raises `InvalidRequestError`."""
     if isinstance(prompt, str):
-        if not prompt:
-            raise InvalidRequestError("prompt is empty; send at least one character")
+        check_text(prompt)
         ids = tokenizer.encode(prompt, add_special_tokens=True)
         if not ids:
             raise InvalidRequestError("prompt encodes to no tokens")

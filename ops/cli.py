@@ -72,14 +72,20 @@ def generate(
         help="Heads directory for --method medusa (from baton train-heads)")] = None,
 ) -> None:
     """Generate text from one prompt, streaming it as it comes."""
-    from baton.actors.engine import Engine
+    from baton.actors.model_source import resolve
+    from baton.prompts import check_text
     from baton.sampling import SamplingParams
 
+    # Bad input is refused before the engine's imports (seconds) and the model's load.
+    check_text(prompt)
     params = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
         stop=stop or [], logprobs=logprobs, method=method,
         num_speculative_tokens=num_speculative_tokens,
     )
+    resolve(model)
+    from baton.actors.engine import Engine
+
     engine = Engine(model=model, dtype=dtype, device=device, num_threads=threads,
                     max_num_seqs=1, methods=[method], draft_model=draft_model,
                     medusa_heads=medusa_heads)
