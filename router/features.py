@@ -35,6 +35,7 @@ SIGNATURE_WINDOW = 256
 _SEEDS = np.random.default_rng(20261130).integers(1, 2**63, size=SKETCH_DIM, dtype=np.uint64)
 # Tokens looked at (the prompt's tail, where the output starts); the length itself is a feature.
 WINDOW = 512
+SHORT_PROMPT = 96  # `prompt_stats` loops in Python up to here
 _CODE_CHARS = frozenset("{}()[];=<>+-*/%&|^!~:#\\`$@\"'")
 _REWRITE_WORDS = frozenset((
     "rewrite", "rename", "refactor", "fix", "correct", "convert", "reformat", "format",
@@ -136,11 +137,15 @@ def prompt_stats(t: np.ndarray) -> tuple[float, float, float]:
 
     Prompt lookup run over the tokens themselves: at each position the latest earlier occurrence
     of the preceding trigram (else bigram) proposes the next token. `repeat_3` is the share of
-    trigrams that occurred earlier.
+    trigrams that occurred earlier. Up to `SHORT_PROMPT` tokens a loop over a dict is cheaper
+    than numpy's twenty-odd array calls (35 against 95 us at 36 tokens; the two cross near 110),
+    and gives the same three numbers.
     """
     n = len(t)
     if n < 3:
         return 0.0, 0.0, 0.0
+    if n <= SHORT_PROMPT:
+        return _short_prompt_stats(t.tolist())
     pred = np.full(n, -1, dtype=np.int64)  # proposed token at each position
     head, keys, repeat_3 = t[:-1], None, 0.0
     for size in (2, 3):  # the trigram's proposal overwrites the bigram's
@@ -154,11 +159,39 @@ def prompt_stats(t: np.ndarray) -> tuple[float, float, float]:
     return hit, float(found.sum()) / (n - 1), repeat_3
 
 
+def _short_prompt_stats(toks: list[int]) -> tuple[float, float, float]:
+    """`prompt_stats` of at least 3 tokens, in plain Python."""
+    n = len(toks)
+    pred = [-1] * n
+    repeat_3 = 0.0
+    for size in (2, 3):  # as there: the trigram's proposal overwrites the bigram's
+        latest: dict[tuple[int, ...], int] = {}
+        repeats = 0
+        for start in range(n - size):
+            key = tuple(toks[start:start + size])
+            prev = latest.get(key)
+            if prev is not None:
+                pred[start + size] = toks[prev + size]
+                repeats += 1
+            latest[key] = start
+        repeat_3 = repeats / (n - size) if n > size else 0.0
+    found = sum(p >= 0 for p in pred)
+    hit = sum(p >= 0 and p == tok for p, tok in zip(pred, toks, strict=True))
+    return hit / (n - 1), found / (n - 1), repeat_3
+
+
+_SHIFT = np.uint64(31)
+_MULTIPLIERS = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+_LOW_32 = np.uint64(0xFFFFFFFF)
+
+
 def _mix(h: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: every input bit moves every output bit."""
-    for mul in (0xBF58476D1CE4E5B9, 0x94D049BB133111EB):
-        h = (h ^ (h >> np.uint64(31))) * np.uint64(mul)
-    return h ^ (h >> np.uint64(31))
+    """splitmix64's finalizer, in place: every input bit moves every output bit."""
+    for mul in _MULTIPLIERS:
+        h ^= h >> _SHIFT
+        h *= mul
+    h ^= h >> _SHIFT
+    return h
 
 
 def sketch(t: np.ndarray, dim: int = SKETCH_DIM) -> tuple[float, ...]:
@@ -169,7 +202,7 @@ def sketch(t: np.ndarray, dim: int = SKETCH_DIM) -> tuple[float, ...]:
         return (-1.0,) * dim
     keys = np.unique(_gram_keys(t[-SIGNATURE_WINDOW:], 2))
     h = _mix(keys[:, None] ^ _SEEDS[None, :dim])
-    return tuple((h.min(0) & np.uint64(0xFFFFFFFF)).astype(np.float64).tolist())
+    return tuple((h.min(0) & _LOW_32).astype(np.float64).tolist())
 
 
 def signature_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 
+from baton.router import features
 from baton.router.features import (
     REQUEST_FEATURES,
     RequestFeatures,
@@ -78,3 +79,15 @@ def test_empty_and_one_token_prompts_have_features():
         f = request_features(ids, 8, 0.0, 1.0)
         assert f.lookup_hit_rate == 0 and f.repeat_3 == 0
         assert all(np.isfinite(f.vector()))
+
+
+def test_short_and_long_prompts_get_the_same_lookup_statistics_either_way(monkeypatch):
+    # Up to SHORT_PROMPT tokens the statistics come from a Python loop, past it from numpy:
+    # both give the same three numbers on the same tokens, repetitive or not.
+    rng = random.Random(5)
+    cases = [np.array([rng.randrange(alphabet) for _ in range(n)])
+             for n in (*range(0, 24), 95, 96, 97, 200) for alphabet in (2, 7, 50_000)]
+    short = [prompt_stats(t) for t in cases]
+    monkeypatch.setattr(features, "SHORT_PROMPT", -1)  # numpy for every length
+    assert [prompt_stats(t) for t in cases] == short
+    assert any(hit > 0 for hit, _, _ in short) and any(r3 > 0 for _, _, r3 in short)

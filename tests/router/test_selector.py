@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 
+from baton.router import selector
 from baton.router.selector import MethodSelector
 from baton.router.selector_training import NotEnoughHistory, train
 from baton.router.speed_model import Candidate, SpeedModel, TrainingSettings
@@ -117,3 +118,14 @@ def test_lossy_candidates_need_the_request_and_a_measured_quality():
     assert poor.candidate.pool == "default"  # faster, but half its tokens differ
     with pytest.raises(ValueError, match="no eligible"):
         sel.choose(f, cands[1:])
+
+
+def test_the_online_correction_keeps_only_its_latest_outcomes():
+    rng = random.Random(6)
+    ctx = selector.context(world.features(3, 0.0, rng), (0.0, 0.0, 0.0))
+    kept = selector.OnlineCorrection(capacity=4)
+    for residual in (5.0, 5.0, 1.0, 1.0, 1.0, 1.0):  # the two 5s fall out of the ring
+        kept.add("ngram", ctx, residual)
+    weight, weighted = kept.evidence("ngram", ctx)
+    assert weight == pytest.approx(4.0) and weighted == pytest.approx(4.0)
+    assert kept.evidence("none", ctx) == (0.0, 0.0)
