@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pickle
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -173,6 +174,17 @@ class Worker:
                 yield out
         finally:
             self._leased.pop(request_id, None)
+
+    async def stream(self, packed: bytes, prefill: Any = None) -> AsyncIterator[bytes]:
+        """`generate` as the router calls it: (request id, prompt, params, caller) pickled into
+        one argument (`pack_request`), each output pickled back (`unpack_output`). Ray serializes
+        every argument and streamed item on its own, through msgpack and then pickle; five
+        arguments cost the router's loop about 0.3 ms a request and each output's `ray.get`
+        about 0.15 ms more than bytes do. The prefill handle stays a Ray argument, so Ray counts
+        the reference."""
+        request_id, prompt, params, caller = pickle.loads(packed)
+        async for out in self.generate(request_id, prompt, params, prefill, caller):
+            yield pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
 
     def _lease(self, caller: str, request_id: str) -> None:
         task = asyncio.current_task()

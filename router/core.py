@@ -254,14 +254,15 @@ class Router:
 
     def _select(self, ids: list[int], params: SamplingParams) -> _Selected:
         """The method and pool of this request: the selector's for `auto` (without a selector,
-        `auto` runs plainly), the request's own otherwise; and its features for the history."""
+        `auto` runs plainly), the request's own otherwise; and the features of an `auto` request
+        (the others' are computed for the history once they have ended, off their way)."""
         if self.selection is None:
             return _Selected(params)
         try:
             loads = self._pool_loads()
+            if params.method != AUTO:  # features for the history, computed once it has ended
+                return _Selected(params, loads=loads)
             features = self.selection.features(ids, params)
-            if params.method != AUTO:
-                return _Selected(params, features=features, loads=loads)
             choice = self.selection.choose(features, params, loads)
         except BatonError:
             raise
@@ -303,6 +304,8 @@ class Router:
         pool = sel.served_pool or "default"
         features: dict[str, float] = {"prompt_tokens": len(ids), "max_tokens": params.max_tokens,
                                       "temperature": params.temperature}
+        if sel.features is None and self.selection is not None:
+            sel.features = self.selection.features(ids, params)
         if sel.features is not None:
             features = {**sel.features.as_dict(),
                         **load_features(sel.loads.get(pool, NO_LOAD))}

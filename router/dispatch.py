@@ -17,6 +17,7 @@ import bisect
 import contextlib
 import itertools
 import logging
+import pickle
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -51,6 +52,25 @@ async def _take(ref: Any) -> Any:
         return ray.get(ref, timeout=0)
     except GetTimeoutError:
         return await ref
+
+
+def pack_request(request_id: str, prompt: str | list[int], params: SamplingParams,
+                 caller: str | None) -> bytes:
+    """The one argument of `Worker.stream` besides the prefill handle."""
+    return pickle.dumps((request_id, prompt, params, caller), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def open_stream(worker: Any, request_id: str, prompt: str | list[int], params: SamplingParams,
+                prefill: Any = None, caller: str | None = None) -> Any:
+    """Start `request_id` on `worker` (`Worker.stream`); the refs it yields hold pickled
+    outputs (`unpack_output`)."""
+    return worker.stream.options(num_returns="streaming").remote(
+        pack_request(request_id, prompt, params, caller), prefill)
+
+
+async def unpack_output(ref: Any) -> RequestOutput:
+    """One output of a `Worker.stream`."""
+    return pickle.loads(await _take(ref))
 
 
 def prefill_remotely(has_prefill_worker: bool, uncached_tokens: int, threshold: int) -> bool:
@@ -277,8 +297,7 @@ class Dispatcher:
         prefill = self.prefill.pick()
         with self.decode.hold(worker), (self.prefill.hold(prefill) if prefill is not None
                                         else contextlib.nullcontext()):
-            stream = worker.generate.options(num_returns="streaming").remote(
-                request_id, prompt, params, prefill, self.caller_id)
+            stream = open_stream(worker, request_id, prompt, params, prefill, self.caller_id)
             if clock is not None and clock.called_at is None:
                 clock.called_at = time.perf_counter()
             finished = False
@@ -289,7 +308,7 @@ class Dispatcher:
                 async for ref in stream:
                     if clock is not None:
                         clock.chunk_at = time.perf_counter()
-                    out: RequestOutput = await _take(ref)
+                    out = await unpack_output(ref)
                     finished = out.finished
                     yield out
             finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from baton.errors import ConfigError
 from baton.ops.bench.machine import OtherCPUBusy, machine_info, warn_if_busy
 from baton.ops.bench.report import ms, run_and_report
 from baton.outputs import RequestOutput
+from baton.router.dispatch import open_stream
 from baton.sampling import SamplingParams
 from baton.stats import percentile, tpot
 
@@ -118,9 +120,9 @@ class WorkerActor:
         return {**info["loop_timings"], "process_cpu_s": info["process_cpu_s"]}
 
     def generate(self, rid: str, prompt: list[int], params: SamplingParams) -> Run:
-        stream = self.worker.generate.options(num_returns="streaming").remote(
-            rid, prompt, params, None)
-        return _collect(ray.get(ref) for ref in stream)
+        # The router's call (`Worker.stream`), outputs pickled.
+        stream = open_stream(self.worker, rid, prompt, params)
+        return _collect(pickle.loads(ray.get(ref)) for ref in stream)
 
 
 def _prompt(seed: int, length: int, vocab: int) -> list[int]:

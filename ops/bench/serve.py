@@ -58,7 +58,7 @@ RATES = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 MIN_RATE = 0.0625  # the lowest rate a system that misses at RATES[0] is tried at
 OVERHEAD_REQUESTS = 30
 PEER = PeerTarget.name
-TARGETS = {"goodput_vs_transformers_serve": 2.0, "router_overhead_ms_p50": 2.0}
+TARGETS = {"goodput_vs_transformers_serve": 2.0, "router_overhead_ms_p50": 1.0}
 # Chat traffic: mostly short questions, some with notes to read (those go to the prefill worker).
 LOAD = sweep.MixedLoad(long_prompt=(300, 600), long_output=(32, 64))
 

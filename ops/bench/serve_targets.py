@@ -27,6 +27,7 @@ from baton.ops.bench.transformers_serve import (
     stream_completion,
 )
 from baton.ops.bench.workload import BenchRequest, RequestTiming
+from baton.router.dispatch import open_stream, unpack_output
 from baton.sampling import SamplingParams
 from baton.stats import percentile
 
@@ -201,10 +202,9 @@ async def _ttft(stream: AsyncIterator[Any], t0: float) -> float:
 
 
 async def _direct(worker: Any, request_id: str, ids: list[int]) -> AsyncIterator[Any]:
-    stream = worker.generate.options(num_returns="streaming").remote(
-        request_id, ids, SamplingParams(max_tokens=1, ignore_eos=True), None)
+    stream = open_stream(worker, request_id, ids, SamplingParams(max_tokens=1, ignore_eos=True))
     async for ref in stream:
-        yield await ref
+        yield await unpack_output(ref)
 
 
 async def router_overhead(target: BatonTarget, worker: Any, prompts: list[list[int]],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sys
 import threading
@@ -12,6 +13,8 @@ import ray
 from baton.actors.engine import Engine
 from baton.actors.worker import Worker, WorkerSpec
 from baton.errors import ContextLengthError
+from baton.outputs import RequestOutput
+from baton.router.dispatch import open_stream, unpack_output
 from baton.sampling import SamplingParams
 from tests.conftest import wait_until
 
@@ -216,4 +219,22 @@ def test_a_caller_that_cancels_its_stream_has_the_request_aborted_and_its_blocks
                30, "the worker to abort the cancelled request")
     info = ray.get(decode.info.remote())
     assert info["num_running"] == 0 and info["kv_usage"] == 0
+    assert ray.get(decode.block_violations.remote()) == []
+
+
+def test_the_routers_packed_call_streams_what_generate_does_and_raises_the_same_errors(workers):
+    prefill, decode = workers
+    prompt = _prompts(11, (20,))[0]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    want = _generate(decode, "unpacked", prompt, params, None)
+
+    async def through_stream(rid: str, ids: list[int]) -> list[RequestOutput]:
+        return [await unpack_output(ref)
+                for ref in open_stream(decode, rid, ids, params, prefill, "caller-1")]
+
+    outs = asyncio.run(through_stream("packed", prompt))
+    assert [t for o in outs for t in o.delta_token_ids] == want.token_ids
+    assert (outs[-1].text, outs[-1].finish_reason) == (want.text, "length")
+    with pytest.raises(ContextLengthError, match="context"):
+        asyncio.run(through_stream("packed-bad", [1] * 3000))
     assert ray.get(decode.block_violations.remote()) == []
