@@ -65,15 +65,19 @@ lint: $(STAMPS)/venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy baton cluster router ops/cli.py $(addprefix actors/,$(MYPY_ACTORS))
 
-test: setup lint
+test: setup
 	@# Two pytest processes side by side, each starting one Ray instance at a time: the modules
 	@# that start Ray (marked `ray`) outside tests/router in one; everything else, then the
-	@# router's Ray modules, in the other. The first one's log follows. Exit 5: nothing selected.
-	@$(BIN)/python -m pytest -m ray --ignore=tests/router $(PYTEST_ARGS) \
+	@# router's Ray modules, in the other. Lint runs beside them (its minute of CPU overlaps the
+	@# Ray modules' waits). The logs of the first one and of lint follow. Exit 5: nothing selected.
+	@$(MAKE) --no-print-directory lint > $(STAMPS)/lint.log 2>&1 & lint=$$!; \
+	$(BIN)/python -m pytest -m ray --ignore=tests/router $(PYTEST_ARGS) \
 		> $(STAMPS)/pytest-ray.log 2>&1 & ray=$$!; \
 	$(BIN)/python -m pytest -m "not ray" $(PYTEST_ARGS); rest=$$?; \
 	$(BIN)/python -m pytest -m ray tests/router $(PYTEST_ARGS); router=$$?; \
 	wait $$ray; with_ray=$$?; echo "== tests that start Ray"; cat $(STAMPS)/pytest-ray.log; \
+	wait $$lint; linted=$$?; echo "== lint"; cat $(STAMPS)/lint.log; \
+	[ $$linted = 0 ] || exit 1; \
 	for rc in $$rest $$router $$with_ray; do [ $$rc = 0 ] || [ $$rc = 5 ] || exit 1; done
 
 demo: setup
