@@ -24,14 +24,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
-from baton.actors.engine_loop import EngineLoop
-from baton.actors.handoff import HandoffEngine, ImportReservation
 from baton.actors.host_memory import keep_freed_memory
-from baton.actors.kv_link import KVReceiver, KVSender
 from baton.actors.output_stream import OutputStream
 from baton.engine_config import EngineConfig
 from baton.errors import (
@@ -44,6 +41,10 @@ from baton.errors import (
 from baton.outputs import RequestOutput
 from baton.router.dispatch import prefill_remotely
 from baton.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from baton.actors.handoff import HandoffEngine, ImportReservation
+    from baton.actors.kv_link import KVSender
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,12 @@ class Worker:
         if spec.cpu_affinity:
             # Before the engine starts torch's thread pool, so its threads inherit the mask.
             os.sched_setaffinity(0, spec.cpu_affinity)
+        # The engine's modules (torch, transformers: about 10 s of CPU on a slow machine) load
+        # here, in the worker's process, not in every process that only starts workers.
+        from baton.actors.engine_loop import EngineLoop
+        from baton.actors.handoff import HandoffEngine
+        from baton.actors.kv_link import KVReceiver
+
         keep_freed_memory()  # KV payloads and frames of MiBs, allocated per transfer
         self.engine = HandoffEngine(config=spec.engine)
         self.loop = EngineLoop(self.engine)
@@ -315,6 +322,8 @@ class Worker:
 
     def _sender(self, address: str) -> KVSender:
         if address not in self._senders:
+            from baton.actors.kv_link import KVSender
+
             self._senders[address] = KVSender(address, self.spec.kv_token)
         return self._senders[address]
 
