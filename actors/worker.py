@@ -184,7 +184,7 @@ class Worker:
 
     async def stream(self, packed: bytes, prefill: Any = None) -> AsyncIterator[bytes]:
         """`generate` as the router calls it: (request id, prompt, params, caller) pickled into
-        one argument (`pack_request`), each output pickled back (`unpack_output`). Ray serializes
+        one argument (`open_stream`), each output pickled back (`unpack_output`). Ray serializes
         every argument and streamed item on its own, through msgpack and then pickle; five
         arguments cost the router's loop about 0.3 ms a request and each output's `ray.get`
         about 0.15 ms more than bytes do. The prefill handle stays a Ray argument, so Ray counts

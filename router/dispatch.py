@@ -54,18 +54,12 @@ async def _take(ref: Any) -> Any:
         return await ref
 
 
-def pack_request(request_id: str, prompt: str | list[int], params: SamplingParams,
-                 caller: str | None) -> bytes:
-    """The one argument of `Worker.stream` besides the prefill handle."""
-    return pickle.dumps((request_id, prompt, params, caller), protocol=pickle.HIGHEST_PROTOCOL)
-
-
 def open_stream(worker: Any, request_id: str, prompt: str | list[int], params: SamplingParams,
                 prefill: Any = None, caller: str | None = None) -> Any:
-    """Start `request_id` on `worker` (`Worker.stream`); the refs it yields hold pickled
-    outputs (`unpack_output`)."""
-    return worker.stream.options(num_returns="streaming").remote(
-        pack_request(request_id, prompt, params, caller), prefill)
+    """Start `request_id` on `worker` (`Worker.stream`, its arguments but the prefill handle
+    pickled into one); the refs it yields hold pickled outputs (`unpack_output`)."""
+    packed = pickle.dumps((request_id, prompt, params, caller), protocol=pickle.HIGHEST_PROTOCOL)
+    return worker.stream.options(num_returns="streaming").remote(packed, prefill)
 
 
 async def unpack_output(ref: Any) -> RequestOutput:

@@ -78,7 +78,7 @@ class OnlineCorrection:
     def evidence(self, candidate: str, ctx: np.ndarray) -> tuple[float, float]:
         """(sum of weights, weighted sum of residuals) of the candidate's outcomes near `ctx`."""
         ring = self._rings.get(candidate)
-        if ring is None or not ring.count:
+        if ring is None:  # a ring holds at least the outcome that made it
             return 0.0, 0.0
         ctxs, res = ring.ctxs[:ring.count], ring.res[:ring.count]
         sim = signature_similarity(ctxs[:, :SKETCH_DIM], ctx[:SKETCH_DIM])
