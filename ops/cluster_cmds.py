@@ -10,9 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from baton.ops.cli_options import Output, OutputOpt
-from baton.records import ExpertCacheStatus
-
-EXPERT_FIELDS = tuple(ExpertCacheStatus.model_fields)
 
 
 def _admin():
@@ -61,12 +58,15 @@ def down() -> None:
 def _status_rows(resp) -> list[dict[str, Any]]:
     """One row per worker; `expert_cache` (hits, misses, hit_rate, bytes_loaded, stall_seconds)
     only on workers serving an offloaded MoE model."""
+    from baton.records import ExpertCacheStatus
+
+    fields = tuple(ExpertCacheStatus.model_fields)
     return [{"worker_id": w.worker_id, "pool": w.pool, "role": w.role, "state": w.state,
              "alive": w.alive,
              "draining": w.draining, "running": w.num_running, "waiting": w.num_waiting,
              "kv_usage": round(w.kv_usage, 4), "handoffs": w.handoffs,
              "handoff_failures": w.handoff_failures,
-             **({"expert_cache": {f: getattr(w.expert_cache, f) for f in EXPERT_FIELDS}}
+             **({"expert_cache": {f: getattr(w.expert_cache, f) for f in fields}}
                 if w.HasField("expert_cache") else {})} for w in resp.workers]
 
 

@@ -16,13 +16,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from baton.client import AdminClient
-from baton.cluster.k8s import COMPONENTS, WORKER, KubeRelease, KubeTarget
 from baton.errors import (
     BatonError,
     ConfigError,
@@ -31,7 +29,10 @@ from baton.errors import (
     WorkerUnavailableError,
 )
 from baton.ops.cli_options import Output, OutputOpt
-from baton.ops.k8s_status import kube_report, print_report, router_report, router_unreachable
+
+if TYPE_CHECKING:  # the Kubernetes client and gRPC load when a command runs, not with the CLI
+    from baton.client import AdminClient
+    from baton.cluster.k8s import KubeRelease
 
 k8s_app = typer.Typer(help="Operate a Baton cluster installed with the Helm chart (Kubernetes).",
                       no_args_is_help=True)
@@ -57,6 +58,8 @@ ROUTER_TIMEOUT_S = 10.0
 
 def _release(release: str, namespace: str | None, context: str | None,
              kubeconfig: str | None) -> KubeRelease:
+    from baton.cluster.k8s import KubeRelease, KubeTarget
+
     return KubeRelease(KubeTarget(release=release, namespace=namespace, context=context,
                                   kubeconfig=kubeconfig))
 
@@ -83,6 +86,8 @@ def router_address(rel: KubeRelease, explicit: str | None, in_cluster: bool) -> 
 
 def connect(rel: KubeRelease, router: str | None, token: str | None) -> tuple[AdminClient, str]:
     """An Admin client for the release's router and the address it goes to."""
+    from baton.client import AdminClient
+
     address = router_address(rel, router, in_cluster="KUBERNETES_SERVICE_HOST" in os.environ)
     if token is None:
         token = rel.router_token()
@@ -109,6 +114,8 @@ def status(release: ReleaseOpt = "baton", namespace: NamespaceOpt = None,
            router: RouterOpt = None, token: TokenOpt = None,
            output: OutputOpt = Output.text) -> None:
     """The RayCluster, its pools and pods, and the router's workers and load."""
+    from baton.ops.k8s_status import kube_report, print_report, router_report, router_unreachable
+
     rel = _release(release, namespace, context, kubeconfig)
     report = kube_report(rel)
     address = router
@@ -175,6 +182,8 @@ def drain(worker_id: Annotated[str, typer.Argument(help="Worker id (see baton k8
 
 
 def _log_pods(rel: KubeRelease, component: str) -> tuple[list[Any], str]:
+    from baton.cluster.k8s import COMPONENTS, WORKER
+
     label, container = COMPONENTS.get(component, (None, None))
     if label is not None and container is not None:
         pods = rel.pods(component=label)

@@ -6,19 +6,19 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from baton.cluster.planner.candidates import THRESHOLDS
-from baton.cluster.planner.plan import PlanRequest, PlanResult, plan
-from baton.cluster.planner.search import SLO
-from baton.cluster.planner.sim import Speculation
 from baton.errors import ConfigError
 from baton.ops.cli_options import Output, OutputOpt
+
+if TYPE_CHECKING:  # the planner (numpy, the router's decision code, Ray) loads when `plan` runs
+    from baton.cluster.planner.plan import PlanResult
+    from baton.cluster.planner.sim import Speculation
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*$")
 
@@ -47,6 +47,8 @@ def _names(text: str | None) -> list[str] | None:
 
 def parse_speculation(text: str | None) -> Speculation | None:
     """`--speculation TOKENS_PER_STEP:VERIFIED_TOKENS[:SHARE]` (None: no method)."""
+    from baton.cluster.planner.sim import Speculation
+
     if not text:
         return None
     parts = text.split(":")
@@ -82,8 +84,9 @@ def plan_command(
     cores: Annotated[int, typer.Option(help="CPU machine cores (with a CPU profile)")] = 2,
     kv_json: Annotated[str | None, typer.Option(help="A `baton bench kv` report: the KV link's "
                                                 "share of line rate")] = None,
-    thresholds: Annotated[str, typer.Option(help="Prefill thresholds to try")] =
-        ",".join(map(str, THRESHOLDS)),
+    thresholds: Annotated[str | None, typer.Option(
+        help="Prefill thresholds to try, comma-separated (default: the planner's own)")]
+        = None,
     speculation: Annotated[str | None, typer.Option(
         help="An acceleration method as `baton bench spec` measured it: TOKENS_PER_STEP:"
              "VERIFIED_TOKENS[:SHARE], e.g. 2.2:5:0.5 (mean accepted length + 1, draft + 1, "
@@ -98,6 +101,10 @@ def plan_command(
     output: OutputOpt = Output.text,
 ) -> None:
     """Find the pool layout with the most goodput per dollar under TTFT/TPOT SLOs."""
+    from baton.cluster.planner.candidates import THRESHOLDS
+    from baton.cluster.planner.plan import PlanRequest, plan
+    from baton.cluster.planner.search import SLO
+
     req = PlanRequest(
         model=model, workload=workload, trace=trace,
         slo=SLO(parse_duration(slo_ttft, "--slo-ttft"), parse_duration(slo_tpot, "--slo-tpot")),

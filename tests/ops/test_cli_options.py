@@ -47,3 +47,14 @@ def test_a_typo_in_a_pools_engine_options_fails_up_before_anything_starts(tmp_pa
             in said(res)), res.stderr
     assert "Traceback" not in res.stderr
     assert not (cache / "run").exists()  # no Ray, no Redis, no state left to clean up
+
+
+def test_the_command_line_starts_without_the_heavy_libraries():
+    # `baton --help`, a typo or a status call should not wait for the planner, the Kubernetes
+    # client, Ray or PyTorch: the commands that need them import them when they run.
+    code = ("import sys, baton.ops.cli; "
+            "print(' '.join(m for m in ('ray', 'kubernetes', 'torch', 'numpy', 'transformers', "
+            "'grpc') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == []
