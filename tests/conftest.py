@@ -79,6 +79,22 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bo
     return out[0, len(prompt_ids):].tolist()
 
 
+def hf_greedy_batch(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """`hf_greedy` of several requests in one left-padded `generate` (stopping at EOS): the same
+    tokens in float32, in a fraction of the time for a real model."""
+    eos = model.generation_config.eos_token_id or model.config.eos_token_id
+    eos = eos if isinstance(eos, int) else eos[0]
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                           pad_token_id=eos)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, generation_config=cfg)
+    rows = out[:, width:].tolist()
+    return [row[:row.index(eos) + 1] if eos in row else row for row in rows]
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A Ray instance of this process's own (never one already running on the machine)."""
