@@ -98,8 +98,11 @@ def hf_greedy_batch(model, prompts: list[list[int]], max_new_tokens: int) -> lis
 @pytest.fixture(scope="module")
 def ray_local():
     """A Ray instance of this process's own (never one already running on the machine)."""
+    # No idle workers started ahead: a test module's few actors start their own (on 2 cores this
+    # saved 2.5 s of CPU per module).
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+             _system_config={"prestart_worker_first_driver": False})
     yield
     ray.shutdown()
 
