@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 
 from baton.cluster.config import ClusterConfig, load_config
-from baton.cluster.local import LocalCluster
+from baton.cluster.local_record import LocalCluster
 from baton.errors import BatonError, ClusterNotRunningError
 from baton.ops.batch_backends import Backend, RouterBackend
 from baton.ops.batch_runner import BatchReport, BatchRunner, BatchSettings

@@ -14,7 +14,7 @@ from baton.ops.cli_options import Output, OutputOpt
 
 def _admin():
     from baton.client import AdminClient
-    from baton.cluster.local import LocalCluster
+    from baton.cluster.local_record import LocalCluster
 
     cluster = LocalCluster.load()
     return AdminClient(cluster.grpc_address, token=cluster.token)

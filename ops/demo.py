@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from baton.client import AsyncBatonClient
-from baton.cluster.local import LocalCluster
+from baton.cluster.local_record import LocalCluster
 from baton.errors import BatonError
 from baton.ops.bench.workload import PARAGRAPHS
 from baton.stats import tpot

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from baton.cluster.local import LocalCluster
+from baton.cluster.local_record import LocalCluster
 from baton.errors import (
     AuthError,
     ClusterNotRunningError,

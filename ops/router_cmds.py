@@ -32,7 +32,7 @@ ClusterOpt = Annotated[str | None, typer.Option(
 
 
 def _state(redis_url: str | None, cluster: str | None):
-    from baton.cluster.local import LocalCluster
+    from baton.cluster.local_record import LocalCluster
     from baton.cluster.state import ClusterState
 
     if redis_url is None:

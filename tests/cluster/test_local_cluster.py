@@ -43,7 +43,7 @@ CONFIG = {
 
 # Run inside the cluster's Ray from a separate process (the test process keeps its own Ray state).
 KILL_DECODE = """
-from baton.cluster.local import LocalCluster
+from baton.cluster.local_record import LocalCluster
 import ray
 LocalCluster.load().connect()
 rows = ray.get(ray.get_actor("baton-controller", namespace="baton").workers.remote())
@@ -53,7 +53,7 @@ print(decode["worker_id"])
 """
 KILL_CONTROLLER = """
 import os, signal
-from baton.cluster.local import LocalCluster
+from baton.cluster.local_record import LocalCluster
 import ray
 LocalCluster.load().connect()
 controller = ray.get_actor("baton-controller", namespace="baton")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from baton.cluster import local
+from baton.cluster.local_record import LocalCluster
 from baton.errors import ConfigError, JobServerError
 from baton.ops.batch import parser
 from baton.ops.jobs_client import JobServer, batch_entrypoint, job_paths, job_token
@@ -20,9 +20,9 @@ def local_record(tmp_path, monkeypatch):
     """A local cluster record (as `baton up` writes it) holding a Ray token."""
     monkeypatch.setenv("BATON_CACHE", str(tmp_path))
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    local.LocalCluster(ray_address="127.0.0.1:6379", ray_token="local-ray-token",
-                       redis_url=None, grpc_address="127.0.0.1:50051", http_address=None,
-                       token=None, daemon_pid=None, redis_data_dir=None).save()
+    LocalCluster(ray_address="127.0.0.1:6379", ray_token="local-ray-token",
+                 redis_url=None, grpc_address="127.0.0.1:50051", http_address=None,
+                 token=None, daemon_pid=None, redis_data_dir=None).save()
 
 
 def test_the_local_ray_token_goes_only_to_a_job_server_on_this_machine(local_record,

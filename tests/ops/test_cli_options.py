@@ -49,12 +49,22 @@ def test_a_typo_in_a_pools_engine_options_fails_up_before_anything_starts(tmp_pa
     assert not (cache / "run").exists()  # no Ray, no Redis, no state left to clean up
 
 
-def test_the_command_line_starts_without_the_heavy_libraries():
-    # `baton --help`, a typo or a status call should not wait for the planner, the Kubernetes
-    # client, Ray or PyTorch: the commands that need them import them when they run.
-    code = ("import sys, baton.ops.cli; "
-            "print(' '.join(m for m in ('ray', 'kubernetes', 'torch', 'numpy', 'transformers', "
-            "'grpc') if m in sys.modules))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+def loaded_after(code: str, env: dict[str, str] | None = None) -> list[str]:
+    """Which of the heavy libraries a fresh interpreter has loaded after running `code`."""
+    probe = (f"{code}\nimport sys\nprint(' '.join(m for m in ('ray', 'kubernetes', 'torch', "
+             "'numpy', 'transformers', 'grpc') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, **(env or {})})
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == []
+    return res.stdout.split()
+
+
+def test_the_command_line_starts_without_the_heavy_libraries(tmp_path):
+    # `baton --help` or a typo should not wait for the planner, the Kubernetes client, Ray or
+    # PyTorch: the commands that need them import them when they run.
+    assert loaded_after("import baton.ops.cli") == []
+    # `status`, `drain` and `scale` read what `baton up` recorded and call the router over gRPC.
+    reach_router = ("from baton.ops.cluster_cmds import _admin\n"
+                    "from baton.errors import ClusterNotRunningError\n"
+                    "try:\n    _admin()\nexcept ClusterNotRunningError:\n    pass")
+    assert loaded_after(reach_router, {"BATON_CACHE": str(tmp_path)}) == ["grpc"]
