@@ -3,12 +3,15 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-UV := $(BIN)/uv --no-progress
+# Bytecode is compiled at install, as pip does: where PYTHONDONTWRITEBYTECODE is set, nothing
+# else would, and every process would compile torch, Ray and transformers again.
+UV := UV_COMPILE_BYTECODE=1 $(BIN)/uv --no-progress
 STAMPS := .stamps
 TORCH_VERSION := 2.13.0
 # A CPU wheel shipped on this machine's disk, if any (pip's find-links).
 TORCH_LOCAL_WHEEL := $(firstword $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu-*.whl))
 PYTEST_ARGS ?=
+CODE_DIRS := baton actors router cluster kernels protos ops
 # Tests without Ray that `make test` runs after the Ray modules, to even out its two sequences.
 MOVED := tests/ops/test_bench.py tests/actors/test_model_source.py
 # The engine's control plane, type-checked (model code and tensors are left to the tests).
@@ -38,7 +41,7 @@ $(STAMPS)/venv: pyproject.toml
 			--index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	@# torch is in place, so the range in pyproject.toml keeps it (no other build is fetched).
-	$(UV) pip install --python $(BIN)/python -q --compile-bytecode -e ".[dev,serve-bench,bench]"
+	$(UV) pip install --python $(BIN)/python -q -e ".[dev,serve-bench,bench]"
 	@touch $@
 
 model: $(STAMPS)/model
@@ -79,6 +82,9 @@ test: setup
 	@# machine the two took 18 and 20 minutes; `MOVED`, about a minute and a half, evens them).
 	@# Lint runs beside them. The logs of the first one and of lint follow. Exit 5: nothing
 	@# selected.
+	@# Baton's own bytecode, once: with PYTHONDONTWRITEBYTECODE set, each of the run's hundred-odd
+	@# processes (workers, routers, CLI calls) would otherwise compile what it imports.
+	@env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m compileall -q $(CODE_DIRS) >/dev/null
 	@$(MAKE) --no-print-directory lint > $(STAMPS)/lint.log 2>&1 & lint=$$!; \
 	{ $(BIN)/python -m pytest -m ray --ignore=tests/router $(PYTEST_ARGS); a=$$?; \
 	  $(BIN)/python -m pytest -m "not ray" $(MOVED) $(PYTEST_ARGS); b=$$?; \
