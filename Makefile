@@ -13,7 +13,7 @@ TORCH_LOCAL_WHEEL := $(firstword $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+c
 PYTEST_ARGS ?=
 CODE_DIRS := baton actors router cluster kernels protos ops
 # Tests without Ray that `make test` runs after the Ray modules, to even out its two sequences.
-MOVED := tests/ops/test_bench.py tests/actors/test_model_source.py
+MOVED := tests/ops/test_bench.py tests/actors/test_model_source.py tests/ops/test_train_heads.py
 # The engine's control plane, type-checked (model code and tensors are left to the tests).
 MYPY_ACTORS := block_manager.py scheduler.py sequence.py engine_loop.py worker.py kv_link.py token_trie.py lookahead.py
 
@@ -79,7 +79,8 @@ test: setup
 	@# Two pytest sequences side by side, each starting one Ray instance at a time: the modules
 	@# that start Ray (marked `ray`) outside tests/router, then the `MOVED` modules, in one;
 	@# everything else, then the router's Ray modules, in the other (on an AVX2-only 2-core
-	@# machine the two took 18 and 20 minutes; `MOVED`, about a minute and a half, evens them).
+	@# machine, with the bench and model-source modules moved, 16:17 and 17:36 minutes; the
+	@# train-heads module, about half a minute, evens them further).
 	@# Lint runs beside them. The logs of the first one and of lint follow. Exit 5: nothing
 	@# selected.
 	@# Baton's own bytecode, once: with PYTHONDONTWRITEBYTECODE set, each of the run's hundred-odd
