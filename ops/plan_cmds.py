@@ -47,10 +47,10 @@ def _names(text: str | None) -> list[str] | None:
 
 def parse_speculation(text: str | None) -> Speculation | None:
     """`--speculation TOKENS_PER_STEP:VERIFIED_TOKENS[:SHARE]` (None: no method)."""
-    from baton.cluster.planner.sim import Speculation
-
     if not text:
         return None
+    from baton.cluster.planner.sim import Speculation
+
     parts = text.split(":")
     try:
         if len(parts) not in (2, 3):
