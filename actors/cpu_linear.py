@@ -1,8 +1,9 @@
 """Linear layers with weights pre-packed for oneDNN on the CPU.
 
-`F.linear` in bf16 re-lays its weight out on every call; packing once at load gives the very same
-results on the same CPU (tests/actors/test_cpu_linear.py compares a layer and a whole engine bit
-for bit, packed and not, wherever oneDNN can pack) in about two thirds of the time at batch 1,
+`F.linear` in bf16 re-lays its weight out on every call; packing once at load gives the same
+results on the same CPU, within one unit in the last place where oneDNN picks other kernels for
+the packed weight (AMX does for some shapes; tests/actors/test_cpu_linear.py compares a layer and a
+whole engine, packed and not, wherever oneDNN can pack) in about two thirds of the time at batch 1,
 where decode lives. Prepare once (`pack_linears`), run many times: the gpt-fast split.
 
 Decode-sized calls (a few rows) on the model's projections go to Baton's own bf16 kernel
