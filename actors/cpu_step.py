@@ -21,11 +21,13 @@ vectorized over the chunk, beat the rotary kernel (a 1024-token prompt took 1.30
 against 1.44 s here).
 
 Where every projection of a layer is on a skinny kernel and the attention on Baton's, steps of
-up to `fused_rows` tokens (bf16: `cpu_decode.MAX_ROWS`; int8 and int4: `SHORT_RUN`, where the
-attention kernel's per-token plan ends) run each layer as one C++ call (`cpu_decode.DecodeLayer`,
-kernels/cpu_layer.cpp): the same kernels and ATen ops in the same order, without the Python
-between them (about 120 us a layer here: a bf16 token went from 14.6 to 10.5 ms, an int4 token
-from 9.7 to 7.1 ms, two threads). A prefill worker's short prompt still pushes its KV layer by
+up to `fused_rows` tokens (`SHORT_RUN`, where the attention kernel's per-token plan ends) run
+each layer as one C++ call (`cpu_decode.DecodeLayer`, kernels/cpu_layer.cpp): the same kernels
+and ATen ops in the same order, without the Python between them (about 120 us a layer here: a
+bf16 token went from 14.6 to 10.5 ms, an int4 token from 9.7 to 7.1 ms, two threads). In bf16,
+a call past the skinny kernel's rows runs the projections' own oneDNN weights from C++, as the
+Python layers would (verify steps of 9-16 tokens: 0.7-0.9x the Python layers' time on a Xeon
+with AMX). A prefill worker's short prompt still pushes its KV layer by
 layer: the step's `on_layer_done` runs after each layer's call.
 
 Models: Llama, Qwen2 (with its q/k/v biases) and Qwen3 (with its q/k norms), with full attention
@@ -263,12 +265,29 @@ def _fused(layer: nn.Module, lean: _Layer) -> tuple[object | None, int]:
     qkv, gate_up = (ext.Projection(s.weight, s.scales, s.out_features,
                                    s.group_size or (0 if s.scales is None else -1), s.bias)
                     for s in (lean.qkv, lean.gate_up))
+    rows = min(lean.qkv.max_rows, lean.gate_up.max_rows, o[1], down[1], SHORT_RUN)
+    if lean.qkv.scales is None:
+        # bf16: calls past the skinny kernel's rows run the projections' own oneDNN weights
+        # from the same C++ call, so every short run (up to the attention plan's) is fused
+        for projection, parts, skinny in ((qkv, ("q_proj", "k_proj", "v_proj"), lean.qkv),
+                                          (o[0], ("o_proj",), o),
+                                          (gate_up, ("gate_proj", "up_proj"), lean.gate_up),
+                                          (down[0], ("down_proj",), down)):
+            parent = mlp if parts[0] in ("gate_proj", "up_proj", "down_proj") else attn
+            linears = [getattr(parent, n) for n in parts]
+            projection.set_dense([p.packed_weight for p in linears],
+                                 [p.bias for p in linears], _skinny_max(skinny))
+        rows = SHORT_RUN
     fused = ext.DecodeLayer(lean.input_norm, lean.post_norm, lean.q_norm, lean.k_norm,
                             qkv, o[0], gate_up, down[0], n_heads, n_kv, d,
                             float(layer.input_layernorm.variance_epsilon), float(attn.scaling))
-    rows = min(lean.qkv.max_rows, lean.gate_up.max_rows, o[1], down[1], SHORT_RUN)
     layer._baton_fused = (fused, rows)
     return fused, rows
+
+
+def _skinny_max(projection: _Stacked | tuple[object, int]) -> int:
+    """The most rows a bf16 projection of the lean step runs on the skinny kernel."""
+    return projection.max_rows if isinstance(projection, _Stacked) else projection[1]
 
 
 def _projection(linear: nn.Module) -> tuple[object, int] | None:

@@ -9,8 +9,11 @@
 
 #include <torch/extension.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <cstring>
 #include <optional>
+#include <vector>
 
 #include "cpu_decode.h"
 
@@ -35,6 +38,21 @@ void write_kv(torch::Tensor& cache, const torch::Tensor& slots, const torch::Ten
   }
 }
 
+// x [T, K] through a weight packed by torch.ops.mkldnn._reorder_linear_weight: the op
+// baton.actors.cpu_linear.PackedLinear calls, so the same values as that module.
+torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                            const c10::optional<torch::Tensor>& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<torch::Tensor(const torch::Tensor&, const torch::Tensor&,
+                               const c10::optional<torch::Tensor>&, c10::string_view,
+                               c10::List<c10::optional<c10::Scalar>>,
+                               c10::optional<c10::string_view>)>();
+  return op.call(x, packed, bias, "none", c10::List<c10::optional<c10::Scalar>>(),
+                 c10::nullopt);
+}
+
 }  // namespace
 
 Projection::Projection(torch::Tensor weight, c10::optional<torch::Tensor> scales, int64_t rows,
@@ -44,7 +62,25 @@ Projection::Projection(torch::Tensor weight, c10::optional<torch::Tensor> scales
   TORCH_CHECK(group == 0 || this->scales.has_value(), "int8 and int4 projections need scales");
 }
 
+void Projection::set_dense(std::vector<torch::Tensor> parts,
+                           std::vector<c10::optional<torch::Tensor>> biases,
+                           int64_t skinny_max) {
+  TORCH_CHECK(group == 0, "only bf16 projections have oneDNN weights");
+  TORCH_CHECK(parts.size() == biases.size(), "one bias (or None) per oneDNN part");
+  dense = std::move(parts);
+  dense_bias = std::move(biases);
+  this->skinny_max = skinny_max;
+}
+
 torch::Tensor Projection::operator()(const torch::Tensor& x) const {
+  if (!dense.empty() && x.size(0) > skinny_max) {
+    if (dense.size() == 1) return onednn_linear(x, dense[0], dense_bias[0]);
+    std::vector<torch::Tensor> outs;
+    outs.reserve(dense.size());
+    for (size_t i = 0; i < dense.size(); ++i)
+      outs.push_back(onednn_linear(x, dense[i], dense_bias[i]));
+    return at::cat(outs, 1);
+  }
   if (group == 0) return skinny_linear(x, weight, rows, bias);
   if (group < 0) return skinny_linear_int8(x, weight, *scales, rows, bias);
   return skinny_linear_int4(x, weight, *scales, rows, group, bias);

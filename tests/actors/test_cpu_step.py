@@ -124,19 +124,21 @@ class _Counted:
                                                     ("llama", "int4")])
 def test_short_steps_run_each_layer_in_one_call_with_the_same_tokens(arch, quantization,
                                                                      monkeypatch):
-    """Steps of up to `fused_rows` tokens run every layer as one C++ call (the same kernels and
-    ops in the same order); longer ones (a 16-token prompt chunk) the Python layers."""
+    """Steps of up to `fused_rows` tokens (every run the attention plan takes) run every layer
+    as one C++ call, the same kernels and ops in the same order: bf16 projections past the
+    skinny kernel's rows on the layers' own oneDNN weights, as transformers' forward runs them.
+    Longer steps run the Python layers."""
     lean, plain = engines(arch, monkeypatch, quantization=quantization,
                           max_num_batched_tokens=16)
     step = lean.runner.decode_step
-    assert step.fused_rows == (cpu_decode.MAX_ROWS if quantization is None
-                               else attention_plans.SHORT_RUN)
+    assert step.fused_rows == attention_plans.SHORT_RUN
     calls: list[int] = []
     for layer in step.layers:
         layer.fused = _Counted(layer.fused, calls)
     params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=3)
     same_outputs(lean.generate(PROMPTS, params), plain.generate(PROMPTS, params))
     assert 3 in calls and max(calls) <= step.fused_rows
+    assert max(calls) > cpu_decode.MAX_ROWS  # a 16-token prompt chunk, past the skinny rows
     assert len(calls) % len(step.layers) == 0  # whole steps, every layer
 
 
