@@ -7,7 +7,7 @@
 //
 // decode_attention: decode tokens (and short runs: a token and its draft, chain or tree) over
 // their sequences' paged keys and values, read in place, each (token, kv head) pair on one
-// thread with its query heads together.
+// thread with its query heads together, sixteen keys at a time.
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "cpu_decode.h"
@@ -46,75 +47,127 @@ __attribute__((target("avx512f"))) inline __m512 widen(const uint16_t* p) {
 constexpr int kMaxGroup = 16;     // query heads per kv head
 constexpr int kMaxHeadDim = 256;
 
+// Lane i of the result: the sum of v[i]'s sixteen lanes (sixteen dot products finished at once,
+// in 45 shuffles and adds where sixteen separate reductions take about 120).
+__attribute__((target("avx512f"))) inline __m512 reduce16(const __m512 v[16]) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // b[i], per 128-bit lane L: the partial sums over L of v[4i .. 4i + 3]
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                       _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
 // One kv head of one query token: its `groups` query heads over the keys it sees in paged
 // blocks, the first `base` keys of its sequence and, from the 32 after them, those set in
 // `bits` (a token of a draft tree sees its ancestors only). Scores, softmax and the weighted sum
-// all in fp32; the output rounded to bf16 once.
+// all in fp32, the sum scaled by the softmax's 1 / total once; the output rounded to bf16 once.
+// CH = head_dim / 16, so that a key, a query head and the accumulators of up to four query heads
+// live in registers. `scores` holds groups * (ctx + 16) floats, `offsets` ctx.
+//
+// Keys go sixteen at a time: each key row is widened once for every query head, and the sixteen
+// dot products of a head are finished together (reduce16). The weighted sum reads each value
+// row once per four query heads. Against a key-at-a-time version (each dot product reduced on
+// its own, each value row read once per head), one thread, a 16-token verify run with three
+// query heads per kv head: 4.8 against 9.0 us per (token, kv head) at 300 keys, 15.7 against
+// 29.1 at 1,000.
+template <int CH>
 __attribute__((target("avx512f")))
 void attend_kv_head(const uint16_t* q, int64_t groups, int64_t D, const uint16_t* k_head,
                     const uint16_t* v_head, const int64_t* table, int64_t bs, int64_t base,
-                    uint32_t bits, float scale, float* scores, uint16_t* out) {
-  int64_t extra[32];
-  int64_t n_extra = 0;
+                    uint32_t bits, float scale, float* scores, int64_t* offsets,
+                    uint16_t* out) {
+  int64_t ctx = 0;  // each key's offset in the head's cache, walked block by block once
+  for (int64_t b = 0; ctx < base; ++b) {
+    const int64_t start = table[b] * bs * D;
+    for (int64_t j = 0; j < bs && ctx < base; ++j) offsets[ctx++] = start + j * D;
+  }
   for (int j = 0; j < 32; ++j)
-    if (bits >> j & 1u) extra[n_extra++] = base + j;
-  const int64_t ctx = base + n_extra;
-  auto slot = [&](int64_t i) {
-    const int64_t t = i < base ? i : extra[i - base];
-    return (table[t / bs] * bs + t % bs) * D;
-  };
-  const int64_t chunks = D / 16;
-  __m512 qv[kMaxGroup][kMaxHeadDim / 16];
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t c = 0; c < chunks; ++c)
+    if (bits >> j & 1u) {
+      const int64_t t = base + j;
+      offsets[ctx++] = (table[t / bs] * bs + t % bs) * D;
+    }
+  const int64_t stride = ctx + 16;
+  __m512 qv[kMaxGroup][CH];
+  __m512 best[kMaxGroup];
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int c = 0; c < CH; ++c)
       qv[g][c] = _mm512_mul_ps(widen(q + g * D + c * 16), _mm512_set1_ps(scale));
-  float best[kMaxGroup];
-  for (int64_t g = 0; g < groups; ++g) best[g] = -INFINITY;
-  for (int64_t t = 0; t < ctx; ++t) {
-    const uint16_t* k = k_head + slot(t);
-    __m512 kc[kMaxHeadDim / 16];
-    for (int64_t c = 0; c < chunks; ++c) kc[c] = widen(k + c * 16);
+    best[g] = _mm512_set1_ps(-INFINITY);
+  }
+  for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
+    const int n = ctx - t0 < 16 ? static_cast<int>(ctx - t0) : 16;
+    __m512 kc[16][CH];
+    for (int i = 0; i < 16; ++i)
+      for (int c = 0; c < CH; ++c)
+        kc[i][c] = i < n ? widen(k_head + offsets[t0 + i] + c * 16) : _mm512_setzero_ps();
+    const __mmask16 live = static_cast<__mmask16>(n == 16 ? 0xFFFFu : (1u << n) - 1);
     for (int64_t g = 0; g < groups; ++g) {
-      __m512 acc = _mm512_mul_ps(qv[g][0], kc[0]);
-      for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[g][c], kc[c], acc);
-      const float s = _mm512_reduce_add_ps(acc);
-      scores[g * ctx + t] = s;
-      best[g] = s > best[g] ? s : best[g];
+      __m512 part[16];
+      for (int i = 0; i < 16; ++i) {
+        __m512 acc = _mm512_mul_ps(qv[g][0], kc[i][0]);
+        for (int c = 1; c < CH; ++c) acc = _mm512_fmadd_ps(qv[g][c], kc[i][c], acc);
+        part[i] = acc;
+      }
+      const __m512 s = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), reduce16(part));
+      _mm512_storeu_ps(scores + g * stride + t0, s);
+      best[g] = _mm512_max_ps(best[g], s);
     }
   }
+  float inv[kMaxGroup];
   for (int64_t g = 0; g < groups; ++g) {
-    float* sg = scores + g * ctx;
-    const __m512 m = _mm512_set1_ps(best[g]);
+    float* sg = scores + g * stride;
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(best[g]));
     __m512 total = _mm512_setzero_ps();
-    int64_t t = 0;
-    for (; t + 16 <= ctx; t += 16) {
-      __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sg + t), m));
+    for (int64_t t = 0; t < ctx; t += 16) {  // past ctx: -inf, so e^(s - m) = 0
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sg + t), m));
       _mm512_storeu_ps(sg + t, e);
       total = _mm512_add_ps(total, e);
     }
-    if (t < ctx) {
-      const __mmask16 tail = static_cast<__mmask16>((1u << (ctx - t)) - 1);
-      __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sg + t), m));
-      e = _mm512_maskz_mov_ps(tail, e);
-      _mm512_mask_storeu_ps(sg + t, tail, e);
-      total = _mm512_add_ps(total, e);
-    }
-    const float inv = 1.0f / _mm512_reduce_add_ps(total);
-    for (int64_t i = 0; i < ctx; ++i) sg[i] *= inv;
+    inv[g] = 1.0f / _mm512_reduce_add_ps(total);
   }
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[kMaxHeadDim / 16];
-    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
-    const float* pg = scores + g * ctx;
+  constexpr int kHeads = 4;  // query heads whose weighted sums share a read of each value row
+  for (int64_t g0 = 0; g0 < groups; g0 += kHeads) {
+    const int ng = groups - g0 < kHeads ? static_cast<int>(groups - g0) : kHeads;
+    __m512 acc[kHeads][CH];
+    for (int g = 0; g < kHeads; ++g)
+      for (int c = 0; c < CH; ++c) acc[g][c] = _mm512_setzero_ps();
     for (int64_t t = 0; t < ctx; ++t) {
-      const uint16_t* v = v_head + slot(t);
-      const __m512 p = _mm512_set1_ps(pg[t]);
-      for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, widen(v + c * 16), acc[c]);
+      const uint16_t* v = v_head + offsets[t];
+      __m512 vc[CH];
+      for (int c = 0; c < CH; ++c) vc[c] = widen(v + c * 16);
+      for (int g = 0; g < ng; ++g) {
+        const __m512 p = _mm512_set1_ps(scores[(g0 + g) * stride + t]);
+        for (int c = 0; c < CH; ++c) acc[g][c] = _mm512_fmadd_ps(p, vc[c], acc[g][c]);
+      }
     }
-    alignas(64) float row[kMaxHeadDim];
-    for (int64_t c = 0; c < chunks; ++c) _mm512_store_ps(row + c * 16, acc[c]);
-    for (int64_t i = 0; i < D; ++i) out[g * D + i] = at::BFloat16(row[i]).x;
+    for (int g = 0; g < ng; ++g) {
+      alignas(64) float row[CH * 16];
+      const __m512 s = _mm512_set1_ps(inv[g0 + g]);
+      for (int c = 0; c < CH; ++c) _mm512_store_ps(row + c * 16, _mm512_mul_ps(acc[g][c], s));
+      for (int i = 0; i < CH * 16; ++i) out[(g0 + g) * D + i] = at::BFloat16(row[i]).x;
+    }
   }
+}
+
+using AttendFn = void (*)(const uint16_t*, int64_t, int64_t, const uint16_t*, const uint16_t*,
+                          const int64_t*, int64_t, int64_t, uint32_t, float, float*, int64_t*,
+                          uint16_t*);
+
+template <int... CH>
+AttendFn attend_for(int64_t chunks, std::integer_sequence<int, CH...>) {
+  AttendFn found = nullptr;
+  ((found = chunks == CH + 1 ? &attend_kv_head<CH + 1> : found), ...);
+  return found;
 }
 
 }  // namespace
@@ -162,14 +215,16 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t* tp = tab.data_ptr<int64_t>();
   const int64_t head_stride = num_blocks * bs * D;
+  const AttendFn attend = attend_for(D / 16, std::make_integer_sequence<int, 16>());
   at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(groups * longest);
+    std::vector<float> scores(groups * (longest + 16));
+    std::vector<int64_t> offsets(longest);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = i / Hkv, h = i % Hkv;
-      attend_kv_head(qp + (t * H + h * groups) * D, groups, D, kp + h * head_stride,
-                     vp + h * head_stride, tp + rp[t] * nb, bs, fp[t],
-                     static_cast<uint32_t>(mp[t]), static_cast<float>(scale), scores.data(),
-                     op + (t * H + h * groups) * D);
+      attend(qp + (t * H + h * groups) * D, groups, D, kp + h * head_stride,
+             vp + h * head_stride, tp + rp[t] * nb, bs, fp[t], static_cast<uint32_t>(mp[t]),
+             static_cast<float>(scale), scores.data(), offsets.data(),
+             op + (t * H + h * groups) * D);
     }
   });
   return out;

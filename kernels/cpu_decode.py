@@ -19,7 +19,9 @@ than the bytes they read, and Baton runs them itself:
 - **Attention** (`decode_attention`): each query token of a decode or verify step (a token and
   its draft, chain or tree) over its sequence's paged keys and values, read in place (no gather),
   scores, softmax and sum in fp32, in one call per layer instead of about twenty-five small torch
-  ops. One query at a 300-token context takes 16 us a layer here.
+  ops. Keys go sixteen at a time, their dot products finished together. On a Xeon with AMX, two
+  threads, 300 keys: one query 14 us a layer, a 16-token verify run 135 us (a key at a time:
+  26 and 319 us); a 16-token step of the default model at 3,000 keys took 74 against 98 ms.
 - **RMSNorm** (`rms_norm`, swapped in by `baton.actors.cpu_norm`): Llama's formula in one call
   instead of eight; about 2 ms of a 35 ms batch-1 forward here.
 - **Rotary embedding** (`rope`, for `baton.actors.cpu_step`): transformers' formula, bit for bit,
