@@ -20,15 +20,16 @@ transformers' forward: there the Python costs little against the math, and its r
 vectorized over the chunk, beat the rotary kernel (a 1024-token prompt took 1.30 s that way
 against 1.44 s here).
 
-Where every projection of a layer is on a skinny kernel and the attention on Baton's, steps of
-up to `fused_rows` tokens (`SHORT_RUN`, where the attention kernel's per-token plan ends) run
-each layer as one C++ call (`cpu_decode.DecodeLayer`, kernels/cpu_layer.cpp): the same kernels
-and ATen ops in the same order, without the Python between them (about 120 us a layer here: a
-bf16 token went from 14.6 to 10.5 ms, an int4 token from 9.7 to 7.1 ms, two threads). In bf16,
-a call past the skinny kernel's rows runs the projections' own oneDNN weights from C++, as the
-Python layers would (verify steps of 9-16 tokens: 0.7-0.9x the Python layers' time on a Xeon
-with AMX). A prefill worker's short prompt still pushes its KV layer by
-layer: the step's `on_layer_done` runs after each layer's call.
+Where every projection of a layer is on a skinny kernel and the attention on Baton's, every
+step the lean step takes (up to `MAX_TOKENS` tokens) whose runs the attention kernel's per-token
+plan covers (each request's run up to `attention_plans.SHORT_RUN` tokens: decode rows, drafts,
+short prompts) runs each layer as one C++ call (`cpu_decode.DecodeLayer`,
+kernels/cpu_layer.cpp): the same kernels and ATen ops in the same order, without the Python
+between them (about 120 us a layer here: a bf16 token went from 14.6 to 10.5 ms, an int4 token
+from 9.7 to 7.1 ms, two threads). In bf16, a call past the skinny kernel's rows runs the
+projections' own oneDNN weights from C++, as the Python layers would (verify steps of 9-16
+tokens: 0.7-0.9x the Python layers' time on a Xeon with AMX). A prefill worker's short prompt
+still pushes its KV layer by layer: the step's `on_layer_done` runs after each layer's call.
 
 Models: Llama, Qwen2 (with its q/k/v biases) and Qwen3 (with its q/k norms), with full attention
 in every layer and default rotary embedding; others keep the transformers forward. Weight-only
@@ -46,7 +47,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from baton.actors import paged_attention
-from baton.actors.attention_plans import SHORT_RUN
 from baton.actors.cpu_linear import PackedLinear
 from baton.actors.cpu_norm import KernelRMSNorm
 from baton.actors.quantized_linear import QuantizedLinear
@@ -265,10 +265,10 @@ def _fused(layer: nn.Module, lean: _Layer) -> tuple[object | None, int]:
     qkv, gate_up = (ext.Projection(s.weight, s.scales, s.out_features,
                                    s.group_size or (0 if s.scales is None else -1), s.bias)
                     for s in (lean.qkv, lean.gate_up))
-    rows = min(lean.qkv.max_rows, lean.gate_up.max_rows, o[1], down[1], SHORT_RUN)
+    rows = min(lean.qkv.max_rows, lean.gate_up.max_rows, o[1], down[1], MAX_TOKENS)
     if lean.qkv.scales is None:
         # bf16: calls past the skinny kernel's rows run the projections' own oneDNN weights
-        # from the same C++ call, so every short run (up to the attention plan's) is fused
+        # from the same C++ call, so every step the lean step takes is fused
         for projection, parts, skinny in ((qkv, ("q_proj", "k_proj", "v_proj"), lean.qkv),
                                           (o[0], ("o_proj",), o),
                                           (gate_up, ("gate_proj", "up_proj"), lean.gate_up),
@@ -277,7 +277,7 @@ def _fused(layer: nn.Module, lean: _Layer) -> tuple[object | None, int]:
             linears = [getattr(parent, n) for n in parts]
             projection.set_dense([p.packed_weight for p in linears],
                                  [p.bias for p in linears], _skinny_max(skinny))
-        rows = SHORT_RUN
+        rows = MAX_TOKENS
     fused = ext.DecodeLayer(lean.input_norm, lean.post_norm, lean.q_norm, lean.k_norm,
                             qkv, o[0], gate_up, down[0], n_heads, n_kv, d,
                             float(layer.input_layernorm.variance_epsilon), float(attn.scaling))

@@ -12,11 +12,12 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from baton.actors import attention_plans, cpu_step, model_runner
+from baton.actors import cpu_step, model_runner
 from baton.actors.cpu_step import CpuDecodeStep
 from baton.actors.engine import Engine
 from baton.actors.handoff import HandoffEngine
 from baton.actors.kv_link import KVReceiver, KVSender
+from baton.actors.model_runner import BatchRow
 from baton.actors.tiny import tiny_model
 from baton.kernels import cpu_decode
 from baton.sampling import SamplingParams
@@ -131,7 +132,7 @@ def test_short_steps_run_each_layer_in_one_call_with_the_same_tokens(arch, quant
     lean, plain = engines(arch, monkeypatch, quantization=quantization,
                           max_num_batched_tokens=16)
     step = lean.runner.decode_step
-    assert step.fused_rows == attention_plans.SHORT_RUN
+    assert step.fused_rows == cpu_step.MAX_TOKENS
     calls: list[int] = []
     for layer in step.layers:
         layer.fused = _Counted(layer.fused, calls)
@@ -140,6 +141,24 @@ def test_short_steps_run_each_layer_in_one_call_with_the_same_tokens(arch, quant
     assert 3 in calls and max(calls) <= step.fused_rows
     assert max(calls) > cpu_decode.MAX_ROWS  # a 16-token prompt chunk, past the skinny rows
     assert len(calls) % len(step.layers) == 0  # whole steps, every layer
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_a_batch_of_short_runs_past_seventeen_tokens_runs_fused(quantization, monkeypatch):
+    """The fused layers take any step of short runs up to `MAX_TOKENS` in all: two 12-token
+    prompts in one step give the transformers forward's logits, bit for bit."""
+    lean, plain = engines("llama", monkeypatch, quantization=quantization,
+                          quant_group_size=32)
+    calls: list[int] = []
+    for layer in lean.runner.decode_step.layers:
+        layer.fused = _Counted(layer.fused, calls)
+    prompts = [list(range(30, 42)), list(range(60, 72))]
+    bs = lean.cache.spec.block_size
+    rows = [BatchRow(p, 0, len(p), [1 + i * 2, 2 + i * 2][: (len(p) + bs - 1) // bs], len(p))
+            for i, p in enumerate(prompts)]
+    logits = lean.runner.run_rows(rows)
+    assert torch.equal(logits, plain.runner.run_rows(rows))
+    assert calls == [24] * len(lean.runner.decode_step.layers)
 
 
 def test_a_prefill_worker_pushes_each_fused_layer_as_it_ends():
