@@ -4,8 +4,9 @@
 // A lean step's layer is about fifteen calls (two norms, four projections, two rotary calls, the
 // KV write, attention, SiLU, a product and two residual adds) and a few dozen views between them;
 // from Python that cost about 120 us a layer here, a third of an int4 token. DecodeLayer holds one
-// layer's weights (as the skinny kernels take them) and runs the same calls from C++: the same
-// kernels and the same ATen ops in the same order, so the same values bit for bit.
+// layer's weights (as the skinny kernels take them, and for bf16 the oneDNN-packed ones that
+// calls past the skinny rows use) and runs the same calls from C++: the same kernels and the same
+// ATen ops in the same order, so the same values bit for bit.
 
 #include <torch/extension.h>
 
