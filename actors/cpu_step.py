@@ -265,29 +265,23 @@ def _fused(layer: nn.Module, lean: _Layer) -> tuple[object | None, int]:
     qkv, gate_up = (ext.Projection(s.weight, s.scales, s.out_features,
                                    s.group_size or (0 if s.scales is None else -1), s.bias)
                     for s in (lean.qkv, lean.gate_up))
-    rows = min(lean.qkv.max_rows, lean.gate_up.max_rows, o[1], down[1], MAX_TOKENS)
     if lean.qkv.scales is None:
-        # bf16: calls past the skinny kernel's rows run the projections' own oneDNN weights
-        # from the same C++ call, so every step the lean step takes is fused
-        for projection, parts, skinny in ((qkv, ("q_proj", "k_proj", "v_proj"), lean.qkv),
-                                          (o[0], ("o_proj",), o),
-                                          (gate_up, ("gate_proj", "up_proj"), lean.gate_up),
-                                          (down[0], ("down_proj",), down)):
-            parent = mlp if parts[0] in ("gate_proj", "up_proj", "down_proj") else attn
+        # bf16: calls past the skinny kernel's rows run the projections' own oneDNN weights from
+        # the same C++ call (int8 and int4 kernels take any rows), so every step the lean step
+        # takes is fused
+        for projection, parent, parts, skinny_rows in (
+                (qkv, attn, ("q_proj", "k_proj", "v_proj"), lean.qkv.max_rows),
+                (o[0], attn, ("o_proj",), o[1]),
+                (gate_up, mlp, ("gate_proj", "up_proj"), lean.gate_up.max_rows),
+                (down[0], mlp, ("down_proj",), down[1])):
             linears = [getattr(parent, n) for n in parts]
             projection.set_dense([p.packed_weight for p in linears],
-                                 [p.bias for p in linears], _skinny_max(skinny))
-        rows = MAX_TOKENS
+                                 [p.bias for p in linears], skinny_rows)
     fused = ext.DecodeLayer(lean.input_norm, lean.post_norm, lean.q_norm, lean.k_norm,
                             qkv, o[0], gate_up, down[0], n_heads, n_kv, d,
                             float(layer.input_layernorm.variance_epsilon), float(attn.scaling))
-    layer._baton_fused = (fused, rows)
-    return fused, rows
-
-
-def _skinny_max(projection: _Stacked | tuple[object, int]) -> int:
-    """The most rows a bf16 projection of the lean step runs on the skinny kernel."""
-    return projection.max_rows if isinstance(projection, _Stacked) else projection[1]
+    layer._baton_fused = (fused, MAX_TOKENS)
+    return fused, MAX_TOKENS
 
 
 def _projection(linear: nn.Module) -> tuple[object, int] | None:

@@ -128,7 +128,9 @@ void attend_kv_head(const uint16_t* q, int64_t groups, int64_t D, const uint16_t
     float* sg = scores + g * stride;
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(best[g]));
     __m512 total = _mm512_setzero_ps();
-    for (int64_t t = 0; t < ctx; t += 16) {  // past ctx: -inf, so e^(s - m) = 0
+    // past ctx the scores are -inf: e^(s - m) clamps to e^-87, nothing beside a total of >= 1,
+    // and the weighted sum below stops at ctx
+    for (int64_t t = 0; t < ctx; t += 16) {
       const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sg + t), m));
       _mm512_storeu_ps(sg + t, e);
       total = _mm512_add_ps(total, e);
