@@ -324,7 +324,7 @@ def _stack_bf16(linears: list[nn.Module], bias: torch.Tensor | None) -> _Stacked
     for p in linears:
         p.skinny_weight = None
     return _Stacked(cpu_decode.pack_skinny(weight), weight.shape[0], bias, None,
-                    cpu_decode.MAX_ROWS)
+                    cpu_decode.skinny_rows(weight))
 
 
 def _stack_int8(layers: list[nn.Module], bias: torch.Tensor | None) -> _Stacked:

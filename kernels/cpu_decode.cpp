@@ -301,6 +301,8 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "bf16 x @ w.T for a few rows of x, w packed in blocks");
+  m.def("amx_ready", &amx_ready, "whether skinny_linear runs calls of up to amx_max_rows on AMX");
+  m.attr("amx_max_rows") = kAmxMaxRows;
   m.def("skinny_linear_int8", &skinny_linear_int8,
         "bf16 x @ (int8 w * scale).T, w packed in blocks");
   m.def("skinny_linear_int4", &skinny_linear_int4,

@@ -36,6 +36,13 @@ torch::Tensor skinny_linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor
 torch::Tensor skinny_linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t N,
                                  int64_t group, c10::optional<torch::Tensor> bias);
 
+// cpu_matmul_amx.cpp: the bf16 skinny matmul on AMX tiles, for calls of up to kAmxMaxRows rows
+// (`blocks` blocks of pack_skinny's layout at `w`), where amx_ready() (the CPU has AMX, Linux
+// grants the tile state, BATON_CPU_AMX is not 0).
+constexpr int64_t kAmxMaxRows = 32;
+bool amx_ready();
+void amx_linear(const SkinnyRows& io, const uint16_t* w, int64_t K, int64_t blocks, int64_t N);
+
 // cpu_decode.cpp
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                torch::Tensor tables, torch::Tensor rows, torch::Tensor base,

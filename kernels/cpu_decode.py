@@ -78,8 +78,8 @@ log = logging.getLogger(__name__)
 # matmuls (bf16 and int8; int4); a whole decoder layer in one call; what they declare of each
 # other.
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_decode.cpp", "cpu_matmul.cpp",
-                                                      "cpu_matmul_int4.cpp", "cpu_layer.cpp",
-                                                      "cpu_decode.h"))
+                                                      "cpu_matmul_amx.cpp", "cpu_matmul_int4.cpp",
+                                                      "cpu_layer.cpp", "cpu_decode.h"))
 MAX_ROWS = 8
 MAX_WEIGHT_ELEMENTS = 1 << 21  # 4 MiB of bf16: every projection of a small model, no LM head
 LARGE_MAX_ROWS = 4  # rows it takes on larger weights (LM heads), where the stream wins longer
@@ -189,12 +189,22 @@ def _use_one_ninja() -> None:
         os.environ["PATH"] = str(folder) + os.pathsep + path
 
 
+def amx_rows() -> int:
+    """Up to how many rows `skinny_linear` runs on AMX tiles here (0: no AMX, or
+    `BATON_CPU_AMX=0`, or the kernels are off)."""
+    ext = kernel()
+    return int(ext.amx_max_rows) if ext is not None and ext.amx_ready() else 0
+
+
 def skinny_rows(weight: torch.Tensor) -> int:
-    """Up to how many rows calls on `weight [N, K]` go to this kernel (0: none; see the table
-    above): `MAX_ROWS` on weights of up to `MAX_WEIGHT_ELEMENTS`, `LARGE_MAX_ROWS` on larger."""
+    """Up to how many rows calls on `weight [N, K]` go to this kernel (0: none; see the tables
+    above): with AMX, `amx_rows()` on every weight; else `MAX_ROWS` on weights of up to
+    `MAX_WEIGHT_ELEMENTS`, `LARGE_MAX_ROWS` on larger."""
     if not (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
             and weight.dim() == 2 and weight.shape[1] % 32 == 0 and kernel() is not None):
         return 0
+    if amx_rows():
+        return amx_rows()
     return MAX_ROWS if weight.numel() <= MAX_WEIGHT_ELEMENTS else LARGE_MAX_ROWS
 
 

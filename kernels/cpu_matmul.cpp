@@ -12,6 +12,9 @@
 // once. `baton.kernels.cpu_decode` checks the CPU and the shapes, and leaves everything else to
 // oneDNN.
 //
+// On a CPU with AMX, skinny_linear runs calls of up to kAmxMaxRows rows on the tile unit instead
+// (cpu_matmul_amx.cpp), over the same packed weight.
+//
 // skinny_linear_int8: the same for a weight-only int8 weight (per output channel scales), laid
 // out [N/4, K/64, 4, 64]: weights widened to bf16 (exact) in registers once per block of four
 // token rows, then VDPBF16PS. A step reads half the bytes of bf16.
@@ -98,6 +101,17 @@ void dot_block_i8(const int8_t* w, int64_t K, const uint16_t* x, int64_t ldx, in
 
 }  // namespace
 
+// x [..., K] against a packed weight of blocks of four rows for N outputs.
+void check_packed(const char* name, const torch::Tensor& x, const torch::Tensor& w, int64_t K,
+                  int64_t N) {
+  const int64_t blocks = w.size(0);
+  TORCH_CHECK(N > (blocks - 1) * kRows && N <= blocks * kRows, "a packed weight of ", blocks,
+              " blocks cannot have ", N, " rows");
+  TORCH_CHECK(x.size(-1) == K, name, ": rows of ", x.size(-1), " against a weight of ", K);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 64 == 0, name,
+              " needs a 64-byte aligned weight");
+}
+
 // What both skinny matmuls share: checks of x [..., K] bf16 against a packed weight of `blocks`
 // blocks of four rows for N outputs, and the loop over blocks (in parallel) and token rows;
 // `block(n0, nrows, x rows, ntoks, bias or nullptr, out)` computes one block against up to four
@@ -106,12 +120,8 @@ template <typename Block>
 torch::Tensor over_blocks(const char* name, const torch::Tensor& x, const torch::Tensor& w,
                           int64_t K, int64_t N, const c10::optional<torch::Tensor>& bias,
                           Block block) {
+  check_packed(name, x, w, K, N);
   const int64_t blocks = w.size(0);
-  TORCH_CHECK(N > (blocks - 1) * kRows && N <= blocks * kRows, "a packed weight of ", blocks,
-              " blocks cannot have ", N, " rows");
-  TORCH_CHECK(x.size(-1) == K, name, ": rows of ", x.size(-1), " against a weight of ", K);
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 64 == 0, name,
-              " needs a 64-byte aligned weight");
   const SkinnyRows io(x, K, N, bias);
   const int64_t M = io.M;
   const uint16_t* xp = io.x;
@@ -142,6 +152,12 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, int64_t N,
               "skinny_linear takes a weight packed by pack_skinny, [N/4, K/32, 4, 32]");
   const int64_t K = w.size(1) * 32;
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  if (x.dim() > 0 && x.size(-1) > 0 && x.numel() / x.size(-1) <= kAmxMaxRows && amx_ready()) {
+    check_packed("skinny_linear", x, w, K, N);
+    const SkinnyRows io(x, K, N, bias);
+    if (io.M > 0) amx_linear(io, wp, K, w.size(0), N);
+    return io.result();
+  }
   return over_blocks("skinny_linear", x, w, K, N, bias,
                      [&](int64_t n0, int64_t nrows, const uint16_t* xr, int64_t ntoks,
                          const float* bp, at::BFloat16* out) {

@@ -9,6 +9,9 @@ where the CPU has it, a kernel that fails to build fails here.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -37,12 +40,13 @@ def bf16_exact(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> t
     return y if bias is None else y + bias.double()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
-@pytest.mark.parametrize(("n", "k"), [(1, 32), (5, 64), (193, 576), (576, 1536)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33])
+@pytest.mark.parametrize(("n", "k"), [(1, 32), (5, 64), (36, 64), (193, 576), (576, 1536)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_skinny_linear_is_the_exact_sum_rounded_to_bf16(rows, n, k, with_bias):
     """Every output within one bf16 step of the exact sum (fp32 accumulation errors are far
-    below it), for row counts across the kernel's 4-row blocks and weights with ragged tails."""
+    below it), for row counts across the kernel's 4-row blocks and AMX's 16-row tiles (33: past
+    AMX's rows, back on AVX-512) and weights with ragged tails."""
     torch.manual_seed(rows * 1000 + n)
     x = torch.randn(1, rows, k).to(torch.bfloat16)
     w = torch.randn(n, k).to(torch.bfloat16)
@@ -71,8 +75,39 @@ def test_shapes_the_kernel_cannot_take_are_refused_and_left_to_onednn():
     assert cpu_decode.skinny_rows(w) == 0
     assert cpu_decode.skinny_rows(torch.randn(8, 64)) == 0  # float32: oneDNN's
     lm_head = torch.randn(49152, 576).to(torch.bfloat16)
-    assert cpu_decode.skinny_rows(lm_head) == cpu_decode.LARGE_MAX_ROWS  # 1-4 rows only
-    assert cpu_decode.skinny_rows(torch.randn(1536, 576).to(torch.bfloat16)) == cpu_decode.MAX_ROWS
+    amx = cpu_decode.amx_rows()  # with AMX, every weight's calls of up to 32 rows
+    assert cpu_decode.skinny_rows(lm_head) == (amx or cpu_decode.LARGE_MAX_ROWS)  # 1-4 rows
+    assert cpu_decode.skinny_rows(torch.randn(1536, 576).to(torch.bfloat16)) == (
+        amx or cpu_decode.MAX_ROWS)
+
+
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
+    """Every call the kernel takes (up to `skinny_rows`: 8 on AVX-512, 32 on AMX) gives each row
+    the bits it gets alone: a verify step's or a batch's rows come out as single decode rows
+    would."""
+    torch.manual_seed(3)
+    w = torch.randn(200, 576).to(torch.bfloat16)
+    packed = cpu_decode.pack_skinny(w)
+    bias = torch.randn(200).to(torch.bfloat16)
+    x = torch.randn(cpu_decode.skinny_rows(w), 576).to(torch.bfloat16)
+    alone = torch.cat([cpu_decode.skinny_linear(row[None], packed, 200, bias) for row in x])
+    for rows in sorted({2, 5, 16, 17, len(x)} & set(range(2, len(x) + 1))):
+        assert torch.equal(cpu_decode.skinny_linear(x[:rows], packed, 200, bias), alone[:rows])
+
+
+@pytest.mark.skipif(not {"amx_bf16", "amx_tile"} <= cpu_decode.cpu_flags(),
+                    reason="no AMX on this CPU")
+def test_the_kernel_runs_on_amx_where_the_cpu_has_it_unless_turned_off():
+    """On a CPU with AMX the skinny matmul takes 32 rows (AMX tiles); `BATON_CPU_AMX=0` keeps it
+    on AVX-512 at 8 (a separate process: the choice is made once per process)."""
+    assert cpu_decode.amx_rows() == 32
+    code = ("from baton.kernels import cpu_decode; import torch; "
+            "print(cpu_decode.amx_rows(), "
+            "cpu_decode.skinny_rows(torch.zeros(64, 64, dtype=torch.bfloat16)))")
+    env = {**os.environ, "BATON_CPU_AMX": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=300).stdout.split()
+    assert out == ["0", str(cpu_decode.MAX_ROWS)]
 
 
 @pytest.mark.skipif(not packing_supported(torch.bfloat16, torch.device("cpu")),
@@ -83,16 +118,20 @@ def test_packed_linear_runs_decode_rows_on_the_kernel_and_prompts_on_onednn(bias
     linear = nn.Linear(576, 1536, bias=bias).to(torch.bfloat16)
     layer = PackedLinear(linear)
     onednn = PackedLinear(linear, skinny_rows=0)
-    assert layer.skinny_rows == cpu_decode.MAX_ROWS and onednn.skinny_weight is None
+    most = cpu_decode.skinny_rows(linear.weight)
+    assert layer.skinny_rows == most >= cpu_decode.MAX_ROWS and onednn.skinny_weight is None
     packed = cpu_decode.pack_skinny(linear.weight)
     with torch.inference_mode():
-        for rows in (1, 3, cpu_decode.MAX_ROWS):
+        for rows in (1, 3, most):
             x = torch.randn(1, rows, 576).to(torch.bfloat16)
             assert torch.equal(layer(x),
                                cpu_decode.skinny_linear(x, packed, 1536, linear.bias))
-        x = torch.randn(1, cpu_decode.MAX_ROWS + 1, 576).to(torch.bfloat16)
+        x = torch.randn(1, most + 1, 576).to(torch.bfloat16)
         assert torch.equal(layer(x), onednn(x))
-        assert torch.equal(layer(x), linear(x))
+        # oneDNN on its packed weight: nn.Linear's values, within one unit in the last place
+        # where AMX picks other kernels for it (tests/actors/test_cpu_linear.py)
+        torch.testing.assert_close(layer(x), linear(x), rtol=torch.finfo(torch.bfloat16).eps,
+                                   atol=1e-4)
     assert torch.equal(layer.weight, linear.weight)
 
 
