@@ -8,10 +8,11 @@ forward runs the same arithmetic straight on the kernels. Per layer: one RMSNorm
 projections, one rotary call each for q and k, Baton's paged attention function, the output
 projection, one RMSNorm, the gate and up projections, SiLU times up, the down projection.
 
-Steps of up to `cpu_decode.MAX_ROWS` tokens (decode rows, short drafts) run q, k and v as one
-skinny matmul and gate and up as another. Each output row of that kernel is its own sum, so the
-stacked projection gives the very values of the separate ones. Steps of up to `MAX_TOKENS` (long
-drafts, batches) call the layers' own oneDNN projections. int8 and int4 models on the skinny
+Steps of up to the skinny kernel's rows (`cpu_decode.skinny_rows`: 8 on AVX-512; with AMX 32,
+so every step this forward takes) run q, k and v as one skinny matmul and gate and up as another.
+Each output row of that kernel is its own sum, so the stacked projection gives the very values of
+the separate ones. Longer steps of up to `MAX_TOKENS` (long drafts, batches, on CPUs without AMX)
+call the layers' own oneDNN projections. int8 and int4 models on the skinny
 int8 and int4 kernels stack the same projections for every step (those kernels take any number
 of rows), the layers' own weights becoming views of the stacked one. Every other op is the one
 transformers runs, so the tokens and logprobs are those of the transformers forward on the same
@@ -28,7 +29,7 @@ kernels/cpu_layer.cpp): the same kernels and ATen ops in the same order, without
 between them (about 120 us a layer here: a bf16 token went from 14.6 to 10.5 ms, an int4 token
 from 9.7 to 7.1 ms, two threads). In bf16, a call past the skinny kernel's rows runs the
 projections' own oneDNN weights from C++, as the Python layers would (verify steps of 9-16
-tokens: 0.7-0.9x the Python layers' time on a Xeon with AMX). A prefill worker's short prompt
+tokens: 0.7-0.9x the Python layers' time, before AMX took those rows). A prefill worker's short prompt
 still pushes its KV layer by layer: the step's `on_layer_done` runs after each layer's call.
 
 Models: Llama, Qwen2 (with its q/k/v biases) and Qwen3 (with its q/k norms), with full attention
