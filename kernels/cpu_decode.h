@@ -1,6 +1,7 @@
 // What Baton's CPU decode kernels export to Python (bound in cpu_decode.cpp).
 #pragma once
 
+#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <vector>
@@ -36,12 +37,24 @@ torch::Tensor skinny_linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor
 torch::Tensor skinny_linear_int4(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t N,
                                  int64_t group, c10::optional<torch::Tensor> bias);
 
-// cpu_matmul_amx.cpp: the bf16 skinny matmul on AMX tiles, for calls of up to kAmxMaxRows rows
-// (`blocks` blocks of pack_skinny's layout at `w`), where amx_ready() (the CPU has AMX, Linux
-// grants the tile state, BATON_CPU_AMX is not 0).
+// 32 int8 weights as bf16 pairs (exact: every int8 is a bf16).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+inline __m512bh int8_to_bf16(const int8_t* q) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+      _mm_load_si128(reinterpret_cast<const __m128i*>(q))));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+      _mm_load_si128(reinterpret_cast<const __m128i*>(q + 16))));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// cpu_matmul_amx.cpp: the skinny matmuls on AMX tiles, where amx_ready() (the CPU has AMX, Linux
+// grants the tile state, BATON_CPU_AMX is not 0): `blocks` blocks of pack_skinny's layout at `w`
+// (bf16, `scale` null) or of pack_skinny_int8's (int8, `scale` per row); any rows, kAmxMaxRows at
+// a time (skinny_linear hands it calls of up to kAmxMaxRows rows; oneDNN takes longer ones).
 constexpr int64_t kAmxMaxRows = 32;
 bool amx_ready();
-void amx_linear(const SkinnyRows& io, const uint16_t* w, int64_t K, int64_t blocks, int64_t N);
+void amx_linear(const SkinnyRows& io, const void* w, int64_t K, int64_t blocks, int64_t N,
+                const float* scale);
 
 // cpu_decode.cpp
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,

@@ -12,8 +12,8 @@
 // once. `baton.kernels.cpu_decode` checks the CPU and the shapes, and leaves everything else to
 // oneDNN.
 //
-// On a CPU with AMX, skinny_linear runs calls of up to kAmxMaxRows rows on the tile unit instead
-// (cpu_matmul_amx.cpp), over the same packed weight.
+// On a CPU with AMX, skinny_linear runs calls of up to kAmxMaxRows rows, and skinny_linear_int8
+// every call, on the tile unit instead (cpu_matmul_amx.cpp), over the same packed weights.
 //
 // skinny_linear_int8: the same for a weight-only int8 weight (per output channel scales), laid
 // out [N/4, K/64, 4, 64]: weights widened to bf16 (exact) in registers once per block of four
@@ -55,16 +55,6 @@ void dot_block(const uint16_t* w, int64_t K, const uint16_t* x, int64_t ldx, int
   for (int r = 0; r < nrows; ++r)
     for (int t = 0; t < ntoks; ++t)
       out[t * ldo + r] = at::BFloat16(_mm512_reduce_add_ps(acc[r][t]) + (bias ? bias[r] : 0.f));
-}
-
-// 32 int8 weights as bf16 pairs (exact: every int8 is a bf16).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-inline __m512bh int8_to_bf16(const int8_t* q) {
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-      _mm_load_si128(reinterpret_cast<const __m128i*>(q))));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-      _mm_load_si128(reinterpret_cast<const __m128i*>(q + 16))));
-  return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
 // One block of four int8 weight rows, laid out [K/64, 4, 64], against up to four token rows of
@@ -155,7 +145,7 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, int64_t N,
   if (x.dim() > 0 && x.size(-1) > 0 && x.numel() / x.size(-1) <= kAmxMaxRows && amx_ready()) {
     check_packed("skinny_linear", x, w, K, N);
     const SkinnyRows io(x, K, N, bias);
-    if (io.M > 0) amx_linear(io, wp, K, w.size(0), N);
+    if (io.M > 0) amx_linear(io, wp, K, w.size(0), N, nullptr);
     return io.result();
   }
   return over_blocks("skinny_linear", x, w, K, N, bias,
@@ -179,6 +169,12 @@ torch::Tensor skinny_linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor
   const int64_t K = w.size(1) * 64;
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
+  if (amx_ready()) {  // any number of rows, kAmxMaxRows at a time
+    check_packed("skinny_linear_int8", x, w, K, N);
+    const SkinnyRows io(x, K, N, bias);
+    if (io.M > 0) amx_linear(io, wp, K, w.size(0), N, sp);
+    return io.result();
+  }
   return over_blocks("skinny_linear_int8", x, w, K, N, bias,
                      [&](int64_t n0, int64_t nrows, const uint16_t* xr, int64_t ntoks,
                          const float* bp, at::BFloat16* out) {

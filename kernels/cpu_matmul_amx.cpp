@@ -1,15 +1,17 @@
-// The bf16 skinny matmul on Intel AMX (see baton/kernels/cpu_decode.py): y[M, N] = x[M, K] @
-// w[N, K]^T (+ bias) for M up to kAmxMaxRows, on the weight as pack_skinny lays it out (blocks of
-// four rows, their 32-wide K chunks interleaved), so no second copy of the weight is held.
+// The skinny matmuls on Intel AMX (see baton/kernels/cpu_decode.py): y[M, N] = x[M, K] @
+// w[N, K]^T (* scale) (+ bias), on the weight as pack_skinny lays it out (blocks of four rows,
+// their 32-wide K chunks interleaved) or pack_skinny_int8 does (64-wide chunks, int8, a scale per
+// row), so no second copy of the weight is held. Rows go kAmxMaxRows at a time.
 //
 // A tile multiply (TDPBF16PS) takes 16 weight rows by 32 K against 16 token rows by 32 K in the
 // time AVX-512 takes for a handful of dot products, so the calls of a verify step or a batch of
 // decode rows read the weight once at the memory's speed instead of running out of multiplies
 // past four rows. Per group of kGroupRows weight rows, for each 32-wide K chunk: the chunk of each
-// of the group's blocks is copied side by side into an A tile (16 rows of 64 bytes), the step's
+// of the group's blocks is copied side by side into an A tile (16 rows of 64 bytes; int8 weights
+// widened to bf16 on the way, exactly), the step's
 // rows, laid out once per call as K pairs (the B operand's layout), are loaded as B, and the
 // fp32 sums stay in the C tiles over all of K; at the end each token row is gathered out of the
-// C tiles, the bias added, and rounded to bf16 once. Each output's sum runs the same tile ops in
+// C tiles, scaled (int8), the bias added, and rounded to bf16 once. Each output's sum runs the same tile ops in
 // the same order whatever the other rows are, so a row's result does not depend on its batch.
 
 #include <ATen/Parallel.h>
@@ -65,11 +67,13 @@ __attribute__((target("amx-tile,amx-bf16"))) void configure(int64_t M) {
 
 __attribute__((target("amx-tile"))) void release() { _tile_release(); }
 
-// One group of `nblocks` (up to kGroupBlocks) blocks starting at `w`, against the M step rows in
-// `xk` (K pairs: [K/2, M, 2] bf16); writes its columns n0.. of `out` [M, N].
+// One group of `nblocks` (up to kGroupBlocks) blocks starting at `w` (bf16, or int8 with
+// `scale`), against the M step rows in `xk` (K pairs: [K/2, M, 2] bf16); writes its columns n0..
+// of `out` [M, N].
+template <bool kInt8>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
-void run_group(const uint16_t* w, int64_t K, int64_t nblocks, const uint16_t* xk, int64_t M,
-               const float* bias, uint16_t* out, int64_t N, int64_t n0) {
+void run_group(const void* w, int64_t K, int64_t nblocks, const uint16_t* xk, int64_t M,
+               const float* scale, const float* bias, uint16_t* out, int64_t N, int64_t n0) {
   alignas(64) uint16_t a[kGroupBlocks * kBlockRows * 32];
   alignas(64) float c[2][2][kTileRows * kTileRows];
   const bool two_a = nblocks > kGroupBlocks / 2, two_b = M > kTileRows;
@@ -83,9 +87,16 @@ void run_group(const uint16_t* w, int64_t K, int64_t nblocks, const uint16_t* xk
   const int64_t pair_row = M * 2;  // bf16 elements per K pair of the step rows
   for (int64_t k = 0; k < K; k += 32) {
     for (int64_t b = 0; b < nblocks; ++b) {
-      const __m512i* src = reinterpret_cast<const __m512i*>(w + b * kBlockRows * K + k * 4);
       __m512i* dst = reinterpret_cast<__m512i*>(a + b * kBlockRows * 32);
-      for (int r = 0; r < kBlockRows; ++r) dst[r] = _mm512_load_si512(src + r);
+      if constexpr (kInt8) {  // [K/64, 4, 64]: this chunk is half of a 64-wide one
+        const int8_t* src = static_cast<const int8_t*>(w) + b * kBlockRows * K +
+                            (k / 64) * kBlockRows * 64 + k % 64;
+        for (int r = 0; r < kBlockRows; ++r) dst[r] = (__m512i)int8_to_bf16(src + r * 64);
+      } else {
+        const auto* src = reinterpret_cast<const __m512i*>(static_cast<const uint16_t*>(w) +
+                                                           b * kBlockRows * K + k * 4);
+        for (int r = 0; r < kBlockRows; ++r) dst[r] = _mm512_load_si512(src + r);
+      }
     }
     const uint16_t* bk = xk + (k / 2) * pair_row;
     _tile_loadd(0, a, 64);
@@ -117,9 +128,12 @@ void run_group(const uint16_t* w, int64_t K, int64_t nblocks, const uint16_t* xk
     const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(keep, bias + n0 + half * kTileRows)
                            : _mm512_setzero_ps();
+    const __m512 sv = kInt8 ? _mm512_maskz_loadu_ps(keep, scale + n0 + half * kTileRows)
+                            : _mm512_setzero_ps();
     for (int64_t t = 0; t < M; ++t) {
       const float* sums = c[half][t / kTileRows] + t % kTileRows;
-      const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, sums, 4), bv);
+      __m512 v = _mm512_i32gather_ps(column, sums, 4);
+      v = kInt8 ? _mm512_fmadd_ps(v, sv, bv) : _mm512_add_ps(v, bv);
       _mm256_mask_storeu_epi16(out + t * N + n0 + half * kTileRows, keep,
                                (__m256i)_mm512_cvtneps_pbh(v));
     }
@@ -140,31 +154,35 @@ bool amx_ready() {
   return ready;
 }
 
-void amx_linear(const SkinnyRows& io, const uint16_t* w, int64_t K, int64_t blocks, int64_t N) {
-  const int64_t M = io.M;
-  TORCH_CHECK(M >= 1 && M <= kAmxMaxRows, "amx_linear takes 1 to ", kAmxMaxRows, " rows, got ",
-              M);
-  // The step rows as K pairs, [K/2, M] of 32-bit pairs: the B tiles' rows.
-  // (A buffer kept per thread: allocating and zeroing it anew cost more than filling it.)
-  thread_local std::vector<uint32_t> pairs;
+void amx_linear(const SkinnyRows& io, const void* w, int64_t K, int64_t blocks, int64_t N,
+                const float* scale) {
   const int64_t P = K / 2;
-  if (static_cast<int64_t>(pairs.size()) < P * M) pairs.resize(P * M);
-  const auto* src = reinterpret_cast<const uint32_t*>(io.x);
-  uint32_t* dst = pairs.data();
-  for (int64_t p = 0; p < P; ++p, dst += M)
-    for (int64_t t = 0; t < M; ++t) dst[t] = src[t * P + p];
-  const auto* xk = reinterpret_cast<const uint16_t*>(pairs.data());
-  auto* out = reinterpret_cast<uint16_t*>(io.y);
-  const float* bias = io.bias;
   const int64_t groups = (blocks + kGroupBlocks - 1) / kGroupBlocks;
-  // A grain of 2 groups (64 rows) keeps tiny matrices on one thread.
-  at::parallel_for(0, groups, 2, [&](int64_t begin, int64_t end) {
-    configure(M);
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t b0 = g * kGroupBlocks;
-      run_group(w + b0 * kBlockRows * K, K, std::min<int64_t>(kGroupBlocks, blocks - b0), xk, M,
-                bias, out, N, b0 * kBlockRows);
-    }
-    release();
-  });
+  // The step rows as K pairs, [K/2, rows] of 32-bit pairs: the B tiles' rows. (A buffer kept
+  // per thread: allocating and zeroing it anew cost more than filling it.)
+  thread_local std::vector<uint32_t> pairs;
+  if (static_cast<int64_t>(pairs.size()) < P * kAmxMaxRows) pairs.resize(P * kAmxMaxRows);
+  for (int64_t m0 = 0; m0 < io.M; m0 += kAmxMaxRows) {
+    const int64_t M = std::min<int64_t>(kAmxMaxRows, io.M - m0);
+    const auto* src = reinterpret_cast<const uint32_t*>(io.x) + m0 * P;
+    uint32_t* dst = pairs.data();
+    for (int64_t p = 0; p < P; ++p, dst += M)
+      for (int64_t t = 0; t < M; ++t) dst[t] = src[t * P + p];
+    const auto* xk = reinterpret_cast<const uint16_t*>(pairs.data());
+    auto* out = reinterpret_cast<uint16_t*>(io.y) + m0 * N;
+    // A grain of 2 groups (64 rows) keeps tiny matrices on one thread.
+    at::parallel_for(0, groups, 2, [&](int64_t begin, int64_t end) {
+      configure(M);
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t b0 = g * kGroupBlocks, nblocks = std::min<int64_t>(kGroupBlocks, blocks - b0);
+        if (scale != nullptr)
+          run_group<true>(static_cast<const int8_t*>(w) + b0 * kBlockRows * K, K, nblocks, xk, M,
+                          scale, io.bias, out, N, b0 * kBlockRows);
+        else
+          run_group<false>(static_cast<const uint16_t*>(w) + b0 * kBlockRows * K, K, nblocks,
+                           xk, M, nullptr, io.bias, out, N, b0 * kBlockRows);
+      }
+      release();
+    });
+  }
 }

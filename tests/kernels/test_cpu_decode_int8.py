@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not cpu_decode.wanted(),
                                 reason="no avx512_bf16 here, or BATON_CPU_KERNELS=0")
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 64])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 17, 32, 33, 64])
 @pytest.mark.parametrize(("n", "k"), [(1, 64), (5, 128), (193, 576), (576, 1536)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_skinny_int8_is_the_exact_sum_scaled_and_rounded_to_bf16(rows, n, k, with_bias):
@@ -34,6 +34,21 @@ def test_skinny_int8_is_the_exact_sum_scaled_and_rounded_to_bf16(rows, n, k, wit
         exact = exact + bias.double()
     step = exact.abs() * 2.0**-7 + 1e-5  # one bf16 ulp of the exact value, at most
     assert ((y.double() - exact).abs() <= step).all()
+
+
+def test_an_int8_rows_result_does_not_depend_on_the_rows_beside_it():
+    """Any number of rows (on AMX, 32 at a time) gives each row the bits it gets alone: a
+    prompt chunk, a verify step and a decode row agree."""
+    torch.manual_seed(4)
+    q = torch.randint(-127, 128, (200, 576), dtype=torch.int8)
+    scales = torch.rand(200) * 0.01 + 1e-3
+    packed, bias = cpu_decode.pack_skinny_int8(q), torch.randn(200).to(torch.bfloat16)
+    x = torch.randn(40, 576).to(torch.bfloat16)
+    alone = torch.cat([cpu_decode.skinny_linear_int8(row[None], packed, scales, 200, bias)
+                       for row in x])
+    for rows in (2, 17, 32, 33, 40):
+        assert torch.equal(cpu_decode.skinny_linear_int8(x[:rows], packed, scales, 200, bias),
+                           alone[:rows])
 
 
 def test_the_int8_layout_round_trips_and_refuses_what_it_cannot_take():
