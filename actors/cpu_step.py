@@ -29,8 +29,9 @@ kernels/cpu_layer.cpp): the same kernels and ATen ops in the same order, without
 between them (about 120 us a layer here: a bf16 token went from 14.6 to 10.5 ms, an int4 token
 from 9.7 to 7.1 ms, two threads). In bf16, a call past the skinny kernel's rows runs the
 projections' own oneDNN weights from C++, as the Python layers would (verify steps of 9-16
-tokens: 0.7-0.9x the Python layers' time, before AMX took those rows). A prefill worker's short prompt
-still pushes its KV layer by layer: the step's `on_layer_done` runs after each layer's call.
+tokens: 0.7-0.9x the Python layers' time, before AMX took those rows). A prefill worker's short
+prompt still pushes its KV layer by layer: the step's `on_layer_done` runs after each layer's
+call.
 
 Models: Llama, Qwen2 (with its q/k/v biases) and Qwen3 (with its q/k norms), with full attention
 in every layer and default rotary embedding; others keep the transformers forward. Weight-only
