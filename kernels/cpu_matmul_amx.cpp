@@ -6,13 +6,14 @@
 // A tile multiply (TDPBF16PS) takes 16 weight rows by 32 K against 16 token rows by 32 K in the
 // time AVX-512 takes for a handful of dot products, so the calls of a verify step or a batch of
 // decode rows read the weight once at the memory's speed instead of running out of multiplies
-// past four rows. Per group of kGroupRows weight rows, for each 32-wide K chunk: the chunk of each
-// of the group's blocks is copied side by side into an A tile (16 rows of 64 bytes; int8 weights
-// widened to bf16 on the way, exactly), the step's
-// rows, laid out once per call as K pairs (the B operand's layout), are loaded as B, and the
-// fp32 sums stay in the C tiles over all of K; at the end each token row is gathered out of the
-// C tiles, scaled (int8), the bias added, and rounded to bf16 once. Each output's sum runs the same tile ops in
-// the same order whatever the other rows are, so a row's result does not depend on its batch.
+// past four rows. Per group of kGroupRows weight rows, for each 32-wide K chunk:
+// - the chunk of each of the group's blocks is copied side by side into the A tiles (16 rows of
+//   64 bytes each; int8 weights widened to bf16 on the way, exactly);
+// - the step's rows, laid out once per call as K pairs (the B operand's layout), are loaded as B;
+// - the fp32 sums stay in the C tiles over all of K.
+// At the end each token row is gathered out of the C tiles, scaled (int8), the bias added, and
+// rounded to bf16 once. Each output's sum runs the same tile ops in the same order whatever the
+// other rows are, so a row's result does not depend on its batch.
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
