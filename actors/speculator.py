@@ -62,6 +62,8 @@ class Speculator:
         self.blocks = blocks
         self.cache = cache
         self.budget_tokens = budget_tokens
+        # The longest step the runner takes on its fast path (0: no such limit); see `propose`.
+        self.fast_tokens = 0
         self.proposers = proposers or {}
         self.cost = StepCostModel()
         self.lookahead = LookaheadProposer() if "lookahead" in settings.methods else None
@@ -131,6 +133,12 @@ class Speculator:
         base = len(decoding) + sum(s.num_uncomputed_tokens for s in running
                                    if s not in decoding) + waiting_tokens
         base = min(base, self.budget_tokens)
+        budget = self.budget_tokens
+        if 0 < self.fast_tokens and base <= self.fast_tokens:
+            # Drafts do not push a step off the fast path: past it a step costs a step more
+            # than the cost model's straight line says (on a CPU, 32 tokens on the fused layers,
+            # more through transformers' forward).
+            budget = min(budget, self.fast_tokens)
         a, _ = self.cost.coefficients()
         # Heads run only for Medusa requests whose recent acceptance pays for one draft token
         # and their share of the heads' pass in this step (a large batch turns them off).
@@ -156,7 +164,7 @@ class Speculator:
                 trust = self._trust(seq.request_id)
                 cand.gains = [min(trust * p, 0.98) for p in scores]
             cands.append(cand)
-        room = self.budget_tokens - sum(fixed)
+        room = budget - sum(fixed)
         ks = [f + k for f, k in zip(fixed, choose_k(cands, base, room, self.cost), strict=True)]
         by_model: dict[str, list[DraftRequest]] = {}
         for seq, k in zip(spec, ks, strict=True):

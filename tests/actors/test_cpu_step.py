@@ -133,6 +133,7 @@ def test_short_steps_run_each_layer_in_one_call_with_the_same_tokens(arch, quant
                           max_num_batched_tokens=16)
     step = lean.runner.decode_step
     assert step.fused_rows == cpu_step.MAX_TOKENS
+    assert lean.speculator.fast_tokens == step.fused_rows  # drafts keep steps on the layers
     calls: list[int] = []
     for layer in step.layers:
         layer.fused = _Counted(layer.fused, calls)

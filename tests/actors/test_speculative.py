@@ -82,6 +82,30 @@ def test_methods_mixed_in_one_batch_chunked_and_preempted(reference):
     assert_no_leaks(small)
 
 
+def test_drafts_do_not_push_a_step_past_the_fast_path(engine, reference, monkeypatch):
+    """Where the runner has a fast path up to some step size (the CPU's fused layers: 32
+    tokens), adaptive drafts keep a step that fits it within it, and it stays lossless."""
+    monkeypatch.setattr(engine.speculator, "fast_tokens", 7)
+    # a step whose tokens cost nothing more: the cost model alone would draft to the budget
+    monkeypatch.setattr(engine.speculator.cost, "coefficients", lambda: (1.0, 0.0))
+    sizes: list[int] = []
+    run = engine.runner.run
+
+    def counted(sched, *args, **kwargs):
+        if all(sched.num_scheduled_tokens[s.request_id] == 1 + s.num_draft_tokens
+               for s in sched.seqs):  # decode and verify steps
+            sizes.append(sched.total_tokens)
+        return run(sched, *args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "run", counted)
+    prompts = [list(p) for p in reference][1:8:2]  # repetitive: prompt lookup finds drafts
+    outs = engine.generate(prompts, SamplingParams(max_tokens=48, ignore_eos=True,
+                                                   method="ngram"))
+    assert [o.token_ids for o in outs] == [reference[tuple(p)] for p in prompts]
+    assert max(sizes) == 7  # four rows and their drafts: drafted, and never past 7
+    assert_no_leaks(engine)
+
+
 def test_prefix_cache_hits_keep_speculation_lossless(engine, reference):
     prompt = max(reference, key=len)
     params = SamplingParams(max_tokens=48, ignore_eos=True, method="draft",
