@@ -134,7 +134,7 @@ class Speculator:
                                    if s not in decoding) + waiting_tokens
         base = min(base, self.budget_tokens)
         budget = self.budget_tokens
-        if 0 < self.fast_tokens and base <= self.fast_tokens:
+        if self.fast_tokens > 0 and base <= self.fast_tokens:
             # Drafts do not push a step off the fast path: past it a step costs a step more
             # than the cost model's straight line says (on a CPU, 32 tokens on the fused layers,
             # more through transformers' forward).
