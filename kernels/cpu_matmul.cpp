@@ -102,6 +102,17 @@ void check_packed(const char* name, const torch::Tensor& x, const torch::Tensor&
               " needs a 64-byte aligned weight");
 }
 
+// A skinny matmul on AMX tiles (cpu_matmul_amx.cpp): the same checks, rows and output, the
+// weight `wp` of `w` (bf16, or int8 with `scale`).
+torch::Tensor on_amx(const char* name, const torch::Tensor& x, const torch::Tensor& w,
+                     const void* wp, int64_t K, int64_t N,
+                     const c10::optional<torch::Tensor>& bias, const float* scale) {
+  check_packed(name, x, w, K, N);
+  const SkinnyRows io(x, K, N, bias);
+  if (io.M > 0) amx_linear(io, wp, K, w.size(0), N, scale);
+  return io.result();
+}
+
 // What both skinny matmuls share: checks of x [..., K] bf16 against a packed weight of `blocks`
 // blocks of four rows for N outputs, and the loop over blocks (in parallel) and token rows;
 // `block(n0, nrows, x rows, ntoks, bias or nullptr, out)` computes one block against up to four
@@ -142,12 +153,8 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, int64_t N,
               "skinny_linear takes a weight packed by pack_skinny, [N/4, K/32, 4, 32]");
   const int64_t K = w.size(1) * 32;
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  if (x.dim() > 0 && x.size(-1) > 0 && x.numel() / x.size(-1) <= kAmxMaxRows && amx_ready()) {
-    check_packed("skinny_linear", x, w, K, N);
-    const SkinnyRows io(x, K, N, bias);
-    if (io.M > 0) amx_linear(io, wp, K, w.size(0), N, nullptr);
-    return io.result();
-  }
+  if (x.dim() > 0 && x.size(-1) > 0 && x.numel() / x.size(-1) <= kAmxMaxRows && amx_ready())
+    return on_amx("skinny_linear", x, w, wp, K, N, bias, nullptr);
   return over_blocks("skinny_linear", x, w, K, N, bias,
                      [&](int64_t n0, int64_t nrows, const uint16_t* xr, int64_t ntoks,
                          const float* bp, at::BFloat16* out) {
@@ -169,12 +176,8 @@ torch::Tensor skinny_linear_int8(torch::Tensor x, torch::Tensor w, torch::Tensor
   const int64_t K = w.size(1) * 64;
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
-  if (amx_ready()) {  // any number of rows, kAmxMaxRows at a time
-    check_packed("skinny_linear_int8", x, w, K, N);
-    const SkinnyRows io(x, K, N, bias);
-    if (io.M > 0) amx_linear(io, wp, K, w.size(0), N, sp);
-    return io.result();
-  }
+  if (amx_ready())  // any number of rows, kAmxMaxRows at a time
+    return on_amx("skinny_linear_int8", x, w, wp, K, N, bias, sp);
   return over_blocks("skinny_linear_int8", x, w, K, N, bias,
                      [&](int64_t n0, int64_t nrows, const uint16_t* xr, int64_t ntoks,
                          const float* bp, at::BFloat16* out) {
