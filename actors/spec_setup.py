@@ -69,11 +69,9 @@ def build_speculator(engine: Engine) -> Speculator:
         proposers["draft"] = separate_draft(model, engine.vocab_size, engine.cache.num_blocks,
                                             cfg.block_size, engine.dtype, engine.device)
         settings.draft_cost_ratio["draft"] = _num_params(model) / _num_params(engine.model)
+    step = engine.runner.decode_step  # the CPU's fused layers: steps of up to `fused_rows`
     speculator = Speculator(settings, engine.blocks, engine.cache, cfg.max_num_batched_tokens,
-                            proposers)
-    step = engine.runner.decode_step
-    if step is not None:  # the CPU's fused layers take steps of up to `fused_rows` tokens
-        speculator.fast_tokens = step.fused_rows
+                            proposers, fast_tokens=step.fused_rows if step is not None else 0)
     if "medusa" in methods:
         assert cfg.medusa_heads is not None
         speculator.medusa = MedusaHeads.load(cfg.medusa_heads, engine.model)

@@ -57,13 +57,13 @@ class Speculator:
 
     def __init__(self, settings: SpecSettings, blocks: BlockManager,
                  cache: PagedKVCache, budget_tokens: int,
-                 proposers: dict[str, DraftModelProposer] | None = None):
+                 proposers: dict[str, DraftModelProposer] | None = None, fast_tokens: int = 0):
         self.settings = settings
         self.blocks = blocks
         self.cache = cache
         self.budget_tokens = budget_tokens
         # The longest step the runner takes on its fast path (0: no such limit); see `propose`.
-        self.fast_tokens = 0
+        self.fast_tokens = fast_tokens
         self.proposers = proposers or {}
         self.cost = StepCostModel()
         self.lookahead = LookaheadProposer() if "lookahead" in settings.methods else None

@@ -229,8 +229,8 @@ def skinny_rows(weight: torch.Tensor) -> int:
     if not (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
             and weight.dim() == 2 and weight.shape[1] % 32 == 0 and kernel() is not None):
         return 0
-    if amx_rows():
-        return amx_rows()
+    if rows := amx_rows():
+        return rows
     return MAX_ROWS if weight.numel() <= MAX_WEIGHT_ELEMENTS else LARGE_MAX_ROWS
 
 
