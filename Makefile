@@ -102,7 +102,7 @@ demo: setup
 	@# A local cluster (Ray, Redis, a prefill and a decode worker, the router), requests over
 	@# gRPC, then everything stopped again, also when a step fails.
 	$(BIN)/baton down >/dev/null 2>&1 || true
-	$(BIN)/baton up --http-port 0
+	$(BIN)/baton up --no-http
 	$(BIN)/python -m baton.ops.demo; status=$$?; $(BIN)/baton down; exit $$status
 
 bench: setup

@@ -72,15 +72,21 @@ def up(config_path: str | None = None, *, address: str | None = None,
     cluster.save()
     try:
         cluster.connect()
-        _start_services(config, cluster, host, grpc_port, http_port)
+        ports = _start_services(config, cluster, host, grpc_port, http_port)
     except BaseException:
         down()
         raise
+    # Port 0 asks the router to bind any free port: record the ones it got.
+    cluster.grpc_address = f"{host}:{ports['grpc']}"
+    if "http" in ports:
+        cluster.http_address = f"{host}:{ports['http']}"
+    cluster.save()
     return cluster
 
 
 def _start_services(config: ClusterConfig, cluster: LocalCluster, host: str, grpc_port: int,
-                    http_port: int | None) -> None:
+                    http_port: int | None) -> dict[str, int]:
+    """Start the controller and the router; the ports the router bound."""
     # The controller module brings in the worker actor, and with it torch: only `up` and `down`
     # import it, so `baton status` does not wait for torch.
     from baton.cluster.controller import CONTROLLER_NAME
@@ -95,7 +101,7 @@ def _start_services(config: ClusterConfig, cluster: LocalCluster, host: str, grp
     router = ray.remote(RouterActor).options(
         name=ROUTER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
         max_restarts=0, runtime_env=SERVING_RUNTIME_ENV).remote(settings)
-    ray.get(router.start.remote())
+    return ray.get(router.start.remote())
 
 
 def down() -> bool:

@@ -25,8 +25,9 @@ def up(
     address: Annotated[str | None, typer.Option(help="Join this Ray cluster")] = None,
     redis_url: Annotated[str | None, typer.Option(help="Use this Redis")] = None,
     host: Annotated[str, typer.Option(help="Address the API binds to")] = "127.0.0.1",
-    grpc_port: Annotated[int, typer.Option(help="gRPC API port")] = 50051,
-    http_port: Annotated[int, typer.Option(help="OpenAI-style HTTP port (0: none)")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC API port (0: any free one)")] = 50051,
+    http_port: Annotated[int, typer.Option(help="HTTP API port (0: any free one)")] = 8000,
+    no_http: Annotated[bool, typer.Option("--no-http", help="No OpenAI-style HTTP API")] = False,
     token: Annotated[str | None, typer.Option(help="API token (made up beyond loopback)")] = None,
 ) -> None:
     """Start a cluster: Ray, Redis, the worker pools, and the router."""
@@ -35,7 +36,8 @@ def up(
     console = Console()
     with console.status("starting Ray, Redis, the pools and the router"):
         cluster = local.up(config, address=address, redis_url=redis_url, host=host,
-                           grpc_port=grpc_port, http_port=http_port or None, token=token)
+                           grpc_port=grpc_port, http_port=None if no_http else http_port,
+                           token=token)
     console.print(f"[green]Baton is up[/]: gRPC {cluster.grpc_address}"
                   + (f", HTTP http://{cluster.http_address}/v1" if cluster.http_address else "")
                   + f", Ray {cluster.ray_address}")

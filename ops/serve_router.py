@@ -43,7 +43,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--namespace", default=NAMESPACE, help="Ray namespace of the cluster")
     parser.add_argument("--host", default="0.0.0.0", help="address the API binds to")
     parser.add_argument("--grpc-port", type=int, default=50051)
-    parser.add_argument("--http-port", type=int, default=8000, help="0: no HTTP front end")
+    parser.add_argument("--http-port", type=int, default=8000, help="0: any free port")
+    parser.add_argument("--no-http", action="store_true", help="no OpenAI-style HTTP API")
     parser.add_argument("--startup-timeout", type=float, default=1800.0,
                         help="seconds to wait for a decode worker")
     return parser.parse_args(argv)
@@ -54,7 +55,8 @@ def router_settings(args: argparse.Namespace, config: ClusterConfig,
     """The router's settings: ports from the command line, secrets from the environment."""
     return RouterSettings(
         model=config.model, host=args.host, grpc_port=args.grpc_port,
-        http_port=args.http_port or None, token=env.get("BATON_API_TOKEN") or None,
+        http_port=None if args.no_http else args.http_port,
+        token=env.get("BATON_API_TOKEN") or None,
         redis_url=env.get("BATON_REDIS_URL") or config.redis.url, cluster=config.name,
         controller=CONTROLLER_NAME, namespace=args.namespace,
         selection=SelectionSettings(**config.selector.model_dump()))

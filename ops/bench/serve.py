@@ -50,7 +50,6 @@ from baton.ops.bench.report import run_and_report
 from baton.ops.bench.router_time import summary
 from baton.ops.bench.serve_targets import BatonTarget, PeerTarget, Target, router_overhead
 from baton.ops.bench.transformers_serve import TransformersServe
-from baton.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ def baton_cluster(model: str, dtype: str, address: str | None) -> Iterator[Baton
         path.write_text(yaml.safe_dump(dumped))
         try:
             # The HTTP front end serves the router's /metrics, where it times itself.
-            cluster = local.up(str(path), grpc_port=free_port(), http_port=free_port())
+            cluster = local.up(str(path), grpc_port=0, http_port=0)
             yield BatonTarget(cluster.grpc_address, cluster.token, _metrics_url(cluster),
                               cluster_workers)
         finally:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from baton.client import AdminClient, BatonClient
-from baton.cluster.redis_server import RedisServer, free_port, stop_redis
+from baton.cluster.redis_server import RedisServer, stop_redis
 from baton.cluster.state import ClusterState
 from baton.errors import WorkerUnavailableError
 from tests.conftest import wait_until
@@ -70,15 +70,20 @@ def cluster(tmp_path_factory):
     cfg = home / "cluster.yaml"
     cfg.write_text(yaml.safe_dump(CONFIG))
     env = {**os.environ, "BATON_CACHE": str(home / "cache"), "PYTHONUNBUFFERED": "1"}
-    port, http = free_port(), free_port()
 
     def baton(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "baton"), *args], capture_output=True, text=True,
                               timeout=timeout, env=env)
 
-    up = baton("up", "--config", str(cfg), "--grpc-port", str(port), "--http-port", str(http))
+    # Port 0: the router binds free ports itself (no race with Ray's own listeners) and `up`
+    # records the ones it got.
+    up = baton("up", "--config", str(cfg), "--grpc-port", "0", "--http-port", "0")
     assert up.returncode == 0, up.stdout + up.stderr
-    yield baton, f"127.0.0.1:{port}", env, home
+    run = json.loads((home / "cache" / "run" / "cluster.json").read_text())
+    address = run["grpc_address"]
+    assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+    assert f"gRPC {address}" in up.stdout and f"http://{run['http_address']}/v1" in up.stdout
+    yield baton, address, env, home
     down = baton("down")
     assert down.returncode == 0, down.stderr
     assert "down" in down.stdout

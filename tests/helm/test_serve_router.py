@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 from typing import Any
 
@@ -22,17 +21,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from baton.client import BatonClient
 from baton.errors import AuthError
 from baton.ops import serve_router
+from baton.ports import free_port
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.ray  # starts Ray (see tests/conftest.py)
 
 TOKEN = "router-test-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serving(address: str) -> bool:
@@ -78,14 +72,14 @@ def served(redis_url: str, tmp_path_factory, monkeypatch_module) -> dict[str, An
     }))
     monkeypatch_module.setenv("BATON_API_TOKEN", TOKEN)
     monkeypatch_module.setenv("BATON_REDIS_URL", redis_url)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     finished = threading.Event()
     seen: dict[str, Any] = {}
     user = threading.Thread(target=_use_router, args=(address, finished, seen), daemon=True)
     user.start()
     try:
         serve_router.main(["--config", str(config), "--address", "local", "--host", "127.0.0.1",
-                           "--grpc-port", address.rsplit(":", 1)[1], "--http-port", "0",
+                           "--grpc-port", address.rsplit(":", 1)[1], "--no-http",
                            "--startup-timeout", "120"])
         seen["returned"] = True
     finally:
