@@ -113,12 +113,22 @@ def choose_k(cands: list[Candidate], base_tokens: int, budget: int,
 
 
 class AcceptanceTracker:
-    """A request's per-token acceptance, from decayed counts of accepted and rejected drafts."""
+    """A request's per-token acceptance, from decayed counts of accepted and rejected drafts.
 
-    def __init__(self, prior: float, strength: float = 2.0, decay: float = 0.85):
+    Only a draft tells how drafts fare, so a request whose estimate fell too low to draft would
+    keep it for good, however its text changes (open prose, then a passage copied from the
+    prompt). Each step it goes without a draft, `relax` moves the counts back toward the prior:
+    after a dozen or so such steps it tries again, and one more rejection turns it off again.
+    """
+
+    def __init__(self, prior: float, strength: float = 2.0, decay: float = 0.85,
+                 recovery: float = 0.9):
+        self.prior = prior
+        self.strength = strength
         self.accepted = prior * strength
         self.trials = strength
         self.decay = decay
+        self.recovery = recovery  # kept of the counts per step without a draft
 
     @property
     def rate(self) -> float:
@@ -130,3 +140,9 @@ class AcceptanceTracker:
             return
         self.accepted = self.decay * self.accepted + accepted
         self.trials = self.decay * self.trials + accepted + (1 if accepted < drafted_depth else 0)
+
+    def relax(self) -> None:
+        """A step without a draft: move one step of `recovery` back toward the prior."""
+        keep, fresh = self.recovery, (1.0 - self.recovery) * self.strength
+        self.accepted = keep * self.accepted + fresh * self.prior
+        self.trials = keep * self.trials + fresh

@@ -190,6 +190,9 @@ class Speculator:
                 by_model.setdefault(method, []).append(req)
         for method, reqs in by_model.items():
             self.proposers[method].propose(reqs)
+        for seq in spec:
+            if seq.draft is None and not seq.params.num_speculative_tokens:
+                self._relax(seq)
 
     def _medusa_trees(self, seqs: list[Sequence]) -> dict[str, tuple[DraftTree, list[float]]]:
         """Per Medusa request with a hidden state to draft from: its candidate tree as large as
@@ -218,6 +221,14 @@ class Speculator:
         into gains."""
         accepted, expected = self._calibration.get(request_id, (0.0, 0.0))
         return min((accepted + CALIBRATION_PRIOR) / (expected + CALIBRATION_PRIOR), 2.0)
+
+    def _relax(self, seq: Sequence) -> None:
+        """No draft this step: the request's estimates drift back toward trying again."""
+        self._tracker(seq).relax()
+        calib = self._calibration.get(seq.request_id)
+        if calib is not None:  # toward no evidence: trust 1
+            calib[0] *= CALIBRATION_DECAY
+            calib[1] *= CALIBRATION_DECAY
 
     def _reserve(self, seq: Sequence, k: int, num_running: int) -> bool:
         """Blocks for the draft's KV, keeping one free block per running request in reserve."""

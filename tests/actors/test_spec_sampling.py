@@ -14,7 +14,7 @@ import torch
 from baton.actors import spec_verify
 from baton.actors.draft_tree import DraftTree
 from baton.actors.engine import Engine
-from baton.actors.spec_budget import Candidate, StepCostModel, choose_k
+from baton.actors.spec_budget import AcceptanceTracker, Candidate, StepCostModel, choose_k
 from baton.sampling import SamplingParams
 
 N = 1000
@@ -172,3 +172,29 @@ def test_a_tree_drafts_the_nodes_whose_own_acceptance_pays_for_them():
     # Among requests, the likelier nodes go first.
     assert choose_k([Candidate(0.0, 8, gains=[0.2]), Candidate(0.0, 8, gains=[0.9, 0.8])],
                     2, 3, _cost(0.001)) == [0, 1]
+
+
+def test_a_request_turned_off_by_rejections_tries_again_after_a_while():
+    """A request whose drafts keep failing stops drafting when a draft has a cost of its own
+    (Medusa's heads, a draft model); steps without a draft bring it back to try once more, and
+    a new run of rejections turns it off again."""
+    cost = _cost(0.001)
+    heads = 0.2 * 0.05  # the heads' pass: a fifth of a one-token step
+
+    def drafts(tracker: AcceptanceTracker) -> bool:
+        return choose_k([Candidate(tracker.rate, 1, heads)], 1, 2, cost) == [1]
+
+    tracker = AcceptanceTracker(0.5)
+    assert drafts(tracker)
+    for _ in range(4):
+        tracker.update(4, 0)
+    assert not drafts(tracker)
+    idle = 0
+    while not drafts(tracker):
+        tracker.relax()
+        idle += 1
+        assert idle < 40, "never tried again"
+    assert idle > 3  # not at once: a request that keeps failing drafts only now and then
+    tracker.update(4, 0)
+    tracker.update(4, 0)
+    assert not drafts(tracker)
