@@ -232,8 +232,62 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
+namespace {
+
+// Up to 16 bf16 values at `p` (lanes past `mask` read as zero) widened to fp32 (exact).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_bf16(
+    const at::BFloat16* p, __mmask16 mask) {
+  const __m256i v = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// fp32 lanes rounded to bf16 exactly as c10::BFloat16(float) rounds them (to nearest even, any
+// NaN to 0x7FC0, denormals kept): the bf16 bits in each 32-bit lane's low half.
+__attribute__((target("avx512f"))) inline __m512i bf16_bits(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q),
+                               _mm512_set1_epi32(0x7FC0));
+}
+
+// The value a bf16 tensor would hold for each lane.
+__attribute__((target("avx512f"))) inline __m512 round_bf16(__m512 f) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(f), 16));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_bf16(
+    at::BFloat16* p, __m512 f, __mmask16 mask) {
+  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(bf16_bits(f)));
+}
+
+inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+}  // namespace
+
+// One row of rms_norm below, 16 lanes at a time.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void norm_row(
+    const at::BFloat16* xr, const at::BFloat16* wp, int64_t H, float eps, at::BFloat16* orow) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < H; i += 16) {
+    const __m512 v = load_bf16(xr + i, lanes(H - i));
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  const float sum = _mm512_reduce_add_ps(acc);
+  const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(sum / static_cast<float>(H) + eps));
+  for (int64_t i = 0; i < H; i += 16) {
+    const __mmask16 m = lanes(H - i);
+    const __m512 normed = round_bf16(_mm512_mul_ps(load_bf16(xr + i, m), inv));
+    store_bf16(orow + i, _mm512_mul_ps(load_bf16(wp + i, m), normed), m);
+  }
+}
+
 // y = w * bf16(x * rsqrt(mean(x^2) + eps)) per row, x [..., H] and w [H] bf16: Llama's RMSNorm
-// (statistics in fp32, the normalized row rounded to bf16 before the weight) in one call.
+// (statistics in fp32, the normalized row rounded to bf16 before the weight) in one call. Each
+// row is summed the same way whatever rows share the call.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
               "rms_norm takes bfloat16");
@@ -247,26 +301,18 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   const auto* wp = wc.data_ptr<at::BFloat16>();
   auto* op = out.data_ptr<at::BFloat16>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const at::BFloat16* xr = xp + r * H;
-      float sum = 0.f;
-      for (int64_t i = 0; i < H; ++i) {
-        const float v = static_cast<float>(xr[i]);
-        sum += v * v;
-      }
-      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(H) + static_cast<float>(eps));
-      for (int64_t i = 0; i < H; ++i) {
-        const at::BFloat16 normed(static_cast<float>(xr[i]) * inv);
-        op[r * H + i] = at::BFloat16(static_cast<float>(wp[i]) * static_cast<float>(normed));
-      }
-    }
+    for (int64_t r = begin; r < end; ++r)
+      norm_row(xp + r * H, wp, H, static_cast<float>(eps), op + r * H);
   });
   return out;
 }
 
 // Rotary position embedding, transformers' rotate_half convention: x [T, H, D] bf16 and the
 // step's cos, sin [T, D] bf16 -> x * cos + rotate_half(x) * sin, each product and the sum
-// rounded to bf16 as torch's three bf16 ops round them (bit for bit), in one call.
+// rounded to bf16 as torch's three bf16 ops round them (bit for bit), in one call: each half of
+// a head's row 16 lanes at a time (rotate_half pairs lane i of the first half with lane i of the
+// second).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 &&
                   sin.scalar_type() == at::kBFloat16,
@@ -283,16 +329,24 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   const auto* cp = c.data_ptr<at::BFloat16>();
   const auto* sp = s.data_ptr<at::BFloat16>();
   auto* op = out.data_ptr<at::BFloat16>();
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
   for (int64_t t = 0; t < T; ++t) {
+    const at::BFloat16* ct = cp + t * D;
+    const at::BFloat16* st = sp + t * D;
     for (int64_t h = 0; h < H; ++h) {
       const at::BFloat16* xr = xp + (t * H + h) * D;
       at::BFloat16* orow = op + (t * H + h) * D;
-      for (int64_t i = 0; i < D; ++i) {
-        const float rotated = i < half ? -static_cast<float>(xr[i + half])
-                                       : static_cast<float>(xr[i - half]);
-        const at::BFloat16 a(static_cast<float>(xr[i]) * static_cast<float>(cp[t * D + i]));
-        const at::BFloat16 b(rotated * static_cast<float>(sp[t * D + i]));
-        orow[i] = at::BFloat16(static_cast<float>(a) + static_cast<float>(b));
+      for (int64_t i = 0; i < half; i += 16) {
+        const __mmask16 m = lanes(half - i);
+        const __m512 x1 = load_bf16(xr + i, m), x2 = load_bf16(xr + half + i, m);
+        // out[i] = x1 cos - x2 sin; out[half + i] = x2 cos + x1 sin (-x2: the sign flipped).
+        const __m512 a1 = round_bf16(_mm512_mul_ps(x1, load_bf16(ct + i, m)));
+        const __m512 neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x2), sign));
+        const __m512 b1 = round_bf16(_mm512_mul_ps(neg, load_bf16(st + i, m)));
+        store_bf16(orow + i, _mm512_add_ps(a1, b1), m);
+        const __m512 a2 = round_bf16(_mm512_mul_ps(x2, load_bf16(ct + half + i, m)));
+        const __m512 b2 = round_bf16(_mm512_mul_ps(x1, load_bf16(st + half + i, m)));
+        store_bf16(orow + half + i, _mm512_add_ps(a2, b2), m);
       }
     }
   }
