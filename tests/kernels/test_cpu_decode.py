@@ -335,3 +335,28 @@ def test_every_process_builds_with_the_environments_own_ninja(monkeypatch):
     assert os.environ["PATH"].split(os.pathsep)[1:] == ["/usr/bin", "/bin"]  # nothing else moved
     cpu_decode._use_one_ninja()  # once is enough
     assert os.environ["PATH"].count(os.pathsep) == 2
+
+
+@pytest.mark.parametrize("hidden", [64, 72, 576])
+def test_rms_norm_is_llamas_norm_on_any_width_and_a_row_does_not_depend_on_its_batch(hidden):
+    """Widths that are not a multiple of the kernel's 16 lanes included (masked tails): each
+    output within one bf16 step of transformers' formula, NaN and denormal inputs as torch
+    rounds them, and a row's bits the same alone as among 17 rows."""
+    torch.manual_seed(hidden)
+    x = (torch.randn(17, hidden) * 3).to(torch.bfloat16)
+    w = torch.randn(hidden).to(torch.bfloat16)
+    eps = 1e-5
+    got = cpu_decode.rms_norm(x, w, eps)
+    xf = x.float()
+    want = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(torch.bfloat16)
+    step = want.float().abs() * 2.0**-7 + 1e-6
+    assert ((got.float() - want.float()).abs() <= step).all()
+    for r in (0, 9, 16):
+        assert torch.equal(cpu_decode.rms_norm(x[r : r + 1], w, eps), got[r : r + 1])
+    # Rounding to bf16 as torch does, also for a NaN row and a row of denormal-scale values.
+    odd = torch.zeros(2, hidden)
+    odd[0, 0] = float("nan")
+    odd[1] = torch.linspace(1e-39, 5e-39, hidden)
+    out = cpu_decode.rms_norm(odd.to(torch.bfloat16), torch.ones(hidden, dtype=torch.bfloat16),
+                              1e-30)
+    assert out[0].isnan().all() and torch.isfinite(out[1]).all() and (out[1] > 0).all()
