@@ -360,3 +360,19 @@ def test_rms_norm_is_llamas_norm_on_any_width_and_a_row_does_not_depend_on_its_b
     out = cpu_decode.rms_norm(odd.to(torch.bfloat16), torch.ones(hidden, dtype=torch.bfloat16),
                               1e-30)
     assert out[0].isnan().all() and torch.isfinite(out[1]).all() and (out[1] > 0).all()
+
+
+@pytest.mark.parametrize("head_dim", [16, 40, 64, 128])
+def test_rope_is_the_three_bf16_ops_of_transformers_bit_for_bit(head_dim):
+    """x * cos + rotate_half(x) * sin in bf16 torch ops, for halves of 8 to 64 lanes (one
+    partial chunk, a full one and a partial one, several full ones)."""
+    torch.manual_seed(head_dim)
+    tokens, heads = 5, 3
+    x = (torch.randn(tokens, heads, head_dim) * 4).to(torch.bfloat16)
+    angles = torch.rand(tokens, head_dim // 2) * 100
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(torch.bfloat16)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(torch.bfloat16)
+    half = head_dim // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    want = x * cos[:, None] + rotated * sin[:, None]
+    assert torch.equal(cpu_decode.rope(x, cos, sin), want)
