@@ -8,6 +8,7 @@
 // decode_attention: decode tokens (and short runs: a token and its draft, chain or tree) over
 // their sequences' paged keys and values, read in place, each (token, kv head) pair on one
 // thread with its query heads together, sixteen keys at a time.
+// Where the CPU has AMX, the call goes to the tile kernel instead (cpu_attention_amx.cpp).
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -21,23 +22,6 @@
 #include "cpu_decode.h"
 
 namespace {
-
-// e^x for x <= 0 (Cephes' expf: x = n ln2 + r, a degree-5 polynomial in r, scaled by 2^n).
-__attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
 
 __attribute__((target("avx512f"))) inline __m512 widen(const uint16_t* p) {
   __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -180,7 +164,7 @@ AttendFn attend_for(int64_t chunks, std::integer_sequence<int, CH...>) {
 // `bits[t]` over the 32 keys after them (see attend_kv_head) -> [T, H, D] bf16.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                torch::Tensor tables, torch::Tensor rows, torch::Tensor base,
-                               torch::Tensor bits, double scale) {
+                               torch::Tensor bits, double scale, bool amx) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
                   v_cache.scalar_type() == at::kBFloat16,
               "decode_attention takes bfloat16");
@@ -217,6 +201,11 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t* tp = tab.data_ptr<int64_t>();
   const int64_t head_stride = num_blocks * bs * D;
+  if (amx && amx_attention_fits(D)) {
+    amx_attention({qp, kp, vp, op, tp, rp, fp, mp, T, H, Hkv, D, groups, B, nb, bs, head_stride,
+                   static_cast<float>(scale)});
+    return out;
+  }
   const AttendFn attend = attend_for(D / 16, std::make_integer_sequence<int, 16>());
   at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(groups * (longest + 16));
@@ -372,7 +361,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           Projection, int64_t, int64_t, int64_t, double, double>())
       // Other Python threads (the worker's event loop, the KV link) run meanwhile.
       .def("forward", &DecodeLayer::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("decode_attention", &decode_attention, "query tokens over their paged bf16 KV");
+  m.def("decode_attention", &decode_attention, "query tokens over their paged bf16 KV",
+        pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
+        pybind11::arg("tables"), pybind11::arg("rows"), pybind11::arg("base"),
+        pybind11::arg("bits"), pybind11::arg("scale"), pybind11::arg("amx") = true);
   m.def("rms_norm", &rms_norm, "Llama's RMSNorm over bf16 rows");
   m.def("rope", &rope, "rotary position embedding, rotate_half convention, bf16");
 }

@@ -55,11 +55,51 @@ constexpr int64_t kAmxMaxRows = 32;
 bool amx_ready();
 void amx_linear(const SkinnyRows& io, const void* w, int64_t K, int64_t blocks, int64_t N,
                 const float* scale);
+// Load a tile configuration (palette 1) of `n` tiles, tile t `rows[t]` rows of `colsb[t]` bytes;
+// release_tiles() gives the tile state back.
+void configure_tiles(int n, const uint8_t* rows, const uint16_t* colsb);
+void release_tiles();
+
+// cpu_attention_amx.cpp: decode_attention on AMX tiles, for head dims that are a multiple of 32
+// up to 128 where amx_ready(). The call as decode_attention has checked it: q [T, H, D], caches
+// [Hkv, num_blocks, bs, D] (bf16 bits), tables [B, nb], and per token its sequence, base and bits.
+struct AmxAttention {
+  const uint16_t* q;
+  const uint16_t* k;
+  const uint16_t* v;
+  uint16_t* out;
+  const int64_t* tables;
+  const int64_t* rows;
+  const int64_t* base;
+  const int64_t* bits;
+  int64_t T, H, Hkv, D, groups, B, nb, bs, head_stride;
+  float scale;
+};
+bool amx_attention_fits(int64_t D);
+void amx_attention(const AmxAttention& a);
+
+// e^x for x <= 0 (Cephes' expf: x = n ln2 + r, a degree-5 polynomial in r, scaled by 2^n).
+__attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
 
 // cpu_decode.cpp
+// (`amx` false: the AVX-512 kernel even where the AMX one would take the call)
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                torch::Tensor tables, torch::Tensor rows, torch::Tensor base,
-                               torch::Tensor bits, double scale);
+                               torch::Tensor bits, double scale, bool amx = true);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 

@@ -34,39 +34,26 @@ constexpr int64_t kTileRows = 16;   // rows of a tile (weight rows of A, K pairs
 constexpr int64_t kGroupRows = 32;  // weight rows per group: two A tiles share each B tile
 constexpr int64_t kGroupBlocks = kGroupRows / kBlockRows;
 
-// The tile configuration LDTILECFG reads (palette 1).
-struct TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Tiles: A0, A1 (weight rows 0-15, 16-31 of a group), B0, B1 (token rows 0-15, 16-31), and the
 // sums C[a][b] in tiles 4 + 2a + b.
-__attribute__((target("amx-tile,amx-bf16"))) void configure(int64_t M) {
-  TileConfig cfg;
+void configure(int64_t M) {
+  uint8_t rows[8] = {};
+  uint16_t colsb[8] = {};
   const int64_t m[2] = {std::min<int64_t>(M, kTileRows), M - std::min<int64_t>(M, kTileRows)};
   for (int a = 0; a < 2; ++a) {
-    cfg.rows[a] = kTileRows;
-    cfg.colsb[a] = 64;
+    rows[a] = kTileRows;
+    colsb[a] = 64;
   }
   for (int b = 0; b < 2 && m[b] > 0; ++b) {
-    cfg.rows[2 + b] = kTileRows;
-    cfg.colsb[2 + b] = static_cast<uint16_t>(m[b] * 4);
+    rows[2 + b] = kTileRows;
+    colsb[2 + b] = static_cast<uint16_t>(m[b] * 4);
     for (int a = 0; a < 2; ++a) {
-      cfg.rows[4 + 2 * a + b] = kTileRows;
-      cfg.colsb[4 + 2 * a + b] = static_cast<uint16_t>(m[b] * 4);
+      rows[4 + 2 * a + b] = kTileRows;
+      colsb[4 + 2 * a + b] = static_cast<uint16_t>(m[b] * 4);
     }
   }
-  // LDTILECFG reads the struct through memory the compiler does not see it read; without the
-  // barrier GCC 12 drops the stores above.
-  asm volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
+  configure_tiles(8, rows, colsb);
 }
-
-__attribute__((target("amx-tile"))) void release() { _tile_release(); }
 
 // One group of `nblocks` (up to kGroupBlocks) blocks starting at `w` (bf16, or int8 with
 // `scale`), against the M step rows in `xk` (K pairs: [K/2, M, 2] bf16); writes its columns n0..
@@ -143,6 +130,30 @@ void run_group(const void* w, int64_t K, int64_t nblocks, const uint16_t* xk, in
 
 }  // namespace
 
+// The tile configuration LDTILECFG reads (palette 1).
+struct TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+__attribute__((target("amx-tile"))) void configure_tiles(int n, const uint8_t* rows,
+                                                         const uint16_t* colsb) {
+  TileConfig cfg;
+  for (int t = 0; t < n; ++t) {
+    cfg.rows[t] = rows[t];
+    cfg.colsb[t] = colsb[t];
+  }
+  // LDTILECFG reads the struct through memory the compiler does not see it read; without the
+  // barrier GCC 12 drops the stores above.
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) void release_tiles() { _tile_release(); }
+
 bool amx_ready() {
   static const bool ready = [] {
     const char* off = std::getenv("BATON_CPU_AMX");
@@ -183,7 +194,7 @@ void amx_linear(const SkinnyRows& io, const void* w, int64_t K, int64_t blocks, 
           run_group<false>(static_cast<const uint16_t*>(w) + b0 * kBlockRows * K, K, nblocks,
                            xk, M, nullptr, io.bias, out, N, b0 * kBlockRows);
       }
-      release();
+      release_tiles();
     });
   }
 }

@@ -1,7 +1,8 @@
 """Baton's bf16 CPU decode kernels. The skinny matmul: exact sums rounded once, the shapes it
 takes and refuses, and the packed linear layers that hand it their decode-sized calls. The decode
-attention: the torch path's results on the same prepared steps (decode rows, chains, trees, short
-prompts), and an engine that decodes the same on either.
+attention, on AVX-512 and (where the CPU has it) on AMX tiles: the torch path's results on the same
+prepared steps (decode rows, chains, trees, short prompts), a token's bits whatever shares its
+call, and an engine that decodes the same on either path.
 
 Skipped on CPUs without avx512_bf16 (where oneDNN runs every linear) and with the kernels off;
 where the CPU has it, a kernel that fails to build fails here.
@@ -150,10 +151,12 @@ def test_the_kernel_can_be_turned_off(monkeypatch):
     assert cpu_decode.kernel() is not None
 
 
-def step(rows_spec, n_kv=3, groups=3, d=64, bs=16, dtype=torch.bfloat16, seed=0):
+def step(rows_spec, n_kv=3, groups=3, d=64, bs=16, dtype=torch.bfloat16, seed=0,
+         magnitudes=False):
     """A prepared step over a random cache: `rows_spec` is (context after the step, tokens run,
     draft tree or None) per row, each row on scattered blocks of its own. The same seed gives
-    the same values in any dtype (drawn in bf16)."""
+    the same values in any dtype (drawn in bf16); `magnitudes`: every value (cached and new)
+    replaced by its magnitude."""
     gen = torch.Generator().manual_seed(seed)
     spec = KVCacheSpec(num_layers=1, num_kv_heads=n_kv, head_dim=d, block_size=bs, dtype=dtype)
     cache = PagedKVCache(spec, num_blocks=96, device=torch.device("cpu"))
@@ -168,6 +171,9 @@ def step(rows_spec, n_kv=3, groups=3, d=64, bs=16, dtype=torch.bfloat16, seed=0)
     t = sum(n for _, n, _ in rows_spec)
     q = (torch.randn(1, n_kv * groups, t, d, generator=gen) * 3).to(torch.bfloat16).to(dtype)
     k = torch.randn(1, n_kv, t, d, generator=gen).to(torch.bfloat16).to(dtype)
+    if magnitudes:
+        cache.values[0].abs_()
+        return batch, q, k, k.abs()
     return batch, q, k, k.clone()
 
 
@@ -184,31 +190,94 @@ def attend(batch, q, k, v, kernel: bool, monkeypatch) -> torch.Tensor:
 TREE = DraftTree([11, 12, 13, 14, 15, 16], [-1, -1, 0, 0, 2, 1])
 
 
+def on_kernel(amx: bool, d: int, monkeypatch) -> list[int]:
+    """Route the torch path's calls of `decode_attention` to one kernel (AMX or AVX-512), or skip
+    where that kernel does not take head dim `d` here; returns a list that counts the calls."""
+    if amx and not cpu_decode.attention_on_amx(d):
+        pytest.skip(f"no AMX here, or head dim {d} is not for the tiles")
+    calls: list[int] = []
+    real = cpu_decode.decode_attention
+    monkeypatch.setattr(cpu_decode, "decode_attention",
+                        lambda *a: calls.append(1) or real(*a, amx=amx))
+    return calls
+
+
+def within_bf16(got, want, spread, amx: bool) -> bool:
+    """Within bf16 rounding of the float32 result: the output's own rounding and, on AMX, where
+    the weights multiply V in bf16 (as GPU paged-attention kernels do), one bf16 rounding of
+    each weight, which moves an output by up to 2^-8 of the same attention over |V| (`spread`)."""
+    bound = want.abs() * 2.0**-8 + 1e-5 + (spread * 2.0**-8 if amx else 0)
+    return bool(((got.float() - want).abs() <= bound).all())
+
+
+KERNELS = pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
+
+
+@KERNELS
 @pytest.mark.parametrize(("n_kv", "groups", "d"), [(3, 3, 64), (2, 1, 16), (1, 8, 128)])
 @pytest.mark.parametrize("rows_spec", [
     [(1, 1, None), (16, 1, None), (17, 1, None), (150, 1, None)],  # decode, block edges
     [(40, 1, None), (60, 5, None), (33, 7, TREE), (9, 9, None)],  # chain, tree, short prompt
 ], ids=["decode", "verify"])
-def test_decode_attention_matches_the_torch_path(n_kv, groups, d, rows_spec, monkeypatch):
+def test_decode_attention_matches_the_torch_path(n_kv, groups, d, rows_spec, amx, monkeypatch):
     """The same prepared step through the kernel (bf16) and through torch's path in float32 on
     the same values: every output within bf16 rounding, for decode tokens, a chain, a draft tree
     under its ancestor mask beside them, and a short prompt with nothing cached."""
     seed = n_kv * 100 + d
     batch, q, k, v = step(rows_spec, n_kv, groups, d, seed=seed)
-    calls = []
-    real = cpu_decode.decode_attention
-    monkeypatch.setattr(cpu_decode, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    calls = on_kernel(amx, d, monkeypatch)
     got = attend(batch, q, k, v, True, monkeypatch)
     assert calls and got.dtype == torch.bfloat16
     batch32, q32, k32, v32 = step(rows_spec, n_kv, groups, d, dtype=torch.float32, seed=seed)
     assert torch.equal(q32, q.float())
     want = attend(batch32, q32, k32, v32, True, monkeypatch)  # float32: torch's path
+    spread = attend(*step(rows_spec, n_kv, groups, d, dtype=torch.float32, seed=seed,
+                          magnitudes=True), True, monkeypatch)
     assert got.shape == want.shape
-    assert ((got.float() - want).abs() <= want.abs() * 2.0**-8 + 1e-5).all()
+    assert within_bf16(got, want, spread, amx)
 
 
-def test_one_key_gives_that_keys_value_exactly(monkeypatch):
+@KERNELS
+def test_blocks_that_are_not_sixteen_keys_attend_the_same(amx, monkeypatch):
+    """Block size 12: a tile's sixteen keys span blocks (the AMX kernel copies them together)."""
+    rows_spec = [(5, 1, None), (40, 1, None), (60, 5, None), (33, 7, TREE)]
+    batch, q, k, v = step(rows_spec, bs=12, seed=5)
+    calls = on_kernel(amx, 64, monkeypatch)
+    got = attend(batch, q, k, v, True, monkeypatch)
+    assert calls
+    batch32, q32, k32, v32 = step(rows_spec, bs=12, dtype=torch.float32, seed=5)
+    want = attend(batch32, q32, k32, v32, True, monkeypatch)
+    spread = attend(*step(rows_spec, bs=12, dtype=torch.float32, seed=5, magnitudes=True), True,
+                    monkeypatch)
+    assert within_bf16(got, want, spread, amx)
+
+
+@KERNELS
+def test_a_tokens_output_does_not_depend_on_what_shares_the_call(amx, monkeypatch):
+    """Each token of a 16-token verify run (48 query heads: three AMX tiles), beside other
+    sequences' decode tokens, gives the bits it gives attended alone: verify runs come out as
+    decode steps would, so greedy speculation keeps its tokens."""
+    on_kernel(amx, 64, monkeypatch)
+    gen = torch.Generator().manual_seed(11)
+    k = torch.randn(3, 64, 16, 64, generator=gen).to(torch.bfloat16)
+    v = torch.randn(3, 64, 16, 64, generator=gen).to(torch.bfloat16)
+    tables = torch.randperm(64, generator=gen)[:60].view(3, 20)
+    run = 16
+    rows = torch.tensor([0] * run + [1, 2])
+    base = torch.tensor([200 - run] * run + [37, 290])
+    bits = torch.tensor([(1 << (i + 1)) - 1 for i in range(run)] + [0, 0])
+    q = torch.randn(len(rows), 9, 64, generator=gen).to(torch.bfloat16)
+    together = cpu_decode.decode_attention(q, k, v, tables, rows, base, bits, 0.125)
+    for t in range(len(rows)):
+        alone = cpu_decode.decode_attention(q[t:t + 1], k, v, tables, rows[t:t + 1],
+                                            base[t:t + 1], bits[t:t + 1], 0.125)
+        assert torch.equal(alone[0], together[t]), t
+
+
+@KERNELS
+def test_one_key_gives_that_keys_value_exactly(amx, monkeypatch):
     batch, q, k, v = step([(1, 1, None)])
+    on_kernel(amx, 64, monkeypatch)
     out = attend(batch, q, k, v, True, monkeypatch)  # [1, T, H, D]
     assert torch.equal(out[0, 0].view(3, 3, 64), v[0, :, 0].unsqueeze(1).expand(3, 3, 64))
 
