@@ -297,15 +297,12 @@ void attend_tile(const AmxAttention& a, const int64_t* tokens, const Tile& tile,
     }
     for (int c = 0; c < nd; ++c) store_out(c, s.out.data() + d0 + c * 16, D * 4);
   }
-  // Dims 32u + e of the output, e < 16: lane e of the low tile's columns 4L + e % 8 (e % 8 < 4)
-  // or the high tile's 4L + e % 8 - 4, L = e / 8 (for e >= 16, L = 2 + (e - 16) / 8).
-  alignas(64) int32_t order[2][16];
-  for (int half = 0; half < 2; ++half)
-    for (int e = 0; e < 16; ++e) {
-      const int L = 2 * half + e / 8, k = e % 8;
-      order[half][e] = k < 4 ? 4 * L + k : 16 + 4 * L + k - 4;
-    }
-  const __m512i first = _mm512_load_si512(order[0]), second = _mm512_load_si512(order[1]);
+  // Dims 32u + e of the output: for e < 16, lane e of the low tile's column 4L + e % 8 where
+  // e % 8 < 4, else the high tile's 4L + e % 8 - 4 (index 16 + that), L = e / 8; for e >= 16
+  // the same with L = 2 + (e - 16) / 8.
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   for (int64_t i = 0; i < n; ++i) {
     const __m512 f = _mm512_set1_ps(inv[i]);
     const float* row = s.out.data() + i * D;
