@@ -309,6 +309,9 @@ def bench_spec(
         help="Heads directory for 'medusa' (from baton train-heads)")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for the engine")] = 2,
     dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="'default', a transformers directory, a .gguf file or tiny:<arch>")
+    ] = "default",
 ) -> None:
     """Acceleration methods against none per task family, at batch 1 and 16 concurrent."""
     from baton.ops.bench import spec as bench
@@ -316,7 +319,7 @@ def bench_spec(
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     run_and_report(lambda c: bench.run_spec_bench(workload, names, draft_model, threads, dtype, c,
-                                                  medusa_heads=medusa_heads),
+                                                  medusa_heads=medusa_heads, model=model),
                    bench.show, json_path)
 
 

@@ -6,6 +6,12 @@ A workload is JSONL, one request a line: `{"task": ..., "prompt": ... | "message
 the seconds after the first token, so prompt length does not weigh on it. Greedy decoding; every
 method runs the same requests on the same engine in the same run, interleaved per request so that
 load from other processes falls on all of them alike.
+
+Each prompt is prefilled once before its methods run, so every method, `none` included, finds it
+in the prefix cache. In bf16 a cache hit recomputes the prompt's last tokens on another path than
+a whole prefill, which can change a greedy answer; without the priming `none` alone would answer
+from a miss and the other methods from hits, and they would be timed on different text. Each
+method's report says on how many requests its tokens were `none`'s (`identical_to_none`).
 """
 
 from __future__ import annotations
@@ -73,18 +79,25 @@ def _decode_stats(out: RequestOutput) -> dict[str, Any]:
     seconds = (m.finished or 0.0) - (m.first_token or 0.0)
     return {"tokens": n - 1, "seconds": seconds, "drafted": m.spec_draft_tokens,
             "accepted": m.spec_accepted_tokens, "drafts": m.spec_num_drafts,
-            "passes": m.num_forward_passes}
+            "passes": m.num_forward_passes, "token_ids": list(out.token_ids)}
 
 
 def run_batch1(engine: Engine, items: list[WorkItem], methods: list[str],
                console: Console) -> list[dict[str, dict[str, Any]]]:
-    """Each request alone, every method in turn: per request, stats by method."""
+    """Each request alone, every method in turn, after one priming prefill of its prompt (see
+    the module doc): per request, stats by method."""
     results = []
     for i, item in enumerate(items):
+        engine.generate([item.prompt], SamplingParams(max_tokens=1))
         row = {}
         for method in methods:
             params = SamplingParams(max_tokens=item.max_tokens, method=method)
             row[method] = _decode_stats(engine.generate([item.prompt], params)[0])
+        for method in methods:
+            same = row[method]["token_ids"] == row["none"]["token_ids"]
+            row[method]["identical_to_none"] = same
+        for stats in row.values():
+            del stats["token_ids"]
         results.append(row)
         console.log(f"batch 1: request {i + 1}/{len(items)} ({item.task})")
     return results
@@ -148,6 +161,7 @@ def summarize(items: list[WorkItem], bs1: list[dict[str, dict[str, Any]]],
             drafts = sum(r["drafts"] for r in rows)
             families[family][method] = {
                 "tok_s": tok / sec if sec else 0.0,
+                "identical_to_none": sum(r["identical_to_none"] for r in rows) / len(rows),
                 "acceptance_rate": sum(r["accepted"] for r in rows) / drafted if drafted else None,
                 "mean_accepted_length": (1 + sum(r["accepted"] for r in rows) / drafts
                                          if drafts else None),
@@ -170,11 +184,11 @@ def summarize(items: list[WorkItem], bs1: list[dict[str, dict[str, Any]]],
 
 def run_spec_bench(workload: str | None, methods: list[str], draft_model: str | None,
                    threads: int, dtype: str, console: Console,
-                   medusa_heads: str | None = None) -> dict[str, Any]:
+                   medusa_heads: str | None = None, model: str = "default") -> dict[str, Any]:
     if "none" not in methods:
         methods = ["none", *methods]
-    engine = Engine(dtype=dtype, num_threads=threads, methods=methods, draft_model=draft_model,
-                    medusa_heads=medusa_heads)
+    engine = Engine(model=model, dtype=dtype, num_threads=threads, methods=methods,
+                    draft_model=draft_model, medusa_heads=medusa_heads)
     items = load_workload(workload, engine)
     engine.generate([items[0].prompt], SamplingParams(max_tokens=8))  # warm-up
     bs1 = run_batch1(engine, items, methods, console)
