@@ -2,7 +2,11 @@
 
 1. The model answers Baton's prompt set (`heads_corpus`), greedily and then, while time is left,
    sampled, keeping the hidden state behind every token and its own likeliest tokens there:
-   generation gets `data_fraction` of the budget.
+   generation gets `data_fraction` of the budget. It runs in the dtype an engine on this device
+   would serve in (`dtype="auto"`): the hidden states are then the ones the heads see when
+   serving, and on a CPU with bf16 units the answers come about twice as fast as in float32
+   (283 against 130 tokens/s, batch 32, default model, 2 cores), so the heads learn from twice
+   the text in the same time.
 2. The heads (backbone and LM head frozen) learn to predict the model's own token i + 1 ahead of
    the next one (its greedy choice there), from cached hidden states (token-conditioned heads
    also from the answer's token before their target), until the budget's
@@ -27,11 +31,13 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
+from transformers import PreTrainedModel
 
+from baton.actors import dtype_choice
 from baton.actors.medusa import MedusaHeads, linear_params
 from baton.actors.medusa_trees import draft_trees
 from baton.actors.model_runner import load_model
-from baton.actors.model_source import resolve
+from baton.actors.model_source import ModelSource, resolve
 from baton.errors import ConfigError
 from baton.ops.heads_corpus import Corpus, answer_prompts
 from baton.ops.heads_prompts import HeadsPrompt, build_prompts
@@ -51,6 +57,7 @@ class HeadsReport:
     sequences: dict[str, int] = field(default_factory=dict)  # train / heldout answers
     positions: dict[str, int] = field(default_factory=dict)  # train / heldout / evaluated
     passes: int = 0  # over the prompt set: the first greedy, later ones sampled
+    generate_dtype: str = ""  # the dtype the answers were written in
     steps: int = 0
     softmax_tokens: int = 0
     draft_tokens: int = 0  # the tokens serving drafts among
@@ -92,10 +99,10 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     source = resolve(model_spec)
-    # float32: exact on every CPU, and faster than unpacked bf16 where the CPU lacks bf16 units.
+    # Trained in float32: exact on every CPU, and faster than unpacked bf16 where the CPU lacks
+    # bf16 units.
     model, tokenizer = load_model(source, torch.float32, torch.device(device))
-    model.set_attn_implementation("sdpa")  # plain transformers generate, no engine step
-    model.requires_grad_(False)
+    writer = _writer(model, source, torch.device(device), threads)
     loaded = time.monotonic()
     budget = minutes * 60.0
 
@@ -106,7 +113,7 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
         made[0] += batch
         progress.on_generate(made[0], min(1.0, (time.monotonic() - loaded) / (data_end - loaded)))
 
-    answers = answer_prompts(model, tokenizer, source.name,
+    answers = answer_prompts(writer, tokenizer, source.name,
                              prompts if prompts is not None else build_prompts(), seed=seed,
                              deadline=data_end, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, on_step=on_step)
@@ -118,6 +125,8 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
     held = Corpus.join(answers.heldout, hidden_size)
     generated = time.monotonic()
 
+    writer_dtype = next(writer.parameters()).dtype
+    del writer
     heads = MedusaHeads.for_model(model, num_heads, base_model=source.name,
                                   conditioned=conditioned).float()
     train_end = loaded + budget * 0.9
@@ -131,7 +140,7 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
     report = HeadsReport(
         model=source.name, out_dir=str(out_dir), num_heads=num_heads,
         sequences={"train": train.num_sequences, "heldout": held.num_sequences},
-        passes=answers.passes,
+        passes=answers.passes, generate_dtype=str(writer_dtype).removeprefix("torch."),
         positions={"train": len(train), "heldout": len(held), "evaluated": len(positions)},
         steps=steps, softmax_tokens=softmax_tokens,
         draft_tokens=heads.vocab_size if heads.vocab is None else int(heads.vocab.numel()),
@@ -142,6 +151,18 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
                       "train": trained - generated, "evaluate": time.monotonic() - trained}
     heads.save(out_dir, extra={"training": report.as_dict()})
     return report
+
+
+def _writer(model: PreTrainedModel, source: ModelSource, device: torch.device,
+            threads: int | None) -> PreTrainedModel:
+    """The model that writes the corpus: `model` itself, or a copy in the dtype an engine here
+    would serve in where that is not float32."""
+    dtype = dtype_choice.resolve(dtype_choice.AUTO, device, threads)
+    writer = model if dtype == torch.float32 else load_model(source, dtype, device)[0]
+    for m in {id(model): model, id(writer): writer}.values():
+        m.set_attn_implementation("sdpa")  # plain transformers generate, no engine step
+        m.requires_grad_(False)
+    return writer
 
 
 def fit(heads: MedusaHeads, corpus: Corpus, deadline: float, *, seed: int,
