@@ -133,7 +133,23 @@ def replay_run(layout: Layout, record: dict[str, Any], slo: tuple[float, float],
     real = {k: record[k] for k in ("ttft_p50_s", "tpot_p50_s", "attainment")}
     return {"real": real, "sim": sim,
             "error": {k: _error(sim[f"{k}_s"], real[f"{k}_s"]) for k in P50S},
+            "request_error": _request_errors(record, res),
             "busy": _busy(record, res)}
+
+
+def _request_errors(record: dict[str, Any], res: SimResult) -> dict[str, float | None]:
+    """Request by request, the median of |simulated / measured - 1| for TTFT and TPOT (None
+    where no request has both). Unlike the p50s' errors, it does not jump where a run's
+    latencies fall in two groups with the median between them (`bench pd`'s short prompts and
+    those queued behind a long prefill): it says how closely each request is followed."""
+    out: dict[str, float | None] = {}
+    for i, name in enumerate(("ttft", "tpot")):
+        real = np.asarray([t[i] if t[i] is not None else np.nan for t in record["timings"]],
+                          dtype=float)
+        sim = getattr(res, name)
+        ok = np.isfinite(real) & np.isfinite(sim) & (real > 0)
+        out[name] = float(np.median(np.abs(sim[ok] / real[ok] - 1))) if ok.any() else None
+    return out
 
 
 def _busy(record: dict[str, Any], res: SimResult) -> dict[str, dict[str, float]]:
@@ -178,6 +194,9 @@ def replay(report: dict[str, Any], profile: Profile, cached_tokens: int = 0) -> 
             for k, e in run["error"].items():
                 if e is not None:
                     worst[k] = max(worst[k], abs(e))
+            for k, e in run["request_error"].items():
+                if e is not None:
+                    worst[f"{k}_per_request"] = max(worst.get(f"{k}_per_request", 0.0), e)
         systems[name] = {"goodput_real_rps": real_good, "goodput_sim_rps": sim_good,
                          "goodput_rate_steps_apart": apart,
                          "rates": {str(r): run for r, run in sorted(runs.items())}}

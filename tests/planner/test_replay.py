@@ -146,6 +146,28 @@ def test_the_replay_sets_each_roles_busy_share_beside_the_measured_one() -> None
         "systems"].values() for run in system["rates"].values())
 
 
+def test_each_request_is_followed_where_the_p50_jumps_between_two_groups() -> None:
+    """Measured latencies 10% above the simulated ones, request by request, give a per-request
+    error of 1/1.1 - 1 in every run; the TTFT p50's error also moves in a run whose middle two
+    requests lie far apart, if the measured p50 is taken on the other side of the gap."""
+    layout = plan_replay.layouts(REPORT, profile_cost(PROFILE))["colocated"]
+    record = json.loads(json.dumps(REPORT["systems"]["colocated"]["rates"]["0.5"]))
+    res = plan_replay._simulate(layout, record, CACHED)
+    record["timings"] = [[1.1 * t, None if np.isnan(p) else 1.1 * p, int(n)]
+                         for t, p, n in zip(res.ttft, res.tpot, res.output, strict=True)]
+    slo = (REPORT["slo"]["ttft_s"], REPORT["slo"]["tpot_s"])
+    run = plan_replay.replay_run(layout, record, slo, CACHED)
+    assert run["request_error"]["ttft"] == pytest.approx(1 - 1 / 1.1)
+    assert run["request_error"]["tpot"] == pytest.approx(1 - 1 / 1.1)
+    ttfts = np.sort(res.ttft)
+    middle = ttfts[len(ttfts) // 2 - 1 : len(ttfts) // 2 + 1]
+    record["ttft_p50_s"] = 1.1 * float(middle[1])  # the upper of the two middle requests
+    skewed = plan_replay.replay_run(layout, record, slo, CACHED)
+    assert skewed["request_error"] == run["request_error"]
+    assert skewed["error"]["ttft_p50"] == pytest.approx(
+        float(np.median(ttfts)) / (1.1 * float(middle[1])) - 1)
+
+
 def test_two_reports_of_the_same_requests_are_set_side_by_side() -> None:
     """Runs of the same requests (same arrivals and lengths) in two reports are compared, the
     first's p50 over the second's; runs of other requests are not."""
