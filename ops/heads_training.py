@@ -127,7 +127,7 @@ def train_heads(model_spec: str = "default", out_dir: str | Path = "medusa-heads
     held = Corpus.join(answers.heldout, hidden_size)
     generated = time.monotonic()
 
-    writer_dtype = next(writer.parameters()).dtype
+    writer_dtype = writer.dtype
     del writer
     heads = MedusaHeads.for_model(model, num_heads, base_model=source.name,
                                   conditioned=conditioned).float()

@@ -183,7 +183,7 @@ def _replay_ratios(replayed: dict[str, Any]) -> dict[str, float]:
             "replay_goodput_worst_rate_steps": max(w["goodput_rate_steps"] for w in worst),
             # The worst run's median per-request error (see plan_replay._request_errors).
             **{f"replay_{k}_per_request_worst_median_abs_error":
-               max(w.get(f"{k}_per_request", 0.0) for w in worst) for k in ("ttft", "tpot")}}
+               max(w[f"{k}_per_request"] for w in worst) for k in ("ttft", "tpot")}}
 
 
 def _repeat_ratios(repeats: list[dict[str, Any]]) -> dict[str, float]:

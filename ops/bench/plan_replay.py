@@ -178,7 +178,8 @@ def replay(report: dict[str, Any], profile: Profile, cached_tokens: int = 0) -> 
     slo = (report["slo"]["ttft_s"], report["slo"]["tpot_s"])
     systems: dict[str, Any] = {}
     # Errors where the real system met its SLOs (past that its queue, and the error, grows).
-    worst: dict[str, float] = {"ttft_p50": 0.0, "tpot_p50": 0.0}
+    worst: dict[str, float] = {"ttft_p50": 0.0, "tpot_p50": 0.0, "ttft_per_request": 0.0,
+                               "tpot_per_request": 0.0}
     steps = 0
     for name, layout in layouts(report, cost).items():
         measured = report["systems"][name]
@@ -196,7 +197,7 @@ def replay(report: dict[str, Any], profile: Profile, cached_tokens: int = 0) -> 
                     worst[k] = max(worst[k], abs(e))
             for k, e in run["request_error"].items():
                 if e is not None:
-                    worst[f"{k}_per_request"] = max(worst.get(f"{k}_per_request", 0.0), e)
+                    worst[f"{k}_per_request"] = max(worst[f"{k}_per_request"], e)
         systems[name] = {"goodput_real_rps": real_good, "goodput_sim_rps": sim_good,
                          "goodput_rate_steps_apart": apart,
                          "rates": {str(r): run for r, run in sorted(runs.items())}}

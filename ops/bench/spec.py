@@ -79,7 +79,7 @@ def _decode_stats(out: RequestOutput) -> dict[str, Any]:
     seconds = (m.finished or 0.0) - (m.first_token or 0.0)
     return {"tokens": n - 1, "seconds": seconds, "drafted": m.spec_draft_tokens,
             "accepted": m.spec_accepted_tokens, "drafts": m.spec_num_drafts,
-            "passes": m.num_forward_passes, "token_ids": list(out.token_ids)}
+            "passes": m.num_forward_passes}
 
 
 def run_batch1(engine: Engine, items: list[WorkItem], methods: list[str],
@@ -89,16 +89,12 @@ def run_batch1(engine: Engine, items: list[WorkItem], methods: list[str],
     results = []
     for i, item in enumerate(items):
         engine.generate([item.prompt], SamplingParams(max_tokens=1))
-        row = {}
-        for method in methods:
-            params = SamplingParams(max_tokens=item.max_tokens, method=method)
-            row[method] = _decode_stats(engine.generate([item.prompt], params)[0])
-        for method in methods:
-            same = row[method]["token_ids"] == row["none"]["token_ids"]
-            row[method]["identical_to_none"] = same
-        for stats in row.values():
-            del stats["token_ids"]
-        results.append(row)
+        outs = {m: engine.generate([item.prompt], SamplingParams(max_tokens=item.max_tokens,
+                                                                  method=m))[0]
+                for m in methods}
+        results.append({m: {**_decode_stats(out),
+                            "identical_to_none": out.token_ids == outs["none"].token_ids}
+                        for m, out in outs.items()})
         console.log(f"batch 1: request {i + 1}/{len(items)} ({item.task})")
     return results
 
