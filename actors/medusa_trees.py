@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from baton.actors.draft_tree import DraftTree
+from baton.kernels.cpu_logits import top_logprobs
 
 if TYPE_CHECKING:
     from baton.actors.medusa import MedusaHeads
@@ -34,9 +35,8 @@ def top_candidates(head_logits: torch.Tensor, top_k: int, token_ids: torch.Tenso
     (probabilities [..., top_k], token ids [..., top_k]), best first."""
     if top_k < 1:
         raise ValueError(f"need top_k >= 1, got {top_k}")
-    top_logits, top_ids = head_logits.topk(min(top_k, head_logits.shape[-1]), dim=-1)
-    probs = (top_logits.float() - torch.logsumexp(head_logits.float(), -1, keepdim=True)).exp()
-    return probs, top_ids if token_ids is None else token_ids[top_ids]
+    logprobs, top_ids = top_logprobs(head_logits, top_k)
+    return logprobs.exp(), top_ids if token_ids is None else token_ids[top_ids]
 
 
 def propose_tree(head_logits: torch.Tensor, max_nodes: int, top_k: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from baton.kernels.cpu_logits import argmax_rows
 from baton.outputs import TokenLogprob
 from baton.sampling import SamplingParams
 
@@ -49,7 +50,7 @@ def sample(
     whatever else is in its batch. Log-probabilities are those of the model's raw distribution.
     """
     logits = logits.float()
-    tokens = logits.argmax(dim=-1)
+    tokens = argmax_rows(logits)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         idx = torch.tensor(rows, device=logits.device)

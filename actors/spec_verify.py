@@ -17,6 +17,7 @@ import torch
 
 from baton.actors.draft_tree import DraftTree
 from baton.actors.sampler import target_probs
+from baton.kernels.cpu_logits import argmax_rows
 from baton.sampling import SamplingParams
 
 
@@ -35,7 +36,7 @@ def verify(draft: DraftTree, logits: torch.Tensor, params: SamplingParams,
     """Walk `draft` from its root; `logits [len(draft) + 1, V]`, row 0 the root's, row i + 1
     node i's."""
     if params.greedy:
-        return _verify_greedy(draft, logits.argmax(dim=-1).tolist())
+        return _verify_greedy(draft, argmax_rows(logits).tolist())
     probs = target_probs(logits.float(), [params] * logits.shape[0])
     return _verify_sampled(draft, probs, generator)
 

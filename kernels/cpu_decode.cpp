@@ -367,4 +367,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("bits"), pybind11::arg("scale"), pybind11::arg("amx") = true);
   m.def("rms_norm", &rms_norm, "Llama's RMSNorm over bf16 rows");
   m.def("rope", &rope, "rotary position embedding, rotate_half convention, bf16");
+  m.def("argmax_rows", &argmax_rows, "torch.argmax(logits, -1) of float32 rows, vectorized");
+  m.def("top_logprobs", &top_logprobs, "each row's k largest values as log-softmax, and where");
 }

@@ -103,6 +103,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
+// cpu_logits.cpp
+torch::Tensor argmax_rows(torch::Tensor logits);
+std::tuple<torch::Tensor, torch::Tensor> top_logprobs(torch::Tensor logits, int64_t k);
+
 // cpu_layer.cpp
 // One projection on a skinny kernel: `group` 0 bf16 (`weight` from pack_skinny), -1 int8
 // (pack_skinny_int8, float32 `scales`), else int4 in groups of `group` (pack_skinny_int4, its

@@ -114,12 +114,12 @@ import torch
 log = logging.getLogger(__name__)
 
 # The extension's sources: the Python module and the attention, norm and rotary kernels; attention
-# on AMX tiles; the skinny matmuls (bf16 and int8; int4); a whole decoder layer in one call; what
-# they declare of each other.
+# on AMX tiles; the skinny matmuls (bf16 and int8; int4); a whole decoder layer in one call;
+# reductions over logits rows; what they declare of each other.
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_decode.cpp", "cpu_attention_amx.cpp",
                                                       "cpu_matmul.cpp", "cpu_matmul_amx.cpp",
                                                       "cpu_matmul_int4.cpp", "cpu_layer.cpp",
-                                                      "cpu_decode.h"))
+                                                      "cpu_logits.cpp", "cpu_decode.h"))
 MAX_ROWS = 8
 MAX_WEIGHT_ELEMENTS = 1 << 21  # 4 MiB of bf16: every projection of a small model, no LM head
 LARGE_MAX_ROWS = 4  # rows it takes on larger weights (LM heads), where the stream wins longer
