@@ -19,13 +19,19 @@
 // Every query's numbers depend on its own query, keys and mask alone: keys it does not see
 // weigh exactly 0 (and past the tile's last key, V rows read as zeros), and the tile ops sum
 // each output in the same order whatever else shares the tile. So a verify run's tokens come out
-// as decode tokens would, and speculation stays lossless.
+// as decode tokens would, and speculation stays lossless. A tree token's ancestors sit at their
+// tree slots, with gaps, until the accepted ones move to the chain they form; where the weights
+// are summed depends on a key's index (its lane in the total, its pair in P x V), so such a
+// token has a tile of its own that reads its visible keys at the indices of that chain (about
+// 1 in 70 random trees had summed otherwise, and greedy Medusa drifted from `none` in 3 of 8
+// runs of one chat request).
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -126,6 +132,9 @@ __attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
 
 // Which of keys j0 .. j0 + 15 a query sees: the first `base` keys and, of the 32 after them,
 // those set in `bits`.
+// Whether a token's draft keys `bits` are a chain's (the first m after its base, none skipped).
+inline bool is_chain(uint32_t bits) { return (bits & (bits + 1)) == 0; }
+
 inline uint32_t visible(int64_t base, uint32_t bits, int64_t j0) {
   uint32_t m = 0;
   if (j0 < base) m = base - j0 >= kKeys ? 0xFFFFu : (1u << (base - j0)) - 1;
@@ -179,6 +188,21 @@ void attend_tile(const AmxAttention& a, const int64_t* tokens, const Tile& tile,
     bits[i] = static_cast<uint32_t>(a.bits[t]);
     kmax = std::max(kmax, bits[i] ? base[i] + 32 - __builtin_clz(bits[i]) : base[i]);
   }
+  // A tree token (its tile holds it alone) reads its ancestors as if they were the chain its
+  // path becomes: key base + m is the m-th key its bits show. Then its weights fall in the
+  // lanes and key pairs a decode step of the accepted path gives them, so the sums round alike.
+  int64_t gap_base = INT64_MAX;
+  int64_t path[32];
+  if (n > 0 && !is_chain(bits[0])) {
+    gap_base = base[0];
+    int64_t m = 0;
+    for (uint32_t w = bits[0]; w; w &= w - 1) path[m++] = gap_base + __builtin_ctz(w);
+    for (int64_t i = 0; i < n; ++i) {
+      base[i] = gap_base + m;
+      bits[i] = 0;
+    }
+    kmax = gap_base + m;
+  }
   const int64_t kpad = (kmax + kChunk - 1) / kChunk * kChunk;
   if (static_cast<int64_t>(s.scores.size()) < kQueries * kpad) {
     s.scores.resize(kQueries * kpad);
@@ -197,21 +221,25 @@ void attend_tile(const AmxAttention& a, const int64_t* tokens, const Tile& tile,
   const uint16_t* vh = a.v + h * a.head_stride;
   const int64_t* table = a.tables + tile.seq * a.nb;
   const int64_t bs = a.bs;
-  auto slot = [&](int64_t j) { return (table[j / bs] * bs + j % bs) * D; };
+  auto slot = [&](int64_t j) {
+    const int64_t r = j < gap_base ? j : path[j - gap_base];
+    return (table[r / bs] * bs + r % bs) * D;
+  };
 
   // S^T on the tiles, two blocks of sixteen keys at a time (two independent sums in flight).
   const int64_t blocks = (kmax + kKeys - 1) / kKeys;
   if (static_cast<int64_t>(s.st.size()) < (blocks + 1) * kKeys * kQueries)
     s.st.resize((blocks + 1) * kKeys * kQueries);
   auto key_rows = [&](int64_t j0, uint16_t* buf) -> const uint16_t* {
-    if (bs % kKeys == 0) return kh + slot(j0);  // the sixteen keys lie in one block, in order
+    if (bs % kKeys == 0 && j0 + kKeys <= gap_base)
+      return kh + slot(j0);  // the sixteen keys lie in one block, in order
     for (int64_t r = 0; r < kKeys; ++r) {
       if (j0 + r < kmax) std::memcpy(buf + r * D, kh + slot(j0 + r), D * sizeof(uint16_t));
       else std::memset(buf + r * D, 0, D * sizeof(uint16_t));
     }
     return buf;
   };
-  if (bs % kKeys != 0) s.keys.resize(2 * kKeys * D);
+  if (bs % kKeys != 0 || gap_base != INT64_MAX) s.keys.resize(2 * kKeys * D);
   for (int64_t b = 0; b < blocks; b += 2) {
     const uint16_t* r0 = key_rows(b * kKeys, s.keys.data());
     _tile_zero(0);
@@ -329,9 +357,14 @@ void amx_attention(const AmxAttention& a) {
   std::vector<Tile> tiles;
   for (int64_t b = 0; b < a.B; ++b) {
     const int64_t n = static_cast<int64_t>(tokens[b].size()) * a.groups;
+    bool tree = false;
+    for (const int64_t t : tokens[b]) tree = tree || !is_chain(static_cast<uint32_t>(a.bits[t]));
+    // A tree's tokens see different keys: a tile each (see attend_tile); chains and decode
+    // tokens share tiles, sixteen query vectors at a time.
+    const int64_t per_tile = tree ? a.groups : kQueries;
     for (int64_t h = 0; h < a.Hkv; ++h)
-      for (int64_t first = 0; first < n; first += kQueries)
-        tiles.push_back({b, h, first, static_cast<int>(std::min<int64_t>(kQueries, n - first))});
+      for (int64_t first = 0; first < n; first += per_tile)
+        tiles.push_back({b, h, first, static_cast<int>(std::min<int64_t>(per_tile, n - first))});
   }
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch scratch;

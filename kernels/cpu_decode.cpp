@@ -221,42 +221,6 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
-namespace {
-
-// Up to 16 bf16 values at `p` (lanes past `mask` read as zero) widened to fp32 (exact).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_bf16(
-    const at::BFloat16* p, __mmask16 mask) {
-  const __m256i v = _mm256_maskz_loadu_epi16(mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-// fp32 lanes rounded to bf16 exactly as c10::BFloat16(float) rounds them (to nearest even, any
-// NaN to 0x7FC0, denormals kept): the bf16 bits in each 32-bit lane's low half.
-__attribute__((target("avx512f"))) inline __m512i bf16_bits(__m512 f) {
-  const __m512i u = _mm512_castps_si512(f);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q),
-                               _mm512_set1_epi32(0x7FC0));
-}
-
-// The value a bf16 tensor would hold for each lane.
-__attribute__((target("avx512f"))) inline __m512 round_bf16(__m512 f) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(f), 16));
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_bf16(
-    at::BFloat16* p, __m512 f, __mmask16 mask) {
-  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(bf16_bits(f)));
-}
-
-inline __mmask16 lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-}
-
-}  // namespace
-
 // One row of rms_norm below, 16 lanes at a time.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) static void norm_row(
     const at::BFloat16* xr, const at::BFloat16* wp, int64_t H, float eps, at::BFloat16* orow) {
@@ -312,8 +276,10 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   auto c = cos.reshape({-1, D}).contiguous();
   auto s = sin.reshape({-1, D}).contiguous();
   TORCH_CHECK(c.size(0) == T && s.size(0) == T, "rope: cos and sin need one row per token");
-  auto xc = x.contiguous();
-  auto out = torch::empty_like(xc);
+  // Heads of a row side by side, rows at any stride: q and k as views of a stacked projection.
+  auto xc = x.stride(2) == 1 && x.stride(1) == D ? x : x.contiguous();
+  const int64_t row_stride = xc.stride(0);
+  auto out = torch::empty({T, H, D}, x.options());
   const auto* xp = xc.data_ptr<at::BFloat16>();
   const auto* cp = c.data_ptr<at::BFloat16>();
   const auto* sp = s.data_ptr<at::BFloat16>();
@@ -323,7 +289,7 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
     const at::BFloat16* ct = cp + t * D;
     const at::BFloat16* st = sp + t * D;
     for (int64_t h = 0; h < H; ++h) {
-      const at::BFloat16* xr = xp + (t * H + h) * D;
+      const at::BFloat16* xr = xp + t * row_stride + h * D;
       at::BFloat16* orow = op + (t * H + h) * D;
       for (int64_t i = 0; i < half; i += 16) {
         const __mmask16 m = lanes(half - i);
@@ -367,6 +333,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("bits"), pybind11::arg("scale"), pybind11::arg("amx") = true);
   m.def("rms_norm", &rms_norm, "Llama's RMSNorm over bf16 rows");
   m.def("rope", &rope, "rotary position embedding, rotate_half convention, bf16");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a bf16 gate_up [T, 2I], as ATen gives it");
+  m.def("add_bf16", &add_bf16, "a + b of bf16 tensors, as ATen's add gives it");
   m.def("argmax_rows", &argmax_rows, "torch.argmax(logits, -1) of float32 rows, vectorized");
   m.def("top_logprobs", &top_logprobs, "each row's k largest values as log-softmax, and where");
 }

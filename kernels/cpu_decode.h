@@ -95,6 +95,38 @@ __attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// Up to 16 bf16 values at `p` (lanes past `mask` read as zero) widened to fp32 (exact).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_bf16(
+    const at::BFloat16* p, __mmask16 mask) {
+  const __m256i v = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// fp32 lanes rounded to bf16 exactly as c10::BFloat16(float) rounds them (to nearest even, any
+// NaN to 0x7FC0, denormals kept): the bf16 bits in each 32-bit lane's low half.
+__attribute__((target("avx512f"))) inline __m512i bf16_bits(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q),
+                               _mm512_set1_epi32(0x7FC0));
+}
+
+// The value a bf16 tensor would hold for each lane.
+__attribute__((target("avx512f"))) inline __m512 round_bf16(__m512 f) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(f), 16));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_bf16(
+    at::BFloat16* p, __m512 f, __mmask16 mask) {
+  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(bf16_bits(f)));
+}
+
+inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // cpu_decode.cpp
 // (`amx` false: the AVX-512 kernel even where the AMX one would take the call)
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -128,6 +160,11 @@ struct Projection {
                  std::vector<c10::optional<torch::Tensor>> biases, int64_t skinny_max);
   torch::Tensor operator()(const torch::Tensor& x) const;
 };
+
+// silu(gate) * up of gate_up [T, 2I] bf16, bit for bit as ATen's two calls give it.
+torch::Tensor silu_mul(const torch::Tensor& gate_up);
+// a + b of bf16 tensors (ATen's add where they are not two contiguous ones of one shape).
+torch::Tensor add_bf16(const torch::Tensor& a, const torch::Tensor& b);
 
 // One Llama-family decoder layer (q/k norms for Qwen3) for short bf16 CPU steps.
 struct DecodeLayer {

@@ -39,6 +39,10 @@ than the bytes they read, and Baton runs them itself:
   instead of eight; about 2 ms of a 35 ms batch-1 forward here.
 - **Rotary embedding** (`rope`, for `baton.actors.cpu_step`): transformers' formula, bit for bit,
   in one call instead of about a dozen.
+- **SiLU times up, residual adds** (`silu_mul`, `add_bf16`, inside the fused layer): ATen's bits
+  without ATen's per-call cost, which grows with a verify step's rows.
+- **Logits rows** (`argmax_rows`, `top_logprobs`, through `baton.kernels.cpu_logits`): greedy
+  tokens as torch.argmax picks them and Medusa's candidates, vectorized.
 
 The layout is what lets a decode step read its weights at the memory's speed. The default
 model's 210 projections (212 MB, far past the caches), one row each, measured in one process on

@@ -74,14 +74,14 @@ __attribute__((target("avx512f"))) int64_t argmax_row(const float* x, int64_t n)
   return best;
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_row(const float* x, __mmask16 m) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_row(const float* x,
+                                                                           __mmask16 m) {
   return _mm512_maskz_loadu_ps(m, x);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_row(
     const at::BFloat16* x, __mmask16 m) {
-  const __m256i v = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(x));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  return load_bf16(x, m);
 }
 
 // Row `x [n]`'s `k` largest values (best first; a tie keeps the smaller index first) as their

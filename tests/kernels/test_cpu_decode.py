@@ -275,6 +275,39 @@ def test_a_tokens_output_does_not_depend_on_what_shares_the_call(amx, monkeypatc
 
 
 @KERNELS
+def test_a_tree_token_attends_as_the_decode_step_of_its_path(amx, monkeypatch):
+    """A tree token sees its base and its ancestors at their tree slots, with gaps between them;
+    once accepted they are moved to the chain they form and the next decode step reads them
+    there. Both must give the same bits, or greedy tree speculation drifts from `none`'s tokens
+    in bf16. (On AMX, summing the weights by tree slot differed in 3 of these 200 cases.)"""
+    on_kernel(amx, 64, monkeypatch)
+    bs, differ = 16, []
+    for seed in range(200):
+        gen = torch.Generator().manual_seed(seed)
+        k = torch.randn(3, 64, bs, 64, generator=gen).to(torch.bfloat16)
+        v = torch.randn(3, 64, bs, 64, generator=gen).to(torch.bfloat16)
+        tables = torch.randperm(64, generator=gen)[:40].view(1, 40)
+        base = int(torch.randint(1, 500, (1,), generator=gen))
+        bits = int(torch.randint(1, 1 << 20, (1,), generator=gen)) | 0b101  # a gap at 1
+        q = (torch.randn(1, 9, 64, generator=gen) * 3).to(torch.bfloat16)
+        tree = cpu_decode.decode_attention(q, k, v, tables, torch.tensor([0]),
+                                           torch.tensor([base]), torch.tensor([bits]), 0.125)
+        # The accepted path as a chain: the keys it shows moved to base, base + 1, ...
+        path = [base + i for i in range(32) if bits >> i & 1]
+        kc, vc = k.clone(), v.clone()
+        for m, j in enumerate(path):
+            src, dst = tables[0, j // bs], tables[0, (base + m) // bs]
+            kc[:, dst, (base + m) % bs] = k[:, src, j % bs]
+            vc[:, dst, (base + m) % bs] = v[:, src, j % bs]
+        decode = cpu_decode.decode_attention(q, kc, vc, tables, torch.tensor([0]),
+                                             torch.tensor([base + len(path)]),
+                                             torch.tensor([0]), 0.125)
+        if not torch.equal(tree, decode):
+            differ.append(seed)
+    assert differ == []
+
+
+@KERNELS
 def test_one_key_gives_that_keys_value_exactly(amx, monkeypatch):
     batch, q, k, v = step([(1, 1, None)])
     on_kernel(amx, 64, monkeypatch)
