@@ -130,11 +130,11 @@ __attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
   }
 }
 
-// Which of keys j0 .. j0 + 15 a query sees: the first `base` keys and, of the 32 after them,
-// those set in `bits`.
 // Whether a token's draft keys `bits` are a chain's (the first m after its base, none skipped).
 inline bool is_chain(uint32_t bits) { return (bits & (bits + 1)) == 0; }
 
+// Which of keys j0 .. j0 + 15 a query sees: the first `base` keys and, of the 32 after them,
+// those set in `bits`.
 inline uint32_t visible(int64_t base, uint32_t bits, int64_t j0) {
   uint32_t m = 0;
   if (j0 < base) m = base - j0 >= kKeys ? 0xFFFFu : (1u << (base - j0)) - 1;
