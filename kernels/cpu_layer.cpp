@@ -67,13 +67,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void silu_mul_row(const at:
   }
 }
 
-}  // namespace
-
-static bool silu_mul_fits(int64_t rows, int64_t inter) {
+bool silu_mul_fits(int64_t rows, int64_t inter) {
   // ATen's loop takes each row in steps of 64 (no scalar tail) and runs the call on one thread
   // below its grain size; there its results are the vectorized ones this kernel reproduces.
   return inter % 64 == 0 && rows * inter < at::internal::GRAIN_SIZE;
 }
+
+}  // namespace
 
 // gate_up [T, 2I] bf16 -> silu(gate) * up [T, I], bit for bit as at::silu then at::mul compute it
 // where silu_mul_fits (else those two ATen calls).

@@ -9,34 +9,35 @@ exactly: the first index of the largest value, a NaN larger than any number.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
 from baton.kernels import cpu_decode
 
 
-def _kernel_takes(logits: torch.Tensor) -> bool:
-    return (logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[1] > 0
-            and cpu_decode.kernel() is not None)
+def _kernel(logits: torch.Tensor) -> ModuleType | None:
+    """The built kernels where they take these `[R, S]` logits (on the CPU, S > 0), else None."""
+    if logits.device.type != "cpu" or logits.dim() != 2 or logits.shape[1] == 0:
+        return None
+    return cpu_decode.kernel()
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """`logits [R, V]` -> `[R]` int64: `logits.argmax(dim=-1)`."""
-    if logits.dtype == torch.float32 and _kernel_takes(logits):
-        ext = cpu_decode.kernel()
-        assert ext is not None
-        return ext.argmax_rows(logits)
-    return logits.argmax(dim=-1)
+    ext = _kernel(logits) if logits.dtype == torch.float32 else None
+    return ext.argmax_rows(logits) if ext is not None else logits.argmax(dim=-1)
 
 
 def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's `k` largest logits as log-probabilities over the row, best first, and their
     column indices: `(logprobs [..., k] float32, indices [..., k])` for `logits [..., S]`."""
     k = min(k, logits.shape[-1])
-    if (logits.dtype in (torch.float32, torch.bfloat16) and 1 <= k <= 16
-            and _kernel_takes(logits.reshape(-1, logits.shape[-1]))):
-        ext = cpu_decode.kernel()
-        assert ext is not None
-        lp, ids = ext.top_logprobs(logits.reshape(-1, logits.shape[-1]), k)
+    rows = logits.reshape(-1, logits.shape[-1])
+    ext = (_kernel(rows) if logits.dtype in (torch.float32, torch.bfloat16) and 1 <= k <= 16
+           else None)
+    if ext is not None:
+        lp, ids = ext.top_logprobs(rows, k)
         return lp.view(*logits.shape[:-1], k), ids.view(*logits.shape[:-1], k)
     top, ids = logits.topk(k, dim=-1)
     return top.float() - torch.logsumexp(logits.float(), -1, keepdim=True), ids
