@@ -14,6 +14,8 @@ from baton.actors.expert_policies import (
 )
 from baton.actors.learned_policy import LearnedPolicy
 from baton.actors.lookahead_policy import LookaheadPolicy
+from baton.actors.pregate import Pregate
+from baton.actors.pregate_policy import PregatePolicy
 from baton.actors.routing_predictor import ModelShape, RoutingPredictor
 from baton.actors.trace_policy import TracePolicy
 from baton.engine_config import MOE_POLICIES, MoEOffloadConfig
@@ -23,13 +25,15 @@ from baton.errors import ConfigError
 @dataclass(slots=True)
 class PolicyInputs:
     """What predictive policies draw on: each MoE layer's router, the model's MoE shape, the
-    cache's slot count and the device the MoE inputs live on."""
+    cache's slot count, the device the MoE inputs live on and the model's pre-gate (if it is
+    routed by one)."""
 
     routers: dict[int, RouterLogits]
     shape: ModelShape
     capacity: int
     device: torch.device
     model: str = "the model"
+    pregate: Pregate | None = None
 
 
 def make_policy(config: MoEOffloadConfig, inputs: PolicyInputs) -> ExpertPolicy:
@@ -46,6 +50,13 @@ def make_policy(config: MoEOffloadConfig, inputs: PolicyInputs) -> ExpertPolicy:
     if name == "trace":
         return TracePolicy(list(inputs.shape.moe_layers), inputs.shape.num_experts,
                            inputs.shape.top_k, inputs.capacity)
+    if name == "pregate":
+        if inputs.pregate is None:
+            raise ConfigError(
+                f"moe_offload.policy 'pregate' needs a model routed by one router for all layers; "
+                f"{inputs.model} has a router per layer: make one with `baton moefy --pregate`, "
+                "or choose another policy")
+        return PregatePolicy(inputs.pregate, list(inputs.shape.moe_layers), inputs.capacity)
     if name == "learned":
         if config.predictor is None:  # the config model refuses this; stay total anyway
             raise ConfigError("moe_offload.predictor is required with policy 'learned'")

@@ -18,6 +18,7 @@ from baton.actors.draft_tree import DraftTree
 from baton.actors.kv_cache import PagedKVCache
 from baton.actors.model_source import ModelSource
 from baton.actors.moe_experts import use_grouped_experts
+from baton.actors.pregate import attach as attach_pregate
 from baton.actors.quantized_linear import quantize_linears
 from baton.actors.scheduler import SchedulerOutput
 from baton.errors import ModelLoadError, ModelNotFoundError
@@ -66,6 +67,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
         ) from exc
     if model.config.is_encoder_decoder:
         raise ModelLoadError(f"{source.spec!r} is an encoder-decoder model; Baton serves decoders")
+    attach_pregate(model, source.path)
     if on_host is not None:
         on_host(model)
     return prepare_for_inference(model.to(device).eval(), dtype, device, *quant), tokenizer

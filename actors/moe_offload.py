@@ -21,6 +21,9 @@ from baton.actors.expert_cache_aio import AioExpertCache
 from baton.actors.expert_policies import ExpertPolicy, RouterLogits
 from baton.actors.expert_policy_setup import PolicyInputs, make_policy
 from baton.actors.expert_store import DiskStore, ExpertStore, HostStore, take_experts
+from baton.actors.moe_experts import by_expert, combine, expert_mlp, use_skinny
+from baton.actors.pregate import PregateRouter
+from baton.actors.pregate import find as find_pregate
 from baton.actors.routing_predictor import ModelShape
 from baton.engine_config import MoEOffloadConfig
 from baton.errors import ConfigError, ModelLoadError
@@ -96,6 +99,9 @@ def enable_offload(model, config: MoEOffloadConfig, device: torch.device,
         _check_layout(layer.experts)
     top_k = _top_k(model)
     stacked = {layer.index: take_experts(layer.experts) for layer in layers}
+    if device.type == "cpu":  # the layout the resident CPU path computes from, so its bits
+        for layer in layers:
+            use_skinny(layer.experts, *stacked[layer.index])
     if len({(gu.shape, d.shape, gu.dtype) for gu, d in stacked.values()}) != 1:
         raise ModelLoadError("MoE layers of different expert shapes cannot share one expert cache")
     store: ExpertStore
@@ -105,13 +111,12 @@ def enable_offload(model, config: MoEOffloadConfig, device: torch.device,
         store = HostStore(stacked, pin=device.type == "cuda")
     del stacked
     capacity = _capacity(config.budget, store, len(layers))
-    routers: dict[int, RouterLogits] = {
-        layer.index: _router_logits(layer.router) for layer in layers
-        if getattr(layer.router, "weight", None) is not None
-    }
+    routers = {layer.index: scores for layer in layers
+               if (scores := router_scores(layer.router)) is not None}
     shape = ModelShape(tuple(layer.index for layer in layers), store.num_experts, top_k,
                        store.shape.gate_up[-1])
-    policy = make_policy(config, PolicyInputs(routers, shape, capacity, device, model_name))
+    policy = make_policy(config, PolicyInputs(routers, shape, capacity, device, model_name,
+                                              find_pregate(model)))
     cache_type = AioExpertCache if device.type == "cpu" and store.async_reads else ExpertCache
     cache = cache_type(store, capacity, device, policy)
     for layer in layers:
@@ -150,9 +155,19 @@ def _capacity(budget: int | float, store: ExpertStore, num_layers: int) -> int:
     return slots
 
 
-def _router_logits(router: torch.nn.Module) -> RouterLogits:
+def router_scores(router: torch.nn.Module | None, float32: bool = False) -> RouterLogits | None:
+    """What `router` scores for a batch of its layer's MoE inputs (a pre-gated layer's were
+    decided at the first MoE layer), in the model's dtype or in float32; None for a router
+    without weights."""
+    if isinstance(router, PregateRouter):
+        return router.decided_logits  # float32 already
+    weight = getattr(router, "weight", None)
+    if weight is None:
+        return None
+
     def logits(hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden.reshape(-1, router.weight.shape[-1]), router.weight)
+        w = weight.detach().float() if float32 else weight
+        return F.linear(hidden.reshape(-1, w.shape[-1]).to(w.dtype), w)
 
     return logits
 
@@ -160,21 +175,15 @@ def _router_logits(router: torch.nn.Module) -> RouterLogits:
 def offload_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers experts forward over the expert cache: `hidden_states [T, H]`, top-k index
-    and weights `[T, k]`. Mirrors `grouped_mm_experts_forward`: tokens sorted by expert, one
-    matmul per expert, weighted, unsorted, summed over k."""
+    and weights `[T, k]`. The arithmetic of the resident CPU path (`moe_experts`): tokens sorted
+    by expert, one matmul pair per expert chosen, weighted, unsorted, summed over k."""
     cache, layer = self._baton_offload
-    num_tokens, hidden_dim = hidden_states.shape
-    k = top_k_index.shape[-1]
     cache.policy.route(layer, top_k_index)
     predicted = cache.policy.predict(layer, hidden_states)
-    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
-    x = hidden_states[perm // k]
-    counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
-    hit = [e for e, c in enumerate(counts) if c]
-    out = torch.empty(x.shape[0], hidden_dim, dtype=hidden_states.dtype,
+    order = by_expert(top_k_index, self.num_experts)
+    x = hidden_states[order.perm // top_k_index.shape[-1]]
+    hit = order.hit
+    out = torch.empty(x.shape[0], hidden_states.shape[-1], dtype=hidden_states.dtype,
                       device=hidden_states.device)
     for first in range(0, len(hit), cache.capacity):
         chunk = hit[first : first + cache.capacity]
@@ -188,18 +197,11 @@ def offload_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
             for e, slot in sorted(zip(chunk, slots, strict=True),
                                   key=lambda pair: cache.loading(pair[1])):
                 cache.ready(slot)
-                rows = slice(starts[e], starts[e + 1])
-                h = self._apply_gate(x[rows] @ cache.gate_up[slot].T)
-                h = h @ cache.down[slot].T
-                if self.has_post_expert_norm:
-                    h = self.post_expert_norm(h)
-                out[rows] = h
+                rows = order.rows(e)
+                out[rows] = expert_mlp(self, x[rows], cache.gate_up[slot], cache.down[slot])
         finally:
             cache.release(slots)
-    weighted = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
-    inv_perm = torch.empty_like(perm)
-    inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
-    return weighted[inv_perm].view(num_tokens, k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+    return combine(out, order, top_k_weights, hidden_states.dtype)
 
 
 ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, offload_experts_forward)

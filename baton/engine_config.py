@@ -32,7 +32,7 @@ DTYPE_NAMES: tuple[str, ...] = get_args(TorchDtype)
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 INT4_GROUP_SIZES = (32, 64, 128)
 GiB = 1 << 30
-MoEPolicy = Literal["lru", "lfu", "lookahead", "trace", "learned"]
+MoEPolicy = Literal["lru", "lfu", "lookahead", "trace", "learned", "pregate"]
 MoETier = Literal["host", "disk"]
 MOE_POLICIES: tuple[str, ...] = get_args(MoEPolicy)
 BUDGET_WORDS = "bytes (an integer >= 1) or a fraction of all experts (a number in (0, 1])"

@@ -355,7 +355,7 @@ def bench_moe(
         "--model", "-m", help="A MoE model: a transformers directory or tiny:<arch> (default: "
         "the default model moefied into 16 experts, top-4, made once)")] = None,
     policies: Annotated[str | None, typer.Option(
-        help="Comma-separated policies (default: all)")] = None,
+        help="Comma-separated policies (default: all the model can run)")] = None,
     budgets: Annotated[str, typer.Option(
         help="Comma-separated fractions of all experts resident")] = "0.125,0.25,0.5",
     tier: Annotated[str, typer.Option(help="host or disk")] = "disk",
@@ -368,20 +368,22 @@ def bench_moe(
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
     predictor: Annotated[str | None, typer.Option(
         help="Routing predictor for the learned policy (default: train one first)")] = None,
+    pregate: Annotated[bool, typer.Option(
+        "--pregate", help="Without --model: the pre-gated moefied default model (one router "
+        "for all layers, `baton moefy --pregate`)")] = False,
 ) -> None:
     """MoE expert offload (every budget and policy) against the all-resident model."""
-    from baton.engine_config import MOE_POLICIES
     from baton.ops.bench import moe as bench
     from baton.ops.bench.report import run_and_report
 
-    names = [p.strip() for p in policies.split(",")] if policies else list(MOE_POLICIES)
+    names = [p.strip() for p in policies.split(",")] if policies else None
     try:
         fractions = [float(b) for b in budgets.split(",")]
     except ValueError as exc:
         raise ConfigError(f"--budgets takes fractions like 0.125,0.25; got {budgets!r}") from exc
     run_and_report(lambda c: bench.run_moe_bench(model, names, fractions, tier, num_requests,
                                                  max_tokens, threads, dtype, device, workload,
-                                                 predictor, c),
+                                                 predictor, c, pregate),
                    bench.show, json_path)
 
 

@@ -18,10 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from baton.actors.engine import Engine
-from baton.actors.moe_offload import moe_layers
+from baton.actors.moe_offload import moe_layers, router_scores
 from baton.actors.routing_predictor import (
     LayerScore,
     ModelShape,
@@ -87,7 +86,8 @@ def record_routes(engine: Engine, prompts: list[str], max_tokens: int, want: int
     """Run `prompts` (in batches) until `want` tokens went through the model, keeping what
     `Routes` holds (the first `want` tokens are returned)."""
     layers = moe_layers(engine.model)
-    if any(getattr(layer.router, "weight", None) is None for layer in layers):
+    scorers = [router_scores(layer.router, float32=True) for layer in layers]
+    if any(scores is None for scores in scorers):
         raise ConfigError(f"--model {engine.source.name}: a MoE layer's router has no weight to "
                           "record its logits with")
     inputs: list[list[torch.Tensor]] = [[] for _ in layers[:-1]]
@@ -95,15 +95,15 @@ def record_routes(engine: Engine, prompts: list[str], max_tokens: int, want: int
     chosen: list[list[torch.Tensor]] = [[] for _ in layers[1:]]
 
     def keep(position: int):
-        router = layers[position].router
+        scores = scorers[position]
+        assert scores is not None
 
         def hook(_module, args) -> None:
-            hidden = args[0].detach().float()
+            hidden = args[0].detach()
             if position < len(layers) - 1:
-                inputs[position].append(hidden.cpu())
+                inputs[position].append(hidden.float().cpu())
             if position > 0:
-                weight = router.weight.detach().float()
-                logits[position - 1].append(F.linear(hidden, weight).cpu())
+                logits[position - 1].append(scores(hidden).detach().cpu())
                 chosen[position - 1].append(args[1].detach().cpu())
         return hook
 

@@ -3,11 +3,13 @@
 Each layer's intermediate neurons are clustered by co-activation into equal-size groups (balanced
 k-means on their normalized |activation| profiles over calibration tokens); group e becomes
 expert e. A ridge-regression router per layer predicts from the MLP input which groups a token
-needs. The dense MLP is the unweighted sum of all groups while Mixtral weights its top-k experts
-by renormalized softmax probabilities, so the router's logits are scaled down until those weights
-are 1/k to within `ROUTER_MARGIN`, and every expert's down projection is scaled up by k: the MoE
-output is then the sum of the chosen groups. Attention, norms and embeddings are copied as they
-are, so with top-k equal to the number of experts the checkpoint computes the dense model.
+needs; with `pregate`, one more router predicts every layer's groups from the first layer's MLP
+input (Read-ME's pre-gating, see `actors/pregate.py`). The dense MLP is the unweighted sum of all
+groups while Mixtral weights its top-k experts by renormalized softmax probabilities, so the
+router's logits are scaled down until those weights are 1/k to within `ROUTER_MARGIN`, and every
+expert's down projection is scaled up by k: the MoE output is then the sum of the chosen groups.
+Attention, norms and embeddings are copied as they are, so with top-k equal to the number of
+experts the checkpoint computes the dense model.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from baton.actors.model_source import TINY_PREFIX, resolve
+from baton.actors.pregate import save_pregate
 from baton.actors.tiny import tiny_model, tiny_tokenizer
 from baton.errors import ConfigError, ModelLoadError
 from baton.ops import moefy_text
@@ -51,6 +54,7 @@ class MoefyOptions:
     ridge: float = 1e-2  # relative to the mean diagonal of the router inputs' Gram matrix
     greedy_tokens: int = 32
     seed: int = 0
+    pregate: bool = False  # also fit one router for all layers from the first one's input
 
     def __post_init__(self) -> None:
         if self.experts < 1:
@@ -81,10 +85,12 @@ class LayerTrace:
 
 @dataclass(slots=True)
 class Split:
-    """Per layer: the neurons of each expert `[E, I/E]` and the router weight `[E, H]`."""
+    """Per layer: the neurons of each expert `[E, I/E]` and the router weight `[E, H]`; with
+    pre-gating, also the one router for all layers `[L, E, H]`."""
 
     groups: list[torch.Tensor] = field(default_factory=list)
     routers: list[torch.Tensor] = field(default_factory=list)
+    pregate: torch.Tensor | None = None
 
 
 def load_dense(spec: str) -> DenseModel:
@@ -231,29 +237,48 @@ def group_scores(act: torch.Tensor, down: torch.Tensor, groups: torch.Tensor) ->
     return torch.stack([(act[:, g] @ down[:, g].T).norm(dim=1) for g in groups], dim=1)
 
 
-def fit_router(x: torch.Tensor, scores: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Ridge regression from `x [T, H]` to each group's share of the token's output, `[E, H]`,
-    scaled so that no calibration logit exceeds `ROUTER_MARGIN`."""
-    target = scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-12)
+def shares(scores: torch.Tensor) -> torch.Tensor:
+    """Each group's share of the token's MLP output, `[T, E]`: what a router learns to rank."""
+    return scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def ridge_fit(x: torch.Tensor, target: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Ridge regression from `x [T, H]` onto `target [T, N]`: the weight `[N, H]`."""
     x64 = x.double()
     gram = x64.T @ x64
     lam = ridge * gram.diagonal().mean()
     eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    weight = torch.linalg.solve(gram + lam * eye, x64.T @ target.double()).T.float()
+    return torch.linalg.solve(gram + lam * eye, x64.T @ target.double()).T.float()
+
+
+def fit_router(x: torch.Tensor, scores: torch.Tensor, ridge: float) -> torch.Tensor:
+    """A layer's router, `[E, H]`: ridge regression from `x [T, H]` onto the groups' shares,
+    scaled so that no calibration logit exceeds `ROUTER_MARGIN`."""
+    weight = ridge_fit(x, shares(scores), ridge)
     peak = (x @ weight.T).abs().max().clamp_min(1e-12)
     return weight * (ROUTER_MARGIN / peak)
+
+
+def fit_pregate(x: torch.Tensor, scores: list[torch.Tensor], ridge: float) -> torch.Tensor:
+    """Read-ME's one router for all layers, `[L, E, H]`: ridge regression from the first layer's
+    MLP input `x [T, H]` onto every layer's group shares at once (one solve)."""
+    target = torch.cat([shares(s) for s in scores], dim=1)
+    return ridge_fit(x, target, ridge).view(len(scores), scores[0].shape[1], -1)
 
 
 def split_layers(model, traces: list[LayerTrace], options: MoefyOptions) -> Split:
     """Cluster each layer's neurons into experts and fit its router."""
     split = Split()
+    scores = []
     for i, trace in enumerate(traces):
         groups = balanced_groups(trace.act, options.experts, options.kmeans_iters,
                                  options.seed + i)
         down = model.model.layers[i].mlp.down_proj.weight.detach().float()
         split.groups.append(groups)
-        split.routers.append(fit_router(trace.x, group_scores(trace.act, down, groups),
-                                        options.ridge))
+        scores.append(group_scores(trace.act, down, groups))
+        split.routers.append(fit_router(trace.x, scores[-1], options.ridge))
+    if options.pregate:
+        split.pregate = fit_pregate(traces[0].x, scores, options.ridge)
     return split
 
 
@@ -326,6 +351,8 @@ def save(result: MoefyResult, out: Path) -> None:
     The in-memory model is left holding the saved weights (rounded, back in float32), so what is
     measured afterwards is what was written."""
     out.mkdir(parents=True, exist_ok=True)
+    if result.split.pregate is not None:
+        save_pregate(result.split.pregate, result.moe, out)
     moe = result.moe.to(result.dense.save_dtype)
     try:
         moe.save_pretrained(out)

@@ -23,6 +23,10 @@ def moefy_command(
         help="Experts per layer (must divide the intermediate size)")] = 16,
     top_k: Annotated[int, typer.Option("--top-k", help="Experts each token runs")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for the neuron clustering")] = 0,
+    pregate: Annotated[bool, typer.Option(
+        "--pregate", help="Route every layer by one router on the first layer's input (Read-ME "
+        "pre-gating): a forward's experts are known before its first MoE layer runs, so offload "
+        "can load them all ahead (policy 'pregate')")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
 ) -> None:
@@ -32,7 +36,7 @@ def moefy_command(
     from baton.ops.moefy import MoefyOptions
     from baton.ops.moefy_run import REPORT_FILE, run_moefy
 
-    options = MoefyOptions(experts=experts, top_k=top_k, seed=seed)
+    options = MoefyOptions(experts=experts, top_k=top_k, seed=seed, pregate=pregate)
     console = Console(stderr=as_json)
     with console.status(f"moefying {model} into {experts} experts, top-{top_k}"):
         report = run_moefy(model, out, options, threads=threads)
@@ -44,8 +48,10 @@ def moefy_command(
 
 def show(report: MoefyReport, console: Console, report_file: str) -> None:
     """The report as a table: dense against moefied, on held-out text."""
+    routing = ", one pre-gate for all layers" if report.pregate else ""
     table = Table(title=f"{report.model} as {report.experts} experts of {report.expert_size} "
-                  f"neurons, top-{report.top_k} (held-out text, {report.heldout_tokens} tokens)")
+                  f"neurons, top-{report.top_k}{routing} (held-out text, "
+                  f"{report.heldout_tokens} tokens)")
     table.add_column("measure")
     table.add_column("dense", justify="right")
     table.add_column("moefied", justify="right")

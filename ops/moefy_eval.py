@@ -10,7 +10,8 @@ Definitions (the report's fields):
 - `greedy_position_agreement`: per prompt, share of positions holding the same token in both
   continuations (after a difference the two texts drift, so this is the looser figure).
 - `router_recall`: per layer, the share of the groups' true contribution mass (each group's output
-  norm, summed over tokens) that falls in the router's top-k, given the dense model's MLP input;
+  norm, summed over tokens) that falls in the router's top-k, given the dense model's MLP input
+  (with a pre-gate: the first layer's);
   `oracle_recall` is the same for the true top-k, `random_recall` is k/E.
 """
 
@@ -87,13 +88,17 @@ def agreement(want: list[list[int]], got: list[list[int]]) -> tuple[float, float
 
 def router_recall(model, traces: list[LayerTrace], split: Split,
                   top_k: int) -> tuple[list[float], list[float]]:
-    """Per layer, the router's and the oracle's share of the true group mass (see module doc)."""
+    """Per layer, the router's and the oracle's share of the true group mass (see module doc).
+    With a pre-gate, the router of layer i is the pre-gate's row i on the first layer's input."""
     routed, oracle = [], []
     for i, (trace, groups, router) in enumerate(
             zip(traces, split.groups, split.routers, strict=True)):
         down = model.model.layers[i].mlp.down_proj.weight.detach().float()
         mass = group_scores(trace.act, down, groups)  # [T, E]
-        chosen = (trace.x @ router.T).topk(top_k, dim=1).indices
+        if split.pregate is not None:
+            chosen = (traces[0].x @ split.pregate[i].T).topk(top_k, dim=1).indices
+        else:
+            chosen = (trace.x @ router.T).topk(top_k, dim=1).indices
         total = mass.sum()
         routed.append((mass.gather(1, chosen).sum() / total).item())
         oracle.append((mass.topk(top_k, dim=1).values.sum() / total).item())
@@ -108,6 +113,7 @@ class MoefyReport:
     out_dir: str
     experts: int
     top_k: int
+    pregate: bool  # routed by one router for all layers (Read-ME) rather than one per layer
     expert_size: int
     calibration_tokens: int
     heldout_tokens: int

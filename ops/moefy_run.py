@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from baton.actors.pregate import install
 from baton.ops.moefy import (
     MoefyOptions,
     check_out_dir,
@@ -43,6 +44,8 @@ def run_moefy(spec: str, out: Path, options: MoefyOptions,
     result = moefy(dense, options)
     start = time.monotonic()
     save(result, out)
+    if result.split.pregate is not None:  # measured as Baton serves it: routed by the pre-gate
+        install(result.moe, result.split.pregate)
     seconds = {"load": load_s, **result.seconds, "save": time.monotonic() - start}
 
     start = time.monotonic()
@@ -60,6 +63,7 @@ def run_moefy(spec: str, out: Path, options: MoefyOptions,
         out_dir=str(out),
         experts=options.experts,
         top_k=options.top_k,
+        pregate=options.pregate,
         expert_size=result.moe.config.intermediate_size,
         calibration_tokens=result.calibration_tokens,
         heldout_tokens=want.tokens,

@@ -1,7 +1,8 @@
 """`baton bench moe`: MoE expert offload against the all-resident model, in the same run.
 
 The model is the default one split into 16 experts, top-4, by `baton moefy` (made once into the
-cache), unless another is given.
+cache; with `--pregate`, its pre-gated variant, where one router decides every layer), unless
+another is given.
 
 For each budget (a fraction of all experts resident) and each policy, a fresh engine serves the
 same requests greedily, alone (batch 1) and eight at once (batch 8); the all-resident engine
@@ -16,6 +17,7 @@ the same number of tokens, and offload must give the resident model's tokens (ch
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -30,6 +32,7 @@ from baton.actors.engine import Engine
 from baton.actors.expert_cache import ExpertCacheStats
 from baton.actors.expert_store import DiskStore
 from baton.actors.model_source import DEFAULT_MODEL, cache_root
+from baton.actors.pregate import CONFIG_KEY as PREGATE_KEY
 from baton.engine_config import MOE_POLICIES
 from baton.errors import ConfigError, EngineError
 from baton.ops.bench.machine import OtherCPUBusy, machine_info, warn_if_busy
@@ -140,13 +143,15 @@ def run_engine(engine: Engine, items: list[WorkItem], max_tokens: int,
             engine.moe.close()
 
 
-def moefied_default(console: Console) -> str:
-    """The default model split into 16 experts, top-4 (`baton moefy`), made once in the cache."""
-    path = cache_root() / "models" / MOEFIED_DEFAULT
+def moefied_default(console: Console, pregate: bool = False) -> str:
+    """The default model split into 16 experts, top-4 (`baton moefy`, with `--pregate` if asked),
+    made once in the cache."""
+    path = cache_root() / "models" / (MOEFIED_DEFAULT + ("-pregate" if pregate else ""))
     if not (path / "config.json").is_file():
         console.log(f"moefying the default model into {path} (once)")
         with tempfile.TemporaryDirectory(prefix=".moefy-", dir=path.parent) as tmp:
-            run_moefy(DEFAULT_MODEL, Path(tmp) / "out", MoefyOptions(experts=16, top_k=4))
+            run_moefy(DEFAULT_MODEL, Path(tmp) / "out",
+                      MoefyOptions(experts=16, top_k=4, pregate=pregate))
             (Path(tmp) / "out").rename(path)
     return str(path)
 
@@ -165,15 +170,32 @@ def predictor_for(model: str, predictor: str | None, scratch: Path, dtype: str, 
     return str(path), report.as_dict()
 
 
-def run_moe_bench(model: str | None, policies: list[str], budgets: list[float], tier: str,
-                  num_requests: int, max_tokens: int, threads: int, dtype: str, device: str,
-                  workload: str | None, predictor: str | None,
-                  console: Console) -> dict[str, Any]:
-    """Every (budget, policy) against the resident engine; see the module docstring."""
+def policies_for(model: str, policies: list[str] | None) -> list[str]:
+    """`policies`, or every policy `model` can run (`pregate` needs a pre-gated checkpoint);
+    `ConfigError` for a name no policy has."""
+    if policies is None:
+        return [p for p in MOE_POLICIES if p != "pregate" or has_pregate(model)]
     unknown = [p for p in policies if p not in MOE_POLICIES]
     if unknown:
         raise ConfigError(f"unknown policies {unknown}; choose among {list(MOE_POLICIES)}")
-    model = model or moefied_default(console)
+    return policies
+
+
+def has_pregate(model: str) -> bool:
+    """Whether the checkpoint directory `model` is routed by a pre-gate (`baton moefy
+    --pregate`)."""
+    config = Path(model) / "config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get(PREGATE_KEY))
+
+
+def run_moe_bench(model: str | None, policies: list[str] | None, budgets: list[float],
+                  tier: str, num_requests: int, max_tokens: int, threads: int, dtype: str,
+                  device: str, workload: str | None, predictor: str | None,
+                  console: Console, pregate: bool = False) -> dict[str, Any]:
+    """Every (budget, policy) against the resident engine; see the module docstring.
+    `policies` None: every one the model can run."""
+    model = model or moefied_default(console, pregate)
+    policies = policies_for(model, policies)
     with tempfile.TemporaryDirectory(prefix="baton-bench-moe-") as scratch:
         trained = None
         options: dict[str, dict[str, Any]] = {}

@@ -15,10 +15,12 @@ from baton.actors.expert_cache import ExpertCache
 from baton.actors.expert_cache_aio import AioExpertCache
 from baton.actors.expert_policies import LFUPolicy, LRUPolicy
 from baton.actors.expert_store import HostStore
+from baton.actors.moe_experts import SKINNY
 from baton.actors.moe_offload import moe_layers
 from baton.actors.tiny import MOE_ARCHS, tiny_model
 from baton.engine_config import MOE_POLICIES
 from baton.errors import ConfigError
+from baton.kernels import cpu_decode
 from baton.ops.expert_traces import train_experts
 from baton.sampling import SamplingParams
 from tests.conftest import assert_no_leaks, wait_until
@@ -26,6 +28,9 @@ from tests.conftest import assert_no_leaks, wait_until
 PROMPTS = [list(b"The quick brown fox jumps over the lazy dog. " * 2), list(b"MoE!")]
 MAX_TOKENS = 10
 TIERS = ("host", "disk")
+# Every policy a model with a router per layer runs (`pregate` needs a pre-gated checkpoint: its
+# tests are in test_pregate.py).
+PER_LAYER_POLICIES = tuple(p for p in MOE_POLICIES if p != "pregate")
 
 
 def _expert_bytes(arch: str) -> int:
@@ -108,7 +113,7 @@ def _count_expert_uses(engine: Engine) -> list[int]:
 
 
 @pytest.mark.parametrize("tier", TIERS)
-@pytest.mark.parametrize("policy", MOE_POLICIES)
+@pytest.mark.parametrize("policy", PER_LAYER_POLICIES)
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_two_resident_experts_give_the_all_resident_output(arch, policy, tier, tmp_path,
                                                           predictor_of):
@@ -149,6 +154,27 @@ def test_two_resident_experts_give_the_all_resident_output(arch, policy, tier, t
     assert stats["bytes_loaded"] == (stats["misses"] + stats["prefetches_issued"]) * \
         cache.expert_bytes
     moe.close()
+
+
+@pytest.mark.skipif(cpu_decode.kernel() is None, reason="Baton's CPU kernels are not built here")
+@pytest.mark.parametrize("tier", TIERS)
+def test_bf16_offload_gives_the_resident_bits_on_the_skinny_kernel(tier, tmp_path):
+    def engine(**options) -> Engine:
+        return Engine("tiny:mixtral", dtype="bfloat16", methods=["none"], num_threads=1,
+                      **options)
+
+    resident = engine()
+    assert all(getattr(layer.experts, SKINNY, 0) for layer in moe_layers(resident.model))
+    tokens, logits = _generate(resident)
+    offloaded = engine(moe_offload={  # two bf16 experts
+        "budget": _expert_bytes("mixtral") + 1, "policy": "lru", "tier": tier,
+        **({"dir": str(tmp_path)} if tier == "disk" else {})})
+    assert offloaded.moe is not None and offloaded.moe.cache.capacity == 2
+    assert all(getattr(layer.experts, SKINNY, 0) for layer in offloaded.moe.layers)
+    got_tokens, got_logits = _generate(offloaded)
+    assert got_tokens == tokens
+    assert all(torch.equal(a, b) for a, b in zip(got_logits, logits, strict=True))
+    offloaded.moe.close()
 
 
 def test_lookahead_prefetches_experts_the_next_layer_uses():
@@ -257,7 +283,7 @@ def test_a_forward_waits_for_an_in_flight_prefetch_and_reads_its_weights(prefetc
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("policy", MOE_POLICIES)
+@pytest.mark.parametrize("policy", PER_LAYER_POLICIES)
 def test_offload_on_cuda_gives_the_resident_tokens(policy, predictor_of):
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]]
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -284,6 +310,7 @@ def test_offload_on_cuda_gives_the_resident_tokens(policy, predictor_of):
     ("tiny:mixtral", {"budget": 0.5, "tier": "ssd"}, "moe_offload.tier"),
     ("tiny:mixtral", {"budget": 0.5, "speed": 1}, "moe_offload.speed"),
     ("tiny:mixtral", {"budget": 0.5, "policy": "learned"}, "moe_offload.predictor"),
+    ("tiny:mixtral", {"budget": 0.5, "policy": "pregate"}, "moe_offload.policy"),
     ("tiny:mixtral", {"budget": 0.5, "predictor": "p.safetensors"}, "moe_offload.predictor"),
     ("tiny:mixtral", {"budget": 0.5, "policy": "learned", "predictor": "/nonexistent"},
      "moe_offload.predictor"),

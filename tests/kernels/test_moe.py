@@ -6,8 +6,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from baton.actors.moe_experts import EXPERTS_IMPLEMENTATION, use_grouped_experts
+from baton.actors.moe_experts import (
+    CPU_IMPLEMENTATION,
+    EXPERTS_IMPLEMENTATION,
+    SKINNY,
+    use_grouped_experts,
+)
 from baton.errors import ConfigError
+from baton.kernels import cpu_decode
 from baton.kernels.dispatch import force_backend
 from baton.kernels.moe import moe_experts, moe_experts_reference
 from tests.kernels.conftest import DEVICE, assert_close
@@ -93,17 +99,32 @@ def test_moe_model_logits_match_transformers_experts(model_type):
     assert_close(got, expected, torch.float32)
 
 
-def test_default_experts_are_the_grouped_gemm_on_cuda_and_transformers_elsewhere():
+def test_default_experts_are_the_grouped_gemm_on_cuda_and_the_per_expert_loop_on_cpu():
     model = _tiny_moe("qwen3_moe")
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]], device=DEVICE)
     with torch.inference_mode():
         before = model(ids).logits
-    on_cuda = DEVICE.type == "cuda"
-    assert use_grouped_experts(model, DEVICE) == on_cuda
-    assert (model.config._experts_implementation == EXPERTS_IMPLEMENTATION) == on_cuda
+    want = EXPERTS_IMPLEMENTATION if DEVICE.type == "cuda" else CPU_IMPLEMENTATION
+    assert use_grouped_experts(model, DEVICE) == want
+    assert model.config._experts_implementation == want
     with torch.inference_mode():
         after = model(ids).logits
-    if on_cuda:
-        assert_close(after, before, torch.float32)
-    else:  # untouched: transformers' own experts, the same numbers
-        assert torch.equal(after, before)
+    assert_close(after, before, torch.float32)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu" or cpu_decode.kernel() is None,
+                    reason="Baton's CPU kernels are not built here")
+def test_bf16_cpu_experts_run_on_the_skinny_kernel_with_transformers_numbers():
+    model = _tiny_moe("mixtral").to(torch.bfloat16)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]], device=DEVICE)
+    with torch.inference_mode():
+        before = model(ids).logits.float()
+        one = model(ids[:, :1]).logits.float()
+    assert use_grouped_experts(model, DEVICE) == CPU_IMPLEMENTATION
+    experts = [m for m in model.modules() if hasattr(m, "gate_up_proj")]
+    assert experts and all(getattr(m, SKINNY, 0) > 0 for m in experts)
+    with torch.inference_mode():
+        after = model(ids).logits.float()  # 11 rows: the weights unpacked for the call
+        after_one = model(ids[:, :1]).logits.float()  # one row: the skinny kernel
+    for got, want in ((after, before), (after_one, one)):
+        assert (got - want).abs().max() <= 0.05 * want.abs().max()
