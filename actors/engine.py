@@ -162,6 +162,14 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and report what changed."""
+        outputs = self._step()
+        if self.moe is not None:  # a request's expert trace is complete once it ends
+            for out in outputs:
+                if out.finished:
+                    self.moe.policy.end_request(out.request_id)
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
         expert_before = self.moe.use() if self.moe is not None else None
         self.speculator.propose(self.scheduler.running, self._waiting_tokens(), self._generators)
@@ -171,6 +179,9 @@ class Engine:
                 seq.drop_draft()
         if not sched:
             return outputs
+        if self.moe is not None:
+            self.moe.policy.begin_step([(s.request_id, sched.num_scheduled_tokens[s.request_id])
+                                        for s in sched.seqs])
         try:
             t0 = time.perf_counter()
             logits = self.runner.run(sched, self._layer_hook(sched),

@@ -3,6 +3,8 @@
 A policy sees every use of an expert (`touch`), every expert that enters or leaves the cache
 (`insert`, `forget`), chooses a victim among the evictable ones, sees which experts each layer's
 tokens chose (`route`), and may name experts to prefetch from a layer's MoE input (`predict`).
+The engine names each forward's requests (`begin_step`) and the requests that end
+(`end_request`), for policies that keep per-request history.
 The forward calls `route` then `predict` for a layer, outside the cache's lock (a policy that
 shares state between those and the rest swaps whole references); the cache calls the rest under
 its own lock, so a policy needs no locking of its own.
@@ -46,6 +48,12 @@ class ExpertPolicy:
     def predict(self, layer: int, hidden: torch.Tensor) -> list[ExpertKey]:
         """Experts worth loading now, seeing layer `layer`'s MoE input `[T, H]`."""
         return []
+
+    def begin_step(self, requests: list[tuple[str, int]]) -> None:
+        """The next forward runs `requests` (id, rows) in row order (the engine says so)."""
+
+    def end_request(self, request_id: str) -> None:
+        """`request_id` finished, failed or was aborted."""
 
 
 class LRUPolicy(ExpertPolicy):

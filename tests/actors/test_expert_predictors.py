@@ -84,6 +84,44 @@ def test_trace_prefetches_become_used_when_routing_repeats():
     assert trace["hit_rate"] > lru["hit_rate"] + 0.3
 
 
+def test_trace_matches_each_request_against_the_requests_that_finished():
+    # Two kinds of request; each routes its token the same way at every step.
+    kinds = {"a": [[0, 1], [2, 3], [4, 5]], "b": [[6, 7], [0, 4], [1, 6]]}
+    policy = TracePolicy(list(range(LAYERS)), EXPERTS, TOP_K, capacity=LAYERS * EXPERTS)
+
+    def step(requests: list[tuple[str, str]]) -> list[set[tuple[int, int]]]:
+        """One forward of one token per request; what each layer's prediction named."""
+        policy.begin_step([(rid, 1) for rid, _ in requests])
+        named = []
+        for layer in range(LAYERS):
+            policy.route(layer, torch.tensor([kinds[kind][layer] for _, kind in requests]))
+            named.append(set(policy.predict(layer, torch.zeros(len(requests), 3))))
+        return named
+
+    for i in range(3):  # requests of both kinds, batched together, fill the library
+        for _ in range(4):
+            step([(f"a{i}", "a"), (f"b{i}", "b")])
+        policy.end_request(f"a{i}")
+        policy.end_request(f"b{i}")
+    assert policy.traces == 6
+    for kind, other in (("a", "b"), ("b", "a")):
+        named = step([(f"new-{kind}", kind)])  # its first token: only its first layer is known
+        for layer in (1, 2):
+            want = {(layer, e) for e in kinds[kind][layer]}
+            assert want <= named[layer - 1]
+            assert len(named[layer - 1] & {(layer, e) for e in kinds[other][layer]} - want) <= 1
+
+
+def test_the_engine_tells_the_trace_policy_which_requests_ran_and_ended():
+    engine = Engine("tiny:mixtral", dtype="float32", methods=["none"], num_threads=1,
+                    moe_offload={"budget": 0.5, "policy": "trace"})
+    assert engine.moe is not None and isinstance(engine.moe.policy, TracePolicy)
+    prompts = [list(b"The quick brown fox"), list(b"MoE!"), list(b"jumps over")]
+    engine.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    assert engine.moe.policy.traces == len(prompts)
+    engine.moe.close()
+
+
 def test_train_experts_writes_a_predictor_that_beats_chance_and_the_engine_serves(tmp_path):
     out = tmp_path / "mixtral.safetensors"
     result = CliRunner().invoke(app, ["train-experts", "--model", "tiny:mixtral", "--out",
