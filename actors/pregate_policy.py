@@ -1,58 +1,70 @@
 """Pre-gated prefetch (Read-ME): on a model whose one router decides every layer's experts at the
 first MoE layer (`actors/pregate.py`), every later layer's experts are known exactly before the
-forward reaches them, so loading them all starts at that first layer (each later layer tops the
-reads up, as many as the store keeps in flight) and they arrive while the layers in between
-compute. Eviction is `LayerSlotsPolicy`'s: a layer beyond its share of the slots replaces
-its own experts that this forward does not use.
+forward reaches them.
 
-At most a layer's share is loaded ahead for it: when a batch's tokens need more of a layer's
-experts than that (several tokens, a small budget), the ones most tokens chose come first and the
-rest load when the layer runs, so a prefetch never pushes out another one that is still to be used.
+- Prefetch: at each MoE layer, the experts the rest of this forward uses, in layer order, as many
+  as the cache holds beside this layer's own (the cache skips resident ones and starts the rest
+  as its reads allow; each later layer tops them up). At batch 1 within a quarter of all experts
+  that is the whole forward, planned at its first MoE layer; when a batch's tokens need more, the
+  plan is a window that slides forward one layer at a time.
+- Eviction, knowing the rest of the forward: an expert this forward no longer uses goes first,
+  the one of the latest layer (its next use, in the next forward, is furthest away), the least
+  recently used among a layer's; an expert still to be used goes only when nothing else can, the
+  one of the furthest layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
-from baton.actors.expert_policies import ExpertKey
-from baton.actors.layer_slots import LayerSlotsPolicy
+from baton.actors.expert_policies import ExpertKey, LRUPolicy
 from baton.actors.pregate import Pregate
 
-CHOSEN = 1e6  # rank of an expert this forward uses, plus how many of its tokens chose it
 
-
-class PregatePolicy(LayerSlotsPolicy):
-    """Loads every later layer's chosen experts at the first MoE layer."""
+class PregatePolicy(LRUPolicy):
+    """Loads the rest of the forward's experts ahead; evicts knowing which are still to come."""
 
     def __init__(self, pregate: Pregate, layers: list[int], capacity: int) -> None:
-        super().__init__(layers, pregate.top_k, capacity, pregate.num_experts)
+        super().__init__()
         self._pregate = pregate
-        self._plan: list[ExpertKey] = []  # this forward's experts to load ahead, in layer order
+        self._layers = sorted(layers)
+        self._pos = {layer: i for i, layer in enumerate(self._layers)}
+        self._capacity = capacity
+        self._current = self._layers[0] if self._layers else 0  # the layer routed last
+        self._plan: list[ExpertKey] = []  # this forward's experts, in layer order
+        self._planned: dict[ExpertKey, int] = {}  # the plan's experts -> their layer's position
+        self._uses: dict[int, int] = {}  # layer -> how many experts this forward uses there
+
+    def route(self, layer: int, top_k_index: torch.Tensor) -> None:
+        self._current = layer
+        if layer != self._layers[0]:
+            return
+        chosen = self._pregate.indices.cpu()  # [T, L, k]: the decision for the whole forward
+        plan: list[ExpertKey] = []
+        for row, each in enumerate(self._layers):
+            counts = torch.bincount(chosen[:, row].flatten(),
+                                    minlength=self._pregate.num_experts).tolist()
+            # Most-chosen first: if the window cuts a layer, its least-used experts wait.
+            order = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
+            plan += [(each, e) for e in order]
+        # Swapped whole: the cache reads them under its lock.
+        self._plan = plan
+        self._planned = {key: self._pos[key[0]] for key in plan}
+        self._uses = {each: sum(1 for key in plan if key[0] == each) for each in self._layers}
 
     def predict(self, layer: int, hidden: torch.Tensor) -> list[ExpertKey]:
-        if not self._layers:
-            return []
-        if layer != self._layers[0]:
-            # What is still to come of this forward's plan: the cache skips the resident ones
-            # and starts the rest as its reads and slots allow.
-            return [key for key in self._plan if key[0] > layer]
-        logits = self._pregate.logits.float()  # [T, L, E]
-        indices = self._pregate.indices  # [T, L, k]
-        per_layer = max(self.share, 1)
-        keys: list[ExpertKey] = []
-        for row, nxt in enumerate(self._layers[1:], start=1):
-            counts = torch.bincount(indices[:, row].flatten().cpu(),
-                                    minlength=self._num_experts).tolist()
-            mean = logits[:, row].mean(0).tolist()
-            rank = {e: (CHOSEN + counts[e] if counts[e] else mean[e])
-                    for e in range(self._num_experts)}
-            self._rank[nxt] = rank  # swapped whole: the cache reads ranks under its lock
-            chosen = sorted((e for e in range(self._num_experts) if counts[e]),
-                            key=lambda e: -rank[e])
-            keys += [(nxt, e) for e in chosen[:per_layer]]
-        self._wanted = frozenset(keys)
-        self._plan = keys
-        return keys
+        room = self._capacity - self._uses.get(layer, 0)
+        return [key for key in self._plan if key[0] > layer][:max(room, 0)]
 
-    def next_scores(self, layer: int, nxt: int, hidden: torch.Tensor) -> torch.Tensor | None:
-        return None  # `predict` reads the pre-gate's decision directly
+    def victim(self, candidates: Iterable[ExpertKey],
+               incoming: ExpertKey | None = None) -> ExpertKey:
+        allowed = set(candidates)
+        at, planned, pos = self._pos.get(self._current, 0), self._planned, self._pos
+        done = [key for key in allowed if planned.get(key, -1) < at]  # not used again this pass
+        if not done:
+            return max(allowed, key=lambda key: pos.get(key[0], 0))
+        latest = max(pos.get(key[0], 0) for key in done)
+        pick = set(key for key in done if pos.get(key[0], 0) == latest)
+        return next((key for key in self._order if key in pick), min(pick))

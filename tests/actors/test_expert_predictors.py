@@ -84,9 +84,9 @@ def test_trace_prefetches_become_used_when_routing_repeats():
     assert trace["hit_rate"] > lru["hit_rate"] + 0.3
 
 
-def test_trace_matches_each_request_against_the_requests_that_finished():
-    # Two kinds of request; each routes its token the same way at every step.
-    kinds = {"a": [[0, 1], [2, 3], [4, 5]], "b": [[6, 7], [0, 4], [1, 6]]}
+def test_trace_tells_apart_requests_whose_tokens_start_alike_by_their_history():
+    # Two kinds of request whose tokens choose the same first-layer experts and differ after.
+    kinds = {"a": [[0, 1], [2, 3], [4, 5]], "b": [[0, 1], [6, 7], [2, 5]]}
     policy = TracePolicy(list(range(LAYERS)), EXPERTS, TOP_K, capacity=LAYERS * EXPERTS)
 
     def step(requests: list[tuple[str, str]]) -> list[set[tuple[int, int]]]:
@@ -103,22 +103,29 @@ def test_trace_matches_each_request_against_the_requests_that_finished():
             step([(f"a{i}", "a"), (f"b{i}", "b")])
         policy.end_request(f"a{i}")
         policy.end_request(f"b{i}")
-    assert policy.traces == 6
     for kind, other in (("a", "b"), ("b", "a")):
-        named = step([(f"new-{kind}", kind)])  # its first token: only its first layer is known
-        for layer in (1, 2):
-            want = {(layer, e) for e in kinds[kind][layer]}
-            assert want <= named[layer - 1]
-            assert len(named[layer - 1] & {(layer, e) for e in kinds[other][layer]} - want) <= 1
+        step([(f"new-{kind}", kind)])  # its first step gives it a history
+        named = step([(f"new-{kind}", kind)])[0]  # at the first layer of its second step
+        want = {(1, e) for e in kinds[kind][1]}
+        assert want <= named
+        assert len(named & {(1, e) for e in kinds[other][1]}) <= 1
+        policy.end_request(f"new-{kind}")
 
 
 def test_the_engine_tells_the_trace_policy_which_requests_ran_and_ended():
     engine = Engine("tiny:mixtral", dtype="float32", methods=["none"], num_threads=1,
                     moe_offload={"budget": 0.5, "policy": "trace"})
     assert engine.moe is not None and isinstance(engine.moe.policy, TracePolicy)
-    prompts = [list(b"The quick brown fox"), list(b"MoE!"), list(b"jumps over")]
-    engine.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
-    assert engine.moe.policy.traces == len(prompts)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in (list(b"The quick brown fox"), list(b"MoE!"))]
+    engine.step()  # both prompts
+    engine.step()  # both first decode tokens: the prompts' steps are filed, with histories
+    assert engine.moe.policy.histories == len(ids)
+    while engine.has_unfinished():
+        engine.step()
+    engine.generate([list(b"jumps over")], params)  # its steps file the others' last ones
+    assert engine.moe.policy.histories == 0  # ended requests keep none
+    assert engine.moe.policy.traces > 2 * params.max_tokens
     engine.moe.close()
 
 

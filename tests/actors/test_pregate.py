@@ -13,7 +13,8 @@ from transformers import MixtralForCausalLM
 
 from baton.actors.engine import Engine
 from baton.actors.moe_offload import moe_layers
-from baton.actors.pregate import CONFIG_KEY, PregateRouter
+from baton.actors.pregate import CONFIG_KEY, Pregate, PregateRouter
+from baton.actors.pregate_policy import PregatePolicy
 from baton.errors import ConfigError, ModelLoadError
 from baton.ops.bench.moe import policies_for
 from baton.ops.moefy import MoefyOptions
@@ -122,6 +123,28 @@ def test_pregate_policy_misses_only_at_the_first_layer_and_keeps_the_tokens(chec
     stats = engine.expert_cache_stats()
     assert stats is not None and stats["prefetches_used"] > 0
     moe.close()
+
+
+def test_pregate_plans_the_rest_of_the_forward_and_evicts_what_it_no_longer_uses():
+    pregate = Pregate(torch.zeros(3, 8, 4), top_k=2)
+    pregate.indices = torch.tensor([[[0, 1], [2, 3], [4, 5]]])  # one token: layer l runs these
+    policy = PregatePolicy(pregate, [0, 1, 2], capacity=6)
+    for key in [(0, 7), (1, 2), (2, 6), (1, 5), (2, 4)]:
+        policy.insert(key)
+    policy.route(0, pregate.indices[:, 0])
+    hidden = torch.zeros(1, 4)
+    assert policy.predict(0, hidden) == [(1, 2), (1, 3), (2, 4), (2, 5)]
+    # Not used again in this forward: (0, 7), (1, 5), (2, 6); the latest layer's goes first.
+    assert policy.victim([(0, 7), (1, 2), (2, 6), (1, 5), (2, 4)]) == (2, 6)
+    assert policy.victim([(0, 7), (1, 2), (1, 5), (2, 4)]) == (1, 5)
+    assert policy.victim([(1, 2), (2, 4)]) == (2, 4)  # both still to come: the furthest one
+    policy.route(1, pregate.indices[:, 1])
+    assert policy.predict(1, hidden) == [(2, 4), (2, 5)]
+    assert policy.victim([(1, 2), (2, 4)]) == (2, 4)  # layer 1 ran: (1, 2) is still in use now
+    # A cache too small for the whole plan gets a window: what fits beside this layer's own.
+    small = PregatePolicy(pregate, [0, 1, 2], capacity=4)
+    small.route(0, pregate.indices[:, 0])
+    assert small.predict(0, hidden) == [(1, 2), (1, 3)]
 
 
 def test_pregate_beats_lru_on_hits_at_the_same_budget(checkpoint):
