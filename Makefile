@@ -11,7 +11,7 @@ TORCH_VERSION := 2.13.0
 # A CPU wheel shipped on this machine's disk, if any (pip's find-links).
 TORCH_LOCAL_WHEEL := $(firstword $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu-*.whl))
 PYTEST_ARGS ?=
-CODE_DIRS := baton actors router cluster kernels protos ops
+CODE_DIRS := baton actors router cluster baton_kernels protos ops
 # Tests without Ray that `make test` runs after the Ray modules, to even out its two sequences.
 MOVED := tests/ops/test_bench.py tests/actors/test_model_source.py tests/ops/test_train_heads.py
 # The engine's control plane, type-checked (model code and tensors are left to the tests).

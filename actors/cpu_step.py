@@ -25,7 +25,7 @@ Where every projection of a layer is on a skinny kernel and the attention on Bat
 step the lean step takes (up to `MAX_TOKENS` tokens) whose runs the attention kernel's per-token
 plan covers (each request's run up to `attention_plans.SHORT_RUN` tokens: decode rows, drafts,
 short prompts) runs each layer as one C++ call (`cpu_decode.DecodeLayer`,
-kernels/cpu_layer.cpp): the same kernels and ATen ops in the same order, without the Python
+baton_kernels/cpu_layer.cpp): the same kernels and ATen ops in the same order, without the Python
 between them (about 120 us a layer here: a bf16 token went from 14.6 to 10.5 ms, an int4 token
 from 9.7 to 7.1 ms, two threads). In bf16, a call past the skinny kernel's rows runs the
 projections' own oneDNN weights from C++, as the Python layers would (verify steps of 9-16

@@ -23,11 +23,12 @@ def test_wheel_contains_every_subpackage(tmp_path):
     for pkg in ("baton", "baton/actors", "baton/router", "baton/cluster", "baton/kernels",
                 "baton/protos", "baton/ops", "baton/ops/bench"):
         assert f"{pkg}/__init__.py" in names, f"{pkg} missing from the wheel"
-    code_dirs = {"actors", "router", "cluster", "kernels", "protos", "ops"}
-    for d in code_dirs:
+    code_dirs = {"actors": "actors", "router": "router", "cluster": "cluster",
+                 "baton_kernels": "kernels", "protos": "protos", "ops": "ops"}
+    for d, package in code_dirs.items():
         for src in (ROOT / d).rglob("*.py"):
-            rel = src.relative_to(ROOT)
-            assert f"baton/{rel.as_posix()}" in names, f"{rel} missing from the wheel"
+            rel = src.relative_to(ROOT / d)
+            assert f"baton/{package}/{rel.as_posix()}" in names, f"{d}/{rel} missing from the wheel"
     for source in cpu_decode.SOURCES:  # the CPU decode kernels are built from them
         assert f"baton/kernels/{source.name}" in names
     assert any(n.endswith("entry_points.txt") for n in names)

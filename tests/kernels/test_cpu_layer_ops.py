@@ -1,6 +1,6 @@
-"""The decoder layer's elementwise ops on the CPU kernels (kernels/cpu_layer.cpp): SiLU times up
-and the residual add give ATen's bits, so a fused layer's tokens stay transformers' own; the
-rotary call reads q and k in place from the stacked projection. Skipped where the kernels are
+"""The decoder layer's elementwise ops on the CPU kernels (baton_kernels/cpu_layer.cpp): SiLU
+times up and the residual add give ATen's bits, so a fused layer's tokens stay transformers' own;
+the rotary call reads q and k in place from the stacked projection. Skipped where the kernels are
 not built (no avx512_bf16, or BATON_CPU_KERNELS=0)."""
 
 from __future__ import annotations
