@@ -30,8 +30,8 @@ def config(options: dict) -> dict:
     ({"device": "tpu"}, "pools[1].engine.device must be 'cpu' or 'cuda[:N]'"),
     ({"dtype": "float16"}, "pool 'd': set dtype on the pool, not among its engine options"),
     ({"moe_offload": {"budget": 0.25, "policy": "fifo"}},
-     "pools[1].engine.moe_offload.policy must be 'lru', 'lfu', 'lookahead', 'trace' or "
-     "'learned', got 'fifo'"),
+     "pools[1].engine.moe_offload.policy must be 'lru', 'lfu', 'lookahead', 'trace', "
+     "'learned' or 'pregate', got 'fifo'"),
     ({"moe_offload": {"budget": 0.25, "policy": "learned"}},
      "pools[1].engine.moe_offload.predictor: policy 'learned' needs predictor"),
     ({"moe_offload": {"budget": -5}}, "pools[1].engine.moe_offload.budget must be bytes"),
