@@ -17,7 +17,7 @@ from baton.actors.cpu_step import CpuDecodeStep
 from baton.actors.draft_tree import DraftTree
 from baton.actors.kv_cache import PagedKVCache
 from baton.actors.model_source import ModelSource
-from baton.actors.moe_experts import use_grouped_experts
+from baton.actors.moe_experts import use_baton_experts
 from baton.actors.pregate import attach as attach_pregate
 from baton.actors.quantized_linear import quantize_linears
 from baton.actors.scheduler import SchedulerOutput
@@ -84,7 +84,7 @@ def prepare_for_inference(model, dtype: torch.dtype, device: torch.device,
             f"{type(model).__name__} caps attention logits (attn_logit_softcapping), which "
             "Baton's paged attention does not support yet; choose another model"
         )
-    use_grouped_experts(model, device)
+    use_baton_experts(model, device)
     if quantization:
         quantize_linears(model, quantization, group_size)
     if packing_supported(dtype, device):

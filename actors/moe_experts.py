@@ -34,14 +34,26 @@ CPU_IMPLEMENTATION = "baton_cpu"
 SKINNY = "_baton_skinny_rows"  # on an experts module: its weights are `pack_experts`' layout
 
 
+def fused_layout(experts: torch.nn.Module) -> bool:
+    """Whether `experts` keeps the layout Baton's experts paths read: fused and gated
+    (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`), not transposed, no bias."""
+    return (getattr(experts, "has_gate", True) and getattr(experts, "is_concatenated", True)
+            and not getattr(experts, "has_bias", False)
+            and not getattr(experts, "is_transposed", False))
+
+
+def check_fused_layout(experts: torch.nn.Module, what: str) -> None:
+    """Raise `ModelLoadError` naming `what` (the Baton path) unless `fused_layout(experts)`."""
+    if not fused_layout(experts):
+        raise ModelLoadError(
+            f"{type(experts).__name__} stores its experts in a layout {what} does not take "
+            "(needs gate_up_proj [E, 2I, H] and down_proj [E, H, I], no bias)")
+
+
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers experts forward: `hidden_states [S, H]`, top-k index and weights `[S, k]`."""
-    if getattr(self, "has_bias", False) or getattr(self, "is_transposed", False) or \
-            not getattr(self, "is_concatenated", True) or not getattr(self, "has_gate", True):
-        raise ModelLoadError(
-            f"{type(self).__name__} stores its experts in a layout Baton's grouped MoE does not "
-            "take (needs gate_up_proj [E, 2I, H] and down_proj [E, H, I], no bias)")
+    check_fused_layout(self, "Baton's grouped MoE")
     return moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj,
                        self.down_proj, self._apply_gate)
 
@@ -145,22 +157,22 @@ def cpu_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Te
 ALL_EXPERTS_FUNCTIONS.register(CPU_IMPLEMENTATION, cpu_experts_forward)
 
 
-def use_grouped_experts(model, device: torch.device) -> str | None:
+def use_baton_experts(model, device: torch.device) -> str | None:
     """Route `model`'s resident MoE layers through Baton's experts: the grouped GEMM where the
     Triton kernel runs, else on the CPU the per-expert loop. Returns the implementation set
     (None: left as it was)."""
     if not getattr(model, "_can_set_experts_implementation", lambda: False)():
         return None
-    if not any(isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)
-               for m in model.modules()):  # none, or offloaded (the offload forward runs them)
+    resident = [m for m in model.modules()
+                if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)]
+    if not resident:  # none, or offloaded (the offload forward runs them)
         return None
     if backend(device) == "triton":
         name = EXPERTS_IMPLEMENTATION
-    elif device.type == "cpu" and _fits_cpu_loop(model):
+    elif device.type == "cpu" and all(fused_layout(m) for m in resident):
         name = CPU_IMPLEMENTATION
-        for m in model.modules():
-            if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor):
-                use_skinny(m, m.gate_up_proj, m.down_proj)
+        for m in resident:
+            use_skinny(m, m.gate_up_proj, m.down_proj)
     else:
         return None
     model.set_experts_implementation(name)
@@ -168,21 +180,14 @@ def use_grouped_experts(model, device: torch.device) -> str | None:
     return name
 
 
-def use_skinny(experts: torch.nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+def use_skinny(experts: torch.nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> None:
     """Lay `experts`' stacked weights (its own, or the ones an offload store will hold) out for
-    the skinny kernel, in place, where it takes them; says whether it did."""
+    the skinny kernel, in place, where it takes them."""
     rows = skinny_expert_rows(gate_up, down)
     if rows:
         with torch.no_grad():
             gate_up.copy_(pack_experts(gate_up))
             down.copy_(pack_experts(down))
         setattr(experts, SKINNY, rows)
-    return bool(rows)
 
 
-def _fits_cpu_loop(model) -> bool:
-    """Whether every experts module has the fused, gated, bias-free layout the loop reads."""
-    return all(
-        getattr(m, "has_gate", True) and not getattr(m, "has_bias", False)
-        and not getattr(m, "is_transposed", False) and getattr(m, "is_concatenated", True)
-        for m in model.modules() if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor))

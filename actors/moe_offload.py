@@ -21,7 +21,13 @@ from baton.actors.expert_cache_aio import AioExpertCache
 from baton.actors.expert_policies import ExpertPolicy, RouterLogits
 from baton.actors.expert_policy_setup import PolicyInputs, make_policy
 from baton.actors.expert_store import DiskStore, ExpertStore, HostStore, take_experts
-from baton.actors.moe_experts import by_expert, combine, expert_mlp, use_skinny
+from baton.actors.moe_experts import (
+    by_expert,
+    check_fused_layout,
+    combine,
+    expert_mlp,
+    use_skinny,
+)
 from baton.actors.pregate import PregateRouter
 from baton.actors.pregate import find as find_pregate
 from baton.actors.routing_predictor import ModelShape
@@ -96,7 +102,7 @@ def enable_offload(model, config: MoEOffloadConfig, device: torch.device,
         raise ConfigError(f"moe_offload is set but {model_name} has no Mixture-of-Experts layers "
                           "(no fused experts); remove moe_offload for a dense model")
     for layer in layers:
-        _check_layout(layer.experts)
+        check_fused_layout(layer.experts, "Baton's expert offload")
     top_k = _top_k(model)
     stacked = {layer.index: take_experts(layer.experts) for layer in layers}
     if device.type == "cpu":  # the layout the resident CPU path computes from, so its bits
@@ -126,14 +132,6 @@ def enable_offload(model, config: MoEOffloadConfig, device: torch.device,
              config.tier, capacity, len(layers) * store.num_experts, store.shape.nbytes,
              config.policy)
     return MoEOffload(layers, store, cache, policy, config.tier)
-
-
-def _check_layout(experts: torch.nn.Module) -> None:
-    if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False) or \
-            not getattr(experts, "is_concatenated", True) or not getattr(experts, "has_gate", True):
-        raise ModelLoadError(
-            f"{type(experts).__name__} stores its experts in a layout Baton's expert offload does "
-            "not take (needs gate_up_proj [E, 2I, H] and down_proj [E, H, I], no bias)")
 
 
 def _top_k(model) -> int:

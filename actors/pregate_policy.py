@@ -35,6 +35,7 @@ class PregatePolicy(LRUPolicy):
         self._current = self._layers[0] if self._layers else 0  # the layer routed last
         self._plan: list[ExpertKey] = []  # this forward's experts, in layer order
         self._planned: dict[ExpertKey, int] = {}  # the plan's experts -> their layer's position
+        self._after: dict[int, int] = {}  # layer -> where the plan's later layers start in it
         self._uses: dict[int, int] = {}  # layer -> how many experts this forward uses there
 
     def route(self, layer: int, top_k_index: torch.Tensor) -> None:
@@ -43,20 +44,23 @@ class PregatePolicy(LRUPolicy):
             return
         chosen = self._pregate.indices.cpu()  # [T, L, k]: the decision for the whole forward
         plan: list[ExpertKey] = []
+        planned: dict[ExpertKey, int] = {}
+        after, uses = {}, {}
         for row, each in enumerate(self._layers):
             counts = torch.bincount(chosen[:, row].flatten(),
                                     minlength=self._pregate.num_experts).tolist()
             # Most-chosen first: if the window cuts a layer, its least-used experts wait.
             order = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
             plan += [(each, e) for e in order]
+            planned.update(((each, e), row) for e in order)
+            after[each], uses[each] = len(plan), len(order)
         # Swapped whole: the cache reads them under its lock.
-        self._plan = plan
-        self._planned = {key: self._pos[key[0]] for key in plan}
-        self._uses = {each: sum(1 for key in plan if key[0] == each) for each in self._layers}
+        self._plan, self._planned, self._after, self._uses = plan, planned, after, uses
 
     def predict(self, layer: int, hidden: torch.Tensor) -> list[ExpertKey]:
-        room = self._capacity - self._uses.get(layer, 0)
-        return [key for key in self._plan if key[0] > layer][:max(room, 0)]
+        room = max(self._capacity - self._uses.get(layer, 0), 0)
+        start = self._after.get(layer, len(self._plan))
+        return self._plan[start:start + room]
 
     def victim(self, candidates: Iterable[ExpertKey],
                incoming: ExpertKey | None = None) -> ExpertKey:

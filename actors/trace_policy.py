@@ -48,8 +48,6 @@ class TracePolicy(LayerSlotsPolicy):
     def __init__(self, layers: list[int], num_experts: int, top_k: int, capacity: int,
                  library_size: int = LIBRARY_SIZE, matches: int = MATCHES) -> None:
         super().__init__(layers, top_k, capacity, num_experts)
-        self.layers = sorted(layers)
-        self._row = {layer: i for i, layer in enumerate(self.layers)}
         self._matches = matches
         size = len(layers) * num_experts
         self._steps = torch.zeros(library_size, size)  # past step matrices, as shares
@@ -94,7 +92,7 @@ class TracePolicy(LayerSlotsPolicy):
 
     def route(self, layer: int, top_k_index: torch.Tensor) -> None:
         super().route(layer, top_k_index)
-        row = self._row[layer]
+        row = self._pos[layer]
         if row == 0 and not self._described:  # a forward nobody described: one request
             self._finish_step()
             self._history.pop(ANONYMOUS, None)
@@ -107,13 +105,13 @@ class TracePolicy(LayerSlotsPolicy):
         for rid, first, end in self._spans:
             counts = self._step.get(rid)
             if counts is None:
-                counts = self._step[rid] = torch.zeros(len(self.layers), num_experts)
+                counts = self._step[rid] = torch.zeros(len(self._layers), num_experts)
             counts[row] += torch.bincount(chosen[first:end].flatten(), minlength=num_experts)
 
     def next_scores(self, layer: int, nxt: int, hidden: torch.Tensor) -> torch.Tensor | None:
         if not self._filled:
             return None
-        rows = [self._vote(rid, self._row[layer], self._row[nxt]) for rid, _, _ in self._spans]
+        rows = [self._vote(rid, self._pos[layer], self._pos[nxt]) for rid, _, _ in self._spans]
         rows = [r for r in rows if r is not None]
         return torch.stack(rows) if rows else None
 

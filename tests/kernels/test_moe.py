@@ -10,7 +10,7 @@ from baton.actors.moe_experts import (
     CPU_IMPLEMENTATION,
     EXPERTS_IMPLEMENTATION,
     SKINNY,
-    use_grouped_experts,
+    use_baton_experts,
 )
 from baton.errors import ConfigError
 from baton.kernels import cpu_decode
@@ -92,7 +92,7 @@ def test_moe_model_logits_match_transformers_experts(model_type):
     with torch.inference_mode():
         expected = model(ids).logits
     with force_backend("triton"):
-        assert use_grouped_experts(model, DEVICE)
+        assert use_baton_experts(model, DEVICE)
         assert model.config._experts_implementation == EXPERTS_IMPLEMENTATION
         with torch.inference_mode():
             got = model(ids).logits
@@ -105,7 +105,7 @@ def test_default_experts_are_the_grouped_gemm_on_cuda_and_the_per_expert_loop_on
     with torch.inference_mode():
         before = model(ids).logits
     want = EXPERTS_IMPLEMENTATION if DEVICE.type == "cuda" else CPU_IMPLEMENTATION
-    assert use_grouped_experts(model, DEVICE) == want
+    assert use_baton_experts(model, DEVICE) == want
     assert model.config._experts_implementation == want
     with torch.inference_mode():
         after = model(ids).logits
@@ -120,7 +120,7 @@ def test_bf16_cpu_experts_run_on_the_skinny_kernel_with_transformers_numbers():
     with torch.inference_mode():
         before = model(ids).logits.float()
         one = model(ids[:, :1]).logits.float()
-    assert use_grouped_experts(model, DEVICE) == CPU_IMPLEMENTATION
+    assert use_baton_experts(model, DEVICE) == CPU_IMPLEMENTATION
     experts = [m for m in model.modules() if hasattr(m, "gate_up_proj")]
     assert experts and all(getattr(m, SKINNY, 0) > 0 for m in experts)
     with torch.inference_mode():
