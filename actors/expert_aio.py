@@ -8,9 +8,9 @@ the next layer's experts (tens of microseconds of kernel time on its own thread)
 when it needs them. The syscalls are called through ctypes (which drops the GIL), so there is
 nothing to build.
 
-Reads land in staging buffers, one per read in flight (`depth` of them, each one expert record,
-in huge pages where the kernel gives them: see `page_buffer`): memory for I/O, beside the expert
-budget.
+Reads land where the caller says: the expert cache's slots are laid out as the file's records
+(`expert_file.record_slots`), so the disk fills a slot itself and nothing is copied after. Several
+reads go to the kernel in one `io_submit`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import logging
 import os
 import platform
 import weakref
-
-from baton.actors.expert_file import page_buffer
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +50,9 @@ def _libc():
 
 
 class AioReads:
-    """Up to `depth` reads of `nbytes` each in flight; a read is named by its ticket (the index of
-    the staging buffer it fills) until `release`d."""
+    """Up to `depth` reads in flight, each named by a ticket until `poll` reports it."""
 
-    def __init__(self, depth: int, nbytes: int) -> None:
+    def __init__(self, depth: int) -> None:
         numbers = _SYSCALLS.get(platform.machine())
         if numbers is None or os.name != "posix":
             raise OSError(errno.ENOSYS, f"no native AIO on {platform.machine()}")
@@ -67,9 +64,6 @@ class AioReads:
         # A context not closed is freed when collected (the kernel caps them system-wide).
         self._destroy_ctx = weakref.finalize(self, _destroy, self._libc, self._destroy,
                                              self._ctx.value)
-        self.nbytes = nbytes
-        self._region, base = page_buffer(depth * nbytes)  # nbytes: a multiple of the page
-        self._addresses = [base + i * nbytes for i in range(depth)]
         self._iocbs = [_Iocb() for _ in range(depth)]
         self._pointers = [ctypes.pointer(cb) for cb in self._iocbs]
         self._events = (_Event * depth)()
@@ -80,25 +74,34 @@ class AioReads:
     def _call(self, number: int, *args) -> int:
         return int(self._libc.syscall(ctypes.c_long(number), *args))
 
-    def submit(self, fd: int, offset: int) -> int | None:
-        """Start reading `nbytes` at `offset` of `fd`; its ticket, or None with no buffer free."""
-        if not self._free:
-            return None
-        ticket = self._free.pop()
-        cb = self._iocbs[ticket]
-        cb.data, cb.opcode, cb.fildes = ticket, _IOCB_CMD_PREAD, fd
-        cb.buf, cb.nbytes, cb.offset = self._addresses[ticket], self.nbytes, offset
-        array = (ctypes.POINTER(_Iocb) * 1)(self._pointers[ticket])
-        if self._call(self._submit, self._ctx, ctypes.c_long(1), array) != 1:
-            code = ctypes.get_errno()
-            self._free.append(ticket)
-            raise OSError(code, f"io_submit failed: {os.strerror(code)}")
-        self.in_flight += 1
-        return ticket
+    def submit(self, reads: list[tuple[int, int, int, int]]) -> list[int]:
+        """Start `reads`, each `(fd, offset, address, nbytes)` (for `O_DIRECT`, all aligned to
+        the file's block size), in one system call; their tickets. At most `depth` reads can be
+        started and not yet reported by `poll`. A read the kernel would not start is reported
+        by `poll` as failed, like one that failed."""
+        if len(reads) > len(self._free):
+            raise ValueError(f"{len(reads)} reads asked for with {len(self._free)} free")
+        tickets = [self._free.pop() for _ in reads]
+        for ticket, (fd, offset, address, nbytes) in zip(tickets, reads, strict=True):
+            cb = self._iocbs[ticket]
+            cb.data, cb.opcode, cb.fildes = ticket, _IOCB_CMD_PREAD, fd
+            cb.buf, cb.nbytes, cb.offset = address, nbytes, offset
+        array = (ctypes.POINTER(_Iocb) * len(tickets))(*(self._pointers[t] for t in tickets))
+        started = self._call(self._submit, self._ctx, ctypes.c_long(len(tickets)), array)
+        code = ctypes.get_errno() if started < 0 else errno.EAGAIN
+        started = max(started, 0)
+        self.in_flight += started
+        for ticket in tickets[started:]:  # never began: reported by `poll` as failed reads
+            self._done[ticket] = -code
+        if started < len(tickets):
+            log.warning("io_submit started %d of %d reads: %s", started, len(tickets),
+                        os.strerror(code))
+        return tickets
 
     def poll(self, wait_for: int | None = None) -> dict[int, int]:
         """Collect finished reads (waiting until `wait_for` is among them, when given): ticket ->
-        bytes read, or minus the errno of a failed read. Each ticket is reported once."""
+        bytes read, or minus the errno of a failed read. Each ticket is reported once, and is free
+        for another read from then on."""
         while True:
             if self.in_flight:
                 block = wait_for is not None and wait_for not in self._done
@@ -111,14 +114,8 @@ class AioReads:
                     self.in_flight -= 1
             if wait_for is None or wait_for in self._done or not self.in_flight:
                 done, self._done = self._done, {}
+                self._free += done
                 return done
-
-    def address(self, ticket: int) -> int:
-        return self._addresses[ticket]
-
-    def release(self, ticket: int) -> None:
-        """The staging buffer of `ticket` (collected) is free for another read."""
-        self._free.append(ticket)
 
     def close(self) -> None:
         """Wait for reads in flight, then free the context (idempotent)."""
@@ -134,10 +131,10 @@ def _destroy(libc, number: int, ctx: int) -> None:
     libc.syscall(ctypes.c_long(number), ctypes.c_ulong(ctx))
 
 
-def open_aio(depth: int, nbytes: int) -> AioReads | None:
+def open_aio(depth: int) -> AioReads | None:
     """An `AioReads`, or None (logged) where this system has no native AIO."""
     try:
-        return AioReads(depth, nbytes)
+        return AioReads(depth)
     except OSError as exc:
         log.info("no native AIO (%s): expert prefetches read on a loader thread", exc)
         return None

@@ -85,8 +85,7 @@ class ExpertCache:
         self.policy = policy
         self.device = device
         self.expert_bytes = shape.nbytes
-        self.gate_up = torch.empty((capacity, *shape.gate_up), dtype=shape.dtype, device=device)
-        self.down = torch.empty((capacity, *shape.down), dtype=shape.dtype, device=device)
+        self.gate_up, self.down = self._slot_pool()
         self.stats = ExpertCacheStats()
         self._slot_of: dict[ExpertKey, int] = {}
         self._key_of: list[ExpertKey | None] = [None] * capacity
@@ -103,6 +102,13 @@ class ExpertCache:
         self._side = torch.cuda.Stream(device) if cuda else None
         self._freed: list[torch.cuda.Event | None] = [None] * capacity  # compute done with slot
         self._written: list[torch.cuda.Event | None] = [None] * capacity  # last copy into slot
+
+    def _slot_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots' memory: `gate_up [capacity, 2I, H]`, `down [capacity, H, I]`."""
+        shape = self.store.shape
+        return (torch.empty((self.capacity, *shape.gate_up), dtype=shape.dtype,
+                            device=self.device),
+                torch.empty((self.capacity, *shape.down), dtype=shape.dtype, device=self.device))
 
     @property
     def budget_bytes(self) -> int:

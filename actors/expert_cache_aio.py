@@ -1,30 +1,37 @@
 """The expert cache on a CPU over a store with asynchronous reads (the disk tier's native AIO).
 
-No loader thread: the forward thread itself starts a prefetch's reads (`store.begin_read`) and
-collects finished ones whenever it enters the cache, copying each into its slot. While a read is
-in flight no thread runs for it, so nothing competes with the forward's intra-op threads for the
-cores (see `expert_aio`). `acquire` only starts a layer's misses, together, so they overlap on the
-disk; the forward computes the experts that are ready first and waits for a slot (`ready`) only
-when it gets to it. Every method runs on the forward thread; the lock only keeps the
-counters consistent for readers on other threads.
+No loader thread: the forward thread itself starts a prefetch's reads (`store.begin_reads`, all
+of one call in one system call) and collects finished ones whenever it enters the cache. The
+slots are laid out as the store's records (`store.slots`), so the disk writes each expert into
+its slot and nothing is copied. While a read is in flight no thread runs for it, so nothing
+competes with the forward's intra-op threads for the cores (see `expert_aio`).
+
+`acquire` only starts a layer's misses, together, so they overlap on the disk; the forward
+computes the experts that are ready first and waits for a slot (`ready`) only when it gets to
+it. Every method runs on the forward thread; the lock only keeps the counters consistent for
+readers on other threads.
 """
 
 from __future__ import annotations
 
 import time
 
-from baton.actors.expert_cache import ExpertCache, _Load, _Pending
-from baton.actors.expert_policies import ExpertKey
+import torch
+
+from baton.actors.expert_cache import ExpertCache, _Pending
+from baton.actors.expert_policies import ExpertKey, ExpertPolicy
+from baton.actors.expert_store import ExpertStore
 from baton.errors import EngineError
 
 
 class AioExpertCache(ExpertCache):
     """`ExpertCache` whose loads are reads the forward starts and collects itself."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.device.type != "cpu" or not self.store.async_reads:
+    def __init__(self, store: ExpertStore, capacity: int, device: torch.device,
+                 policy: ExpertPolicy) -> None:
+        if device.type != "cpu" or not store.async_reads:
             raise EngineError("AioExpertCache needs a CPU device and a store with async reads")
+        super().__init__(store, capacity, device, policy)
         self._in_flight: dict[int, _Pending] = {}  # ticket -> the load it fills
         self._unready: dict[int, _Pending] = {}  # acquired slots whose load may be in flight
 
@@ -38,8 +45,10 @@ class AioExpertCache(ExpertCache):
             if self._closed:
                 return
             self._collect()
+            starts: list[_Pending] = []
+            room = self.store.read_slots - len(self._in_flight)
             for key in keys:
-                if len(self._in_flight) >= self.store.read_slots:
+                if len(starts) >= room:
                     break
                 if key in self._slot_of:
                     continue
@@ -47,9 +56,10 @@ class AioExpertCache(ExpertCache):
                 if reserved is None:
                     break  # every slot is pinned or loading
                 slot, load = reserved
-                self._start(slot, key, load)
+                starts.append((slot, key, load))
                 self._prefetched.add(key)
                 self.stats.prefetches_issued += 1
+            self._start(starts)
 
     def idle(self) -> bool:
         with self._cond:
@@ -87,35 +97,41 @@ class AioExpertCache(ExpertCache):
 
     # -- inside -----------------------------------------------------------------------------------
 
+    def _slot_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.store.slots(self.capacity)
+
     def _fill(self, misses: list[_Pending], waits: list[_Pending]) -> None:
         """Start `misses`; both they and `waits` are waited for in `ready`."""
         with self._cond:
-            for slot, key, load in misses:
-                while len(self._in_flight) >= self.store.read_slots:
+            while misses:
+                room = self.store.read_slots - len(self._in_flight)
+                if not room:
                     self._collect(next(iter(self._in_flight)))
-                self._start(slot, key, load)
-        for pending in misses + waits:
+                    continue
+                self._start(misses[:room])
+                for pending in misses[:room]:
+                    self._unready[pending[0]] = pending
+                misses = misses[room:]
+        for pending in waits:
             self._unready[pending[0]] = pending
 
-    def _start(self, slot: int, key: ExpertKey, load: _Load) -> None:
-        """Begin reading `key` for `slot`. Holds `_cond`."""
-        ticket = self.store.begin_read(*key)
-        if ticket is None:  # the store has fewer reads to give than it said
-            raise EngineError(f"the expert store refused a read of {key} with "
-                              f"{len(self._in_flight)} in flight")
-        load.ticket = ticket
-        self._in_flight[ticket] = (slot, key, load)
+    def _start(self, starts: list[_Pending]) -> None:
+        """Begin reading each expert straight into its slot. Holds `_cond`."""
+        if not starts:
+            return
+        tickets = self.store.begin_reads([(*key, self.gate_up[slot]) for slot, key, _ in starts])
+        for ticket, pending in zip(tickets, starts, strict=True):
+            pending[2].ticket = ticket
+            self._in_flight[ticket] = pending
 
     def _collect(self, wait_for: int | None = None) -> None:
-        """Copy finished reads into their slots (waiting for `wait_for`'s, when given) and mark
-        them ready; a failed one marks its load failed. Holds `_cond`."""
+        """Mark finished reads' slots ready (waiting for `wait_for`'s, when given); a failed one
+        marks its load failed. Holds `_cond`."""
         for ticket, ok in self.store.collect(wait_for).items():
             slot, key, load = self._in_flight.pop(ticket)
             if ok:
-                self.store.finish_read(ticket, self.gate_up[slot], self.down[slot])
                 self._loaded(slot, key, load)
             else:
-                self.store.finish_read(ticket, None, None)
                 self._evict_failed(slot, key, load)
         self._cond.notify_all()
 

@@ -113,6 +113,22 @@ def page_buffer(nbytes: int) -> tuple[mmap.mmap, int]:
     return buf, base + offset
 
 
+def record_slots(layout: RecordLayout, capacity: int, gate_up: tuple[int, int],
+                 down: tuple[int, int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`capacity` expert slots laid out as the layer files' records, in one page-aligned buffer
+    (huge pages where given): `gate_up [capacity, 2I, H]` and `down [capacity, H, I]`, each
+    slot's two tensors contiguous and at the offsets of a record. A direct read of one record
+    into a slot's start fills both."""
+    buf, address = page_buffer(capacity * layout.record_bytes)
+    start = address - ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    # The tensor holds a reference to `buf`: the mapping lives as long as the slots.
+    pool = torch.frombuffer(buf, dtype=torch.uint8, count=capacity * layout.record_bytes,
+                            offset=start).view(capacity, layout.record_bytes)
+    end = layout.gate_up_bytes + layout.down_bytes
+    return (pool[:, : layout.gate_up_bytes].view(dtype).view(capacity, *gate_up),
+            pool[:, layout.gate_up_bytes : end].view(dtype).view(capacity, *down))
+
+
 def copy_to(dst: torch.Tensor, src_address: int) -> None:
     """Copy `dst.nbytes` bytes from `src_address` into contiguous CPU `dst`, on this thread only
     (no intra-op threads: a background loader must not take the forward's cores) and without

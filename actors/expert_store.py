@@ -23,11 +23,18 @@ import torch
 from safetensors import safe_open
 
 from baton.actors.expert_aio import AioReads, open_aio
-from baton.actors.expert_file import DOWN, GATE_UP, RecordReader, copy_to, write_layer_file
+from baton.actors.expert_file import (
+    DOWN,
+    GATE_UP,
+    RecordReader,
+    copy_to,
+    record_slots,
+    write_layer_file,
+)
 
 log = logging.getLogger(__name__)
 
-AIO_DEPTH = 8  # direct reads in flight at once (each with a staging buffer of one expert)
+AIO_DEPTH = 16  # direct reads in flight at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,27 +98,28 @@ class ExpertStore:
         copy_to(gate_up, src_gate_up.data_ptr())
         copy_to(down, src_down.data_ptr())
 
-    read_slots = 0  # reads that `begin_read` can have in flight at once
+    read_slots = 0  # reads that `begin_reads` can have in flight at once
 
     @property
     def async_reads(self) -> bool:
-        """Whether `begin_read`/`collect`/`finish_read` work (reads the forward starts, then
+        """Whether `slots`/`begin_reads`/`collect` work (reads the forward starts, then
         collects)."""
         return self.read_slots > 0
 
-    def begin_read(self, layer: int, expert: int) -> int | None:
-        """Start reading one expert; a ticket, or None when no more reads can be in flight."""
+    def slots(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A CPU cache's slot pool (`gate_up [capacity, 2I, H]`, `down [capacity, H, I]`) that
+        `begin_reads` can fill."""
+        raise NotImplementedError
+
+    def begin_reads(self, reads: list[tuple[int, int, torch.Tensor]]) -> list[int]:
+        """Start reading experts, each `(layer, expert, slot's gate_up)` of a pool from `slots`,
+        straight into the slot: a ticket each. At most as many as reads are free (`read_slots`
+        less those in flight)."""
         raise NotImplementedError
 
     def collect(self, wait_for: int | None = None) -> dict[int, bool]:
         """Reads finished since the last call (until `wait_for` is among them, when given):
-        ticket -> whether it succeeded."""
-        raise NotImplementedError
-
-    def finish_read(self, ticket: int, gate_up: torch.Tensor | None,
-                    down: torch.Tensor | None) -> None:
-        """Copy a collected, successful read into contiguous CPU tensors (None: drop it) and
-        free its ticket."""
+        ticket -> whether it filled its slot."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -145,9 +153,9 @@ class DiskStore(ExpertStore):
 
     A CPU cache's reads (`read_into`) are direct (`O_DIRECT`) where the filesystem allows it: each
     miss or prefetch reads the disk, as "LLM in a flash" assumes, instead of a copy the page
-    cache kept outside the budget. With direct reads on Linux, `begin_read` starts up to
-    `AIO_DEPTH` of them at once through native AIO (`expert_aio`). `read` (a CUDA cache's
-    staging) maps the files.
+    cache kept outside the budget. With direct reads on Linux, `begin_reads` starts up to
+    `AIO_DEPTH` of them at once through native AIO (`expert_aio`), each straight into a slot of
+    a pool laid out as the records (`slots`). `read` (a CUDA cache's staging) maps the files.
 
     `directory` None writes into a temporary directory removed on `close` (or when the store is
     collected); a given directory is left in place.
@@ -177,8 +185,7 @@ class DiskStore(ExpertStore):
         self.reader = RecordReader(layout, direct)
         self._fds = {i: self.reader.open(self._path(i)) for i in layers}
         self._close_fds = weakref.finalize(self, _close_all, list(self._fds.values()))
-        self._aio: AioReads | None = open_aio(AIO_DEPTH, layout.record_bytes) \
-            if self.reader.direct else None
+        self._aio: AioReads | None = open_aio(AIO_DEPTH) if self.reader.direct else None
         self.read_slots = AIO_DEPTH if self._aio is not None else 0
         gate_up, down = next(iter(layers.values()))
         self.num_experts = gate_up.shape[0]
@@ -197,9 +204,15 @@ class DiskStore(ExpertStore):
                   down: torch.Tensor) -> None:
         self.reader.read_into(self._fds[layer], expert, gate_up, down)
 
-    def begin_read(self, layer: int, expert: int) -> int | None:
-        assert self._aio is not None, "begin_read needs async_reads"
-        return self._aio.submit(self._fds[layer], self.reader.layout.offset(expert))
+    def slots(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return record_slots(self.reader.layout, capacity, self.shape.gate_up, self.shape.down,
+                            self.shape.dtype)
+
+    def begin_reads(self, reads: list[tuple[int, int, torch.Tensor]]) -> list[int]:
+        assert self._aio is not None, "begin_reads needs async_reads"
+        layout = self.reader.layout
+        return self._aio.submit([(self._fds[layer], layout.offset(expert), into.data_ptr(),
+                                  layout.record_bytes) for layer, expert, into in reads])
 
     def collect(self, wait_for: int | None = None) -> dict[int, bool]:
         assert self._aio is not None, "collect needs async_reads"
@@ -209,13 +222,6 @@ class DiskStore(ExpertStore):
             if got != want:  # minus an errno, or a short read
                 log.warning("expert read failed: %s of %d bytes", got, want)
         return {ticket: got == want for ticket, got in done.items()}
-
-    def finish_read(self, ticket: int, gate_up: torch.Tensor | None,
-                    down: torch.Tensor | None) -> None:
-        assert self._aio is not None, "finish_read needs async_reads"
-        if gate_up is not None and down is not None:
-            self.reader.copy_record(self._aio.address(ticket), gate_up, down)
-        self._aio.release(ticket)
 
     def drop_page_cache(self) -> None:
         """Evict the expert files from the OS page cache, so the next reads come from the disk

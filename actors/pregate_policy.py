@@ -15,6 +15,7 @@ forward reaches them.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 
 import torch
@@ -37,6 +38,7 @@ class PregatePolicy(LRUPolicy):
         self._planned: dict[ExpertKey, int] = {}  # the plan's experts -> their layer's position
         self._after: dict[int, int] = {}  # layer -> where the plan's later layers start in it
         self._uses: dict[int, int] = {}  # layer -> how many experts this forward uses there
+        self._by_layer: dict[int, OrderedDict[ExpertKey, None]] = {}  # resident, LRU first
 
     def route(self, layer: int, top_k_index: torch.Tensor) -> None:
         self._current = layer
@@ -62,13 +64,23 @@ class PregatePolicy(LRUPolicy):
         start = self._after.get(layer, len(self._plan))
         return self._plan[start:start + room]
 
+    def touch(self, key: ExpertKey) -> None:
+        super().touch(key)
+        bucket = self._by_layer.setdefault(key[0], OrderedDict())
+        bucket[key] = None
+        bucket.move_to_end(key)
+
+    def forget(self, key: ExpertKey) -> None:
+        super().forget(key)
+        self._by_layer.get(key[0], {}).pop(key, None)
+
     def victim(self, candidates: Iterable[ExpertKey],
                incoming: ExpertKey | None = None) -> ExpertKey:
-        allowed = set(candidates)
-        at, planned, pos = self._pos.get(self._current, 0), self._planned, self._pos
-        done = [key for key in allowed if planned.get(key, -1) < at]  # not used again this pass
-        if not done:
-            return max(allowed, key=lambda key: pos.get(key[0], 0))
-        latest = max(pos.get(key[0], 0) for key in done)
-        pick = set(key for key in done if pos.get(key[0], 0) == latest)
-        return next((key for key in self._order if key in pick), min(pick))
+        allowed = candidates if isinstance(candidates, (dict, set)) else set(candidates)
+        at, planned = self._pos.get(self._current, 0), self._planned
+        # Not used again this pass: the latest layer's first, least recently used within it.
+        for layer in reversed(self._layers):
+            for key in self._by_layer.get(layer, ()):
+                if key in allowed and planned.get(key, -1) < at:
+                    return key
+        return max(allowed, key=lambda key: self._pos.get(key[0], 0))

@@ -16,7 +16,7 @@ from baton.actors import expert_file
 from baton.actors.expert_aio import open_aio
 from baton.actors.expert_cache import ExpertCache
 from baton.actors.expert_cache_aio import AioExpertCache
-from baton.actors.expert_file import PAGE
+from baton.actors.expert_file import PAGE, page_buffer
 from baton.actors.expert_policies import LRUPolicy
 from baton.actors.expert_store import DiskStore, HostStore
 from baton.actors.lookahead_policy import LookaheadPolicy
@@ -125,25 +125,29 @@ def test_lookahead_ranks_resident_experts_above_unread_ones_of_a_close_score():
     assert policy.predict(0, torch.tensor([[0.0, 1.0]])) == [(1, 2), (1, 1)]
 
 
-def test_native_aio_reads_land_whole_and_report_short_reads(tmp_path):
-    aio = open_aio(depth=2, nbytes=PAGE)
+def test_native_aio_reads_land_whole_where_asked_and_report_short_reads(tmp_path):
+    aio = open_aio(depth=2)
     if aio is None:
         pytest.skip("no native AIO on this system")
     path = tmp_path / "records"
     path.write_bytes(b"".join(bytes([i]) * PAGE for i in range(3)))
     fd = os.open(path, os.O_RDONLY)
+    buf, address = page_buffer(2 * PAGE)
     try:
-        first, second = aio.submit(fd, 2 * PAGE), aio.submit(fd, 0)
-        assert first is not None and second is not None
-        assert aio.submit(fd, PAGE) is None  # both buffers are in flight
+        first, second = aio.submit([(fd, 2 * PAGE, address, PAGE),
+                                    (fd, 0, address + PAGE, PAGE)])
+        with pytest.raises(ValueError, match="1 reads asked for with 0 free"):
+            aio.submit([(fd, PAGE, address, PAGE)])  # both are in flight
         done = aio.poll(wait_for=second)
         done.update(aio.poll(wait_for=first) if first not in done else {})
         assert done == {first: PAGE, second: PAGE}
-        assert ctypes.string_at(aio.address(first), PAGE) == bytes([2]) * PAGE
-        assert ctypes.string_at(aio.address(second), PAGE) == bytes([0]) * PAGE
-        aio.release(first)
-        past_end = aio.submit(fd, 3 * PAGE)
-        assert past_end is not None and aio.poll(wait_for=past_end) == {past_end: 0}
+        at = address - ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        assert buf[at : at + 2 * PAGE] == bytes([2]) * PAGE + bytes([0]) * PAGE
+        [past_end] = aio.submit([(fd, 3 * PAGE, address, PAGE)])
+        assert aio.poll(wait_for=past_end) == {past_end: 0}
+        # A read the kernel refuses to start comes back from `poll` as a failed read.
+        [refused] = aio.submit([(-1, 0, address, PAGE)])
+        assert aio.poll(wait_for=refused) == {refused: -errno.EBADF}
     finally:
         aio.close()
         os.close(fd)
@@ -166,11 +170,11 @@ class FlakyDiskStore(DiskStore):
         self.bad, self.failed = bad, False
         self._tickets: dict[int, tuple[int, int]] = {}
 
-    def begin_read(self, layer, expert):
-        ticket = super().begin_read(layer, expert)
-        if ticket is not None:
+    def begin_reads(self, reads):
+        tickets = super().begin_reads(reads)
+        for ticket, (layer, expert, _) in zip(tickets, reads, strict=True):
             self._tickets[ticket] = (layer, expert)
-        return ticket
+        return tickets
 
     def collect(self, wait_for=None):
         done = super().collect(wait_for)
