@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 
 import torch
@@ -87,6 +87,7 @@ class ExpertCache:
         self.expert_bytes = shape.nbytes
         self.gate_up, self.down = self._slot_pool()
         self.stats = ExpertCacheStats()
+        self.uses: Counter[ExpertKey] = Counter()  # forwards that used each expert, so far
         self._slot_of: dict[ExpertKey, int] = {}
         self._key_of: list[ExpertKey | None] = [None] * capacity
         self._load: list[_Load | None] = [None] * capacity
@@ -163,6 +164,7 @@ class ExpertCache:
                 self._pins[slot] += 1
                 self._settle(slot)
                 self.policy.touch(key)
+                self.uses[key] += 1
                 slot_of[e] = slot
         self._fill(misses, waits)
         if misses or waits:

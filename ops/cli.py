@@ -371,6 +371,9 @@ def bench_moe(
     pregate: Annotated[bool, typer.Option(
         "--pregate", help="Without --model: the pre-gated moefied default model (one router "
         "for all layers, `baton moefy --pregate`)")] = False,
+    grouping: Annotated[bool, typer.Option(
+        "--grouping", help="Also serve the whole workload in batches of 4 grouped by the "
+        "requests' experts against a shuffled order (does grouping read less?)")] = False,
 ) -> None:
     """MoE expert offload (every budget and policy) against the all-resident model."""
     from baton.ops.bench import moe as bench
@@ -383,7 +386,7 @@ def bench_moe(
         raise ConfigError(f"--budgets takes fractions like 0.125,0.25; got {budgets!r}") from exc
     run_and_report(lambda c: bench.run_moe_bench(model, names, fractions, tier, num_requests,
                                                  max_tokens, threads, dtype, device, workload,
-                                                 predictor, c, pregate),
+                                                 predictor, c, pregate, grouping),
                    bench.show, json_path)
 
 

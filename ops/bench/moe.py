@@ -51,6 +51,9 @@ BASELINE_POLICIES = ("lru", "lfu")  # the non-predictive ones: "best vs LRU" com
 IDLE_WAIT_S = 30.0
 MOEFIED_DEFAULT = "moefied-default-e16k4"
 PREDICTOR_TOKENS = 4096  # routing recorded to train the `learned` policy's predictor
+GROUPING_BATCH = 4  # the token-grouping experiment's batch size, and its rounds
+GROUPING_ROUNDS = 2
+GROUPING_RATIOS = ("grouped_vs_shuffled_tok_s", "grouped_vs_shuffled_bytes")
 
 
 @dataclass(slots=True)
@@ -95,7 +98,7 @@ def run_batch(engine: Engine, prompts: list[str], max_tokens: int) -> tuple[int,
 def measure(engine: Engine, items: list[WorkItem], batch: int, max_tokens: int) -> Phase:
     """Batch 1: each request alone, in turn. Batch `batch`: the first `batch` requests (the
     workload cycled) at once. Counters are the cache's deltas over the phase."""
-    _cold_start(engine)
+    cold_start(engine)
     before = engine.moe.cache.snapshot() if engine.moe is not None else None
     busy = OtherCPUBusy()
     if batch == 1:
@@ -113,7 +116,7 @@ def measure(engine: Engine, items: list[WorkItem], batch: int, max_tokens: int) 
     return Phase(tokens, seconds, outputs, cache, busy.share())
 
 
-def _cold_start(engine: Engine) -> None:
+def cold_start(engine: Engine) -> None:
     """Disk tier: wait for the prefetcher to go quiet, then drop the expert files from the page
     cache."""
     if engine.moe is None or not isinstance(engine.moe.store, DiskStore):
@@ -191,9 +194,12 @@ def has_pregate(model: str) -> bool:
 def run_moe_bench(model: str | None, policies: list[str] | None, budgets: list[float],
                   tier: str, num_requests: int, max_tokens: int, threads: int, dtype: str,
                   device: str, workload: str | None, predictor: str | None,
-                  console: Console, pregate: bool = False) -> dict[str, Any]:
+                  console: Console, pregate: bool = False,
+                  grouping: bool = False) -> dict[str, Any]:
     """Every (budget, policy) against the resident engine; see the module docstring.
-    `policies` None: every one the model can run."""
+    `policies` None: every one the model can run. `grouping`: also the token-grouping
+    experiment (`moe_grouping`) with the pre-gate's policy (else `lookahead`) at the headline
+    budget, over the whole workload."""
     model = model or moefied_default(console, pregate)
     policies = policies_for(model, policies)
     with tempfile.TemporaryDirectory(prefix="baton-bench-moe-") as scratch:
@@ -203,10 +209,33 @@ def run_moe_bench(model: str | None, policies: list[str] | None, budgets: list[f
             path, trained = predictor_for(model, predictor, Path(scratch), dtype, device, threads,
                                           console)
             options["learned"] = {"predictor": path}
+        # First: a workload too small for it fails before the long part.
+        grouped = _grouping(model, tier, max_tokens, threads, dtype, device, workload,
+                            console) if grouping else None
         report = _run(model, policies, budgets, tier, num_requests, max_tokens, threads, dtype,
                       device, workload, options, console)
     report["predictor_training"] = trained
+    if grouped is not None:
+        report["grouping"] = grouped
+        report["ratios"].update({k: grouped[k] for k in GROUPING_RATIOS})
     return report
+
+
+def _grouping(model: str, tier: str, max_tokens: int, threads: int, dtype: str, device: str,
+              workload: str | None, console: Console) -> dict[str, Any]:
+    from baton.ops.bench.moe_grouping import run_grouping  # it builds on this module
+
+    common = dict(dtype=dtype, num_threads=threads, device=device, methods=["none"])
+    engine = Engine(model, **common)  # the workload's chat prompts need its template
+    items = load_workload(workload, engine)
+    del engine
+    if len(items) < 2 * GROUPING_BATCH:
+        raise ConfigError(f"--grouping needs at least {2 * GROUPING_BATCH} requests in the "
+                          f"workload (batches of {GROUPING_BATCH}); it has {len(items)}")
+    policy = "pregate" if has_pregate(model) else "lookahead"
+    offload = {"budget": HEADLINE_BUDGET, "policy": policy, "tier": tier}
+    return run_grouping(model, offload, items, GROUPING_BATCH, max_tokens, GROUPING_ROUNDS,
+                        common, console)
 
 
 def _run(model: str, policies: list[str], budgets: list[float], tier: str, num_requests: int,
@@ -298,6 +327,15 @@ def show(report: dict[str, Any], console: Console) -> None:
                       f"{r['prefetch_precision']:.2f}", f"{r['prefetch_recall']:.2f}",
                       f"{r['bytes_loaded'] / 2**20:.1f}", f"{r['stall_seconds']:.2f}")
     console.print(table)
+    grouping = report.get("grouping")
+    if grouping:
+        console.print(f"grouping ({grouping['policy']}, {grouping['budget']:.0%} resident, "
+                      f"batches of {grouping['batch']}, {grouping['requests']} requests):")
+        for name, arr in grouping["arrangements"].items():
+            console.print(f"  {name}: within-batch cosine {arr['mean_cosine']:.2f}, "
+                          f"{arr['mib_per_token']:.2f} MiB read a token, {arr['tok_s']:.1f} tok/s")
+        console.print(f"  grouped against shuffled: {grouping['grouped_vs_shuffled_tok_s']:.2f}x "
+                      f"tok/s, {grouping['grouped_vs_shuffled_bytes']:.2f}x bytes")
     ratios = report["ratios"]
     if ratios:
         lru = ratios["best_vs_lru_at_25pct"]
