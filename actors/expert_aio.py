@@ -64,7 +64,7 @@ class AioReads:
         # A context not closed is freed when collected (the kernel caps them system-wide).
         self._destroy_ctx = weakref.finalize(self, _destroy, self._libc, self._destroy,
                                              self._ctx.value)
-        self._iocbs = [_Iocb() for _ in range(depth)]
+        self._iocbs = [_Iocb(data=ticket, opcode=_IOCB_CMD_PREAD) for ticket in range(depth)]
         self._pointers = [ctypes.pointer(cb) for cb in self._iocbs]
         self._events = (_Event * depth)()
         self._free = list(range(depth - 1, -1, -1))
@@ -83,9 +83,8 @@ class AioReads:
             raise ValueError(f"{len(reads)} reads asked for with {len(self._free)} free")
         tickets = [self._free.pop() for _ in reads]
         for ticket, (fd, offset, address, nbytes) in zip(tickets, reads, strict=True):
-            cb = self._iocbs[ticket]
-            cb.data, cb.opcode, cb.fildes = ticket, _IOCB_CMD_PREAD, fd
-            cb.buf, cb.nbytes, cb.offset = address, nbytes, offset
+            cb = self._iocbs[ticket]  # its data (the ticket) and opcode are set once
+            cb.fildes, cb.buf, cb.nbytes, cb.offset = fd, address, nbytes, offset
         array = (ctypes.POINTER(_Iocb) * len(tickets))(*(self._pointers[t] for t in tickets))
         started = self._call(self._submit, self._ctx, ctypes.c_long(len(tickets)), array)
         code = ctypes.get_errno() if started < 0 else errno.EAGAIN

@@ -142,10 +142,13 @@ class ExpertCache:
         misses: list[_Pending] = []
         waits: list[_Pending] = []
         with self._cond:
+            resident = self._slot_of
             # Resident ones first: pinned, they cannot become the victim of this call's misses.
-            for e in sorted(experts, key=lambda e: (layer, e) not in self._slot_of):
+            order = experts if all((layer, e) in resident for e in experts) else \
+                sorted(experts, key=lambda e: (layer, e) not in resident)
+            for e in order:
                 key = (layer, e)
-                slot = self._slot_of.get(key)
+                slot = resident.get(key)
                 # Reserving may wait for a slot, and the loader may bring `key` in meanwhile.
                 reserved = self._reserve(key) if slot is None else None
                 if reserved is not None:
@@ -166,8 +169,8 @@ class ExpertCache:
                 self.policy.touch(key)
                 self.uses[key] += 1
                 slot_of[e] = slot
-        self._fill(misses, waits)
         if misses or waits:
+            self._fill(misses, waits)
             with self._cond:
                 self.stats.stall_seconds += time.perf_counter() - t0
         return [slot_of[e] for e in experts]

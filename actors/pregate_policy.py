@@ -45,12 +45,16 @@ class PregatePolicy(LRUPolicy):
         if layer != self._layers[0]:
             return
         chosen = self._pregate.indices.cpu()  # [T, L, k]: the decision for the whole forward
+        num_experts = self._pregate.num_experts
+        # How often each layer's experts were chosen, [L, E], in one pass over the decision.
+        cells = chosen + torch.arange(chosen.shape[1]).view(1, -1, 1) * num_experts
+        per_layer = torch.bincount(cells.flatten(), minlength=chosen.shape[1] * num_experts)
         plan: list[ExpertKey] = []
         planned: dict[ExpertKey, int] = {}
         after, uses = {}, {}
-        for row, each in enumerate(self._layers):
-            counts = torch.bincount(chosen[:, row].flatten(),
-                                    minlength=self._pregate.num_experts).tolist()
+        for row, (each, counts) in enumerate(zip(self._layers,
+                                                  per_layer.view(-1, num_experts).tolist(),
+                                                  strict=True)):
             # Most-chosen first: if the window cuts a layer, its least-used experts wait.
             order = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
             plan += [(each, e) for e in order]
