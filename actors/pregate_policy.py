@@ -39,6 +39,7 @@ class PregatePolicy(LRUPolicy):
         self._after: dict[int, int] = {}  # layer -> where the plan's later layers start in it
         self._uses: dict[int, int] = {}  # layer -> how many experts this forward uses there
         self._by_layer: dict[int, OrderedDict[ExpertKey, None]] = {}  # resident, LRU first
+        self._scan_at, self._scan = -1, -1  # `victim`'s layer position and where its scan is
 
     def route(self, layer: int, top_k_index: torch.Tensor) -> None:
         self._current = layer
@@ -62,6 +63,7 @@ class PregatePolicy(LRUPolicy):
             after[each], uses[each] = len(plan), len(order)
         # Swapped whole: the cache reads them under its lock.
         self._plan, self._planned, self._after, self._uses = plan, planned, after, uses
+        self._scan_at = -1  # a new plan: every layer may hold experts it no longer uses
 
     def predict(self, layer: int, hidden: torch.Tensor) -> list[ExpertKey]:
         room = max(self._capacity - self._uses.get(layer, 0), 0)
@@ -82,9 +84,14 @@ class PregatePolicy(LRUPolicy):
                incoming: ExpertKey | None = None) -> ExpertKey:
         allowed = candidates if isinstance(candidates, (dict, set)) else set(candidates)
         at, planned = self._pos.get(self._current, 0), self._planned
+        if self._scan_at != at:
+            self._scan_at, self._scan = at, len(self._layers) - 1
         # Not used again this pass: the latest layer's first, least recently used within it.
-        for layer in reversed(self._layers):
-            for key in self._by_layer.get(layer, ()):
+        # While the forward stays at one layer no layer gains such an expert (those it loads
+        # are planned, those it pins are its own), so the scan goes on from where it stopped.
+        while self._scan >= 0:
+            for key in self._by_layer.get(self._layers[self._scan], ()):
                 if key in allowed and planned.get(key, -1) < at:
                     return key
+            self._scan -= 1
         return max(allowed, key=lambda key: self._pos.get(key[0], 0))
