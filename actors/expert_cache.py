@@ -59,7 +59,7 @@ class _Load:
         self.issued = threading.Event()
         self.failed = False  # the copy raised: whoever waits loads the expert itself
         self.cuda_event: torch.cuda.Event | None = None
-        self.ticket: int | None = None  # the store's read in flight (`store.begin_read`)
+        self.ticket: int | None = None  # the store's read in flight (`store.begin_reads`)
 
     def wait(self) -> None:
         self.issued.wait()
