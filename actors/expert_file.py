@@ -118,7 +118,8 @@ def record_slots(layout: RecordLayout, capacity: int, gate_up: tuple[int, int],
     """`capacity` expert slots laid out as the layer files' records, in one page-aligned buffer
     (huge pages where given): `gate_up [capacity, 2I, H]` and `down [capacity, H, I]`, each
     slot's two tensors contiguous and at the offsets of a record. A direct read of one record
-    into a slot's start fills both."""
+    into a slot's start fills both. A slot takes a whole record: the expert rounded up to a page
+    (the budget counts the experts' own bytes; a real model's expert is many pages)."""
     buf, address = page_buffer(capacity * layout.record_bytes)
     start = address - ctypes.addressof(ctypes.c_char.from_buffer(buf))
     # The tensor holds a reference to `buf`: the mapping lives as long as the slots.
