@@ -79,5 +79,5 @@ def test_the_readmes_moe_cluster_config_loads_with_offload_on_its_decode_pool():
     cfg = load_config(yaml.safe_load(block.group(1)))
     decode = next(p for p in cfg.pools if p.role == "decode")
     assert worker_spec(cfg, decode, "token").engine.moe_offload == MoEOffloadConfig(
-        budget=0.25, policy="lookahead", tier="disk")
+        budget=0.25, policy="pregate", tier="disk")
     assert cfg.model == "~/models/smollm2-moe"  # where `baton moefy --out` wrote it
