@@ -20,15 +20,14 @@ from collections.abc import Iterable
 
 import torch
 
-from baton.actors.expert_policies import ExpertKey, LRUPolicy
+from baton.actors.expert_policies import ExpertKey, ExpertPolicy
 from baton.actors.pregate import Pregate
 
 
-class PregatePolicy(LRUPolicy):
+class PregatePolicy(ExpertPolicy):
     """Loads the rest of the forward's experts ahead; evicts knowing which are still to come."""
 
     def __init__(self, pregate: Pregate, layers: list[int], capacity: int) -> None:
-        super().__init__()
         self._pregate = pregate
         self._layers = sorted(layers)
         self._pos = {layer: i for i, layer in enumerate(self._layers)}
@@ -71,13 +70,11 @@ class PregatePolicy(LRUPolicy):
         return self._plan[start:start + room]
 
     def touch(self, key: ExpertKey) -> None:
-        super().touch(key)
         bucket = self._by_layer.setdefault(key[0], OrderedDict())
         bucket[key] = None
         bucket.move_to_end(key)
 
     def forget(self, key: ExpertKey) -> None:
-        super().forget(key)
         self._by_layer.get(key[0], {}).pop(key, None)
 
     def victim(self, candidates: Iterable[ExpertKey],
