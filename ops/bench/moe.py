@@ -225,23 +225,21 @@ def _grouping(model: str, tier: str, max_tokens: int, threads: int, dtype: str, 
               workload: str | None, console: Console) -> dict[str, Any]:
     from baton.ops.bench.moe_grouping import run_grouping  # it builds on this module
 
-    common = dict(dtype=dtype, num_threads=threads, device=device, methods=["none"])
-    engine = Engine(model, **common)  # the workload's chat prompts need its template
-    items = load_workload(workload, engine)
-    del engine
-    if len(items) < 2 * GROUPING_BATCH:
-        raise ConfigError(f"--grouping needs at least {2 * GROUPING_BATCH} requests in the "
-                          f"workload (batches of {GROUPING_BATCH}); it has {len(items)}")
     policy = "pregate" if has_pregate(model) else "lookahead"
     offload = {"budget": HEADLINE_BUDGET, "policy": policy, "tier": tier}
-    return run_grouping(model, offload, items, GROUPING_BATCH, max_tokens, GROUPING_ROUNDS,
-                        common, console)
+    return run_grouping(model, offload, workload, GROUPING_BATCH, max_tokens, GROUPING_ROUNDS,
+                        _engine_options(threads, dtype, device), console)
+
+
+def _engine_options(threads: int, dtype: str, device: str) -> dict[str, Any]:
+    """What every engine of the benchmark shares."""
+    return dict(dtype=dtype, num_threads=threads, device=device, methods=["none"])
 
 
 def _run(model: str, policies: list[str], budgets: list[float], tier: str, num_requests: int,
          max_tokens: int, threads: int, dtype: str, device: str, workload: str | None,
          policy_options: dict[str, dict[str, Any]], console: Console) -> dict[str, Any]:
-    common = dict(dtype=dtype, num_threads=threads, device=device, methods=["none"])
+    common = _engine_options(threads, dtype, device)
 
     def resident() -> Engine:
         return Engine(model, **common)

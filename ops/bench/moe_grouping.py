@@ -29,8 +29,9 @@ from rich.console import Console
 
 from baton.actors.engine import Engine
 from baton.actors.expert_policies import ExpertKey
+from baton.errors import ConfigError
 from baton.ops.bench.moe import cold_start, run_batch
-from baton.ops.bench.spec import WorkItem
+from baton.ops.bench.spec import WorkItem, load_workload
 from baton.sampling import SamplingParams
 
 SEED = 0
@@ -69,13 +70,19 @@ def _cosines(vectors: list[Counter[ExpertKey]]) -> torch.Tensor:
     return m @ m.T
 
 
-def run_grouping(model: str, offload: dict[str, Any], items: list[WorkItem], batch: int,
+def run_grouping(model: str, offload: dict[str, Any], workload: str | None, batch: int,
                  max_tokens: int, rounds: int, common: dict[str, Any],
                  console: Console) -> dict[str, Any]:
-    """The experiment of the module docstring on a fresh engine offloading as `offload` says."""
+    """The experiment of the module docstring over every request of `workload` (None: the
+    built-in one), on a fresh engine offloading as `offload` says; `ConfigError` when the
+    workload has fewer than two batches of requests."""
     engine = Engine(model, moe_offload=offload, **common)
     assert engine.moe is not None
     try:
+        items = load_workload(workload, engine)
+        if len(items) < 2 * batch:
+            raise ConfigError(f"--grouping needs at least {2 * batch} requests in the workload "
+                              f"(batches of {batch}); it has {len(items)}")
         engine.generate([items[0].prompt[:200]], SamplingParams(max_tokens=4))
         console.log(f"grouping: each of {len(items)} requests alone, counting its experts")
         vectors = []
