@@ -15,10 +15,10 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass
 
 import torch
 
+from baton.actors.expert_loads import ExpertCacheStats, Load, Pending
 from baton.actors.expert_policies import ExpertKey, ExpertPolicy
 from baton.actors.expert_store import ExpertStore
 from baton.errors import EngineError
@@ -26,48 +26,6 @@ from baton.errors import EngineError
 log = logging.getLogger(__name__)
 
 SLOT_WAIT_S = 60.0  # a slot frees within one layer's compute; far longer means a bug
-
-
-@dataclass(slots=True)
-class ExpertCacheStats:
-    """Counters since the cache was built. Every expert a layer uses is one hit or one miss."""
-
-    hits: int = 0
-    misses: int = 0
-    bytes_loaded: int = 0
-    stall_seconds: float = 0.0
-    prefetches_issued: int = 0
-    prefetches_used: int = 0
-
-    def as_dict(self) -> dict[str, float]:
-        """The counters plus hit rate, prefetch precision (used / issued) and recall (uses that a
-        prefetch served / all uses)."""
-        uses = self.hits + self.misses
-        return {
-            **asdict(self),
-            "hit_rate": self.hits / uses if uses else 0.0,
-            "prefetch_precision": (self.prefetches_used / self.prefetches_issued
-                                   if self.prefetches_issued else 0.0),
-            "prefetch_recall": self.prefetches_used / uses if uses else 0.0,
-        }
-
-
-class _Load:
-    """One expert's copy into a slot: `wait()` returns once the forward may read the slot."""
-
-    def __init__(self) -> None:
-        self.issued = threading.Event()
-        self.failed = False  # the copy raised: whoever waits loads the expert itself
-        self.cuda_event: torch.cuda.Event | None = None
-        self.ticket: int | None = None  # the store's read in flight (`store.begin_reads`)
-
-    def wait(self) -> None:
-        self.issued.wait()
-        if self.cuda_event is not None:  # ordered on the GPU, no host stall
-            torch.cuda.current_stream().wait_event(self.cuda_event)
-
-
-_Pending = tuple[int, ExpertKey, _Load]  # slot, expert, its load
 
 
 class ExpertCache:
@@ -86,11 +44,12 @@ class ExpertCache:
         self.device = device
         self.expert_bytes = shape.nbytes
         self.gate_up, self.down = self._slot_pool()
-        self.stats = ExpertCacheStats()
-        self.uses: Counter[ExpertKey] = Counter()  # forwards that used each expert, so far
+        self._stats = ExpertCacheStats()
+        self._uses: Counter[ExpertKey] = Counter()  # forwards that used each expert, so far
+        self._hit_log: list[list[ExpertKey]] = []  # hits not yet counted (`_count_hits`)
         self._slot_of: dict[ExpertKey, int] = {}
         self._key_of: list[ExpertKey | None] = [None] * capacity
-        self._load: list[_Load | None] = [None] * capacity
+        self._load: list[Load | None] = [None] * capacity
         self._pins = [0] * capacity
         self._free = list(range(capacity - 1, -1, -1))  # empty slots, the lowest on top
         self._idle: dict[ExpertKey, None] = {}  # resident, ready and unpinned: evictable
@@ -116,10 +75,26 @@ class ExpertCache:
         """Bytes the slot pool holds on the device (capacity x one expert)."""
         return self.capacity * self.expert_bytes
 
+    @property
+    def stats(self) -> ExpertCacheStats:
+        """The counters so far (the cache's own record: `snapshot` for a consistent copy)."""
+        with self._cond:
+            self._count_hits()
+            return self._stats
+
     def snapshot(self) -> dict[str, float]:
         """The counters (see `ExpertCacheStats.as_dict`), read consistently."""
         with self._cond:
-            return self.stats.as_dict()
+            self._count_hits()
+            return self._stats.as_dict()
+
+    @property
+    def uses(self) -> Counter[ExpertKey]:
+        """How many forwards used each expert, so far (the cache's own counter: copy it to
+        keep it)."""
+        with self._cond:
+            self._count_hits()
+            return self._uses
 
     def resident(self) -> list[ExpertKey]:
         """Experts resident or loading now."""
@@ -139,9 +114,10 @@ class ExpertCache:
                               f"{self.capacity}")
         t0 = time.perf_counter()
         slot_of: dict[int, int] = {}
-        misses: list[_Pending] = []
-        waits: list[_Pending] = []
+        misses: list[Pending] = []
+        waits: list[Pending] = []
         with self._cond:
+            self._count_hits()
             resident = self._slot_of
             # Resident ones first: pinned, they cannot become the victim of this call's misses.
             order = experts if all((layer, e) in resident for e in experts) else \
@@ -152,30 +128,30 @@ class ExpertCache:
                 # Reserving may wait for a slot, and the loader may bring `key` in meanwhile.
                 reserved = self._reserve(key) if slot is None else None
                 if reserved is not None:
-                    self.stats.misses += 1
+                    self._stats.misses += 1
                     slot, load = reserved
                     misses.append((slot, key, load))
                 else:
                     slot = self._slot_of[key]
-                    self.stats.hits += 1
+                    self._stats.hits += 1
                     if key in self._prefetched:
                         self._prefetched.discard(key)
-                        self.stats.prefetches_used += 1
+                        self._stats.prefetches_used += 1
                     load = self._load[slot]
                     if load is not None:
                         waits.append((slot, key, load))
                 self._pins[slot] += 1
                 self._settle(slot)
                 self.policy.touch(key)
-                self.uses[key] += 1
+                self._uses[key] += 1
                 slot_of[e] = slot
         if misses or waits:
             self._fill(misses, waits)
             with self._cond:
-                self.stats.stall_seconds += time.perf_counter() - t0
+                self._stats.stall_seconds += time.perf_counter() - t0
         return [slot_of[e] for e in experts]
 
-    def _fill(self, misses: list[_Pending], waits: list[_Pending]) -> None:
+    def _fill(self, misses: list[Pending], waits: list[Pending]) -> None:
         """Load `misses` into their slots and wait for `waits` (loads in flight); a load that
         failed is read again here."""
         for slot, key, load in misses:
@@ -187,12 +163,16 @@ class ExpertCache:
 
     def _reload(self, slot: int, key: ExpertKey) -> None:
         with self._cond:
-            retry = self._load[slot] = _Load()
+            retry = self._load[slot] = self._new_load()
         self._copy(slot, key, retry, side=False)
 
     def loading(self, slot: int) -> bool:
         """Whether `slot`, acquired, may still be loading (then `ready` waits for it)."""
         return False
+
+    def loading_among(self, slots: list[int]) -> set[int]:
+        """Those of acquired `slots` that may still be loading."""
+        return {slot for slot in slots if self.loading(slot)}
 
     def ready(self, slot: int) -> None:
         """Return once acquired `slot` can be read (`acquire` here waits for every slot)."""
@@ -241,10 +221,11 @@ class ExpertCache:
 
     # -- inside -----------------------------------------------------------------------------------
 
-    def _reserve(self, key: ExpertKey, wait: bool = True) -> tuple[int, _Load] | None:
+    def _reserve(self, key: ExpertKey, wait: bool = True) -> tuple[int, Load] | None:
         """A slot for `key` (free, or its policy's victim), marked loading; None when `key`
         became resident while this waited for a slot (the other thread loads it), or when no
         slot is free and not `wait`. Holds `_cond`."""
+        self._count_hits()  # the policy sees every use before it picks a victim
         deadline = time.monotonic() + SLOT_WAIT_S
         while True:
             if key in self._slot_of:
@@ -265,9 +246,29 @@ class ExpertCache:
                                   f"({self.capacity} slots, all in use)")
         self._slot_of[key] = slot
         self._key_of[slot] = key
-        load = self._load[slot] = _Load()
+        load = self._load[slot] = self._new_load()
         self.policy.insert(key)
         return slot, load
+
+    def _count_hits(self) -> None:
+        """Count the hits a subclass's fast path logged (`_hit_log`), in order: the stats, the
+        prefetches they used, the policy's `touch` and `uses`. Holds `_cond`."""
+        if not self._hit_log:
+            return
+        log, self._hit_log = self._hit_log, []
+        stats, prefetched, policy = self._stats, self._prefetched, self.policy
+        for keys in log:
+            stats.hits += len(keys)
+            for key in keys:
+                if key in prefetched:
+                    prefetched.discard(key)
+                    stats.prefetches_used += 1
+                policy.touch(key)
+            self._uses.update(keys)
+
+    def _new_load(self) -> Load:
+        """A load's record; its issued flag is an event the loader thread sets."""
+        return Load()
 
     def _wait_for_slot(self, timeout: float) -> bool:
         """Wait until a pin or a load may have freed a slot; False on timeout. Holds `_cond`."""
@@ -287,7 +288,7 @@ class ExpertCache:
         else:
             self._idle.pop(key, None)
 
-    def _copy(self, slot: int, key: ExpertKey, load: _Load, side: bool) -> None:
+    def _copy(self, slot: int, key: ExpertKey, load: Load, side: bool) -> None:
         """Copy `key` from the store into `slot`, then mark it ready. On CUDA the copy runs on
         the side stream (`side`: a prefetch) or the compute stream (a miss), after the compute
         that last read the slot and the copy that last wrote it."""
@@ -308,10 +309,10 @@ class ExpertCache:
             self._loaded(slot, key, load)
             self._cond.notify_all()
 
-    def _loaded(self, slot: int, key: ExpertKey, load: _Load) -> None:
+    def _loaded(self, slot: int, key: ExpertKey, load: Load) -> None:
         """`load` of `key` into `slot` is issued: count it and let the slot be read (and, once
         unpinned, evicted). Holds `_cond`."""
-        self.stats.bytes_loaded += self.expert_bytes
+        self._stats.bytes_loaded += self.expert_bytes
         if load.cuda_event is None and self._load[slot] is load:
             self._load[slot] = None
         load.issued.set()
@@ -337,7 +338,7 @@ class ExpertCache:
                     continue  # the forward loaded it meanwhile
                 slot, load = reserved
                 self._prefetched.add(key)
-                self.stats.prefetches_issued += 1
+                self._stats.prefetches_issued += 1
             try:
                 self._copy(slot, key, load, side=True)
             except Exception:  # a failed prefetch must not kill the loader; the forward reloads
@@ -345,7 +346,7 @@ class ExpertCache:
                 with self._cond:
                     self._evict_failed(slot, key, load)
 
-    def _evict_failed(self, slot: int, key: ExpertKey, load: _Load) -> None:
+    def _evict_failed(self, slot: int, key: ExpertKey, load: Load) -> None:
         load.failed = True
         if self._slot_of.get(key) == slot and self._pins[slot] == 0:
             del self._slot_of[key]

@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from baton.actors.expert_cache import ExpertCache, _Pending
+from baton.actors.expert_cache import ExpertCache
+from baton.actors.expert_loads import Load, Pending
 from baton.actors.expert_policies import ExpertKey, ExpertPolicy
 from baton.actors.expert_store import ExpertStore
 from baton.errors import EngineError
@@ -32,8 +33,25 @@ class AioExpertCache(ExpertCache):
         if device.type != "cpu" or not store.async_reads:
             raise EngineError("AioExpertCache needs a CPU device and a store with async reads")
         super().__init__(store, capacity, device, policy)
-        self._in_flight: dict[int, _Pending] = {}  # ticket -> the load it fills
-        self._unready: dict[int, _Pending] = {}  # acquired slots whose load may be in flight
+        self._in_flight: dict[int, Pending] = {}  # ticket -> the load it fills
+        self._unready: dict[int, Pending] = {}  # acquired slots whose load may be in flight
+
+    def acquire(self, layer: int, experts: list[int]) -> list[int]:
+        """As `ExpertCache.acquire`. When every expert is resident and read (most layers), it
+        only pins their slots and logs the hits; they are counted, and the policy told, before
+        anything reads the counters or picks a victim."""
+        keys = [(layer, e) for e in experts]
+        with self._cond:
+            found = [self._slot_of.get(key) for key in keys]
+            slots = [slot for slot in found if slot is not None and self._load[slot] is None]
+            if len(slots) == len(keys) <= self.capacity:
+                pins, idle = self._pins, self._idle
+                for key, slot in zip(keys, slots, strict=True):
+                    pins[slot] += 1
+                    idle.pop(key, None)  # pinned: not evictable
+                self._hit_log.append(keys)
+                return slots
+        return super().acquire(layer, experts)
 
     def prefetch(self, keys: list[ExpertKey]) -> None:
         """Start reading `keys` now (those resident are skipped), as many as reads and slots
@@ -45,7 +63,7 @@ class AioExpertCache(ExpertCache):
             if self._closed:
                 return
             self._collect()
-            starts: list[_Pending] = []
+            starts: list[Pending] = []
             room = self.store.read_slots - len(self._in_flight)
             for key in keys:
                 if len(starts) >= room:
@@ -58,7 +76,7 @@ class AioExpertCache(ExpertCache):
                 slot, load = reserved
                 starts.append((slot, key, load))
                 self._prefetched.add(key)
-                self.stats.prefetches_issued += 1
+                self._stats.prefetches_issued += 1
             self._start(starts)
 
     def idle(self) -> bool:
@@ -76,6 +94,9 @@ class AioExpertCache(ExpertCache):
     def loading(self, slot: int) -> bool:
         return slot in self._unready
 
+    def loading_among(self, slots: list[int]) -> set[int]:
+        return {slot for slot in slots if slot in self._unready}
+
     def ready(self, slot: int) -> None:
         pending = self._unready.pop(slot, None)
         if pending is None:
@@ -88,19 +109,26 @@ class AioExpertCache(ExpertCache):
         if load.failed:
             self._reload(slot, key)
         with self._cond:
-            self.stats.stall_seconds += time.perf_counter() - t0
+            self._stats.stall_seconds += time.perf_counter() - t0
 
     def release(self, slots: list[int]) -> None:
-        for slot in slots:  # released unread (the forward failed): its load completes anyway
-            self._unready.pop(slot, None)
-        super().release(slots)
+        with self._cond:  # no other thread waits for a slot here: nothing to notify
+            pins = self._pins
+            for slot in slots:
+                self._unready.pop(slot, None)  # released unread (the forward failed)
+                pins[slot] -= 1
+                if not pins[slot]:
+                    self._settle(slot)
 
     # -- inside -----------------------------------------------------------------------------------
+
+    def _new_load(self) -> Load:
+        return Load(threads=False)  # this thread alone starts, collects and waits for reads
 
     def _slot_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.store.slots(self.capacity)
 
-    def _fill(self, misses: list[_Pending], waits: list[_Pending]) -> None:
+    def _fill(self, misses: list[Pending], waits: list[Pending]) -> None:
         """Start `misses`; both they and `waits` are waited for in `ready`."""
         with self._cond:
             while misses:
@@ -115,7 +143,7 @@ class AioExpertCache(ExpertCache):
         for pending in waits:
             self._unready[pending[0]] = pending
 
-    def _start(self, starts: list[_Pending]) -> None:
+    def _start(self, starts: list[Pending]) -> None:
         """Begin reading each expert straight into its slot. Holds `_cond`."""
         if not starts:
             return

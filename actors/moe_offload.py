@@ -191,10 +191,13 @@ def offload_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
             # that it still needs, and loads while this layer and the next one's attention run.
             cache.prefetch(predicted)
         try:
-            # Experts already resident first: the others' reads go on meanwhile.
-            for e, slot in sorted(zip(chunk, slots, strict=True),
-                                  key=lambda pair: cache.loading(pair[1])):
-                cache.ready(slot)
+            loading = cache.loading_among(slots)
+            pairs = list(zip(chunk, slots, strict=True))
+            if loading:  # experts already resident first: the others' reads go on meanwhile
+                pairs.sort(key=lambda pair: pair[1] in loading)
+            for e, slot in pairs:
+                if slot in loading:
+                    cache.ready(slot)
                 rows = order.rows(e)
                 out[rows] = expert_mlp(self, x[rows], cache.gate_up[slot], cache.down[slot])
         finally:

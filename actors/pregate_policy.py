@@ -39,6 +39,9 @@ class PregatePolicy(ExpertPolicy):
         self._uses: dict[int, int] = {}  # layer -> how many experts this forward uses there
         self._by_layer: dict[int, OrderedDict[ExpertKey, None]] = {}  # resident, LRU first
         self._scan_at, self._scan = -1, -1  # `victim`'s layer position and where its scan is
+        self._resident: set[ExpertKey] = set()  # inserted and not forgotten
+        self._loaded_upto = 0  # the plan's experts before this index are all resident
+        self._forgets = 0  # planned experts forgotten so far
 
     def route(self, layer: int, top_k_index: torch.Tensor) -> None:
         self._current = layer
@@ -63,11 +66,23 @@ class PregatePolicy(ExpertPolicy):
         # Swapped whole: the cache reads them under its lock.
         self._plan, self._planned, self._after, self._uses = plan, planned, after, uses
         self._scan_at = -1  # a new plan: every layer may hold experts it no longer uses
+        self._loaded_upto = 0
 
     def predict(self, layer: int, hidden: torch.Tensor) -> list[ExpertKey]:
         room = max(self._capacity - self._uses.get(layer, 0), 0)
         start = self._after.get(layer, len(self._plan))
-        return self._plan[start:start + room]
+        # The cache skips resident experts; those at the plan's head are skipped here already,
+        # so a layer whose plan is all in costs nothing to prefetch.
+        plan, done, forgets = self._plan, self._loaded_upto, self._forgets
+        while done < len(plan) and plan[done] in self._resident:
+            done += 1
+        if forgets == self._forgets:  # else a loader thread evicted one meanwhile: rescan
+            self._loaded_upto = done
+        return plan[max(start, done):start + room]
+
+    def insert(self, key: ExpertKey) -> None:
+        self._resident.add(key)
+        self.touch(key)
 
     def touch(self, key: ExpertKey) -> None:
         bucket = self._by_layer.setdefault(key[0], OrderedDict())
@@ -76,6 +91,10 @@ class PregatePolicy(ExpertPolicy):
 
     def forget(self, key: ExpertKey) -> None:
         self._by_layer.get(key[0], {}).pop(key, None)
+        self._resident.discard(key)
+        if key in self._planned:  # a planned expert left: look for it again
+            self._forgets += 1
+            self._loaded_upto = 0
 
     def victim(self, candidates: Iterable[ExpertKey],
                incoming: ExpertKey | None = None) -> ExpertKey:

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from baton.actors.engine import Engine
-from baton.actors.expert_cache import ExpertCacheStats
+from baton.actors.expert_loads import ExpertCacheStats
 from baton.actors.expert_store import DiskStore
 from baton.actors.model_source import DEFAULT_MODEL, cache_root
 from baton.actors.pregate import CONFIG_KEY as PREGATE_KEY

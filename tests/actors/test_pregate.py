@@ -147,6 +147,22 @@ def test_pregate_plans_the_rest_of_the_forward_and_evicts_what_it_no_longer_uses
     assert small.predict(0, hidden) == [(1, 2), (1, 3)]
 
 
+def test_pregate_predicts_only_what_is_not_resident_at_the_head_of_its_plan():
+    pregate = Pregate(torch.zeros(3, 8, 4), top_k=2)
+    pregate.indices = torch.tensor([[[0, 1], [2, 3], [4, 5]]])
+    policy = PregatePolicy(pregate, [0, 1, 2], capacity=6)
+    policy.route(0, pregate.indices[:, 0])
+    hidden = torch.zeros(1, 4)
+    for key in [(0, 0), (0, 1), (1, 2), (1, 3)]:
+        policy.insert(key)
+    assert policy.predict(0, hidden) == [(2, 4), (2, 5)]
+    policy.forget((1, 3))  # evicted before its layer ran: wanted again
+    assert policy.predict(0, hidden) == [(1, 3), (2, 4), (2, 5)]
+    for key in [(1, 3), (2, 4), (2, 5)]:
+        policy.insert(key)
+    assert policy.predict(1, hidden) == []  # the whole plan is in: nothing to look at
+
+
 def test_pregate_beats_lru_on_hits_at_the_same_budget(checkpoint):
     def hit_rate(policy: str) -> float:
         engine = _engine(checkpoint, moe_offload={"budget": 0.25, "policy": policy})
