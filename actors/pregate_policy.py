@@ -48,21 +48,24 @@ class PregatePolicy(ExpertPolicy):
         if layer != self._layers[0]:
             return
         chosen = self._pregate.indices.cpu()  # [T, L, k]: the decision for the whole forward
-        num_experts = self._pregate.num_experts
-        # How often each layer's experts were chosen, [L, E], in one pass over the decision.
-        cells = chosen + torch.arange(chosen.shape[1]).view(1, -1, 1) * num_experts
-        per_layer = torch.bincount(cells.flatten(), minlength=chosen.shape[1] * num_experts)
+        num_layers, num_experts = chosen.shape[1], self._pregate.num_experts
+        # How often each layer's experts were chosen, [L, E], in one pass over the decision;
+        # most-chosen first (if the window cuts a layer, its least-used experts wait), ties in
+        # expert order.
+        cells = chosen + torch.arange(num_layers).view(1, -1, 1) * num_experts
+        per_layer = torch.bincount(cells.flatten(), minlength=num_layers * num_experts)
+        counts, ranked = per_layer.view(num_layers, num_experts).sort(dim=1, descending=True,
+                                                                       stable=True)
+        used = (counts > 0).sum(dim=1).tolist()
         plan: list[ExpertKey] = []
         planned: dict[ExpertKey, int] = {}
         after, uses = {}, {}
-        for row, (each, counts) in enumerate(zip(self._layers,
-                                                  per_layer.view(-1, num_experts).tolist(),
-                                                  strict=True)):
-            # Most-chosen first: if the window cuts a layer, its least-used experts wait.
-            order = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
-            plan += [(each, e) for e in order]
-            planned.update(((each, e), row) for e in order)
-            after[each], uses[each] = len(plan), len(order)
+        for row, (each, experts, n) in enumerate(zip(self._layers, ranked.tolist(), used,
+                                                     strict=True)):
+            keys = [(each, e) for e in experts[:n]]
+            plan += keys
+            planned.update(dict.fromkeys(keys, row))
+            after[each], uses[each] = len(plan), n
         # Swapped whole: the cache reads them under its lock.
         self._plan, self._planned, self._after, self._uses = plan, planned, after, uses
         self._scan_at = -1  # a new plan: every layer may hold experts it no longer uses
