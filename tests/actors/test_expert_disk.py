@@ -209,64 +209,62 @@ def test_aio_cache_computes_ready_experts_first_and_rereads_a_failed_read(tmp_pa
     store.close()
 
 
-def test_aio_cache_counts_hits_on_resident_experts_and_evicts_by_their_use(tmp_path):
-    gate_up, down = _experts(4, 3, 5, torch.float32)
-    store = DiskStore({0: (gate_up, down)}, tmp_path)
-    if not store.async_reads:
-        pytest.skip("no direct reads or native AIO here")
-    cache = AioExpertCache(store, capacity=2, device=torch.device("cpu"), policy=LRUPolicy())
-    for expert in (0, 1, 0):  # 0 and 1 are read; the second use of 0 finds it resident
-        [slot] = cache.acquire(0, [expert])
-        cache.ready(slot)
-        cache.release([slot])
-    [slot] = cache.acquire(0, [2])  # a miss: 1 is the least recently used now
-    cache.ready(slot)
-    cache.release([slot])
-    assert sorted(cache.resident()) == [(0, 0), (0, 2)]
-    assert torch.equal(cache.gate_up[slot], gate_up[2])
-    assert (cache.stats.hits, cache.stats.misses) == (1, 3)
-    assert cache.uses[(0, 0)] == 2
-    cache.close()
-    store.close()
-
-
-def test_aio_prefetch_evicts_by_uses_that_found_experts_resident(tmp_path):
-    gate_up, down = _experts(4, 3, 5, torch.float32)
-    store = DiskStore({0: (gate_up, down)}, tmp_path)
-    if not store.async_reads:
-        pytest.skip("no direct reads or native AIO here")
-    cache = AioExpertCache(store, capacity=2, device=torch.device("cpu"), policy=LRUPolicy())
-    for expert in (0, 1, 0):
-        [slot] = cache.acquire(0, [expert])
-        cache.ready(slot)
-        cache.release([slot])
-    cache.prefetch([(0, 2)])
-    assert sorted(cache.resident()) == [(0, 0), (0, 2)]
-    [slot] = cache.acquire(0, [2])
-    cache.ready(slot)
-    assert torch.equal(cache.down[slot], down[2])
-    cache.release([slot])
-    assert cache.stats.prefetches_used == 1
-    cache.close()
-    store.close()
-
-
-def test_aio_cache_keeps_the_order_of_uses_across_fast_and_general_acquires(tmp_path):
+@pytest.fixture
+def lru_aio_cache(tmp_path):
+    """Builds an LRU `AioExpertCache` of `capacity` slots over 5 experts of one layer on disk:
+    the cache and the experts."""
     gate_up, down = _experts(5, 3, 5, torch.float32)
     store = DiskStore({0: (gate_up, down)}, tmp_path)
     if not store.async_reads:
         pytest.skip("no direct reads or native AIO here")
-    cache = AioExpertCache(store, capacity=3, device=torch.device("cpu"), policy=LRUPolicy())
+    caches = []
 
-    def use(experts):
-        slots = cache.acquire(0, experts)
-        for slot in slots:
-            cache.ready(slot)
-        cache.release(slots)
+    def build(capacity: int):
+        caches.append(AioExpertCache(store, capacity=capacity, device=torch.device("cpu"),
+                                     policy=LRUPolicy()))
+        return caches[-1], gate_up, down
 
-    for experts in ([0], [1], [2], [0], [1, 3]):  # 0 again all resident; then 1 with a miss
-        use(experts)
-    use([4])  # uses, oldest first: 0, 1, 3 (2 went for 3): 0 goes
-    assert sorted(cache.resident()) == [(0, 1), (0, 3), (0, 4)]
-    cache.close()
+    yield build
+    for cache in caches:
+        cache.close()
     store.close()
+
+
+def _use(cache: ExpertCache, experts: list[int]) -> list[int]:
+    """Acquire layer 0's `experts`, wait for them and release them: their slots."""
+    slots = cache.acquire(0, experts)
+    for slot in slots:
+        cache.ready(slot)
+    cache.release(slots)
+    return slots
+
+
+def test_aio_cache_counts_hits_on_resident_experts_and_evicts_by_their_use(lru_aio_cache):
+    cache, gate_up, _ = lru_aio_cache(2)
+    for expert in (0, 1, 0):  # 0 and 1 are read; the second use of 0 finds it resident
+        _use(cache, [expert])
+    [slot] = _use(cache, [2])  # a miss: 1 is the least recently used now
+    assert sorted(cache.resident()) == [(0, 0), (0, 2)]
+    assert torch.equal(cache.gate_up[slot], gate_up[2])
+    assert (cache.stats.hits, cache.stats.misses) == (1, 3)
+    assert cache.uses[(0, 0)] == 2
+
+
+def test_aio_prefetch_evicts_by_uses_that_found_experts_resident(lru_aio_cache):
+    cache, _, down = lru_aio_cache(2)
+    for expert in (0, 1, 0):
+        _use(cache, [expert])
+    cache.prefetch([(0, 2)])
+    assert sorted(cache.resident()) == [(0, 0), (0, 2)]
+    [slot] = _use(cache, [2])
+    assert torch.equal(cache.down[slot], down[2])
+    assert cache.stats.prefetches_used == 1
+
+
+def test_aio_cache_keeps_the_order_of_uses_across_fast_and_general_acquires(lru_aio_cache):
+    cache, _, _ = lru_aio_cache(3)
+    # 0 is used again while resident; then 1 (resident) with 3 (a miss that evicts 2).
+    for experts in ([0], [1], [2], [0], [1, 3]):
+        _use(cache, experts)
+    _use(cache, [4])  # uses, oldest first: 0, 1, 3: 0 goes
+    assert sorted(cache.resident()) == [(0, 1), (0, 3), (0, 4)]
