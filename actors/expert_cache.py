@@ -180,10 +180,9 @@ class ExpertCache:
     def release(self, slots: list[int]) -> None:
         """The forward is done reading `slots` (on CUDA: once the kernels queued so far ran)."""
         with self._cond:
-            for slot in slots:
-                self._pins[slot] -= 1
-                self._settle(slot)
-                if self._side is not None:
+            self._unpin(slots)
+            if self._side is not None:
+                for slot in slots:
                     event = torch.cuda.Event()
                     event.record(torch.cuda.current_stream(self.device))
                     self._freed[slot] = event
@@ -249,6 +248,15 @@ class ExpertCache:
         load = self._load[slot] = self._new_load()
         self.policy.insert(key)
         return slot, load
+
+    def _unpin(self, slots: list[int]) -> None:
+        """Drop one pin of each of `slots`; those left unpinned become evictable once read.
+        Holds `_cond`."""
+        pins = self._pins
+        for slot in slots:
+            pins[slot] -= 1
+            if not pins[slot]:  # still pinned: not evictable, as it was
+                self._settle(slot)
 
     def _count_hits(self) -> None:
         """Count the hits a subclass's fast path logged (`_hit_log`), in order: the stats, the

@@ -113,12 +113,9 @@ class AioExpertCache(ExpertCache):
 
     def release(self, slots: list[int]) -> None:
         with self._cond:  # no other thread waits for a slot here: nothing to notify
-            pins = self._pins
             for slot in slots:
                 self._unready.pop(slot, None)  # released unread (the forward failed)
-                pins[slot] -= 1
-                if not pins[slot]:
-                    self._settle(slot)
+            self._unpin(slots)
 
     # -- inside -----------------------------------------------------------------------------------
 
