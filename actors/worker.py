@@ -45,6 +45,7 @@ from baton.sampling import SamplingParams
 if TYPE_CHECKING:
     from baton.actors.handoff import HandoffEngine, ImportReservation
     from baton.actors.kv_link import KVSender
+    from baton.actors.request_server import RequestServer
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class Worker:
         self._leased: dict[str, tuple[str, asyncio.Task[Any]]] = {}
         self._lease_watch: asyncio.Task[None] | None = None
         self.lease_expiries = 0
+        self._requests: asyncio.Task[RequestServer] | None = None
         log.info("worker %s ready (pid %d)", spec.role, os.getpid())
 
     async def info(self) -> dict[str, Any]:
@@ -192,6 +194,19 @@ class Worker:
         request_id, prompt, params, caller = pickle.loads(packed)
         async for out in self.generate(request_id, prompt, params, prefill, caller):
             yield pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+
+    async def request_endpoint(self) -> tuple[str, str]:
+        """(address, token) of this worker's gRPC request endpoint, where the router streams
+        requests as `stream` takes them, without Ray on their path (`actors/request_server.py`).
+        Started on first ask, on the actor's own event loop."""
+        if self._requests is None:
+            from baton.actors.request_server import RequestServer
+
+            # On this node's address (the router may run on another), behind a token.
+            server = RequestServer(self.generate, ray.util.get_node_ip_address())
+            self._requests = asyncio.ensure_future(server.start())
+        server = await asyncio.shield(self._requests)
+        return server.address, server.token
 
     def _lease(self, caller: str, request_id: str) -> None:
         task = asyncio.current_task()

@@ -43,6 +43,9 @@ class RouterSettings:
     namespace: str = "baton"
     max_in_flight: int = 256
     router_id: str | None = None
+    # How requests stream from decode workers: "grpc", each worker's request link (Ray stays
+    # for control calls), or "ray", Ray's streaming calls.
+    worker_transport: str = "grpc"
     selection: SelectionSettings = field(default_factory=SelectionSettings)
 
 
@@ -88,7 +91,7 @@ class RouterActor:
         async def refresh(ctrl: Any = controller) -> tuple[list[Any], list[Any], dict[Any, str]]:
             return split_roles(await ctrl.workers.remote())
 
-        dispatcher = Dispatcher(decode, prefill)
+        dispatcher = Dispatcher(decode, prefill, transport=s.worker_transport)
         dispatcher.pool_of = pool_of
         selection = Selection(model.tokenizer, model.vocab_size, state, s.selection)
         self.router = Router(model, dispatcher, state=state, router_id=s.router_id,
@@ -96,6 +99,7 @@ class RouterActor:
                              refresh=refresh if controller is not None else None,
                              selection=selection)
         await self.router.learn_pools()
+        await dispatcher.connect()
         if state is not None:
             await asyncio.to_thread(selection.load_latest)
         self.router.start()

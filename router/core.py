@@ -340,6 +340,8 @@ class Router:
                    decode_workers=float(len(self.dispatcher.decode)),
                    prefill_workers=float(len(self.dispatcher.prefill)),
                    retries=float(self.dispatcher.retries))
+        for transport, n in self.dispatcher.streams.items():
+            out[f"worker_streams_{transport}"] = float(n)
         if self.selection is not None:
             sel = self.selection.stats()
             for key in ("model_version", "decisions", "explored"):
@@ -373,6 +375,7 @@ class Router:
             decode, prefill, pool_of = await self._refresh()
             self.dispatcher.update(decode, prefill, pool_of)
         await self.learn_pools()
+        await self.dispatcher.connect()
 
     async def learn_pools(self) -> None:
         """Ask one worker of each pool the selector does not know yet what it serves."""

@@ -8,6 +8,10 @@ another one; once tokens have reached the caller a death ends the stream with
 stops reading aborts the request in its worker, freeing its blocks. The dispatcher renews a
 lease on its requests with each worker streaming one (`Worker.renew`, every `renew_s`): if its
 process dies, the workers abort its requests rather than decode them to `max_tokens` for no one.
+
+Requests stream over each decode worker's gRPC request link (`worker_link.py`), Ray's streaming
+calls being about twice as slow to a first item; control calls (renewals, aborts) stay on Ray. A
+link that fails before its first output sends that worker's requests over Ray from then on.
 """
 
 from __future__ import annotations
@@ -17,54 +21,24 @@ import bisect
 import contextlib
 import itertools
 import logging
-import pickle
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import RayActorError
 
-from baton.errors import WorkerUnavailableError
+from baton.errors import ConfigError, WorkerUnavailableError
 from baton.outputs import RequestOutput
 from baton.router.affinity import PrefixAffinity, prefix_hashes
+from baton.router.worker_link import LinkLost, RequestStream, WorkerLinks, pack_request
+from baton.router.worker_streams import LinkSource, RaySource, Source, open_stream
 from baton.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-
-class _ReadyGetIsNotBlocking(logging.Filter):
-    """Ray warns of any `ray.get` in an async actor; `_take`'s never waits (timeout 0)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Using blocking ray.get inside async actor")
-
-
-logging.getLogger("ray._private.worker").addFilter(_ReadyGetIsNotBlocking())
-
-
-async def _take(ref: Any) -> Any:
-    """A streamed chunk's value: read in place when it is already here (a streamed small object
-    is, as its ref arrives), which spares `await ref`'s hop through Ray's thread and back."""
-    try:
-        return ray.get(ref, timeout=0)
-    except GetTimeoutError:
-        return await ref
-
-
-def open_stream(worker: Any, request_id: str, prompt: str | list[int], params: SamplingParams,
-                prefill: Any = None, caller: str | None = None) -> Any:
-    """Start `request_id` on `worker` (`Worker.stream`, its arguments but the prefill handle
-    pickled into one); the refs it yields hold pickled outputs (`unpack_output`)."""
-    packed = pickle.dumps((request_id, prompt, params, caller), protocol=pickle.HIGHEST_PROTOCOL)
-    return worker.stream.options(num_returns="streaming").remote(packed, prefill)
-
-
-async def unpack_output(ref: Any) -> RequestOutput:
-    """One output of a `Worker.stream`."""
-    return pickle.loads(await _take(ref))
+TRANSPORTS = ("grpc", "ray")  # how the dispatcher streams a request from its decode worker
 
 
 def prefill_remotely(has_prefill_worker: bool, uncached_tokens: int, threshold: int) -> bool:
@@ -185,7 +159,9 @@ class Dispatcher:
     """
 
     def __init__(self, decode: Sequence[Any], prefill: Sequence[Any] = (), max_attempts: int = 2,
-                 renew_s: float = 1.0):
+                 renew_s: float = 1.0, transport: str = "grpc"):
+        if transport not in TRANSPORTS:
+            raise ConfigError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.decode = WorkerSet(decode)
         self.prefill = WorkerSet(prefill)
         self.max_attempts = max_attempts
@@ -198,6 +174,10 @@ class Dispatcher:
         self.caller_id = f"dispatcher-{uuid.uuid4().hex[:12]}"  # whose leases it renews
         self.renew_s = renew_s
         self._renewer: asyncio.Task[None] | None = None
+        # "grpc": requests stream over each worker's request link (`worker_link.py`); "ray":
+        # through `Worker.stream`, as every request does where a link fails.
+        self.links = WorkerLinks() if transport == "grpc" else None
+        self.streams = dict.fromkeys(TRANSPORTS, 0)  # worker calls made over each transport
 
     def close(self) -> None:
         """Stop renewing leases (its requests' workers then abort what is left of them)."""
@@ -217,6 +197,12 @@ class Dispatcher:
             await asyncio.gather(*(asyncio.wait_for(w.renew.remote(self.caller_id), self.renew_s)
                                    for w in set(self._where.values())), return_exceptions=True)
 
+    async def connect(self) -> None:
+        """Learn the request link of every decode worker not yet known (else its first request
+        asks for it)."""
+        if self.links is not None:
+            await asyncio.gather(*(self.links.endpoint(w) for w in self.decode))
+
     def workers(self) -> list[Any]:
         return [*self.decode, *self.prefill]
 
@@ -224,6 +210,8 @@ class Dispatcher:
                pool_of: dict[Any, str] | None = None) -> None:
         self.decode.replace(decode)
         self.prefill.replace(prefill)
+        if self.links is not None:
+            self.links.keep_only({*decode, *prefill})
         if pool_of is not None:
             self.pool_of = pool_of
 
@@ -276,6 +264,14 @@ class Dispatcher:
                     streamed = True
                     yield out
                 return
+            except LinkLost as exc:
+                if streamed:
+                    raise WorkerUnavailableError(
+                        f"the stream of {request_id} from its decode worker broke after tokens "
+                        f"were sent ({exc}); send the request again") from exc
+                assert self.links is not None
+                self.links.give_up(worker, exc)  # and try it again, over Ray
+                tried.pop()
             except RayActorError as exc:
                 self.decode.drop(worker)
                 self.affinity.forget(worker)
@@ -289,9 +285,19 @@ class Dispatcher:
     async def _stream(self, worker: Any, request_id: str, prompt, params,
                       clock: WorkerClock | None) -> AsyncIterator[RequestOutput]:
         prefill = self.prefill.pick()
+        link = await self.links.endpoint(worker) if self.links is not None else None
         with self.decode.hold(worker), (self.prefill.hold(prefill) if prefill is not None
                                         else contextlib.nullcontext()):
-            stream = open_stream(worker, request_id, prompt, params, prefill, self.caller_id)
+            if link is not None:
+                assert self.links is not None
+                packed = pack_request(request_id, prompt, params, self.caller_id,
+                                      self.links.pickled(prefill))
+                source: Source = LinkSource(RequestStream(link, packed))
+                self.streams["grpc"] += 1
+            else:
+                source = RaySource(open_stream(worker, request_id, prompt, params, prefill,
+                                                self.caller_id))
+                self.streams["ray"] += 1
             if clock is not None and clock.called_at is None:
                 clock.called_at = time.perf_counter()
             finished = False
@@ -299,10 +305,10 @@ class Dispatcher:
             self._keep_renewing()
             self.served_pool[request_id] = self.pool(worker)
             try:
-                async for ref in stream:
+                async for chunk in source.chunks():
                     if clock is not None:
                         clock.chunk_at = time.perf_counter()
-                    out = await unpack_output(ref)
+                    out = await source.unpack(chunk)
                     finished = out.finished
                     yield out
             finally:
@@ -310,5 +316,5 @@ class Dispatcher:
                 if not finished:
                     # The caller left (or the worker failed): make sure nothing stays reserved.
                     with contextlib.suppress(Exception):
-                        ray.cancel(stream)
+                        source.cancel()
                         await worker.abort.remote(request_id)

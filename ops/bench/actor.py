@@ -36,7 +36,7 @@ from baton.errors import ConfigError
 from baton.ops.bench.machine import OtherCPUBusy, machine_info, warn_if_busy
 from baton.ops.bench.report import ms, run_and_report
 from baton.outputs import RequestOutput
-from baton.router.dispatch import open_stream
+from baton.router.worker_streams import open_stream
 from baton.sampling import SamplingParams
 from baton.stats import percentile, tpot
 

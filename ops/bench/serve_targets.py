@@ -27,7 +27,7 @@ from baton.ops.bench.transformers_serve import (
     stream_completion,
 )
 from baton.ops.bench.workload import BenchRequest, RequestTiming
-from baton.router.dispatch import open_stream, unpack_output
+from baton.router.worker_streams import open_stream, unpack_output
 from baton.sampling import SamplingParams
 from baton.stats import percentile
 

@@ -14,7 +14,7 @@ from baton.actors.engine import Engine
 from baton.actors.worker import Worker, WorkerSpec
 from baton.errors import ContextLengthError
 from baton.outputs import RequestOutput
-from baton.router.dispatch import open_stream, unpack_output
+from baton.router.worker_streams import open_stream, unpack_output
 from baton.sampling import SamplingParams
 from tests.conftest import wait_until
 

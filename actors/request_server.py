@@ -1,0 +1,89 @@
+"""A decode worker's request endpoint: the router streams requests here over gRPC, not Ray.
+
+The server runs on the worker actor's own event loop (started by `Worker.request_endpoint`), so
+a request's stream is the same coroutine as `Worker.stream`'s, only its transport differs (see
+`router/worker_link.py` for the frames and why). A call without the worker's token is refused
+before anything in it is read. A call the router cancels, or whose connection drops, cancels its
+stream, and `Worker.generate` then frees the request's blocks as it does for Ray.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import pickle
+import secrets
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from baton.router.worker_link import (
+    CHANNEL_OPTIONS,
+    SERVICE,
+    TOKEN_HEADER,
+    error_frame,
+    output_frame,
+)
+
+log = logging.getLogger(__name__)
+
+PREFILL_HANDLES_KEPT = 64
+
+Generate = Callable[..., AsyncIterator[Any]]  # Worker.generate
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+class RequestServer:
+    """grpc.aio server over `generate(request_id, prompt, params, prefill, caller)`."""
+
+    def __init__(self, generate: Generate, host: str):
+        self._generate = generate
+        self.token = secrets.token_urlsafe(24)
+        self._expected = self.token.encode()
+        self._prefill: OrderedDict[bytes, Any] = OrderedDict()  # pickled handle -> handle
+        self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        handler = grpc.unary_stream_rpc_method_handler(
+            self._serve, request_deserializer=_identity, response_serializer=_identity)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, {"Generate": handler}),))
+        self.port = self._server.add_insecure_port(f"{host}:0")
+        self.address = f"{host}:{self.port}"
+
+    async def start(self) -> RequestServer:
+        await self._server.start()
+        log.info("request endpoint on %s", self.address)
+        return self
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self._server.stop(grace)
+
+    async def _serve(self, request: bytes, context: grpc.aio.ServicerContext
+                     ) -> AsyncIterator[bytes]:
+        token = next((v for k, v in context.invocation_metadata() or () if k == TOKEN_HEADER), "")
+        if not hmac.compare_digest(str(token).encode(), self._expected):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "a worker's request endpoint takes the token it reports from "
+                                "Worker.request_endpoint()")
+        try:
+            request_id, prompt, params, caller, prefill = pickle.loads(request)
+            async for out in self._generate(request_id, prompt, params,
+                                            self._prefill_handle(prefill), caller):
+                yield output_frame(out)
+        except Exception as exc:  # noqa: BLE001 - every failure reaches the router, typed
+            yield error_frame(exc)
+
+    def _prefill_handle(self, pickled: bytes | None) -> Any:
+        """The prefill worker's actor handle the router sent (unpickled once per handle)."""
+        if pickled is None:
+            return None
+        handle = self._prefill.get(pickled)
+        if handle is None:
+            handle = self._prefill[pickled] = pickle.loads(pickled)
+            while len(self._prefill) > PREFILL_HANDLES_KEPT:
+                self._prefill.popitem(last=False)
+        return handle
