@@ -21,6 +21,7 @@ with its performance record. Nothing reads a task label.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -200,7 +201,10 @@ def sketch(t: np.ndarray, dim: int = SKETCH_DIM) -> tuple[float, ...]:
     similarity of their bigram sets (`signature_similarity`). All -1 for under two tokens."""
     if len(t) < 2:
         return (-1.0,) * dim
-    keys = np.unique(_gram_keys(t[-SIGNATURE_WINDOW:], 2))
+    return _min_hash(np.unique(_gram_keys(t[-SIGNATURE_WINDOW:], 2)), dim)
+
+
+def _min_hash(keys: np.ndarray, dim: int) -> tuple[float, ...]:
     h = _mix(keys[:, None] ^ _SEEDS[None, :dim])
     return tuple((h.min(0) & _LOW_32).astype(np.float64).tolist())
 
@@ -213,6 +217,8 @@ def signature_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def request_features(tokens: Sequence[int], max_tokens: int, temperature: float, top_p: float,
                      flags_by_id: np.ndarray | None = None) -> RequestFeatures:
     """The features of one request (see the module doc)."""
+    if len(tokens) <= SHORT_PROMPT:
+        return _short_request_features(list(tokens), max_tokens, temperature, top_p, flags_by_id)
     t = np.asarray(tokens[-WINDOW:], dtype=np.int64)
     hit, found, repeat_3 = prompt_stats(t)
     n = max(len(t), 1)
@@ -224,3 +230,29 @@ def request_features(tokens: Sequence[int], max_tokens: int, temperature: float,
         lookup_hit_rate=hit, lookup_found_rate=found, repeat_3=repeat_3,
         distinct=len(np.unique(t)) / n, code_share=code / n,
         rewrite_cue=cue, sketch=sketch(t))
+
+
+def _short_request_features(toks: list[int], max_tokens: int, temperature: float, top_p: float,
+                            flags_by_id: np.ndarray | None) -> RequestFeatures:
+    """`request_features` of a prompt of at most `SHORT_PROMPT` tokens, the same numbers in
+    plain Python where it beats numpy's calls. The router's code runs from cold caches between
+    requests, and there each numpy call costs some 50 us: the numpy way took about 350 us for
+    a 30-token prompt after 50 ms idle, this one about 150."""
+    n = len(toks)
+    hit, found, repeat_3 = _short_prompt_stats(toks) if n >= 3 else (0.0, 0.0, 0.0)
+    code = cue = 0
+    if flags_by_id is not None:
+        size = len(flags_by_id)
+        for flag in flags_by_id[[x for x in toks if 0 <= x < size]].tolist():
+            code += flag & 1
+            cue |= flag & 2
+    if n < 2:
+        signature = (-1.0,) * SKETCH_DIM
+    else:  # the bigram keys of `_gram_keys` (exact below 2**64), distinct, in any order
+        bigrams = {a * 1_000_003 + b for a, b in itertools.pairwise(toks)}
+        signature = _min_hash(np.fromiter(bigrams, np.uint64, len(bigrams)), SKETCH_DIM)
+    return RequestFeatures(
+        prompt_tokens=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+        lookup_hit_rate=hit, lookup_found_rate=found, repeat_3=repeat_3,
+        distinct=len(set(toks)) / max(n, 1), code_share=code / max(n, 1),
+        rewrite_cue=float(cue > 0), sketch=signature)

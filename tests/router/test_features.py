@@ -91,3 +91,18 @@ def test_short_and_long_prompts_get_the_same_lookup_statistics_either_way(monkey
     monkeypatch.setattr(features, "SHORT_PROMPT", -1)  # numpy for every length
     assert [prompt_stats(t) for t in cases] == short
     assert any(hit > 0 for hit, _, _ in short) and any(r3 > 0 for _, _, r3 in short)
+
+
+def test_short_prompts_get_the_features_numpy_gives_them(monkeypatch):
+    # Up to SHORT_PROMPT tokens every feature comes from plain Python; numpy's own path must
+    # give the same record (the selector's model and history were made of it).
+    rng = random.Random(6)
+    vocab = [(i, rng.choice(["Ġthe", "(", "Ġrewrite", "Ġx", "):", "Ġcat"])) for i in range(400)]
+    flags = token_flags(vocab, 400)
+    cases = [[rng.randrange(alphabet) for _ in range(n)]
+             for n in (0, 1, 2, 3, 5, 17, 60, 95, 96) for alphabet in (3, 40, 400)]
+    short = [request_features(ids, 32, 0.0, 1.0, flags) for ids in cases]
+    monkeypatch.setattr(features, "SHORT_PROMPT", -1)  # numpy for every length
+    assert [request_features(ids, 32, 0.0, 1.0, flags) for ids in cases] == short
+    assert any(f.code_share > 0 for f in short) and any(f.rewrite_cue for f in short)
+    assert len({f.sketch for f in short}) > len(cases) // 2
