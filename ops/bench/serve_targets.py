@@ -27,6 +27,7 @@ from baton.ops.bench.transformers_serve import (
     stream_completion,
 )
 from baton.ops.bench.workload import BenchRequest, RequestTiming
+from baton.router.worker_link import RequestStream, WorkerLinks, pack_request, read_frame
 from baton.router.worker_streams import open_stream, unpack_output
 from baton.sampling import SamplingParams
 from baton.stats import percentile
@@ -201,10 +202,19 @@ async def _ttft(stream: AsyncIterator[Any], t0: float) -> float:
     return first - t0
 
 
-async def _direct(worker: Any, request_id: str, ids: list[int]) -> AsyncIterator[Any]:
-    stream = open_stream(worker, request_id, ids, SamplingParams(max_tokens=1, ignore_eos=True))
-    async for ref in stream:
-        yield await unpack_output(ref)
+async def _direct(links: WorkerLinks, worker: Any, request_id: str,
+                  ids: list[int]) -> AsyncIterator[Any]:
+    """A one-token request straight to `worker`, over its request link as the router sends it
+    (over Ray where it has none)."""
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    link = await links.endpoint(worker)
+    if link is None:
+        async for ref in open_stream(worker, request_id, ids, params):
+            yield await unpack_output(ref)
+        return
+    async for frame in RequestStream(link, pack_request(request_id, ids, params, None,
+                                                        None)).frames():
+        yield read_frame(frame)
 
 
 async def router_overhead(target: BatonTarget, worker: Any, prompts: list[list[int]],
@@ -212,10 +222,11 @@ async def router_overhead(target: BatonTarget, worker: Any, prompts: list[list[i
     """The router's own time on one-token requests, one at a time: as the router timed itself
     (`in_router`, its histograms over the probe; `overhead_ms_*` is its share of the TTFT), and
     as the difference of TTFTs through the router and straight to `worker` (a decode worker
-    actor, over Ray), alternating which goes first. Two prompts a pair (none sent twice), the
-    first `warm` pairs not counted."""
+    actor, over its request link as the router calls it), alternating which goes first. Two
+    prompts a pair (none sent twice), the first `warm` pairs not counted."""
     ttfts: dict[str, list[float]] = {"router": [], "direct": []}
     before: Scrape | None = None
+    links = WorkerLinks()
     async with AsyncBatonClient(target.address, token=target.token) as client:
         for k in range(len(prompts) // 2):
             if k == warm:
@@ -224,7 +235,7 @@ async def router_overhead(target: BatonTarget, worker: Any, prompts: list[list[i
             for path, ids in zip(order, prompts[2 * k:2 * k + 2], strict=True):
                 t0 = time.perf_counter()
                 stream = (grpc_stream(client, ids, 1) if path == "router"
-                          else _direct(worker, f"bench-direct-{k}", ids))
+                          else _direct(links, worker, f"bench-direct-{k}", ids))
                 ttft = await _ttft(stream, t0)
                 if k >= warm:
                     ttfts[path].append(ttft * 1000)
