@@ -64,7 +64,10 @@ class WorkerSpec:
     model: str = "default"
     engine: EngineConfig = field(default_factory=EngineConfig)
     kv_token: str = ""
-    kv_host: str = "127.0.0.1"
+    # Where the worker's KV receiver and request endpoint listen; None: this node's IP, as Ray
+    # knows it (the loopback address on a `baton up` machine, the pod's IP under KubeRay), so
+    # a prefill worker or router on another node reaches them.
+    kv_host: str | None = None
     kv_timeout_s: float = 30.0
     # Prompts with fewer uncached tokens than this are prefilled on the decode worker itself.
     prefill_threshold: int = 64
@@ -103,8 +106,9 @@ class Worker:
         keep_freed_memory()  # KV payloads and frames of MiBs, allocated per transfer
         self.engine = HandoffEngine(config=spec.engine)
         self.loop = EngineLoop(self.engine)
+        self.host = spec.kv_host or ray.util.get_node_ip_address()
         self.receiver = (
-            KVReceiver(self.engine.cache, spec.kv_token, spec.kv_host)
+            KVReceiver(self.engine.cache, spec.kv_token, self.host)
             if spec.role in ("decode", "both") else None
         )
         self._senders: dict[str, KVSender] = {}
@@ -202,8 +206,7 @@ class Worker:
         if self._requests is None:
             from baton.actors.request_server import RequestServer
 
-            # On this node's address (the router may run on another), behind a token.
-            server = RequestServer(self.generate, ray.util.get_node_ip_address())
+            server = RequestServer(self.generate, self.host)  # behind a token of its own
             self._requests = asyncio.ensure_future(server.start())
         server = await asyncio.shield(self._requests)
         return server.address, server.token

@@ -59,8 +59,13 @@ def test_pools_land_on_their_accelerator_and_kv_crosses_nodes(cluster):
     for i, p in enumerate(prompts):
         stream = decode.generate.options(num_returns="streaming").remote(f"x{i}", p, params,
                                                                           prefill)
-        got.append([ray.get(r) for r in stream][-1].token_ids)
-    assert got == expected
+        got.append([ray.get(r) for r in stream][-1])
+    assert [o.token_ids for o in got] == expected
+    assert [o.metrics.prefill_path for o in got] == ["disaggregated"] * 2
+    # The decode worker listens where other nodes reach it: its node's IP, as Ray knows it.
+    host = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}[d_info["node_id"]]
+    request_address, _ = ray.get(decode.request_endpoint.remote())
+    assert [a.rsplit(":", 1)[0] for a in (d_info["kv_address"], request_address)] == [host] * 2
     assert ray.get(decode.block_violations.remote()) == []
     assert ray.get(prefill.block_violations.remote()) == []
 
