@@ -1,17 +1,20 @@
-"""The dispatcher over real Ray workers (tiny model, KV over real gRPC): choice, retry, abort."""
+"""The dispatcher over real Ray workers (tiny model, KV over real gRPC): choice, retry, abort,
+and requests over the workers' gRPC request links."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 
+import grpc
 import pytest
 import ray
 
 from baton.actors.engine import Engine
 from baton.actors.worker import Worker, WorkerSpec
-from baton.errors import WorkerUnavailableError
+from baton.errors import ContextLengthError, WorkerUnavailableError
 from baton.router.dispatch import Dispatcher
+from baton.router.worker_link import METHOD, TOKEN_HEADER, Endpoint, pack_request
 from baton.sampling import SamplingParams
 from tests.conftest import assert_workers_idle
 
@@ -141,3 +144,83 @@ def test_prompts_sharing_a_prefix_go_where_it_is_cached(cluster):
     # Without affinity, turns would alternate between the two idle workers: half would miss.
     assert all(o.metrics.num_cached_tokens >= 48 for o in follow)
     assert_workers_idle(prefill, *decodes)
+
+
+# -- the request link (router/worker_link.py): both transports, refusals, fallback to Ray --
+
+
+@pytest.mark.parametrize("transport", ["grpc", "ray"])
+def test_requests_stream_over_either_transport_handoffs_included(cluster, transport):
+    prefill, decode, _ = cluster
+    # Fresh prompts per transport (none cached); 40 and 90 tokens go through the prefill worker.
+    ps = prompts(len(transport), (6, 40, 90))
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    expected = [o.token_ids for o in Engine(MODEL, **ENGINE).generate(ps, params)]
+    handoffs = ray.get(decode.info.remote())["handoffs"]
+
+    async def run():
+        d = Dispatcher([decode], [prefill], transport=transport)
+        outs = await asyncio.gather(*(collect(d, f"{transport}-{i}", p, params)
+                                      for i, p in enumerate(ps)))
+        return d.streams, outs
+
+    streams, outs = asyncio.run(run())
+    assert streams == {"grpc": 0, "ray": 0} | {transport: 3}
+    assert [o.token_ids for o in outs] == expected
+    assert [o.metrics.prefill_path for o in outs] == ["local", "disaggregated", "disaggregated"]
+    assert ray.get(decode.info.remote())["handoffs"] - handoffs == 2
+    assert_workers_idle(prefill, decode)
+
+
+def test_a_request_the_worker_refuses_arrives_as_its_typed_error(cluster):
+    _, decode, _ = cluster
+
+    async def run():
+        d = Dispatcher([decode])
+        with pytest.raises(ContextLengthError, match="max_tokens"):
+            await collect(d, "too-long", [1, 2, 3], SamplingParams(max_tokens=10**6))
+        return d.streams
+
+    assert asyncio.run(run())["grpc"] == 1
+    assert_workers_idle(decode)
+
+
+def test_a_call_without_the_workers_token_is_refused_before_it_is_read(cluster):
+    _, decode, _ = cluster
+    address, token = ray.get(decode.request_endpoint.remote())
+    finished = dict(ray.get(decode.info.remote())["finished"])
+    packed = pack_request("intruder", [1, 2, 3], SamplingParams(max_tokens=4), None, None)
+
+    async def call(metadata):
+        async with grpc.aio.insecure_channel(address) as channel:
+            stream = channel.unary_stream(METHOD)(packed, metadata=metadata)
+            return [frame async for frame in stream]
+
+    for metadata in ((), ((TOKEN_HEADER, token[::-1]),)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            asyncio.run(call(metadata))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ray.get(decode.info.remote())["finished"] == finished  # nothing was admitted
+    assert len(asyncio.run(call(((TOKEN_HEADER, token),)))) >= 1  # the right token is served
+
+
+def test_a_worker_whose_link_fails_serves_over_ray(cluster):
+    prefill, decode, _ = cluster
+    prompt = prompts(4, (30,))[0]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    async def run():
+        d = Dispatcher([decode], [prefill])
+        expected = await collect(d, "linked", prompt, params)
+        assert d.links is not None
+        _, token = await decode.request_endpoint.remote()
+        d.links._ends[decode] = Endpoint("127.0.0.1:1", token)  # nothing listens there
+        out = await collect(d, "unlinked", prompt, params)
+        again = await collect(d, "after", prompt, params)
+        return d, expected, out, again
+
+    d, expected, out, again = asyncio.run(run())
+    assert out.token_ids == expected.token_ids == again.token_ids
+    assert d.streams == {"grpc": 2, "ray": 2}  # the failed call, then Ray from there on
+    assert d.retries == 0 and len(d.decode) == 1  # the worker was not taken for dead
+    assert_workers_idle(prefill, decode)
