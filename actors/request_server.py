@@ -25,6 +25,7 @@ from baton.router.worker_link import (
     TOKEN_HEADER,
     error_frame,
     output_frame,
+    raw_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,6 @@ log = logging.getLogger(__name__)
 PREFILL_HANDLES_KEPT = 64
 
 Generate = Callable[..., AsyncIterator[Any]]  # Worker.generate
-
-
-def _identity(data: bytes) -> bytes:
-    return data
 
 
 class RequestServer:
@@ -48,7 +45,7 @@ class RequestServer:
         self._prefill: OrderedDict[bytes, Any] = OrderedDict()  # pickled handle -> handle
         self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
         handler = grpc.unary_stream_rpc_method_handler(
-            self._serve, request_deserializer=_identity, response_serializer=_identity)
+            self._serve, request_deserializer=raw_bytes, response_serializer=raw_bytes)
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, {"Generate": handler}),))
         self.port = self._server.add_insecure_port(f"{host}:0")
@@ -58,9 +55,6 @@ class RequestServer:
         await self._server.start()
         log.info("request endpoint on %s", self.address)
         return self
-
-    async def stop(self, grace: float | None = None) -> None:
-        await self._server.stop(grace)
 
     async def _serve(self, request: bytes, context: grpc.aio.ServicerContext
                      ) -> AsyncIterator[bytes]:

@@ -33,7 +33,7 @@ from baton.errors import ConfigError, WorkerUnavailableError
 from baton.outputs import RequestOutput
 from baton.router.affinity import PrefixAffinity, prefix_hashes
 from baton.router.worker_link import LinkLost, RequestStream, WorkerLinks, pack_request
-from baton.router.worker_streams import LinkSource, RaySource, Source, open_stream
+from baton.router.worker_streams import RaySource, Source, open_stream
 from baton.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ class Dispatcher:
                 assert self.links is not None
                 packed = pack_request(request_id, prompt, params, self.caller_id,
                                       self.links.pickled(prefill))
-                source: Source = LinkSource(RequestStream(link, packed))
+                source: Source = RequestStream(link, packed)
                 self.streams["grpc"] += 1
             else:
                 source = RaySource(open_stream(worker, request_id, prompt, params, prefill,

@@ -47,7 +47,8 @@ class LinkLost(Exception):  # noqa: N818 - a signal between dispatcher and link,
     """The gRPC stream to a worker failed (refused, reset, unreachable): not the request's fault."""
 
 
-def _identity(data: bytes) -> bytes:
+def raw_bytes(data: bytes) -> bytes:
+    """gRPC's (de)serializer for a method of raw bytes, on both ends."""
     return data
 
 
@@ -98,8 +99,8 @@ class Endpoint:
         if self._channel is None or self._loop is not loop:
             self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
             self._loop = loop
-            self._call = self._channel.unary_stream(METHOD, request_serializer=_identity,
-                                                    response_deserializer=_identity)
+            self._call = self._channel.unary_stream(METHOD, request_serializer=raw_bytes,
+                                                    response_deserializer=raw_bytes)
         return self._call
 
     async def close(self) -> None:
@@ -109,18 +110,22 @@ class Endpoint:
 
 
 class RequestStream:
-    """One request streaming from a worker over its link: `frames()` yields raw frames (so a
-    caller can time their arrival), `read_frame` turns each into an output."""
+    """One request streaming from a worker over its link (a `worker_streams.Source`): `chunks()`
+    yields raw frames (so a caller can time their arrival), `unpack` turns each into an
+    output."""
 
     def __init__(self, endpoint: Endpoint, packed: bytes):
         self._call = endpoint.call()(packed, metadata=((TOKEN_HEADER, endpoint.token),))
 
-    async def frames(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for frame in self._call:
                 yield frame
         except grpc.aio.AioRpcError as exc:
             raise LinkLost(f"{exc.code().name}: {exc.details()}") from exc
+
+    async def unpack(self, frame: bytes) -> RequestOutput:
+        return read_frame(frame)
 
     def cancel(self) -> None:
         self._call.cancel()

@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import pickle
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 from ray.exceptions import GetTimeoutError
 
 from baton.outputs import RequestOutput
-from baton.router.worker_link import RequestStream, read_frame
 from baton.sampling import SamplingParams
 
 
@@ -54,20 +53,17 @@ async def unpack_output(ref: Any) -> RequestOutput:
 
 
 
-class Source:
-    """One request's stream from its worker, over Ray or over the worker's request link."""
+class Source(Protocol):
+    """One request's stream from its worker: `RaySource`, or the link's `RequestStream`."""
 
-    def chunks(self) -> AsyncIterator[Any]:
-        raise NotImplementedError
+    def chunks(self) -> AsyncIterator[Any]: ...
 
-    async def unpack(self, chunk: Any) -> RequestOutput:
-        raise NotImplementedError
+    async def unpack(self, chunk: Any) -> RequestOutput: ...
 
-    def cancel(self) -> None:
-        raise NotImplementedError
+    def cancel(self) -> None: ...
 
 
-class RaySource(Source):
+class RaySource:
     """`Worker.stream` over Ray (`open_stream`)."""
 
     def __init__(self, stream: Any):
@@ -81,19 +77,3 @@ class RaySource(Source):
 
     def cancel(self) -> None:
         ray.cancel(self._stream)
-
-
-class LinkSource(Source):
-    """The worker's request link."""
-
-    def __init__(self, stream: RequestStream):
-        self._stream = stream
-
-    def chunks(self) -> AsyncIterator[Any]:
-        return self._stream.frames()
-
-    async def unpack(self, chunk: Any) -> RequestOutput:
-        return read_frame(chunk)
-
-    def cancel(self) -> None:
-        self._stream.cancel()

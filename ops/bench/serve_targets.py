@@ -27,7 +27,7 @@ from baton.ops.bench.transformers_serve import (
     stream_completion,
 )
 from baton.ops.bench.workload import BenchRequest, RequestTiming
-from baton.router.worker_link import RequestStream, WorkerLinks, pack_request, read_frame
+from baton.router.worker_link import RequestStream, WorkerLinks, pack_request
 from baton.router.worker_streams import open_stream, unpack_output
 from baton.sampling import SamplingParams
 from baton.stats import percentile
@@ -212,9 +212,9 @@ async def _direct(links: WorkerLinks, worker: Any, request_id: str,
         async for ref in open_stream(worker, request_id, ids, params):
             yield await unpack_output(ref)
         return
-    async for frame in RequestStream(link, pack_request(request_id, ids, params, None,
-                                                        None)).frames():
-        yield read_frame(frame)
+    stream = RequestStream(link, pack_request(request_id, ids, params, None, None))
+    async for frame in stream.chunks():
+        yield await stream.unpack(frame)
 
 
 async def router_overhead(target: BatonTarget, worker: Any, prompts: list[list[int]],
