@@ -40,6 +40,7 @@ from baton.errors import (
 )
 from baton.outputs import RequestOutput
 from baton.router.dispatch import prefill_remotely
+from baton.router.worker_link import LinkLost, WorkerLinks
 from baton.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -114,6 +115,9 @@ class Worker:
         self._senders: dict[str, KVSender] = {}
         self.handoffs = 0
         self.handoff_failures = 0
+        # Prefill workers' request links: a handoff's call goes over gRPC, not Ray.
+        self._prefill_links = WorkerLinks(role="prefill worker")
+        self.handoff_calls = {"grpc": 0, "ray": 0}
         self._renewed: dict[str, float] = {}  # caller -> when it last renewed its lease
         # request id -> (its caller, the task streaming it), for requests streamed under a lease
         self._leased: dict[str, tuple[str, asyncio.Task[Any]]] = {}
@@ -140,6 +144,8 @@ class Worker:
             "node_id": ray.get_runtime_context().get_node_id(),
             "handoffs": self.handoffs,
             "handoff_failures": self.handoff_failures,
+            "handoff_calls_grpc": self.handoff_calls["grpc"],
+            "handoff_calls_ray": self.handoff_calls["ray"],
             "finished": dict(self.loop.finished),
             "cpu_affinity": sorted(os.sched_getaffinity(0)),
             "lease_expiries": self.lease_expiries,
@@ -206,7 +212,7 @@ class Worker:
         if self._requests is None:
             from baton.actors.request_server import RequestServer
 
-            server = RequestServer(self.generate, self.host)  # behind a token of its own
+            server = RequestServer(self.generate, self.prefill, self.host)  # behind its own token
             self._requests = asyncio.ensure_future(server.start())
         server = await asyncio.shield(self._requests)
         return server.address, server.token
@@ -287,8 +293,8 @@ class Worker:
         self.handoffs += 1
         self.receiver.expect(transfer_id, res.request_id, res.block_ids, self.spec.kv_timeout_s)
         try:
-            first = await prefill.prefill.remote(
-                transfer_id, res.request_id, prompt, params, self.receiver.address,
+            first = await self._call_prefill(
+                prefill, transfer_id, res.request_id, prompt, params, self.receiver.address,
                 res.block_ids, res.skip_blocks,
             )
             transfer = await asyncio.to_thread(self.receiver.wait, transfer_id)
@@ -309,6 +315,22 @@ class Worker:
             return
         await self.loop.acall(
             lambda e: e.complete_import(res.request_id, first, transfer.bytes_received))
+
+    async def _call_prefill(self, prefill: Any, *args: Any) -> int:
+        """`prefill.prefill(*args)` over the prefill worker's request link, or over Ray where it
+        has none. A call that fails on the link fails this handoff, and sends that worker's later
+        ones over Ray."""
+        end = await self._prefill_links.endpoint(prefill)
+        if end is None:
+            self.handoff_calls["ray"] += 1
+            first: int = await prefill.prefill.remote(*args)
+            return first
+        self.handoff_calls["grpc"] += 1
+        try:
+            return await end.prefill(*args)
+        except LinkLost as exc:
+            self._prefill_links.give_up(prefill, exc)
+            raise
 
     # -- prefill side -----------------------------------------------------------------------------
 

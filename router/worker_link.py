@@ -13,6 +13,11 @@ item (one process to another on this machine's 2 cores), a grpc.aio stream about
 The router still uses Ray for everything else (renewals, aborts, the endpoint itself), and falls
 back to `Worker.stream` over Ray for a worker whose link fails before its first output
 (`LinkLost`): a dead worker then shows itself as Ray reports it.
+
+A decode worker calls its prefill worker the same way: the endpoint's unary `Prefill` method
+takes `Worker.prefill`'s arguments, pickled, and answers with a frame holding the first token
+(or the error). A failed call fails that handoff (the decode worker prefills the prompt itself)
+and sends that prefill worker's later handoffs over Ray.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ log = logging.getLogger(__name__)
 
 SERVICE = "baton.worker.v1.Requests"
 METHOD = f"/{SERVICE}/Generate"
+PREFILL_METHOD = f"/{SERVICE}/Prefill"
 TOKEN_HEADER = "x-baton-worker-token"
-OUTPUT = b"o"  # a frame holding a pickled RequestOutput
+OUTPUT = b"o"  # a frame holding a pickled result: a RequestOutput, or a prefill's first token
 ERROR = b"e"  # a frame holding the pickled exception the request ended with
 # Outputs are cumulative (a long answer's last one holds all its tokens and logprobs).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -58,7 +64,7 @@ def pack_request(request_id: str, prompt: str | list[int], params: SamplingParam
                         protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def output_frame(out: RequestOutput) -> bytes:
+def output_frame(out: Any) -> bytes:
     return OUTPUT + pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -72,12 +78,11 @@ def error_frame(exc: BaseException) -> bytes:
         return ERROR + pickle.dumps(err, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def read_frame(frame: bytes) -> RequestOutput:
-    """A frame's output; raises the error it carries."""
+def read_frame(frame: bytes) -> Any:
+    """A frame's result; raises the error it carries."""
     kind, body = frame[:1], frame[1:]
     if kind == OUTPUT:
-        out: RequestOutput = pickle.loads(body)
-        return out
+        return pickle.loads(body)
     if kind == ERROR:
         raise pickle.loads(body)
     raise LinkLost(f"a worker sent a frame of unknown kind {kind!r}")
@@ -93,20 +98,36 @@ class Endpoint:
     _channel: grpc.aio.Channel | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _call: Any = None
+    _prefill: Any = None
 
     def call(self) -> Any:
+        """The `Generate` stream's callable, on this loop's channel."""
         loop = asyncio.get_running_loop()
         if self._channel is None or self._loop is not loop:
             self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
             self._loop = loop
             self._call = self._channel.unary_stream(METHOD, request_serializer=raw_bytes,
                                                     response_deserializer=raw_bytes)
+            self._prefill = self._channel.unary_unary(PREFILL_METHOD, request_serializer=raw_bytes,
+                                                      response_deserializer=raw_bytes)
         return self._call
+
+    async def prefill(self, *args: Any) -> int:
+        """`Worker.prefill(*args)` on this (prefill) worker: the prompt's first token, or the
+        error the prefill raised; `LinkLost` when the call itself fails."""
+        self.call()
+        packed = pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            frame = await self._prefill(packed, metadata=((TOKEN_HEADER, self.token),))
+        except grpc.aio.AioRpcError as exc:
+            raise LinkLost(f"{exc.code().name}: {exc.details()}") from exc
+        first: int = read_frame(frame)
+        return first
 
     async def close(self) -> None:
         if self._channel is not None and self._loop is asyncio.get_running_loop():
             await self._channel.close()
-        self._channel = self._call = self._loop = None
+        self._channel = self._call = self._prefill = self._loop = None
 
 
 class RequestStream:
@@ -125,7 +146,8 @@ class RequestStream:
             raise LinkLost(f"{exc.code().name}: {exc.details()}") from exc
 
     async def unpack(self, frame: bytes) -> RequestOutput:
-        return read_frame(frame)
+        out: RequestOutput = read_frame(frame)
+        return out
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -133,9 +155,11 @@ class RequestStream:
 
 @dataclass(slots=True)
 class WorkerLinks:
-    """The dispatcher's request links, one per decode worker: learnt on first use, dropped with
-    the worker, or given up for Ray after a failure."""
+    """Request links, one per worker (the dispatcher's to decode workers, a decode worker's to
+    prefill workers): learnt on first use, dropped with the worker, or given up for Ray after a
+    failure."""
 
+    role: str = "decode worker"  # whom the links reach, for the logs
     _ends: dict[Any, Endpoint | None] = field(default_factory=dict)  # None: Ray for this one
     _pickled: dict[Any, bytes] = field(default_factory=dict)  # prefill handle -> its pickle
 
@@ -145,7 +169,7 @@ class WorkerLinks:
         try:
             address, token = await worker.request_endpoint.remote()
         except Exception as exc:  # noqa: BLE001 - a worker without a link still serves over Ray
-            log.warning("no request link to a decode worker (%s); streaming over Ray", exc)
+            log.warning("no request link to a %s (%s); calling it over Ray", self.role, exc)
             end = None
         else:
             end = Endpoint(address, token)
@@ -162,10 +186,10 @@ class WorkerLinks:
         return blob
 
     def give_up(self, worker: Any, why: BaseException) -> None:
-        """Stream `worker`'s requests over Ray from now on."""
+        """Call `worker` over Ray from now on."""
         end = self._ends.get(worker)
-        log.warning("the request link to decode worker %s failed (%s); streaming its requests "
-                    "over Ray", end.address if end else "?", why)
+        log.warning("the request link to %s %s failed (%s); calling it over Ray from now on",
+                    self.role, end.address if end else "?", why)
         self._ends[worker] = None
         if end is not None:
             self._close_later(end)

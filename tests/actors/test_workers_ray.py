@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 import random
 import sys
 import threading
 
+import grpc
 import pytest
 import ray
 
@@ -14,6 +16,7 @@ from baton.actors.engine import Engine
 from baton.actors.worker import Worker, WorkerSpec
 from baton.errors import ContextLengthError
 from baton.outputs import RequestOutput
+from baton.router.worker_link import PREFILL_METHOD, TOKEN_HEADER, raw_bytes
 from baton.router.worker_streams import open_stream, unpack_output
 from baton.sampling import SamplingParams
 from tests.conftest import wait_until
@@ -36,15 +39,22 @@ class HoldableWorker(Worker):
         self._gate.set()
 
 
+class NowhereLinkWorker(HoldableWorker):
+    """A worker whose request endpoint points where nothing listens."""
+
+    async def request_endpoint(self) -> tuple[str, str]:
+        return "127.0.0.1:1", "no-token"
+
+
 # Ray's workers cannot import a test module: the class travels by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 RemoteWorker = ray.remote(HoldableWorker)
 
 
-def _spawn(role: str, engine=ENGINE, **kw):
+def _spawn(role: str, engine=ENGINE, cls=RemoteWorker, **kw):
     spec = WorkerSpec(role=role, model=MODEL, engine=engine, kv_token="tok",
                       prefill_threshold=16, **kw)
-    actor = RemoteWorker.options(num_cpus=1).remote(spec)
+    actor = cls.options(num_cpus=1).remote(spec)
     ray.get(actor.info.remote())
     return actor
 
@@ -83,8 +93,46 @@ def test_prefill_decode_over_the_kv_link_matches_one_engine(workers):
     assert got == expected
     info = ray.get(decode.info.remote())
     assert info["handoffs"] == 4 and info["handoff_failures"] == 0  # prompts of 17+ tokens
+    # The decode worker called its prefill worker over the prefill worker's request link.
+    assert info["handoff_calls_grpc"] == 4 and info["handoff_calls_ray"] == 0
     assert ray.get(prefill.block_violations.remote()) == []
     assert ray.get(decode.block_violations.remote()) == []
+
+
+def test_a_prefill_call_without_the_workers_token_is_refused(workers):
+    prefill, _ = workers
+    address, token = ray.get(prefill.request_endpoint.remote())
+    args = ("t/1", "r", [5] * 40, SamplingParams(max_tokens=1), "127.0.0.1:1", [0, 1, 2, 3, 4], 0)
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(PREFILL_METHOD, request_serializer=raw_bytes,
+                                   response_deserializer=raw_bytes)
+        for wrong in ("", token[:-1] + "x"):
+            with pytest.raises(grpc.RpcError) as err:
+                call(pickle.dumps(args), metadata=((TOKEN_HEADER, wrong),), timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ray.get(prefill.block_violations.remote()) == []
+
+
+def test_a_prefill_worker_whose_link_fails_is_called_over_ray_from_then_on(ray_local):
+    prefill = _spawn("prefill", cls=ray.remote(NowhereLinkWorker))
+    decode = _spawn("decode", kv_timeout_s=10)
+    prompts = _prompts(7, (40, 60))
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    expected = [o.token_ids for o in Engine(MODEL, **ENGINE).generate(prompts, params)]
+    first = _generate(decode, "link-fails", prompts[0], params, prefill)
+    assert first.token_ids == expected[0] and first.metrics.prefill_path == "local"
+    info = ray.get(decode.info.remote())
+    assert (info["handoff_failures"], info["handoff_calls_grpc"], info["handoff_calls_ray"]) == (
+        1, 1, 0)
+    second = _generate(decode, "over-ray", prompts[1], params, prefill)
+    assert second.token_ids == expected[1] and second.metrics.prefill_path == "disaggregated"
+    info = ray.get(decode.info.remote())
+    assert (info["handoff_failures"], info["handoff_calls_grpc"], info["handoff_calls_ray"]) == (
+        1, 1, 1)
+    assert ray.get(decode.block_violations.remote()) == []
+    assert ray.get(prefill.block_violations.remote()) == []
+    ray.kill(prefill)
+    ray.kill(decode)
 
 
 def test_killed_prefill_worker_falls_back_to_local_prefill(ray_local):
