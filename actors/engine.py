@@ -12,6 +12,7 @@ import torch
 
 from baton.actors import dtype_choice
 from baton.actors.block_manager import BlockManager
+from baton.actors.cuda_graphs import DecodeGraphs
 from baton.actors.detokenizer import IncrementalDetokenizer
 from baton.actors.kv_cache import KVCacheSpec, PagedKVCache
 from baton.actors.model_runner import ModelRunner, load_model
@@ -76,7 +77,8 @@ class Engine:
             spec.num_blocks_for(config.kv_cache_memory),
             -(-self.max_model_len // config.block_size) * config.max_num_seqs,
         )
-        self.cache = PagedKVCache(spec, num_blocks, self.device)
+        graphs = config.cuda_graphs and self.device.type == "cuda"
+        self.cache = PagedKVCache(spec, num_blocks, self.device, scratch_block=graphs)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
@@ -84,6 +86,10 @@ class Engine:
             self.blocks,
         )
         self.runner = ModelRunner(self.model, self.cache, self.device)
+        if graphs:
+            self.runner.graphs = DecodeGraphs.build(
+                self.model, self.cache, config.max_num_seqs,
+                -(-self.max_model_len // config.block_size))
         self.speculator = build_speculator(self)
         self.eos_ids = self._eos_ids()
         self._seqs: dict[str, Sequence] = {}

@@ -44,7 +44,11 @@ class KVCacheSpec:
 class PagedKVCache:
     """Holds the key and value blocks of every layer on one device."""
 
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device):
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device,
+                 scratch_block: bool = False):
+        """`num_blocks` for requests; with `scratch_block`, one more after them that no request
+        ever holds (`scratch_block` is its id): captured decode steps write their padding rows'
+        keys and values there (`actors/cuda_graphs.py`)."""
         if num_blocks < 1:
             raise ConfigError(
                 f"KV cache has room for {num_blocks} blocks of {spec.bytes_per_block} bytes; "
@@ -52,7 +56,9 @@ class PagedKVCache:
             )
         self.spec = spec
         self.num_blocks = num_blocks
-        shape = (spec.num_kv_heads, num_blocks, spec.block_size, spec.head_dim)
+        self.scratch_block = num_blocks if scratch_block else None
+        shape = (spec.num_kv_heads, num_blocks + int(scratch_block), spec.block_size,
+                 spec.head_dim)
         self.blocks = torch.zeros((spec.num_layers, 2, *shape), dtype=spec.dtype, device=device)
         self.keys = [self.blocks[layer, 0] for layer in range(spec.num_layers)]
         self.values = [self.blocks[layer, 1] for layer in range(spec.num_layers)]

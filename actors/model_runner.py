@@ -14,6 +14,7 @@ from baton.actors import cpu_step, paged_attention
 from baton.actors.cpu_linear import pack_linears, packing_supported
 from baton.actors.cpu_norm import use_kernel_norms
 from baton.actors.cpu_step import CpuDecodeStep
+from baton.actors.cuda_graphs import DecodeGraphs
 from baton.actors.draft_tree import DraftTree
 from baton.actors.kv_cache import PagedKVCache
 from baton.actors.model_source import ModelSource
@@ -140,6 +141,8 @@ class ModelRunner:
         # Decode-sized steps skip transformers' modules where the model allows (bf16
         # Llama-family models on Baton's CPU kernels).
         self.decode_step = CpuDecodeStep.of(model)
+        # On CUDA, pure decode steps replayed from captured graphs (set by the engine).
+        self.graphs: DecodeGraphs | None = None
 
     def prepare(self, rows: list[BatchRow]) -> tuple[torch.Tensor, torch.Tensor,
                                                      paged_attention.AttentionBatch, list[int]]:
@@ -210,6 +213,15 @@ class ModelRunner:
 
         `through_modules` runs transformers' forward even where the lean CPU step would, for
         callers whose hooks must see the layer modules."""
+        graphs = self.graphs
+        if (graphs is not None and not through_modules and on_layer_done is None
+                and graphs.fits(len(rows)) and all(_plain_decode(row) for row in rows)):
+            step = graphs.run([row.token_ids[row.start] for row in rows],
+                              [row.start for row in rows], [row.block_table for row in rows])
+            if step is not None:
+                logits, hidden = step
+                self.last_hidden = hidden.clone() if capture_hidden else None
+                return logits.to(torch.float32, copy=True)  # the graph's buffer is reused
         input_ids, position_ids, batch, sample_rows = self.prepare(rows)
         batch.on_layer_done = on_layer_done
         keep = torch.tensor(sample_rows or [0], device=self.device)  # none: keep it cheap
@@ -237,6 +249,11 @@ class ModelRunner:
             if hook is not None:
                 hook.remove()
         return logits[0, : len(sample_rows)].float()
+
+
+def _plain_decode(row: BatchRow) -> bool:
+    """One new token that samples, no draft: what a captured decode step runs."""
+    return row.num_tokens == 1 and row.num_logits == 1 and row.tree is None
 
 
 def _ancestor_mask(tree: DraftTree) -> torch.Tensor:

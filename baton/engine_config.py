@@ -101,6 +101,8 @@ class EngineConfig(BaseModel):
     `lookahead`, `layerskip`, plus `draft` / `medusa` when `draft_model` / `medusa_heads` are
     given); `max_speculative_tokens` caps a draft; `layerskip_layers` None calibrates the depth.
     `moe_offload` (see `MoEOffloadConfig`) keeps a MoE model's experts off the device.
+    `cuda_graphs`: on CUDA, decode steps of up to `max_num_seqs` requests replay CUDA graphs
+    captured per batch-size bucket (`actors/cuda_graphs.py`); False runs every step eagerly.
     `from_options` raises `ConfigError` naming each bad or unknown option; inside a larger model
     (a pool's `engine:`) a bad option fails that model's validation, under its path.
     """
@@ -128,6 +130,7 @@ class EngineConfig(BaseModel):
     medusa_heads: str | None = None
     layerskip_layers: int | None = Field(None, ge=1)
     moe_offload: MoEOffloadConfig | None = None
+    cuda_graphs: bool = True
 
     @classmethod
     def from_options(cls, **options: Any) -> EngineConfig:
