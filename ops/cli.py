@@ -194,6 +194,23 @@ def bench_actor(
                max_tokens=max_tokens, prompt_tokens=prompt_tokens, core=core)
 
 
+@bench_app.command("gpu")
+def bench_gpu(
+    json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,
+    batch: Annotated[int, typer.Option(help="The larger batch (besides 1)")] = 32,
+    tokens: Annotated[int, typer.Option(help="Decode tokens per request")] = 128,
+    rounds: Annotated[int, typer.Option(help="Timed rounds per case, after one warm-up")] = 3,
+    model_dir: Annotated[str | None, typer.Option(
+        help="Where the random-weight 1.1B Llama is saved (reused when present)")] = None,
+) -> None:
+    """Decode on a GPU at batch 1 and --batch, with and without CUDA graphs, as a share of HBM
+    bandwidth (a random-weight 1.1B Llama built from its config)."""
+    from baton.ops.bench import gpu_decode as bench
+
+    bench.main(json_path=json_path, batch=batch, tokens=tokens, rounds=rounds,
+               model_dir=model_dir)
+
+
 @bench_app.command("kv")
 def bench_kv(
     json_path: Annotated[str | None, typer.Option("--json", help="Write the report here")] = None,

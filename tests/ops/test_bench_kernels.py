@@ -1,4 +1,5 @@
-"""`baton bench kernels`: on CUDA a timing per kernel; without CUDA a report saying so, exit 0."""
+"""`baton bench kernels` and `baton bench gpu`: on CUDA their timings; without CUDA a report
+saying so, exit 0."""
 
 from __future__ import annotations
 
@@ -37,3 +38,27 @@ def test_bench_kernels_on_cuda_times_every_kernel(tmp_path):
         assert 0 < case["fraction_of_peak"] < 1.5  # sanity: caches can beat DRAM a little
     attention = [c for c in report["cases"] if c["kernel"].startswith("paged_attention")]
     assert all(c["sdpa_contiguous_ms"] > 0 for c in attention)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here: the benchmark would run")
+def test_bench_gpu_without_cuda_says_it_needs_cuda_and_succeeds(tmp_path):
+    out = tmp_path / "gpu.json"
+    result = CliRunner().invoke(app, ["bench", "gpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "needs CUDA" in result.output
+    report = json.loads(out.read_text())
+    assert report["status"] == "skipped" and "CUDA" in report["reason"]
+
+
+@pytest.mark.gpu
+def test_bench_gpu_times_decode_with_and_without_graphs(tmp_path):
+    out = tmp_path / "gpu.json"
+    result = CliRunner().invoke(app, ["bench", "gpu", "--json", str(out), "--batch", "4",
+                                      "--tokens", "16", "--rounds", "1",
+                                      "--model-dir", str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["status"] == "ok" and report["graphs_enabled"]
+    assert {(r["batch"], r["cuda_graphs"]) for r in report["rows"]} == {
+        (1, True), (1, False), (4, True), (4, False)}
+    assert all(0 < r["roofline_fraction"] < 1.5 for r in report["rows"])
