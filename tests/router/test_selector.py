@@ -129,3 +129,18 @@ def test_the_online_correction_keeps_only_its_latest_outcomes():
     weight, weighted = kept.evidence("ngram", ctx)
     assert weight == pytest.approx(4.0) and weighted == pytest.approx(4.0)
     assert kept.evidence("none", ctx) == (0.0, 0.0)
+
+
+def test_candidates_sharing_the_outcome_matrix_keep_their_own_latest_outcomes():
+    """Outcomes of two candidates arrive interleaved into one matrix: each keeps its own latest
+    `capacity`, and one pass weighs both as one at a time does."""
+    rng = random.Random(7)
+    ctx = selector.context(world.features(3, 0.0, rng), (0.0, 0.0, 0.0))
+    kept = selector.OnlineCorrection(capacity=3)
+    for name, residual in [("ngram", 9.0), ("lookahead", 2.0), ("ngram", 9.0), ("ngram", 1.0),
+                           ("lookahead", 2.0), ("ngram", 1.0), ("ngram", 1.0)]:
+        kept.add(name, ctx, residual)
+    weights, weighted = kept.evidence_all(["ngram", "lookahead", "none"], ctx)
+    assert weights.tolist() == pytest.approx([3.0, 2.0, 0.0])
+    assert weighted.tolist() == pytest.approx([3.0, 4.0, 0.0])
+    assert kept.evidence("lookahead", ctx) == pytest.approx((2.0, 4.0))
