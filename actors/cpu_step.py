@@ -200,15 +200,24 @@ def _unsupported(model) -> str | None:
     if not isinstance(base.norm, KernelRMSNorm) or cpu_decode.kernel() is None:
         return "not bf16 on a CPU with Baton's kernels"
     for layer in base.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        if getattr(attn, "sliding_window", None):
-            return "a layer attends through a sliding window"
-        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            return "a layer's MLP is not gate, up and down projections"
+        attn = layer.self_attn
+        why = layer_unsupported(layer)
+        if why:
+            return why
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
         norms += [getattr(attn, n) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
         if not all(isinstance(n, KernelRMSNorm) for n in norms):
             return "a norm is not on the kernel"
+    return None
+
+
+def layer_unsupported(layer: nn.Module) -> str | None:
+    """Why a lean forward (this one, or the captured CUDA step) cannot run this decoder layer
+    of a supported architecture: a sliding window, or an MLP other than gate, up and down."""
+    if getattr(layer.self_attn, "sliding_window", None):
+        return "a layer attends through a sliding window"
+    if not all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        return "a layer's MLP is not gate, up and down projections"
     return None
 
 

@@ -27,14 +27,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
+from baton.actors.cpu_step import ARCHITECTURES, layer_unsupported
 from baton.actors.kv_cache import PagedKVCache
 from baton.kernels.paged_attention import paged_attention
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
 # Rotary embeddings whose frequencies never change after load (no host-side length checks).
 STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
 WARMUP_RUNS = 2  # eager runs on the capture stream first (kernel compilation, library handles)
@@ -59,13 +58,9 @@ def unsupported(model) -> str | None:
     rope_type = getattr(base.rotary_emb, "rope_type", "default")
     if rope_type not in STATIC_ROPE:  # the others rescale with the sequence's length
         return f"rotary embedding {rope_type!r}"
-    for layer in base.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        if getattr(attn, "sliding_window", None):
-            return "a layer attends through a sliding window"
-        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            return "a layer's MLP is not gate, up and down projections"
-    return None
+    if not all(hasattr(layer.mlp, "act_fn") for layer in base.layers):
+        return "a layer's MLP has no act_fn"
+    return next((why for layer in base.layers if (why := layer_unsupported(layer))), None)
 
 
 class LeanDecode:
@@ -81,7 +76,6 @@ class LeanDecode:
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = self.base.layers[0].self_attn.head_dim
-        self.act = nn.functional.silu
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  tables: torch.Tensor, context_lens: torch.Tensor
@@ -105,7 +99,7 @@ class LeanDecode:
             out = paged_attention(q, k_cache, v_cache, tables, context_lens, scale=attn.scaling)
             hidden = hidden + attn.o_proj(out.reshape(b, self.n_heads * d))
             x = layer.post_attention_layernorm(hidden)
-            hidden = hidden + mlp.down_proj(self.act(mlp.gate_proj(x)) * mlp.up_proj(x))
+            hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         hidden = self.base.norm(hidden)
         return self.model.lm_head(hidden), hidden
 
