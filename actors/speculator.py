@@ -36,6 +36,9 @@ CALIBRATION_DECAY = 0.85  # how fast a request's heads calibration forgets older
 # Pseudo-tokens of "the heads are right" the calibration starts from and always keeps: a few bad
 # trees must not scale a request's gains so low that it never drafts (and never re-learns) again.
 CALIBRATION_PRIOR = 4.0
+# Per step a Medusa request goes without heads, the heads' measured cost drifts down by this
+# factor, toward trying them again (they are timed anew when they run).
+HEADS_COST_RELAX = 0.9
 # Acceptance assumed before a request has drafted anything.
 PRIOR_ACCEPTANCE = {"ngram": 0.4, "lookahead": 0.4, "draft": 0.6, "layerskip": 0.5,
                     "medusa": 0.5}
@@ -142,11 +145,14 @@ class Speculator:
         a, _ = self.cost.coefficients()
         # Heads run only for Medusa requests whose recent acceptance pays for one draft token
         # and their share of the heads' pass in this step (a large batch turns them off).
-        trees = self._medusa_trees([
-            s for s in spec if s.metrics.method == "medusa" and (
-                s.params.num_speculative_tokens
-                or choose_k([Candidate(self._tracker(s).rate, 1, self._heads_s)], base, base + 1,
-                            self.cost)[0])])
+        medusa = [s for s in spec if s.metrics.method == "medusa"]
+        heads_for = [s for s in medusa if s.params.num_speculative_tokens or choose_k(
+            [Candidate(self._tracker(s).rate, 1, self._heads_s)], base, base + 1, self.cost)[0]]
+        if len(heads_for) < len(medusa):
+            # The heads' cost is measured only when they run: without this, one slow pass (a
+            # stall on a busy machine) could keep them off for good.
+            self._heads_s *= HEADS_COST_RELAX
+        trees = self._medusa_trees(heads_for)
         cands, fixed = [], []
         for seq in spec:
             method = seq.metrics.method

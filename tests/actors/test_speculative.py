@@ -239,6 +239,23 @@ def test_medusa_heads_draft_trees_and_keep_the_greedy_tokens(reference, tmp_path
     assert_no_leaks(medusa)
 
 
+def test_medusa_heads_come_back_after_one_slow_pass(reference, tmp_path):
+    """The heads' cost is measured when they run; one absurdly slow measurement turns them off,
+    and the estimate then drifts back until they are tried, and timed, again."""
+    target = Engine("tiny:llama", dtype="float32")
+    MedusaHeads.for_model(target.model, num_heads=3).save(tmp_path / "heads")
+    medusa = Engine("tiny:llama", dtype="float32", block_size=8, methods=["medusa"],
+                    medusa_heads=str(tmp_path / "heads"))
+    medusa.speculator._heads_s = 0.5  # as if the last pass had stalled for half a second
+    prompt = list(next(iter(reference)))
+    out = medusa.generate([prompt], SamplingParams(max_tokens=128, ignore_eos=True,
+                                                   method="medusa"))[0]
+    assert out.token_ids[:48] == reference[tuple(prompt)]
+    assert out.metrics.spec_num_drafts > 0  # the heads ran again
+    assert medusa.speculator._heads_s < 0.05  # and were timed anew
+    assert_no_leaks(medusa)
+
+
 @pytest.mark.parametrize("conditioned", [False, True])
 def test_medusa_sizes_its_trees_itself_and_stays_lossless(reference, tmp_path, conditioned):
     """Adaptive k: each tree is cut where its nodes' path probabilities stop paying; heads with a
