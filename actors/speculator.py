@@ -24,7 +24,13 @@ from baton.actors.medusa import MedusaHeads
 from baton.actors.medusa_trees import draft_trees
 from baton.actors.ngram import propose_ngram
 from baton.actors.sequence import Sequence
-from baton.actors.spec_budget import AcceptanceTracker, Candidate, StepCostModel, choose_k
+from baton.actors.spec_budget import (
+    AcceptanceTracker,
+    Candidate,
+    HeadsBackoff,
+    StepCostModel,
+    choose_k,
+)
 from baton.actors.spec_verify import Verdict, verify
 from baton.errors import InvalidRequestError
 from baton.speculation import AUTO, NONE
@@ -77,6 +83,8 @@ class Speculator:
         self._calibration: dict[str, list[float]] = {}
         self._expected: dict[str, float] = {}
         self._heads_s = 0.0  # seconds the heads and their trees take per request (moving mean)
+        self._heads_pass_s = 0.0  # the latest heads pass, whole
+        self._heads_backoff = HeadsBackoff()
         self._trackers: dict[str, AcceptanceTracker] = {}
 
     # -- requests ---------------------------------------------------------------------------------
@@ -142,16 +150,19 @@ class Speculator:
             # than the cost model's straight line says (on a CPU, 32 tokens on the fused layers,
             # more through transformers' forward).
             budget = min(budget, self.fast_tokens)
-        a, _ = self.cost.coefficients()
+        a, b = self.cost.coefficients()
         # Heads run only for Medusa requests whose recent acceptance pays for one draft token
-        # and their share of the heads' pass in this step (a large batch turns them off).
+        # and their share of the heads' pass in this step (a large batch turns them off):
+        # `choose_k`'s test for one token, (base + rate) / (step + b + heads) > base / step.
+        step_s = a + b * base
         medusa = [s for s in spec if s.metrics.method == "medusa"]
-        heads_for = [s for s in medusa if s.params.num_speculative_tokens or choose_k(
-            [Candidate(self._tracker(s).rate, 1, self._heads_s)], base, base + 1, self.cost)[0]]
+        heads_for = [s for s in medusa if s.params.num_speculative_tokens
+                     or self._tracker(s).rate * step_s > base * (b + self._heads_s)]
         if len(heads_for) < len(medusa):
             # The heads' cost is measured only when they run: without this, one slow pass (a
             # stall on a busy machine) could keep them off for good.
             self._heads_s *= HEADS_COST_RELAX
+        heads_for = self._heads_backoff.admit(heads_for, len(decoding))
         trees = self._medusa_trees(heads_for)
         cands, fixed = [], []
         for seq in spec:
@@ -196,6 +207,13 @@ class Speculator:
                 by_model.setdefault(method, []).append(req)
         for method, reqs in by_model.items():
             self.proposers[method].propose(reqs)
+        if trees:
+            # The pass paid if the tokens its drafts are expected to add cover its time, as a
+            # share of the step's tokens and time.
+            gained = sum(self._trust(s.request_id) * self._expected.get(s.request_id, 0.0)
+                         for s in heads_for if s.draft is not None)
+            self._heads_backoff.passed(gained / base >= self._heads_pass_s / step_s,
+                                       len(decoding))
         for seq in spec:
             if seq.draft is None and not seq.params.num_speculative_tokens:
                 self._relax(seq)
@@ -217,7 +235,8 @@ class Speculator:
             drafted = draft_trees(self.medusa, hidden, roots, self.settings.max_speculative_tokens,
                                   MEDUSA_TOP_K, [floor / self._trust(s.request_id) for s in ready])
         trees = {s.request_id: scored for s, scored in zip(ready, drafted, strict=True)}
-        took = (time.perf_counter() - t0) / len(ready)
+        self._heads_pass_s = time.perf_counter() - t0
+        took = self._heads_pass_s / len(ready)
         self._heads_s = took if not self._heads_s else 0.8 * self._heads_s + 0.2 * took
         return trees
 

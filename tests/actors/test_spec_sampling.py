@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,13 @@ import torch
 from baton.actors import spec_verify
 from baton.actors.draft_tree import DraftTree
 from baton.actors.engine import Engine
-from baton.actors.spec_budget import AcceptanceTracker, Candidate, StepCostModel, choose_k
+from baton.actors.spec_budget import (
+    AcceptanceTracker,
+    Candidate,
+    HeadsBackoff,
+    StepCostModel,
+    choose_k,
+)
 from baton.sampling import SamplingParams
 
 N = 1000
@@ -198,3 +205,30 @@ def test_a_request_turned_off_by_rejections_tries_again_after_a_while():
     tracker.update(4, 0)
     tracker.update(4, 0)
     assert not drafts(tracker)
+
+
+def test_heads_sit_out_longer_after_each_pass_that_does_not_pay():
+    """1, 3, 7, ... steps without heads after passes whose drafts do not cover them; a pass that
+    pays, or a batch half the size, ends it; requests with a fixed draft length keep them."""
+    adaptive = [SimpleNamespace(params=SamplingParams(method="medusa")) for _ in range(15)]
+    fixed = SimpleNamespace(params=SamplingParams(method="medusa", num_speculative_tokens=3))
+    batch = [*adaptive, fixed]
+    backoff = HeadsBackoff(max_steps=8)
+
+    def sat_out() -> int:
+        steps = 0
+        while backoff.admit(batch, 16) == [fixed]:
+            steps += 1
+        return steps
+
+    sat = []
+    for _ in range(5):
+        backoff.passed(False, 16)
+        sat.append(sat_out())
+    assert sat == [1, 3, 7, 8, 8]
+    backoff.passed(True, 16)
+    assert backoff.admit(batch, 16) == batch  # it paid: the heads run every step again
+    backoff.passed(False, 16)
+    backoff.passed(False, 16)
+    assert backoff.admit(batch, 16) == [fixed]
+    assert backoff.admit(batch[:8], 8) == batch[:8]  # the batch halved: they try again
