@@ -201,15 +201,27 @@ class Engine:
         except Exception as exc:  # one bad batch must not take the engine down
             log.exception("model step failed; failing its %d requests", len(sched.seqs))
             self._forward_done(sched)
-            for seq in list(sched.seqs):
-                seq.error = f"{type(exc).__name__}: {exc}"
-                self.scheduler.finish(seq, "error")
-                outputs.append(self._finish_output(seq))
-            return outputs
+            return outputs + self._fail_step(sched, exc)
         self._forward_done(sched)
         self._record_step(sched, seconds, expert_before)
         self.scheduler.update(sched)
-        outputs.extend(self._postprocess(sched, logits))
+        try:
+            outputs.extend(self._postprocess(sched, logits))
+        except Exception as exc:  # a request's tokens could not be chosen: the engine goes on
+            log.exception("sampling a step failed; failing its %d requests", len(sched.seqs))
+            outputs.extend(self._fail_step(sched, exc))
+        return outputs
+
+    def _fail_step(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """End the step's unfinished requests with `exc` as their error (blocks freed)."""
+        outputs = []
+        for seq in list(sched.seqs):
+            if seq.is_finished:
+                continue
+            seq.drop_draft()
+            seq.error = f"{type(exc).__name__}: {exc}"
+            self.scheduler.finish(seq, "error")
+            outputs.append(self._finish_output(seq))
         return outputs
 
     def _record_step(self, sched: SchedulerOutput, seconds: float,

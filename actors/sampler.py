@@ -30,8 +30,11 @@ def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     request samples unchanged.
     """
     dev = logits.device
-    temps = torch.tensor([p.temperature for p in params], device=dev)
-    logits = logits / temps.unsqueeze(-1)
+    # Each row less its largest logit, so that a temperature near 0 (down to float32's smallest
+    # normal number; below it rounds to 0) gives the argmax, not an overflow to NaN.
+    temps = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
+    temps = temps.clamp_min(torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temps.unsqueeze(-1)
     top_k = torch.tensor([p.top_k for p in params], device=dev)
     top_p = torch.tensor([p.top_p for p in params], device=dev)
     if bool((top_k > 0).any()) or bool((top_p < 1).any()):

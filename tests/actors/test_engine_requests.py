@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+import baton.actors.engine as engine_module
 from baton.actors.engine import Engine
 from baton.errors import (
     ConfigError,
@@ -108,6 +109,43 @@ def test_failed_step_fails_its_requests_and_engine_keeps_serving(engine, monkeyp
     assert_no_leaks(engine)
     monkeypatch.setattr(engine.runner, "run", real_run)
     assert engine.generate(["after"], SamplingParams(max_tokens=3))[0].finish_reason == "length"
+
+
+def test_a_failure_choosing_a_steps_tokens_fails_its_requests_and_engine_keeps_serving(
+        engine, monkeypatch):
+    """Past the forward (sampling, stop checks), a failure ends the step's requests with the
+    error, frees their blocks, and the engine thread goes on (it once died there, and every
+    later call on the worker waited for good)."""
+    rid = engine.add_request("boom", SamplingParams(max_tokens=4, temperature=0.7))
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("sampler broke")
+
+    monkeypatch.setattr(engine_module, "sample", broken)
+    outs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outs] == [(rid, "error")]
+    assert "sampler broke" in outs[0].error
+    assert_no_leaks(engine)
+    monkeypatch.undo()
+    assert engine.generate(["after"], SamplingParams(max_tokens=3))[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-30])
+def test_a_temperature_near_zero_samples_the_argmax(engine, temperature):
+    """Below float32's smallest normal number a temperature rounds to 0, and logits divided by
+    it overflowed to NaN probabilities; such a request now gets the greedy tokens, as its
+    batch neighbours get theirs."""
+    greedy = engine.generate(["near zero"], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    neighbour = SamplingParams(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True)
+    alone = engine.generate(["a neighbour"], neighbour)[0]
+    cold_id = engine.add_request("near zero", SamplingParams(
+        max_tokens=8, temperature=temperature, seed=1, ignore_eos=True))
+    warm_id = engine.add_request("a neighbour", neighbour)
+    final = run_to_completion(engine)
+    cold, warm = final[cold_id], final[warm_id]
+    assert cold.token_ids == greedy.token_ids and cold.finish_reason == "length"
+    assert warm.token_ids == alone.token_ids
+    assert_no_leaks(engine)
 
 
 def test_seed_reproduces_and_different_seeds_differ(engine):
