@@ -11,9 +11,11 @@ on this machine, the Ray token of the local cluster `baton up` recorded. Ray's f
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +40,11 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# How long a call waits for a head whose job agent is not up yet (Ray: "try again later").
+AGENT_WAIT_S = 30.0
 
 
 def job_address(address: str | None) -> str:
@@ -103,19 +110,30 @@ class JobServer:
 
     def call(self, fn: Callable[..., T], *args: Any, job_id: str | None = None,
              **kwargs: Any) -> T:
-        """`fn(*args, **kwargs)` on the Ray client, its errors said Baton's way."""
-        try:
-            return fn(*args, **kwargs)
-        except AuthenticationError:
-            raise self._auth_error() from None
-        except ConnectionError:
-            raise JobServerError(f"the job server at {self.address} stopped answering; check "
-                                 "that the Ray head is up") from None
-        except RuntimeError as exc:
-            if job_id is not None and ("404" in str(exc) or "does not exist" in str(exc)):
-                raise JobNotFoundError(f"no job {job_id!r} at {self.address}; see `baton jobs "
-                                       "list` for the jobs there") from None
-            raise
+        """`fn(*args, **kwargs)` on the Ray client, its errors said Baton's way. While the head's
+        job agent is still starting (Ray answers 500, "please try again later": right after a
+        cluster comes up, or on a loaded head), the call is tried again for up to
+        `AGENT_WAIT_S`."""
+        deadline = time.monotonic() + AGENT_WAIT_S
+        delay = 0.25
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except AuthenticationError:
+                raise self._auth_error() from None
+            except ConnectionError:
+                raise JobServerError(f"the job server at {self.address} stopped answering; "
+                                     "check that the Ray head is up") from None
+            except RuntimeError as exc:
+                if job_id is not None and ("404" in str(exc) or "does not exist" in str(exc)):
+                    raise JobNotFoundError(f"no job {job_id!r} at {self.address}; see `baton "
+                                           "jobs list` for the jobs there") from None
+                if "try again later" not in str(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log.info("the job server at %s is not ready (%s); trying again", self.address,
+                         exc)
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     def status(self, job_id: str) -> JobStatus:
         return self.call(self.client.get_job_status, job_id, job_id=job_id)

@@ -61,3 +61,31 @@ def test_no_job_server_says_how_to_start_one(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(JobServerError, match="ray start --head"):
         JobServer(f"http://127.0.0.1:{free_port()}", token="t")
+
+
+def test_a_call_waits_for_a_job_agent_that_is_still_starting(monkeypatch):
+    """Ray answers 500 "try again later" until the head's job agent is up: the call is tried
+    again (here twice) and returns; an agent that never comes up, or any other error, raises."""
+    import baton.ops.jobs_client as jobs_client
+
+    server = JobServer.__new__(JobServer)  # no Ray client needed to test its call
+    server.address = "http://127.0.0.1:8265"
+    monkeypatch.setattr(jobs_client.time, "sleep", lambda _s: None)
+    not_yet = RuntimeError("Request failed with status code 500: No available agent to submit "
+                           "job, please try again later..")
+    answers: list[object] = [not_yet, not_yet, "raysubmit_1"]
+
+    def submit() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return str(answer)
+
+    assert server.call(submit) == "raysubmit_1" and answers == []
+    monkeypatch.setattr(jobs_client, "AGENT_WAIT_S", 0.0)
+    answers[:] = [not_yet, "too late"]
+    with pytest.raises(RuntimeError, match="try again later"):
+        server.call(submit)
+    answers[:] = [RuntimeError("status code 400: bad entrypoint"), "never"]
+    with pytest.raises(RuntimeError, match="bad entrypoint"):
+        server.call(submit)
