@@ -33,6 +33,8 @@ from baton.actors.pregate import find as find_pregate
 from baton.actors.routing_predictor import ModelShape
 from baton.engine_config import MoEOffloadConfig
 from baton.errors import ConfigError, ModelLoadError
+from baton.kernels.dispatch import backend
+from baton.kernels.moe import expert_pairs_grouped, sum_pairs
 from baton.outputs import ExpertCacheUse
 
 log = logging.getLogger(__name__)
@@ -105,7 +107,7 @@ def enable_offload(model, config: MoEOffloadConfig, device: torch.device,
         check_fused_layout(layer.experts, "Baton's expert offload")
     top_k = _top_k(model)
     stacked = {layer.index: take_experts(layer.experts) for layer in layers}
-    if device.type == "cpu":  # the layout the resident CPU path computes from, so its bits
+    if device.type == "cpu" and backend(device) == "torch":  # the resident CPU path's layout
         for layer in layers:
             use_skinny(layer.experts, *stacked[layer.index])
     if len({(gu.shape, d.shape, gu.dtype) for gu, d in stacked.values()}) != 1:
@@ -178,6 +180,9 @@ def offload_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
     cache, layer = self._baton_offload
     cache.policy.route(layer, top_k_index)
     predicted = cache.policy.predict(layer, hidden_states)
+    if backend(hidden_states.device) == "triton":
+        return _grouped_over_slots(self, cache, layer, predicted, hidden_states, top_k_index,
+                                   top_k_weights)
     order = by_expert(top_k_index, self.num_experts)
     x = hidden_states[order.perm // top_k_index.shape[-1]]
     hit = order.hit
@@ -203,6 +208,37 @@ def offload_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
         finally:
             cache.release(slots)
     return combine(out, order, top_k_weights, hidden_states.dtype)
+
+
+
+def _grouped_over_slots(experts, cache, layer: int, predicted, hidden_states: torch.Tensor,
+                        top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The resident model's grouped GEMM (`kernels.moe`) over the cache's slots, so the bits
+    are the resident model's: each part's pairs get their experts' slot ids, the others the
+    dropped id, and each pair's row, computed once, is summed per token as the resident path
+    sums it."""
+    s, top_k = top_k_index.shape
+    hit = torch.unique(top_k_index).tolist()
+    pairs = None
+    dropped = cache.capacity
+    for first in range(0, len(hit), cache.capacity):
+        chunk = hit[first : first + cache.capacity]
+        slots = cache.acquire(layer, chunk)
+        if first + cache.capacity >= len(hit):
+            cache.prefetch(predicted)  # as the per-expert path: this layer's experts are pinned
+        try:
+            for slot in cache.loading_among(slots):
+                cache.ready(slot)
+            slot_of = torch.full((experts.num_experts + 1,), dropped, dtype=top_k_index.dtype)
+            slot_of[chunk] = torch.tensor(slots, dtype=top_k_index.dtype)
+            ids = slot_of.to(top_k_index.device)[top_k_index]
+            part = expert_pairs_grouped(hidden_states, ids, top_k_weights, cache.gate_up,
+                                        cache.down, experts._apply_gate)
+        finally:
+            cache.release(slots)
+        pairs = part if pairs is None else pairs + part  # a pair's row is zero but in one part
+    assert pairs is not None
+    return sum_pairs(pairs, s, top_k, hidden_states.dtype)
 
 
 ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, offload_experts_forward)

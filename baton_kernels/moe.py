@@ -45,10 +45,22 @@ def moe_experts_grouped(hidden: torch.Tensor, top_k_index: torch.Tensor,
                         top_k_weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                         apply_gate: Gate = silu_and_mul) -> torch.Tensor:
     """The Triton path: sort pairs by expert, two grouped GEMMs, weighted sum per token."""
+    s, top_k = top_k_index.shape
+    pairs = expert_pairs_grouped(hidden, top_k_index, top_k_weights, gate_up, down, apply_gate)
+    return sum_pairs(pairs, s, top_k, hidden.dtype)
+
+
+def expert_pairs_grouped(hidden: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                         apply_gate: Gate = silu_and_mul) -> torch.Tensor:
+    """`[S * top_k, H]`: each (token, expert) pair's weighted expert output, in the pairs' flat
+    order; pairs routed to id `E` (`gate_up.shape[0]`) are dropped and come back as zeros. A
+    pair's row depends on its token and expert alone, not on the other pairs in the launch: the
+    expert cache computes a layer's pairs in parts over its slots and gets the same bits."""
     from baton.kernels.moe_triton import grouped_matmul
 
     num_experts = gate_up.shape[0]
-    s, top_k = top_k_index.shape
+    top_k = top_k_index.shape[1]
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
     # Counted by scatter, not bincount: no device sync.
@@ -60,7 +72,12 @@ def moe_experts_grouped(hidden: torch.Tensor, top_k_index: torch.Tensor,
     out = grouped_matmul(h, down, counts, row_scale=weights)
     unsorted = torch.empty_like(out)
     unsorted[order] = out
-    return unsorted.view(s, top_k, -1).float().sum(1).to(hidden.dtype)
+    return unsorted
+
+
+def sum_pairs(pairs: torch.Tensor, s: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """`[S, H]`: each token's `top_k` pair rows summed in float32."""
+    return pairs.view(s, top_k, -1).float().sum(1).to(dtype)
 
 
 def moe_experts_reference(hidden: torch.Tensor, top_k_index: torch.Tensor,

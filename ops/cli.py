@@ -329,6 +329,9 @@ def bench_spec(
     model: Annotated[str, typer.Option(
         "--model", "-m", help="'default', a transformers directory, a .gguf file or tiny:<arch>")
     ] = "default",
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
+    batch1_only: Annotated[bool, typer.Option(
+        "--batch1-only", help="Leave out the 16-concurrent part")] = False,
 ) -> None:
     """Acceleration methods against none per task family, at batch 1 and 16 concurrent."""
     from baton.ops.bench import spec as bench
@@ -336,7 +339,8 @@ def bench_spec(
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     run_and_report(lambda c: bench.run_spec_bench(workload, names, draft_model, threads, dtype, c,
-                                                  medusa_heads=medusa_heads, model=model),
+                                                  medusa_heads=medusa_heads, model=model,
+                                                  device=device, concurrent=not batch1_only),
                    bench.show, json_path)
 
 

@@ -180,12 +180,37 @@ def profile_command(
     threads: Annotated[int, typer.Option(help="CPU threads of one worker")] = 1,
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
     gpu: Annotated[str | None, typer.Option(help="Catalog name of this GPU (with cuda)")] = None,
+    prefill_lens: Annotated[str | None, typer.Option(
+        help="Comma-separated prompt lengths to time (default 16,64,256,1024)")] = None,
+    batches: Annotated[str | None, typer.Option(
+        help="Comma-separated decode batch sizes (default 1,4,8; a GPU's decode stays "
+        "memory-bound far beyond)")] = None,
+    contexts: Annotated[str | None, typer.Option(
+        help="Comma-separated decode context lengths (default 16,256,1024)")] = None,
+    kv_cache_gib: Annotated[float | None, typer.Option(
+        help="KV cache of the timed engine, GiB (the largest batch at the longest context "
+        "must fit)")] = None,
 ) -> None:
     """Time this machine's engine (prefill by length, decode by batch and context) for `plan`."""
-    from baton.ops.profile_run import measure  # loads torch: only for this command
+    from baton.ops import profile_run  # loads torch: only for this command
 
+    grid = {name: _int_list(name, text) for name, text in (
+        ("prefill_lens", prefill_lens), ("batches", batches), ("contexts", contexts)) if text}
     console = Console(stderr=True)
-    prof = measure(model=model, dtype=dtype, threads=threads, device=device, gpu=gpu,
-                   say=console.print)
+    prof = profile_run.measure(
+        model=model, dtype=dtype, threads=threads, device=device, gpu=gpu,
+        kv_cache_memory=int(kv_cache_gib * 2**30) if kv_cache_gib else None, say=console.print,
+        **grid)
     prof.save(out)
     console.print(f"profile written to {out}")
+
+
+def _int_list(name: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--{name.replace('_', '-')} takes positive integers separated by "
+                          f"commas, like 1,8,32; got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise ConfigError(f"--{name.replace('_', '-')} takes positive integers; got {text!r}")
+    return values

@@ -3,7 +3,9 @@
 Prefill: one prompt of each length alone, the step that computes it timed. Decode: a batch of
 requests of one context length, prefilled first, then decode steps timed (mean: on a shared
 machine the mean, not the median, is what a loaded run sees). Prompts are
-random token ids, different per request, so the prefix cache never shortens a prompt. On a GPU
+random token ids, different per request, so the prefix cache never shortens a prompt. Each
+prompt length and batch size runs once untimed first (a GPU compiles kernels, plans its libraries
+and captures CUDA graphs per new shape). On a GPU
 machine (`--device cuda`) the same grid measures the GPU (name it with `--gpu` so the planner
 calibrates that catalog entry).
 """
@@ -43,14 +45,17 @@ def measure(model: str = "default", dtype: str = "bfloat16", threads: int = 1,
             device: str = "cpu", gpu: str | None = None,
             prefill_lens: Sequence[int] = PREFILL_LENS, batches: Sequence[int] = BATCHES,
             contexts: Sequence[int] = CONTEXTS, decode_steps: int = DECODE_STEPS,
-            repeats: int = 1,
+            repeats: int = 1, kv_cache_memory: int | None = None,
             say: Callable[[str], None] | None = None) -> Profile:
     """Time the engine over the grid (each prefill `repeats` times, each decode batch over
-    `decode_steps` steps; means kept); returns the profile (not yet saved)."""
+    `decode_steps` steps; means kept); returns the profile (not yet saved). `kv_cache_memory`
+    (bytes) sizes the grid engine's cache: a GPU grid's largest batch at its longest context
+    needs more than a worker's default."""
     budget = max(max(prefill_lens), max(batches))
+    extra = {"kv_cache_memory": kv_cache_memory} if kv_cache_memory else {}
     engine = Engine(model=model, dtype=dtype, device=device, num_threads=threads,
                     max_num_batched_tokens=budget, max_num_seqs=max(batches),
-                    enable_prefix_caching=False)
+                    enable_prefix_caching=False, **extra)
     cfg = engine.model.config.get_text_config().to_dict()
     rng = random.Random(0)
     vocab = engine.vocab_size
@@ -58,6 +63,8 @@ def measure(model: str = "default", dtype: str = "bfloat16", threads: int = 1,
     engine.generate([_prompt(rng, vocab, 16)], one)  # warm up
     prefill = []
     for n in prefill_lens:
+        # Untimed first: a GPU compiles kernels and plans its libraries per new shape.
+        engine.generate([_prompt(rng, vocab, n)], one)
         times = []
         for _ in range(repeats):
             engine.add_request(_prompt(rng, vocab, n), one)
@@ -71,12 +78,13 @@ def measure(model: str = "default", dtype: str = "bfloat16", threads: int = 1,
     decode = []
     for ctx in contexts:
         for b in batches:
-            params = SamplingParams(max_tokens=decode_steps + 4, ignore_eos=True)
+            params = SamplingParams(max_tokens=decode_steps + 5, ignore_eos=True)
             for _ in range(b):
                 engine.add_request(_prompt(rng, vocab, ctx), params)
             while engine.num_waiting or any(s.num_uncomputed_tokens > 1
                                               for s in engine.scheduler.running):
                 engine.step()
+            engine.step()  # untimed: a GPU captures this batch size's CUDA graph here
             times = []
             for _ in range(decode_steps):
                 t0 = time.perf_counter()

@@ -173,26 +173,31 @@ def summarize(items: list[WorkItem], bs1: list[dict[str, dict[str, Any]]],
     none_s = sum(r["none"]["seconds"] / max(r["none"]["tokens"], 1) for r in bs1)
     oracle_s = sum(min(r[m]["seconds"] / max(r[m]["tokens"], 1) for m in methods) for r in bs1)
     ratios["oracle_speedup_bs1"] = none_s / oracle_s if oracle_s else None
-    ratios["speedup_c16"] = {m: c16[m] / c16["none"] for m in methods}
-    ratios["worst_speedup_c16"] = min(v for m, v in ratios["speedup_c16"].items() if m != "none")
+    if c16:
+        ratios["speedup_c16"] = {m: c16[m] / c16["none"] for m in methods}
+        ratios["worst_speedup_c16"] = min(v for m, v in ratios["speedup_c16"].items()
+                                          if m != "none")
     return {"families": dict(families), "tok_s_c16": c16, "ratios": ratios}
 
 
 def run_spec_bench(workload: str | None, methods: list[str], draft_model: str | None,
                    threads: int, dtype: str, console: Console,
-                   medusa_heads: str | None = None, model: str = "default") -> dict[str, Any]:
+                   medusa_heads: str | None = None, model: str = "default",
+                   device: str = "cpu", concurrent: bool = True) -> dict[str, Any]:
+    """The benchmark; `concurrent` False leaves out the 16-concurrent part (a GPU's batch-1
+    run)."""
     if "none" not in methods:
         methods = ["none", *methods]
     engine = Engine(model=model, dtype=dtype, num_threads=threads, methods=methods,
-                    draft_model=draft_model, medusa_heads=medusa_heads)
+                    draft_model=draft_model, medusa_heads=medusa_heads, device=device)
     items = load_workload(workload, engine)
     engine.generate([items[0].prompt], SamplingParams(max_tokens=8))  # warm-up
     bs1 = run_batch1(engine, items, methods, console)
-    c16 = run_concurrent(engine, items, methods, console)
+    c16 = run_concurrent(engine, items, methods, console) if concurrent else {}
     report = summarize(items, bs1, c16, methods)
     report.update(bench="spec", model=engine.source.name, dtype=dtype, methods=methods,
-                  workload=workload or "built-in", num_requests=len(items),
-                  machine=machine_info(threads), per_request_bs1=bs1)
+                  device=str(engine.device), workload=workload or "built-in",
+                  num_requests=len(items), machine=machine_info(threads), per_request_bs1=bs1)
     return report
 
 
@@ -211,8 +216,11 @@ def show(report: dict[str, Any], console: Console) -> None:
             cells.append(f"{r['tok_s']:.1f} ({r['speedup']:.2f}x{acc})")
         table.add_row(family, *cells)
     ratios = report["ratios"]
-    table.add_row(f"{CONCURRENCY} concurrent", *(
-        f"{report['tok_s_c16'][m]:.1f} ({ratios['speedup_c16'][m]:.2f}x)" for m in methods))
+    if report["tok_s_c16"]:
+        table.add_row(f"{CONCURRENCY} concurrent", *(
+            f"{report['tok_s_c16'][m]:.1f} ({ratios['speedup_c16'][m]:.2f}x)" for m in methods))
     console.print(table)
-    console.print(f"oracle speedup at batch 1: {ratios['oracle_speedup_bs1']:.2f}x; "
-                  f"worst method at {CONCURRENCY} concurrent: {ratios['worst_speedup_c16']:.2f}x")
+    console.print(f"oracle speedup at batch 1: {ratios['oracle_speedup_bs1']:.2f}x")
+    if report["tok_s_c16"]:
+        console.print(f"worst method at {CONCURRENCY} concurrent: "
+                      f"{ratios['worst_speedup_c16']:.2f}x")

@@ -21,6 +21,7 @@ from baton.actors.tiny import MOE_ARCHS, tiny_model
 from baton.engine_config import MOE_POLICIES
 from baton.errors import ConfigError
 from baton.kernels import cpu_decode
+from baton.kernels.dispatch import force_backend
 from baton.ops.expert_traces import train_experts
 from baton.sampling import SamplingParams
 from tests.conftest import assert_no_leaks, wait_until
@@ -175,6 +176,25 @@ def test_bf16_offload_gives_the_resident_bits_on_the_skinny_kernel(tier, tmp_pat
     assert got_tokens == tokens
     assert all(torch.equal(a, b) for a, b in zip(got_logits, logits, strict=True))
     offloaded.moe.close()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_offload_on_the_grouped_kernel_gives_the_resident_bits(arch):
+    """Where the resident model runs the grouped GEMM (CUDA; here Triton's interpreter), the
+    offloaded one runs the same kernel over the cache's slots, a layer's experts in parts of two:
+    the same logits, bit for bit (per-expert matmuls differ in the last bits, and in bf16 on a
+    GPU that flipped greedy tokens)."""
+    with force_backend("triton"):
+        resident = _engine(f"tiny:{arch}")
+        tokens, logits = _generate(resident)
+        offloaded = _engine(f"tiny:{arch}", moe_offload={
+            "budget": 2 * _expert_bytes(arch) + 1, "policy": "lookahead", "tier": "host"})
+        assert offloaded.moe is not None and offloaded.moe.cache.capacity == 2
+        got_tokens, got_logits = _generate(offloaded)
+        offloaded.moe.close()
+    assert got_tokens == tokens
+    assert len(got_logits) == len(logits)
+    assert all(torch.equal(a, b) for a, b in zip(got_logits, logits, strict=True))
 
 
 def test_lookahead_prefetches_experts_the_next_layer_uses():
