@@ -169,8 +169,15 @@ def _features(model: ModelProfile, profile: Profile) -> tuple[np.ndarray, ...]:
 
 
 def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    slope, intercept = np.polyfit(x, y, 1)
-    return float(max(slope, 1e-30)), float(max(intercept, 0.0))
+    """Theil-Sen: the median of the pairwise slopes, the median intercept. A profile measured
+    on a real GPU has steps that paid for a first-time cost (an allocation, a plan) 10x over,
+    and a least-squares line through them says nothing of the others."""
+    i, j = np.triu_indices(len(x), 1)
+    dx = x[j] - x[i]
+    keep = dx != 0
+    slope = float(np.median((y[j] - y[i])[keep] / dx[keep])) if keep.any() else 0.0
+    intercept = float(np.median(y - slope * x))
+    return max(slope, 1e-30), max(intercept, 0.0)
 
 
 def calibrate(device: DeviceSpec, model: ModelProfile, profile: Profile,

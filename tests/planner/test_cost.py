@@ -24,6 +24,25 @@ def test_a_gpu_profile_calibrates_compute_memory_and_overhead() -> None:
     assert eff.overhead_s == pytest.approx(0.003, rel=0.1)
 
 
+def test_steps_that_paid_a_first_time_cost_do_not_move_the_calibration() -> None:
+    """A GPU profile's first steps at a new shape can take 10x (allocations, library plans): the
+    fit must go by the other points (two of eight here, as measured on an H200)."""
+    gpu, model = Catalog().get("H200"), load_model("llama-3-8b")
+    truth = CostModel(gpu, model, 1, Efficiency(compute=0.5, memory=0.7, overhead_s=0.004))
+    decode = [(b, c, truth.iteration(0, 0.0, b, b * c)) for b in (1, 16, 64, 128)
+              for c in (512, 2048)]
+    decode[2] = (64, 512, 10 * decode[2][2])
+    decode[3] = (128, 512, 3 * decode[3][2])
+    prefill = [(n, truth.iteration(n, n * n / 2, 0, 0.0)) for n in (256, 1024, 2048, 4096)]
+    prefill[2] = (2048, 3 * prefill[2][1])
+    eff = calibrate(gpu, model, Profile(device="H200", model="llama-3-8b",
+                                        model_config=BUILTIN["llama-3-8b"], prefill=prefill,
+                                        decode=decode))
+    assert eff.compute == pytest.approx(0.5, rel=0.1)
+    assert eff.memory == pytest.approx(0.7, rel=0.1)
+    assert eff.overhead_s == pytest.approx(0.004, rel=0.15)
+
+
 @pytest.mark.parametrize("model,eff", [
     ("llama-3-8b", Efficiency()),
     ("mixtral-8x7b", Efficiency()),

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from baton.cluster.config import load_config
 from baton.cluster.planner.catalog import Catalog
 from baton.cluster.planner.model import load_model
-from baton.cluster.planner.plan import PlanRequest, plan
+from baton.cluster.planner.plan import PlanRequest, layouts_for, plan
 from baton.cluster.planner.search import SLO
 from baton.cluster.planner.sim import Speculation
 from baton.errors import ConfigError, ModelNotFoundError, PlanError
@@ -122,6 +122,26 @@ def test_a_cpu_profile_plans_worker_processes_on_cores(tmp_path: Path) -> None:
     assert all(p.device == "cpu" and p.accelerator_type is None and p.num_cpus == 1
                for p in cfg.pools)
     assert sum(p.replicas for p in cfg.pools) <= 4
+
+
+def test_a_profile_measured_on_an_h200_calibrates_its_layouts() -> None:
+    """`baton profile --device cuda --gpu H200` on an H200 (a Llama-3.2-3B-shaped model, random
+    weights, CUDA graphs on; two decode points paid first-time costs): the planner fits that
+    GPU's efficiencies to it and plans H200 layouts with them."""
+    profile = Path(__file__).parent / "data" / "h200_llama32_3b_shape.json"
+    base = {**QUICK, "gpus": ("H200",), "slo": SLO(ttft_s=1.0, tpot_s=0.05)}
+    _, layouts = layouts_for(PlanRequest(**base, profile=str(profile)))
+    effs = {pool.cost.eff for layout in layouts for pool in layout.pools}
+    assert len(effs) == 1
+    eff = effs.pop()
+    # Prefill reached about half the bf16 peak; a decode step's fixed cost is ~6 ms (the
+    # warm-up outliers of 24 and 93 ms left out of the fit).
+    assert 0.3 < eff.compute < 0.8 and 0.004 < eff.overhead_s < 0.008
+    measured = plan(PlanRequest(**base, profile=str(profile))).ranked[0]
+    typical = plan(PlanRequest(**base)).ranked[0]
+    assert measured.goodput_rps > 0
+    # More fixed cost a step than the typical 4 ms: decode is slower.
+    assert measured.tpot_p50_s > typical.tpot_p50_s
 
 
 def test_a_measured_method_raises_goodput_under_a_tight_tpot_slo() -> None:
