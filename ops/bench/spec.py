@@ -191,7 +191,11 @@ def run_spec_bench(workload: str | None, methods: list[str], draft_model: str | 
     engine = Engine(model=model, dtype=dtype, num_threads=threads, methods=methods,
                     draft_model=draft_model, medusa_heads=medusa_heads, device=device)
     items = load_workload(workload, engine)
-    engine.generate([items[0].prompt], SamplingParams(max_tokens=8))  # warm-up
+    # Warm-up, every method: on a GPU a method's first verify pass compiles its kernels (0.3 s
+    # on an H200), which would land in the first request's time.
+    for method in methods:
+        engine.generate([items[0].prompt], SamplingParams(max_tokens=8, method=method))
+    _forget_generated(engine)
     bs1 = run_batch1(engine, items, methods, console)
     c16 = run_concurrent(engine, items, methods, console) if concurrent else {}
     report = summarize(items, bs1, c16, methods)
