@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from baton.actors.engine import Engine
 from baton.cluster.planner.profile import Profile
 from baton.engine_config import EngineConfig
+from baton.errors import EngineError
 from baton.ops.bench.machine import machine_info
 from baton.sampling import SamplingParams
 
@@ -78,7 +79,11 @@ def measure(model: str = "default", dtype: str = "bfloat16", threads: int = 1,
     decode = []
     for ctx in contexts:
         for b in batches:
-            params = SamplingParams(max_tokens=decode_steps + 5, ignore_eos=True)
+            # The first prompts decode while the last ones prefill (a step takes `budget`
+            # tokens): every request must outlast those steps, or the timed steps run fewer.
+            prefill_steps = -(-b * ctx // budget) + b
+            params = SamplingParams(max_tokens=prefill_steps + decode_steps + 2,
+                                    ignore_eos=True)
             for _ in range(b):
                 engine.add_request(_prompt(rng, vocab, ctx), params)
             while engine.num_waiting or any(s.num_uncomputed_tokens > 1
@@ -87,9 +92,14 @@ def measure(model: str = "default", dtype: str = "bfloat16", threads: int = 1,
             engine.step()  # untimed: a GPU captures this batch size's CUDA graph here
             times = []
             for _ in range(decode_steps):
+                if len(engine.scheduler.running) != b:
+                    raise EngineError(f"profile: a decode step of batch {b} ran "
+                                      f"{len(engine.scheduler.running)} requests")
                 t0 = time.perf_counter()
                 engine.step()
                 times.append(time.perf_counter() - t0)
+            for seq in list(engine.scheduler.running):
+                engine.abort(seq.request_id)
             _drain(engine)
             decode.append((b, ctx, statistics.fmean(times)))
             if say:

@@ -35,3 +35,12 @@ def test_a_measured_profile_drives_the_simulator_beside_a_real_run(profile) -> N
         for key in ("ttft_p50_s", "tpot_p50_s"):
             assert 0 < result[side][key] < 60, result
     assert set(result["error"]) == {"ttft_p50", "tpot_p50"}
+
+
+def test_every_timed_decode_step_runs_the_whole_batch() -> None:
+    """With 16 tokens a step, 8 prompts of 64 take 32 steps to prefill, and the first ones
+    decode meanwhile: none may finish before the timed steps end (`measure` raises if a timed
+    step runs fewer requests than its batch)."""
+    profile = measure(model=MODEL, dtype="float32", threads=1, prefill_lens=(16,),
+                      batches=(1, 8), contexts=(64,), decode_steps=4)
+    assert [(b, c) for b, c, _ in profile.decode] == [(1, 64), (8, 64)]
