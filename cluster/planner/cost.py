@@ -45,6 +45,9 @@ class Efficiency:
     # and converts them; GPU kernels read them in place, near 1).
     kv: float = 1.0
     overhead_s: float = 0.004  # per iteration: launches, sampling, scheduling
+    # More per iteration that carries prompt tokens (a GPU replays decode steps from CUDA
+    # graphs, and runs prompts eagerly, launch by launch; a GPU profile measures it).
+    prefill_overhead_s: float = 0.0
     # Per KV handoff, beyond moving its bytes: the calls that set it up and bring the first token
     # back (a profile fitted to a served benchmark measures it; none assumed otherwise).
     handoff_s: float = 0.0
@@ -112,8 +115,8 @@ class CostModel:
         mem = weights + self._kv_bytes * (decode_context + prefill_tokens)
         c, b = flops / self._flops, mem / self._bw
         seqs = decode_n + (prefill_seqs if prefill_tokens else 0)
-        return (self.eff.overhead_s + self.eff.per_seq_s * seqs
-                + (max(c, b) if self.eff.overlap else c + b))
+        fixed = self.eff.overhead_s + (self.eff.prefill_overhead_s if prefill_tokens else 0.0)
+        return fixed + self.eff.per_seq_s * seqs + (max(c, b) if self.eff.overlap else c + b)
 
     def decode_step(self, n: int, context: float, tokens: float | None = None) -> float:
         """`iteration(0, 0.0, n, context, decode_tokens=tokens)`, the same float, with less
@@ -183,16 +186,18 @@ def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def calibrate(device: DeviceSpec, model: ModelProfile, profile: Profile,
               link: float | None = None) -> Efficiency:
     """Efficiencies of `device` fitted to a profile measured on it (GPU: prefill points fit
-    compute, decode points fit memory; the overhead is the decode intercept)."""
+    compute, decode points fit memory; the overhead is the decode intercept, and what the
+    prefill intercept adds to it is the prompt iterations' own)."""
     if len(profile.prefill) < 2 or len(profile.decode) < 2:
         raise ConfigError("a profile needs at least two prefill and two decode points")
     n_pre = len(profile.prefill)
     matmul, attention, weights, kv, secs, _ = _features(model, profile)
     flops, mem = matmul + attention, weights + kv
-    slope_c, _ = _fit_line(flops[:n_pre], secs[:n_pre])
+    slope_c, prefill_fixed = _fit_line(flops[:n_pre], secs[:n_pre])
     slope_m, overhead = _fit_line(mem[n_pre:], secs[n_pre:])
     return Efficiency(compute=min(1.0, 1 / (slope_c * device.flops)),
                       memory=min(1.0, 1 / (slope_m * device.mem_bw)), overhead_s=overhead,
+                      prefill_overhead_s=max(prefill_fixed - overhead, 0.0),
                       link=link if link is not None else DEFAULT_LINK_EFFICIENCY, overlap=True)
 
 

@@ -12,7 +12,8 @@ from baton.cluster.planner.profile import Profile
 
 def test_a_gpu_profile_calibrates_compute_memory_and_overhead() -> None:
     gpu, model = Catalog().get("H100"), load_model("llama-3-8b")
-    truth = CostModel(gpu, model, 1, Efficiency(compute=0.4, memory=0.6, overhead_s=0.003))
+    truth = CostModel(gpu, model, 1, Efficiency(compute=0.4, memory=0.6, overhead_s=0.003,
+                                                prefill_overhead_s=0.006))
     profile = Profile(
         device="H100", model="llama-3-8b", model_config=BUILTIN["llama-3-8b"],
         prefill=[(n, truth.iteration(n, n * n / 2, 0, 0.0)) for n in (512, 1024, 2048, 4096)],
@@ -22,6 +23,7 @@ def test_a_gpu_profile_calibrates_compute_memory_and_overhead() -> None:
     assert eff.compute == pytest.approx(0.4, rel=0.05)
     assert eff.memory == pytest.approx(0.6, rel=0.05)
     assert eff.overhead_s == pytest.approx(0.003, rel=0.1)
+    assert eff.prefill_overhead_s == pytest.approx(0.006, rel=0.1)
 
 
 def test_steps_that_paid_a_first_time_cost_do_not_move_the_calibration() -> None:
