@@ -1,10 +1,13 @@
 """The GPU checks as one script, for a machine with CUDA, torch, triton and transformers but not
 Ray or Redis (what the test suite's conftest imports): `python -m baton.ops.gpu_check --out DIR`.
 
-Baton installs there without its dependencies (`pip install --no-deps -e .`, or `PYTHONPATH`
-at the checkout with the package directories linked as `baton.*`); the few the engine and the
-benchmarks import beyond that image (pydantic with pydantic-core, annotated-types and
-typing-inspection; gguf for the default model) go along as wheels.
+How it ran on an H200 whose image has torch 2.11, triton 3.6 and transformers 5.17: wheels for
+pydantic, pydantic-core, annotated-types, typing-inspection, gguf (the default model) and
+transformers 5.24 (the version the suite passes on) carried along, then
+`pip install --no-index --no-deps --target /tmp/site WHEELS` and, from the checkout,
+`pip install --no-index --no-deps --no-build-isolation --target /tmp/site .`; the script runs
+with `PYTHONPATH=/tmp/site` from outside the checkout (whose `baton/` would shadow the
+package), one process per section (`--sections graphs`, ...: they add to one report).
 
 Sections (`--sections`, comma-separated; each one's figures are written as soon as it ends, and
 one that fails does not stop the others):
