@@ -19,7 +19,7 @@ one that fails does not stop the others):
    (Triton paged attention, tree masks for `lookahead` and `medusa`): greedy tokens equal to
    `none`'s, drafts made, no KV block leaked.
 3. `bench_gpu`: `baton bench gpu` (decode at batch 1 and 32, with and without graphs, as a share
-   of the copy bandwidth).
+   of the copy bandwidth), and `torch.profiler`'s tables of 32 batch-1 decode steps.
 4. `profile`: `baton profile` on this GPU over a GPU-sized grid, for a random-weight Llama of
    Llama-3.2-3B's shape; written as `profile_<gpu>.json` for `baton plan --profile`.
 5. `moe`: `baton bench moe` on a random-weight Mixtral-shaped model in host memory (pinned),
@@ -32,7 +32,10 @@ Writes `gpu_check.json` and each section's report into `--out`; exits 1 if a che
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import random
 import sys
 import tempfile
@@ -160,6 +163,49 @@ def random_model(directory: Path, make: Callable[[], Any]) -> Path:
     return directory
 
 
+def run_bench_gpu(scratch: Path, out: Path) -> dict[str, Any]:
+    from baton.ops.bench import gpu_decode
+
+    model_dir = scratch / "llama-1b"
+    ratios = gpu_decode.main(json_path=str(out / "bench_gpu.json"),
+                             model_dir=str(model_dir))["ratios"]
+    (out / "decode_trace.txt").write_text(trace_decode(str(model_dir)))
+    return {"ratios": ratios, "ok": True}
+
+
+def trace_decode(model: str, steps: int = 32) -> str:
+    """torch.profiler's tables of `steps` batch-1 decode steps (graphs captured first): where a
+    step's time goes besides the replay, on the host and on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from baton.actors.engine import Engine
+    from baton.sampling import SamplingParams
+
+    engine = Engine(model=model, dtype="bfloat16", device=DEVICE)
+    prompt = list(range(3, 19))
+    engine.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.add_request(prompt, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+    engine.step()  # the prefill
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps // 2):
+            engine.step()
+    # The host's Python, which torch.profiler does not see: cProfile over the other half.
+    python = cProfile.Profile()
+    python.enable()
+    for _ in range(steps - steps // 2):
+        engine.step()
+    python.disable()
+    while engine.has_unfinished():
+        engine.step()
+    text = io.StringIO()
+    pstats.Stats(python, stream=text).sort_stats("cumulative").print_stats(40)
+    key = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+    return "\n\n".join([*(prof.key_averages().table(sort_by=k, row_limit=30)
+                          for k in ("cpu_time_total", "self_cpu_time_total", key)),
+                        text.getvalue()])
+
+
 def run_profile(scratch: Path, out: Path, gpu: str) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -243,14 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown sections {unknown}; choose among {list(SECTIONS)}", file=sys.stderr)
         return 2
     scratch = Path(tempfile.mkdtemp(prefix="baton-gpu-"))
-    from baton.ops.bench import gpu_decode
-
     steps: dict[str, Callable[[], Any]] = {
         "graphs": lambda: [check_graphs(arch) for arch in ("llama", "qwen3")],
         "spec": lambda: check_spec(scratch),
-        "bench_gpu": lambda: {"ratios": gpu_decode.main(
-            json_path=str(out / "bench_gpu.json"),
-            model_dir=str(scratch / "llama-1b"))["ratios"], "ok": True},
+        "bench_gpu": lambda: run_bench_gpu(scratch, out),
         "profile": lambda: run_profile(scratch, out, args.gpu),
         "moe": lambda: run_moe(scratch, out),
         "spec_bench": lambda: run_spec_bench(args.gguf, out),
