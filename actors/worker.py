@@ -229,9 +229,21 @@ class Worker:
         """Cancel the streams of callers whose lease ran out (their `finally` frees the
         blocks); ends once no request is leased."""
         lease = self.spec.caller_lease_s
+        interval = lease / 4
+        tick = time.monotonic()
         while self._leased:
-            await asyncio.sleep(lease / 4)
+            await asyncio.sleep(interval)
             now = time.monotonic()
+            stalled = now - tick - interval
+            tick = now
+            if stalled > interval:
+                # This loop could not run (starved of CPU, or blocked): no renewal could be heard
+                # meanwhile, and some may wait in the queue. The stall does not count against
+                # any caller's lease; the check comes at the next tick, after those renewals.
+                log.info("lease watch ran %.1f s late; leases extended by that", stalled)
+                for caller in self._renewed:
+                    self._renewed[caller] += stalled
+                continue
             for request_id, (caller, task) in list(self._leased.items()):
                 if now - self._renewed.get(caller, now) > lease:
                     log.warning("caller %s of %s stopped renewing its lease (%.1f s); aborting "
