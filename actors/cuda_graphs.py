@@ -15,10 +15,16 @@ cache positions, keyword plumbing), so nothing in it synchronizes with the host.
 on any device: the tests run it on the CPU, with the Triton kernel under its interpreter, against
 the engine's own forward.
 
+Steps whose requests each run a few tokens (a verify step's drafts, a short prompt; at most
+16, `run_runs`) replay graphs of their own, per (batch bucket, run length): each request's run
+is padded to the run length, its padding after its real tokens, writing into the scratch block,
+so that every real token keeps its position and sees only what the engine's forward lets it
+see (a draft tree's ancestors through the kernel's tree mask).
+
 Each bucket's graph is checked once, right after its capture: replayed over inputs other than
 the ones it was captured with, it must give the eager step's logits (up to rounding). A capture
 that fails, or a replay that differs, turns the graphs off with a warning; every step then runs
-the engine's own forward, as without them.
+the engine's own forward, as without them (a failed step of runs turns off only those).
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ WARMUP_RUNS = 2  # eager runs on the capture stream first (kernel compilation, l
 # A replay's logits against the eager step's, relative to their largest: rounding passes (the
 # library may pick other kernels inside a capture), a stale or missing buffer does not.
 CHECK_TOLERANCE = 0.02
+# Tokens a request a step of short runs holds (a draft plus the token before it): its buckets.
+RUN_BUCKETS = (2, 4, 8, 16)
+# At most this many tokens in a step of runs, padding included: each bucket keeps logits for
+# every token in its static output (128 MiB for a 128k vocabulary in bf16).
+MAX_RUN_TOKENS = 512
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -64,9 +75,11 @@ def unsupported(model) -> str | None:
 
 
 class LeanDecode:
-    """One decode step of a Llama-family model over tensors of fixed shape: `ids`, `positions`,
-    `slots` `[B]`, `tables [B, max_blocks]`, `context_lens [B]` -> (logits `[B, V]` in the
-    model's dtype, final hidden states `[B, H]`)."""
+    """One step of a Llama-family model over tensors of fixed shape: `ids`, `positions`, `slots`
+    `[T]`, `tables [B, max_blocks]`, `context_lens [B]` -> (logits `[T, V]` in the model's
+    dtype, final hidden states `[T, H]`). One token a request (`T == B`), or, with `query_start
+    [B + 1]`, runs of `max_query_len` tokens a request that see each other as `tree_mask
+    [T, max_query_len]` says (a verify step's drafts)."""
 
     def __init__(self, model, cache: PagedKVCache):
         self.model = model
@@ -78,8 +91,9 @@ class LeanDecode:
         self.head_dim = self.base.layers[0].self_attn.head_dim
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 tables: torch.Tensor, context_lens: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 tables: torch.Tensor, context_lens: torch.Tensor,
+                 query_start: torch.Tensor | None = None, max_query_len: int = 1,
+                 tree_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         b, d = ids.shape[0], self.head_dim
         hidden = self.base.embed_tokens(ids)  # [B, H]
         cos, sin = self.base.rotary_emb(hidden.unsqueeze(0), positions.unsqueeze(0))
@@ -96,7 +110,8 @@ class LeanDecode:
             k_cache, v_cache = self.cache.layer(i)
             _write(k_cache, slots, k)
             _write(v_cache, slots, v)
-            out = paged_attention(q, k_cache, v_cache, tables, context_lens, scale=attn.scaling)
+            out = paged_attention(q, k_cache, v_cache, tables, context_lens, query_start,
+                                  max_query_len, scale=attn.scaling, tree_mask=tree_mask)
             hidden = hidden + attn.o_proj(out.reshape(b, self.n_heads * d))
             x = layer.post_attention_layernorm(hidden)
             hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
@@ -119,19 +134,41 @@ def _write(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
 
 @dataclass(slots=True)
 class _Bucket:
-    """One batch size's static inputs and outputs, and its graph (None: run eagerly)."""
+    """One (batch size, run length) bucket's static inputs and outputs, and its graph (None:
+    run eagerly). Runs longer than one token carry their static `query_start` and a
+    `tree_mask` filled per step."""
 
     ids: torch.Tensor
     positions: torch.Tensor
     slots: torch.Tensor
     tables: torch.Tensor
     context_lens: torch.Tensor
+    run: int = 1
+    query_start: torch.Tensor | None = None
+    tree_mask: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
 
-    def inputs(self) -> tuple[torch.Tensor, ...]:
-        return self.ids, self.positions, self.slots, self.tables, self.context_lens
+    def forward(self, lean: LeanDecode) -> tuple[torch.Tensor, torch.Tensor]:
+        return lean(self.ids, self.positions, self.slots, self.tables, self.context_lens,
+                    self.query_start, self.run, self.tree_mask)
+
+
+@dataclass(slots=True)
+class StepRow:
+    """One request's run in a step of short runs (a verify step's drafts, a short prompt): its
+    token ids, their rotary positions and KV slots, the cache length after the step, its block
+    table, `mask [n, n]` (what each token sees of the run: causal, a draft tree by ancestry) and
+    how many trailing tokens return logits."""
+
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    end: int
+    table: list[int]
+    mask: torch.Tensor
+    num_logits: int
 
 
 class DecodeGraphs:
@@ -151,10 +188,14 @@ class DecodeGraphs:
         self.max_blocks = max_blocks
         self.capture = capture
         self.enabled = True  # False once a capture failed: every step runs the engine's forward
+        # False once a capture of a step of runs failed: those run the engine's forward, pure
+        # decode steps still replay their graphs.
+        self.runs_enabled = True
         self.sizes = buckets(max_batch)
         self._buckets: dict[int, _Bucket] = {}
         self._pool = None
-        self.steps = 0  # decode steps run here
+        self.steps = 0  # steps run here
+        self.run_steps = 0  # of them, steps of short runs (drafts verified)
         self.replays = 0  # of them, replayed from a graph
 
     @classmethod
@@ -187,14 +228,75 @@ class DecodeGraphs:
             return None
         self.steps += 1
         self._fill(bucket, tokens, positions, block_tables)
-        if bucket.graph is not None:
-            bucket.graph.replay()
-            self.replays += 1
-            assert bucket.logits is not None and bucket.hidden is not None
-            logits, hidden = bucket.logits, bucket.hidden
-        else:
-            logits, hidden = self.lean(*bucket.inputs())
+        logits, hidden = self._replay(bucket)
         return logits[:b], hidden[:b]
+
+    def fits_runs(self, run_lengths: list[int]) -> bool:
+        """Whether a step whose requests run these many tokens each runs here."""
+        if not (self.enabled and self.runs_enabled and 0 < len(run_lengths) <= self.max_batch
+                and max(run_lengths) <= RUN_BUCKETS[-1]):
+            return False
+        size = next(size for size in self.sizes if size >= len(run_lengths))
+        return size * next(r for r in RUN_BUCKETS if r >= max(run_lengths)) <= MAX_RUN_TOKENS
+
+    @torch.inference_mode()
+    def run_runs(self, rows: list[StepRow]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(logits, hidden) of every row's `num_logits` trailing tokens, in order, for a step
+        of short runs (see `fits_runs`): each request's run padded to the bucket's run length,
+        its padding tokens written to the scratch block and seen by no real token. None: this
+        call's capture failed, and the graphs are off."""
+        longest = max(len(row.ids) for row in rows)
+        run = next(r for r in RUN_BUCKETS if r >= longest)
+        bucket = self._bucket(next(size for size in self.sizes if size >= len(rows)), run)
+        if not (self.enabled and self.runs_enabled):
+            return None
+        self.steps += 1
+        self.run_steps += 1
+        keep = self._fill_runs(bucket, rows)
+        logits, hidden = self._replay(bucket)
+        return logits.index_select(0, keep), hidden.index_select(0, keep)
+
+    def _replay(self, bucket: _Bucket) -> tuple[torch.Tensor, torch.Tensor]:
+        if bucket.graph is None:
+            return bucket.forward(self.lean)
+        bucket.graph.replay()
+        self.replays += 1
+        assert bucket.logits is not None and bucket.hidden is not None
+        return bucket.logits, bucket.hidden
+
+    def _fill_runs(self, bucket: _Bucket, rows: list[StepRow]) -> torch.Tensor:
+        """Copy `rows` into `bucket`'s buffers; the rows of the tokens that return logits."""
+        run, bs = bucket.run, self.block_size
+        scratch = self.cache.scratch_block
+        assert scratch is not None and bucket.tree_mask is not None
+        size, width = bucket.context_lens.shape[0], bucket.tables.shape[1]
+        # Padding: token 0 at positions 0.., written to the scratch block's first slot; padding
+        # requests hold `run` tokens of the scratch block and see only those.
+        ids, positions = [0] * (size * run), [0] * (size * run)
+        slots = [scratch * bs] * (size * run)
+        ends = [run] * size
+        tables = torch.full((size, width), scratch, dtype=torch.long)
+        mask = torch.ones(run, run, dtype=torch.bool).tril().repeat(size, 1)
+        keep: list[int] = []
+        for i, row in enumerate(rows):
+            n, lo = len(row.ids), i * run
+            ids[lo : lo + n], slots[lo : lo + n] = row.ids, row.slots
+            positions[lo : lo + run] = row.positions + [row.positions[-1]] * (run - n)
+            # The run ends `run - n` padding positions past the cache, so each real token keeps
+            # its place (`context - run + j`); the padding comes after every real token.
+            ends[i] = row.end + run - n
+            tables[i, : len(row.table)] = torch.tensor(row.table)
+            mask[lo : lo + n, :n] = row.mask
+            mask[lo : lo + n, n:] = False
+            keep.extend(range(lo + n - row.num_logits, lo + n))
+        non_blocking = self.device.type == "cuda"
+        host = torch.tensor([ids, positions, slots])
+        for dst, src in zip((bucket.ids, bucket.positions, bucket.slots), host, strict=True):
+            dst.copy_(src, non_blocking=non_blocking)
+        bucket.context_lens.copy_(torch.tensor(ends), non_blocking=non_blocking)
+        bucket.tables.copy_(tables, non_blocking=non_blocking)
+        bucket.tree_mask.copy_(mask, non_blocking=non_blocking)
+        return torch.tensor(keep, device=self.device)
 
     def _fill(self, bucket: _Bucket, tokens: list[int], positions: list[int],
               block_tables: list[list[int]]) -> None:
@@ -218,19 +320,28 @@ class DecodeGraphs:
             dst.copy_(src, non_blocking=non_blocking)
         bucket.tables.copy_(tables, non_blocking=non_blocking)
 
-    def _bucket(self, size: int) -> _Bucket:
-        bucket = self._buckets.get(size)
+    def _bucket(self, size: int, run: int = 1) -> _Bucket:
+        bucket = self._buckets.get((size, run))
         if bucket is None:
             dev = self.device
-            bucket = _Bucket(*(torch.zeros(size, dtype=torch.long, device=dev) for _ in range(3)),
-                             tables=torch.zeros(size, self.max_blocks, dtype=torch.long,
-                                                device=dev),
-                             context_lens=torch.ones(size, dtype=torch.long, device=dev))
+            # A run's padding reaches `run - 1` positions past its request's cache.
+            width = self.max_blocks + (-(-(run - 1) // self.block_size) if run > 1 else 0)
+            tokens = size * run
+            bucket = _Bucket(*(torch.zeros(tokens, dtype=torch.long, device=dev)
+                               for _ in range(3)),
+                             tables=torch.zeros(size, width, dtype=torch.long, device=dev),
+                             context_lens=torch.full((size,), run, dtype=torch.long,
+                                                     device=dev),
+                             run=run)
+            if run > 1:
+                bucket.query_start = torch.arange(0, tokens + 1, run, device=dev)
+                bucket.tree_mask = torch.ones(run, run, dtype=torch.bool,
+                                              device=dev).tril().repeat(size, 1)
             bucket.slots.fill_(self.cache.scratch_block * self.block_size)
             bucket.tables.fill_(self.cache.scratch_block)
             if self.capture:
                 self._capture(bucket)
-            self._buckets[size] = bucket
+            self._buckets[(size, run)] = bucket
         return bucket
 
     def _capture(self, bucket: _Bucket) -> None:
@@ -242,26 +353,34 @@ class DecodeGraphs:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(WARMUP_RUNS):
-                    self.lean(*bucket.inputs())
+                    bucket.forward(self.lean)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                bucket.logits, bucket.hidden = self.lean(*bucket.inputs())
+                bucket.logits, bucket.hidden = bucket.forward(self.lean)
             # The replay must read the buffers as they are now, not as they were at capture.
             bucket.ids.fill_(1)
             graph.replay()
             got = bucket.logits.float()
-            want = self.lean(*bucket.inputs())[0].float()
+            want = bucket.forward(self.lean)[0].float()
             bucket.ids.zero_()
             torch.cuda.synchronize(self.device)
             if not (got - want).abs().max() <= CHECK_TOLERANCE * want.abs().max():
                 raise RuntimeError("a replay's logits differ from the eager step's")
         except Exception as exc:  # noqa: BLE001 - graphs are an optimization: run eagerly
+            if bucket.run > 1:
+                log.warning("CUDA graphs are off for steps of runs (verify steps): capturing "
+                            "%d rows of %d tokens failed (%s); they run eagerly",
+                            len(bucket.context_lens), bucket.run, exc)
+                self.runs_enabled = False
+                return
             log.warning("CUDA graphs are off for this engine: capturing a decode step of %d "
-                        "rows failed (%s); decode steps run eagerly", len(bucket.ids), exc)
+                        "rows failed (%s); decode steps run eagerly", len(bucket.context_lens),
+                        exc)
             self.enabled = False
             return
         bucket.graph = graph
-        log.info("captured a CUDA graph for decode steps of up to %d requests", len(bucket.ids))
+        log.info("captured a CUDA graph for steps of up to %d requests of %d tokens",
+                 len(bucket.context_lens), bucket.run)

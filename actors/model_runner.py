@@ -14,7 +14,7 @@ from baton.actors import cpu_step, paged_attention
 from baton.actors.cpu_linear import pack_linears, packing_supported
 from baton.actors.cpu_norm import use_kernel_norms
 from baton.actors.cpu_step import CpuDecodeStep
-from baton.actors.cuda_graphs import DecodeGraphs
+from baton.actors.cuda_graphs import DecodeGraphs, StepRow
 from baton.actors.draft_tree import DraftTree
 from baton.actors.kv_cache import PagedKVCache
 from baton.actors.model_source import ModelSource
@@ -156,19 +156,14 @@ class ModelRunner:
         sample_rows: list[int] = []
         trees: list[tuple[int, int, torch.Tensor]] = []
         for i, row in enumerate(rows):
-            start, end = row.start, row.start + row.num_tokens
-            table = row.block_table
-            ids.extend(row.token_ids[start:end])
-            pos = list(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            if row.tree is not None:
-                root = end - len(row.tree) - 1  # the last verified token, the tree's root
-                depth = row.tree.depths()
-                pos[root - start + 1 :] = [root + d for d in depth]
-                trees.append((i, root - start, _ancestor_mask(row.tree)))
+            row_ids, pos, row_slots, tree = _row_tokens(row, bs)
+            ids.extend(row_ids)
+            slots.extend(row_slots)
+            if tree is not None:
+                trees.append((i, *tree))
             positions.extend(pos)
             query_lens.append(row.num_tokens)
-            context_lens.append(end)
+            context_lens.append(row.start + row.num_tokens)
             sample_rows.extend(range(len(ids) - row.num_logits, len(ids)))
         b = len(rows)
         max_q = max(query_lens)
@@ -222,6 +217,15 @@ class ModelRunner:
                 logits, hidden = step
                 self.last_hidden = hidden.clone() if capture_hidden else None
                 return logits.to(torch.float32, copy=True)  # the graph's buffer is reused
+        if (graphs is not None and not through_modules and on_layer_done is None
+                and graphs.fits_runs([row.num_tokens for row in rows])
+                and any(row.num_logits for row in rows)):
+            # Short runs (a verify step's drafts): the same, one graph per run length.
+            step = graphs.run_runs([_step_row(row, self.block_size) for row in rows])
+            if step is not None:
+                logits, hidden = step  # gathered out of the graph's buffers: copies
+                self.last_hidden = hidden if capture_hidden else None
+                return logits.float()
         input_ids, position_ids, batch, sample_rows = self.prepare(rows)
         batch.on_layer_done = on_layer_done
         keep = torch.tensor(sample_rows or [0], device=self.device)  # none: keep it cheap
@@ -249,6 +253,35 @@ class ModelRunner:
             if hook is not None:
                 hook.remove()
         return logits[0, : len(sample_rows)].float()
+
+
+def _row_tokens(row: BatchRow, bs: int
+                ) -> tuple[list[int], list[int], list[int], tuple[int, torch.Tensor] | None]:
+    """A row's token ids, their rotary positions and KV slots, and its draft tree as (query
+    index of the tree's root, ancestor mask) when it has one: tree nodes take positions by
+    depth, and their slots by order."""
+    start, end = row.start, row.start + row.num_tokens
+    table = row.block_table
+    pos = list(range(start, end))
+    slots = [table[p // bs] * bs + p % bs for p in pos]
+    tree = None
+    if row.tree is not None:
+        root = end - len(row.tree) - 1  # the last verified token, the tree's root
+        pos[root - start + 1 :] = [root + d for d in row.tree.depths()]
+        tree = (root - start, _ancestor_mask(row.tree))
+    return row.token_ids[start:end], pos, slots, tree
+
+
+def _step_row(row: BatchRow, bs: int) -> StepRow:
+    """`row` as a run of a captured step: what each token sees of the run is causal, and a
+    draft tree's nodes see their ancestors (as `AttentionBatch.tree_mask`)."""
+    ids, pos, slots, tree = _row_tokens(row, bs)
+    n = len(ids)
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    if tree is not None:
+        q0, anc = tree
+        mask[q0 : q0 + anc.shape[0], q0 : q0 + anc.shape[0]] = anc
+    return StepRow(ids, pos, slots, row.start + n, row.block_table, mask, row.num_logits)
 
 
 def _plain_decode(row: BatchRow) -> bool:

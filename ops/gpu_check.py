@@ -140,12 +140,15 @@ def check_spec(scratch: Path) -> dict[str, Any]:
             if o.finished:
                 done[o.request_id] = list(o.token_ids)
     mixed = [done[i] for i in ids] == want
+    graphs = engine.runner.graphs
     leaked = bool(engine.block_violations()) or \
         engine.blocks.num_free_blocks != engine.blocks.num_blocks
     ok = mixed and not leaked and all(r["equal_to_none"] and r["drafted"] > 0
                                       for r in rows.values())
     return {"methods": rows, "mixed_batch_equal_to_none": mixed, "blocks_leaked": leaked,
-            "ok": ok}
+            "graph_steps": graphs.steps if graphs is not None else None,
+            "graph_run_steps": graphs.run_steps if graphs is not None else None,
+            "graph_replays": graphs.replays if graphs is not None else None, "ok": ok}
 
 
 def random_model(directory: Path, make: Callable[[], Any]) -> Path:
