@@ -19,6 +19,7 @@ from baton.actors.medusa import MedusaHeads
 from baton.actors.model_runner import BatchRow
 from baton.kernels.dispatch import force_backend
 from baton.sampling import SamplingParams
+from tests.actors.test_cuda_graphs import prefilled
 from tests.conftest import assert_no_leaks
 
 METHODS = ["ngram", "lookahead", "layerskip", "draft", "medusa"]
@@ -87,27 +88,13 @@ def test_draft_trees_through_the_triton_kernel_in_run_graphs(method, monkeypatch
     assert_no_leaks(engine)
 
 
-def _filled(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
-    """Prefill `prompts` through the eager forward; their block tables."""
-    runner, bs = engine.runner, engine.cache.spec.block_size
-    tables, first = [], 0
-    for prompt in prompts:
-        n = -(-(len(prompt) + 8) // bs)
-        tables.append(list(range(first, first + n)))
-        first += n
-    graphs, runner.graphs = runner.graphs, None
-    runner.run_rows([BatchRow(p, 0, len(p), t, 1) for p, t in zip(prompts, tables, strict=True)])
-    runner.graphs = graphs
-    return tables
-
-
 def test_a_verify_step_gives_the_eager_forwards_logits_and_hidden_states(monkeypatch):
     """A decode row, a chain of 3 drafts and a tree of 5 nodes in one step (bucket of 4
     requests, runs of 8): the lean step's logits and hidden states are the engine's forward's."""
     engine = _engine(monkeypatch)
     runner = engine.runner
     prompts = _prompts(3, 3)
-    tables = _filled(engine, prompts)
+    tables = prefilled(engine, prompts, room=8)
     tree = DraftTree([11, 12, 13, 14, 15], [-1, -1, 0, 0, 2])
     rows = [BatchRow(prompts[0] + [7], len(prompts[0]), 1, tables[0], 1),
             BatchRow(prompts[1] + [7, 8, 9, 10], len(prompts[1]), 4, tables[1], 4),
@@ -128,7 +115,7 @@ def test_padded_runs_write_only_their_slots_and_the_scratch_block(monkeypatch):
     graphs, cache, bs = engine.runner.graphs, engine.cache, engine.cache.spec.block_size
     assert graphs is not None
     prompts = _prompts(4, 3)
-    tables = _filled(engine, prompts)
+    tables = prefilled(engine, prompts, room=8)
     rows = [BatchRow(prompts[0] + [7, 8, 9], len(prompts[0]), 3, tables[0], 3),
             BatchRow(prompts[1] + [7], len(prompts[1]), 1, tables[1], 1),
             BatchRow(prompts[2] + [7, 8], len(prompts[2]), 2, tables[2], 2)]
@@ -189,7 +176,7 @@ def test_a_failed_run_capture_leaves_decode_graphs_on(monkeypatch, caplog):
     graphs = engine.runner.graphs
     assert graphs is not None
     prompts = _prompts(6, 2)
-    tables = _filled(engine, prompts)
+    tables = prefilled(engine, prompts, room=8)
     rows = [BatchRow(p + [7, 8], len(p), 2, t, 2) for p, t in zip(prompts, tables, strict=True)]
     graphs.capture = True  # on a CPU, capturing fails
     with caplog.at_level("WARNING", logger="baton.actors.cuda_graphs"):

@@ -40,6 +40,21 @@ def _prompts(seed: int, n: int) -> list[list[int]]:
     return [[rng.randrange(3, 250) for _ in range(rng.randrange(2, 40))] for _ in range(n)]
 
 
+def prefilled(engine: Engine, prompts: list[list[int]], room: int) -> list[list[int]]:
+    """Prefill `prompts` through the engine's own forward, each in blocks of its own with room
+    for `room` more tokens; their block tables."""
+    runner, bs = engine.runner, engine.cache.spec.block_size
+    tables, first = [], 0
+    for prompt in prompts:
+        n = -(-(len(prompt) + room) // bs)
+        tables.append(list(range(first, first + n)))
+        first += n
+    graphs, runner.graphs = runner.graphs, None
+    runner.run_rows([BatchRow(p, 0, len(p), t, 1) for p, t in zip(prompts, tables, strict=True)])
+    runner.graphs = graphs
+    return tables
+
+
 def test_buckets_cover_every_batch_size_up_to_the_largest():
     assert buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert buckets(1) == [1]
@@ -100,15 +115,10 @@ def test_the_lean_step_logits_and_hidden_states_match_the_engines_forward(monkey
     """One decode step of 5 requests (bucket 8) through the lean step and through the engine's
     own forward, over the same prompts' KV."""
     engine = _lean_engine("qwen3", monkeypatch)
-    runner, bs = engine.runner, engine.cache.spec.block_size
+    runner = engine.runner
     prompts = _prompts(3, 5)
-    tables, first = [], 0
-    for prompt in prompts:
-        n = -(-(len(prompt) + 1) // bs)
-        tables.append(list(range(first, first + n)))
-        first += n
+    tables = prefilled(engine, prompts, room=1)
     graphs, runner.graphs = runner.graphs, None
-    runner.run_rows([BatchRow(p, 0, len(p), t, 1) for p, t in zip(prompts, tables, strict=True)])
     rows = [BatchRow(p + [7], len(p), 1, t, 1) for p, t in zip(prompts, tables, strict=True)]
     eager = runner.run_rows(rows, capture_hidden=True)
     eager_hidden = runner.last_hidden
