@@ -10,6 +10,8 @@ and float32 logits match the all-resident model exactly.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 
 import torch
@@ -172,6 +174,24 @@ def router_scores(router: torch.nn.Module | None, float32: bool = False) -> Rout
     return logits
 
 
+def _parts(cache, layer: int, hit: list[int], predicted
+           ) -> Iterator[tuple[list[int], list[int], set[int]]]:
+    """`hit`'s experts a cache's worth at a time: (experts, their slots, those of the slots
+    still loading), the slots held while the caller computes with them and released after.
+    Iterate it inside `closing`, so that a failed part releases its slots at once."""
+    for first in range(0, len(hit), cache.capacity):
+        chunk = hit[first : first + cache.capacity]
+        slots = cache.acquire(layer, chunk)
+        if first + cache.capacity >= len(hit):
+            # Only now: this layer's experts are all used or pinned, so a prefetch evicts none
+            # that it still needs, and loads while this layer and the next one's attention run.
+            cache.prefetch(predicted)
+        try:
+            yield chunk, slots, cache.loading_among(slots)
+        finally:
+            cache.release(slots)
+
+
 def offload_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers experts forward over the expert cache: `hidden_states [T, H]`, top-k index
@@ -185,18 +205,10 @@ def offload_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
                                    top_k_weights)
     order = by_expert(top_k_index, self.num_experts)
     x = hidden_states[order.perm // top_k_index.shape[-1]]
-    hit = order.hit
     out = torch.empty(x.shape[0], hidden_states.shape[-1], dtype=hidden_states.dtype,
                       device=hidden_states.device)
-    for first in range(0, len(hit), cache.capacity):
-        chunk = hit[first : first + cache.capacity]
-        slots = cache.acquire(layer, chunk)
-        if first + cache.capacity >= len(hit):
-            # Only now: this layer's experts are all used or pinned, so a prefetch evicts none
-            # that it still needs, and loads while this layer and the next one's attention run.
-            cache.prefetch(predicted)
-        try:
-            loading = cache.loading_among(slots)
+    with closing(_parts(cache, layer, order.hit, predicted)) as parts:
+        for chunk, slots, loading in parts:
             pairs = list(zip(chunk, slots, strict=True))
             if loading:  # experts already resident first: the others' reads go on meanwhile
                 pairs.sort(key=lambda pair: pair[1] in loading)
@@ -205,10 +217,7 @@ def offload_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
                     cache.ready(slot)
                 rows = order.rows(e)
                 out[rows] = expert_mlp(self, x[rows], cache.gate_up[slot], cache.down[slot])
-        finally:
-            cache.release(slots)
     return combine(out, order, top_k_weights, hidden_states.dtype)
-
 
 
 def _grouped_over_slots(experts, cache, layer: int, predicted, hidden_states: torch.Tensor,
@@ -218,25 +227,18 @@ def _grouped_over_slots(experts, cache, layer: int, predicted, hidden_states: to
     dropped id, and each pair's row, computed once, is summed per token as the resident path
     sums it."""
     s, top_k = top_k_index.shape
-    hit = torch.unique(top_k_index).tolist()
     pairs = None
-    dropped = cache.capacity
-    for first in range(0, len(hit), cache.capacity):
-        chunk = hit[first : first + cache.capacity]
-        slots = cache.acquire(layer, chunk)
-        if first + cache.capacity >= len(hit):
-            cache.prefetch(predicted)  # as the per-expert path: this layer's experts are pinned
-        try:
-            for slot in cache.loading_among(slots):
+    hit = torch.unique(top_k_index).tolist()
+    with closing(_parts(cache, layer, hit, predicted)) as parts:
+        for chunk, slots, loading in parts:
+            for slot in loading:
                 cache.ready(slot)
-            slot_of = torch.full((experts.num_experts + 1,), dropped, dtype=top_k_index.dtype)
+            slot_of = torch.full((experts.num_experts,), cache.capacity, dtype=top_k_index.dtype)
             slot_of[chunk] = torch.tensor(slots, dtype=top_k_index.dtype)
             ids = slot_of.to(top_k_index.device)[top_k_index]
             part = expert_pairs_grouped(hidden_states, ids, top_k_weights, cache.gate_up,
                                         cache.down, experts._apply_gate)
-        finally:
-            cache.release(slots)
-        pairs = part if pairs is None else pairs + part  # a pair's row is zero but in one part
+            pairs = part if pairs is None else pairs + part  # zero but in its expert's part
     assert pairs is not None
     return sum_pairs(pairs, s, top_k, hidden_states.dtype)
 
