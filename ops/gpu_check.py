@@ -151,21 +151,6 @@ def check_spec(scratch: Path) -> dict[str, Any]:
             "graph_replays": graphs.replays if graphs is not None else None, "ok": ok}
 
 
-def random_model(directory: Path, make: Callable[[], Any]) -> Path:
-    """A random-weight model built on the GPU in bf16 and saved, with the tiny byte-level
-    tokenizer (prompts are ids or bytes), once."""
-    from baton.actors.tiny import tiny_tokenizer
-
-    if not (directory / "config.json").exists():
-        with torch.device(DEVICE):
-            model = make().to(torch.bfloat16)
-        model.save_pretrained(directory)
-        tiny_tokenizer().save_pretrained(directory)
-        del model
-        torch.cuda.empty_cache()
-    return directory
-
-
 def run_bench_gpu(scratch: Path, out: Path) -> dict[str, Any]:
     from baton.ops.bench import gpu_decode
 
@@ -179,8 +164,6 @@ def run_bench_gpu(scratch: Path, out: Path) -> dict[str, Any]:
 def trace_decode(model: str, steps: int = 32) -> str:
     """torch.profiler's tables of `steps` batch-1 decode steps (graphs captured first): where a
     step's time goes besides the replay, on the host and on the device."""
-    from torch.profiler import ProfilerActivity, profile
-
     from baton.actors.engine import Engine
     from baton.sampling import SamplingParams
 
@@ -189,8 +172,7 @@ def trace_decode(model: str, steps: int = 32) -> str:
     engine.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))
     engine.add_request(prompt, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
     engine.step()  # the prefill
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with _profiled() as prof:
         for _ in range(steps // 2):
             engine.step()
     # The host's Python, which torch.profiler does not see: cProfile over the other half.
@@ -203,19 +185,18 @@ def trace_decode(model: str, steps: int = 32) -> str:
         engine.step()
     text = io.StringIO()
     pstats.Stats(python, stream=text).sort_stats("cumulative").print_stats(40)
-    key = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
-    return "\n\n".join([*(prof.key_averages().table(sort_by=k, row_limit=30)
-                          for k in ("cpu_time_total", "self_cpu_time_total", key)),
+    return "\n\n".join([*_tables(prof, "cpu_time_total", "self_cpu_time_total"),
                         text.getvalue()])
 
 
 def run_profile(scratch: Path, out: Path, gpu: str) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from baton.ops.bench.gpu_decode import random_model
     from baton.ops.profile_run import measure
 
     directory = random_model(scratch / "llama-3b-shape", lambda: LlamaForCausalLM(LlamaConfig(
-        **PROFILE_SHAPE, bos_token_id=256, eos_token_id=256, pad_token_id=256)))
+        **PROFILE_SHAPE, bos_token_id=256, eos_token_id=256, pad_token_id=256)), DEVICE)
     prof = measure(model=str(directory), dtype="bfloat16", device=DEVICE, gpu=gpu,
                    kv_cache_memory=40 << 30, say=print, **PROFILE_GRID)  # type: ignore[arg-type]
     path = out / f"profile_{gpu.lower()}.json"
@@ -227,8 +208,6 @@ def run_profile(scratch: Path, out: Path, gpu: str) -> dict[str, Any]:
 def trace_prefill(model: str, tokens: int) -> str:
     """torch.profiler's table of one `tokens`-token prefill step (after an untimed one): where
     a prefill's time goes."""
-    from torch.profiler import ProfilerActivity, profile
-
     from baton.actors.engine import Engine
     from baton.sampling import SamplingParams
 
@@ -237,22 +216,34 @@ def trace_prefill(model: str, tokens: int) -> str:
     rng = random.Random(1)
     one = SamplingParams(max_tokens=1, ignore_eos=True)
     engine.generate([[rng.randrange(3, 250) for _ in range(tokens)]], one)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with _profiled() as prof:
         engine.generate([[rng.randrange(3, 250) for _ in range(tokens)]], one)
-    key = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
-    return "\n\n".join(prof.key_averages().table(sort_by=k, row_limit=25)
-                       for k in ("cpu_time_total", key))
+    return "\n\n".join(_tables(prof, "cpu_time_total"))
+
+
+def _profiled():
+    """torch.profiler over the host, and over the GPU where there is one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU]
+                   + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else []))
+
+
+def _tables(prof, *sort_keys: str) -> list[str]:
+    """`prof`'s op tables sorted by each of `sort_keys`, then by device time (on a GPU)."""
+    keys = [*sort_keys, "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"]
+    return [prof.key_averages().table(sort_by=k, row_limit=30) for k in keys]
 
 
 def run_moe(scratch: Path, out: Path) -> dict[str, Any]:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from baton.ops.bench import moe
+    from baton.ops.bench.gpu_decode import random_model
     from baton.ops.bench.report import run_and_report
 
     directory = random_model(scratch / "mixtral-shape", lambda: MixtralForCausalLM(MixtralConfig(
-        **MOE_SHAPE, bos_token_id=256, eos_token_id=256, pad_token_id=256)))
+        **MOE_SHAPE, bos_token_id=256, eos_token_id=256, pad_token_id=256)), DEVICE)
     report = run_and_report(
         lambda c: moe.run_moe_bench(str(directory), ["lru", "lfu", "lookahead", "trace"],
                                     [0.125, 0.25, 0.5], "host", 2, 24, 4, "bfloat16", DEVICE,

@@ -207,7 +207,7 @@ def profile_command(
 
 def _int_list(name: str, text: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(v) for v in text.split(","))
+        values = tuple(int(v) for v in _names(text) or ())
     except ValueError as exc:
         raise ConfigError(f"--{name.replace('_', '-')} takes positive integers separated by "
                           f"commas, like 1,8,32; got {text!r}") from exc

@@ -16,6 +16,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +33,28 @@ MODEL_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2
 PROMPT_TOKENS = 16
 
 
-def build_model(directory: Path) -> Path:
-    """The random-weight ~1.1B Llama and the tiny tokenizer, saved into `directory` once."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def random_model(directory: Path, make: Callable[[], Any], device: str = "cuda") -> Path:
+    """A random-weight model, `make()` built on `device` in bf16, saved into `directory` once
+    with the tiny byte-level tokenizer (prompts are token ids or bytes)."""
     from baton.actors.tiny import tiny_tokenizer
 
     if not (directory / "config.json").exists():
-        config = LlamaConfig(**MODEL_SHAPE, bos_token_id=256, eos_token_id=256, pad_token_id=256)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        with torch.device(device):
+            model = make().to(torch.bfloat16)
         model.save_pretrained(directory)
         tiny_tokenizer().save_pretrained(directory)
         del model
-        torch.cuda.empty_cache()
+        if device != "cpu":
+            torch.cuda.empty_cache()
     return directory
+
+
+def build_model(directory: Path) -> Path:
+    """The random-weight ~1.1B Llama, saved into `directory` once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return random_model(directory, lambda: LlamaForCausalLM(LlamaConfig(
+        **MODEL_SHAPE, bos_token_id=256, eos_token_id=256, pad_token_id=256)))
 
 
 def copy_bandwidth_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
