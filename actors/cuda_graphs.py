@@ -236,8 +236,13 @@ class DecodeGraphs:
         if not (self.enabled and self.runs_enabled and 0 < len(run_lengths) <= self.max_batch
                 and max(run_lengths) <= RUN_BUCKETS[-1]):
             return False
-        size = next(size for size in self.sizes if size >= len(run_lengths))
-        return size * next(r for r in RUN_BUCKETS if r >= max(run_lengths)) <= MAX_RUN_TOKENS
+        size, run = self._runs_bucket(len(run_lengths), max(run_lengths))
+        return size * run <= MAX_RUN_TOKENS
+
+    def _runs_bucket(self, num_rows: int, longest: int) -> tuple[int, int]:
+        """(batch size, run length) of the bucket a step of runs takes."""
+        return (next(size for size in self.sizes if size >= num_rows),
+                next(r for r in RUN_BUCKETS if r >= longest))
 
     @torch.inference_mode()
     def run_runs(self, rows: list[StepRow]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -245,9 +250,7 @@ class DecodeGraphs:
         of short runs (see `fits_runs`): each request's run padded to the bucket's run length,
         its padding tokens written to the scratch block and seen by no real token. None: this
         call's capture failed, and the graphs are off."""
-        longest = max(len(row.ids) for row in rows)
-        run = next(r for r in RUN_BUCKETS if r >= longest)
-        bucket = self._bucket(next(size for size in self.sizes if size >= len(rows)), run)
+        bucket = self._bucket(*self._runs_bucket(len(rows), max(len(row.ids) for row in rows)))
         if not (self.enabled and self.runs_enabled):
             return None
         self.steps += 1
