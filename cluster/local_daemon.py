@@ -36,6 +36,8 @@ def serve(ready: Path, namespace: str, num_cpus: int, redis_dir: str, with_ray: 
     """Own Ray and Redis until SIGTERM, then shut both down cleanly."""
     import ray  # after `main` set the auth settings Ray reads at import
 
+    from baton.cluster.ray_start import init_local
+
     stop = False
 
     def on_term(*_: Any) -> None:
@@ -52,9 +54,9 @@ def serve(ready: Path, namespace: str, num_cpus: int, redis_dir: str, with_ray: 
             info["ray_token"] = os.environ["RAY_AUTH_TOKEN"]
             # Loopback only (see the module doc): nothing outside this machine joins.
             # The dashboard serves Ray's job API (`baton submit`, `ray job submit`).
-            context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                               dashboard_host="127.0.0.1", dashboard_port=free_port(),
-                               namespace=namespace, logging_level=logging.ERROR)
+            context = init_local(num_cpus=num_cpus, include_dashboard=True,
+                                 dashboard_host="127.0.0.1", dashboard_port=free_port(),
+                                 namespace=namespace, logging_level=logging.ERROR)
             info["ray_address"] = ray.get_runtime_context().gcs_address
             if context.dashboard_url:
                 info["job_address"] = f"http://{context.dashboard_url}"

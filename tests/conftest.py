@@ -19,6 +19,7 @@ import ray  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 
 from baton.actors.engine import Engine  # noqa: E402
+from baton.cluster.ray_start import init_local  # noqa: E402
 from baton.cluster.redis_server import RedisServer  # noqa: E402
 
 T = TypeVar("T")
@@ -95,28 +96,14 @@ def hf_greedy_batch(model, prompts: list[list[int]], max_new_tokens: int) -> lis
     return [row[:row.index(eos) + 1] if eos in row else row for row in rows]
 
 
-RAY_START_ATTEMPTS = 2
-
-
 @pytest.fixture(scope="module")
 def ray_local():
     """A Ray instance of this process's own (never one already running on the machine)."""
     # No idle workers started ahead: a test module's few actors start their own (on 2 cores this
     # saved 2.5 s of CPU per module).
-    for attempt in range(RAY_START_ATTEMPTS):
-        try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False,
-                     logging_level="ERROR",
-                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-                     _system_config={"prestart_worker_first_driver": False})
-            break
-        except Exception as exc:
-            # Ray gives its raylet 30 s to register, fixed; under CI's two test sequences on two
-            # cores it once took longer. A second start, after the first one's processes are
-            # gone, is what a user would do.
-            ray.shutdown()
-            if "timed out during startup" not in str(exc) or attempt + 1 == RAY_START_ATTEMPTS:
-                raise
+    init_local(num_cpus=4, include_dashboard=False, logging_level="ERROR",
+               runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+               _system_config={"prestart_worker_first_driver": False})
     yield
     ray.shutdown()
 

@@ -32,6 +32,7 @@ from baton.actors.engine import DTYPES, Engine
 from baton.actors.engine_loop import LoopTimings
 from baton.cluster.config import ClusterConfig, PoolConfig
 from baton.cluster.pools import start_pools
+from baton.cluster.ray_start import init_local
 from baton.errors import ConfigError
 from baton.ops.bench.machine import OtherCPUBusy, machine_info, warn_if_busy
 from baton.ops.bench.report import ms, run_and_report
@@ -147,8 +148,8 @@ def run(*, model: str = "default", dtype: str = "bfloat16", repeats: int = 8,
     alone = EngineAlone(model, dtype, core)
     vocab = alone.engine.vocab_size
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.ERROR,
-             log_to_driver=False)
+    init_local(num_cpus=4, include_dashboard=False, logging_level=logging.ERROR,
+               log_to_driver=False)
     try:
         say("starting the worker actor")
         actor = WorkerActor(model, dtype, core)

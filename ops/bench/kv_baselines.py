@@ -114,12 +114,13 @@ class RayObjectStoreLink(Link):
     def __init__(self, num_cpus: int = 2):
         import ray
 
+        from baton.cluster.ray_start import init_local
+
         self._ray = ray
         self._started = not ray.is_initialized()
         if self._started:
-            # address="local": a fresh instance, never a cluster someone `ray start`ed here.
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     logging_level=logging.ERROR)
+            init_local(num_cpus=num_cpus, include_dashboard=False,
+                       logging_level=logging.ERROR)
         sink: Any = ray.remote(ObjectStoreSink)  # Ray's stubs type the handle's methods poorly
         self._actor = sink.options(num_cpus=1).remote()
         ray.get(self._actor.touch.remote(np.zeros(1, dtype=np.uint8)))  # the actor is up

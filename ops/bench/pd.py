@@ -24,6 +24,7 @@ from rich.console import Console
 from baton.actors.model_source import load_tokenizer, resolve
 from baton.cluster.config import ClusterConfig, PoolConfig
 from baton.cluster.pools import Pools, start_pools
+from baton.cluster.ray_start import init_local
 from baton.errors import ConfigError
 from baton.ops.bench import sweep, worker_load
 from baton.ops.bench.machine import machine_info
@@ -105,8 +106,8 @@ def run(*, model: str = "default", dtype: str = "bfloat16", rates: Sequence[floa
     say = progress.print if progress else log.info
     source = resolve(model)
     tokenizer = load_tokenizer(source)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.ERROR,
-             log_to_driver=False)
+    init_local(num_cpus=4, include_dashboard=False, logging_level=logging.ERROR,
+               log_to_driver=False)
     try:
         say(f"starting both systems on cores {cores} ({source.name}, {dtype})")
         systems = {name: System(name, start_pools(cfg))
