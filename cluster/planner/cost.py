@@ -61,6 +61,9 @@ class Efficiency:
     # sender shares its core with the forward pass; a profile fitted to a served benchmark
     # measures it).
     prefill_scale: float = 1.0
+    # Workers sharing this machine's cores: the share by which one's iteration with prompt
+    # chunks lengthens the others' iterations it overlaps (`ClusterSim`'s `host_contention`).
+    host_contention: float = 0.0
     per_seq_s: float = 0.0  # per request in the batch (CPU: per-sequence Python work)
     link: float = DEFAULT_LINK_EFFICIENCY  # of NIC bandwidth a KV transfer reaches
     overlap: bool = True  # compute and memory overlap (GPU) or add up (CPU)
@@ -254,4 +257,5 @@ def device_from_profile(profile: Profile, model: ModelProfile,
                               handoff_s=profile.handoff_s, request_s=profile.request_s,
                               handoff_busy_s=profile.handoff_busy_s,
                               prefill_scale=profile.prefill_scale,
+                              host_contention=profile.host_contention,
                               link=1.0, overlap=False)

@@ -11,6 +11,12 @@ event of its own: a remote prefill's import is announced to its decode engine wh
 ends (a run is cut, or planned to stop, at the step in progress when the KV lands), and a
 prefill engine's iteration that completes every prompt with none waiting is accounted when it is
 planned. Results are the same as with an event for each (`tests/planner/test_sim_lookahead.py`).
+
+Engines that share one machine (`ClusterSim`'s `host_contention`: the workers of a benchmark
+replayed on the machine it ran on) slow each other down: while one runs an iteration with prompt
+chunks, the others' decode runs go at `1 / (1 + host_contention)` of their speed (`contention`).
+A run under way when such an iteration starts ends later; one that starts during it is planned
+longer; a run cut short keeps the steps it made at the speed it had.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import math
 from collections import deque
 from typing import Any
 
+from baton.cluster.planner.contention import Slowdown
 from baton.cluster.planner.cost import CostModel
 
 
@@ -97,6 +104,9 @@ class SimEngine:
         self._prefill_scale = cost.eff.prefill_scale if role == "prefill" else 1.0
         self._schedule = sim.schedule
         self._skipping: bool = sim.event_skipping
+        self.host: list[SimEngine] = []  # the other engines on this machine's cores
+        self._slow: Slowdown | None = None  # with `host`: this run's slow windows
+        self._heavy_until = -math.inf  # the end of this engine's iteration with prompt chunks
 
     # -- the outside world ------------------------------------------------------------------------
 
@@ -153,11 +163,14 @@ class SimEngine:
         """Cut the decode run under way short at the step in progress at `at`."""
         start, step, steps = self._group
         if steps > 1:
-            done = min(steps, max(1, math.ceil((at - start) / step - 1e-9)))
+            slow = self._slow
+            work = at - start if slow is None else slow.work(start, at)
+            done = min(steps, max(1, math.ceil(work / step - 1e-9)))
             if done < steps:
                 self._version += 1
                 self._group = (start, step, done)
-                self.sim.schedule(start + done * step, self._done, self._version)
+                end = start + done * step if slow is None else slow.when(start, done * step)
+                self.sim.schedule(end, self._done, self._version)
 
     def _start(self, now: float, step: float, steps: int) -> None:
         """Run `steps` iterations of `step` s from `now` as one event, up to an expected import."""
@@ -168,7 +181,30 @@ class SimEngine:
             if upto < steps:
                 steps = upto if upto > 1 else 1
         self._group = (now, step, steps)
-        self._schedule(now + step * steps, self._done, self._version)
+        end = now + step * steps
+        if self._slow is not None:
+            self._slow.clear()
+            heavy = max(e._heavy_until for e in self.host)
+            if heavy > now and not self._chunks:  # a prompt iteration is under way elsewhere
+                self._slow.add(now, heavy)
+                end = self._slow.when(now, step * steps)
+        self._schedule(end, self._done, self._version)
+
+    def _contend(self, now: float, end: float) -> None:
+        """This engine runs a prompt iteration until `end`: the others' runs slow meanwhile."""
+        self._heavy_until = end
+        for other in self.host:
+            other._slowed(now, end)
+
+    def _slowed(self, start: float, end: float) -> None:
+        """Another engine on this host runs a prompt iteration over [start, end): the decode run
+        under way here runs slower over it, and ends later."""
+        if not self.busy or self._settle_at is not None or self._chunks or self._slow is None:
+            return
+        t0, step, steps = self._group
+        self._slow.add(start, end)
+        self._version += 1
+        self._schedule(self._slow.when(t0, step * steps), self._done, self._version)
 
     def _join(self, req: SimRequest) -> None:
         steps = req.left if req.gain == 1 else math.ceil(req.left / req.gain)
@@ -282,6 +318,8 @@ class SimEngine:
         self._chunks = chunks
         step = self._prefill_scale * self.cost.iteration(p_tokens, p_ctx, n, self.decode_ctx,
                                                          len(chunks), self.verify)
+        if self._slow is not None:
+            self._contend(now, now + step)
         if self._ahead and whole and not self.waiting and len(chunks) == len(partial):
             # every prompt completes and none waits: nothing happens here at the step's end
             self.busy = True

@@ -9,7 +9,10 @@ longer again a prefill worker's step takes (its KV sender shares its core), `han
 one KV handoff adds to a remote prefill's TTFT beyond moving its bytes (`handoff_busy_s` more
 when its decode worker is stepping then) and `request_s` what the serving path (API, router,
 actor calls) adds to every request's, all fitted to a served benchmark by `baton bench plan
---fit-on` (1.0, 1.0, 0, 0 and 0 until then).
+--fit-on` (1.0, 1.0, 0, 0 and 0 until then). `host_contention`, fitted with them (0 until
+then), is how much the serving workers of one machine slow each other: while one runs a prompt,
+the others decode at `1 / (1 + host_contention)` of their speed. It applies where a benchmark is
+replayed on the machine it ran on; `baton plan` gives each replica a machine of its own.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Profile:
     prefill_scale: float = 1.0
     request_s: float = 0.0
     handoff_busy_s: float = 0.0
+    host_contention: float = 0.0
 
     @property
     def is_cpu(self) -> bool:
@@ -68,10 +72,11 @@ class Profile:
         if len(prof.prefill) < 2 or len(prof.decode) < 2:
             raise ConfigError(f"profile {p} needs at least two prefill and two decode points")
         if not (prof.serving_scale > 0 and prof.prefill_scale > 0
-                and min(prof.handoff_s, prof.handoff_busy_s, prof.request_s) >= 0):
+                and min(prof.handoff_s, prof.handoff_busy_s, prof.request_s,
+                        prof.host_contention) >= 0):
             raise ConfigError(f"profile {p}: serving_scale and prefill_scale must be positive "
-                              f"and handoff_s, handoff_busy_s and request_s at least 0, not "
-                              f"{prof.serving_scale!r}, {prof.prefill_scale!r}, "
-                              f"{prof.handoff_s!r}, {prof.handoff_busy_s!r} and "
-                              f"{prof.request_s!r}")
+                              f"and handoff_s, handoff_busy_s, request_s and host_contention at "
+                              f"least 0, not {prof.serving_scale!r}, {prof.prefill_scale!r}, "
+                              f"{prof.handoff_s!r}, {prof.handoff_busy_s!r}, "
+                              f"{prof.request_s!r} and {prof.host_contention!r}")
         return prof

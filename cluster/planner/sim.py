@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from baton.cluster.planner.contention import Slowdown
 from baton.cluster.planner.cost import CostModel
 from baton.cluster.planner.engine_sim import SimEngine, SimRequest
 from baton.errors import ConfigError
@@ -97,7 +98,11 @@ class ClusterSim:
 
     def __init__(self, replicas: Sequence[ReplicaSpec], prefill_threshold: int,
                  event_skipping: bool = True, lookahead: bool = True,
-                 speculation: Speculation | None = None, seed: int = 0):
+                 speculation: Speculation | None = None, seed: int = 0,
+                 host_contention: float = 0.0):
+        """`host_contention` > 0: every replica runs on one machine, and while one runs an
+        iteration with prompt chunks the others' decode runs go at `1 / (1 + host_contention)`
+        of their speed (see `engine_sim`); 0: each replica on hardware of its own."""
         if not any(r.role in ("decode", "both") and r.count for r in replicas):
             raise ConfigError("a layout needs at least one decode or both replica")
         self.threshold = prefill_threshold
@@ -113,6 +118,12 @@ class ClusterSim:
             for i in range(spec.count):
                 self.engines.append(SimEngine(self, spec.cost, spec.role, f"{spec.role}-{i}",
                                               spec.max_num_batched_tokens, spec.max_num_seqs))
+        if host_contention < 0:
+            raise ValueError(f"host_contention must be >= 0, got {host_contention}")
+        if host_contention > 0:
+            for e in self.engines:
+                e.host = [other for other in self.engines if other is not e]
+                e._slow = Slowdown(host_contention)
         self.decode = WorkerSet([e for e in self.engines if e.role in ("decode", "both")])
         # A constant delay on every arrival: routing and batching see the same gaps between them.
         self.request_s = max(e.cost.eff.request_s for e in self.engines

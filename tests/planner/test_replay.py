@@ -201,3 +201,21 @@ def test_a_report_without_arrivals_says_to_run_it_again() -> None:
             del run["arrivals"]
     with pytest.raises(ConfigError, match="run the benchmark again"):
         plan_replay.replay(old, PROFILE)
+
+
+@pytest.mark.parametrize("truth", [0.0, 0.6])
+def test_the_host_contention_is_recovered_from_tpots_that_have_it(truth: float) -> None:
+    """A report whose TPOT p50s are the simulator's own under a known contention (and the fit's
+    other values) gets that contention back, near enough; with none, none."""
+    fit = plan_replay.fit_serving(REPORT, PROFILE, CACHED)
+    made = dataclasses.replace(fit, host_contention=truth).apply(PROFILE)
+    report = json.loads(json.dumps(REPORT))
+    layouts = plan_replay.layouts(report, profile_cost(made))
+    for name, system in report["systems"].items():
+        for record in system["rates"].values():
+            res = plan_replay._simulate(layouts[name], record, CACHED)
+            record["tpot_p50_s"] = plan_replay._p50(res, res.tpot)
+    again = plan_replay.fit_serving(report, PROFILE, CACHED)
+    assert again.host_contention == pytest.approx(truth, abs=0.15)
+    if truth == 0:
+        assert again.host_contention == 0

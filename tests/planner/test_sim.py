@@ -192,3 +192,31 @@ def test_event_skipping_matches_per_iteration_with_speculation(h100: CostModel, 
 def test_a_method_that_cannot_be_is_refused(args) -> None:
     with pytest.raises(ConfigError, match="method"):
         Speculation(*args)
+
+
+def test_a_prompt_elsewhere_on_the_machine_slows_the_decode_run_it_overlaps(
+        h100: CostModel) -> None:
+    """With `host_contention` c, a decode run overlapping another worker's prompt iteration
+    goes at 1 / (1 + c) of its speed over it: the request decoding ends later by that
+    iteration's time times c / (1 + c); without contention, or with no overlap, nothing moves."""
+    specs = [ReplicaSpec("prefill", h100, 1, max_num_batched_tokens=4096),
+             ReplicaSpec("decode", h100, 1)]
+    prompts, outputs = np.array([100, 3000]), np.array([400, 2])
+
+    def run(contention: float, second_at: float):
+        sim = ClusterSim(specs, 1000, host_contention=contention)
+        return sim.run(np.array([0.0, second_at]), prompts, outputs)
+
+    def end(res) -> float:  # the decoding request's last token
+        return float(res.ttft[0] + res.tpot[0] * (outputs[0] - 1))
+
+    plain = run(0.0, 0.05)
+    assert plain.remote_prefills == 1  # the long prompt is prefilled on the other worker
+    prefill_s = plain.busy["prefill"] * plain.duration_s
+    for c in (0.5, 1.0):
+        slowed = run(c, 0.05)
+        assert end(slowed) - end(plain) == pytest.approx(prefill_s * c / (1 + c), rel=0.02)
+    late = 10.0  # after the first request finished: no overlap
+    assert end(run(1.0, late)) == pytest.approx(end(run(0.0, late)), rel=1e-12)
+    with pytest.raises(ValueError, match="host_contention"):
+        ClusterSim(specs, 1000, host_contention=-0.1)
