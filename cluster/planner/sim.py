@@ -32,7 +32,8 @@ import numpy as np
 
 from baton.cluster.planner.contention import Slowdown
 from baton.cluster.planner.cost import CostModel
-from baton.cluster.planner.engine_sim import SimEngine, SimRequest
+from baton.cluster.planner.engine_sim import SimEngine
+from baton.cluster.planner.sim_request import SimRequest
 from baton.errors import ConfigError
 from baton.router.affinity import PrefixAffinity
 from baton.router.dispatch import WorkerSet, prefill_remotely

@@ -39,7 +39,7 @@ from baton.cluster.planner.profile import Profile
 from baton.cluster.planner.sim import ClusterSim, ReplicaSpec, SimResult
 from baton.cluster.planner.workload import get_workload, poisson
 from baton.errors import ConfigError
-from baton.ops.bench import plan_calibration, plan_replay
+from baton.ops.bench import plan_calibration, plan_fit, plan_replay
 from baton.ops.bench.machine import machine_info
 from baton.ops.bench.report import run_and_report
 from baton.ops.profile_run import measure
@@ -114,7 +114,7 @@ def replays(paths: Sequence[str], profile_path: str | None, fit_on: str | None =
     cached = plan_replay.cached_prefix_tokens(profile.model)  # the model it profiled
     fitted = None
     if fit_on is not None:
-        fit = plan_replay.fit_serving(_bench_report(fit_on), profile, cached)
+        fit = plan_fit.fit_serving(_bench_report(fit_on), profile, cached)
         profile = fit.apply(profile)
         fitted = {"fitted_on": fit_on, **dataclasses.asdict(fit)}
         if save_profile:
@@ -224,7 +224,8 @@ def show(report: dict[str, Any], console: Console) -> None:
                       f" request path {fit.get('request_s', 0.0) * 1000:.0f} ms and handoff "
                       f"{fit['handoff_s'] * 1000:.0f} ms (+"
                       f"{fit.get('handoff_busy_s', 0.0) * 1000:.0f} ms to a stepping decode "
-                      f"worker), fitted on {fit['fitted_on']}")
+                      f"worker), host contention {fit.get('host_contention', 0.0):.2f}, fitted "
+                      f"on {fit['fitted_on']}")
     for path, rep in report.get("replays", {}).items():
         _show_replay(path, rep, console)
     if repeats := report.get("repeats"):

@@ -12,7 +12,7 @@ import pytest
 
 from baton.cluster.planner.profile import Profile
 from baton.errors import ConfigError
-from baton.ops.bench import plan_replay
+from baton.ops.bench import plan_fit, plan_replay
 from baton.ops.bench.plan_calibration import profile_cost
 
 DATA = Path(__file__).parent / "data"
@@ -32,7 +32,7 @@ def test_the_fitted_scale_and_handoff_match_the_lowest_rate() -> None:
     """Fitted on a report, the lowest rate's simulated TPOT p50s meet the measured ones in their
     geometric mean, local prompts' and remote prefills' TTFTs the measured ones in their
     medians; a profile fitted already fits to the same values."""
-    fit = plan_replay.fit_serving(REPORT, PROFILE, CACHED)
+    fit = plan_fit.fit_serving(REPORT, PROFILE, CACHED)
     # A serving worker is slower than its engine alone, a prefill worker no faster than that.
     assert fit.scale > 1 and fit.prefill_scale >= 1 and fit.handoff_s >= 0
     assert fit.request_s > 0  # this report's local prompts waited longer than their steps
@@ -46,45 +46,45 @@ def test_the_fitted_scale_and_handoff_match_the_lowest_rate() -> None:
     # The factor is fitted on the unscaled replay: at the lowest rate TPOT grows almost in
     # proportion to it (a busier engine queues a little more).
     assert math.prod(ratios) ** (1 / len(ratios)) == pytest.approx(1.0, rel=0.03)
-    again = plan_replay.fit_serving(REPORT, fitted, CACHED)
+    again = plan_fit.fit_serving(REPORT, fitted, CACHED)
     assert dataclasses.astuple(again) == pytest.approx(dataclasses.astuple(fit))
     record = REPORT["systems"]["disaggregated"]["rates"]["0.25"]
     layout = plan_replay.layouts(REPORT, profile_cost(fitted))["disaggregated"]
-    res = plan_replay._simulate(layout, record, CACHED)
+    res = plan_replay.simulate(layout, record, CACHED)
     remote = np.asarray(record["prompt_tokens"]) - CACHED >= layout[1]
     gaps = np.asarray([t[0] for t in record["timings"]])[remote] - res.ttft[remote]
     if fit.handoff_s > 0:  # the handoff is the median gap left (none when it would be negative)
         assert abs(float(np.median(gaps))) < 0.01
-    real, sim = plan_replay._ttfts(REPORT, fitted, CACHED, remote=False)
+    real, sim = plan_fit._ttfts(REPORT, fitted, CACHED, remote=False)
     assert len(real) > 10 and abs(float(np.median(real - sim))) < 0.005
     # No prefill factor tried fits the remote prefills' TTFTs better than the one chosen.
     def error(prefill_scale: float) -> float:
         trial = dataclasses.replace(fit, prefill_scale=prefill_scale, handoff_s=0.0)
-        real, sim = plan_replay._ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=True)
+        real, sim = plan_fit._ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=True)
         handoff = max(0.0, float(np.median(real - sim)))
         return float(np.sum(((sim + handoff) / real - 1) ** 2))
 
     assert all(error(fit.prefill_scale) <= error(float(s)) + 1e-12
-               for s in plan_replay.PREFILL_SCALES)
+               for s in plan_fit.PREFILL_SCALES)
 
 
 def test_the_busy_handoff_is_fitted_where_the_decode_worker_was_loaded() -> None:
     """The extra handoff time for a stepping decode worker is the one of those tried that fits
     the remote prefills' TTFTs best at each system's highest rate within the SLOs."""
-    fit = plan_replay.fit_serving(REPORT, PROFILE, CACHED)
+    fit = plan_fit.fit_serving(REPORT, PROFILE, CACHED)
     # Each system met the SLOs up to its goodput (above its lowest rate): that run is the one.
-    loaded = [record for _, record in plan_replay._loaded_runs(REPORT, profile_cost(PROFILE))]
+    loaded = [record for _, record in plan_fit._loaded_runs(REPORT, profile_cost(PROFILE))]
     assert loaded == [system["rates"][str(system["goodput_rps"])]
                       for system in REPORT["systems"].values()]
 
     def error(extra: float) -> float:
         trial = dataclasses.replace(fit, handoff_busy_s=extra)
-        real, sim = plan_replay._ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=True,
-                                              runs=plan_replay._loaded_runs)
+        real, sim = plan_fit._ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=True,
+                                              runs=plan_fit._loaded_runs)
         return float(np.sum((sim / real - 1) ** 2))
 
     assert all(error(fit.handoff_busy_s) <= error(float(x)) + 1e-12
-               for x in plan_replay.HANDOFF_BUSY)
+               for x in plan_fit.HANDOFF_BUSY)
 
 
 def test_a_prefill_scale_slows_only_the_prefill_workers_steps() -> None:
@@ -93,7 +93,7 @@ def test_a_prefill_scale_slows_only_the_prefill_workers_steps() -> None:
     for k in (1.0, 1.5):
         layout = plan_replay.layouts(REPORT, profile_cost(dataclasses.replace(
             PROFILE, prefill_scale=k)))["disaggregated"]
-        runs[k] = plan_replay._simulate(layout, record, CACHED)
+        runs[k] = plan_replay.simulate(layout, record, CACHED)
     remote = np.asarray(record["prompt_tokens"]) - CACHED >= plan_replay.layouts(
         REPORT, profile_cost(PROFILE))["disaggregated"][1]
     assert (runs[1.5].ttft[remote] > runs[1.0].ttft[remote]).all()
@@ -113,8 +113,8 @@ def test_requests_replay_with_the_speculation_they_were_served_with() -> None:
     assert decoding[1] is None and decoding[0] == pytest.approx(
         ((tokens[0] - 1) / math.ceil((tokens[0] - 1) / 3), 3.0), rel=0.2)
     layout = plan_replay.layouts(REPORT, profile_cost(PROFILE))["colocated"]
-    plain = plan_replay._simulate(layout, {**record, "forward_passes": None}, CACHED)
-    fast = plan_replay._simulate(layout, record, CACHED)
+    plain = plan_replay.simulate(layout, {**record, "forward_passes": None}, CACHED)
+    fast = plan_replay.simulate(layout, record, CACHED)
     for i in (0, 2):
         assert fast.tpot[i] < 0.6 * plain.tpot[i]
     assert plan_replay.decoding({**record, "forward_passes": None}) is None
@@ -124,7 +124,7 @@ def test_the_replay_sets_each_roles_busy_share_beside_the_measured_one() -> None
     """The report kept every worker's steps: the replay sets the measured share of the run each
     role stepped (mean over its workers) beside the simulated one, and a report without worker
     loads gets none."""
-    replayed = plan_replay.replay(REPORT, plan_replay.fit_serving(REPORT, PROFILE, CACHED).apply(
+    replayed = plan_replay.replay(REPORT, plan_fit.fit_serving(REPORT, PROFILE, CACHED).apply(
         PROFILE), CACHED)
     for name, system in replayed["systems"].items():
         for rate, run in system["rates"].items():
@@ -152,7 +152,7 @@ def test_each_request_is_followed_where_the_p50_jumps_between_two_groups() -> No
     requests lie far apart, if the measured p50 is taken on the other side of the gap."""
     layout = plan_replay.layouts(REPORT, profile_cost(PROFILE))["colocated"]
     record = json.loads(json.dumps(REPORT["systems"]["colocated"]["rates"]["0.5"]))
-    res = plan_replay._simulate(layout, record, CACHED)
+    res = plan_replay.simulate(layout, record, CACHED)
     record["timings"] = [[1.1 * t, None if np.isnan(p) else 1.1 * p, int(n)]
                          for t, p, n in zip(res.ttft, res.tpot, res.output, strict=True)]
     slo = (REPORT["slo"]["ttft_s"], REPORT["slo"]["tpot_s"])
@@ -207,15 +207,15 @@ def test_a_report_without_arrivals_says_to_run_it_again() -> None:
 def test_the_host_contention_is_recovered_from_tpots_that_have_it(truth: float) -> None:
     """A report whose TPOT p50s are the simulator's own under a known contention (and the fit's
     other values) gets that contention back, near enough; with none, none."""
-    fit = plan_replay.fit_serving(REPORT, PROFILE, CACHED)
+    fit = plan_fit.fit_serving(REPORT, PROFILE, CACHED)
     made = dataclasses.replace(fit, host_contention=truth).apply(PROFILE)
     report = json.loads(json.dumps(REPORT))
     layouts = plan_replay.layouts(report, profile_cost(made))
     for name, system in report["systems"].items():
         for record in system["rates"].values():
-            res = plan_replay._simulate(layouts[name], record, CACHED)
-            record["tpot_p50_s"] = plan_replay._p50(res, res.tpot)
-    again = plan_replay.fit_serving(report, PROFILE, CACHED)
+            res = plan_replay.simulate(layouts[name], record, CACHED)
+            record["tpot_p50_s"] = plan_replay.p50_or_none(res, res.tpot)
+    again = plan_fit.fit_serving(report, PROFILE, CACHED)
     assert again.host_contention == pytest.approx(truth, abs=0.15)
     if truth == 0:
         assert again.host_contention == 0
