@@ -14,7 +14,7 @@ planned. Results are the same as with an event for each (`tests/planner/test_sim
 
 Engines that share one machine (`ClusterSim`'s `host_contention`: the workers of a benchmark
 replayed on the machine it ran on) slow each other down: while one runs an iteration with prompt
-chunks, the others' decode runs go at `1 / (1 + host_contention)` of their speed (`contention`).
+chunks, the others' decode runs go at `1 / (1 + host_contention)` of their speed.
 A run under way when such an iteration starts ends later; one that starts during it is planned
 longer; a run cut short keeps the steps it made at the speed it had.
 """
