@@ -61,8 +61,8 @@ class Efficiency:
     # sender shares its core with the forward pass; a profile fitted to a served benchmark
     # measures it).
     prefill_scale: float = 1.0
-    # Workers sharing this machine's cores: the share by which one's iteration with prompt
-    # chunks lengthens the others' iterations it overlaps (`ClusterSim`'s `host_contention`).
+    # Workers sharing one machine: while one runs an iteration with prompt chunks, the others'
+    # decode runs go at 1 / (1 + this) of their speed (`ClusterSim`'s `host_contention`).
     host_contention: float = 0.0
     per_seq_s: float = 0.0  # per request in the batch (CPU: per-sequence Python work)
     link: float = DEFAULT_LINK_EFFICIENCY  # of NIC bandwidth a KV transfer reaches

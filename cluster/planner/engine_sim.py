@@ -72,9 +72,15 @@ class SimEngine:
         self._prefill_scale = cost.eff.prefill_scale if role == "prefill" else 1.0
         self._schedule = sim.schedule
         self._skipping: bool = sim.event_skipping
-        self.host: list[SimEngine] = []  # the other engines on this machine's cores
+        self.host: list[SimEngine] = []  # the other engines on this machine
         self._slow: Slowdown | None = None  # with `host`: this run's slow windows
         self._heavy_until = -math.inf  # the end of this engine's iteration with prompt chunks
+
+    def share_machine(self, others: list[SimEngine], contention: float) -> None:
+        """Run beside `others` on one machine (see the module's doc); alone, nothing slows."""
+        if others:
+            self.host = others
+            self._slow = Slowdown(contention)
 
     # -- the outside world ------------------------------------------------------------------------
 
@@ -167,8 +173,9 @@ class SimEngine:
     def _slowed(self, start: float, end: float) -> None:
         """Another engine on this host runs a prompt iteration over [start, end): the decode run
         under way here runs slower over it, and ends later."""
-        if not self.busy or self._settle_at is not None or self._chunks or self._slow is None:
+        if not self.busy or self._settle_at is not None or self._chunks:
             return
+        assert self._slow is not None, "only an engine sharing its machine is slowed"
         t0, step, steps = self._group
         self._slow.add(start, end)
         self._version += 1

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from baton.cluster.planner.contention import Slowdown
 from baton.cluster.planner.cost import CostModel
 from baton.cluster.planner.engine_sim import SimEngine
 from baton.cluster.planner.sim_request import SimRequest
@@ -123,8 +122,8 @@ class ClusterSim:
             raise ValueError(f"host_contention must be >= 0, got {host_contention}")
         if host_contention > 0:
             for e in self.engines:
-                e.host = [other for other in self.engines if other is not e]
-                e._slow = Slowdown(host_contention)
+                e.share_machine([other for other in self.engines if other is not e],
+                                host_contention)
         self.decode = WorkerSet([e for e in self.engines if e.role in ("decode", "both")])
         # A constant delay on every arrival: routing and batching see the same gaps between them.
         self.request_s = max(e.cost.eff.request_s for e in self.engines

@@ -220,3 +220,8 @@ def test_a_prompt_elsewhere_on_the_machine_slows_the_decode_run_it_overlaps(
     assert end(run(1.0, late)) == pytest.approx(end(run(0.0, late)), rel=1e-12)
     with pytest.raises(ValueError, match="host_contention"):
         ClusterSim(specs, 1000, host_contention=-0.1)
+    # A worker alone on its machine has nobody to slow it.
+    alone = [ReplicaSpec("both", h100, 1, max_num_batched_tokens=4096)]
+    runs = [ClusterSim(alone, 1000, host_contention=c).run(np.array([0.0, 0.05]), prompts,
+                                                           outputs) for c in (0.0, 1.0)]
+    assert end(runs[1]) == pytest.approx(end(runs[0]), rel=1e-12)
