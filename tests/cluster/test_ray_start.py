@@ -1,4 +1,4 @@
-"""A local Ray start is tried once more after Ray's raylet registration timeout, and only then."""
+"""A local Ray start is tried once more after one of Ray's startup timeouts, and only then."""
 
 from __future__ import annotations
 
@@ -23,8 +23,12 @@ def _fake_ray(monkeypatch, failures: list[Exception]) -> list[str]:
     return calls
 
 
-def test_a_registration_timeout_gets_one_more_start(monkeypatch):
-    calls = _fake_ray(monkeypatch, [TIMEOUT])
+GCS_PORT_TIMEOUT = RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_ab")
+
+
+@pytest.mark.parametrize("timeout", [TIMEOUT, GCS_PORT_TIMEOUT])
+def test_a_startup_timeout_gets_one_more_start(monkeypatch, timeout):
+    calls = _fake_ray(monkeypatch, [timeout])
     assert ray_start.init_local(num_cpus=2) == "context"
     assert calls == ["init local", "shutdown", "init local"]
 
