@@ -61,6 +61,10 @@ class Efficiency:
     # sender shares its core with the forward pass; a profile fitted to a served benchmark
     # measures it).
     prefill_scale: float = 1.0
+    # Any other worker's iterations that carry prompt tokens take this many times the cost
+    # model's (a profile fitted to a served benchmark measures it: there, long prompts served
+    # where they decode took longer than the engine alone, beyond the step factor).
+    prompt_scale: float = 1.0
     # Workers sharing one machine: while one runs an iteration with prompt chunks, the others'
     # decode runs go at 1 / (1 + this) of their speed (`ClusterSim`'s `host_contention`).
     host_contention: float = 0.0
@@ -235,7 +239,7 @@ def device_from_profile(profile: Profile, model: ModelProfile,
     the KV blocks gathered and converted). A dense model reads the same weights every step, so
     overhead and weight bytes trade off in the fit; predictions do not depend on the split.
     Every rate is then slowed by the profile's `serving_scale` (and a prefill worker's further by
-    its `prefill_scale`)."""
+    its `prefill_scale`, another worker's prompt iterations by its `prompt_scale`)."""
     matmul, attention, weights, kv, secs, seqs = _features(model, profile)
     design = np.column_stack([np.ones_like(matmul), seqs, matmul, attention, weights, kv])
     overhead, per_seq, per_flop, per_attention, per_byte, per_kv = (
@@ -257,5 +261,6 @@ def device_from_profile(profile: Profile, model: ModelProfile,
                               handoff_s=profile.handoff_s, request_s=profile.request_s,
                               handoff_busy_s=profile.handoff_busy_s,
                               prefill_scale=profile.prefill_scale,
+                              prompt_scale=profile.prompt_scale,
                               host_contention=profile.host_contention,
                               link=1.0, overlap=False)

@@ -69,7 +69,9 @@ class SimEngine:
         self.preemptions = 0
         self.busy_s = 0.0
         self._decode_step = cost.decode_step
-        self._prefill_scale = cost.eff.prefill_scale if role == "prefill" else 1.0
+        # What an iteration with prompt chunks costs beyond the cost model's figure.
+        self._prefill_scale = (cost.eff.prefill_scale if role == "prefill"
+                               else cost.eff.prompt_scale)
         self._schedule = sim.schedule
         self._skipping: bool = sim.event_skipping
         self.host: list[SimEngine] = []  # the other engines on this machine

@@ -5,11 +5,12 @@ dtype, threads and KV cache size, the KV link's measured bytes/s, and the timing
 per prompt length, decode step seconds per (batch size, context length per request). The timings
 are of the engine alone; `serving_scale` is how many times longer a step takes in a serving worker
 (its actor, Ray, the router and the KV link sharing the machine), `prefill_scale` how many times
-longer again a prefill worker's step takes (its KV sender shares its core), `handoff_s` what
+longer again a prefill worker's step takes (its KV sender shares its core), `prompt_scale` how
+many times longer another worker's step takes when it carries prompt tokens, `handoff_s` what
 one KV handoff adds to a remote prefill's TTFT beyond moving its bytes (`handoff_busy_s` more
 when its decode worker is stepping then) and `request_s` what the serving path (API, router,
 actor calls) adds to every request's, all fitted to a served benchmark by `baton bench plan
---fit-on` (1.0, 1.0, 0, 0 and 0 until then). `host_contention`, fitted with them (0 until
+--fit-on` (1.0, 1.0, 1.0, 0, 0 and 0 until then). `host_contention`, fitted with them (0 until
 then), is how much the serving workers of one machine slow each other: while one runs a prompt,
 the others decode at `1 / (1 + host_contention)` of their speed. It applies where a benchmark is
 replayed on the machine it ran on; `baton plan` gives each replica a machine of its own.
@@ -49,6 +50,7 @@ class Profile:
     request_s: float = 0.0
     handoff_busy_s: float = 0.0
     host_contention: float = 0.0
+    prompt_scale: float = 1.0
 
     @property
     def is_cpu(self) -> bool:
@@ -71,12 +73,13 @@ class Profile:
         prof.decode = [(int(b), int(c), float(s)) for b, c, s in prof.decode]
         if len(prof.prefill) < 2 or len(prof.decode) < 2:
             raise ConfigError(f"profile {p} needs at least two prefill and two decode points")
-        if not (prof.serving_scale > 0 and prof.prefill_scale > 0
+        if not (prof.serving_scale > 0 and prof.prefill_scale > 0 and prof.prompt_scale > 0
                 and min(prof.handoff_s, prof.handoff_busy_s, prof.request_s,
                         prof.host_contention) >= 0):
-            raise ConfigError(f"profile {p}: serving_scale and prefill_scale must be positive "
-                              f"and handoff_s, handoff_busy_s, request_s and host_contention at "
-                              f"least 0, not {prof.serving_scale!r}, {prof.prefill_scale!r}, "
+            raise ConfigError(f"profile {p}: serving_scale, prefill_scale and prompt_scale must "
+                              f"be positive and handoff_s, handoff_busy_s, request_s and "
+                              f"host_contention at least 0, not {prof.serving_scale!r}, "
+                              f"{prof.prefill_scale!r}, {prof.prompt_scale!r}, "
                               f"{prof.handoff_s!r}, {prof.handoff_busy_s!r}, "
                               f"{prof.request_s!r} and {prof.host_contention!r}")
         return prof

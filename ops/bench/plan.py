@@ -221,7 +221,8 @@ def show(report: dict[str, Any], console: Console) -> None:
                       f"{calib['goodput_sim_rps']:g}/s")
     if fit := report.get("serving_fit"):
         console.print(f"serving scale {fit['scale']:.3f}, prefill scale {fit['prefill_scale']:.2f},"
-                      f" request path {fit.get('request_s', 0.0) * 1000:.0f} ms and handoff "
+                      f" prompt scale {fit.get('prompt_scale', 1.0):.2f}, request path "
+                      f"{fit.get('request_s', 0.0) * 1000:.0f} ms and handoff "
                       f"{fit['handoff_s'] * 1000:.0f} ms (+"
                       f"{fit.get('handoff_busy_s', 0.0) * 1000:.0f} ms to a stepping decode "
                       f"worker), host contention {fit.get('host_contention', 0.0):.2f}, fitted "

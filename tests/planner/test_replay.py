@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from baton.cluster.planner.profile import Profile
+from baton.cluster.planner.sim import SimResult
 from baton.errors import ConfigError
 from baton.ops.bench import plan_fit, plan_replay
 from baton.ops.bench.plan_calibration import profile_cost
@@ -57,6 +58,16 @@ def test_the_fitted_scale_and_handoff_match_the_lowest_rate() -> None:
         assert abs(float(np.median(gaps))) < 0.01
     real, sim = plan_fit._ttfts(REPORT, fitted, CACHED, remote=False)
     assert len(real) > 10 and abs(float(np.median(real - sim))) < 0.005
+
+    # No prompt factor tried fits the local prompts' TTFTs better than the one chosen.
+    def local_error(prompt_scale: float) -> float:
+        trial = dataclasses.replace(fit, prompt_scale=prompt_scale, request_s=0.0)
+        real, sim = plan_fit._ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=False)
+        request = max(0.0, float(np.median(real - sim)))
+        return float(np.sum(((sim + request) / real - 1) ** 2))
+
+    assert all(local_error(fit.prompt_scale) <= local_error(float(s)) + 1e-12
+               for s in plan_fit.PROMPT_SCALES)
     # No prefill factor tried fits the remote prefills' TTFTs better than the one chosen.
     def error(prefill_scale: float) -> float:
         trial = dataclasses.replace(fit, prefill_scale=prefill_scale, handoff_s=0.0)
@@ -99,6 +110,44 @@ def test_a_prefill_scale_slows_only_the_prefill_workers_steps() -> None:
     assert (runs[1.5].ttft[remote] > runs[1.0].ttft[remote]).all()
     assert runs[1.5].busy["prefill"] == pytest.approx(1.5 * runs[1.0].busy["prefill"], rel=1e-6)
     assert runs[1.5].busy["decode"] == pytest.approx(runs[1.0].busy["decode"], rel=0.05)
+
+
+def test_a_prompt_scale_slows_the_prompts_served_where_they_decode() -> None:
+    """Every prompt of the colocated pair takes longer to its first token; the disaggregated
+    pair's prefill worker keeps its own pace."""
+    runs: dict[float, dict[str, SimResult]] = {}
+    for k in (1.0, 1.4):
+        layouts = plan_replay.layouts(REPORT, profile_cost(dataclasses.replace(
+            PROFILE, prompt_scale=k)))
+        runs[k] = {name: plan_replay.simulate(layouts[name],
+                                              REPORT["systems"][name]["rates"]["0.25"], CACHED)
+                   for name in ("colocated", "disaggregated")}
+    assert (runs[1.4]["colocated"].ttft > runs[1.0]["colocated"].ttft).all()
+    # (a share of the run, which ends a little later)
+    assert runs[1.4]["disaggregated"].busy["prefill"] == pytest.approx(
+        runs[1.0]["disaggregated"].busy["prefill"], rel=1e-3)
+
+
+def test_the_prompt_scale_and_request_path_are_recovered_from_ttfts_that_have_them() -> None:
+    """A report whose latencies are the simulator's own under a known prompt factor and request
+    path (no host contention, which the fit of these two leaves out) gets both back, near
+    enough: the fit adds the path to TTFTs simulated without it, and a request that arrives
+    later queues a little differently."""
+    fit = plan_fit.fit_serving(REPORT, PROFILE, CACHED)
+    made = dataclasses.replace(fit, prompt_scale=1.3, request_s=0.02, host_contention=0.0,
+                               handoff_busy_s=0.0).apply(PROFILE)
+    report = json.loads(json.dumps(REPORT))
+    layouts = plan_replay.layouts(report, profile_cost(made))
+    for name, system in report["systems"].items():
+        for record in system["rates"].values():
+            res = plan_replay.simulate(layouts[name], record, CACHED)
+            record["timings"] = [[float(ttft), float(tpot), *rest[2:]] for ttft, tpot, rest
+                                 in zip(res.ttft, res.tpot, record["timings"], strict=True)]
+            record["tpot_p50_s"] = plan_replay.p50_or_none(res, res.tpot)
+    again = plan_fit.fit_serving(report, PROFILE, CACHED)
+    assert again.scale == pytest.approx(fit.scale, rel=0.02)
+    assert again.prompt_scale == pytest.approx(1.3, abs=0.03)
+    assert again.request_s == pytest.approx(0.02, abs=0.005)
 
 
 def test_requests_replay_with_the_speculation_they_were_served_with() -> None:
