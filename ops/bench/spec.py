@@ -31,6 +31,7 @@ from rich.table import Table
 from baton.actors.engine import Engine
 from baton.errors import ConfigError
 from baton.ops.bench.machine import machine_info
+from baton.ops.bench.spec_ceiling import lookup_oracle_passes
 from baton.outputs import RequestOutput
 from baton.sampling import SamplingParams
 
@@ -95,6 +96,10 @@ def run_batch1(engine: Engine, items: list[WorkItem], methods: list[str],
         results.append({m: {**_decode_stats(out),
                             "identical_to_none": out.token_ids == outs["none"].token_ids}
                         for m, out in outs.items()})
+        settings = engine.speculator.settings
+        results[-1]["none"]["lookup_oracle_passes"] = lookup_oracle_passes(
+            engine.encode(item.prompt), outs["none"].token_ids, settings.ngram_max,
+            settings.max_speculative_tokens)
         console.log(f"batch 1: request {i + 1}/{len(items)} ({item.task})")
     return results
 
@@ -142,17 +147,22 @@ def run_concurrent(engine: Engine, items: list[WorkItem], methods: list[str],
 
 def summarize(items: list[WorkItem], bs1: list[dict[str, dict[str, Any]]],
               c16: dict[str, float], methods: list[str]) -> dict[str, Any]:
-    """Per family and method: tok/s, acceptance, mean accepted length, speedup over none."""
+    """Per family and method: tok/s, acceptance, mean accepted length, output tokens per decode
+    pass, speedup over none; per family the prompt-lookup oracle's tokens per decode pass."""
     families: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
     by_family: dict[str, list[int]] = defaultdict(list)
     for i, item in enumerate(items):
         by_family[item.task].append(i)
-    ratios: dict[str, Any] = {"best_speedup_bs1": {}}
+    ratios: dict[str, Any] = {"best_speedup_bs1": {}, "lookup_oracle_tokens_per_pass": {}}
     for family, idx in by_family.items():
+        tok = sum(bs1[i]["none"]["tokens"] for i in idx)
+        oracle = sum(bs1[i]["none"].get("lookup_oracle_passes", 0) for i in idx)
+        ratios["lookup_oracle_tokens_per_pass"][family] = tok / oracle if oracle else None
         for method in methods:
             rows = [bs1[i][method] for i in idx]
             tok = sum(r["tokens"] for r in rows)
             sec = sum(r["seconds"] for r in rows)
+            passes = sum(r["passes"] - 1 for r in rows)  # the first makes the first token
             drafted = sum(r["drafted"] for r in rows)
             drafts = sum(r["drafts"] for r in rows)
             families[family][method] = {
@@ -161,6 +171,7 @@ def summarize(items: list[WorkItem], bs1: list[dict[str, dict[str, Any]]],
                 "acceptance_rate": sum(r["accepted"] for r in rows) / drafted if drafted else None,
                 "mean_accepted_length": (1 + sum(r["accepted"] for r in rows) / drafts
                                          if drafts else None),
+                "tokens_per_pass": tok / passes if passes > 0 else None,
             }
         base = families[family]["none"]["tok_s"]
         for method in methods:
@@ -225,6 +236,16 @@ def show(report: dict[str, Any], console: Console) -> None:
             f"{report['tok_s_c16'][m]:.1f} ({ratios['speedup_c16'][m]:.2f}x)" for m in methods))
     console.print(table)
     console.print(f"oracle speedup at batch 1: {ratios['oracle_speedup_bs1']:.2f}x")
+    lookup = [m for m in ("ngram", "lookahead") if m in methods]
+    if lookup:
+        console.print("output tokens per decode pass, prompt lookup's oracle (best continuation "
+                      f"in the text) against {' and '.join(lookup)}:")
+        for family, oracle in ratios.get("lookup_oracle_tokens_per_pass", {}).items():
+            if oracle is None:
+                continue
+            got = ", ".join(f"{m} {report['families'][family][m]['tokens_per_pass'] or 0:.2f}"
+                            for m in lookup)
+            console.print(f"  {family}: oracle {oracle:.2f}; {got}")
     if report["tok_s_c16"]:
         console.print(f"worst method at {CONCURRENCY} concurrent: "
                       f"{ratios['worst_speedup_c16']:.2f}x")

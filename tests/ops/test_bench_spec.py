@@ -45,5 +45,11 @@ def test_bench_spec_reports_every_method_per_family_on_the_same_text(tmp_path: P
         # none: one pass per token; the others drafted, and never took more passes than none.
         assert row["none"]["drafted"] == 0 and row["none"]["passes"] == row["none"]["tokens"] + 1
         assert all(r["passes"] <= row["none"]["passes"] for r in row.values())
+        # Prompt lookup drafts a continuation from the text, never a better one than the oracle.
+        assert row["none"]["lookup_oracle_passes"] <= row["ngram"]["passes"] - 1
+    oracle = report["ratios"]["lookup_oracle_tokens_per_pass"]
+    assert set(oracle) == {"quote", "chat"}
+    for family, tokens_per_pass in oracle.items():
+        assert tokens_per_pass >= report["families"][family]["ngram"]["tokens_per_pass"] >= 1
     assert set(report["ratios"]["speedup_c16"]) == set(report["methods"])
     assert report["ratios"]["speedup_c16"]["none"] == 1.0
