@@ -7,7 +7,8 @@ model goes on to write, and drafts that continuation (up to `k` tokens); the pas
 tokens and the one the model writes after them. No lookup draft of `k` tokens from the same text
 gains more in a pass, so a method far below it drafts from the wrong occurrences, and a method
 near it on a family that still misses a speed target is held back by the text (the model writes
-what its prompt and output do not hold), not by the method.
+what its prompt and output do not hold), not by the method. `lookahead` can pass it: its shared
+trie also drafts from other requests' outputs.
 """
 
 from __future__ import annotations
