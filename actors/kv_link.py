@@ -40,16 +40,17 @@ from baton.actors.kv_wire import (
     IN_FLIGHT,
     MAX_IN_FLIGHT,
     MAX_MESSAGE_BYTES,
+    MIN_GROUP_BYTES,
     PUSH_METHOD,
     SERVICE,
     TOKEN_HEADER,
     TRANSFER_HEADER,
-    LayerGroup,
     checksum,
     decode,
     encode,
     end_frame,
     group_size,
+    ready_groups,
 )
 from baton.errors import ConfigError, KVTransferError
 from baton.protos.kv_link_pb2 import KVChunk, PushResult
@@ -296,15 +297,21 @@ class KVSender:
     """
 
     def __init__(self, address: str, token: str, chunk_bytes: int = CHUNK_BYTES,
-                 in_flight: int = IN_FLIGHT):
+                 in_flight: int = IN_FLIGHT, min_group_bytes: int | None = None):
         if not 1 <= chunk_bytes <= CHUNK_BYTES:
             raise ConfigError(f"chunk_bytes must be 1 to {CHUNK_BYTES}, got {chunk_bytes}")
+        if min_group_bytes is None:
+            min_group_bytes = min(MIN_GROUP_BYTES, chunk_bytes)
+        if not 0 <= min_group_bytes <= chunk_bytes:
+            raise ConfigError(f"min_group_bytes must be 0 to chunk_bytes ({chunk_bytes}), got "
+                              f"{min_group_bytes}")
         if not 1 <= in_flight <= MAX_IN_FLIGHT:
             raise ConfigError(f"in_flight must be 1 to {MAX_IN_FLIGHT}, got {in_flight}")
         self.address = address
         self.token = token
         self.chunk_bytes = chunk_bytes
         self.in_flight = in_flight
+        self.min_group_bytes = min_group_bytes
         self._channel = grpc.insecure_channel(
             address, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         )
@@ -315,12 +322,13 @@ class KVSender:
 
     def push(self, transfer_id: str, request_id: str, dst_block_ids: list[int],
              layers: Iterable[tuple[int, torch.Tensor]], spec: KVCacheSpec,
-             timeout_s: float) -> PushResult:
+             timeout_s: float, min_group_bytes: int | None = None) -> PushResult:
         """Send each `(first_layer, payload)` as `layers` yields it, then wait for every answer.
 
         A payload is one or more consecutive layers' `pack_layer` bytes. `layers` may block
         between items: a prefill worker yields a layer as soon as the model has written it, so
-        the transfer overlaps the compute of later layers.
+        the transfer overlaps the compute of later layers. Consecutive payloads go out together
+        until they hold `min_group_bytes` (`ready_groups`; None: the sender's own).
         """
         layer_bytes = payload_nbytes(spec, len(dst_block_ids))
         template = KVChunk(transfer_id=transfer_id, request_id=request_id,
@@ -331,8 +339,8 @@ class KVSender:
         total = PushResult(transfer_id=transfer_id)
         sent = 0
         try:
-            for first, payload in layers:
-                group = LayerGroup(first, max(1, payload.numel() // layer_bytes), payload)
+            least = self.min_group_bytes if min_group_bytes is None else min_group_bytes
+            for group in ready_groups(layers, layer_bytes, least):
                 for message in encode(group, template, self.chunk_bytes):
                     while len(calls) >= self.in_flight:
                         self._settle(transfer_id, calls.popleft(), total)
@@ -355,9 +363,11 @@ class KVSender:
     def push_blocks(self, cache: PagedKVCache, transfer_id: str, request_id: str,
                     src_block_ids: list[int], dst_block_ids: list[int],
                     timeout_s: float) -> PushResult:
-        """Send every layer of blocks that are already computed (packed a group at a time)."""
+        """Send every layer of blocks that are already computed (packed a group at a time,
+        as `group_size` sizes the groups: not joined again)."""
         return self.push(transfer_id, request_id, dst_block_ids,
-                         self.packed_groups(cache, src_block_ids), cache.spec, timeout_s)
+                         self.packed_groups(cache, src_block_ids), cache.spec, timeout_s,
+                         min_group_bytes=0)
 
     def packed_groups(self, cache: PagedKVCache, block_ids: list[int]
                       ) -> Iterator[tuple[int, torch.Tensor]]:

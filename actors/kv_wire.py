@@ -13,7 +13,7 @@ and its payload (each streaming call also starts a thread to feed it).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import google_crc32c
@@ -33,6 +33,10 @@ TRANSFER_HEADER = "x-baton-kv-transfer"
 CHUNK_BYTES = 16 << 20
 MAX_MESSAGE_BYTES = CHUNK_BYTES + (1 << 20)
 IN_FLIGHT = 2  # calls of one transfer under way at once, by default
+# Layers streamed as a prefill computes them go out together until they hold this many bytes
+# (or the prefill ends): each call costs the sender's core about as much as 0.5-1 MiB of bytes,
+# and a prefill worker's sender shares its core with the forward pass.
+MIN_GROUP_BYTES = 2 << 20
 MAX_IN_FLIGHT = 16
 _LENGTH = struct.Struct("<I")
 
@@ -44,15 +48,16 @@ def checksum(data: bytes | np.ndarray) -> int:
 
 @dataclass(slots=True)
 class LayerGroup:
-    """Consecutive layers' `pack_layer` payloads, back to back in one uint8 CPU tensor."""
+    """Consecutive layers' `pack_layer` payloads, back to back: one uint8 CPU tensor, or several
+    (`pieces`, in layer order) that the wire joins in the frame's own copy."""
 
     first_layer: int
     num_layers: int
-    payload: torch.Tensor
+    pieces: tuple[torch.Tensor, ...]
 
     @property
     def nbytes(self) -> int:
-        return self.payload.numel()
+        return sum(p.numel() for p in self.pieces)
 
 
 def group_size(num_layers: int, layer_bytes: int, in_flight: int, chunk_bytes: int) -> int:
@@ -63,28 +68,62 @@ def group_size(num_layers: int, layer_bytes: int, in_flight: int, chunk_bytes: i
     return min(fill, spread)
 
 
-def frame(header: kv_link_pb2.KVChunk, payload: np.ndarray | bytes = b"") -> bytes:
-    """One call's request: the header's length, the header, the payload (one copy of it)."""
+def ready_groups(layers: Iterable[tuple[int, torch.Tensor]], layer_bytes: int,
+                 min_bytes: int) -> Iterator[LayerGroup]:
+    """`layers`' payloads as groups of consecutive layers, each yielded once it holds
+    `min_bytes` (the last when `layers` ends, or before a payload that does not follow on)."""
+    held: list[torch.Tensor] = []
+    first = nxt = 0
+    for start, payload in layers:
+        if held and start != nxt:
+            yield LayerGroup(first, nxt - first, tuple(held))
+            held = []
+        if not held:
+            first = nxt = start
+        held.append(payload)
+        nxt += max(1, payload.numel() // layer_bytes)
+        if sum(p.numel() for p in held) >= min_bytes:
+            yield LayerGroup(first, nxt - first, tuple(held))
+            held = []
+    if held:
+        yield LayerGroup(first, nxt - first, tuple(held))
+
+
+def frame(header: kv_link_pb2.KVChunk, *payload: np.ndarray | bytes) -> bytes:
+    """One call's request: the header's length, the header, the payload's parts (one copy of
+    them)."""
     head = header.SerializeToString()
-    return b"".join((_LENGTH.pack(len(head)), head, payload))
+    return b"".join((_LENGTH.pack(len(head)), head, *payload))
 
 
 def encode(group: LayerGroup, template: kv_link_pb2.KVChunk, chunk_bytes: int) -> Iterator[bytes]:
     """A group's frames, one per chunk (`template` names the transfer, its block ids, dtype and
     layer shape)."""
-    data = group.payload.numpy()
-    total = data.size
+    parts = [p.numpy() for p in group.pieces]
+    total = sum(part.size for part in parts)
+    if len(parts) > 1 and total <= chunk_bytes:  # one frame, its parts joined by `frame`
+        crc = 0
+        for part in parts:
+            crc = google_crc32c.extend(crc, part)
+        yield frame(_header(template, group, 0, total, total, crc), *parts)
+        return
+    data = parts[0] if len(parts) == 1 else np.concatenate(parts)
     for offset in range(0, total, chunk_bytes):
         piece = data[offset : offset + chunk_bytes]
-        header = kv_link_pb2.KVChunk()
-        header.CopyFrom(template)
-        header.first_layer = group.first_layer
-        header.num_layers = group.num_layers
-        header.offset = offset
-        header.total_bytes = total
-        header.length = piece.size
-        header.crc32c = checksum(piece)
-        yield frame(header, piece)
+        yield frame(_header(template, group, offset, piece.size, total, checksum(piece)), piece)
+
+
+def _header(template: kv_link_pb2.KVChunk, group: LayerGroup, offset: int, length: int,
+            total: int, crc: int) -> kv_link_pb2.KVChunk:
+    header = kv_link_pb2.KVChunk()
+    header.CopyFrom(template)
+    header.first_layer = group.first_layer
+    header.num_layers = group.num_layers
+    header.offset = offset
+    header.total_bytes = total
+    header.length = length
+    header.crc32c = crc
+    return header
 
 
 def end_frame(template: kv_link_pb2.KVChunk, layers_sent: int) -> bytes:

@@ -70,7 +70,7 @@ def test_layers_stream_as_they_are_produced(src, receiver):
     receiver.expect("t2", "r2", [4, 5], timeout_s=10)
     export = KVExport(skip_blocks=0, feed=queue.Queue())
     feed, layers = export.feed, export.layers()
-    sender = KVSender(receiver.address, TOKEN)
+    sender = KVSender(receiver.address, TOKEN, min_group_bytes=0)  # each layer goes at once
     done = {}
     thread = threading.Thread(
         target=lambda: done.setdefault("r", sender.push("t2", "r2", [4, 5], layers, SPEC,
@@ -91,12 +91,43 @@ def test_layers_stream_as_they_are_produced(src, receiver):
     receiver.wait("t2")
 
 
+def test_streamed_layers_go_out_together_once_they_hold_the_least_group(src, receiver):
+    """Layers of 2 KiB with a 5 KiB least group: nothing crosses until the third layer is
+    made, then the three in one call; the fourth and last when the layers end."""
+    transfer = receiver.expect("tg", "rg", [4, 5], timeout_s=10)
+    export = KVExport(skip_blocks=0, feed=queue.Queue())
+    sender = KVSender(receiver.address, TOKEN, min_group_bytes=5 * 1024)
+    layer = pack_layer(src, 0, torch.tensor([0, 1]))
+    assert layer.numel() == 2048
+    done = {}
+    thread = threading.Thread(target=lambda: done.setdefault("r", sender.push(
+        "tg", "rg", [4, 5], export.layers(), SPEC, timeout_s=10)))
+    thread.start()
+    for i in range(2):
+        export.feed.put((i, pack_layer(src, i, torch.tensor([0, 1]))))
+    threading.Event().wait(0.2)
+    assert transfer.calls == 0 and not transfer.layers_done  # held: 4 KiB so far
+    export.feed.put((2, pack_layer(src, 2, torch.tensor([0, 1]))))
+    wait_until(lambda: transfer.layers_done == {0, 1, 2}, timeout_s=10,
+               what="the first three layers")
+    assert transfer.calls == 1
+    for i in range(3, SPEC.num_layers):
+        export.feed.put((i, pack_layer(src, i, torch.tensor([0, 1]))))
+    export.feed.put(None)
+    thread.join(10)
+    assert done["r"].layers_received == SPEC.num_layers
+    receiver.wait("tg")
+    assert transfer.calls == 2
+    assert _same_blocks(src, receiver.cache, [0, 1], [4, 5])
+    sender.close()
+
+
 def test_a_push_under_way_when_the_receiver_gives_up_writes_no_more_layers(src, receiver):
     dst_ids = [6, 7]
     receiver.expect("t3", "r3", dst_ids, timeout_s=10)
     transfer = receiver._transfers["t3"]
     export = KVExport(skip_blocks=0, feed=queue.Queue())
-    sender = KVSender(receiver.address, TOKEN)
+    sender = KVSender(receiver.address, TOKEN, min_group_bytes=0)
     errors: list[Exception] = []
 
     def push() -> None:
