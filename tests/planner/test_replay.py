@@ -59,24 +59,20 @@ def test_the_fitted_scale_and_handoff_match_the_lowest_rate() -> None:
     real, sim = plan_fit._ttfts(REPORT, fitted, CACHED, remote=False)
     assert len(real) > 10 and abs(float(np.median(real - sim))) < 0.005
 
-    # No prompt factor tried fits the local prompts' TTFTs better than the one chosen.
-    def local_error(prompt_scale: float) -> float:
-        trial = dataclasses.replace(fit, prompt_scale=prompt_scale, request_s=0.0)
-        real, sim = plan_fit._ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=False)
-        request = max(0.0, float(np.median(real - sim)))
-        return float(np.sum(((sim + request) / real - 1) ** 2))
+    def error(remote: bool, **values: float) -> float:
+        """The fit's objective over the remote prefills' TTFTs (`remote`) or the local prompts',
+        with `values` in place and the constant fitted beside them (the median gap) left out."""
+        trial = dataclasses.replace(fit, **values, **{"handoff_s" if remote else "request_s": 0.0})
+        real, sim = plan_fit._ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=remote)
+        gap = max(0.0, float(np.median(real - sim)))
+        return float(np.sum(((sim + gap) / real - 1) ** 2))
 
-    assert all(local_error(fit.prompt_scale) <= local_error(float(s)) + 1e-12
-               for s in plan_fit.PROMPT_SCALES)
-    # No prefill factor tried fits the remote prefills' TTFTs better than the one chosen.
-    def error(prefill_scale: float) -> float:
-        trial = dataclasses.replace(fit, prefill_scale=prefill_scale, handoff_s=0.0)
-        real, sim = plan_fit._ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=True)
-        handoff = max(0.0, float(np.median(real - sim)))
-        return float(np.sum(((sim + handoff) / real - 1) ** 2))
-
-    assert all(error(fit.prefill_scale) <= error(float(s)) + 1e-12
-               for s in plan_fit.PREFILL_SCALES)
+    # No prompt factor tried fits the local prompts better than the one chosen, and no prefill
+    # factor the remote prefills.
+    assert all(error(False, prompt_scale=fit.prompt_scale)
+               <= error(False, prompt_scale=float(s)) + 1e-12 for s in plan_fit.PROMPT_SCALES)
+    assert all(error(True, prefill_scale=fit.prefill_scale)
+               <= error(True, prefill_scale=float(s)) + 1e-12 for s in plan_fit.PREFILL_SCALES)
 
 
 def test_the_busy_handoff_is_fitted_where_the_decode_worker_was_loaded() -> None:
