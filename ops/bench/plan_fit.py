@@ -62,7 +62,7 @@ class ServingFit:
 
 # Prefill factors tried: a prefill worker measured 1.0-1.5x a decode worker's step factor here.
 PREFILL_SCALES = np.round(np.arange(1.0, 2.001, 0.02), 2)
-# Prompt factors tried for the prompts prefilled where they decode (1.2-1.3 measured here).
+# Prompt factors tried for the prompts prefilled where they decode (1.2-1.4 fitted here).
 PROMPT_SCALES = np.round(np.arange(0.5, 2.001, 0.02), 2)
 
 
