@@ -40,7 +40,6 @@ from baton.actors.kv_wire import (
     IN_FLIGHT,
     MAX_IN_FLIGHT,
     MAX_MESSAGE_BYTES,
-    MIN_GROUP_BYTES,
     PUSH_METHOD,
     SERVICE,
     TOKEN_HEADER,
@@ -293,15 +292,14 @@ class KVSender:
     """Client side of the KV link (run by a prefill worker): streams layers as they are ready.
 
     Each group of layers goes out in chunks of up to `chunk_bytes` payload bytes, one unary call
-    each, with up to `in_flight` calls of a transfer under way at once.
+    each, with up to `in_flight` calls of a transfer under way at once. Streamed layers go one by
+    one, or together once they hold `min_group_bytes` (a CPU prefill worker's: `MIN_GROUP_BYTES`).
     """
 
     def __init__(self, address: str, token: str, chunk_bytes: int = CHUNK_BYTES,
-                 in_flight: int = IN_FLIGHT, min_group_bytes: int | None = None):
+                 in_flight: int = IN_FLIGHT, min_group_bytes: int = 0):
         if not 1 <= chunk_bytes <= CHUNK_BYTES:
             raise ConfigError(f"chunk_bytes must be 1 to {CHUNK_BYTES}, got {chunk_bytes}")
-        if min_group_bytes is None:
-            min_group_bytes = min(MIN_GROUP_BYTES, chunk_bytes)
         if not 0 <= min_group_bytes <= chunk_bytes:
             raise ConfigError(f"min_group_bytes must be 0 to chunk_bytes ({chunk_bytes}), got "
                               f"{min_group_bytes}")

@@ -33,9 +33,10 @@ TRANSFER_HEADER = "x-baton-kv-transfer"
 CHUNK_BYTES = 16 << 20
 MAX_MESSAGE_BYTES = CHUNK_BYTES + (1 << 20)
 IN_FLIGHT = 2  # calls of one transfer under way at once, by default
-# Layers streamed as a prefill computes them go out together until they hold this many bytes
-# (or the prefill ends): each call costs the sender's core about as much as 0.5-1 MiB of bytes,
-# and a prefill worker's sender shares its core with the forward pass.
+# A CPU prefill worker sends the layers it streams together until they hold this many bytes (or
+# the prefill ends): each call costs the sender's core about as much as 0.5-1 MiB of bytes, and
+# its sender shares the cores of the forward pass. Where the forward runs on an accelerator the
+# host's cores are free for the link, and each layer goes as soon as it is written.
 MIN_GROUP_BYTES = 2 << 20
 MAX_IN_FLIGHT = 16
 _LENGTH = struct.Struct("<I")

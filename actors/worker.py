@@ -375,8 +375,11 @@ class Worker:
     def _sender(self, address: str) -> KVSender:
         if address not in self._senders:
             from baton.actors.kv_link import KVSender
+            from baton.actors.kv_wire import MIN_GROUP_BYTES
 
-            self._senders[address] = KVSender(address, self.spec.kv_token)
+            group = MIN_GROUP_BYTES if self.engine.device.type == "cpu" else 0
+            self._senders[address] = KVSender(address, self.spec.kv_token,
+                                              min_group_bytes=group)
         return self._senders[address]
 
 

@@ -70,7 +70,7 @@ def test_layers_stream_as_they_are_produced(src, receiver):
     receiver.expect("t2", "r2", [4, 5], timeout_s=10)
     export = KVExport(skip_blocks=0, feed=queue.Queue())
     feed, layers = export.feed, export.layers()
-    sender = KVSender(receiver.address, TOKEN, min_group_bytes=0)  # each layer goes at once
+    sender = KVSender(receiver.address, TOKEN)  # each layer goes at once
     done = {}
     thread = threading.Thread(
         target=lambda: done.setdefault("r", sender.push("t2", "r2", [4, 5], layers, SPEC,
@@ -127,7 +127,7 @@ def test_a_push_under_way_when_the_receiver_gives_up_writes_no_more_layers(src, 
     receiver.expect("t3", "r3", dst_ids, timeout_s=10)
     transfer = receiver._transfers["t3"]
     export = KVExport(skip_blocks=0, feed=queue.Queue())
-    sender = KVSender(receiver.address, TOKEN, min_group_bytes=0)
+    sender = KVSender(receiver.address, TOKEN)
     errors: list[Exception] = []
 
     def push() -> None:
