@@ -333,3 +333,21 @@ def test_layers_ready_at_once_travel_in_groups_and_every_call_has_some():
     assert sender.group_size(SPEC, 3) == 1  # four chunks' worth, four calls in flight: one each
     sender = KVSender("127.0.0.1:1", TOKEN, chunk_bytes=1 << 20, in_flight=4)
     assert sender.group_size(SPEC, 3) == 4  # all of it fits one call: not split
+
+
+def test_a_cpu_prefill_worker_groups_the_layers_it_streams():
+    """Its sender shares the forward's cores: it sends layers together (see `MIN_GROUP_BYTES`)."""
+    from baton.actors.kv_wire import MIN_GROUP_BYTES
+    from baton.actors.worker import Worker, WorkerSpec
+
+    worker = Worker(WorkerSpec(role="prefill", model="tiny:llama", kv_host="127.0.0.1",
+                               kv_token=TOKEN))
+    try:
+        assert worker.engine.device.type == "cpu"
+        sender = worker._sender("127.0.0.1:1")
+        assert sender.min_group_bytes == MIN_GROUP_BYTES > 0
+        assert KVSender("127.0.0.1:1", TOKEN).min_group_bytes == 0  # the default: one by one
+    finally:
+        worker.loop.stop()
+        for s in worker._senders.values():
+            s.close()
