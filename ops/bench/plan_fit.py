@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -122,28 +123,17 @@ def _step_scale(report: dict[str, Any], profile: Profile, cached_tokens: int,
 
 
 def fit_serving(report: dict[str, Any], profile: Profile, cached_tokens: int = 0) -> ServingFit:
-    """The step factor, prefill factor and handoff that `report`'s lowest rates measured, the
-    host contention its loaded rates did (see the module's doc); the profile's own values are
-    ignored."""
+    """The step factor, prompt factor, request path, prefill factor and handoff that `report`'s
+    lowest rates measured, the host contention and busy handoff its loaded rates did (see the
+    module's doc); the profile's own values are ignored."""
     scale = _step_scale(report, profile, cached_tokens, ServingFit(1.0, 1.0, 0.0))
     local = _fit_local_prompts(report, profile, cached_tokens, ServingFit(scale, 1.0, 0.0))
     # Prompt iterations carry decode steps too: the step factor again, under the prompt factor.
     scale = _step_scale(report, profile, cached_tokens, local)
     local = _fit_local_prompts(report, profile, cached_tokens,
                                dataclasses.replace(local, scale=scale))
-    request, prompt_scale = local.request_s, local.prompt_scale
-    best = local
-    best_err = math.inf
-    for prefill_scale in PREFILL_SCALES:
-        trial = ServingFit(scale, float(prefill_scale), 0.0, request,
-                           prompt_scale=prompt_scale)
-        real, sim = _ttfts(report, trial.apply(profile), cached_tokens, remote=True)
-        if not len(real):
-            return best  # no remote prefill to fit the rest to
-        handoff = max(0.0, float(np.median(real - sim)))
-        err = float(np.sum(((sim + handoff) / real - 1) ** 2))
-        if err < best_err - 1e-12:
-            best, best_err = dataclasses.replace(trial, handoff_s=handoff), err
+    trials = (dataclasses.replace(local, prefill_scale=float(s)) for s in PREFILL_SCALES)
+    best = _fit_with_gap(report, profile, cached_tokens, trials, remote=True) or local
     # The contention first: it lengthens the decode runs that a busy handoff waits on.
     return _fit_busy_handoff(report, profile, cached_tokens,
                              _fit_contention(report, profile, cached_tokens, best))
@@ -152,20 +142,30 @@ def fit_serving(report: dict[str, Any], profile: Profile, cached_tokens: int = 0
 def _fit_local_prompts(report: dict[str, Any], profile: Profile, cached_tokens: int,
                        fit: ServingFit) -> ServingFit:
     """`fit` with the prompt factor and request path that bring the lowest rates' simulated
-    TTFTs of the prompts prefilled where they decode nearest the measured ones: least squares
-    in relative error, the request path for each factor tried the median gap. A constant alone
-    cannot follow them: measured here, 40-token prompts took less than the median gap and
-    700-1,000-token ones 20-30% more than simulated."""
-    best, best_err = fit, math.inf
-    for prompt_scale in PROMPT_SCALES:
-        trial = dataclasses.replace(fit, prompt_scale=float(prompt_scale), request_s=0.0)
-        real, sim = _ttfts(report, trial.apply(profile), cached_tokens, remote=False)
+    TTFTs of the prompts prefilled where they decode nearest the measured ones (`_fit_with_gap`).
+    A constant alone cannot follow them: measured here, 40-token prompts took less than the
+    median gap and 700-1,000-token ones 20-30% more than simulated."""
+    trials = (dataclasses.replace(fit, prompt_scale=float(s)) for s in PROMPT_SCALES)
+    return _fit_with_gap(report, profile, cached_tokens, trials, remote=False) or fit
+
+
+def _fit_with_gap(report: dict[str, Any], profile: Profile, cached_tokens: int,
+                  trials: Iterable[ServingFit], remote: bool) -> ServingFit | None:
+    """Of `trials`, the one whose lowest-rate simulated TTFTs of the remote prefills (`remote`:
+    plus the handoff) or of the local prompts (plus the request path) come nearest the measured
+    ones, least squares in relative error, with that constant set to the median gap left by the
+    trial without it; None where the report has no such prompt."""
+    gap = "handoff_s" if remote else "request_s"
+    best, best_err = None, math.inf
+    for trial in trials:
+        trial = dataclasses.replace(trial, **{gap: 0.0})
+        real, sim = _ttfts(report, trial.apply(profile), cached_tokens, remote=remote)
         if not len(real):
-            return fit
-        request = max(0.0, float(np.median(real - sim)))
-        err = float(np.sum(((sim + request) / real - 1) ** 2))
+            return None
+        constant = max(0.0, float(np.median(real - sim)))
+        err = float(np.sum(((sim + constant) / real - 1) ** 2))
         if err < best_err - 1e-12:
-            best, best_err = dataclasses.replace(trial, request_s=request), err
+            best, best_err = dataclasses.replace(trial, **{gap: constant}), err
     return best
 
 
