@@ -74,16 +74,18 @@ def ready_groups(layers: Iterable[tuple[int, torch.Tensor]], layer_bytes: int,
     """`layers`' payloads as groups of consecutive layers, each yielded once it holds
     `min_bytes` (the last when `layers` ends, or before a payload that does not follow on)."""
     held: list[torch.Tensor] = []
-    first = nxt = 0
+    first = nxt = size = 0
     for start, payload in layers:
         if held and start != nxt:
             yield LayerGroup(first, nxt - first, tuple(held))
             held = []
         if not held:
             first = nxt = start
+            size = 0
         held.append(payload)
         nxt += max(1, payload.numel() // layer_bytes)
-        if sum(p.numel() for p in held) >= min_bytes:
+        size += payload.numel()
+        if size >= min_bytes:
             yield LayerGroup(first, nxt - first, tuple(held))
             held = []
     if held:

@@ -33,5 +33,5 @@ def init_local(**options: Any) -> Any:
             ray.shutdown()  # the failed start's processes
             if not any(s in str(exc) for s in _TIMED_OUT) or attempt == START_ATTEMPTS:
                 raise
-            log.warning("Ray's raylet did not register in time (%s); starting Ray again", exc)
+            log.warning("Ray did not start in time (%s); starting Ray again", exc)
     raise AssertionError("unreachable")
