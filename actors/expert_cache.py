@@ -151,6 +151,14 @@ class ExpertCache:
                 self._stats.stall_seconds += time.perf_counter() - t0
         return [slot_of[e] for e in experts]
 
+    def settled(self, layer: int, experts: list[int], coming: list[ExpertKey]
+                ) -> list[int] | None:
+        """The slots of `experts` of `layer` when nothing can evict or load any of them until the
+        forward is done with the layer: all resident and read, `coming` (the next prefetch) all
+        resident, no read in flight. The hits are counted; the slots need no `release`. None
+        otherwise: `acquire` them. Only a cache whose forward thread alone evicts can say so."""
+        return None
+
     def _fill(self, misses: list[Pending], waits: list[Pending]) -> None:
         """Load `misses` into their slots and wait for `waits` (loads in flight); a load that
         failed is read again here."""

@@ -53,6 +53,26 @@ class AioExpertCache(ExpertCache):
                 return slots
         return super().acquire(layer, experts)
 
+    def settled(self, layer: int, experts: list[int], coming: list[ExpertKey]
+                ) -> list[int] | None:
+        """As `ExpertCache.settled`: here only this thread evicts (in `acquire` and `prefetch`),
+        so with nothing to load and no read to collect, a layer's slots stay as they are."""
+        if self._in_flight or len(experts) > self.capacity:
+            return None
+        slot_of, loads = self._slot_of, self._load
+        slots = []
+        for e in experts:
+            slot = slot_of.get((layer, e))
+            if slot is None or loads[slot] is not None:
+                return None
+            slots.append(slot)
+        for key in coming:
+            if key not in slot_of:
+                return None
+        with self._cond:
+            self._hit_log.append([(layer, e) for e in experts])
+        return slots
+
     def prefetch(self, keys: list[ExpertKey]) -> None:
         """Start reading `keys` now (those resident are skipped), as many as reads and slots
         allow; unlike a queued prediction, a started read is not taken back."""

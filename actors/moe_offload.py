@@ -42,6 +42,7 @@ from baton.outputs import ExpertCacheUse
 log = logging.getLogger(__name__)
 
 EXPERTS_IMPLEMENTATION = "baton_offload"
+_NONE_LOADING: frozenset[int] = frozenset()
 
 
 @dataclass(slots=True)
@@ -179,6 +180,10 @@ def _parts(cache, layer: int, hit: list[int], predicted
     """`hit`'s experts a cache's worth at a time: (experts, their slots, those of the slots
     still loading), the slots held while the caller computes with them and released after.
     Iterate it inside `closing`, so that a failed part releases its slots at once."""
+    settled = cache.settled(layer, hit, predicted)
+    if settled is not None:  # all resident and read, nothing to load: no pins to hold
+        yield hit, settled, _NONE_LOADING
+        return
     for first in range(0, len(hit), cache.capacity):
         chunk = hit[first : first + cache.capacity]
         slots = cache.acquire(layer, chunk)

@@ -268,3 +268,21 @@ def test_aio_cache_keeps_the_order_of_uses_across_fast_and_general_acquires(lru_
         _use(cache, experts)
     _use(cache, [4])  # uses, oldest first: 0, 1, 3: 0 goes
     assert sorted(cache.resident()) == [(0, 1), (0, 3), (0, 4)]
+
+
+def test_aio_cache_settles_a_layer_only_when_nothing_can_load_or_evict_meanwhile(lru_aio_cache):
+    cache, gate_up, _ = lru_aio_cache(3)
+    _use(cache, [0, 1])
+    before = cache.stats.hits
+    slots = cache.settled(0, [1, 0], [(0, 1)])
+    assert slots is not None and torch.equal(cache.gate_up[slots[0]], gate_up[1])
+    assert cache.stats.hits == before + 2 and cache.uses[(0, 1)] == 2  # counted as hits
+    # Nothing pinned: both stay evictable (a pin would keep 0 and 1 and refuse the read).
+    assert cache.settled(0, [2], []) is None  # not resident: it must be acquired and read
+    assert cache.settled(0, [0], [(0, 3)]) is None  # a prefetch to start: acquire, then prefetch
+    cache.prefetch([(0, 2)])
+    assert cache.settled(0, [0], []) is None  # a read in flight: collected by the general path
+    _use(cache, [2])
+    for expert in (3, 4):  # two misses: 0 and 1 go, as they would had they never been settled
+        _use(cache, [expert])
+    assert sorted(cache.resident()) == [(0, 2), (0, 3), (0, 4)]
