@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -176,7 +177,7 @@ def router_scores(router: torch.nn.Module | None, float32: bool = False) -> Rout
 
 
 def _parts(cache, layer: int, hit: list[int], predicted
-           ) -> Iterator[tuple[list[int], list[int], set[int]]]:
+           ) -> Iterator[tuple[list[int], list[int], AbstractSet[int]]]:
     """`hit`'s experts a cache's worth at a time: (experts, their slots, those of the slots
     still loading), the slots held while the caller computes with them and released after.
     Iterate it inside `closing`, so that a failed part releases its slots at once."""
