@@ -42,9 +42,8 @@ class AioExpertCache(ExpertCache):
         anything reads the counters or picks a victim."""
         keys = [(layer, e) for e in experts]
         with self._cond:
-            found = [self._slot_of.get(key) for key in keys]
-            slots = [slot for slot in found if slot is not None and self._load[slot] is None]
-            if len(slots) == len(keys) <= self.capacity:
+            slots = self._read_slots(keys) if len(keys) <= self.capacity else None
+            if slots is not None:
                 pins, idle = self._pins, self._idle
                 for key, slot in zip(keys, slots, strict=True):
                     pins[slot] += 1
@@ -59,18 +58,23 @@ class AioExpertCache(ExpertCache):
         so with nothing to load and no read to collect, a layer's slots stay as they are."""
         if self._in_flight or len(experts) > self.capacity:
             return None
+        keys = [(layer, e) for e in experts]
+        slots = self._read_slots(keys)
+        if slots is None or any(key not in self._slot_of for key in coming):
+            return None
+        with self._cond:
+            self._hit_log.append(keys)
+        return slots
+
+    def _read_slots(self, keys: list[ExpertKey]) -> list[int] | None:
+        """The slots of `keys` when every one is resident and read; None otherwise."""
         slot_of, loads = self._slot_of, self._load
         slots = []
-        for e in experts:
-            slot = slot_of.get((layer, e))
+        for key in keys:
+            slot = slot_of.get(key)
             if slot is None or loads[slot] is not None:
                 return None
             slots.append(slot)
-        for key in coming:
-            if key not in slot_of:
-                return None
-        with self._cond:
-            self._hit_log.append([(layer, e) for e in experts])
         return slots
 
     def prefetch(self, keys: list[ExpertKey]) -> None:
