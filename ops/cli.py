@@ -290,8 +290,9 @@ def bench_plan(
         help="A `bench pd` or `bench serve` JSON report to replay (repeatable)")] = None,
     profile: Annotated[str | None, typer.Option(
         help="This machine's `baton profile` (with --replay)")] = None,
-    fit_on: Annotated[str | None, typer.Option(
-        help="A bench report to fit the profile's serving scale to before replaying")] = None,
+    fit_on: Annotated[list[str] | None, typer.Option(
+        help="A bench report to fit the profile's serving scale to before replaying "
+             "(repeatable: fitted on all of them at once)")] = None,
     save_profile: Annotated[str | None, typer.Option(
         help="Write the profile with its fitted serving scale here (for `baton plan`)")] = None,
 ) -> None:
@@ -301,7 +302,7 @@ def bench_plan(
 
     bench.main(json_path=json_path, hours=hours, rate=rate, baseline_s=baseline_s, seed=seed,
                calibrate=calibrate, replay=tuple(replay or ()), profile=profile,
-               fit_on=fit_on, save_profile=save_profile)
+               fit_on=tuple(fit_on or ()), save_profile=save_profile)
 
 
 @bench_app.command("kernels")

@@ -51,8 +51,10 @@ class Efficiency:
     # Per KV handoff, beyond moving its bytes: the calls that set it up and bring the first token
     # back (a profile fitted to a served benchmark measures it; none assumed otherwise).
     handoff_s: float = 0.0
-    # More per handoff whose decode worker is stepping when the prefill ends: its admission and
-    # the KV receiver wait on the busy engine (a profile fitted to a served benchmark measures it).
+    # More per handoff whose decode worker is stepping when the prefill ends, per sequence it
+    # holds: its admission and the KV receiver wait on the busy engine, and the worker's process
+    # and host are the busier the more it decodes (a profile fitted to a served benchmark
+    # measures it).
     handoff_busy_s: float = 0.0
     # Per request, before its prompt reaches an engine and after its tokens leave one: the API,
     # the router and the actor calls (a profile fitted to a served benchmark measures it).

@@ -8,11 +8,12 @@ are of the engine alone; `serving_scale` is how many times longer a step takes i
 longer again a prefill worker's step takes (its KV sender shares its core), `prompt_scale` how
 many times longer another worker's step takes when it carries prompt tokens, `handoff_s` what
 one KV handoff adds to a remote prefill's TTFT beyond moving its bytes (`handoff_busy_s` more
-when its decode worker is stepping then) and `request_s` what the serving path (API, router,
-actor calls) adds to every request's, all fitted to a served benchmark by `baton bench plan
---fit-on` (1.0, 1.0, 1.0, 0, 0 and 0 until then). `host_contention`, fitted with them (0 until
-then), is how much the serving workers of one machine slow each other: while one runs a prompt,
-the others decode at `1 / (1 + host_contention)` of their speed. It applies where a benchmark is
+per sequence its decode worker holds, when it is stepping then) and `request_s` what the
+serving path (API, router, actor calls) adds to every request's, all fitted to served
+benchmarks by `baton bench plan --fit-on` (1.0, 1.0, 1.0, 0, 0 and 0 until then).
+`host_contention`, fitted with them (0 until then), is how much the serving workers of one
+machine slow each other: while one runs a prompt, the others decode at `1 / (1 +
+host_contention)` of their speed. It applies where a benchmark is
 replayed on the machine it ran on; `baton plan` gives each replica a machine of its own.
 """
 

@@ -228,8 +228,11 @@ class ClusterSim:
         layers = req.prefill.cost.model.num_layers
         eff = req.prefill.cost.eff
         tail = max(xfer / layers, xfer - (now - req.started)) + eff.handoff_s
-        if req.decode.busy:  # the receiver and the import wait on a stepping engine
-            tail += eff.handoff_busy_s
+        decode = req.decode
+        if decode.busy:  # the receiver and the import wait on a stepping engine, the longer the
+            # more it holds (a prompt it has or computes now decodes by the time the KV lands)
+            held = len(decode.running) + len(decode.prefilling) + len(decode.waiting)
+            tail += eff.handoff_busy_s * held
         req.todo = 0
         if self.lookahead and req.left > 1:
             req.first = now + tail

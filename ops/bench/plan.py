@@ -10,8 +10,8 @@ report also says what event skipping costs in accuracy. Figure: simulated second
 With `replays`, reports of `baton bench pd` / `baton bench serve` run on this machine are replayed
 through the simulator fed this machine's `profile` (`plan_replay`): per system and rate, the
 measured and simulated TTFT/TPOT p50, attainment and goodput. With `fit_on`, the profile's
-serving scale is first fitted to that report (and the profile so fitted saved to `save_profile`),
-so the other replays check it.
+serving scale is first fitted to those reports together (and the profile so fitted saved to
+`save_profile`), so the other replays check it.
 
 With `calibrate`, a real engine (`CALIBRATION_MODEL`, in process) is profiled, then run open-loop
 at rising rates beside the simulator fed that profile (`plan_calibration.sweep`): TTFT/TPOT p50
@@ -99,12 +99,12 @@ def _bench_report(path: str) -> dict[str, Any]:
 Replays = tuple[dict[str, Any] | None, dict[str, Any], list[dict[str, Any]]]
 
 
-def replays(paths: Sequence[str], profile_path: str | None, fit_on: str | None = None,
+def replays(paths: Sequence[str], profile_path: str | None, fit_on: Sequence[str] = (),
             save_profile: str | None = None) -> Replays:
-    """What serving adds to the profile, fitted to the report at `fit_on` (None: not fitted),
+    """What serving adds to the profile, fitted to the reports at `fit_on` (none: not fitted),
     each bench report at `paths` replayed on the profile (see `plan_replay`), and their runs of
     the same requests side by side (`plan_replay.repeats`)."""
-    if not paths and fit_on is None:
+    if not paths and not fit_on:
         return None, {}, []
     if profile_path is None:
         raise ConfigError("--replay and --fit-on need --profile: a `baton profile` of this "
@@ -113,10 +113,10 @@ def replays(paths: Sequence[str], profile_path: str | None, fit_on: str | None =
     profile = Profile.load(profile_path)
     cached = plan_replay.cached_prefix_tokens(profile.model)  # the model it profiled
     fitted = None
-    if fit_on is not None:
-        fit = plan_fit.fit_serving(_bench_report(fit_on), profile, cached)
+    if fit_on:
+        fit = plan_fit.fit_serving([_bench_report(p) for p in fit_on], profile, cached)
         profile = fit.apply(profile)
-        fitted = {"fitted_on": fit_on, **dataclasses.asdict(fit)}
+        fitted = {"fitted_on": list(fit_on), **dataclasses.asdict(fit)}
         if save_profile:
             profile.save(save_profile)
     return (fitted, {path: plan_replay.replay(report, profile, cached)
@@ -125,7 +125,7 @@ def replays(paths: Sequence[str], profile_path: str | None, fit_on: str | None =
 
 def run(*, hours: float = 1.0, rate: float = 700.0, baseline_s: float = 20.0, seed: int = 0,
         calibrate: bool = True, replay: Sequence[str] = (), profile: str | None = None,
-        fit_on: str | None = None, save_profile: str | None = None,
+        fit_on: Sequence[str] = (), save_profile: str | None = None,
         progress: Console | None = None) -> dict[str, Any]:
     """Simulate `hours` of traffic at `rate` requests/s, and `baseline_s` of it both ways."""
     say = progress.print if progress else (lambda _: None)
@@ -226,7 +226,7 @@ def show(report: dict[str, Any], console: Console) -> None:
                       f"{fit['handoff_s'] * 1000:.0f} ms (+"
                       f"{fit.get('handoff_busy_s', 0.0) * 1000:.0f} ms to a stepping decode "
                       f"worker), host contention {fit.get('host_contention', 0.0):.2f}, fitted "
-                      f"on {fit['fitted_on']}")
+                      f"on {', '.join(_as_list(fit['fitted_on']))}")
     for path, rep in report.get("replays", {}).items():
         _show_replay(path, rep, console)
     if repeats := report.get("repeats"):
@@ -264,6 +264,10 @@ def _show_repeats(repeats: list[dict[str, Any]], console: Console) -> None:
                       f"{_num(t1)} / {_num(t2)} ({_pct(diff['ttft_p50'])})",
                       f"{_num(p1, 1000)} / {_num(p2, 1000)} ({_pct(diff['tpot_p50'])})")
     console.print(table)
+
+
+def _as_list(paths: str | list[str]) -> list[str]:
+    return [paths] if isinstance(paths, str) else paths  # a report of before several fits
 
 
 def _pct(value: float | None) -> str:

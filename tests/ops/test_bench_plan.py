@@ -31,7 +31,7 @@ def test_bench_plan_fits_the_serving_scale_on_one_report_and_replays(tmp_path) -
     report_path, saved = str(data / "bench_pd_cpu_smollm2.json"), tmp_path / "served.json"
     report = plan.run(hours=0.0005, rate=100.0, baseline_s=0.1, calibrate=False,
                       replay=[report_path], profile=str(data / "cpu_smollm2_1thread.json"),
-                      fit_on=report_path, save_profile=str(saved))
+                      fit_on=[report_path], save_profile=str(saved))
     fitted, served = report["serving_fit"], Profile.load(saved)
     assert (served.serving_scale, served.prefill_scale, served.handoff_s, served.request_s,
             served.handoff_busy_s) == pytest.approx(

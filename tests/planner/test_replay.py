@@ -33,7 +33,7 @@ def test_the_fitted_scale_and_handoff_match_the_lowest_rate() -> None:
     """Fitted on a report, the lowest rate's simulated TPOT p50s meet the measured ones in their
     geometric mean, local prompts' and remote prefills' TTFTs the measured ones in their
     medians; a profile fitted already fits to the same values."""
-    fit = plan_fit.fit_serving(REPORT, PROFILE, CACHED)
+    fit = plan_fit.fit_serving([REPORT], PROFILE, CACHED)
     # A serving worker is slower than its engine alone, a prefill worker no faster than that.
     assert fit.scale > 1 and fit.prefill_scale >= 1 and fit.handoff_s >= 0
     assert fit.request_s > 0  # this report's local prompts waited longer than their steps
@@ -47,7 +47,7 @@ def test_the_fitted_scale_and_handoff_match_the_lowest_rate() -> None:
     # The factor is fitted on the unscaled replay: at the lowest rate TPOT grows almost in
     # proportion to it (a busier engine queues a little more).
     assert math.prod(ratios) ** (1 / len(ratios)) == pytest.approx(1.0, rel=0.03)
-    again = plan_fit.fit_serving(REPORT, fitted, CACHED)
+    again = plan_fit.fit_serving([REPORT], fitted, CACHED)
     assert dataclasses.astuple(again) == pytest.approx(dataclasses.astuple(fit))
     record = REPORT["systems"]["disaggregated"]["rates"]["0.25"]
     layout = plan_replay.layouts(REPORT, profile_cost(fitted))["disaggregated"]
@@ -56,14 +56,14 @@ def test_the_fitted_scale_and_handoff_match_the_lowest_rate() -> None:
     gaps = np.asarray([t[0] for t in record["timings"]])[remote] - res.ttft[remote]
     if fit.handoff_s > 0:  # the handoff is the median gap left (none when it would be negative)
         assert abs(float(np.median(gaps))) < 0.01
-    real, sim = plan_fit._ttfts(REPORT, fitted, CACHED, remote=False)
+    real, sim = plan_fit._ttfts([REPORT], fitted, CACHED, remote=False)
     assert len(real) > 10 and abs(float(np.median(real - sim))) < 0.005
 
     def error(remote: bool, **values: float) -> float:
         """The fit's objective over the remote prefills' TTFTs (`remote`) or the local prompts',
         with `values` in place and the constant fitted beside them (the median gap) left out."""
         trial = dataclasses.replace(fit, **values, **{"handoff_s" if remote else "request_s": 0.0})
-        real, sim = plan_fit._ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=remote)
+        real, sim = plan_fit._ttfts([REPORT], trial.apply(PROFILE), CACHED, remote=remote)
         gap = max(0.0, float(np.median(real - sim)))
         return float(np.sum(((sim + gap) / real - 1) ** 2))
 
@@ -78,15 +78,15 @@ def test_the_fitted_scale_and_handoff_match_the_lowest_rate() -> None:
 def test_the_busy_handoff_is_fitted_where_the_decode_worker_was_loaded() -> None:
     """The extra handoff time for a stepping decode worker is the one of those tried that fits
     the remote prefills' TTFTs best at each system's highest rate within the SLOs."""
-    fit = plan_fit.fit_serving(REPORT, PROFILE, CACHED)
+    fit = plan_fit.fit_serving([REPORT], PROFILE, CACHED)
     # Each system met the SLOs up to its goodput (above its lowest rate): that run is the one.
-    loaded = [record for _, record in plan_fit._loaded_runs(REPORT, profile_cost(PROFILE))]
+    loaded = [record for _, record in plan_fit._loaded_runs([REPORT], profile_cost(PROFILE))]
     assert loaded == [system["rates"][str(system["goodput_rps"])]
                       for system in REPORT["systems"].values()]
 
     def error(extra: float) -> float:
         trial = dataclasses.replace(fit, handoff_busy_s=extra)
-        real, sim = plan_fit._ttfts(REPORT, trial.apply(PROFILE), CACHED, remote=True,
+        real, sim = plan_fit._ttfts([REPORT], trial.apply(PROFILE), CACHED, remote=True,
                                               runs=plan_fit._loaded_runs)
         return float(np.sum((sim / real - 1) ** 2))
 
@@ -129,7 +129,7 @@ def test_the_prompt_scale_and_request_path_are_recovered_from_ttfts_that_have_th
     path (no host contention, which the fit of these two leaves out) gets both back, near
     enough: the fit adds the path to TTFTs simulated without it, and a request that arrives
     later queues a little differently."""
-    fit = plan_fit.fit_serving(REPORT, PROFILE, CACHED)
+    fit = plan_fit.fit_serving([REPORT], PROFILE, CACHED)
     made = dataclasses.replace(fit, prompt_scale=1.3, request_s=0.02, host_contention=0.0,
                                handoff_busy_s=0.0).apply(PROFILE)
     report = json.loads(json.dumps(REPORT))
@@ -140,10 +140,48 @@ def test_the_prompt_scale_and_request_path_are_recovered_from_ttfts_that_have_th
             record["timings"] = [[float(ttft), float(tpot), *rest[2:]] for ttft, tpot, rest
                                  in zip(res.ttft, res.tpot, record["timings"], strict=True)]
             record["tpot_p50_s"] = plan_replay.p50_or_none(res, res.tpot)
-    again = plan_fit.fit_serving(report, PROFILE, CACHED)
+    again = plan_fit.fit_serving([report], PROFILE, CACHED)
     assert again.scale == pytest.approx(fit.scale, rel=0.02)
     assert again.prompt_scale == pytest.approx(1.3, abs=0.03)
     assert again.request_s == pytest.approx(0.02, abs=0.005)
+
+
+def test_a_fit_on_two_reports_weighs_the_runs_of_both() -> None:
+    """Fitted on two reports, each figure is fitted on their runs pooled: the same report twice
+    changes nothing, and beside a second report whose remote prefills took 0.4 s longer, the
+    prefill factor lands between the two reports' own, the one that fits their pooled remote
+    prefills best."""
+    one = plan_fit.fit_serving([REPORT], PROFILE, CACHED)
+    assert dataclasses.astuple(plan_fit.fit_serving([REPORT, REPORT], PROFILE, CACHED)) == (
+        pytest.approx(dataclasses.astuple(one)))
+    slower = json.loads(json.dumps(REPORT))
+    record = slower["systems"]["disaggregated"]["rates"]["0.25"]
+    threshold = plan_replay.layouts(REPORT, profile_cost(PROFILE))["disaggregated"][1]
+    remote = np.asarray(record["prompt_tokens"]) - CACHED >= threshold
+    assert remote.sum() >= 3
+    for timing, away in zip(record["timings"], remote, strict=True):
+        timing[0] += 0.4 if away else 0.0
+    other = plan_fit.fit_serving([slower], PROFILE, CACHED)
+    both = plan_fit.fit_serving([REPORT, slower], PROFILE, CACHED)
+    # Only the remote prefills differ: the figures fitted before them agree.
+    assert (both.prompt_scale, both.request_s) == pytest.approx((one.prompt_scale, one.request_s))
+    assert one.prefill_scale < both.prefill_scale < other.prefill_scale
+
+    def error(prefill_scale: float) -> float:
+        trial = dataclasses.replace(both, prefill_scale=prefill_scale, handoff_s=0.0)
+        real, sim = plan_fit._ttfts([REPORT, slower], trial.apply(PROFILE), CACHED, remote=True)
+        assert len(real) == 2 * remote.sum()
+        gap = max(0.0, float(np.median(real - sim)))
+        return float(np.sum(((sim + gap) / real - 1) ** 2))
+
+    # (fitted before the host contention, which fits the step factor again a little otherwise)
+    assert error(both.prefill_scale) <= 1.02 * min(error(float(k))
+                                                   for k in plan_fit.PREFILL_SCALES)
+
+
+def test_a_fit_needs_a_report() -> None:
+    with pytest.raises(ConfigError, match="at least one bench report"):
+        plan_fit.fit_serving([], PROFILE, CACHED)
 
 
 def test_requests_replay_with_the_speculation_they_were_served_with() -> None:
@@ -169,7 +207,7 @@ def test_the_replay_sets_each_roles_busy_share_beside_the_measured_one() -> None
     """The report kept every worker's steps: the replay sets the measured share of the run each
     role stepped (mean over its workers) beside the simulated one, and a report without worker
     loads gets none."""
-    replayed = plan_replay.replay(REPORT, plan_fit.fit_serving(REPORT, PROFILE, CACHED).apply(
+    replayed = plan_replay.replay(REPORT, plan_fit.fit_serving([REPORT], PROFILE, CACHED).apply(
         PROFILE), CACHED)
     for name, system in replayed["systems"].items():
         for rate, run in system["rates"].items():
@@ -252,7 +290,7 @@ def test_a_report_without_arrivals_says_to_run_it_again() -> None:
 def test_the_host_contention_is_recovered_from_tpots_that_have_it(truth: float) -> None:
     """A report whose TPOT p50s are the simulator's own under a known contention (and the fit's
     other values) gets that contention back, near enough; with none, none."""
-    fit = plan_fit.fit_serving(REPORT, PROFILE, CACHED)
+    fit = plan_fit.fit_serving([REPORT], PROFILE, CACHED)
     made = dataclasses.replace(fit, host_contention=truth).apply(PROFILE)
     report = json.loads(json.dumps(REPORT))
     layouts = plan_replay.layouts(report, profile_cost(made))
@@ -260,7 +298,7 @@ def test_the_host_contention_is_recovered_from_tpots_that_have_it(truth: float) 
         for record in system["rates"].values():
             res = plan_replay.simulate(layouts[name], record, CACHED)
             record["tpot_p50_s"] = plan_replay.p50_or_none(res, res.tpot)
-    again = plan_fit.fit_serving(report, PROFILE, CACHED)
+    again = plan_fit.fit_serving([report], PROFILE, CACHED)
     assert again.host_contention == pytest.approx(truth, abs=0.15)
     if truth == 0:
         assert again.host_contention == 0

@@ -65,7 +65,8 @@ def test_a_remote_prefill_adds_the_transfer_the_prefill_did_not_hide(h100: CostM
 
 def test_a_handoff_to_a_stepping_decode_worker_takes_its_extra_time(h100: CostModel) -> None:
     """`handoff_busy_s` lengthens a remote prefill's TTFT only where its decode worker is
-    stepping when the prefill ends: not a prompt's alone, but one's beside a long decode."""
+    stepping when the prefill ends, once per sequence it runs: not a prompt's alone, but one's
+    beside a long decode, twice beside two."""
     specs = {k: [ReplicaSpec("prefill", c, 1, max_num_batched_tokens=4096),
                  ReplicaSpec("decode", c, 1)]
              for k, c in ((0.0, h100), (0.05, CostModel(h100.device, h100.model, 1,
@@ -82,6 +83,13 @@ def test_a_handoff_to_a_stepping_decode_worker_takes_its_extra_time(h100: CostMo
     step = h100.iteration(0, 0.0, 1, 32 + 400)
     assert 0.05 - step <= beside[0.05].ttft[1] - beside[0.0].ttft[1] <= 0.05 + step
     assert beside[0.05].ttft[0] == pytest.approx(beside[0.0].ttft[0])
+    # Beside two decoding prompts, it takes the extra time twice.
+    arrivals, prompts, outputs = (np.array([0.0, 0.0, 0.01]), np.array([32, 32, 2000]),
+                                  np.array([400, 400, 2]))
+    two = {k: ClusterSim(s, 64).run(arrivals, prompts, outputs) for k, s in specs.items()}
+    assert two[0.05].remote_prefills == 1
+    step = h100.iteration(0, 0.0, 2, 2 * (32 + 400))
+    assert 0.1 - step <= two[0.05].ttft[2] - two[0.0].ttft[2] <= 0.1 + step
 
 
 def test_an_import_into_a_stepping_engine_answers_when_the_step_ends(h100: CostModel) -> None:
