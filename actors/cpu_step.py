@@ -33,6 +33,13 @@ tokens: 0.7-0.9x the Python layers' time, before AMX took those rows). A prefill
 prompt still pushes its KV layer by layer: the step's `on_layer_done` runs after each layer's
 call.
 
+A lone request's drafts stay within `exact_rows` (the speculator's `fast_tokens`): the steps
+whose every projection runs a skinny kernel that sums each output row as a one-row call does
+(bf16: the kernel's rows; int8: every step; int4: 4 rows). Its verified tokens then have the bits
+decoding would give them. Without AMX, bf16 verify steps of 9-16 rows on oneDNN flipped greedy
+near-ties: 4-6 of the 14 `bench spec` requests left `none`'s tokens under ngram or lookahead in
+each of three runs on an AMD EPYC, none in three runs capped.
+
 Models: Llama, Qwen2 (with its q/k/v biases) and Qwen3 (with its q/k norms), with full attention
 in every layer and default rotary embedding; others keep the transformers forward. Weight-only
 quantized models (int8, int4) run here too; where their projections are not on Baton's
@@ -97,6 +104,9 @@ class _Layer:
     # `fused_rows` tokens; None where a projection or the attention is not on Baton's kernels
     fused: object | None = None
     fused_rows: int = 0
+    # the longest step whose every projection runs on a skinny kernel, where each output row is
+    # its own sum: a draft token's row then has the bits it would have alone (0: none)
+    exact_rows: int = 0
 
 
 class CpuDecodeStep:
@@ -113,6 +123,7 @@ class CpuDecodeStep:
         self.intermediate = config.intermediate_size
         self.scaling = layers[0].attn.scaling
         self.fused_rows = min(layer.fused_rows for layer in layers)
+        self.exact_rows = min(layer.exact_rows for layer in layers)
 
     @classmethod
     def of(cls, model) -> CpuDecodeStep | None:
@@ -254,13 +265,14 @@ def _layer(layer: nn.Module) -> _Layer:
                   None if q_norm is None else q_norm.weight,
                   None if k_norm is None else k_norm.weight,
                   qkv, gate_up)
-    lean.fused, lean.fused_rows = _fused(layer, lean)
+    lean.fused, lean.fused_rows, lean.exact_rows = _fused(layer, lean)
     return lean
 
 
-def _fused(layer: nn.Module, lean: _Layer) -> tuple[object | None, int]:
-    """The layer as one `cpu_decode.DecodeLayer` and the longest step it runs, built once and
-    kept on `layer`; (None, 0) where its projections or attention are not all on the kernels."""
+def _fused(layer: nn.Module, lean: _Layer) -> tuple[object | None, int, int]:
+    """The layer as one `cpu_decode.DecodeLayer`, the longest step it runs and the longest whose
+    projections all run on their skinny kernels (`_Layer.exact_rows`), built once and kept on
+    `layer`; (None, 0, 0) where its projections or attention are not all on the kernels."""
     cached = getattr(layer, "_baton_fused", None)
     if cached is not None:
         return cached
@@ -271,7 +283,7 @@ def _fused(layer: nn.Module, lean: _Layer) -> tuple[object | None, int]:
     d = attn.head_dim
     attention_ok = n_heads % n_kv == 0 and n_heads // n_kv <= 16 and d % 16 == 0 and d <= 256
     if lean.qkv is None or lean.gate_up is None or o is None or down is None or not attention_ok:
-        return None, 0
+        return None, 0, 0
     ext = cpu_decode.kernel()
     qkv, gate_up = (ext.Projection(s.weight, s.scales, s.out_features,
                                    s.group_size or (0 if s.scales is None else -1), s.bias)
@@ -291,8 +303,11 @@ def _fused(layer: nn.Module, lean: _Layer) -> tuple[object | None, int]:
     fused = ext.DecodeLayer(lean.input_norm, lean.post_norm, lean.q_norm, lean.k_norm,
                             qkv, o[0], gate_up, down[0], n_heads, n_kv, d,
                             float(layer.input_layernorm.variance_epsilon), float(attn.scaling))
-    layer._baton_fused = (fused, MAX_TOKENS)
-    return fused, MAX_TOKENS
+    exact = min(MAX_TOKENS, lean.qkv.max_rows, o[1], lean.gate_up.max_rows, down[1])
+    if lean.qkv.group_size is not None:  # int4
+        exact = min(exact, cpu_decode.INT4_EXACT_ROWS)
+    layer._baton_fused = (fused, MAX_TOKENS, exact)
+    return fused, MAX_TOKENS, exact
 
 
 def _projection(linear: nn.Module) -> tuple[object, int] | None:

@@ -69,9 +69,12 @@ def build_speculator(engine: Engine) -> Speculator:
         proposers["draft"] = separate_draft(model, engine.vocab_size, engine.cache.num_blocks,
                                             cfg.block_size, engine.dtype, engine.device)
         settings.draft_cost_ratio["draft"] = _num_params(model) / _num_params(engine.model)
-    step = engine.runner.decode_step  # the CPU's fused layers: steps of up to `fused_rows`
+    # The CPU's lean step: drafts stay within the rows whose projections all run on the skinny
+    # kernels, where a verified token has the bits decoding it alone would give (8 rows in bf16
+    # without AMX; past them oneDNN sums otherwise, and greedy near-ties flipped in bf16).
+    step = engine.runner.decode_step
     speculator = Speculator(settings, engine.blocks, engine.cache, cfg.max_num_batched_tokens,
-                            proposers, fast_tokens=step.fused_rows if step is not None else 0)
+                            proposers, fast_tokens=step.exact_rows if step is not None else 0)
     if "medusa" in methods:
         assert cfg.medusa_heads is not None
         speculator.medusa = MedusaHeads.load(cfg.medusa_heads, engine.model)

@@ -71,7 +71,8 @@ class Speculator:
         self.blocks = blocks
         self.cache = cache
         self.budget_tokens = budget_tokens
-        # The longest step the runner takes on its fast path (0: no such limit); see `propose`.
+        # The longest step the runner takes on its fast path, each row with the bits it would
+        # have alone (0: no such limit); see `propose`.
         self.fast_tokens = fast_tokens
         self.proposers = proposers or {}
         self.cost = StepCostModel()
@@ -147,8 +148,8 @@ class Speculator:
         budget = self.budget_tokens
         if self.fast_tokens > 0 and base <= self.fast_tokens:
             # Drafts do not push a step off the fast path: past it a step costs a step more
-            # than the cost model's straight line says (on a CPU, 32 tokens on the fused layers,
-            # more through transformers' forward).
+            # than the cost model's straight line says, and on a CPU in bf16 its rows are no
+            # longer summed as decoding sums them (`CpuDecodeStep.exact_rows`).
             budget = min(budget, self.fast_tokens)
         a, b = self.cost.coefficients()
         # Heads run only for Medusa requests whose recent acceptance pays for one draft token

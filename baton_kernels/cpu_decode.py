@@ -340,6 +340,9 @@ def skinny_linear_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
 
 
 INT4_BLOCK = 16  # weight rows per block of the int4 layout (kRows in cpu_matmul_int4.cpp)
+# Calls of up to this many rows sum each row as a call of one row does (cpu_matmul_int4.cpp's
+# four accumulators a row; longer calls take two, in another order).
+INT4_EXACT_ROWS = 4
 
 
 def pack_skinny_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor

@@ -133,7 +133,7 @@ def test_short_steps_run_each_layer_in_one_call_with_the_same_tokens(arch, quant
                           max_num_batched_tokens=16)
     step = lean.runner.decode_step
     assert step.fused_rows == cpu_step.MAX_TOKENS
-    assert lean.speculator.fast_tokens == step.fused_rows  # drafts keep steps on the layers
+    assert lean.speculator.fast_tokens == step.exact_rows  # drafts keep steps on the layers
     calls: list[int] = []
     for layer in step.layers:
         layer.fused = _Counted(layer.fused, calls)
@@ -142,6 +142,30 @@ def test_short_steps_run_each_layer_in_one_call_with_the_same_tokens(arch, quant
     assert 3 in calls and max(calls) <= step.fused_rows
     assert max(calls) > cpu_decode.MAX_ROWS  # a 16-token prompt chunk, past the skinny rows
     assert len(calls) % len(step.layers) == 0  # whole steps, every layer
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_drafts_stay_within_the_rows_each_computed_as_if_alone(quantization):
+    """A lone request's drafts keep its steps within `exact_rows`: the rows on which every
+    projection runs a skinny kernel, whose output rows are each their own sum, so a draft
+    token's row has the bits of that row computed alone. In bf16 that is the kernel's rows (8
+    with AVX-512, 32 on AMX; past them oneDNN sums another way); int8 takes every step, int4 up
+    to 4 rows (longer calls sum in another order)."""
+    engine = Engine("tiny:llama", dtype="bfloat16", quantization=quantization)
+    step = engine.runner.decode_step
+    rows = {None: cpu_decode.amx_rows() or cpu_decode.MAX_ROWS, "int8": cpu_step.MAX_TOKENS,
+            "int4": cpu_decode.INT4_EXACT_ROWS}[quantization]
+    assert step.exact_rows == rows and engine.speculator.fast_tokens == rows
+    torch.manual_seed(0)
+    for layer in step.layers:
+        hidden = layer.attn.o_proj.out_features
+        for project, width in ((layer.qkv, hidden), (layer.gate_up, hidden),
+                               (layer.attn.o_proj, layer.attn.o_proj.in_features),
+                               (layer.mlp.down_proj, layer.mlp.down_proj.in_features)):
+            x = torch.randn(rows, width, dtype=torch.bfloat16)
+            together = project(x)
+            alone = torch.cat([project(x[i : i + 1]) for i in range(rows)])
+            assert torch.equal(together, alone)
 
 
 @pytest.mark.parametrize("quantization", [None, "int8"])
