@@ -12,9 +12,9 @@ per sequence its decode worker holds, when it is stepping then) and `request_s` 
 serving path (API, router, actor calls) adds to every request's, all fitted to served
 benchmarks by `baton bench plan --fit-on` (1.0, 1.0, 1.0, 0, 0 and 0 until then).
 `host_contention`, fitted with them (0 until then), is how much the serving workers of one
-machine slow each other: while one runs a prompt, the others decode at `1 / (1 +
-host_contention)` of their speed. It applies where a benchmark is
-replayed on the machine it ran on; `baton plan` gives each replica a machine of its own.
+machine slow each other: while one runs a prompt, the others decode at
+`1 / (1 + host_contention)` of their speed. It applies where a benchmark is replayed on the
+machine it ran on; `baton plan` gives each replica a machine of its own.
 """
 
 from __future__ import annotations

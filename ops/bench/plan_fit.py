@@ -30,8 +30,8 @@ reports and replay another set of the same machine to check them.
 One report may not tell two figures apart: `bench pd`'s remote prompts are all long (its
 threshold is 256 tokens), and on those a slower prefill worker and a longer handoff look alike,
 while `bench serve`'s remote prompts are short and its local ones too, so it barely tells a prompt
-factor from the request's path. Fitted on both, the long prompts pin the factors down and the
-short ones the constants.
+factor from the request's path. Fitted on both, each figure sees both kinds of prompt; measured
+here, that predicted the TTFT p50s no better than `bench pd` alone (see the README).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def _loaded_runs(reports: Reports, cost: CostModel):
 
 
 def _ttfts(reports: Reports, profile: Profile, cached_tokens: int,
-                  remote: bool, runs=_lowest_runs) -> tuple[np.ndarray, np.ndarray]:
+           remote: bool, runs=_lowest_runs) -> tuple[np.ndarray, np.ndarray]:
     """(measured, simulated) TTFTs on `profile`, in the lowest rates' runs (or other `runs`), of
     the remote prefills (`remote`) or of the prompts prefilled where they decode (every prompt,
     without a prefill worker); only pairs with a simulated TTFT and a positive measured one."""
@@ -204,7 +204,7 @@ def _fit_busy_handoff(reports: Reports, profile: Profile, cached_tokens: int,
     for extra in HANDOFF_BUSY:
         trial = dataclasses.replace(fit, handoff_busy_s=float(extra))
         real, sim = _ttfts(reports, trial.apply(profile), cached_tokens, remote=True,
-                                  runs=_loaded_runs)
+                           runs=_loaded_runs)
         if not len(real):
             return fit
         err = float(np.sum((sim / real - 1) ** 2))

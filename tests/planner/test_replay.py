@@ -87,7 +87,7 @@ def test_the_busy_handoff_is_fitted_where_the_decode_worker_was_loaded() -> None
     def error(extra: float) -> float:
         trial = dataclasses.replace(fit, handoff_busy_s=extra)
         real, sim = plan_fit._ttfts([REPORT], trial.apply(PROFILE), CACHED, remote=True,
-                                              runs=plan_fit._loaded_runs)
+                                    runs=plan_fit._loaded_runs)
         return float(np.sum((sim / real - 1) ** 2))
 
     assert all(error(fit.handoff_busy_s) <= error(float(x)) + 1e-12
@@ -149,8 +149,8 @@ def test_the_prompt_scale_and_request_path_are_recovered_from_ttfts_that_have_th
 def test_a_fit_on_two_reports_weighs_the_runs_of_both() -> None:
     """Fitted on two reports, each figure is fitted on their runs pooled: the same report twice
     changes nothing, and beside a second report whose remote prefills took 0.4 s longer, the
-    prefill factor lands between the two reports' own, the one that fits their pooled remote
-    prefills best."""
+    prefill factor lands between the two reports' own, at (within 2% of) the best fit to their
+    pooled remote prefills."""
     one = plan_fit.fit_serving([REPORT], PROFILE, CACHED)
     assert dataclasses.astuple(plan_fit.fit_serving([REPORT, REPORT], PROFILE, CACHED)) == (
         pytest.approx(dataclasses.astuple(one)))
