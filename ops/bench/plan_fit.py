@@ -190,7 +190,7 @@ def _fit_with_gap(reports: Reports, profile: Profile, cached_tokens: int,
 
 
 # Extra handoff times tried for a decode worker that is stepping, per sequence it holds (0 to
-# 0.2 s; 33-68 ms fitted here).
+# 0.2 s; 33-140 ms fitted here).
 HANDOFF_BUSY = np.round(np.arange(0.0, 0.2001, 0.0025), 4)
 
 
