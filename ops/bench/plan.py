@@ -226,7 +226,7 @@ def show(report: dict[str, Any], console: Console) -> None:
                       f"{fit['handoff_s'] * 1000:.0f} ms (+"
                       f"{fit.get('handoff_busy_s', 0.0) * 1000:.0f} ms to a stepping decode "
                       f"worker), host contention {fit.get('host_contention', 0.0):.2f}, fitted "
-                      f"on {', '.join(_as_list(fit['fitted_on']))}")
+                      f"on {', '.join(fit['fitted_on'])}")
     for path, rep in report.get("replays", {}).items():
         _show_replay(path, rep, console)
     if repeats := report.get("repeats"):
@@ -264,10 +264,6 @@ def _show_repeats(repeats: list[dict[str, Any]], console: Console) -> None:
                       f"{_num(t1)} / {_num(t2)} ({_pct(diff['ttft_p50'])})",
                       f"{_num(p1, 1000)} / {_num(p2, 1000)} ({_pct(diff['tpot_p50'])})")
     console.print(table)
-
-
-def _as_list(paths: str | list[str]) -> list[str]:
-    return [paths] if isinstance(paths, str) else paths  # a report of before several fits
 
 
 def _pct(value: float | None) -> str:
