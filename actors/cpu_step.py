@@ -34,8 +34,9 @@ prompt still pushes its KV layer by layer: the step's `on_layer_done` runs after
 call.
 
 A lone request's drafts stay within `exact_rows` (the speculator's `fast_tokens`): the steps
-whose every projection runs a skinny kernel that sums each output row as a one-row call does
-(bf16: the kernel's rows; int8: every step; int4: 4 rows). Its verified tokens then have the bits
+whose every projection, the LM head's included, runs a skinny kernel that sums each output row
+as a one-row call does (bf16: the kernel's rows; int8: every step; int4: 4 rows; the LM head
+stays bf16). Its verified tokens then have the bits
 decoding would give them. Without AMX, bf16 verify steps of 9-16 rows on oneDNN flipped greedy
 near-ties: 4-6 of the 14 `bench spec` requests left `none`'s tokens under ngram or lookahead in
 each of three runs on an AMD EPYC, none in three runs capped.
@@ -123,7 +124,7 @@ class CpuDecodeStep:
         self.intermediate = config.intermediate_size
         self.scaling = layers[0].attn.scaling
         self.fused_rows = min(layer.fused_rows for layer in layers)
-        self.exact_rows = min(layer.exact_rows for layer in layers)
+        self.exact_rows = min(min(layer.exact_rows for layer in layers), _head_rows(model))
 
     @classmethod
     def of(cls, model) -> CpuDecodeStep | None:
@@ -308,6 +309,16 @@ def _fused(layer: nn.Module, lean: _Layer) -> tuple[object | None, int, int]:
         exact = min(exact, cpu_decode.INT4_EXACT_ROWS)
     layer._baton_fused = (fused, MAX_TOKENS, exact)
     return fused, MAX_TOKENS, exact
+
+
+def _head_rows(model) -> int:
+    """Up to how many rows the output head gives each row the bits of a one-row call: its
+    skinny kernel's rows (heads stay bf16 in quantized models too); `MAX_TOKENS` where it is not
+    on the kernel, which knows no such limit."""
+    head = model.get_output_embeddings()
+    if isinstance(head, PackedLinear) and head.skinny_weight is not None:
+        return head.skinny_rows
+    return MAX_TOKENS
 
 
 def _projection(linear: nn.Module) -> tuple[object, int] | None:

@@ -64,11 +64,15 @@ kernel):
 | 49152 x 576 (LM head) | 3234 -> 2112 | 2866 -> 2109 | 3027 -> 3622 | 3781 -> 4719 | 4606 -> 7792 |
 
 Past 8 rows the dot products, not the reads, set the pace (no AMX here), and oneDNN's blocking
-wins on the larger weights. The LM head (56 MB) is read from memory on every call.
+wins on the larger weights. The LM head (56 MB) is read from memory on every call, so hot in
+cache is not how a step meets it. With 64 MB read between calls (same machine, median of 21,
+ms, oneDNN packed -> this kernel): 2.48 -> 1.77 at one row, 1.85 -> 1.38 at four, 1.87 -> 1.72
+at six, 2.41 -> 2.12 at eight.
 
-So it takes calls of up to `MAX_ROWS` rows on weights of up to `MAX_WEIGHT_ELEMENTS`, and of up to
-`LARGE_MAX_ROWS` on larger ones (the LM head: read from memory on every call, where the one
-stream pays most), and oneDNN keeps the rest (prompt chunks, long verify runs).
+So it takes calls of up to `MAX_ROWS` rows on every weight, and oneDNN keeps the rest (prompt
+chunks, long verify runs). Each of its output rows is its own sum, so up to `MAX_ROWS` rows a
+verify step's logits, LM head included, have the bits a decode step's would; oneDNN sums in
+another order.
 
 **With AMX** (Intel's tile unit: amx_bf16 and amx_tile in the CPU flags, and Linux granting the
 tile state), `skinny_linear` runs every call of up to `amx_rows()` (32) rows on the tiles instead
@@ -124,9 +128,7 @@ SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_decode.cpp", "cpu_att
                                                       "cpu_matmul.cpp", "cpu_matmul_amx.cpp",
                                                       "cpu_matmul_int4.cpp", "cpu_layer.cpp",
                                                       "cpu_logits.cpp", "cpu_decode.h"))
-MAX_ROWS = 8
-MAX_WEIGHT_ELEMENTS = 1 << 21  # 4 MiB of bf16: every projection of a small model, no LM head
-LARGE_MAX_ROWS = 4  # rows it takes on larger weights (LM heads), where the stream wins longer
+MAX_ROWS = 8  # rows of the calls it takes without AMX
 
 
 def cpu_flags() -> set[str]:
@@ -248,14 +250,11 @@ def attention_on_amx(head_dim: int) -> bool:
 
 def skinny_rows(weight: torch.Tensor) -> int:
     """Up to how many rows calls on `weight [N, K]` go to this kernel (0: none; see the tables
-    above): with AMX, `amx_rows()` on every weight; else `MAX_ROWS` on weights of up to
-    `MAX_WEIGHT_ELEMENTS`, `LARGE_MAX_ROWS` on larger."""
+    above): with AMX, `amx_rows()`; else `MAX_ROWS`."""
     if not (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
             and weight.dim() == 2 and weight.shape[1] % 32 == 0 and kernel() is not None):
         return 0
-    if rows := amx_rows():
-        return rows
-    return MAX_ROWS if weight.numel() <= MAX_WEIGHT_ELEMENTS else LARGE_MAX_ROWS
+    return amx_rows() or MAX_ROWS
 
 
 def takes_int8(weight: torch.Tensor) -> bool:

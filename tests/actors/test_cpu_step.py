@@ -147,25 +147,37 @@ def test_short_steps_run_each_layer_in_one_call_with_the_same_tokens(arch, quant
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 def test_drafts_stay_within_the_rows_each_computed_as_if_alone(quantization):
     """A lone request's drafts keep its steps within `exact_rows`: the rows on which every
-    projection runs a skinny kernel, whose output rows are each their own sum, so a draft
-    token's row has the bits of that row computed alone. In bf16 that is the kernel's rows (8
-    with AVX-512, 32 on AMX; past them oneDNN sums another way); int8 takes every step, int4 up
-    to 4 rows (longer calls sum in another order)."""
+    projection, the LM head's included, runs a skinny kernel, whose output rows are each their
+    own sum, so a draft token's row has the bits of that row computed alone. In bf16 that is the
+    kernel's rows (8 with AVX-512, 32 on AMX; past them oneDNN sums another way); int8 layers
+    take every step, int4 up to 4 rows (longer calls sum in another order); the LM head stays
+    bf16."""
     engine = Engine("tiny:llama", dtype="bfloat16", quantization=quantization)
     step = engine.runner.decode_step
-    rows = {None: cpu_decode.amx_rows() or cpu_decode.MAX_ROWS, "int8": cpu_step.MAX_TOKENS,
-            "int4": cpu_decode.INT4_EXACT_ROWS}[quantization]
+    bf16 = cpu_decode.amx_rows() or cpu_decode.MAX_ROWS
+    rows = {None: bf16, "int8": bf16, "int4": cpu_decode.INT4_EXACT_ROWS}[quantization]
     assert step.exact_rows == rows and engine.speculator.fast_tokens == rows
     torch.manual_seed(0)
+    head = engine.model.lm_head
+    projections = [(head, head.in_features)]
     for layer in step.layers:
         hidden = layer.attn.o_proj.out_features
-        for project, width in ((layer.qkv, hidden), (layer.gate_up, hidden),
-                               (layer.attn.o_proj, layer.attn.o_proj.in_features),
-                               (layer.mlp.down_proj, layer.mlp.down_proj.in_features)):
-            x = torch.randn(rows, width, dtype=torch.bfloat16)
-            together = project(x)
-            alone = torch.cat([project(x[i : i + 1]) for i in range(rows)])
-            assert torch.equal(together, alone)
+        projections += [(layer.qkv, hidden), (layer.gate_up, hidden),
+                        (layer.attn.o_proj, layer.attn.o_proj.in_features),
+                        (layer.mlp.down_proj, layer.mlp.down_proj.in_features)]
+    for project, width in projections:
+        x = torch.randn(rows, width, dtype=torch.bfloat16)
+        together = project(x)
+        alone = torch.cat([project(x[i : i + 1]) for i in range(rows)])
+        assert torch.equal(together, alone)
+
+
+def test_a_head_that_sums_fewer_rows_alone_caps_the_step():
+    """The LM head counts: a head on the kernel for fewer rows than the layers (past them its
+    calls go to oneDNN) caps `exact_rows` at its rows."""
+    engine = Engine("tiny:llama", dtype="bfloat16")
+    engine.model.lm_head.skinny_rows = 2
+    assert CpuDecodeStep.of(engine.model).exact_rows == 2
 
 
 @pytest.mark.parametrize("quantization", [None, "int8"])

@@ -75,11 +75,10 @@ def test_shapes_the_kernel_cannot_take_are_refused_and_left_to_onednn():
         cpu_decode.skinny_linear(x[:, :32], packed, 6)
     assert cpu_decode.skinny_rows(w) == 0
     assert cpu_decode.skinny_rows(torch.randn(8, 64)) == 0  # float32: oneDNN's
-    lm_head = torch.randn(49152, 576).to(torch.bfloat16)
     amx = cpu_decode.amx_rows()  # with AMX, every weight's calls of up to 32 rows
-    assert cpu_decode.skinny_rows(lm_head) == (amx or cpu_decode.LARGE_MAX_ROWS)  # 1-4 rows
-    assert cpu_decode.skinny_rows(torch.randn(1536, 576).to(torch.bfloat16)) == (
-        amx or cpu_decode.MAX_ROWS)
+    for shape in ((49152, 576), (1536, 576)):  # an LM head, a projection
+        assert cpu_decode.skinny_rows(torch.randn(shape).to(torch.bfloat16)) == (
+            amx or cpu_decode.MAX_ROWS)
 
 
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
