@@ -1,30 +1,12 @@
-// decode_attention on Intel AMX (see cpu_decode.cpp for the call and the AVX-512 kernel it
-// replaces where the tiles are there): query tokens of a decode or verify step over their
-// sequences' paged bf16 keys and values.
-//
-// The work goes by tiles of up to sixteen query vectors of one sequence and one kv head (a
-// verify run's tokens times the kv head's query heads, or one decode token's query heads), so a
-// verify run of sixteen tokens and three query heads per kv head reads its keys and values three
-// times instead of sixteen, and the multiplies run on the tile unit:
+// decode_attention's tiles (see cpu_attention.cpp: how the work is cut into tiles of up to
+// sixteen query vectors of one sequence and one kv head, what each computes, and why every query
+// comes out as it would alone) on Intel AMX, where the CPU has it:
 // - scores: S^T [16 keys, 16 queries] = K (sixteen key rows, loaded as A straight from their
 //   paged block) x Q^T (the tile's queries as K pairs, the B operand, laid out once), gathered
 //   per query, scaled and masked in fp32;
-// - softmax per query over its keys (the max, e^(s - max) in fp32, rounded to bf16 as the
-//   weights P, their total summed from the rounded weights);
+// - softmax per query as the AVX-512 kernel takes it (softmax_bf16);
 // - out [16 queries, D] = P (A, bf16) x V (B: key pairs interleaved, 32 keys a multiply), summed
 //   in fp32, divided by the total and rounded to bf16 once.
-// P in bf16 is what paged-attention GPU kernels (vLLM's, FlashAttention's) multiply V by; it
-// costs up to one bf16 rounding of each weight.
-//
-// Every query's numbers depend on its own query, keys and mask alone: keys it does not see
-// weigh exactly 0 (and past the tile's last key, V rows read as zeros), and the tile ops sum
-// each output in the same order whatever else shares the tile. So a verify run's tokens come out
-// as decode tokens would, and speculation stays lossless. A tree token's ancestors sit at their
-// tree slots, with gaps, until the accepted ones move to the chain they form; where the weights
-// are summed depends on a key's index (its lane in the total, its pair in P x V), so such a
-// token has a tile of its own that reads its visible keys at the indices of that chain (about
-// 1 in 70 random trees had summed otherwise, and greedy Medusa drifted from `none` in 3 of 8
-// runs of one chat request).
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -39,7 +21,7 @@
 
 namespace {
 
-constexpr int kQueries = 16;  // query vectors of a tile (the B operand's columns)
+constexpr int kQueries = kTileQueries;  // query vectors of a tile (the B operand's columns)
 constexpr int kKeys = 16;     // keys of a score multiply (the A operand's rows)
 constexpr int kChunk = 32;    // keys of a P x V multiply (the A operand's columns)
 
@@ -104,47 +86,6 @@ __attribute__((target("amx-tile"))) void store_out(int c, float* p, int64_t stri
   }
 }
 
-// Rows r[0..15] of a 16 x 16 block become its columns (in 64 shuffles).
-__attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
-  __m512 a[16], b[16];
-  for (int i = 0; i < 8; ++i) {
-    a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  // b[4i + c], per 128-bit lane L: rows 4i .. 4i + 3 of column 4L + c
-  for (int i = 0; i < 4; ++i)
-    for (int h = 0; h < 2; ++h) {
-      const __m512d x = _mm512_castps_pd(a[4 * i + h]), y = _mm512_castps_pd(a[4 * i + 2 + h]);
-      b[4 * i + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(x, y));
-      b[4 * i + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(x, y));
-    }
-  for (int c = 0; c < 4; ++c) {
-    const __m512 u0 = _mm512_shuffle_f32x4(b[c], b[4 + c], 0x44);
-    const __m512 u1 = _mm512_shuffle_f32x4(b[c], b[4 + c], 0xEE);
-    const __m512 w0 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0x44);
-    const __m512 w1 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_f32x4(u0, w0, 0x88);
-    r[4 + c] = _mm512_shuffle_f32x4(u0, w0, 0xDD);
-    r[8 + c] = _mm512_shuffle_f32x4(u1, w1, 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(u1, w1, 0xDD);
-  }
-}
-
-// Whether a token's draft keys `bits` are a chain's (the first m after its base, none skipped).
-inline bool is_chain(uint32_t bits) { return (bits & (bits + 1)) == 0; }
-
-// Which of keys j0 .. j0 + 15 a query sees: the first `base` keys and, of the 32 after them,
-// those set in `bits`.
-inline uint32_t visible(int64_t base, uint32_t bits, int64_t j0) {
-  uint32_t m = 0;
-  if (j0 < base) m = base - j0 >= kKeys ? 0xFFFFu : (1u << (base - j0)) - 1;
-  const int64_t off = j0 - base;
-  const uint64_t w = bits;
-  if (off >= 0) m |= off < 32 ? static_cast<uint32_t>(w >> off) & 0xFFFFu : 0;
-  else if (off > -kKeys) m |= static_cast<uint32_t>(w << -off) & 0xFFFFu;
-  return m;
-}
-
 // A thread's working memory, grown as calls need.
 struct Scratch {
   std::vector<float> scores;    // [16, kpad]: each query's scaled, masked scores
@@ -170,39 +111,15 @@ void configure_rows(int m) {
   configure_tiles(8, rows, colsb);
 }
 
-struct Tile {
-  int64_t seq, head, first;  // the queries first .. first + n - 1 of sequence seq's list
-  int n;
-};
-
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
-void attend_tile(const AmxAttention& a, const int64_t* tokens, const Tile& tile, Scratch& s) {
-  const int64_t D = a.D, groups = a.groups, h = tile.head, n = tile.n;
-  int64_t out_at[kQueries], base[kQueries];
-  uint32_t bits[kQueries];
-  int64_t kmax = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t qi = tile.first + i, t = tokens[qi / groups];
-    out_at[i] = (t * a.H + h * groups + qi % groups) * D;
-    base[i] = a.base[t];
-    bits[i] = static_cast<uint32_t>(a.bits[t]);
-    kmax = std::max(kmax, bits[i] ? base[i] + 32 - __builtin_clz(bits[i]) : base[i]);
-  }
-  // A tree token (its tile holds it alone) reads its ancestors as if they were the chain its
-  // path becomes: key base + m is the m-th key its bits show. Then its weights fall in the
-  // lanes and key pairs a decode step of the accepted path gives them, so the sums round alike.
-  int64_t gap_base = INT64_MAX;
-  int64_t path[32];
-  if (n > 0 && !is_chain(bits[0])) {
-    gap_base = base[0];
-    int64_t m = 0;
-    for (uint32_t w = bits[0]; w; w &= w - 1) path[m++] = gap_base + __builtin_ctz(w);
-    for (int64_t i = 0; i < n; ++i) {
-      base[i] = gap_base + m;
-      bits[i] = 0;
-    }
-    kmax = gap_base + m;
-  }
+void attend_tile(const AttentionCall& a, const int64_t* tokens, const QueryTile& tile,
+                 Scratch& s) {
+  const int64_t D = a.D, n = tile.n;
+  const TileKeys keys(a, tokens, tile);
+  const int64_t kmax = keys.kmax, gap_base = keys.gap_base;
+  const int64_t* out_at = keys.out_at;
+  const int64_t* base = keys.base;
+  const uint32_t* bits = keys.bits;
   const int64_t kpad = (kmax + kChunk - 1) / kChunk * kChunk;
   if (static_cast<int64_t>(s.scores.size()) < kQueries * kpad) {
     s.scores.resize(kQueries * kpad);
@@ -217,14 +134,10 @@ void attend_tile(const AmxAttention& a, const int64_t* tokens, const Tile& tile,
   configure_rows(kKeys);
   for (int64_t c = 0; c < chunks; ++c) load_query(c, s.qt.data() + c * 16 * kQueries);
 
-  const uint16_t* kh = a.k + h * a.head_stride;
-  const uint16_t* vh = a.v + h * a.head_stride;
-  const int64_t* table = a.tables + tile.seq * a.nb;
+  const uint16_t* kh = a.k + tile.head * a.head_stride;
+  const uint16_t* vh = a.v + tile.head * a.head_stride;
   const int64_t bs = a.bs;
-  auto slot = [&](int64_t j) {
-    const int64_t r = j < gap_base ? j : path[j - gap_base];
-    return (table[r / bs] * bs + r % bs) * D;
-  };
+  auto slot = [&](int64_t j) { return keys.slot(j); };
 
   // S^T on the tiles, two blocks of sixteen keys at a time (two independent sums in flight).
   const int64_t blocks = (kmax + kKeys - 1) / kKeys;
@@ -282,22 +195,8 @@ void attend_tile(const AmxAttention& a, const int64_t* tokens, const Tile& tile,
 
   // Softmax: weights rounded to bf16, their total from the rounded values.
   float inv[kQueries];
-  for (int64_t i = 0; i < n; ++i) {
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(best[i]));
-    const float* sr = s.scores.data() + i * kpad;
-    uint16_t* pr = s.p.data() + i * kpad;
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t j = 0; j < kpad; j += kKeys) {
-      const __m512 x = _mm512_loadu_ps(sr + j);
-      const __mmask16 seen = _mm512_cmp_ps_mask(x, none, _CMP_NEQ_OQ);
-      const __m512 e = _mm512_maskz_mov_ps(seen, exp_nonpositive(_mm512_sub_ps(x, m)));
-      const __m256i w = (__m256i)_mm512_cvtneps_pbh(e);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), w);
-      total = _mm512_add_ps(total,
-                            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16)));
-    }
-    inv[i] = 1.0f / _mm512_reduce_add_ps(total);
-  }
+  for (int64_t i = 0; i < n; ++i)
+    inv[i] = softmax_bf16(s.scores.data() + i * kpad, s.p.data() + i * kpad, kpad, best[i]);
 
   // P x V, 64 dims (four output tiles) at a time, 32 keys a multiply. V's rows go in as key
   // pairs: two rows' 32 dims interleaved within each 128-bit lane (one unpack each way), so
@@ -325,47 +224,17 @@ void attend_tile(const AmxAttention& a, const int64_t* tokens, const Tile& tile,
     }
     for (int c = 0; c < nd; ++c) store_out(c, s.out.data() + d0 + c * 16, D * 4);
   }
-  // Dims 32u + e of the output: for e < 16, lane e of the low tile's column 4L + e % 8 where
-  // e % 8 < 4, else the high tile's 4L + e % 8 - 4 (index 16 + that), L = e / 8; for e >= 16
-  // the same with L = 2 + (e - 16) / 8.
-  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second =
-      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int64_t i = 0; i < n; ++i) {
-    const __m512 f = _mm512_set1_ps(inv[i]);
-    const float* row = s.out.data() + i * D;
-    for (int64_t d = 0; d < D; d += 32) {
-      const __m512 low = _mm512_loadu_ps(row + d), high = _mm512_loadu_ps(row + d + 16);
-      const __m512 x = _mm512_mul_ps(_mm512_permutex2var_ps(low, first, high), f);
-      const __m512 y = _mm512_mul_ps(_mm512_permutex2var_ps(low, second, high), f);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out + out_at[i] + d),
-                          (__m256i)_mm512_cvtneps_pbh(x));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out + out_at[i] + d + 16),
-                          (__m256i)_mm512_cvtneps_pbh(y));
-    }
-  }
+  for (int64_t i = 0; i < n; ++i)
+    store_unpacked(s.out.data() + i * D, D, inv[i], a.out + out_at[i]);
 }
 
 }  // namespace
 
 bool amx_attention_fits(int64_t D) { return amx_ready() && D % 32 == 0 && D <= 128; }
 
-void amx_attention(const AmxAttention& a) {
-  // Each sequence's query tokens in order, and its tiles: sixteen query vectors at a time.
-  std::vector<std::vector<int64_t>> tokens(a.B);
-  for (int64_t t = 0; t < a.T; ++t) tokens[a.rows[t]].push_back(t);
-  std::vector<Tile> tiles;
-  for (int64_t b = 0; b < a.B; ++b) {
-    const int64_t n = static_cast<int64_t>(tokens[b].size()) * a.groups;
-    bool tree = false;
-    for (const int64_t t : tokens[b]) tree = tree || !is_chain(static_cast<uint32_t>(a.bits[t]));
-    // A tree's tokens see different keys: a tile each (see attend_tile); chains and decode
-    // tokens share tiles, sixteen query vectors at a time.
-    const int64_t per_tile = tree ? a.groups : kQueries;
-    for (int64_t h = 0; h < a.Hkv; ++h)
-      for (int64_t first = 0; first < n; first += per_tile)
-        tiles.push_back({b, h, first, static_cast<int>(std::min<int64_t>(per_tile, n - first))});
-  }
+void amx_attention(const AttentionCall& a) {
+  std::vector<std::vector<int64_t>> tokens;
+  const std::vector<QueryTile> tiles = plan_tiles(a, tokens);
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch scratch;
     for (int64_t i = begin; i < end; ++i)

@@ -6,9 +6,9 @@
 // rope: rotary position embedding of a step's queries or keys in one call.
 //
 // decode_attention: decode tokens (and short runs: a token and its draft, chain or tree) over
-// their sequences' paged keys and values, read in place, each (token, kv head) pair on one
-// thread with its query heads together, sixteen keys at a time.
-// Where the CPU has AMX, the call goes to the tile kernel instead (cpu_attention_amx.cpp).
+// their sequences' paged keys and values, read in place, in tiles of up to sixteen query vectors
+// of one sequence and kv head: on AVX-512 BF16 (cpu_attention.cpp), or where the CPU has AMX on
+// the tiles (cpu_attention_amx.cpp).
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -21,147 +21,10 @@
 
 #include "cpu_decode.h"
 
-namespace {
-
-__attribute__((target("avx512f"))) inline __m512 widen(const uint16_t* p) {
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-constexpr int kMaxGroup = 16;     // query heads per kv head
-constexpr int kMaxHeadDim = 256;
-
-// Lane i of the result: the sum of v[i]'s sixteen lanes (sixteen dot products finished at once,
-// in 45 shuffles and adds where sixteen separate reductions take about 120).
-__attribute__((target("avx512f"))) inline __m512 reduce16(const __m512 v[16]) {
-  __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i)
-    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
-    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
-    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  // b[i], per 128-bit lane L: the partial sums over L of v[4i .. 4i + 3]
-  for (int i = 0; i < 2; ++i)
-    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
-                       _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
-}
-
-// One kv head of one query token: its `groups` query heads over the keys it sees in paged
-// blocks, the first `base` keys of its sequence and, from the 32 after them, those set in
-// `bits` (a token of a draft tree sees its ancestors only). Scores, softmax and the weighted sum
-// all in fp32, the sum scaled by the softmax's 1 / total once; the output rounded to bf16 once.
-// CH = head_dim / 16, so that a key, a query head and the accumulators of up to four query heads
-// live in registers. `scores` holds groups * (ctx + 16) floats, `offsets` ctx.
-//
-// Keys go sixteen at a time: each key row is widened once for every query head, and the sixteen
-// dot products of a head are finished together (reduce16). The weighted sum reads each value
-// row once per four query heads. Against a key-at-a-time version (each dot product reduced on
-// its own, each value row read once per head), one thread, a 16-token verify run with three
-// query heads per kv head: 4.8 against 9.0 us per (token, kv head) at 300 keys, 15.7 against
-// 29.1 at 1,000.
-template <int CH>
-__attribute__((target("avx512f")))
-void attend_kv_head(const uint16_t* q, int64_t groups, int64_t D, const uint16_t* k_head,
-                    const uint16_t* v_head, const int64_t* table, int64_t bs, int64_t base,
-                    uint32_t bits, float scale, float* scores, int64_t* offsets,
-                    uint16_t* out) {
-  int64_t ctx = 0;  // each key's offset in the head's cache, walked block by block once
-  for (int64_t b = 0; ctx < base; ++b) {
-    const int64_t start = table[b] * bs * D;
-    for (int64_t j = 0; j < bs && ctx < base; ++j) offsets[ctx++] = start + j * D;
-  }
-  for (int j = 0; j < 32; ++j)
-    if (bits >> j & 1u) {
-      const int64_t t = base + j;
-      offsets[ctx++] = (table[t / bs] * bs + t % bs) * D;
-    }
-  const int64_t stride = ctx + 16;
-  __m512 qv[kMaxGroup][CH];
-  __m512 best[kMaxGroup];
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int c = 0; c < CH; ++c)
-      qv[g][c] = _mm512_mul_ps(widen(q + g * D + c * 16), _mm512_set1_ps(scale));
-    best[g] = _mm512_set1_ps(-INFINITY);
-  }
-  for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
-    const int n = ctx - t0 < 16 ? static_cast<int>(ctx - t0) : 16;
-    __m512 kc[16][CH];
-    for (int i = 0; i < 16; ++i)
-      for (int c = 0; c < CH; ++c)
-        kc[i][c] = i < n ? widen(k_head + offsets[t0 + i] + c * 16) : _mm512_setzero_ps();
-    const __mmask16 live = static_cast<__mmask16>(n == 16 ? 0xFFFFu : (1u << n) - 1);
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 part[16];
-      for (int i = 0; i < 16; ++i) {
-        __m512 acc = _mm512_mul_ps(qv[g][0], kc[i][0]);
-        for (int c = 1; c < CH; ++c) acc = _mm512_fmadd_ps(qv[g][c], kc[i][c], acc);
-        part[i] = acc;
-      }
-      const __m512 s = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), reduce16(part));
-      _mm512_storeu_ps(scores + g * stride + t0, s);
-      best[g] = _mm512_max_ps(best[g], s);
-    }
-  }
-  float inv[kMaxGroup];
-  for (int64_t g = 0; g < groups; ++g) {
-    float* sg = scores + g * stride;
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(best[g]));
-    __m512 total = _mm512_setzero_ps();
-    // past ctx the scores are -inf: e^(s - m) clamps to e^-87, nothing beside a total of >= 1,
-    // and the weighted sum below stops at ctx
-    for (int64_t t = 0; t < ctx; t += 16) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sg + t), m));
-      _mm512_storeu_ps(sg + t, e);
-      total = _mm512_add_ps(total, e);
-    }
-    inv[g] = 1.0f / _mm512_reduce_add_ps(total);
-  }
-  constexpr int kHeads = 4;  // query heads whose weighted sums share a read of each value row
-  for (int64_t g0 = 0; g0 < groups; g0 += kHeads) {
-    const int ng = groups - g0 < kHeads ? static_cast<int>(groups - g0) : kHeads;
-    __m512 acc[kHeads][CH];
-    for (int g = 0; g < kHeads; ++g)
-      for (int c = 0; c < CH; ++c) acc[g][c] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < ctx; ++t) {
-      const uint16_t* v = v_head + offsets[t];
-      __m512 vc[CH];
-      for (int c = 0; c < CH; ++c) vc[c] = widen(v + c * 16);
-      for (int g = 0; g < ng; ++g) {
-        const __m512 p = _mm512_set1_ps(scores[(g0 + g) * stride + t]);
-        for (int c = 0; c < CH; ++c) acc[g][c] = _mm512_fmadd_ps(p, vc[c], acc[g][c]);
-      }
-    }
-    for (int g = 0; g < ng; ++g) {
-      alignas(64) float row[CH * 16];
-      const __m512 s = _mm512_set1_ps(inv[g0 + g]);
-      for (int c = 0; c < CH; ++c) _mm512_store_ps(row + c * 16, _mm512_mul_ps(acc[g][c], s));
-      for (int i = 0; i < CH * 16; ++i) out[(g0 + g) * D + i] = at::BFloat16(row[i]).x;
-    }
-  }
-}
-
-using AttendFn = void (*)(const uint16_t*, int64_t, int64_t, const uint16_t*, const uint16_t*,
-                          const int64_t*, int64_t, int64_t, uint32_t, float, float*, int64_t*,
-                          uint16_t*);
-
-template <int... CH>
-AttendFn attend_for(int64_t chunks, std::integer_sequence<int, CH...>) {
-  AttendFn found = nullptr;
-  ((found = chunks == CH + 1 ? &attend_kv_head<CH + 1> : found), ...);
-  return found;
-}
-
-}  // namespace
-
 // Query tokens against their sequences' paged keys and values (a decode step, or a token and
 // its draft): q [T, H, D] bf16, caches [Hkv, num_blocks, block_size, D] bf16, tables [B, nb]
 // int64; per token, its sequence `rows[t]`, the keys it sees in full `base[t]` and the mask
-// `bits[t]` over the 32 keys after them (see attend_kv_head) -> [T, H, D] bf16.
+// `bits[t]` over the 32 keys after them (see `visible`) -> [T, H, D] bf16.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                torch::Tensor tables, torch::Tensor rows, torch::Tensor base,
                                torch::Tensor bits, double scale, bool amx) {
@@ -184,7 +47,6 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   const int64_t* rp = row.data_ptr<int64_t>();
   const int64_t* fp = full.data_ptr<int64_t>();
   const int64_t* mp = mask.data_ptr<int64_t>();
-  int64_t longest = 0;
   for (int64_t t = 0; t < T; ++t) {
     TORCH_CHECK(rp[t] >= 0 && rp[t] < B, "query token ", t, " names sequence ", rp[t],
                 " of ", B);
@@ -192,7 +54,6 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
     const int64_t last = mp[t] ? fp[t] + 31 - __builtin_clz(static_cast<uint32_t>(mp[t])) + 1
                                : fp[t];
     TORCH_CHECK(last >= 1 && last <= nb * bs, "context length ", last, " out of the table");
-    longest = std::max(longest, fp[t] + 32);
   }
   auto out = torch::empty({T, H, D}, qc.options());
   const auto* qp = reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>());
@@ -201,23 +62,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t* tp = tab.data_ptr<int64_t>();
   const int64_t head_stride = num_blocks * bs * D;
-  if (amx && amx_attention_fits(D)) {
-    amx_attention({qp, kp, vp, op, tp, rp, fp, mp, T, H, Hkv, D, groups, B, nb, bs, head_stride,
-                   static_cast<float>(scale)});
-    return out;
-  }
-  const AttendFn attend = attend_for(D / 16, std::make_integer_sequence<int, 16>());
-  at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(groups * (longest + 16));
-    std::vector<int64_t> offsets(longest);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = i / Hkv, h = i % Hkv;
-      attend(qp + (t * H + h * groups) * D, groups, D, kp + h * head_stride,
-             vp + h * head_stride, tp + rp[t] * nb, bs, fp[t], static_cast<uint32_t>(mp[t]),
-             static_cast<float>(scale), scores.data(), offsets.data(),
-             op + (t * H + h * groups) * D);
-    }
-  });
+  const AttentionCall call{qp, kp, vp, op, tp, rp, fp, mp, T, H, Hkv, D, groups, B, nb, bs,
+                           head_stride, static_cast<float>(scale)};
+  if (amx && amx_attention_fits(D)) amx_attention(call);
+  else avx512_attention(call);
   return out;
 }
 

@@ -4,6 +4,8 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <vector>
 
 // What every skinny matmul does with its rows: x [..., K] as M contiguous bf16 rows, the bias
@@ -60,10 +62,9 @@ void amx_linear(const SkinnyRows& io, const void* w, int64_t K, int64_t blocks, 
 void configure_tiles(int n, const uint8_t* rows, const uint16_t* colsb);
 void release_tiles();
 
-// cpu_attention_amx.cpp: decode_attention on AMX tiles, for head dims that are a multiple of 32
-// up to 128 where amx_ready(). The call as decode_attention has checked it: q [T, H, D], caches
+// decode_attention's checked call, as its kernels take it: q [T, H, D], caches
 // [Hkv, num_blocks, bs, D] (bf16 bits), tables [B, nb], and per token its sequence, base and bits.
-struct AmxAttention {
+struct AttentionCall {
   const uint16_t* q;
   const uint16_t* k;
   const uint16_t* v;
@@ -75,8 +76,94 @@ struct AmxAttention {
   int64_t T, H, Hkv, D, groups, B, nb, bs, head_stride;
   float scale;
 };
+
+constexpr int kMaxGroup = 16;     // query heads per kv head
+constexpr int kMaxHeadDim = 256;
+constexpr int kTileQueries = 16;  // query vectors of a tile
+
+// cpu_attention.cpp: the work in tiles of up to kTileQueries query vectors of one sequence and
+// kv head (a tree token's alone), and the AVX-512 BF16 kernel that runs them.
+struct QueryTile {
+  int64_t seq, head, first;  // the queries first .. first + n - 1 of sequence seq's list
+  int n;
+};
+// Each sequence's query tokens in order (into `tokens`) and the tiles that cover them.
+std::vector<QueryTile> plan_tiles(const AttentionCall& a,
+                                  std::vector<std::vector<int64_t>>& tokens);
+
+// The keys a tile's queries see: per query its output's offset, base and bits; the tile's last
+// key; and for a tree token the keys of its path, read at the chain positions they move to once
+// accepted (`slot(j)`: where key j of the tile's list is in the head's cache).
+struct TileKeys {
+  int64_t out_at[kTileQueries], base[kTileQueries];
+  uint32_t bits[kTileQueries];
+  int64_t kmax = 0;
+  int64_t gap_base = INT64_MAX;
+  int64_t path[32];
+  const int64_t* table;
+  int64_t bs, D;
+  TileKeys(const AttentionCall& a, const int64_t* tokens, const QueryTile& tile);
+  int64_t slot(int64_t j) const {
+    const int64_t r = j < gap_base ? j : path[j - gap_base];
+    return (table[r / bs] * bs + r % bs) * D;
+  }
+  // slot(j) of every key j < kmax, block by block (no division a key).
+  void slots(int64_t* at) const {
+    const int64_t plain = std::min(kmax, gap_base);
+    for (int64_t j = 0, b = 0; j < plain; ++b) {
+      const int64_t start = table[b] * bs * D;
+      for (int64_t r = 0; r < bs && j < plain; ++r) at[j++] = start + r * D;
+    }
+    for (int64_t j = plain; j < kmax; ++j) at[j] = slot(j);
+  }
+};
+void avx512_attention(const AttentionCall& a);
+
+// cpu_attention_amx.cpp: the tiles on AMX, for head dims that are a multiple of 32 up to 128
+// where amx_ready().
 bool amx_attention_fits(int64_t D);
-void amx_attention(const AmxAttention& a);
+void amx_attention(const AttentionCall& a);
+
+// Whether a token's draft keys `bits` are a chain's (the first m after its base, none skipped).
+inline bool is_chain(uint32_t bits) { return (bits & (bits + 1)) == 0; }
+
+// Which of keys j0 .. j0 + 15 a query sees: the first `base` keys and, of the 32 after them,
+// those set in `bits`.
+inline uint32_t visible(int64_t base, uint32_t bits, int64_t j0) {
+  uint32_t m = 0;
+  if (j0 < base) m = base - j0 >= 16 ? 0xFFFFu : (1u << (base - j0)) - 1;
+  const int64_t off = j0 - base;
+  const uint64_t w = bits;
+  if (off >= 0) m |= off < 32 ? static_cast<uint32_t>(w >> off) & 0xFFFFu : 0;
+  else if (off > -16) m |= static_cast<uint32_t>(w << -off) & 0xFFFFu;
+  return m;
+}
+
+// Rows r[0..15] of a 16 x 16 block become its columns (in 64 shuffles).
+__attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
+  __m512 a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // b[4i + c], per 128-bit lane L: rows 4i .. 4i + 3 of column 4L + c
+  for (int i = 0; i < 4; ++i)
+    for (int h = 0; h < 2; ++h) {
+      const __m512d x = _mm512_castps_pd(a[4 * i + h]), y = _mm512_castps_pd(a[4 * i + 2 + h]);
+      b[4 * i + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(x, y));
+      b[4 * i + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(x, y));
+    }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 u0 = _mm512_shuffle_f32x4(b[c], b[4 + c], 0x44);
+    const __m512 u1 = _mm512_shuffle_f32x4(b[c], b[4 + c], 0xEE);
+    const __m512 w0 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0x44);
+    const __m512 w1 = _mm512_shuffle_f32x4(b[8 + c], b[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_f32x4(u0, w0, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(u0, w0, 0xDD);
+    r[8 + c] = _mm512_shuffle_f32x4(u1, w1, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(u1, w1, 0xDD);
+  }
+}
 
 // e^x for x <= 0 (Cephes' expf: x = n ln2 + r, a degree-5 polynomial in r, scaled by 2^n).
 __attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
@@ -125,6 +212,50 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_bf16(
 
 inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// The weights of one query of a tile: e^(s - max) of its `kpad` scores `s` (-inf where it does
+// not see the key; `best` their lane-wise max) rounded to bf16 into `p`; returns 1 / their total,
+// summed from the rounded weights.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline float softmax_bf16(
+    const float* s, uint16_t* p, int64_t kpad, __m512 best) {
+  const __m512 none = _mm512_set1_ps(-INFINITY);
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < kpad; j += 16) {
+    const __m512 x = _mm512_loadu_ps(s + j);
+    const __mmask16 seen = _mm512_cmp_ps_mask(x, none, _CMP_NEQ_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(seen, exp_nonpositive(_mm512_sub_ps(x, m)));
+    const __m256i w = (__m256i)_mm512_cvtneps_pbh(e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), w);
+    total = _mm512_add_ps(total,
+                          _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16)));
+  }
+  return 1.0f / _mm512_reduce_add_ps(total);
+}
+
+// A query's P x V sums `row`, each 32-dim run as its low and high unpack of V's key pairs (dims
+// 0-3, 8-11, 16-19, 24-27 of the run, then the others), times `inv`, back in dim order and
+// rounded to bf16: D values at `dst`.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void store_unpacked(
+    const float* row, int64_t D, float inv, uint16_t* dst) {
+  // Dims 32u + e: for e < 16, lane e of the low unpack's 4L + e % 8 where e % 8 < 4, else the
+  // high one's 4L + e % 8 - 4 (index 16 + that), L = e / 8; for e >= 16 the same with
+  // L = 2 + (e - 16) / 8.
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512 f = _mm512_set1_ps(inv);
+  for (int64_t d = 0; d < D; d += 32) {
+    const __m512 low = _mm512_loadu_ps(row + d), high = _mm512_loadu_ps(row + d + 16);
+    const __m512 x = _mm512_mul_ps(_mm512_permutex2var_ps(low, first, high), f);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)_mm512_cvtneps_pbh(x));
+    if (d + 16 < D) {
+      const __m512 y = _mm512_mul_ps(_mm512_permutex2var_ps(low, second, high), f);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d + 16),
+                          (__m256i)_mm512_cvtneps_pbh(y));
+    }
+  }
 }
 
 // cpu_decode.cpp

@@ -16,25 +16,36 @@ than the bytes they read, and Baton runs them itself:
   cache, two threads, one token row: int4 2.7 ms against 3.8 for int8 and 3.9 for PyTorch's
   packed int4 kernel; eight rows 5.7 against 12.7 and 11.5; 512 rows (a prompt chunk) 0.30 s
   against 0.44 and 0.51.
-- **Attention** (`decode_attention`): each query token of a decode or verify step (a token and
-  its draft, chain or tree) over its sequence's paged keys and values, read in place (no gather),
-  scores, softmax and sum in fp32, in one call per layer instead of about twenty-five small torch
-  ops. Keys go sixteen at a time, their dot products finished together. On a Xeon with AMX, two
-  threads, 300 keys: one query 14 us a layer, a 16-token verify run 135 us (a key at a time:
-  26 and 319 us); a 16-token step of the default model at 3,000 keys took 74 against 98 ms.
-  **With AMX** (and a head dim that is a multiple of 32 up to 128) it runs on the tiles instead
-  (`cpu_attention_amx.cpp`): sixteen query vectors of one sequence and kv head at a time, so a
-  verify run reads its keys and values once per sixteen query heads, and P x V multiplies bf16
-  weights as GPU paged-attention kernels do. Default model's shapes (9 query and 3 kv heads,
-  head dim 64), 30 layers, 2 threads, AVX-512 kernel -> AMX, ms (alternated calls, one process):
+- **Attention** (`decode_attention`): the query tokens of a decode or verify step (a token and
+  its draft, chain or tree) over their sequences' paged keys and values, read in place (no
+  gather), in one call per layer instead of about twenty-five small torch ops. The work goes in
+  tiles of up to sixteen query vectors of one sequence and one kv head (`cpu_attention.cpp`): a
+  verify run's tokens times the kv head's query heads share one read of the keys and values, and
+  the products run as bf16 pairs summed in fp32 (VDPBF16PS): scores with sixteen keys as the
+  lanes, P x V with the weights in bf16 as GPU paged-attention kernels multiply them. Each
+  query's output depends on its own query, keys and mask alone, so a verify run's tokens come
+  out bit for bit as decode tokens would. The default model's shapes (9 query and 3 kv heads,
+  head dim 64), 30 layers, 2 threads, an AMD EPYC without AMX, ms; the kernel it replaced (each
+  token and kv head alone, fp32 products of widened keys and values) -> this one, medians of
+  two to five runs each, alternated processes:
+
+  | keys | 1 token | 8-token run | 16-token run | 16 sequences x 1 token |
+  | --- | --- | --- | --- | --- |
+  | 150 | 0.22 -> 0.21 | 0.88 -> 0.57 | 1.78 -> 1.11 | 1.84 -> 1.95 |
+  | 600 | 0.58 -> 0.55 | 3.12 -> 1.85 | 6.22 -> 3.47 | 7.73 -> 7.77 |
+  | 1500 | 1.40 -> 1.38 | 7.95 -> 5.04 | 15.6 -> 8.6 | 25.9 -> 27.0 |
+
+  (The 16-sequence column moved by up to a fifth between runs of either kernel.)
+
+  **With AMX** (and a head dim that is a multiple of 32 up to 128) the same tiles run on the
+  tile unit instead (`cpu_attention_amx.cpp`). On a Xeon with AMX, the kernel that the AVX-512
+  one above replaced -> AMX, same shapes, ms:
 
   | keys | 1 token | 8-token run | 16-token run | 16 sequences x 1 token |
   | --- | --- | --- | --- | --- |
   | 150 | 0.48 -> 0.49 | 1.81 -> 0.98 | 3.23 -> 1.66 | 4.04 -> 4.70 |
   | 600 | 1.04 -> 1.06 | 8.95 -> 3.15 | 18.3 -> 5.33 | 19.2 -> 19.4 |
 
-  Each query's output depends on its own query, keys and mask alone on both kernels, so a
-  verify run's tokens come out bit for bit as decode tokens would.
 - **RMSNorm** (`rms_norm`, swapped in by `baton.actors.cpu_norm`): Llama's formula in one call
   instead of eight; about 2 ms of a 35 ms batch-1 forward here.
 - **Rotary embedding** (`rope`, for `baton.actors.cpu_step`): transformers' formula, bit for bit,
@@ -121,10 +132,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# The extension's sources: the Python module and the attention, norm and rotary kernels; attention
-# on AMX tiles; the skinny matmuls (bf16 and int8; int4); a whole decoder layer in one call;
-# reductions over logits rows; what they declare of each other.
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_decode.cpp", "cpu_attention_amx.cpp",
+# The extension's sources: the Python module and the norm and rotary kernels; attention's tiles
+# and their AVX-512 kernel; attention on AMX tiles; the skinny matmuls (bf16 and int8; int4); a
+# whole decoder layer in one call; reductions over logits rows; what they declare of each other.
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_decode.cpp", "cpu_attention.cpp",
+                                                      "cpu_attention_amx.cpp",
                                                       "cpu_matmul.cpp", "cpu_matmul_amx.cpp",
                                                       "cpu_matmul_int4.cpp", "cpu_layer.cpp",
                                                       "cpu_logits.cpp", "cpu_decode.h"))
