@@ -5,7 +5,8 @@ its reference's on the same inputs (eagerly where the reference syncs with the h
 the kernel must move at least, and the bandwidth that makes as a fraction of the device's peak
 (these kernels are memory-bound at serving shapes). Paged attention is also timed against
 `scaled_dot_product_attention` on the same keys and values laid out contiguously, the bound a
-paged layout should come close to. Without CUDA there is nothing to measure: the report says so.
+paged layout should come close to. Without CUDA there is nothing of these to measure: the report
+says so. On a CPU with Baton's kernels, the CPU decode attention is timed too (`cpu_attention`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rich.table import Table
 
 from baton.kernels import kv_blocks, moe, paged_attention, quantized_matmul
 from baton.kernels.dispatch import force_backend
+from baton.ops.bench import cpu_attention
 from baton.ops.bench.report import run_and_report
 
 log = logging.getLogger(__name__)
@@ -152,9 +154,16 @@ def _moe_cases(dev: torch.device, peak: float) -> list[Case]:
 
 
 def run(progress: Console) -> dict[str, Any]:
-    """The report: per kernel timings and bandwidth, or why nothing was measured."""
+    """The report: per kernel timings and bandwidth, or why nothing was measured; the CPU
+    decode attention's where the CPU has Baton's kernels."""
+    report = _run_cuda(progress)
+    report["cpu_attention"] = cpu_attention.run(progress)
+    return report
+
+
+def _run_cuda(progress: Console) -> dict[str, Any]:
     if not torch.cuda.is_available():
-        log.warning("baton bench kernels needs CUDA; nothing measured on this machine")
+        log.warning("baton bench kernels: the Triton kernels need CUDA; none measured here")
         return {"status": "skipped", "reason": "needs CUDA: the kernels run on the GPU only",
                 "device": "cpu", "cases": []}
     dev = torch.device("cuda")
@@ -172,8 +181,10 @@ def run(progress: Console) -> dict[str, Any]:
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
+    if "cpu_attention" in report:
+        cpu_attention.show(report["cpu_attention"], console)
     if report["status"] != "ok":
-        console.print(f"baton bench kernels: skipped ({report['reason']})")
+        console.print(f"baton bench kernels: Triton kernels skipped ({report['reason']})")
         return
     table = Table(title=f"Kernels on {report['device']} "
                         f"(peak {report['peak_bandwidth_gb_s']:.0f} GB/s)")

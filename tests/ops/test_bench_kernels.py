@@ -1,5 +1,5 @@
 """`baton bench kernels` and `baton bench gpu`: on CUDA their timings; without CUDA a report
-saying so, exit 0."""
+saying so, exit 0 (and `bench kernels` times the CPU decode attention where it can)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from baton.kernels import cpu_decode
+from baton.ops.bench import cpu_attention
 from baton.ops.cli import app
 
 
@@ -21,6 +23,15 @@ def test_bench_kernels_without_cuda_says_it_needs_cuda_and_succeeds(tmp_path):
     report = json.loads(out.read_text())
     assert report["status"] == "skipped" and "CUDA" in report["reason"]
     assert report["cases"] == []
+    # The CPU decode attention is timed wherever Baton's CPU kernels are built.
+    cpu = report["cpu_attention"]
+    if cpu_decode.kernel() is None:
+        assert cpu["status"] == "skipped"
+        return
+    assert cpu["status"] == "ok" and "CPU decode attention" in result.output
+    assert {(c["keys"], c["case"]) for c in cpu["cases"]} == {
+        (k, name) for k in cpu_attention.KEYS for name, _, _ in cpu_attention.CASES}
+    assert all(c["kernel_ms"] > 0 and c["sdpa_ms"] > 0 for c in cpu["cases"])
 
 
 @pytest.mark.gpu
