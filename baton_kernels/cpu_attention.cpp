@@ -23,12 +23,14 @@
 // in the same order whatever else shares the tile. So a verify run's tokens come out as decode
 // tokens would, and speculation stays lossless. A tree token's ancestors sit at their tree slots,
 // with gaps, until the accepted ones move to the chain they form; where the weights are summed
-// depends on a key's index (its lane in the total, its pair in P x V), so such a token has a tile
-// of its own that reads its visible keys at the indices of that chain.
+// depends on a key's index (its lane in the total, its pair in P x V), so such a token reads its
+// visible keys at the indices of that chain (TileKeys). Here a tree's tokens still share a tile:
+// the keys before the draft are read once for all of them, and each token's own from there on
+// (the AMX kernel gives each tree token a tile of its own).
 //
 // Against the kernel it replaced (each token and kv head alone, fp32 products of widened bf16),
-// on an AMD EPYC without AMX: 8- and 16-token verify runs 1.5-1.8x faster, single tokens about as
-// fast (the table in baton/kernels/cpu_decode.py).
+// on an AMD EPYC without AMX: 8- and 16-token verify runs 1.5-1.8x faster, 8-token trees about
+// 2.5-3x, single tokens about as fast (the table in baton/kernels/cpu_decode.py).
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -41,17 +43,20 @@
 #include "cpu_decode.h"
 
 std::vector<QueryTile> plan_tiles(const AttentionCall& a,
-                                  std::vector<std::vector<int64_t>>& tokens) {
+                                  std::vector<std::vector<int64_t>>& tokens, bool trees_together) {
   tokens.assign(a.B, {});
   for (int64_t t = 0; t < a.T; ++t) tokens[a.rows[t]].push_back(t);
   std::vector<QueryTile> tiles;
   for (int64_t b = 0; b < a.B; ++b) {
     const int64_t n = static_cast<int64_t>(tokens[b].size()) * a.groups;
-    bool tree = false;
-    for (const int64_t t : tokens[b]) tree = tree || !is_chain(static_cast<uint32_t>(a.bits[t]));
-    // A tree's tokens see different keys: a tile each (see tile_keys); chains and decode tokens
-    // share tiles, sixteen query vectors at a time.
-    const int64_t per_tile = tree ? a.groups : kTileQueries;
+    bool tree = false, one_base = true;
+    for (const int64_t t : tokens[b]) {
+      tree = tree || !is_chain(static_cast<uint32_t>(a.bits[t]));
+      one_base = one_base && a.base[t] == a.base[tokens[b][0]];
+    }
+    // Chains and decode tokens share tiles, sixteen query vectors at a time; a tree's tokens
+    // too where asked (and they share a base), else a tile each.
+    const int64_t per_tile = tree && !(trees_together && one_base) ? a.groups : kTileQueries;
     for (int64_t h = 0; h < a.Hkv; ++h)
       for (int64_t first = 0; first < n; first += per_tile)
         tiles.push_back({b, h, first, static_cast<int>(std::min<int64_t>(per_tile, n - first))});
@@ -61,25 +66,29 @@ std::vector<QueryTile> plan_tiles(const AttentionCall& a,
 
 TileKeys::TileKeys(const AttentionCall& a, const int64_t* tokens, const QueryTile& tile)
     : table(a.tables + tile.seq * a.nb), bs(a.bs), D(a.D) {
+  bool tree = false;
   for (int64_t i = 0; i < tile.n; ++i) {
     const int64_t qi = tile.first + i, t = tokens[qi / a.groups];
     out_at[i] = (t * a.H + tile.head * a.groups + qi % a.groups) * a.D;
     base[i] = a.base[t];
     bits[i] = static_cast<uint32_t>(a.bits[t]);
+    tok[i] = static_cast<int>(qi / a.groups - tile.first / a.groups);
     kmax = std::max(kmax, bits[i] ? base[i] + 32 - __builtin_clz(bits[i]) : base[i]);
+    tree = tree || !is_chain(bits[i]);
   }
-  // A tree token (its tile holds it alone) reads its ancestors as if they were the chain its
-  // path becomes: key base + m is the m-th key its bits show. Then its weights fall in the
-  // lanes and key pairs a decode step of the accepted path gives them, so the sums round alike.
-  if (tile.n > 0 && !is_chain(bits[0])) {
-    gap_base = base[0];
-    int64_t m = 0;
-    for (uint32_t w = bits[0]; w; w &= w - 1) path[m++] = gap_base + __builtin_ctz(w);
-    for (int64_t i = 0; i < tile.n; ++i) {
-      base[i] = gap_base + m;
-      bits[i] = 0;
+  if (!tree) return;
+  // A tree's tokens (one base: plan_tiles) each read their path as the chain it becomes.
+  gap_base = base[0];
+  kmax = 0;
+  int64_t m = 0;
+  for (int64_t i = 0; i < tile.n; ++i) {
+    if (i == 0 || tok[i] != tok[i - 1]) {
+      m = 0;
+      for (uint32_t w = bits[i]; w; w &= w - 1) path[tok[i]][m++] = gap_base + __builtin_ctz(w);
     }
-    kmax = gap_base + m;
+    base[i] = gap_base + m;
+    bits[i] = 0;
+    kmax = std::max(kmax, base[i]);
   }
 }
 
@@ -164,13 +173,46 @@ using PvTile = void (*)(const uint16_t*, const uint16_t*, int64_t, int64_t, floa
 constexpr PvTile kPvTile[8] = {pv_tile<1>, pv_tile<2>, pv_tile<3>, pv_tile<4>,
                                pv_tile<5>, pv_tile<6>, pv_tile<7>, pv_tile<8>};
 
+// The sixteen keys at `rows` (null: a zero row), D dims, transposed into `kt` as dim pairs x
+// the sixteen lanes.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void transpose_keys(const uint16_t* const* rows, int64_t D, uint32_t* kt) {
+  const int64_t pairs = D / 2;
+  for (int64_t c = 0; c < pairs; c += 16) {  // dim pairs c .. c + 15 of the sixteen keys
+    __m512 r[kKeys];
+    for (int k = 0; k < kKeys; ++k)
+      r[k] = rows[k] ? _mm512_castsi512_ps(load32(rows[k] + 2 * c, D - 2 * c))
+                     : _mm512_setzero_ps();
+    transpose16(r);
+    for (int64_t e = 0; e < 16 && c + e < pairs; ++e)
+      _mm512_store_ps(reinterpret_cast<float*>(kt + (c + e) * kKeys), r[e]);
+  }
+}
+
+// Key pairs of a chunk (rows 2r and 2r + 1 at `rows`, null: zero) interleaved into `vt`: each
+// pair's 32-dim runs as their low and high unpacks.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void interleave_values(const uint16_t* const* rows, int64_t D, uint16_t* vt) {
+  const int64_t runs = (D + 31) / 32;
+  for (int64_t r = 0; r < kChunk / 2; ++r)
+    for (int64_t u = 0; u < runs; ++u) {
+      const int64_t left = D - 32 * u;
+      const __m512i x = rows[2 * r] ? load32(rows[2 * r] + 32 * u, left) : _mm512_setzero_si512();
+      const __m512i y = rows[2 * r + 1] ? load32(rows[2 * r + 1] + 32 * u, left)
+                                        : _mm512_setzero_si512();
+      uint16_t* to = vt + (r * runs + u) * 64;
+      _mm512_store_si512(to, _mm512_unpacklo_epi16(x, y));
+      _mm512_store_si512(to + 32, _mm512_unpackhi_epi16(x, y));
+    }
+}
+
 // One tile on AVX-512 BF16 (see the file's doc).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 void attend_tile_avx512(const AttentionCall& a, const int64_t* tokens, const QueryTile& tile,
                         Scratch& s) {
   const int64_t D = a.D, n = tile.n, pairs = D / 2, runs = (D + 31) / 32;
   const TileKeys keys(a, tokens, tile);
-  const int64_t kmax = keys.kmax;
+  const int64_t kmax = keys.kmax, plain = keys.shared();
   const int64_t kpad = (kmax + kChunk - 1) / kChunk * kChunk;
   if (static_cast<int64_t>(s.scores.size()) < kTileQueries * kpad) {
     s.scores.resize(kTileQueries * kpad);
@@ -178,13 +220,35 @@ void attend_tile_avx512(const AttentionCall& a, const int64_t* tokens, const Que
   }
   const uint16_t* kh = a.k + tile.head * a.head_stride;
   const uint16_t* vh = a.v + tile.head * a.head_stride;
-  if (static_cast<int64_t>(s.at.size()) < kmax) s.at.resize(kmax);
+  if (static_cast<int64_t>(s.at.size()) < plain) s.at.resize(plain);
   keys.slots(s.at.data());
   const int64_t* at = s.at.data();
+  // Queries that read the same keys: all of them, or in a tree's tile past the shared keys each
+  // token's own (its queries lo[g] .. lo[g + 1] - 1, its keys up to end[g]).
+  int64_t lo[kTileQueries + 1], end[kTileQueries];
+  int tok[kTileQueries];
+  int groups = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (i == 0 || keys.tok[i] != keys.tok[i - 1]) {
+      lo[groups] = i;
+      end[groups] = keys.base[i];
+      tok[groups++] = keys.tok[i];
+    }
+  lo[groups] = n;
+  const int64_t all_lo[2] = {0, n}, all_end[1] = {kmax};
+  const int all_tok[1] = {0};
+  // The rows of keys j0 .. j0 + width - 1 as group g reads them (`h`: the head's K or V).
+  auto rows_of = [&](const uint16_t* h, int64_t j0, int width, int64_t stop, int t,
+                     const uint16_t** rows) {
+    for (int k = 0; k < width; ++k) {
+      const int64_t j = j0 + k;
+      rows[k] = j < plain ? h + at[j] : j < stop ? h + keys.slot(j, t) : nullptr;
+    }
+  };
 
-  // Scores, sixteen keys at a time as the lanes: their rows transposed into dim pairs once,
-  // each query's dim pairs broadcast against them, four queries' sums in flight (two each: even
-  // and odd pairs, added at the end).
+  // Scores, sixteen keys at a time as the lanes: their rows transposed into dim pairs once per
+  // group, each query's dim pairs broadcast against them, four queries' sums in flight (two
+  // each: even and odd pairs, added at the end).
   const __m512 scale = _mm512_set1_ps(a.scale), none = _mm512_set1_ps(-INFINITY);
   __m512 best[kTileQueries];
   for (int64_t i = 0; i < n; ++i) best[i] = none;
@@ -195,39 +259,38 @@ void attend_tile_avx512(const AttentionCall& a, const int64_t* tokens, const Que
       for (int64_t i = 0; i < n; ++i) _mm512_storeu_ps(s.scores.data() + i * kpad + j0, none);
       continue;
     }
-    for (int64_t c = 0; c < pairs; c += 16) {  // dim pairs c .. c + 15 of the sixteen keys
-      __m512 r[kKeys];
-      for (int k = 0; k < kKeys; ++k)
-        r[k] = j0 + k < kmax
-                   ? _mm512_castsi512_ps(load32(kh + at[j0 + k] + 2 * c, D - 2 * c))
-                   : _mm512_setzero_ps();
-      transpose16(r);
-      for (int64_t e = 0; e < 16 && c + e < pairs; ++e)
-        _mm512_store_ps(reinterpret_cast<float*>(s.kt + (c + e) * kKeys), r[e]);
-    }
-    for (int64_t i0 = 0; i0 < n; i0 += 4) {
-      const int64_t m = std::min<int64_t>(4, n - i0);
-      __m512 acc[4][2];
-      for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-      for (int64_t pr = 0; pr < pairs; pr += 2) {
-        const __m512bh k0 = (__m512bh)_mm512_load_si512(s.kt + pr * kKeys);
-        const __m512bh k1 = (__m512bh)_mm512_load_si512(s.kt + (pr + 1) * kKeys);
-        for (int i = 0; i < 4; ++i) {
-          if (i >= m) break;
-          const uint32_t* qi = q[i0 + i];
-          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], k0,
-                                       (__m512bh)_mm512_set1_epi32(static_cast<int>(qi[pr])));
-          acc[i][1] = _mm512_dpbf16_ps(
-              acc[i][1], k1, (__m512bh)_mm512_set1_epi32(static_cast<int>(qi[pr + 1])));
+    const bool shared = j0 + kKeys <= plain || plain == kmax;
+    const int ng = shared ? 1 : groups;
+    for (int g = 0; g < ng; ++g) {
+      const int64_t* glo = shared ? all_lo : lo;
+      const uint16_t* rows[kKeys];
+      rows_of(kh, j0, kKeys, shared ? all_end[0] : end[g], shared ? all_tok[0] : tok[g], rows);
+      transpose_keys(rows, D, s.kt);
+      for (int64_t i0 = glo[g]; i0 < glo[g + 1]; i0 += 4) {
+        const int64_t m = std::min<int64_t>(4, glo[g + 1] - i0);
+        __m512 acc[4][2];
+        for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        for (int64_t pr = 0; pr < pairs; pr += 2) {
+          const __m512bh k0 = (__m512bh)_mm512_load_si512(s.kt + pr * kKeys);
+          const __m512bh k1 = (__m512bh)_mm512_load_si512(s.kt + (pr + 1) * kKeys);
+          for (int i = 0; i < 4; ++i) {
+            if (i >= m) break;
+            const uint32_t* qi = q[i0 + i];
+            acc[i][0] = _mm512_dpbf16_ps(
+                acc[i][0], k0, (__m512bh)_mm512_set1_epi32(static_cast<int>(qi[pr])));
+            acc[i][1] = _mm512_dpbf16_ps(
+                acc[i][1], k1, (__m512bh)_mm512_set1_epi32(static_cast<int>(qi[pr + 1])));
+          }
         }
-      }
-      for (int i = 0; i < m; ++i) {
-        const int64_t qi = i0 + i;
-        const __mmask16 seen = static_cast<__mmask16>(visible(keys.base[qi], keys.bits[qi], j0));
-        const __m512 v = _mm512_mask_mul_ps(none, seen, _mm512_add_ps(acc[i][0], acc[i][1]),
-                                            scale);
-        _mm512_storeu_ps(s.scores.data() + qi * kpad + j0, v);
-        best[qi] = _mm512_max_ps(best[qi], v);
+        for (int i = 0; i < m; ++i) {
+          const int64_t qi = i0 + i;
+          const __mmask16 seen =
+              static_cast<__mmask16>(visible(keys.base[qi], keys.bits[qi], j0));
+          const __m512 v = _mm512_mask_mul_ps(none, seen, _mm512_add_ps(acc[i][0], acc[i][1]),
+                                              scale);
+          _mm512_storeu_ps(s.scores.data() + qi * kpad + j0, v);
+          best[qi] = _mm512_max_ps(best[qi], v);
+        }
       }
     }
   }
@@ -237,23 +300,19 @@ void attend_tile_avx512(const AttentionCall& a, const int64_t* tokens, const Que
   for (int64_t i = 0; i < n; ++i) inv[i] = softmax_bf16(s.scores.data() + i * kpad,
                                                         s.p.data() + i * kpad, kpad, best[i]);
 
-  // P x V, sixteen key pairs at a time.
+  // P x V, sixteen key pairs at a time, interleaved once per group.
   s.out.assign(kTileQueries * runs * 32, 0.0f);
   for (int64_t j0 = 0; j0 < kpad; j0 += kChunk) {
-    for (int64_t r = 0; r < kChunk / 2; ++r) {
-      const int64_t j = j0 + 2 * r;
-      for (int64_t u = 0; u < runs; ++u) {
-        const int64_t left = D - 32 * u;
-        const __m512i x = j < kmax ? load32(vh + at[j] + 32 * u, left)
-                                   : _mm512_setzero_si512();
-        const __m512i y = j + 1 < kmax ? load32(vh + at[j + 1] + 32 * u, left)
-                                       : _mm512_setzero_si512();
-        uint16_t* to = s.vt + (r * runs + u) * 64;
-        _mm512_store_si512(to, _mm512_unpacklo_epi16(x, y));
-        _mm512_store_si512(to + 32, _mm512_unpackhi_epi16(x, y));
-      }
+    const bool shared = j0 + kChunk <= plain || plain == kmax;
+    const int ng = shared ? 1 : groups;
+    for (int g = 0; g < ng; ++g) {
+      const int64_t* glo = shared ? all_lo : lo;
+      const uint16_t* rows[kChunk];
+      rows_of(vh, j0, kChunk, shared ? all_end[0] : end[g], shared ? all_tok[0] : tok[g], rows);
+      interleave_values(rows, D, s.vt);
+      kPvTile[runs - 1](s.vt, s.p.data() + glo[g] * kpad, kpad, j0,
+                        s.out.data() + glo[g] * runs * 32, glo[g + 1] - glo[g]);
     }
-    kPvTile[runs - 1](s.vt, s.p.data(), kpad, j0, s.out.data(), n);
   }
   for (int64_t i = 0; i < n; ++i)
     store_unpacked(s.out.data() + i * runs * 32, D, inv[i], a.out + keys.out_at[i]);
@@ -263,7 +322,7 @@ void attend_tile_avx512(const AttentionCall& a, const int64_t* tokens, const Que
 
 void avx512_attention(const AttentionCall& a) {
   std::vector<std::vector<int64_t>> tokens;
-  const std::vector<QueryTile> tiles = plan_tiles(a, tokens);
+  const std::vector<QueryTile> tiles = plan_tiles(a, tokens, true);
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch scratch;
     for (int64_t i = begin; i < end; ++i)

@@ -234,7 +234,7 @@ bool amx_attention_fits(int64_t D) { return amx_ready() && D % 32 == 0 && D <= 1
 
 void amx_attention(const AttentionCall& a) {
   std::vector<std::vector<int64_t>> tokens;
-  const std::vector<QueryTile> tiles = plan_tiles(a, tokens);
+  const std::vector<QueryTile> tiles = plan_tiles(a, tokens, false);
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch scratch;
     for (int64_t i = begin; i < end; ++i)

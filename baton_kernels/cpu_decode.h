@@ -87,34 +87,41 @@ struct QueryTile {
   int64_t seq, head, first;  // the queries first .. first + n - 1 of sequence seq's list
   int n;
 };
-// Each sequence's query tokens in order (into `tokens`) and the tiles that cover them.
+// Each sequence's query tokens in order (into `tokens`) and the tiles that cover them. A draft
+// tree's tokens see different keys past their base: with `trees_together` they still share tiles
+// (each token's queries reading its own path there), else each has a tile of its own.
 std::vector<QueryTile> plan_tiles(const AttentionCall& a,
-                                  std::vector<std::vector<int64_t>>& tokens);
+                                  std::vector<std::vector<int64_t>>& tokens, bool trees_together);
 
-// The keys a tile's queries see: per query its output's offset, base and bits; the tile's last
-// key; and for a tree token the keys of its path, read at the chain positions they move to once
-// accepted (`slot(j)`: where key j of the tile's list is in the head's cache).
+// The keys a tile's queries see: per query its output's offset, base and bits, and its token
+// among the tile's; the tile's last key. In a tree's tile, each token reads the keys of its path
+// at the chain positions they move to once accepted: position gap_base + m is the m-th key its
+// bits show (`slot(j, t)`: where key j of token t's list is in the head's cache). Then its
+// weights fall in the lanes and key pairs a decode step of the accepted path gives them, so the
+// sums round alike.
 struct TileKeys {
   int64_t out_at[kTileQueries], base[kTileQueries];
   uint32_t bits[kTileQueries];
+  int tok[kTileQueries];
   int64_t kmax = 0;
   int64_t gap_base = INT64_MAX;
-  int64_t path[32];
+  int64_t path[kTileQueries][32];
   const int64_t* table;
   int64_t bs, D;
   TileKeys(const AttentionCall& a, const int64_t* tokens, const QueryTile& tile);
-  int64_t slot(int64_t j) const {
-    const int64_t r = j < gap_base ? j : path[j - gap_base];
+  int64_t slot(int64_t j, int t = 0) const {
+    const int64_t r = j < gap_base ? j : path[t][j - gap_base];
     return (table[r / bs] * bs + r % bs) * D;
   }
-  // slot(j) of every key j < kmax, block by block (no division a key).
+  // The keys every query of the tile reads at the same place: the first min(kmax, gap_base).
+  int64_t shared() const { return std::min(kmax, gap_base); }
+  // slot(j) of every shared key, block by block (no division a key).
   void slots(int64_t* at) const {
-    const int64_t plain = std::min(kmax, gap_base);
+    const int64_t plain = shared();
     for (int64_t j = 0, b = 0; j < plain; ++b) {
       const int64_t start = table[b] * bs * D;
       for (int64_t r = 0; r < bs && j < plain; ++r) at[j++] = start + r * D;
     }
-    for (int64_t j = plain; j < kmax; ++j) at[j] = slot(j);
   }
 };
 void avx512_attention(const AttentionCall& a);

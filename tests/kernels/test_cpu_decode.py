@@ -276,6 +276,39 @@ def test_a_tokens_output_does_not_depend_on_what_shares_the_call(amx, monkeypatc
 
 
 @KERNELS
+def test_a_draft_trees_tokens_attend_together_as_each_would_alone(amx, monkeypatch):
+    """A verify run over a draft tree (root and six nodes of two branches, beside another
+    sequence's chain and a decode token): its tokens share a tile where the kernel takes them
+    together, each reading its own path past the shared keys, and each gives the bits it gives
+    alone."""
+    on_kernel(amx, 64, monkeypatch)
+    gen = torch.Generator().manual_seed(12)
+    k = torch.randn(3, 96, 16, 64, generator=gen).to(torch.bfloat16)
+    v = torch.randn(3, 96, 16, 64, generator=gen).to(torch.bfloat16)
+    tables = torch.randperm(96, generator=gen)[:90].view(3, 30)
+    tree = [1] + [1 | 1 << (1 + i) | sum(1 << (1 + a) for a in ancestors(i)) for i in range(6)]
+    chain = [(1 << (i + 1)) - 1 for i in range(5)]
+    rows = torch.tensor([0] * len(tree) + [1] * len(chain) + [2])
+    base = torch.tensor([301] * len(tree) + [77] * len(chain) + [450])
+    bits = torch.tensor(tree + chain + [0])
+    q = torch.randn(len(rows), 9, 64, generator=gen).to(torch.bfloat16)
+    together = cpu_decode.decode_attention(q, k, v, tables, rows, base, bits, 0.125)
+    for t in range(len(rows)):
+        alone = cpu_decode.decode_attention(q[t:t + 1], k, v, tables, rows[t:t + 1],
+                                            base[t:t + 1], bits[t:t + 1], 0.125)
+        assert torch.equal(alone[0], together[t]), t
+
+
+def ancestors(i: int) -> list[int]:
+    """TREE's node i's ancestors (indices into TREE)."""
+    found = []
+    while TREE.parents[i] >= 0:
+        i = TREE.parents[i]
+        found.append(i)
+    return found
+
+
+@KERNELS
 def test_a_tree_token_attends_as_the_decode_step_of_its_path(amx, monkeypatch):
     """A tree token sees its base and its ancestors at their tree slots, with gaps between them;
     once accepted they are moved to the chain they form and the next decode step reads them
