@@ -36,10 +36,10 @@ call.
 A lone request's drafts stay within `exact_rows` (the speculator's `fast_tokens`): the steps
 whose every projection, the LM head's included, runs a skinny kernel that sums each output row
 as a one-row call does (bf16: the kernel's rows; int8: every step; int4: 4 rows; the LM head
-stays bf16). Its verified tokens then have the bits
-decoding would give them. Without AMX, bf16 verify steps of 9-16 rows on oneDNN flipped greedy
-near-ties: 4-6 of the 14 `bench spec` requests left `none`'s tokens under ngram or lookahead in
-each of three runs on an AMD EPYC, none in three runs capped.
+stays bf16). Its verified tokens then have the bits decoding would give them. Without AMX, bf16
+verify steps of 9-16 rows on oneDNN flipped greedy near-ties: 4-6 of the 14 `bench spec`
+requests left `none`'s tokens under ngram or lookahead in each of three runs on an AMD EPYC,
+none in three runs capped.
 
 Models: Llama, Qwen2 (with its q/k/v biases) and Qwen3 (with its q/k norms), with full attention
 in every layer and default rotary embedding; others keep the transformers forward. Weight-only

@@ -82,7 +82,7 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kTileQueries = 16;  // query vectors of a tile
 
 // cpu_attention.cpp: the work in tiles of up to kTileQueries query vectors of one sequence and
-// kv head (a tree token's alone), and the AVX-512 BF16 kernel that runs them.
+// kv head, and the AVX-512 BF16 kernel that runs them.
 struct QueryTile {
   int64_t seq, head, first;  // the queries first .. first + n - 1 of sequence seq's list
   int n;
