@@ -268,11 +268,7 @@ def test_a_tokens_output_does_not_depend_on_what_shares_the_call(amx, monkeypatc
     base = torch.tensor([200 - run] * run + [37, 290])
     bits = torch.tensor([(1 << (i + 1)) - 1 for i in range(run)] + [0, 0])
     q = torch.randn(len(rows), 9, 64, generator=gen).to(torch.bfloat16)
-    together = cpu_decode.decode_attention(q, k, v, tables, rows, base, bits, 0.125)
-    for t in range(len(rows)):
-        alone = cpu_decode.decode_attention(q[t:t + 1], k, v, tables, rows[t:t + 1],
-                                            base[t:t + 1], bits[t:t + 1], 0.125)
-        assert torch.equal(alone[0], together[t]), t
+    assert_each_as_alone(q, k, v, tables, rows, base, bits)
 
 
 @KERNELS
@@ -292,6 +288,11 @@ def test_a_draft_trees_tokens_attend_together_as_each_would_alone(amx, monkeypat
     base = torch.tensor([301] * len(tree) + [77] * len(chain) + [450])
     bits = torch.tensor(tree + chain + [0])
     q = torch.randn(len(rows), 9, 64, generator=gen).to(torch.bfloat16)
+    assert_each_as_alone(q, k, v, tables, rows, base, bits)
+
+
+def assert_each_as_alone(q, k, v, tables, rows, base, bits) -> None:
+    """Every query token of one call gets the bits it gets attended alone."""
     together = cpu_decode.decode_attention(q, k, v, tables, rows, base, bits, 0.125)
     for t in range(len(rows)):
         alone = cpu_decode.decode_attention(q[t:t + 1], k, v, tables, rows[t:t + 1],
