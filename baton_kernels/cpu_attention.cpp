@@ -6,9 +6,10 @@
 // A tile holds a verify run's tokens times the kv head's query heads (or one decode token's
 // query heads), so the run reads its keys and values once per sixteen query vectors instead of
 // once per token, and its multiplies run on VDPBF16PS (pairs of bf16 products summed into fp32):
-// - scores: sixteen keys at a time as the sixteen lanes: their rows transposed once per tile
-//   into dim pairs (K^T), each query's dim pairs broadcast against them, two sums in flight per
-//   query (even and odd pairs, added at the end); scaled and masked in fp32;
+// - scores: sixteen keys at a time as the sixteen lanes: their rows transposed into dim pairs
+//   (K^T) once for all the tile's queries that read them, each query's dim pairs broadcast
+//   against them, two sums per query (even and odd pairs, added at the end); scaled and masked
+//   in fp32;
 // - softmax per query over its keys (the max, e^(s - max) in fp32, rounded to bf16 as the
 //   weights P, their total summed from the rounded weights);
 // - out [query, D] = P x V: V's rows as key pairs (two rows' dims interleaved within each
