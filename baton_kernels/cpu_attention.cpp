@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "cpu_decode.h"
@@ -225,25 +226,29 @@ void attend_tile_avx512(const AttentionCall& a, const int64_t* tokens, const Que
   keys.slots(s.at.data());
   const int64_t* at = s.at.data();
   // Queries that read the same keys: all of them, or in a tree's tile past the shared keys each
-  // token's own (its queries lo[g] .. lo[g + 1] - 1, its keys up to end[g]).
-  int64_t lo[kTileQueries + 1], end[kTileQueries];
-  int tok[kTileQueries];
-  int groups = 0;
+  // token's (queries lo .. hi - 1, keys up to end, past the shared ones token t's path).
+  struct Readers {
+    int64_t lo, hi, end;
+    int t;
+  };
+  const Readers all[1] = {{0, n, kmax, 0}};
+  Readers own[kTileQueries];
+  int tokens_here = 0;
   for (int64_t i = 0; i < n; ++i)
     if (i == 0 || keys.tok[i] != keys.tok[i - 1]) {
-      lo[groups] = i;
-      end[groups] = keys.base[i];
-      tok[groups++] = keys.tok[i];
+      if (tokens_here > 0) own[tokens_here - 1].hi = i;
+      own[tokens_here++] = {i, n, keys.base[i], keys.tok[i]};
     }
-  lo[groups] = n;
-  const int64_t all_lo[2] = {0, n}, all_end[1] = {kmax};
-  const int all_tok[1] = {0};
-  // The rows of keys j0 .. j0 + width - 1 as group g reads them (`h`: the head's K or V).
-  auto rows_of = [&](const uint16_t* h, int64_t j0, int width, int64_t stop, int t,
+  // Who reads keys j0 .. j0 + width - 1 alike, and the rows each reads there (`h`: K or V).
+  auto readers = [&](int64_t j0, int64_t width) -> std::pair<const Readers*, int> {
+    if (j0 + width <= plain || plain == kmax) return {all, 1};
+    return {own, tokens_here};
+  };
+  auto rows_of = [&](const uint16_t* h, int64_t j0, int width, const Readers& r,
                      const uint16_t** rows) {
     for (int k = 0; k < width; ++k) {
       const int64_t j = j0 + k;
-      rows[k] = j < plain ? h + at[j] : j < stop ? h + keys.slot(j, t) : nullptr;
+      rows[k] = j < plain ? h + at[j] : j < r.end ? h + keys.slot(j, r.t) : nullptr;
     }
   };
 
@@ -260,15 +265,14 @@ void attend_tile_avx512(const AttentionCall& a, const int64_t* tokens, const Que
       for (int64_t i = 0; i < n; ++i) _mm512_storeu_ps(s.scores.data() + i * kpad + j0, none);
       continue;
     }
-    const bool shared = j0 + kKeys <= plain || plain == kmax;
-    const int ng = shared ? 1 : groups;
-    for (int g = 0; g < ng; ++g) {
-      const int64_t* glo = shared ? all_lo : lo;
+    const auto [set, count] = readers(j0, kKeys);
+    for (int g = 0; g < count; ++g) {
+      const Readers& r = set[g];
       const uint16_t* rows[kKeys];
-      rows_of(kh, j0, kKeys, shared ? all_end[0] : end[g], shared ? all_tok[0] : tok[g], rows);
+      rows_of(kh, j0, kKeys, r, rows);
       transpose_keys(rows, D, s.kt);
-      for (int64_t i0 = glo[g]; i0 < glo[g + 1]; i0 += 4) {
-        const int64_t m = std::min<int64_t>(4, glo[g + 1] - i0);
+      for (int64_t i0 = r.lo; i0 < r.hi; i0 += 4) {
+        const int64_t m = std::min<int64_t>(4, r.hi - i0);
         __m512 acc[4][2];
         for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
         for (int64_t pr = 0; pr < pairs; pr += 2) {
@@ -304,15 +308,14 @@ void attend_tile_avx512(const AttentionCall& a, const int64_t* tokens, const Que
   // P x V, sixteen key pairs at a time, interleaved once per group.
   s.out.assign(kTileQueries * runs * 32, 0.0f);
   for (int64_t j0 = 0; j0 < kpad; j0 += kChunk) {
-    const bool shared = j0 + kChunk <= plain || plain == kmax;
-    const int ng = shared ? 1 : groups;
-    for (int g = 0; g < ng; ++g) {
-      const int64_t* glo = shared ? all_lo : lo;
+    const auto [set, count] = readers(j0, kChunk);
+    for (int g = 0; g < count; ++g) {
+      const Readers& r = set[g];
       const uint16_t* rows[kChunk];
-      rows_of(vh, j0, kChunk, shared ? all_end[0] : end[g], shared ? all_tok[0] : tok[g], rows);
+      rows_of(vh, j0, kChunk, r, rows);
       interleave_values(rows, D, s.vt);
-      kPvTile[runs - 1](s.vt, s.p.data() + glo[g] * kpad, kpad, j0,
-                        s.out.data() + glo[g] * runs * 32, glo[g + 1] - glo[g]);
+      kPvTile[runs - 1](s.vt, s.p.data() + r.lo * kpad, kpad, j0, s.out.data() + r.lo * runs * 32,
+                        r.hi - r.lo);
     }
   }
   for (int64_t i = 0; i < n; ++i)

@@ -16,8 +16,6 @@
 #include <torch/extension.h>
 
 #include <cmath>
-#include <utility>
-#include <vector>
 
 #include "cpu_decode.h"
 
