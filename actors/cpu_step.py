@@ -8,13 +8,13 @@ forward runs the same arithmetic straight on the kernels. Per layer: one RMSNorm
 projections, one rotary call each for q and k, Baton's paged attention function, the output
 projection, one RMSNorm, the gate and up projections, SiLU times up, the down projection.
 
-Steps of up to the skinny kernel's rows (`cpu_decode.skinny_rows`: 8 on AVX-512; with AMX 32,
-so every step this forward takes) run q, k and v as one skinny matmul and gate and up as another.
-Each output row of that kernel is its own sum, so the stacked projection gives the very values of
-the separate ones. Longer steps of up to `MAX_TOKENS` (long drafts, batches, on CPUs without AMX)
-call the layers' own oneDNN projections. int8 and int4 models on the skinny
-int8 and int4 kernels stack the same projections for every step (those kernels take any number
-of rows), the layers' own weights becoming views of the stacked one. Every other op is the one
+Steps of up to the skinny kernel's rows (`cpu_decode.skinny_rows`: 32, so every step this
+forward takes) run q, k and v as one skinny matmul and gate and up as another. Each output row of
+that kernel is its own sum, so the stacked projection gives the very values of the separate ones.
+Where a projection is off the kernel (a weight it cannot block), the layers' own modules run
+(oneDNN for bf16). int8 and int4 models on the skinny int8 and int4 kernels stack the same
+projections for every step (those kernels take any number of rows), the layers' own weights
+becoming views of the stacked one. Every other op is the one
 transformers runs, so the tokens and logprobs are those of the transformers forward on the same
 kernels, bit for bit (tests/actors/test_cpu_step.py). Longer steps (prompt chunks) keep
 transformers' forward: there the Python costs little against the math, and its rotary ops,
@@ -27,19 +27,16 @@ plan covers (each request's run up to `attention_plans.SHORT_RUN` tokens: decode
 short prompts) runs each layer as one C++ call (`cpu_decode.DecodeLayer`,
 baton_kernels/cpu_layer.cpp): the same kernels and ATen ops in the same order, without the Python
 between them (about 120 us a layer here: a bf16 token went from 14.6 to 10.5 ms, an int4 token
-from 9.7 to 7.1 ms, two threads). In bf16, a call past the skinny kernel's rows runs the
-projections' own oneDNN weights from C++, as the Python layers would (verify steps of 9-16
-tokens: 0.7-0.9x the Python layers' time, before AMX took those rows). A prefill worker's short
-prompt still pushes its KV layer by layer: the step's `on_layer_done` runs after each layer's
-call.
+from 9.7 to 7.1 ms, two threads). A prefill worker's short prompt still pushes its KV layer by
+layer: the step's `on_layer_done` runs after each layer's call.
 
 A lone request's drafts stay within `exact_rows` (the speculator's `fast_tokens`): the steps
 whose every projection, the LM head's included, runs a skinny kernel that sums each output row
-as a one-row call does (bf16: the kernel's rows; int8: every step; int4: 4 rows; the LM head
-stays bf16). Its verified tokens then have the bits decoding would give them. Without AMX, bf16
-verify steps of 9-16 rows on oneDNN flipped greedy near-ties: 4-6 of the 14 `bench spec`
-requests left `none`'s tokens under ngram or lookahead in each of three runs on an AMD EPYC,
-none in three runs capped.
+as a one-row call does (bf16: the kernel's 32 rows; int8: every step; int4: 4 rows; the LM head
+stays bf16). Its verified tokens then have the bits decoding would give them. When bf16 verify
+steps of 9-16 rows went to oneDNN (before the skinny kernel took 32 rows without AMX), they
+flipped greedy near-ties: 4-6 of the 14 `bench spec` requests left `none`'s tokens under ngram
+or lookahead in each of three runs on an AMD EPYC.
 
 Models: Llama, Qwen2 (with its q/k/v biases) and Qwen3 (with its q/k norms), with full attention
 in every layer and default rotary embedding; others keep the transformers forward. Weight-only
@@ -234,10 +231,10 @@ def layer_unsupported(layer: nn.Module) -> str | None:
 
 
 def _on_skinny(layer: nn.Module) -> bool:
-    """Whether every projection of `layer` runs its decode-sized calls on the skinny kernel
-    (not where they are quantized, or too large)."""
+    """Whether every projection of `layer` runs every call of a lean step (up to `MAX_TOKENS`
+    rows) on the skinny kernel (not where they are quantized, or too large)."""
     attn, mlp = layer.self_attn, layer.mlp
-    return all(isinstance(p, PackedLinear) and p.skinny_rows >= cpu_decode.MAX_ROWS
+    return all(isinstance(p, PackedLinear) and p.skinny_rows >= MAX_TOKENS
                for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
                          mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
@@ -289,18 +286,6 @@ def _fused(layer: nn.Module, lean: _Layer) -> tuple[object | None, int, int]:
     qkv, gate_up = (ext.Projection(s.weight, s.scales, s.out_features,
                                    s.group_size or (0 if s.scales is None else -1), s.bias)
                     for s in (lean.qkv, lean.gate_up))
-    if lean.qkv.scales is None:
-        # bf16: calls past the skinny kernel's rows run the projections' own oneDNN weights from
-        # the same C++ call (int8 and int4 kernels take any rows), so every step the lean step
-        # takes is fused
-        for projection, parent, parts, skinny_rows in (
-                (qkv, attn, ("q_proj", "k_proj", "v_proj"), lean.qkv.max_rows),
-                (o[0], attn, ("o_proj",), o[1]),
-                (gate_up, mlp, ("gate_proj", "up_proj"), lean.gate_up.max_rows),
-                (down[0], mlp, ("down_proj",), down[1])):
-            linears = [getattr(parent, n) for n in parts]
-            projection.set_dense([p.packed_weight for p in linears],
-                                 [p.bias for p in linears], skinny_rows)
     fused = ext.DecodeLayer(lean.input_norm, lean.post_norm, lean.q_norm, lean.k_norm,
                             qkv, o[0], gate_up, down[0], n_heads, n_kv, d,
                             float(layer.input_layernorm.variance_epsilon), float(attn.scaling))

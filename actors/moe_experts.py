@@ -105,7 +105,8 @@ def skinny_expert_rows(gate_up: torch.Tensor, down: torch.Tensor) -> int:
     """Up to how many rows Baton's skinny CPU kernel runs one expert of these stacked weights
     (`[E, 2I, H]`, `[E, H, I]`); 0 where it does not take them (not bf16 on a CPU with the
     kernels, widths it cannot block)."""
-    if gate_up.shape[1] % cpu_decode.SKINNY_BLOCK or down.shape[1] % cpu_decode.SKINNY_BLOCK:
+    multiple = cpu_decode.skinny_row_multiple()
+    if gate_up.shape[1] % multiple or down.shape[1] % multiple:
         return 0
     return min(cpu_decode.skinny_rows(gate_up[0]), cpu_decode.skinny_rows(down[0]))
 
@@ -116,17 +117,12 @@ def pack_experts(weight: torch.Tensor) -> torch.Tensor:
     return torch.stack([cpu_decode.pack_skinny(w).reshape(w.shape) for w in weight])
 
 
-def _blocks(weight: torch.Tensor) -> torch.Tensor:
-    n, k = weight.shape
-    return weight.view(n // cpu_decode.SKINNY_BLOCK, k // 32, cpu_decode.SKINNY_BLOCK, 32)
-
-
 def _skinny(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return cpu_decode.skinny_linear(x, _blocks(weight), weight.shape[0])
+    return cpu_decode.skinny_linear(x, cpu_decode.skinny_view(weight), weight.shape[0])
 
 
 def _unpacked(weight: torch.Tensor) -> torch.Tensor:
-    return cpu_decode.unpack_skinny(_blocks(weight), weight.shape[0])
+    return cpu_decode.unpack_skinny(cpu_decode.skinny_view(weight), weight.shape[0])
 
 
 def combine(out: torch.Tensor, order: ByExpert, top_k_weights: torch.Tensor,

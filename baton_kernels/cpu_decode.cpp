@@ -165,7 +165,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Projection>(m, "Projection")
       .def(pybind11::init<torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t,
                           c10::optional<torch::Tensor>>())
-      .def("set_dense", &Projection::set_dense)
       .def("__call__", &Projection::operator());
   pybind11::class_<DecodeLayer>(m, "DecodeLayer")
       .def(pybind11::init<torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,

@@ -287,15 +287,8 @@ struct Projection {
   int64_t rows;
   int64_t group;
   c10::optional<torch::Tensor> bias;
-  // oneDNN-packed weights of the same projection (its parts, side by side in the output) for
-  // calls of more than `skinny_max` rows; empty: the skinny kernel takes every call
-  std::vector<torch::Tensor> dense;
-  std::vector<c10::optional<torch::Tensor>> dense_bias;
-  int64_t skinny_max = 0;
   Projection(torch::Tensor weight, c10::optional<torch::Tensor> scales, int64_t rows,
              int64_t group, c10::optional<torch::Tensor> bias);
-  void set_dense(std::vector<torch::Tensor> parts,
-                 std::vector<c10::optional<torch::Tensor>> biases, int64_t skinny_max);
   torch::Tensor operator()(const torch::Tensor& x) const;
 };
 

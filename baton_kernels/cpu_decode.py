@@ -7,8 +7,9 @@ than the bytes they read, and Baton runs them itself:
 - **Linears** (`skinny_linear`): oneDNN runs a bf16 linear at one row much slower than the weight
   can be read. This kernel (AVX-512 BF16 dot products, rows split over torch's threads) does the
   decode-sized calls instead, on a copy of the weight laid out at load (`pack_skinny`: blocks of
-  four rows, their 32-wide K chunks interleaved) so that each call reads it as one front-to-back
-  stream.
+  48 rows, each pair of K of the 48 side by side) so that each call reads it as one front-to-back
+  stream, and a vector's lanes are 16 output rows, so a verify step's rows share each weight
+  vector read.
 - **Weight-only int8 and int4 linears** (`skinny_linear_int8`, `skinny_linear_int4`): the same
   for quantized layers of bf16 models, weights widened to bf16 in registers. The int4 kernel
   turns each vector's lanes to 16 output rows (see `cpu_matmul_int4.cpp`), so a group's scale
@@ -63,40 +64,48 @@ than the bytes they read, and Baton runs them itself:
 The layout is what lets a decode step read its weights at the memory's speed. The default
 model's 210 projections (212 MB, far past the caches), one row each, measured in one process on
 an AMD EPYC with avx512_bf16: 10.0 GB/s on one thread with the plain `[N, K]` weight (four rows
-read side by side, four short interleaved streams), 18.6 GB/s laid out (`torch.sum` reads 19.9);
-on two threads 15.7 against 26.3 (`torch.sum` 31.6). Software prefetching ahead of the stream
-only slowed it (to 10-12 GB/s at 1 KiB ahead): the hardware prefetcher follows one stream best.
+read side by side, four short interleaved streams), 18.6 GB/s laid out in blocks (`torch.sum`
+reads 19.9); on two threads 15.7 against 26.3 (`torch.sum` 31.6). Software prefetching ahead of
+the stream only slowed it (to 10-12 GB/s at 1 KiB ahead): the hardware prefetcher follows one
+stream best.
 
-Linears, the same machine, 2 threads, weights hot in cache (us per call, oneDNN packed -> this
-kernel):
+Rows past the first cost dot products, not reads, so the lanes decide what a verify step costs.
+The layout before this one (blocks of four rows with K in the lanes: one horizontal sum per
+output, four token rows a pass) made eight rows cost 1.3-1.9 times one row in a whole decode
+step here; lanes of output rows take eight token rows a pass with no horizontal sums. Linears,
+2 threads, an AMD EPYC without AMX, weights hot in cache, us per call, oneDNN packed / blocks of
+four / this layout:
 
-| weight [N, K] | 1 row | 4 rows | 8 rows | 12 rows | 17 rows |
+| weight [N, K] | 1 row | 4 rows | 8 rows | 16 rows | 32 rows |
 | --- | --- | --- | --- | --- | --- |
-| 192 x 576 (k/v) | 23 -> 6 | 30 -> 8 | 32 -> 12 | 35 -> 15 | 40 -> 21 |
-| 576 x 576 (q/o) | 36 -> 10 | 39 -> 15 | 43 -> 27 | 55 -> 40 | 63 -> 58 |
-| 960 x 576 (q+k+v) | 39 -> 16 | 50 -> 33 | 63 -> 46 | 62 -> 65 | 90 -> 95 |
-| 576 x 1536 (down) | 41 -> 17 | 47 -> 29 | 70 -> 54 | 86 -> 77 | 118 -> 110 |
-| 3072 x 576 (gate+up) | 65 -> 45 | 74 -> 70 | 119 -> 126 | 153 -> 223 | 195 -> 227 |
-| 49152 x 576 (LM head) | 3234 -> 2112 | 2866 -> 2109 | 3027 -> 3622 | 3781 -> 4719 | 4606 -> 7792 |
+| 192 x 576 (k/v) | 18/4/4 | 18/6/5 | 21/8/7 | 27/14/10 | 37/26/18 |
+| 576 x 576 (q/o) | 21/7/6 | 24/12/9 | 31/20/15 | 45/38/26 | 71/72/50 |
+| 960 x 576 (q+k+v) | 25/10/8 | 29/18/13 | 41/32/23 | 62/61/43 | 107/120/83 |
+| 576 x 1536 (down) | 32/14/13 | 38/23/19 | 56/43/35 | 90/80/66 | 160/164/129 |
+| 3072 x 576 (gate+up) | 46/28/24 | 56/52/36 | 91/97/68 | 154/189/132 | 288/378/264 |
 
-Past 8 rows the dot products, not the reads, set the pace (no AMX here), and oneDNN's blocking
-wins on the larger weights. The LM head (56 MB) is read from memory on every call, so hot in
-cache is not how a step meets it. With 64 MB read between calls (same machine, median of 21,
-ms, oneDNN packed -> this kernel): 2.48 -> 1.77 at one row, 1.85 -> 1.38 at four, 1.87 -> 1.72
-at six, 2.41 -> 2.12 at eight.
+The default model's 210 projections cold in cache (the three kernels alternated in one process,
+medians of 9, ms): 16.6 / 8.7 / 8.0 at one row, 13.6 / 9.7 / 7.5 at eight, 16.6 / 18.3 / 11.2 at
+16, 24.2 / 29.3 / 18.5 at 32. The LM head (56 MB) is read from memory on every call, so hot in
+cache is not how a step meets it. With 128 MB written between calls (medians of 21, ms): 2.20 /
+1.59 / 1.77 at one row, 1.82 / 1.93 / 1.54 at four, 2.41 / 2.43 / 1.65 at eight, 3.26 / 5.23 /
+2.85 at 16. (At one row each output's chain of dot products waits on itself, three chains a
+block against four before, and the head's read falls behind by a tenth; the projections gain
+more than it loses.)
 
-So it takes calls of up to `MAX_ROWS` rows on every weight, and oneDNN keeps the rest (prompt
-chunks, long verify runs). Each of its output rows is its own sum, so up to `MAX_ROWS` rows a
-verify step's logits, LM head included, have the bits a decode step's would; oneDNN sums in
-another order.
+So it takes calls of up to `MAX_ROWS` (32) rows on every weight, and oneDNN keeps the rest
+(prompt chunks). Each output is one chain of dot products over K in order, whatever rows share
+the call, so up to `MAX_ROWS` rows a verify step's logits, LM head included, have the bits a
+decode step's would; oneDNN sums in another order.
 
 **With AMX** (Intel's tile unit: amx_bf16 and amx_tile in the CPU flags, and Linux granting the
 tile state), `skinny_linear` runs every call of up to `amx_rows()` (32) rows on the tiles instead
-(cpu_matmul_amx.cpp), on the same packed weight, on every weight the LM head included. A tile
-multiply does 16 x 16 x 32 products at once, so the rows past four stop costing dot products and
-a call reads its weight once at the memory's speed. The default model's 210 projections, cold in
-cache, 2 threads, a Xeon with AMX, ms per pass (AVX-512 kernel: the same build with
-`BATON_CPU_AMX=0`, another process):
+(cpu_matmul_amx.cpp), on every weight the LM head included, laid out there in blocks of four rows
+with their 32-wide K chunks interleaved (`[N/4, K/32, 4, 32]`), as the tile kernel reads them. A
+tile multiply does 16 x 16 x 32 products at once, so rows stop costing dot products and a call
+reads its weight once at the memory's speed. The default model's 210 projections, cold in cache,
+2 threads, a Xeon with AMX, ms per pass (AVX-512 kernel: the same build with `BATON_CPU_AMX=0`,
+another process; measured with the blocks of four rows, before the lanes layout):
 
 | rows | 1 | 8 | 16 | 32 |
 | --- | --- | --- | --- | --- |
@@ -145,7 +154,7 @@ SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_decode.cpp", "cpu_att
                                                       "cpu_matmul.cpp", "cpu_matmul_amx.cpp",
                                                       "cpu_matmul_int4.cpp", "cpu_layer.cpp",
                                                       "cpu_logits.cpp", "cpu_decode.h"))
-MAX_ROWS = 8  # rows of the calls it takes without AMX
+MAX_ROWS = 32  # rows of the calls it takes without AMX
 
 
 def cpu_flags() -> set[str]:
@@ -320,17 +329,56 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _ext().rms_norm(x, weight, eps)
 
 
-SKINNY_BLOCK = 4  # weight rows per block of the packed layout (kRows in cpu_matmul.cpp)
+SKINNY_BLOCK = 4  # weight rows per block of the int8 layout, and of bf16's on AMX (kRows)
+LANE_ROWS = 16  # bf16 without AMX: N is padded to a multiple of this (one fp32 vector of rows)
+LANE_BLOCK = 48  # bf16 without AMX: weight rows per block (kLaneRows in cpu_matmul.cpp)
+
+
+def skinny_row_multiple() -> int:
+    """`pack_skinny` pads N to a multiple of this here; a weight with N a multiple of it keeps
+    its shape when packed (`pack_skinny(w).reshape(w.shape)`, see `skinny_view`)."""
+    return SKINNY_BLOCK if amx_rows() else LANE_ROWS
 
 
 def pack_skinny(weight: torch.Tensor) -> torch.Tensor:
-    """`weight [N, K]` (bf16, K a multiple of 32) laid out for `skinny_linear`: blocks of four
-    rows with their 32-wide K chunks interleaved, `[ceil(N/4), K/32, 4, 32]`, rows past N zero."""
-    return _pack_blocks(weight, 32)
+    """`weight [N, K]` (bf16, K a multiple of 32) laid out for `skinny_linear`, rows past N zero.
+    Without AMX: `[Np, K]`, N rounded up to 16, in blocks of 48 rows (the last 16 or 32 where
+    Np is not a multiple of 48), each `[K/2, rows, 2]`. With AMX: blocks of four rows with their
+    32-wide K chunks interleaved, `[ceil(N/4), K/32, 4, 32]`."""
+    if amx_rows():
+        return _pack_blocks(weight, 32)
+    n, k = weight.shape
+    if k % 32:
+        raise ValueError(f"the skinny kernel needs K to be a multiple of 32, got {k}")
+    rows = -(-n // LANE_ROWS) * LANE_ROWS
+    padded = weight.new_zeros(rows, k)
+    padded[:n] = weight
+    packed = torch.empty_like(padded)
+    whole = rows // LANE_BLOCK * LANE_BLOCK
+    packed[:whole] = (padded[:whole].view(-1, LANE_BLOCK, k // 2, 2).transpose(1, 2)
+                      .reshape(whole, k))
+    packed[whole:] = padded[whole:].view(rows - whole, k // 2, 2).transpose(0, 1).reshape(-1, k)
+    return packed
+
+
+def skinny_view(weight: torch.Tensor) -> torch.Tensor:
+    """`pack_skinny(w).reshape(w.shape)` (N a multiple of `skinny_row_multiple()`) as
+    `skinny_linear` takes it."""
+    if not amx_rows():
+        return weight
+    n, k = weight.shape
+    return weight.view(n // SKINNY_BLOCK, k // 32, SKINNY_BLOCK, 32)
 
 
 def unpack_skinny(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """The `[N, K]` weight `pack_skinny` (or `pack_skinny_int8`) laid out (a copy)."""
+    if packed.dim() == 2:
+        rows, k = packed.shape
+        whole = rows // LANE_BLOCK * LANE_BLOCK
+        plain = torch.cat((
+            packed[:whole].view(-1, k // 2, LANE_BLOCK, 2).transpose(1, 2).reshape(whole, k),
+            packed[whole:].view(k // 2, rows - whole, 2).transpose(0, 1).reshape(-1, k)))
+        return plain[:out_features]
     blocks, chunks, _, width = packed.shape
     return packed.transpose(1, 2).reshape(blocks * SKINNY_BLOCK, chunks * width)[:out_features]
 

@@ -4,8 +4,8 @@
 // A lean step's layer is about fifteen calls (two norms, four projections, two rotary calls, the
 // KV write, attention, SiLU, a product and two residual adds) and a few dozen views between them;
 // from Python that cost about 120 us a layer here, a third of an int4 token. DecodeLayer holds one
-// layer's weights (as the skinny kernels take them, and for bf16 the oneDNN-packed ones that
-// calls past the skinny rows use) and runs the same calls from C++: the same kernels and the same
+// layer's weights (as the skinny kernels take them; they take every call of a step this short)
+// and runs the same calls from C++: the same kernels and the same
 // ATen ops in the same order, so the same values bit for bit. SiLU times up and the residual adds
 // run here instead of through ATen, with ATen's arithmetic (bits equal but for a NaN's payload):
 // at nine rows (a verify step) ATen's bf16 silu, mul and add cost about 1.5 ms of a 23 ms step
@@ -15,11 +15,9 @@
 #include <torch/extension.h>
 
 #include <ATen/TensorIterator.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstring>
 #include <optional>
-#include <vector>
 
 #include "cpu_decode.h"
 
@@ -114,24 +112,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) torch::Tensor add_bf16(
   return out;
 }
 
-namespace {
-
-// x [T, K] through a weight packed by torch.ops.mkldnn._reorder_linear_weight: the op
-// baton.actors.cpu_linear.PackedLinear calls, so the same values as that module.
-torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& packed,
-                            const c10::optional<torch::Tensor>& bias) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
-          .typed<torch::Tensor(const torch::Tensor&, const torch::Tensor&,
-                               const c10::optional<torch::Tensor>&, c10::string_view,
-                               c10::List<c10::optional<c10::Scalar>>,
-                               c10::optional<c10::string_view>)>();
-  return op.call(x, packed, bias, "none", c10::List<c10::optional<c10::Scalar>>(),
-                 c10::nullopt);
-}
-
-}  // namespace
 
 Projection::Projection(torch::Tensor weight, c10::optional<torch::Tensor> scales, int64_t rows,
                        int64_t group, c10::optional<torch::Tensor> bias)
@@ -140,25 +120,7 @@ Projection::Projection(torch::Tensor weight, c10::optional<torch::Tensor> scales
   TORCH_CHECK(group == 0 || this->scales.has_value(), "int8 and int4 projections need scales");
 }
 
-void Projection::set_dense(std::vector<torch::Tensor> parts,
-                           std::vector<c10::optional<torch::Tensor>> biases,
-                           int64_t skinny_max) {
-  TORCH_CHECK(group == 0, "only bf16 projections have oneDNN weights");
-  TORCH_CHECK(parts.size() == biases.size(), "one bias (or None) per oneDNN part");
-  dense = std::move(parts);
-  dense_bias = std::move(biases);
-  this->skinny_max = skinny_max;
-}
-
 torch::Tensor Projection::operator()(const torch::Tensor& x) const {
-  if (!dense.empty() && x.size(0) > skinny_max) {
-    if (dense.size() == 1) return onednn_linear(x, dense[0], dense_bias[0]);
-    std::vector<torch::Tensor> outs;
-    outs.reserve(dense.size());
-    for (size_t i = 0; i < dense.size(); ++i)
-      outs.push_back(onednn_linear(x, dense[i], dense_bias[i]));
-    return at::cat(outs, 1);
-  }
   if (group == 0) return skinny_linear(x, weight, rows, bias);
   if (group < 0) return skinny_linear_int8(x, weight, *scales, rows, bias);
   return skinny_linear_int4(x, weight, *scales, rows, group, bias);

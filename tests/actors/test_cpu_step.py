@@ -126,9 +126,8 @@ class _Counted:
 def test_short_steps_run_each_layer_in_one_call_with_the_same_tokens(arch, quantization,
                                                                      monkeypatch):
     """Steps of up to `fused_rows` tokens (every run the attention plan takes) run every layer
-    as one C++ call, the same kernels and ops in the same order: bf16 projections past the
-    skinny kernel's rows on the layers' own oneDNN weights, as transformers' forward runs them.
-    Longer steps run the Python layers."""
+    as one C++ call, the same kernels and ops in the same order, prompt chunks of 16 tokens
+    included. Longer steps run the Python layers."""
     lean, plain = engines(arch, monkeypatch, quantization=quantization,
                           max_num_batched_tokens=16)
     step = lean.runner.decode_step
@@ -140,7 +139,7 @@ def test_short_steps_run_each_layer_in_one_call_with_the_same_tokens(arch, quant
     params = SamplingParams(max_tokens=10, ignore_eos=True, logprobs=3)
     same_outputs(lean.generate(PROMPTS, params), plain.generate(PROMPTS, params))
     assert 3 in calls and max(calls) <= step.fused_rows
-    assert max(calls) > cpu_decode.MAX_ROWS  # a 16-token prompt chunk, past the skinny rows
+    assert max(calls) == 16  # a prompt chunk
     assert len(calls) % len(step.layers) == 0  # whole steps, every layer
 
 
