@@ -322,9 +322,11 @@ def bench_spec(
         help="JSONL workload: task, prompt or messages, max_tokens (default: built-in)")] = None,
     methods: Annotated[str, typer.Option(
         help="Comma-separated methods compared with none")] = "ngram,lookahead,layerskip",
-    draft_model: Annotated[str | None, typer.Option(help="Draft model for 'draft'")] = None,
+    draft_model: Annotated[str | None, typer.Option(
+        help="Draft model for 'draft' (adds it to the methods)")] = None,
     medusa_heads: Annotated[str | None, typer.Option(
-        help="Heads directory for 'medusa' (from baton train-heads)")] = None,
+        help="Heads directory for 'medusa', from baton train-heads (adds it to the methods)")
+    ] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for the engine")] = 2,
     dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
     model: Annotated[str, typer.Option(

@@ -191,14 +191,24 @@ def summarize(items: list[WorkItem], bs1: list[dict[str, dict[str, Any]]],
     return {"families": dict(families), "tok_s_c16": c16, "ratios": ratios}
 
 
+def bench_methods(methods: list[str], draft_model: str | None,
+                  medusa_heads: str | None) -> list[str]:
+    """The methods to time: `none` first, then `methods`, then `draft` and `medusa` where their
+    model or heads are given and the list leaves them out (passing heads means comparing them)."""
+    names = ["none", *(m for m in methods if m != "none")]
+    for method, given in (("draft", draft_model), ("medusa", medusa_heads)):
+        if given and method not in names:
+            names.append(method)
+    return names
+
+
 def run_spec_bench(workload: str | None, methods: list[str], draft_model: str | None,
                    threads: int, dtype: str, console: Console,
                    medusa_heads: str | None = None, model: str = "default",
                    device: str = "cpu", concurrent: bool = True) -> dict[str, Any]:
     """The benchmark; `concurrent` False leaves out the 16-concurrent part (a GPU's batch-1
     run)."""
-    if "none" not in methods:
-        methods = ["none", *methods]
+    methods = bench_methods(methods, draft_model, medusa_heads)
     engine = Engine(model=model, dtype=dtype, num_threads=threads, methods=methods,
                     draft_model=draft_model, medusa_heads=medusa_heads, device=device)
     items = load_workload(workload, engine)

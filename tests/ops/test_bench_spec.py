@@ -53,3 +53,15 @@ def test_bench_spec_reports_every_method_per_family_on_the_same_text(tmp_path: P
         assert tokens_per_pass >= report["families"][family]["ngram"]["tokens_per_pass"] >= 1
     assert set(report["ratios"]["speedup_c16"]) == set(report["methods"])
     assert report["ratios"]["speedup_c16"]["none"] == 1.0
+
+
+def test_a_draft_model_or_heads_given_are_timed_beside_the_methods_named() -> None:
+    """`--medusa-heads` (or `--draft-model`) with the default `--methods` compares them too;
+    `none` comes first once, whatever the list says."""
+    from baton.ops.bench.spec import bench_methods
+
+    default = ["ngram", "lookahead", "layerskip"]
+    assert bench_methods(default, None, "heads") == ["none", *default, "medusa"]
+    assert bench_methods(["ngram"], "draft-dir", None) == ["none", "ngram", "draft"]
+    assert bench_methods(["medusa", "none"], None, "heads") == ["none", "medusa"]
+    assert bench_methods(default, None, None) == ["none", *default]
