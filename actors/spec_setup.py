@@ -70,8 +70,8 @@ def build_speculator(engine: Engine) -> Speculator:
                                             cfg.block_size, engine.dtype, engine.device)
         settings.draft_cost_ratio["draft"] = _num_params(model) / _num_params(engine.model)
     # The CPU's lean step: drafts stay within the rows whose projections all run on the skinny
-    # kernels, where a verified token has the bits decoding it alone would give (8 rows in bf16
-    # without AMX; past them oneDNN sums otherwise, and greedy near-ties flipped in bf16).
+    # kernels, where a verified token has the bits decoding it alone would give (32 rows in
+    # bf16; past them oneDNN sums otherwise, and greedy near-ties flipped in bf16).
     step = engine.runner.decode_step
     speculator = Speculator(settings, engine.blocks, engine.cache, cfg.max_num_batched_tokens,
                             proposers, fast_tokens=step.exact_rows if step is not None else 0)
