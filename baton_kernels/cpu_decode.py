@@ -89,9 +89,8 @@ medians of 9, ms): 16.6 / 8.7 / 8.0 at one row, 13.6 / 9.7 / 7.5 at eight, 16.6 
 16, 24.2 / 29.3 / 18.5 at 32. The LM head (56 MB) is read from memory on every call, so hot in
 cache is not how a step meets it. With 128 MB written between calls (medians of 21, ms): 2.20 /
 1.59 / 1.77 at one row, 1.82 / 1.93 / 1.54 at four, 2.41 / 2.43 / 1.65 at eight, 3.26 / 5.23 /
-2.85 at 16. (At one row each output's chain of dot products waits on itself, three chains a
-block against four before, and the head's read falls behind by a tenth; the projections gain
-more than it loses.)
+2.85 at 16. At one row the head is a tenth slower than on blocks of four (software prefetching
+made it slower still); the projections gain more than it loses.
 
 So it takes calls of up to `MAX_ROWS` (32) rows on every weight, and oneDNN keeps the rest
 (prompt chunks). Each output is one chain of dot products over K in order, whatever rows share

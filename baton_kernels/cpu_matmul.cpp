@@ -84,7 +84,8 @@ using LanesBlock = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, 
                             const float*, at::BFloat16*, int64_t);
 
 template <int Tiles, int... Toks>
-constexpr std::array<LanesBlock, sizeof...(Toks)> lanes_blocks(std::integer_sequence<int, Toks...>) {
+constexpr std::array<LanesBlock, sizeof...(Toks)> lanes_blocks(
+    std::integer_sequence<int, Toks...>) {
   return {lanes_block<Toks + 1, Tiles>...};
 }
 
@@ -99,7 +100,8 @@ LanesBlock lanes_kernel(int64_t toks, int64_t tiles) {
 
 // One block of four int8 weight rows, laid out [K/64, 4, 64], against up to four token rows of
 // x (bf16): weights widened to bf16 once per block and token rows, then VDPBF16PS (pairs of bf16
-// multiplied and summed into fp32 lanes) with K in the lanes; each output is its sum times its row's scale, plus its bias, rounded to bf16 once.
+// multiplied and summed into fp32 lanes) with K in the lanes; each output is its sum times its
+// row's scale, plus its bias, rounded to bf16 once.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 void dot_block_i8(const int8_t* w, int64_t K, const uint16_t* x, int64_t ldx, int64_t nrows,
                   int64_t ntoks, const float* scale, const float* bias, at::BFloat16* out,
@@ -212,7 +214,7 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, int64_t N,
   at::BFloat16* op = io.y;
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const int64_t blocks = (padded + kLaneRows - 1) / kLaneRows;
-  // A grain of two blocks (96 rows) keeps tiny matrices on one thread.
+  // A grain of two blocks: a matrix of one block (48 rows or fewer) stays on one thread.
   at::parallel_for(0, blocks, 2, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * kLaneRows;
