@@ -6,7 +6,8 @@ the kernel must move at least, and the bandwidth that makes as a fraction of the
 (these kernels are memory-bound at serving shapes). Paged attention is also timed against
 `scaled_dot_product_attention` on the same keys and values laid out contiguously, the bound a
 paged layout should come close to. Without CUDA there is nothing of these to measure: the report
-says so. On a CPU with Baton's kernels, the CPU decode attention is timed too (`cpu_attention`).
+says so. On a CPU with Baton's kernels, the CPU decode attention and skinny matmul are timed too
+(`cpu_attention`, `cpu_matmul`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rich.table import Table
 
 from baton.kernels import kv_blocks, moe, paged_attention, quantized_matmul
 from baton.kernels.dispatch import force_backend
-from baton.ops.bench import cpu_attention
+from baton.ops.bench import cpu_attention, cpu_matmul
 from baton.ops.bench.report import run_and_report
 
 log = logging.getLogger(__name__)
@@ -155,9 +156,10 @@ def _moe_cases(dev: torch.device, peak: float) -> list[Case]:
 
 def run(progress: Console) -> dict[str, Any]:
     """The report: per kernel timings and bandwidth, or why nothing was measured; the CPU
-    decode attention's where the CPU has Baton's kernels."""
+    decode attention's and skinny matmul's where the CPU has Baton's kernels."""
     report = _run_cuda(progress)
     report["cpu_attention"] = cpu_attention.run(progress)
+    report["cpu_matmul"] = cpu_matmul.run(progress)
     return report
 
 
@@ -183,6 +185,8 @@ def _run_cuda(progress: Console) -> dict[str, Any]:
 def print_report(report: dict[str, Any], console: Console) -> None:
     if "cpu_attention" in report:
         cpu_attention.show(report["cpu_attention"], console)
+    if "cpu_matmul" in report:
+        cpu_matmul.show(report["cpu_matmul"], console)
     if report["status"] != "ok":
         console.print(f"baton bench kernels: Triton kernels skipped ({report['reason']})")
         return

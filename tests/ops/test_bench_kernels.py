@@ -1,5 +1,6 @@
 """`baton bench kernels` and `baton bench gpu`: on CUDA their timings; without CUDA a report
-saying so, exit 0 (and `bench kernels` times the CPU decode attention where it can)."""
+saying so, exit 0 (and `bench kernels` times the CPU decode attention and skinny matmul where
+it can)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from baton.kernels import cpu_decode
-from baton.ops.bench import cpu_attention
+from baton.ops.bench import cpu_attention, cpu_matmul
 from baton.ops.cli import app
 
 
@@ -23,11 +24,16 @@ def test_bench_kernels_without_cuda_says_it_needs_cuda_and_succeeds(tmp_path):
     report = json.loads(out.read_text())
     assert report["status"] == "skipped" and "CUDA" in report["reason"]
     assert report["cases"] == []
-    # The CPU decode attention is timed wherever Baton's CPU kernels are built.
+    # The CPU decode attention and skinny matmul are timed wherever Baton's CPU kernels are built.
     cpu = report["cpu_attention"]
+    matmul = report["cpu_matmul"]
     if cpu_decode.kernel() is None:
-        assert cpu["status"] == "skipped"
+        assert cpu["status"] == "skipped" and matmul["status"] == "skipped"
         return
+    assert matmul["status"] == "ok" and "CPU skinny matmul" in result.output
+    assert [c["rows"] for c in matmul["cases"]] == list(cpu_matmul.ROWS)
+    assert all(c[k] > 0 for c in matmul["cases"] for k in (
+        "projections_ms", "projections_onednn_ms", "lm_head_ms", "lm_head_onednn_ms"))
     assert cpu["status"] == "ok" and "CPU decode attention" in result.output
     assert {(c["keys"], c["case"]) for c in cpu["cases"]} == {
         (k, name) for k in cpu_attention.KEYS for name, _, _ in cpu_attention.CASES}
