@@ -5,12 +5,12 @@
 // KV write, attention, SiLU, a product and two residual adds) and a few dozen views between them;
 // from Python that cost about 120 us a layer here, a third of an int4 token. DecodeLayer holds one
 // layer's weights (as the skinny kernels take them; they take every call of a step this short)
-// and runs the same calls from C++: the same kernels and the same
-// ATen ops in the same order, so the same values bit for bit. SiLU times up and the residual adds
-// run here instead of through ATen, with ATen's arithmetic (bits equal but for a NaN's payload):
-// at nine rows (a verify step) ATen's bf16 silu, mul and add cost about 1.5 ms of a 23 ms step
-// of the default model, and two copies of q and k and one of v (strided views of the stacked
-// projection) another 0.5; the rotary call and the KV write now read those views in place.
+// and runs the same calls from C++: the same kernels and the same ATen ops in the same order, so
+// the same values bit for bit. SiLU times up and the residual adds run here instead of through
+// ATen, with ATen's arithmetic (bits equal but for a NaN's payload): at nine rows (a verify step)
+// ATen's bf16 silu, mul and add cost about 1.5 ms of a 23 ms step of the default model, and two
+// copies of q and k and one of v (strided views of the stacked projection) another 0.5; the
+// rotary call and the KV write now read those views in place.
 
 #include <torch/extension.h>
 

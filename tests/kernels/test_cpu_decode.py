@@ -68,7 +68,7 @@ def test_shapes_the_kernel_cannot_take_are_refused_and_left_to_onednn():
     w = torch.randn(8, 48).to(torch.bfloat16)
     with pytest.raises(ValueError, match="multiple of 32, got 48"):
         cpu_decode.pack_skinny(w)
-    # 16 rows (two blocks of four on AMX): 17 outputs cannot be in it
+    # 6 rows packed as 16 (with AMX two blocks of four, 8): 17 outputs cannot be in it
     packed = cpu_decode.pack_skinny(torch.randn(6, 64).to(torch.bfloat16))
     x = torch.randn(1, 64).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="cannot have 17 rows"):
